@@ -1,0 +1,1 @@
+"""DALL-E (Model Plugin) for Ango Hub: the shared layer (domain, ports, adapters)."""

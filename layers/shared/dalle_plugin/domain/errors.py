@@ -1,0 +1,130 @@
+"""Named exceptions: the error contract between the Lambdas and the state machine.
+
+A Lambda that raises one of these fails its task with the class name as the Step Functions error name,
+so the ASL retries only the ``Transient`` ones by name and catches the rest into Record Failure. Every
+message is written for the hub user who reads it in the Plugin Sessions dialog: what went wrong and
+what to do about it. No message ever carries a secret.
+"""
+
+
+class PluginError(Exception):
+    """Base of every error this plugin reports on purpose."""
+
+    #: short machine-readable reason, used in metrics and in the session's ``failure.reason``
+    reason = "plugin_error"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+# ---- bad input: refused at the API with a 4xx, before anything runs --------------------------------
+
+
+class InvalidRequest(PluginError):
+    """The hub payload cannot be understood (missing or malformed field)."""
+
+    reason = "invalid_request"
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+class InvalidConfig(InvalidRequest):
+    """The Config JSON names an unknown key, a wrong value or a wrong combination."""
+
+    reason = "invalid_config"
+
+    def __init__(self, field: str, given: object, allowed: str, hint: str = ""):
+        shown = given if isinstance(given, (int, float, bool)) or given is None else repr(given)
+        message = f"Config JSON field '{field}': got {shown}; allowed: {allowed}."
+        if hint:
+            message += f" {hint}"
+        super().__init__(message, field=field)
+        self.given = given
+        self.allowed = allowed
+
+
+class Unauthorized(PluginError):
+    """The request did not carry the plugin's Secret header (or carried a wrong one)."""
+
+    reason = "unauthorized"
+
+
+# ---- terminal failures of a run: never retried -----------------------------------------------------
+
+
+class PromptNotFound(PluginError):
+    """No prompt could be built from the task: says where we looked and how to fix it."""
+
+    reason = "prompt_not_found"
+
+
+class AssetUnreadable(PluginError):
+    """The asset's text could not be fetched or decoded."""
+
+    reason = "asset_unreadable"
+
+
+class ImageRefused(PluginError):
+    """OpenAI's safety system refused the prompt or the image."""
+
+    reason = "moderation_blocked"
+
+
+class OpenAIKeyInvalid(PluginError):
+    reason = "invalid_api_key"
+
+
+class ModelNotAvailable(PluginError):
+    """Retired model, or a key that is not entitled to it."""
+
+    reason = "model_not_available"
+
+
+class QuotaExhausted(PluginError):
+    """The key's OpenAI account is out of credit or hit its spend cap."""
+
+    reason = "quota_exhausted"
+
+
+class ImageRequestRejected(PluginError):
+    """OpenAI refused the request's parameters (should have been caught by validation)."""
+
+    reason = "invalid_image_request"
+
+
+class HubRequestRejected(PluginError):
+    """The hub answered a 4xx: a wrong id, a revoked Ango API key, a missing permission."""
+
+    reason = "hub_rejected"
+
+
+class RunCancelled(PluginError):
+    reason = "cancelled"
+
+
+# ---- transient failures: the state machine retries these by name with backoff ----------------------
+
+
+class Transient(PluginError):
+    """Base of the errors worth retrying."""
+
+    reason = "transient"
+
+
+class OpenAIUnavailable(Transient):
+    """5xx, timeout or connection error from OpenAI."""
+
+    reason = "openai_unavailable"
+
+
+class HubUnavailable(Transient):
+    """5xx, timeout or connection error from the hub."""
+
+    reason = "hub_unavailable"
+
+
+class StorageUnavailable(Transient):
+    reason = "storage_unavailable"

@@ -1,0 +1,133 @@
+"""The small interfaces behind which every outside system sits.
+
+The domain receives these; handlers build the real adapters (``adapters/``) lazily, tests pass fakes or
+point the real adapters at the local stack.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+# ---- the hub -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HubAsset:
+    asset_id: str
+    external_id: str
+    data_url: str
+
+
+class HubClient(Protocol):
+    """Ango Hub's REST API as the plugin uses it (``/v2/...``), authenticated as the user who ran it."""
+
+    def get_task(self, task_id: str) -> dict[str, Any]:
+        """``GET /v2/task/{id}?includeAnswer=true`` -> ``data.task`` (with ``answer`` in read format)."""
+
+    def get_asset(self, project_id: str, asset_id: str) -> HubAsset: ...
+
+    def fetch_text(self, url: str) -> bytes:
+        """The raw bytes of a text asset (size-capped, with a timeout); decoding is the domain's job."""
+
+    def upload_file(self, project_id: str, name: str, body: bytes, content_type: str) -> str:
+        """``/v2/getUploadUrl`` + PUT; returns the file's permanent URL."""
+
+    def attach_image(self, project_id: str, external_id: str, image_url: str) -> None: ...
+
+    def annotate(self, task_id: str, answer: dict[str, Any]) -> None:
+        """Submit the task's answer (write format) and move it to the next workflow stage."""
+
+    def plugin_response(self, session: str, response: Any = None, error: bool = False) -> None: ...
+
+    def plugin_log(self, session: str, message: str, level: str = "INFO", **extra: Any) -> None: ...
+
+
+# ---- OpenAI ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    model: str
+    prompt: str
+    size: str
+    quality: str | None = None
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    png: bytes
+    model: str
+    request_id: str | None = None
+    revised_prompt: str | None = None
+    usage: dict[str, Any] | None = None
+
+
+class ImageGenerator(Protocol):
+    def generate(self, request: ImageRequest, api_key: str) -> GeneratedImage:
+        """Exactly one upstream request. Raises the named errors of ``domain.errors`` (and
+        ``UpstreamRateLimited`` with the server's own retry time on a 429 rate limit)."""
+
+
+# ---- AWS -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    bucket: str
+    key: str
+
+
+class ImageStore(Protocol):
+    def put_png(self, key: str, body: bytes, metadata: dict[str, str]) -> StoredObject: ...
+
+    def get(self, key: str) -> bytes | None:
+        """The object's bytes, or None when it does not exist."""
+
+    def presigned_url(self, key: str, expires_s: int = 3600) -> str: ...
+
+
+class SecretVault(Protocol):
+    """Seals the user's secrets with the KMS key; the ciphertext is bound to the run by encryption context."""
+
+    def seal(self, secrets: dict[str, str], context: dict[str, str]) -> bytes: ...
+
+    def open(self, sealed: bytes, context: dict[str, str]) -> dict[str, str]: ...
+
+
+class WorkflowStarter(Protocol):
+    def start(self, name: str, run_input: dict[str, Any]) -> str:
+        """Start an execution named ``name`` (idempotent: the same name and input start it once)."""
+
+    def stop(self, execution_arn: str, cause: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class RateDecision:
+    """What the global limiter answers a caller.
+
+    ``start_at_ms`` is the epoch millisecond at which the caller may start its request (<= now: at once).
+    ``reserved`` tells whether the slot at ``start_at_ms`` is already the caller's (wait, then go without
+    asking again) or whether the caller must ask again at that time. ``position`` is how many requests
+    start before this one (0 when it may start now). ``calls`` counts the DynamoDB calls it took.
+    """
+
+    start_at_ms: int
+    reserved: bool
+    position: int = 0
+    calls: int = 1
+
+
+class RateLimiter(Protocol):
+    def acquire(self, ticket: str, now_ms: int) -> RateDecision: ...
+
+
+class Clock(Protocol):
+    def now_ms(self) -> int: ...
+
+
+class SystemClock:
+    def now_ms(self) -> int:
+        return time.time_ns() // 1_000_000
