@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+if TYPE_CHECKING:
+    from dalle_plugin.domain.run import RunRecord
 
 
 # ---- the hub -------------------------------------------------------------------------------------
@@ -131,3 +134,17 @@ class Clock(Protocol):
 class SystemClock:
     def now_ms(self) -> int:
         return time.time_ns() // 1_000_000
+
+
+class RunStore(Protocol):
+    """Run records (the sessions table). ``update`` is a read-modify-write with optimistic locking, so a
+    cancel and a step never overwrite each other."""
+
+    def create(self, run: "RunRecord") -> tuple["RunRecord", bool]:
+        """Store the run unless one exists for (session, task); returns (the stored run, created?)."""
+
+    def get(self, session: str, task_id: str) -> "RunRecord | None": ...
+
+    def update(self, session: str, task_id: str, mutate: "Callable[[RunRecord], None]") -> "RunRecord": ...
+
+    def list_session(self, session: str) -> "list[RunRecord]": ...

@@ -120,6 +120,16 @@ class OpenAIUnavailable(Transient):
     reason = "openai_unavailable"
 
 
+class UpstreamRateLimited(Transient):
+    """OpenAI answered 429 rate_limit_exceeded: wait for the time its own headers give, then try again."""
+
+    reason = "openai_rate_limited"
+
+    def __init__(self, message: str, retry_after_ms: int):
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+
+
 class HubUnavailable(Transient):
     """5xx, timeout or connection error from the hub."""
 
@@ -128,3 +138,22 @@ class HubUnavailable(Transient):
 
 class StorageUnavailable(Transient):
     reason = "storage_unavailable"
+
+
+class MalformedConfig(InvalidConfig):
+    """The Config JSON as a whole is not understood: not a JSON object, or a field the plugin does not have.
+
+    Same reason and handling as ``InvalidConfig``; only the message is written whole, since there is no
+    single field value to quote (and the raw text may hold the user's key, so it is never echoed).
+    """
+
+    def __init__(self, message: str, field: str = "configJSON", allowed: str = ""):
+        InvalidRequest.__init__(self, message, field=field)
+        self.given = None
+        self.allowed = allowed
+
+
+class RateLimiterBusy(Transient):
+    """Too many runs raced for the global image slot at once and this one kept losing; retry shortly."""
+
+    reason = "rate_limiter_busy"

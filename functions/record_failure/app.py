@@ -1,0 +1,15 @@
+"""Record Failure: the Catch path. The session says why, the hub is told, the secrets are purged."""
+
+from dalle_plugin import wiring
+from dalle_plugin.domain.run import FailureInput
+from dalle_plugin.domain.steps import record_failure
+from dalle_plugin.observability import bind_run, logger, metrics, tracer
+
+
+@logger.inject_lambda_context
+@tracer.capture_lambda_handler
+@metrics.log_metrics
+def handler(event: dict, context: object) -> dict:
+    failure = FailureInput.model_validate(event)
+    bind_run(failure.session, failure.task_id, failure.execution_name)
+    return record_failure(failure, wiring.attach_deps())

@@ -1,0 +1,89 @@
+"""The run payload exactly as Ango Hub's REST connector sends it to ``POST /plugin``."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from dalle_plugin.domain.errors import InvalidRequest
+
+ID = Field(min_length=1, max_length=256)
+
+
+class CategoryMapping(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    schema_id: str = Field(alias="schemaId", min_length=1, max_length=256)
+    model_class: str = Field(alias="modelClass", max_length=256)
+
+
+class HubPayload(BaseModel):
+    """Keys as the hub sends them; ``classMapping`` and ``sessionId`` are accepted as aliases because no
+    real hub has confirmed the spelling (see docs)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    project_id: str = Field(alias="projectId", min_length=1, max_length=256)
+    task_id: str = Field(alias="taskId", min_length=1, max_length=256)
+    session: str = Field(validation_alias=AliasChoices("session", "sessionId"), min_length=1, max_length=256)
+    api_key: SecretStr = Field(alias="apiKey")
+    asset_id: str | None = Field(default=None, alias="assetId", max_length=256)
+    data_url: str | None = Field(default=None, alias="dataURL", max_length=4096)
+    category_schema: list[CategoryMapping] | None = Field(
+        default=None, validation_alias=AliasChoices("categorySchema", "classMapping"), max_length=500
+    )
+    config_json: str | dict[str, Any] | None = Field(default=None, alias="configJSON")
+    org_id: str | None = Field(default=None, alias="orgId", max_length=256)
+    run_by: str | None = Field(default=None, alias="runBy", max_length=256)
+    plugin_id: str | None = Field(default=None, alias="pluginId", max_length=256)
+    workflow: bool | str | int | None = None
+    overwrite: bool | None = None
+    batches: list[str] | None = Field(default=None, max_length=1000)
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_blank(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().strip():
+            raise ValueError("must not be empty")
+        if len(value.get_secret_value()) > 512:
+            raise ValueError("is longer than 512 characters")
+        return value
+
+    @field_validator("config_json")
+    @classmethod
+    def _config_size(cls, value: Any) -> Any:
+        if isinstance(value, str) and len(value) > 16_384:
+            raise ValueError("is longer than 16384 characters")
+        return value
+
+    @property
+    def is_workflow_run(self) -> bool:
+        """Truthy when a workflow Plugin stage sent the task; absent for an editor run."""
+        if isinstance(self.workflow, str):
+            return self.workflow.strip().lower() not in ("", "false", "0", "no", "null")
+        return bool(self.workflow)
+
+    @property
+    def prompt_class_ids(self) -> list[str]:
+        return [m.schema_id for m in self.category_schema or [] if m.model_class.strip().lower() == "prompt"]
+
+
+def parse_payload(body: str | bytes | dict[str, Any] | None) -> HubPayload:
+    """Parse the request body, turning every problem into one sentence that names the field."""
+    if body is None or body == "" or body == b"":
+        raise InvalidRequest("The request body is empty: expected the hub's run payload as a JSON object.")
+    if isinstance(body, (str, bytes)):
+        try:
+            body = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidRequest(f"The request body is not valid JSON ({exc}).") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object with the hub's run payload.")
+    try:
+        return HubPayload.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "body"
+        reason = "is required" if first["type"] == "missing" else first["msg"].removeprefix("Value error, ").lower()
+        raise InvalidRequest(f"Payload field '{field}' {reason}.", field=field) from None

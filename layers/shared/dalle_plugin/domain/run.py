@@ -1,0 +1,185 @@
+"""A run: one hub task sent to the plugin once. Its record is the session's state; its step contracts are
+what travels through the state machine (ids only: never a secret, never the image)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+
+class CamelModel(BaseModel):
+    """Step contracts are camelCase on the wire, like everything else in Step Functions and the hub."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(by_alias=True, mode="json", exclude_none=True)
+
+
+class RunStatus(str, Enum):
+    QUEUED = "QUEUED"
+    EXTRACTING = "EXTRACTING"
+    WAITING_FOR_SLOT = "WAITING_FOR_SLOT"
+    GENERATING = "GENERATING"
+    ATTACHING = "ATTACHING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def finished(self) -> bool:
+        return self in (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED)
+
+
+class RunRef(CamelModel):
+    """The execution input: which run. Everything else is read from the run record."""
+
+    session: str = Field(min_length=1, max_length=256)
+    task_id: str = Field(min_length=1, max_length=256)
+
+    @property
+    def execution_name(self) -> str:
+        """Deterministic, so the same hub run can only ever start one execution (names are unique per
+        state machine for 90 days). Readable prefix + hash, within the 80-character limit."""
+        digest = hashlib.sha256(f"{self.session}\x00{self.task_id}".encode()).hexdigest()[:24]
+        readable = re.sub(r"[^A-Za-z0-9_-]", "-", f"{self.session[:24]}_{self.task_id[:24]}")
+        return f"{readable}_{digest}"
+
+    @property
+    def run_id(self) -> str:
+        return self.execution_name
+
+
+class PromptInfo(CamelModel):
+    text: str
+    source: str
+    length: int
+    original_length: int
+    truncated: bool = False
+    notes: list[str] = Field(default_factory=list)
+
+
+class ModelInfo(CamelModel):
+    requested: str
+    actual: str
+    substituted: bool = False
+    note: str | None = None
+
+
+class ImageInfo(CamelModel):
+    bucket: str
+    key: str
+    sha256: str
+    bytes: int
+    model: str
+    size: str
+    quality: str | None = None
+    request_id: str | None = None
+    hub_url: str | None = None
+    attached: bool = False
+
+
+class RateWait(CamelModel):
+    ticket: str
+    start_at_ms: int
+    reserved: bool
+    position: int = 0
+
+
+class Failure(CamelModel):
+    reason: str
+    message: str
+    error: str | None = None
+
+
+class TimelineEntry(CamelModel):
+    step: str
+    status: str
+    at_ms: int
+    duration_ms: int | None = None
+    detail: str | None = None
+
+
+# ---- step outputs (the state machine's data between states) ----------------------------------------
+
+
+class ExtractResult(CamelModel):
+    prompt_source: str
+    prompt_length: int
+    truncated: bool
+
+
+class GenerateOutcome(CamelModel):
+    """Either the image is stored (DONE) or the run must wait until ``retry_at`` (an RFC 3339 timestamp
+    rounded up to the whole second, because Step Functions Wait states truncate milliseconds)."""
+
+    status: Literal["DONE", "WAIT"]
+    retry_at: str | None = None
+    wait_seconds: int | None = None
+    reason: str | None = None
+    image_key: str | None = None
+
+
+class AttachResult(CamelModel):
+    image_url: str
+    finished_as: Literal["workflow", "editor"]
+
+
+class StepError(CamelModel):
+    """What a Catch puts at ``$.error``: Step Functions' own ``Error`` and ``Cause`` fields."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="ignore")
+    error: str = Field(alias="Error")
+    cause: str | None = Field(default=None, alias="Cause")
+
+
+class FailureInput(RunRef):
+    error: StepError
+
+
+class RunRecord(CamelModel):
+    """The run's state, one DynamoDB item per (session, task). Secrets are only ever held sealed (KMS
+    ciphertext bound to this run by encryption context) and are removed when the run ends."""
+
+    session: str
+    task_id: str
+    execution_name: str
+    project_id: str
+    asset_id: str | None = None
+    data_url: str | None = None
+    workflow: bool = False
+    org_id: str | None = None
+    run_by: str | None = None
+    plugin_id: str | None = None
+    prompt_class_ids: list[str] = Field(default_factory=list)
+    prompt_source: str
+    model: ModelInfo
+    size: str
+    quality: str | None = None
+    max_prompt_chars: int
+    uses_default_key: bool
+    sealed_secrets: bytes | None = None
+    status: RunStatus = RunStatus.QUEUED
+    created_at_ms: int
+    updated_at_ms: int
+    execution_arn: str | None = None
+    attempt: int = 0
+    prompt: PromptInfo | None = None
+    rate_wait: RateWait | None = None
+    image: ImageInfo | None = None
+    failure: Failure | None = None
+    timeline: list[TimelineEntry] = Field(default_factory=list)
+    expires_at: int | None = None
+
+    @property
+    def ref(self) -> RunRef:
+        return RunRef(session=self.session, task_id=self.task_id)
+
+    @property
+    def encryption_context(self) -> dict[str, str]:
+        return {"session": self.session, "taskId": self.task_id}

@@ -1,0 +1,57 @@
+"""What ``GET /sessions/{id}`` shows: the session's runs as a person reads them. Never a secret."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dalle_plugin.domain.run import RunRecord, RunStatus
+from dalle_plugin.ports import ImageStore
+
+
+def run_view(run: RunRecord, images: ImageStore | None = None) -> dict[str, Any]:
+    view: dict[str, Any] = {
+        "taskId": run.task_id,
+        "status": run.status.value,
+        "workflow": run.workflow,
+        "model": run.model.dump(),
+        "size": run.size,
+        "quality": run.quality,
+        "promptSource": run.prompt_source,
+        "prompt": run.prompt.dump() if run.prompt else None,
+        "createdAtMs": run.created_at_ms,
+        "updatedAtMs": run.updated_at_ms,
+        "timeline": [entry.dump() for entry in run.timeline],
+    }
+    if run.status is RunStatus.WAITING_FOR_SLOT and run.rate_wait:
+        view["queue"] = {"position": run.rate_wait.position, "startAtMs": run.rate_wait.start_at_ms}
+    if run.image:
+        view["image"] = {
+            "hubUrl": run.image.hub_url,
+            "attached": run.image.attached,
+            "sha256": run.image.sha256,
+            "bytes": run.image.bytes,
+            "model": run.image.model,
+        }
+        if images is not None:
+            view["image"]["downloadUrl"] = images.presigned_url(run.image.key)
+    if run.failure:
+        view["failure"] = run.failure.dump()
+    return view
+
+
+def session_view(session: str, runs: list[RunRecord], images: ImageStore | None = None) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    for run in runs:
+        counts[run.status.value] = counts.get(run.status.value, 0) + 1
+    if all(run.status is RunStatus.SUCCEEDED for run in runs):
+        status = RunStatus.SUCCEEDED.value
+    elif all(run.status.finished for run in runs):
+        status = RunStatus.FAILED.value if any(r.status is RunStatus.FAILED for r in runs) else RunStatus.CANCELLED.value
+    else:
+        status = "RUNNING" if len(runs) > 1 else runs[0].status.value
+    return {
+        "session": session,
+        "status": status,
+        "counts": counts,
+        "runs": [run_view(run, images) for run in sorted(runs, key=lambda r: r.created_at_ms)],
+    }

@@ -1,0 +1,390 @@
+"""What each step of a run does: start (API), extract, generate, attach, and record a failure.
+
+Each function takes the step's input contract and a ``StepDeps`` of ports, and returns the step's output
+contract. They hold the rules that make a run safe to retry: a stored image is never generated again, an
+upload or attachment already made is never made again, and every end leaves a readable state.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from dalle_plugin.domain.config import parse_config_json, validate_run_options
+from dalle_plugin.domain.errors import OpenAIUnavailable, PluginError, PromptNotFound, UpstreamRateLimited
+from dalle_plugin.domain.hub_answer import answer_to_write_format
+from dalle_plugin.domain.payload import HubPayload
+from dalle_plugin.domain.prompt import build_prompt
+from dalle_plugin.domain.run import (
+    AttachResult,
+    ExtractResult,
+    Failure,
+    FailureInput,
+    GenerateOutcome,
+    ImageInfo,
+    ModelInfo,
+    PromptInfo,
+    RateWait,
+    RunRecord,
+    RunRef,
+    RunStatus,
+    TimelineEntry,
+)
+from dalle_plugin.domain.text_decoding import decode_text
+from dalle_plugin.ports import (
+    Clock,
+    HubClient,
+    ImageGenerator,
+    ImageRequest,
+    ImageStore,
+    RateLimiter,
+    RunStore,
+    SecretVault,
+    WorkflowStarter,
+)
+
+ANGO_KEY = "ango"
+OPENAI_KEY = "openai"
+
+
+@dataclass
+class StepDeps:
+    runs: RunStore
+    clock: Clock
+    vault: SecretVault
+    hub_for: Callable[[RunRecord, str], HubClient] = None  # (run, ango api key) -> client
+    starter: WorkflowStarter | None = None
+    images: ImageStore | None = None
+    generator: ImageGenerator | None = None
+    limiter: RateLimiter | None = None
+    default_openai_key: Callable[[], str] | None = None
+    model_successors: dict[str, str] = field(default_factory=dict)
+    run_ttl_days: int = 30
+    rate_wait_granularity_ms: int = 1000
+
+
+# ---- helpers shared by the steps ------------------------------------------------------------------
+
+
+def _secrets(run: RunRecord, deps: StepDeps) -> dict[str, str]:
+    if not run.sealed_secrets:
+        raise PluginError("This run's credentials were already removed (the run has ended).")
+    return deps.vault.open(run.sealed_secrets, run.encryption_context)
+
+
+def _hub(run: RunRecord, deps: StepDeps) -> HubClient:
+    return deps.hub_for(run, _secrets(run, deps)[ANGO_KEY])
+
+
+def _mark(run: RunRecord, now_ms: int, step: str, status: RunStatus | None, detail: str | None = None) -> None:
+    """Append to the timeline, closing the previous entry's duration."""
+    if run.timeline and run.timeline[-1].duration_ms is None:
+        run.timeline[-1].duration_ms = max(0, now_ms - run.timeline[-1].at_ms)
+    run.timeline.append(TimelineEntry(step=step, status=(status or run.status).value, at_ms=now_ms, detail=detail))
+    if status is not None:
+        run.status = status
+    run.updated_at_ms = now_ms
+
+
+def _progress(run: RunRecord, deps: StepDeps, step: str, status: RunStatus | None, message: str,
+              hub: HubClient | None = None, level: str = "INFO") -> RunRecord:
+    now = deps.clock.now_ms()
+    run = deps.runs.update(run.session, run.task_id, lambda r: _mark(r, now, step, status, message))
+    _hub_log(run, hub, message, level)
+    return run
+
+
+def _hub_log(run: RunRecord, hub: HubClient | None, message: str, level: str = "INFO") -> None:
+    """Progress lines are best effort: a hub that drops a log line must not fail the run."""
+    if hub is None:
+        return
+    try:
+        hub.plugin_log(run.session, message, level=level, taskId=run.task_id)
+    except PluginError:
+        pass
+
+
+def image_key(run: RunRecord) -> str:
+    """Deterministic per run, so a retried Generate finds the image it already paid for."""
+    return f"images/{run.execution_name}.png"
+
+
+def to_rfc3339_second(epoch_ms: int) -> str:
+    """Rounded UP to the whole second: Step Functions truncates Wait timestamps, and must never wake early."""
+    seconds = math.ceil(epoch_ms / 1000)
+    return dt.datetime.fromtimestamp(seconds, tz=dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---- API: start a run ------------------------------------------------------------------------------
+
+
+def start_run(payload: HubPayload, deps: StepDeps, today: dt.date | None = None) -> tuple[RunRecord, bool]:
+    """Validate everything that can be validated before money is spent, seal the secrets, and start one
+    execution per (session, task) however many times the hub sends it."""
+    config = parse_config_json(payload.config_json)
+    options = validate_run_options(config, deps.model_successors, today or dt.datetime.now(dt.timezone.utc).date())
+    needs_class = config.get_prompt_from in ("entity-annotation", "text-annotation")
+    if needs_class and not payload.prompt_class_ids:
+        kind = "entity" if config.get_prompt_from == "entity-annotation" else "text classification"
+        raise PromptNotFound(
+            f"get_prompt_from is '{config.get_prompt_from}' but no class is mapped to the plugin's Prompt class. "
+            f"In the plugin settings, map Prompt to the {kind} class that holds the prompt."
+        )
+    if config.get_prompt_from == "full-text-asset" and not (payload.data_url or payload.asset_id):
+        raise PromptNotFound("get_prompt_from is 'full-text-asset' but the payload has neither dataURL nor assetId.")
+
+    ref = RunRef(session=payload.session, task_id=payload.task_id)
+    now = deps.clock.now_ms()
+    context = {"session": ref.session, "taskId": ref.task_id}
+    secrets = {ANGO_KEY: payload.api_key.get_secret_value()}
+    if not config.uses_default_key:
+        secrets[OPENAI_KEY] = config.openai_api_key.get_secret_value()
+    record = RunRecord(
+        session=ref.session,
+        task_id=ref.task_id,
+        execution_name=ref.execution_name,
+        project_id=payload.project_id,
+        asset_id=payload.asset_id,
+        data_url=payload.data_url,
+        workflow=payload.is_workflow_run,
+        org_id=payload.org_id,
+        run_by=payload.run_by,
+        plugin_id=payload.plugin_id,
+        prompt_class_ids=payload.prompt_class_ids,
+        prompt_source=config.get_prompt_from,
+        model=ModelInfo(
+            requested=options.model.requested,
+            actual=options.model.actual,
+            substituted=options.model.substituted,
+            note=options.model.note,
+        ),
+        size=options.size,
+        quality=options.quality,
+        max_prompt_chars=options.max_prompt_chars,
+        uses_default_key=config.uses_default_key,
+        sealed_secrets=deps.vault.seal(secrets, context),
+        created_at_ms=now,
+        updated_at_ms=now,
+        expires_at=now // 1000 + deps.run_ttl_days * 86_400,
+        timeline=[TimelineEntry(step="queued", status=RunStatus.QUEUED.value, at_ms=now)],
+    )
+    stored, created = deps.runs.create(record)
+    # Every duplicate also asks to start: the name makes it idempotent, and a first request that died
+    # between storing the run and starting it is healed by the next one.
+    arn = deps.starter.start(ref.execution_name, ref.dump())
+    if stored.execution_arn != arn:
+        stored = deps.runs.update(ref.session, ref.task_id, lambda r: setattr(r, "execution_arn", arn))
+    return stored, created
+
+
+# ---- Extract Prompt --------------------------------------------------------------------------------
+
+
+def extract_prompt(ref: RunRef, deps: StepDeps) -> ExtractResult:
+    run = deps.runs.get(ref.session, ref.task_id)
+    hub = _hub(run, deps)
+    model_note = f" ({run.model.note})" if run.model.note else ""
+    run = _progress(run, deps, "extract", RunStatus.EXTRACTING,
+                    f"Run started: prompt from {run.prompt_source}, model {run.model.actual}{model_note}, "
+                    f"size {run.size}.", hub)
+    task = hub.get_task(run.task_id)
+
+    def asset_text() -> str:
+        url = run.data_url or hub.get_asset(run.project_id, run.asset_id).data_url
+        return decode_text(hub.fetch_text(url))
+
+    prompt = build_prompt(run.prompt_source, task.get("answer"), run.prompt_class_ids, asset_text, run.max_prompt_chars)
+    info = PromptInfo(
+        text=prompt.text,
+        source=prompt.source,
+        length=len(prompt.text),
+        original_length=prompt.original_length,
+        truncated=prompt.truncated,
+        notes=list(prompt.notes),
+    )
+    run = deps.runs.update(run.session, run.task_id, lambda r: setattr(r, "prompt", info))
+    shortened = f" (shortened from {info.original_length} at a word boundary)" if info.truncated else ""
+    _progress(run, deps, "extract", None, f"Prompt from {info.source}: {info.length} characters{shortened}.", hub)
+    return ExtractResult(prompt_source=info.source, prompt_length=info.length, truncated=info.truncated)
+
+
+# ---- Generate Image --------------------------------------------------------------------------------
+
+
+def _wait(run: RunRecord, deps: StepDeps, start_at_ms: int, reason: str, message: str, hub: HubClient | None,
+          rate_wait: RateWait | None) -> GenerateOutcome:
+    now = deps.clock.now_ms()
+
+    def mutate(r: RunRecord) -> None:
+        r.rate_wait = rate_wait
+        _mark(r, now, "wait", RunStatus.WAITING_FOR_SLOT, message)
+
+    run = deps.runs.update(run.session, run.task_id, mutate)
+    _hub_log(run, hub, message)
+    retry_at = to_rfc3339_second(start_at_ms)
+    wait_s = max(0, math.ceil(start_at_ms / 1000) - now // 1000)
+    return GenerateOutcome(status="WAIT", retry_at=retry_at, wait_seconds=wait_s, reason=reason)
+
+
+def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
+    run = deps.runs.get(ref.session, ref.task_id)
+    key = image_key(run)
+    if run.image is not None:
+        return GenerateOutcome(status="DONE", image_key=run.image.key)
+    if deps.images.get(key) is not None:
+        return _adopt_stored_image(run, key, deps)
+
+    hub = _hub(run, deps)
+    if run.uses_default_key:
+        ticket = f"{run.execution_name}#{run.attempt}"
+        now = deps.clock.now_ms()
+        wait = run.rate_wait if run.rate_wait and run.rate_wait.ticket == ticket else None
+        if wait is None or (not wait.reserved and now >= wait.start_at_ms):
+            decision = deps.limiter.acquire(ticket, now)
+            wait = RateWait(ticket=ticket, start_at_ms=decision.start_at_ms, reserved=decision.reserved,
+                            position=decision.position)
+            run = deps.runs.update(run.session, run.task_id, lambda r: setattr(r, "rate_wait", wait))
+        if wait.start_at_ms > now:
+            eta_s = math.ceil((wait.start_at_ms - now) / 1000)
+            message = (f"Waiting for a rate slot on the shared OpenAI key (5 images a minute across the hub): "
+                       f"position {wait.position} in the queue, about {eta_s} s.")
+            return _wait(run, deps, wait.start_at_ms, "rate_slot", message, hub, wait)
+
+    secrets = _secrets(run, deps)
+    api_key = deps.default_openai_key() if run.uses_default_key else secrets[OPENAI_KEY]
+    run = _progress(run, deps, "generate", RunStatus.GENERATING,
+                    f"Generating the image with {run.model.actual} ({run.size}).", hub)
+    request = ImageRequest(model=run.model.actual, prompt=run.prompt.text, size=run.size, quality=run.quality)
+    started = deps.clock.now_ms()
+    try:
+        image = deps.generator.generate(request, api_key)
+    except UpstreamRateLimited as exc:
+        run = deps.runs.update(run.session, run.task_id, lambda r: setattr(r, "attempt", r.attempt + 1))
+        return _wait(run, deps, deps.clock.now_ms() + exc.retry_after_ms, "openai_rate_limited", exc.message, hub, None)
+    except OpenAIUnavailable:
+        # The next attempt needs a new slot: this one was spent on a request that OpenAI did receive.
+        deps.runs.update(run.session, run.task_id, lambda r: setattr(r, "attempt", r.attempt + 1))
+        raise
+    digest = hashlib.sha256(image.png).hexdigest()
+    metadata = {"model": image.model, "size": run.size, "sha256": digest, "request-id": image.request_id or ""}
+    stored = deps.images.put_png(key, image.png, metadata)
+    info = ImageInfo(bucket=stored.bucket, key=stored.key, sha256=digest, bytes=len(image.png), model=image.model,
+                     size=run.size, quality=run.quality, request_id=image.request_id)
+    elapsed_s = (deps.clock.now_ms() - started) / 1000
+
+    def mutate(r: RunRecord) -> None:
+        r.image = info
+        _mark(r, deps.clock.now_ms(), "generate", None, f"Image generated in {elapsed_s:.1f} s.")
+
+    deps.runs.update(run.session, run.task_id, mutate)
+    _hub_log(run, hub, f"Image generated in {elapsed_s:.1f} s.")
+    return GenerateOutcome(status="DONE", image_key=key)
+
+
+def _adopt_stored_image(run: RunRecord, key: str, deps: StepDeps) -> GenerateOutcome:
+    """A previous attempt paid for and stored the image but died before recording it: use it."""
+    body = deps.images.get(key)
+    digest = hashlib.sha256(body).hexdigest()
+    info = ImageInfo(bucket="", key=key, sha256=digest, bytes=len(body), model=run.model.actual, size=run.size,
+                     quality=run.quality)
+    deps.runs.update(run.session, run.task_id, lambda r: setattr(r, "image", r.image or info))
+    return GenerateOutcome(status="DONE", image_key=key)
+
+
+# ---- Attach Image ----------------------------------------------------------------------------------
+
+
+def attach_image(ref: RunRef, deps: StepDeps) -> AttachResult:
+    run = deps.runs.get(ref.session, ref.task_id)
+    hub = _hub(run, deps)
+    run = _progress(run, deps, "attach", RunStatus.ATTACHING, "Uploading the image to the hub.", hub)
+    if not run.image.hub_url:
+        png = deps.images.get(run.image.key)
+        name = f"dalle-{run.task_id}-{run.image.sha256[:12]}.png"
+        url = hub.upload_file(run.project_id, name, png, "image/png")
+        run = deps.runs.update(run.session, run.task_id, lambda r: setattr(r.image, "hub_url", url))
+    if not run.image.attached:
+        asset = hub.get_asset(run.project_id, run.asset_id) if run.asset_id else None
+        external_id = asset.external_id if asset else run.task_id
+        hub.attach_image(run.project_id, external_id, run.image.hub_url)
+        run = deps.runs.update(run.session, run.task_id, lambda r: setattr(r.image, "attached", True))
+
+    # The answer handed back is the task's current one, unchanged, so no annotation is ever wiped.
+    answer = answer_to_write_format(hub.get_task(run.task_id).get("answer") or {})
+    if run.workflow:
+        hub.annotate(run.task_id, answer)
+    else:
+        hub.plugin_response(run.session, response=answer)
+    elapsed_s = (deps.clock.now_ms() - run.created_at_ms) / 1000
+    message = f"Image attached to the asset. Finished in {elapsed_s:.1f} s."
+    now = deps.clock.now_ms()
+
+    def finish(r: RunRecord) -> None:
+        _mark(r, now, "finished", RunStatus.SUCCEEDED, message)
+        r.timeline[-1].duration_ms = 0
+        r.sealed_secrets = None
+
+    deps.runs.update(run.session, run.task_id, finish)
+    _hub_log(run, hub, message)
+    return AttachResult(image_url=run.image.hub_url, finished_as="workflow" if run.workflow else "editor")
+
+
+# ---- Record Failure --------------------------------------------------------------------------------
+
+
+def describe_failure(error: str, cause: str | None) -> Failure:
+    """Turn Step Functions' ``Error``/``Cause`` into a reason and a sentence a person can act on."""
+    message = None
+    if cause:
+        try:
+            parsed = json.loads(cause)
+            message = parsed.get("errorMessage") if isinstance(parsed, dict) else None
+        except ValueError:
+            message = cause
+    if error == "States.Timeout":
+        message = "The run took longer than allowed and was stopped. Run the plugin again."
+    elif error.startswith("States.") or error.startswith("Lambda."):
+        message = f"The plugin failed unexpectedly ({error}). Run it again; if it keeps failing, tell the plugin's owner."
+    reason_of = {cls.__name__: cls.reason for cls in _all_subclasses(PluginError)}
+    return Failure(reason=reason_of.get(error, "internal_error"), message=(message or error)[:1000], error=error)
+
+
+def _all_subclasses(cls: type) -> list[type]:
+    found = []
+    for sub in cls.__subclasses__():
+        found.append(sub)
+        found.extend(_all_subclasses(sub))
+    return found
+
+
+def record_failure(inp: FailureInput, deps: StepDeps) -> dict[str, Any]:
+    failure = describe_failure(inp.error.error, inp.error.cause)
+    run = deps.runs.get(inp.session, inp.task_id)
+    if run is None:
+        return {"status": RunStatus.FAILED.value, "reason": failure.reason}
+    hub = None
+    try:
+        hub = _hub(run, deps)
+    except PluginError:
+        pass
+    now = deps.clock.now_ms()
+
+    def fail(r: RunRecord) -> None:
+        r.failure = failure
+        _mark(r, now, "failed", RunStatus.FAILED, failure.message)
+        r.timeline[-1].duration_ms = 0
+        r.sealed_secrets = None
+
+    run = deps.runs.update(run.session, run.task_id, fail)
+    kept = " The generated image is kept, so running again will not pay for it twice." if run.image else ""
+    _hub_log(run, hub, f"Run failed: {failure.message}{kept}", level="ERROR")
+    if hub is not None and not run.workflow:
+        try:
+            hub.plugin_response(run.session, error=True)
+        except PluginError:
+            pass
+    return {"status": RunStatus.FAILED.value, "reason": failure.reason}

@@ -1,0 +1,87 @@
+"""Deployment settings: one pydantic model per function, read once from the environment at cold start.
+
+Domain code never reads ``os.environ``; handlers build these through ``load_settings`` and hand values on.
+A missing or malformed variable fails the cold start with a message naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from typing import TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_SUCCESSORS = {"dall-e-2": "gpt-image-2", "dall-e-3": "gpt-image-2", "gpt-image-1": "gpt-image-2"}
+
+
+class CommonSettings(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    sessions_table: str = Field(alias="SESSIONS_TABLE", min_length=3)
+    images_bucket: str = Field(alias="IMAGES_BUCKET", min_length=3)
+    kms_key_id: str = Field(alias="KMS_KEY_ID", min_length=1)
+    hub_api_url: str = Field(alias="HUB_API_URL", min_length=1)
+    hub_timeout_s: float = Field(default=10.0, alias="HUB_TIMEOUT_S", gt=0)
+    hub_retries: int = Field(default=3, alias="HUB_RETRIES", ge=0)
+    run_ttl_days: int = Field(default=30, alias="RUN_TTL_DAYS", ge=1)
+    # The local stack talks to its emulators on 127.0.0.1; deployed, every fetched URL must be public https.
+    allow_private_urls: bool = Field(default=False, alias="ALLOW_PRIVATE_URLS")
+
+
+class ApiSettings(CommonSettings):
+    state_machine_arn: str = Field(alias="STATE_MACHINE_ARN", min_length=1)
+    plugin_secret_arn: str = Field(alias="PLUGIN_SECRET_ARN", min_length=1)
+    model_successors: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_SUCCESSORS), alias="MODEL_SUCCESSORS")
+    max_body_bytes: int = Field(default=262_144, alias="MAX_BODY_BYTES", gt=0)
+
+    @field_validator("model_successors", mode="before")
+    @classmethod
+    def _parse_json(cls, value: object) -> object:
+        return json.loads(value) if isinstance(value, str) else value
+
+
+class ExtractSettings(CommonSettings):
+    max_asset_bytes: int = Field(default=1_000_000, alias="MAX_ASSET_BYTES", gt=0)
+
+
+class GenerateSettings(CommonSettings):
+    rate_limit_table: str = Field(alias="RATE_LIMIT_TABLE", min_length=3)
+    rate_limit: int = Field(default=5, alias="RATE_LIMIT", ge=1)
+    rate_window_s: float = Field(default=60.0, alias="RATE_WINDOW_SECONDS", gt=0)
+    rate_skew_margin_ms: int = Field(default=250, alias="RATE_SKEW_MARGIN_MS", ge=0)
+    # Step Functions Wait states truncate timestamps to the second, so reserved starts are whole seconds.
+    rate_wait_granularity_ms: int = Field(default=1000, alias="RATE_WAIT_GRANULARITY_MS", ge=1)
+    default_openai_key_secret_arn: str = Field(alias="DEFAULT_OPENAI_KEY_SECRET_ARN", min_length=1)
+    openai_base_url: str | None = Field(default=None, alias="OPENAI_BASE_URL")
+    openai_timeout_s: float = Field(default=240.0, alias="OPENAI_TIMEOUT_S", gt=0)
+
+
+class AttachSettings(CommonSettings):
+    pass
+
+
+SettingsT = TypeVar("SettingsT", bound=CommonSettings)
+
+
+class SettingsError(RuntimeError):
+    pass
+
+
+def read_settings(model: type[SettingsT], environ: dict[str, str] | None = None) -> SettingsT:
+    env = dict(os.environ if environ is None else environ)
+    blank = [name for name, value in env.items() if value == ""]
+    for name in blank:  # an empty variable means "not set", so the default applies
+        del env[name]
+    try:
+        return model.model_validate(env)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise SettingsError(f"{model.__name__} is misconfigured: {problems}") from None
+
+
+@lru_cache(maxsize=None)
+def load_settings(model: type[SettingsT]) -> SettingsT:
+    """Read once per cold start."""
+    return read_settings(model)

@@ -1,0 +1,120 @@
+"""Builds the real adapters from settings, lazily and once per cold start (a cached factory per port).
+
+Handlers call these; tests call the domain with fakes or point these at the local stack through boto3's
+own ``AWS_ENDPOINT_URL_*`` variables.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+import boto3
+from botocore.config import Config
+
+from dalle_plugin.adapters.aws import KmsSecretVault, S3ImageStore, SecretsManagerReader, StepFunctionsStarter
+from dalle_plugin.adapters.dynamo_runs import DynamoRunStore
+from dalle_plugin.domain.run import RunRecord
+from dalle_plugin.domain.steps import StepDeps
+from dalle_plugin.ports import HubClient, SystemClock
+from dalle_plugin.settings import (
+    ApiSettings,
+    AttachSettings,
+    CommonSettings,
+    ExtractSettings,
+    GenerateSettings,
+    load_settings,
+)
+
+# Standard retry mode with a few attempts: AWS throttling is retried in place, anything longer is the
+# state machine's job.
+_BOTO_CONFIG = Config(retries={"mode": "standard", "max_attempts": 4}, connect_timeout=5, read_timeout=20)
+
+
+@lru_cache(maxsize=None)
+def aws_client(service: str) -> Any:
+    return boto3.client(service, config=_BOTO_CONFIG)
+
+
+def _hub_factory(settings: CommonSettings):
+    from dalle_plugin.adapters.hub_http import AngoHubClient
+    from dalle_plugin.adapters.url_guard import UrlGuard
+
+    guard = UrlGuard(allow_private=settings.allow_private_urls)
+
+    def hub_for(run: RunRecord, api_key: str) -> HubClient:
+        return AngoHubClient(
+            settings.hub_api_url,
+            api_key,
+            plugin_id=run.plugin_id or "",
+            org_id=run.org_id or "",
+            run_by=run.run_by or "",
+            timeout_s=settings.hub_timeout_s,
+            retries=settings.hub_retries,
+            max_text_bytes=getattr(settings, "max_asset_bytes", 1_000_000),
+            url_guard=guard,
+        )
+
+    return hub_for
+
+
+def _common(settings: CommonSettings) -> dict[str, Any]:
+    return {
+        "runs": DynamoRunStore(aws_client("dynamodb"), settings.sessions_table),
+        "clock": SystemClock(),
+        "vault": KmsSecretVault(aws_client("kms"), settings.kms_key_id),
+        "hub_for": _hub_factory(settings),
+        "images": S3ImageStore(aws_client("s3"), settings.images_bucket),
+        "run_ttl_days": settings.run_ttl_days,
+    }
+
+
+@lru_cache(maxsize=None)
+def api_deps() -> StepDeps:
+    settings = load_settings(ApiSettings)
+    return StepDeps(
+        **_common(settings),
+        starter=StepFunctionsStarter(aws_client("stepfunctions"), settings.state_machine_arn),
+        model_successors=settings.model_successors,
+    )
+
+
+@lru_cache(maxsize=None)
+def plugin_secret() -> str:
+    return SecretsManagerReader(aws_client("secretsmanager")).read(load_settings(ApiSettings).plugin_secret_arn)
+
+
+@lru_cache(maxsize=None)
+def extract_deps() -> StepDeps:
+    return StepDeps(**_common(load_settings(ExtractSettings)))
+
+
+@lru_cache(maxsize=None)
+def generate_deps() -> StepDeps:
+    from dalle_plugin.adapters.dynamo_rate_limiter import DynamoRateLimiter
+    from dalle_plugin.adapters.openai_images import OpenAIImageGenerator  # the heavy import, here only
+    from dalle_plugin.domain.rate_limit import LimiterSettings
+
+    settings = load_settings(GenerateSettings)
+    secrets = SecretsManagerReader(aws_client("secretsmanager"))
+    limiter = DynamoRateLimiter(
+        aws_client("dynamodb"),
+        settings.rate_limit_table,
+        LimiterSettings(
+            limit=settings.rate_limit,
+            window_s=settings.rate_window_s,
+            skew_margin_ms=settings.rate_skew_margin_ms,
+        ),
+    )
+    return StepDeps(
+        **_common(settings),
+        generator=OpenAIImageGenerator(settings.openai_base_url, settings.openai_timeout_s),
+        limiter=limiter,
+        default_openai_key=lambda: secrets.read(settings.default_openai_key_secret_arn),
+        rate_wait_granularity_ms=settings.rate_wait_granularity_ms,
+    )
+
+
+@lru_cache(maxsize=None)
+def attach_deps() -> StepDeps:
+    return StepDeps(**_common(load_settings(AttachSettings)))

@@ -1,0 +1,141 @@
+"""API Gateway stand-in: turns HTTP requests into REST API (v1) Lambda proxy events for the function
+that template.yaml routes them to, and the function's proxy response back into HTTP. moto does not
+invoke Lambda proxy integrations, so this plays that part on 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+from urllib.parse import parse_qsl, urlsplit
+
+from local_stack.lambda_runtime import InProcessLambdas
+from local_stack.ports import free_port
+from local_stack.template import ACCOUNT_ID, LocalTemplate
+
+STAGE = "v1"
+
+# Extra pages served beside the API (the local console): path -> (content type, body factory)
+ExtraRoute = Callable[[str, dict[str, str]], tuple[int, str, bytes] | None]
+
+
+def proxy_event(method: str, path: str, route_path: str, params: dict[str, str], query: str,
+                headers: dict[str, str], body: bytes) -> dict[str, Any]:
+    pairs = parse_qsl(query, keep_blank_values=True)
+    multi_query: dict[str, list[str]] = {}
+    for key, value in pairs:
+        multi_query.setdefault(key, []).append(value)
+    try:
+        text, is_base64 = body.decode("utf-8"), False
+    except UnicodeDecodeError:
+        text, is_base64 = base64.b64encode(body).decode(), True
+    return {
+        "resource": route_path,
+        "path": path,
+        "httpMethod": method,
+        "headers": headers,
+        "multiValueHeaders": {k: [v] for k, v in headers.items()},
+        "queryStringParameters": dict(pairs) or None,
+        "multiValueQueryStringParameters": multi_query or None,
+        "pathParameters": params or None,
+        "stageVariables": None,
+        "requestContext": {
+            "resourcePath": route_path,
+            "httpMethod": method,
+            "path": f"/{STAGE}{path}",
+            "stage": STAGE,
+            "accountId": ACCOUNT_ID,
+            "requestId": str(uuid.uuid4()),
+            "requestTimeEpoch": int(time.time() * 1000),
+            "identity": {"sourceIp": "127.0.0.1", "userAgent": headers.get("User-Agent", "")},
+            "domainName": headers.get("Host", "127.0.0.1"),
+            "apiId": "local",
+        },
+        "body": text if body else None,
+        "isBase64Encoded": is_base64,
+    }
+
+
+class ApiGatewayServer:
+    def __init__(self, template: LocalTemplate, lambdas: InProcessLambdas, port: int | None = None):
+        self.routes = template.routes()
+        self.functions = template.functions()
+        self.lambdas = lambdas
+        self.port = port or free_port()
+        self.extra_routes: list[ExtraRoute] = []
+        self._server: ThreadingHTTPServer | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "ApiGatewayServer":
+        gateway = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:  # quiet: the console shows what matters
+                pass
+
+            def _serve(self) -> None:
+                gateway._handle(self)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _serve
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, name="api-gateway", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def _handle(self, request: BaseHTTPRequestHandler) -> None:
+        split = urlsplit(request.path)
+        length = int(request.headers.get("Content-Length") or 0)
+        body = request.rfile.read(length) if length else b""
+        headers = {k: v for k, v in request.headers.items()}
+        for route in self.routes:
+            params = route.match(request.command, split.path)
+            if params is not None:
+                event = proxy_event(request.command, split.path, route.path, params, split.query, headers, body)
+                payload, failed = self.lambdas.invoke(self.functions[route.function].physical_name,
+                                                      json.dumps(event))
+                if failed:  # API Gateway answers 502 when the integration itself fails
+                    return self._send(request, 502, {"Content-Type": "application/json"},
+                                      b'{"message": "Internal server error"}')
+                response = json.loads(payload)
+                out = response.get("body") or ""
+                data = base64.b64decode(out) if response.get("isBase64Encoded") else out.encode()
+                out_headers = dict(response.get("headers") or {})
+                for name, values in (response.get("multiValueHeaders") or {}).items():
+                    out_headers[name] = ", ".join(values)
+                return self._send(request, int(response.get("statusCode", 200)), out_headers, data)
+        for extra in self.extra_routes:
+            answer = extra(request.command, {"path": split.path, "query": split.query})
+            if answer is not None:
+                status, content_type, data = answer
+                return self._send(request, status, {"Content-Type": content_type}, data)
+        known = any(route.match(m, split.path) is not None for route in self.routes for m in ("GET", "POST"))
+        status = 403 if not known else 405
+        # API Gateway's own answer for a path or method no route matches
+        self._send(request, status, {"Content-Type": "application/json"},
+                   b'{"message": "Missing Authentication Token"}')
+
+    @staticmethod
+    def _send(request: BaseHTTPRequestHandler, status: int, headers: dict[str, str], data: bytes) -> None:
+        request.send_response(status)
+        for name, value in headers.items():
+            if name.lower() not in ("content-length", "connection", "transfer-encoding"):
+                request.send_header(name, value)
+        request.send_header("Content-Length", str(len(data)))
+        request.end_headers()
+        request.wfile.write(data)
