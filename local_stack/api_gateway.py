@@ -5,6 +5,7 @@ invoke Lambda proxy integrations, so this plays that part on 127.0.0.1."""
 from __future__ import annotations
 
 import base64
+import sys
 import json
 import threading
 import time
@@ -110,6 +111,9 @@ class ApiGatewayServer:
                 payload, failed = self.lambdas.invoke(self.functions[route.function].physical_name,
                                                       json.dumps(event))
                 if failed:  # API Gateway answers 502 when the integration itself fails
+                    error = json.loads(payload)
+                    print(f"[api] {route.function} failed: {error['errorType']}: {error['errorMessage']}\n"
+                          + "".join(error.get("stackTrace", [])), file=sys.stderr, flush=True)
                     return self._send(request, 502, {"Content-Type": "application/json"},
                                       b'{"message": "Internal server error"}')
                 response = json.loads(payload)

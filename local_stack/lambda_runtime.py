@@ -21,6 +21,7 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 
@@ -64,7 +65,12 @@ class LambdaContext:
 
 
 class InProcessLambdas:
-    def __init__(self, functions: dict[str, FunctionSpec], log_sink: Callable[[str, str, list[str]], None]):
+    def __init__(self, functions: dict[str, FunctionSpec], log_sink: Callable[[str, str, list[str]], None],
+                 layer_dirs: list[Path] = ()):
+        # What Lambda does with a layer's content (/opt/python): put it on the import path.
+        for layer in layer_dirs:
+            if str(layer) not in sys.path:
+                sys.path.append(str(layer))
         self._by_name = {spec.physical_name: spec for spec in functions.values()}
         self._modules: dict[str, ModuleType] = {}
         self._lock = threading.Lock()

@@ -9,6 +9,7 @@ Resources are created from template.yaml; boto3 reaches them through its own AWS
 from __future__ import annotations
 
 import io
+import logging
 import json
 import os
 import secrets
@@ -81,6 +82,7 @@ class LocalStack:
         if self.openai:
             self.openai.start()
             self._undo.append(self.openai.stop)
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log drowns the progress lines
         self._moto = ThreadedMotoServer(ip_address="127.0.0.1", port=self.moto_port, verbose=False)
         self._moto.start()
         self._undo.append(self._moto.stop)
@@ -206,7 +208,7 @@ class LocalStack:
                     raise ValueError(f"functions disagree on {name}: the in-process Lambdas share one environment")
                 union_env[name] = value
         self._set_env(union_env)
-        self.lambdas = InProcessLambdas(functions, self._put_logs)
+        self.lambdas = InProcessLambdas(functions, self._put_logs, t.layer_dirs())
 
     def _secret_value(self, logical_id: str) -> str:
         if logical_id == "PluginSecret":

@@ -115,6 +115,10 @@ class LocalTemplate:
             )
         return specs
 
+    def layer_dirs(self) -> list[Path]:
+        return [PROJECT_ROOT / r["Properties"]["ContentUri"]
+                for r in self.of_type("AWS::Serverless::LayerVersion").values()]
+
     def routes(self) -> list[Route]:
         routes = []
         for lid, res in self.of_type("AWS::Serverless::Function").items():

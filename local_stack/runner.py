@@ -1,0 +1,169 @@
+"""``make run`` and ``make serve``: the bundled sample runs through the real pipeline on the local stack."""
+
+from __future__ import annotations
+
+import base64
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import requests
+
+from local_stack.hub_emulator import SampleRun, load_sample_runs
+from local_stack.stack import LocalStack, StackOptions
+from local_stack.template import PROJECT_ROOT
+
+FINISHED = {"SUCCEEDED", "FAILED", "CANCELLED"}
+OUTPUT_DIR = PROJECT_ROOT / ".local" / "images"
+
+
+class PluginApi:
+    """What the hub does: call the plugin's endpoint with its Secret header."""
+
+    def __init__(self, base_url: str, secret: str, timeout_s: float = 30):
+        self.base_url = base_url.rstrip("/")
+        self._session = requests.Session()
+        self._session.headers["Secret"] = secret
+        self._timeout = timeout_s
+
+    def run(self, payload: dict[str, Any]) -> requests.Response:
+        return self._session.post(f"{self.base_url}/plugin", json=payload, timeout=self._timeout)
+
+    def session(self, session_id: str) -> dict[str, Any] | None:
+        response = self._session.get(f"{self.base_url}/sessions/{session_id}", timeout=self._timeout)
+        return response.json() if response.status_code == 200 else None
+
+    def wait_finished(self, session_id: str, timeout_s: float = 120, poll_s: float = 0.2) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            view = self.session(session_id)
+            if view and all(run["status"] in FINISHED for run in view["runs"]):
+                return view
+            time.sleep(poll_s)
+        raise TimeoutError(f"session {session_id} did not finish within {timeout_s}s: {self.session(session_id)}")
+
+
+@dataclass
+class Progress:
+    """One line per change of a session's state, not a wall of logs."""
+
+    out: TextIO
+    last: dict[str, str]
+
+    def show(self, title: str, view: dict[str, Any] | None) -> None:
+        if not view:
+            return
+        run = view["runs"][0]
+        line = run["status"]
+        if run.get("queue"):
+            eta = max(0.0, (run["queue"]["startAtMs"] - time.time() * 1000) / 1000)
+            line += f" (position {run['queue']['position']} in the queue, about {eta:.0f} s)"
+        if run["timeline"] and run["timeline"][-1].get("detail"):
+            line += f": {run['timeline'][-1]['detail']}"
+        if self.last.get(view["session"]) != line:
+            self.last[view["session"]] = line
+            print(f"  [{view['session']}] {line}", file=self.out, flush=True)
+
+
+def _save_image(stack: LocalStack, view: dict[str, Any], session: str) -> Path | None:
+    image = view["runs"][0].get("image") or {}
+    url = image.get("hubUrl")
+    if not url:
+        return None
+    data = requests.get(url, timeout=30).content  # what the hub stores and shows beside the asset
+    OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
+    path = OUTPUT_DIR / f"{session}.png"
+    path.write_bytes(data)
+    return path
+
+
+def run_samples(stack: LocalStack, samples: list[SampleRun], out: TextIO = sys.stdout,
+                timeout_s: float = 300) -> int:
+    api = PluginApi(stack.api_url, stack.plugin_secret)
+    progress = Progress(out, {})
+    pending: dict[str, SampleRun] = {}
+    refused = 0
+    for sample in samples:
+        answer = api.run(sample.payload)
+        print(f"→ {sample.title}\n  POST /plugin → {answer.status_code} {answer.text.strip()}", file=out, flush=True)
+        if answer.status_code == 202:
+            pending[sample.payload["session"]] = sample
+        else:
+            refused += 1
+    finished: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout_s
+    while pending.keys() - finished.keys() and time.monotonic() < deadline:
+        for session, sample in pending.items():
+            if session in finished:
+                continue
+            view = api.session(session)
+            progress.show(sample.title, view)
+            if view and all(run["status"] in FINISHED for run in view["runs"]):
+                finished[session] = view
+        time.sleep(0.2)
+
+    print("\nResults", file=out)
+    succeeded = 0
+    for session, sample in pending.items():
+        view = finished.get(session) or api.session(session) or {"runs": [{"status": "UNKNOWN"}]}
+        run = view["runs"][0]
+        print(f"• {sample.title}\n  session {session}: {run['status']}", file=out)
+        if run.get("model"):
+            model = run["model"]
+            note = f" ({model['note']})" if model.get("note") else ""
+            print(f"  model: {model['actual']}{note}", file=out)
+        if run.get("prompt"):
+            prompt = run["prompt"]
+            print(f"  prompt ({prompt['source']}, {prompt['length']} chars): {prompt['text'][:160]!r}", file=out)
+        if run["status"] == "SUCCEEDED":
+            path = _save_image(stack, view, session)
+            print(f"  image: {path} (attached on the hub as {run['image']['hubUrl']})", file=out)
+            succeeded += 1
+        elif run.get("failure"):
+            print(f"  why: {run['failure']['message']}", file=out)
+    total = len(samples)
+    print(f"\n{succeeded} of {total} runs succeeded", file=out, flush=True)
+    return 0 if succeeded == total and refused == 0 else 1
+
+
+def main_run() -> int:
+    options = StackOptions.from_environment()
+    with LocalStack(options) as stack:
+        stack.hub.load_samples()
+        where = "the real OpenAI API" if options.openai_api_key else f"the OpenAI emulator at {stack.openai.base_url}"
+        print(f"Local stack up (API {stack.api_url}, hub emulator {stack.hub.base_url}, images from {where})\n",
+              flush=True)
+        return run_samples(stack, load_sample_runs(stack.hub.base_url))
+
+
+def main_serve(port: int = 3000) -> int:
+    options = StackOptions.from_environment()
+    options.api_port = port
+    with LocalStack(options) as stack:
+        stack.hub.load_samples()
+        sample = load_sample_runs(stack.hub.base_url)[0].payload
+        print(f"""Local stack up. API: {stack.api_url}
+  hub emulator:    {stack.hub.base_url}   (state: GET {stack.hub.base_url}/_emulator/state)
+  OpenAI:          {stack.openai.base_url if stack.openai else 'the real OpenAI API'}
+  plugin Secret:   {stack.plugin_secret}
+
+Try:
+  curl -s -X POST {stack.api_url}/plugin -H 'Secret: {stack.plugin_secret}' -H 'Content-Type: application/json' \\
+    -d '{{"projectId":"{sample['projectId']}","taskId":"{sample['taskId']}","assetId":"{sample['assetId']}","session":"my-session-1","apiKey":"ango-local-key","categorySchema":{_compact(sample['categorySchema'])},"configJSON":{_compact(sample['configJSON'])}}}'
+  curl -s {stack.api_url}/sessions/my-session-1 -H 'Secret: {stack.plugin_secret}'
+
+Ctrl-C stops everything.""", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print("\nstopping…", flush=True)
+    return 0
+
+
+def _compact(value: Any) -> str:
+    import json
+
+    return json.dumps(value, separators=(",", ":")).replace("'", "'\\''")

@@ -1,0 +1,67 @@
+"""Shared fixtures. The local stack is started once per test process (each xdist worker has its own)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+EVENTS = Path(__file__).resolve().parent.parent / "events"
+PLUGIN_SECRET = "test-plugin-secret"
+
+
+def load_event(name: str) -> dict:
+    return json.loads((EVENTS / name).read_text())
+
+
+@pytest.fixture(scope="session")
+def stack():
+    from local_stack.stack import LocalStack, StackOptions
+
+    # A real OPENAI_API_KEY in a developer's shell must not turn the test suite into paid calls.
+    os.environ.pop("OPENAI_API_KEY", None)
+    with LocalStack(StackOptions(plugin_secret=PLUGIN_SECRET, stack_name="dalle-test")) as running:
+        running.hub.load_samples()
+        yield running
+
+
+@pytest.fixture
+def openai_emulator(stack):
+    stack.openai.reset()
+    yield stack.openai
+    stack.openai.reset()
+
+
+@pytest.fixture
+def api(stack):
+    from local_stack.runner import PluginApi
+
+    return PluginApi(stack.api_url, PLUGIN_SECRET)
+
+
+_counter = itertools.count()
+
+
+@pytest.fixture
+def new_session():
+    """A fresh hub session id per call, so tests on the shared stack never see each other's runs."""
+    return lambda prefix="sess": f"{prefix}-{next(_counter)}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def sample_payload(stack, new_session):
+    from local_stack.hub_emulator import load_sample_runs
+
+    samples = {s.payload["taskId"]: s.payload for s in load_sample_runs(stack.hub.base_url)}
+
+    def make(task_id: str, **overrides) -> dict:
+        payload = dict(samples[task_id])
+        payload["session"] = new_session(task_id)
+        payload.update(overrides)
+        return payload
+
+    return make
