@@ -1,0 +1,415 @@
+"""Ango Hub's REST API over urllib3 (already in the Lambda runtime through botocore): the ``HubClient`` port.
+
+Every call has a timeout; 5xx answers, timeouts and connection errors are retried with exponential backoff
+and jitter, then raised as ``HubUnavailable`` (the state machine retries that by name). A 4xx is never
+retried: it raises ``HubRequestRejected`` with the hub's own ``message``. A 429 is the exception: it is
+transient by nature, so it raises ``HubUnavailable`` at once and leaves the waiting to the state machine.
+
+The user's Ango ``apiKey`` is sent only to the hub's API host, in the ``apikey`` header, and is kept out of
+every log line, exception message and ``repr``. Asset downloads and storage uploads go to other hosts
+(S3) and never carry it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlencode, urlsplit
+
+import urllib3
+
+from dalle_plugin.domain.errors import AssetUnreadable, HubRequestRejected, HubUnavailable
+from dalle_plugin.domain.hub_answer import answer_to_write_format
+from dalle_plugin.ports import HubAsset
+
+logger = logging.getLogger(__name__)
+
+USER_AGENT = "dalle-model-plugin (urllib3)"
+MAX_BACKOFF_S = 8.0
+MAX_MESSAGE_CHARS = 300
+BODY_DEADLINE_FACTOR = 3  # a whole answer may take this many times the per-read timeout
+_CHUNK_BYTES = 64 * 1024
+
+#: Decides whether ``fetch_text`` may download a URL; raises (``AssetUnreadable``) to refuse it.
+UrlGuard = Callable[[str], None]
+
+
+def allow_any_url(url: str) -> None:
+    """The default guard: everything is allowed.
+
+    Seam for the URL safety check (https only, no private or link-local addresses) that a later change
+    adds; the local stack serves assets over http on 127.0.0.1, so the real guard must be configurable.
+    """
+
+
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    body: bytes
+    content_type: str
+
+
+class _Retryable(Exception):
+    """A failure worth another attempt: timeout, connection error, 5xx."""
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class AngoHubClient:
+    """``HubClient`` for one run, authenticated as the hub user who ran the plugin."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        plugin_id: str = "",
+        org_id: str = "",
+        run_by: str = "",
+        timeout_s: float = 10.0,
+        retries: int = 3,
+        backoff_s: float = 0.5,
+        max_text_bytes: int = 1_000_000,
+        http: urllib3.PoolManager | None = None,
+        url_guard: UrlGuard = allow_any_url,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
+        if retries < 0:
+            raise ValueError("retries must be >= 0")
+        self.base_url = base_url.rstrip("/")
+        self.__api_key = api_key  # name-mangled: not shown by repr, kept out of casual attribute dumps
+        self.plugin_id = plugin_id
+        self.org_id = org_id
+        self.run_by = run_by
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.max_text_bytes = max_text_bytes
+        self._http = http if http is not None else urllib3.PoolManager(num_pools=4, maxsize=4, retries=False)
+        self._url_guard = url_guard
+        self._sleep = sleep
+
+    def __repr__(self) -> str:
+        return (
+            f"AngoHubClient(base_url={self.base_url!r}, api_key='***', plugin_id={self.plugin_id!r}, "
+            f"org_id={self.org_id!r}, run_by={self.run_by!r})"
+        )
+
+    # ---- HubClient ----------------------------------------------------------------------------------
+
+    def get_task(self, task_id: str) -> dict[str, Any]:
+        document = self._hub("GET", f"/v2/task/{_segment(task_id)}", query={"includeAnswer": "true"})
+        task = _dig(document, "data", "task")
+        if not isinstance(task, dict):
+            raise HubRequestRejected(f"Ango Hub's answer to GET /v2/task/{task_id} has no data.task.")
+        return task
+
+    def get_asset(self, project_id: str, asset_id: str) -> HubAsset:
+        # the SDK's get_assets(project_id, filters={"_id": asset_id}) query, json.dumps spacing included
+        document = self._hub(
+            "GET",
+            f"/v2/project/{_segment(project_id)}/assets",
+            query={"page": "1", "limit": "10", "filters": json.dumps({"_id": asset_id})},
+        )
+        assets = _dig(document, "data", "assets")
+        found = next((a for a in assets or [] if isinstance(a, dict) and a.get("_id") == asset_id), None)
+        if found is None:
+            raise HubRequestRejected(
+                f"Asset {asset_id} was not found in project {project_id} on Ango Hub: "
+                "it may have been deleted, or the user who ran the plugin cannot see it."
+            )
+        data_url = found.get("data")
+        if not isinstance(data_url, str) or not data_url:
+            raise HubRequestRejected(f"Asset {asset_id} on Ango Hub has no file URL (data).")
+        return HubAsset(asset_id=asset_id, external_id=str(found.get("externalId") or ""), data_url=data_url)
+
+    def fetch_text(self, url: str) -> bytes:
+        self._url_guard(url)
+        shown = _without_query(url)
+        try:
+            answer = self._with_retries(
+                "GET", url, shown, headers={"User-Agent": USER_AGENT}, body_cap=self.max_text_bytes
+            )
+        except _TooLarge:
+            raise AssetUnreadable(
+                f"The asset file {shown} is larger than the {self.max_text_bytes:,}-byte limit "
+                "for text assets; "
+                "use a shorter text or a text annotation as the prompt."
+            ) from None
+        if answer.status >= 300:
+            raise AssetUnreadable(
+                f"The asset file {shown} could not be downloaded (HTTP {answer.status}"
+                f"{_message_suffix(answer, self.__api_key)})."
+            )
+        return answer.body
+
+    def upload_file(self, project_id: str, name: str, body: bytes, content_type: str) -> str:
+        document = self._hub(
+            "GET", "/v2/getUploadUrl", query={"name": name, "project": project_id, "type": "assets"}
+        )
+        upload_url = _dig(document, "data", "uploadUrl")
+        if not isinstance(upload_url, str) or not upload_url:
+            raise HubRequestRejected("Ango Hub's answer to GET /v2/getUploadUrl has no data.uploadUrl.")
+        permanent_url = _without_query(upload_url)
+        # a presigned storage URL: no apikey header (it is another host), the query string is the credential
+        answer = self._with_retries(
+            "PUT",
+            upload_url,
+            f"hub storage {urlsplit(permanent_url).path}",
+            headers={"Content-Type": content_type, "User-Agent": USER_AGENT},
+            body=body,
+        )
+        if answer.status >= 300:
+            raise HubRequestRejected(
+                f"Ango Hub storage refused the upload of {name} (HTTP {answer.status}"
+                f"{_message_suffix(answer, self.__api_key)})."
+            )
+        return permanent_url
+
+    def attach_image(self, project_id: str, external_id: str, image_url: str) -> None:
+        self._hub(
+            "POST",
+            "/v2/attachments",
+            json_body={
+                "project": project_id,
+                "attachments": [
+                    {"externalId": external_id, "attachments": [{"type": "IMAGE", "value": image_url}]}
+                ],
+            },
+        )
+
+    def annotate(self, task_id: str, answer: dict[str, Any]) -> None:
+        # the body AnnotationPayload.toDict() builds in the SDK; tolerant of a read-format answer
+        self._hub(
+            "POST",
+            f"/v2/annotate/{_segment(task_id)}",
+            query={"nextStage": "true", "isPlugin": "true"},
+            json_body={
+                "answer": answer_to_write_format(answer),
+                "brushDataUrl": None,
+                "medicalBrushDataUrl": None,
+                "duration": 0,
+            },
+        )
+
+    def plugin_response(self, session: str, response: Any = None, error: bool = False) -> None:
+        body = {"error": True, "session": session} if error else {"response": response, "session": session}
+        self._hub("POST", "/v2/pluginResponse", json_body=body)
+
+    def plugin_log(self, session: str, message: str, level: str = "INFO", **extra: Any) -> None:
+        # PluginLogger's body: the extras, then the fixed keys (which win over an extra of the same name)
+        body = {
+            **extra,
+            "level": level.upper(),
+            "organization": self.org_id,
+            "pluginId": self.plugin_id,
+            "runBy": self.run_by,
+            "session": session,
+            "msg": message,
+        }
+        self._hub("POST", "/v2/pluginLog", json_body=body)
+
+    # ---- beyond the port: used by the local tools and available to the domain if it needs them --------
+
+    def get_project(self, project_id: str) -> dict[str, Any]:
+        """``GET /v2/project/{id}`` -> ``data.project`` (its ``categorySchema`` is the ontology)."""
+        project = _dig(self._hub("GET", f"/v2/project/{_segment(project_id)}"), "data", "project")
+        if not isinstance(project, dict):
+            raise HubRequestRejected(
+                f"Ango Hub's answer to GET /v2/project/{project_id} has no data.project."
+            )
+        return project
+
+    def signed_url(self, project_id: str, url: str, file_type: str = "assets") -> str:
+        """``GET /v2/getSignedUrl`` -> a time-limited download URL for a file in private hub storage."""
+        document = self._hub(
+            "GET", "/v2/getSignedUrl", query={"name": url, "project": project_id, "type": file_type}
+        )
+        signed = _dig(document, "data", "signedUrl")
+        if not isinstance(signed, str) or not signed:
+            raise HubRequestRejected("Ango Hub's answer to GET /v2/getSignedUrl has no data.signedUrl.")
+        return signed
+
+    # ---- transport ----------------------------------------------------------------------------------
+
+    def _hub(
+        self, method: str, path: str, *, query: dict[str, str] | None = None, json_body: Any = None
+    ) -> Any:
+        """One ``/v2`` call: JSON in, JSON out, the hub's error body turned into a named exception."""
+        url = self.base_url + path + ("?" + urlencode(query, quote_via=quote) if query else "")
+        headers = {"apikey": self.__api_key, "Accept": "application/json", "User-Agent": USER_AGENT}
+        body = None
+        if json_body is not None:
+            headers["Content-Type"] = "application/json"
+            body = json.dumps(json_body, allow_nan=False).encode()
+        answer = self._with_retries(method, url, path, headers=headers, body=body)
+        if answer.status == 429:
+            raise HubUnavailable(
+                f"Ango Hub is rate limiting {method} {path} (HTTP 429"
+                f"{_message_suffix(answer, self.__api_key)}); it will be tried again later."
+            )
+        if answer.status >= 300:
+            raise HubRequestRejected(
+                f"Ango Hub rejected {method} {path} "
+                f"(HTTP {answer.status}{_message_suffix(answer, self.__api_key)})."
+                f"{_hint(answer.status)}"
+            )
+        try:
+            document = json.loads(answer.body) if answer.body else {}
+        except ValueError:
+            raise HubUnavailable(f"Ango Hub answered {method} {path} with a body that is not JSON.") from None
+        if isinstance(document, dict) and document.get("status") in ("fail", "error"):
+            raise HubRequestRejected(
+                f"Ango Hub rejected {method} {path}{_message_suffix(answer, self.__api_key, ': ')}."
+            )
+        return document
+
+    def _with_retries(
+        self,
+        method: str,
+        url: str,
+        shown: str,
+        *,
+        headers: dict[str, str],
+        body: bytes | None = None,
+        body_cap: int | None = None,
+    ) -> _Answer:
+        """Send until an answer below 500 arrives or the attempts run out. ``shown`` names the call in
+        messages and logs (never the full URL: a presigned query string is a credential)."""
+        attempts = self.retries + 1
+        problem = ""
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._send_once(method, url, headers, body, body_cap)
+            except _Retryable as failure:
+                problem = str(failure)
+            if attempt < attempts:
+                delay = self._backoff(attempt)
+                logger.warning(
+                    "Ango Hub %s %s failed (%s); attempt %d of %d, next in %.2f s",
+                    method,
+                    shown,
+                    problem,
+                    attempt,
+                    attempts,
+                    delay,
+                )
+                self._sleep(delay)
+        raise HubUnavailable(
+            f"Ango Hub did not answer {method} {shown} after {attempts} attempt(s): {problem}."
+        )
+
+    def _send_once(
+        self, method: str, url: str, headers: dict[str, str], body: bytes | None, body_cap: int | None
+    ) -> _Answer:
+        # per-read timeouts alone would let a server that drips bytes hold the call forever
+        deadline = time.monotonic() + self.timeout_s * BODY_DEADLINE_FACTOR
+        try:
+            response = self._http.urlopen(
+                method,
+                url,
+                body=body,
+                headers=headers,
+                retries=False,
+                redirect=False,
+                preload_content=False,
+                timeout=urllib3.Timeout(connect=self.timeout_s, read=self.timeout_s),
+            )
+        # NewConnectionError first: urllib3 derives it from its TimeoutError, but it means "refused"
+        except urllib3.exceptions.NewConnectionError as exc:
+            raise _Retryable(f"connection failed ({type(exc).__name__})") from None
+        except urllib3.exceptions.TimeoutError:
+            raise _Retryable(f"timed out after {self.timeout_s:g} s") from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise _Retryable(f"connection failed ({type(exc).__name__})") from None
+        complete = False
+        try:
+            declared = response.headers.get("Content-Length")
+            if (
+                body_cap is not None
+                and declared
+                and declared.isdigit()
+                and int(declared) > body_cap
+                and response.status < 300
+            ):
+                raise _TooLarge()
+            chunks: list[bytes] = []
+            size = 0
+            for chunk in response.stream(_CHUNK_BYTES):
+                size += len(chunk)
+                if body_cap is not None and size > body_cap and response.status < 300:
+                    raise _TooLarge()
+                if time.monotonic() > deadline:
+                    raise _Retryable(
+                        f"the answer took longer than {self.timeout_s * BODY_DEADLINE_FACTOR:g} s to arrive"
+                    )
+                chunks.append(chunk)
+            complete = True
+        except urllib3.exceptions.TimeoutError:
+            raise _Retryable(f"timed out after {self.timeout_s:g} s") from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise _Retryable(f"connection failed while reading ({type(exc).__name__})") from None
+        finally:
+            if not complete:
+                response.close()  # an unread remainder must not go back into the pool
+            response.release_conn()
+        answer = _Answer(response.status, b"".join(chunks), response.headers.get("Content-Type", ""))
+        if answer.status >= 500:
+            raise _Retryable(f"HTTP {answer.status}{_message_suffix(answer, self.__api_key)}")
+        return answer
+
+    def _backoff(self, attempt: int) -> float:
+        ceiling = min(MAX_BACKOFF_S, self.backoff_s * 2 ** (attempt - 1))
+        return ceiling / 2 + random.uniform(0, ceiling / 2)  # jitter spreads retries of parallel runs
+
+
+# ---- helpers -----------------------------------------------------------------------------------------
+
+
+def _segment(value: str) -> str:
+    return quote(value, safe="")
+
+
+def _without_query(url: str) -> str:
+    return url.split("?", 1)[0]
+
+
+def _dig(document: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(document, dict):
+            return None
+        document = document.get(key)
+    return document
+
+
+def _message_suffix(answer: _Answer, api_key: str, prefix: str = ": ") -> str:
+    """The hub's own error ``message`` (or the start of a non-JSON body), scrubbed of the API key."""
+    message = ""
+    try:
+        document = json.loads(answer.body)
+        if isinstance(document, dict):
+            message = str(document.get("message") or document.get("error") or "")
+    except ValueError:
+        message = answer.body[:MAX_MESSAGE_CHARS].decode("utf-8", errors="replace").strip()
+    if not message:
+        return ""
+    if api_key:
+        message = message.replace(api_key, "***")
+    return prefix + message[:MAX_MESSAGE_CHARS]
+
+
+def _hint(status: int) -> str:
+    if status in (401, 403):
+        return (
+            " Check that the Ango API key of the user who ran the plugin is valid and can open this project."
+        )
+    if status == 404:
+        return " The id may be wrong, or the item was deleted."
+    return ""
