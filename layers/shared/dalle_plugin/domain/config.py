@@ -1,0 +1,306 @@
+"""The Config JSON the hub user types, parsed and checked into the options a run uses.
+
+Two steps, because the second needs deployment facts the first does not:
+
+* ``parse_config_json`` checks the text itself: it is a JSON object, every key is known, every value has
+  the right type and shape. The result is a ``PluginConfig`` with the hub's documented defaults filled in.
+* ``validate_run_options`` checks the combination against the model that will actually run (legacy names
+  map to the deployment's successor) and returns the size, quality and prompt limit to use.
+
+Every problem is an ``InvalidConfig`` naming the field, what was given and what is allowed. The user's
+OpenAI key never appears in a message: at most as ``sk-...abcd``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from datetime import date
+from typing import Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+from dalle_plugin.domain.errors import InvalidConfig, MalformedConfig
+from dalle_plugin.domain.models_catalog import (
+    AUTO_SIZE,
+    ImageOptions,
+    ResolvedModel,
+    check_image_options,
+    normalize_model_name,
+    normalize_size,
+    parse_size,
+    resolve_model,
+    suggest,
+)
+
+PromptSource = Literal["text-annotation", "entity-annotation", "full-text-asset"]
+PROMPT_SOURCES: tuple[str, ...] = get_args(PromptSource)
+DEFAULT_KEY = "default"
+
+# Names people plausibly type for a field; only ever used to suggest the right name, never accepted.
+_LIKELY_MEANT = {
+    "model": "model_name",
+    "size": "image_size",
+    "api_key": "openai_api_key",
+    "apikey": "openai_api_key",
+    "key": "openai_api_key",
+    "openai_key": "openai_api_key",
+    "prompt_from": "get_prompt_from",
+    "prompt_source": "get_prompt_from",
+    "source": "get_prompt_from",
+    "resolution": "image_size",
+}
+_OPENAI_KEY_LIKE = re.compile(r"sk-[A-Za-z0-9_\-]{8,}")
+_EXAMPLE = '{"get_prompt_from": "text-annotation", "image_size": "1024x1024"}'
+
+
+def mask_secret(value: str) -> str:
+    """``sk-proj-abc...wxyz`` -> ``sk-...wxyz``: enough to tell two keys apart, useless to anyone else."""
+    value = value.strip()
+    if len(value) < 16:
+        return "***"
+    return f"{value[:3]}...{value[-4:]}"
+
+
+def _mask_key_like(value: Any) -> Any:
+    """A key pasted into the wrong field must not be echoed back either."""
+    if isinstance(value, str):
+        return _OPENAI_KEY_LIKE.sub(lambda m: mask_secret(m.group(0)), value)
+    if isinstance(value, (int, float, bool)) or value is None:
+        return value
+    return f"a JSON {_json_type(value)}"
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _require_string(field: str, value: Any, allowed: str) -> str:
+    if not isinstance(value, str):
+        hint = "Write the value as a JSON string in quotes."
+        raise InvalidConfig(field, _mask_key_like(value), allowed, hint)
+    return value
+
+
+class PluginConfig(BaseModel):
+    """The Config JSON, with the defaults the hub documents for the plugin."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    openai_api_key: SecretStr = SecretStr(DEFAULT_KEY)
+    model_name: str = "dall-e-2"
+    get_prompt_from: PromptSource = "text-annotation"
+    image_size: str = "1024x1024"
+    quality: str | None = None
+
+    # The validators raise InvalidConfig themselves (pydantic lets non-ValueErrors through), so a direct
+    # construction reports problems in the same words as parse_config_json.
+
+    @field_validator("openai_api_key", mode="before")
+    @classmethod
+    def _check_key(cls, value: Any) -> SecretStr:
+        allowed = '"default" (the shared key) or your own OpenAI API key'
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        if not isinstance(value, str):
+            shown = mask_secret(str(value)) if isinstance(value, (int, float)) else _mask_key_like(value)
+            raise InvalidConfig("openai_api_key", shown, allowed, "Write the key as a JSON string in quotes.")
+        key = value.strip()
+        if key.lower() == DEFAULT_KEY:
+            return SecretStr(DEFAULT_KEY)
+        if not key:
+            hint = 'Leave it out or write "default" for the shared key.'
+            raise InvalidConfig("openai_api_key", "", allowed, hint)
+        if any(ch.isspace() for ch in key) or not key.isascii() or not key.isprintable():
+            raise InvalidConfig(
+                "openai_api_key",
+                mask_secret(key),
+                allowed,
+                "An OpenAI key has no spaces or special characters: paste the key alone, without 'Bearer'.",
+            )
+        return SecretStr(key)
+
+    @field_validator("model_name", mode="before")
+    @classmethod
+    def _check_model_name(cls, value: Any) -> str:
+        allowed = "an OpenAI image model name such as gpt-image-2 (dall-e-2 and dall-e-3 are mapped)"
+        name = normalize_model_name(_require_string("model_name", value, allowed))
+        if not name:
+            raise InvalidConfig("model_name", value, allowed, "Leave it out to use the default.")
+        return name
+
+    @field_validator("get_prompt_from", mode="before")
+    @classmethod
+    def _check_prompt_source(cls, value: Any) -> str:
+        allowed = ", ".join(PROMPT_SOURCES)
+        text = _require_string("get_prompt_from", value, allowed)
+        source = re.sub(r"[\s_]+", "-", text.strip().lower())
+        if source in PROMPT_SOURCES:
+            return source
+        guess = suggest(source, PROMPT_SOURCES)
+        raise InvalidConfig(
+            "get_prompt_from", _mask_key_like(value), allowed, f"Did you mean '{guess}'?" if guess else ""
+        )
+
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _check_size_shape(cls, value: Any) -> str:
+        allowed = "WIDTHxHEIGHT such as 1024x1024 (which sizes depends on the model), or auto"
+        size = normalize_size(_require_string("image_size", value, allowed))
+        if size != AUTO_SIZE and parse_size(size) is None:
+            raise InvalidConfig("image_size", _mask_key_like(value), allowed, "Write it like \"512x512\".")
+        return size
+
+    @field_validator("quality", mode="before")
+    @classmethod
+    def _check_quality_shape(cls, value: Any) -> str | None:
+        if value is None:
+            return None
+        allowed = "auto, low, medium, high (DALL-E: standard, hd), or leave it out"
+        quality = _require_string("quality", value, allowed).strip().lower()
+        if not quality:
+            raise InvalidConfig("quality", value, allowed, "Leave it out to use the model's default.")
+        return quality
+
+    @property
+    def uses_default_key(self) -> bool:
+        return self.openai_api_key.get_secret_value() == DEFAULT_KEY
+
+    @property
+    def masked_key(self) -> str:
+        """What may be shown of the key in a log or a session: ``default`` or ``sk-...abcd``."""
+        return DEFAULT_KEY if self.uses_default_key else mask_secret(self.openai_api_key.get_secret_value())
+
+
+ALLOWED_KEYS: tuple[str, ...] = tuple(PluginConfig.model_fields)
+
+
+def parse_config_json(raw: str | dict[str, Any] | None) -> PluginConfig:
+    """The user's Config JSON (as the hub sends it: a string, or defensively an object) -> ``PluginConfig``.
+
+    Nothing, ``""`` and ``{}`` give every default. A key whose value is ``null`` counts as left out.
+    """
+    settings = _load_object(raw)
+    for key in settings:
+        if key not in ALLOWED_KEYS:
+            raise _unknown_key(key)
+    given = {key: value for key, value in settings.items() if value is not None}
+    return PluginConfig(**given)
+
+
+def _load_object(raw: str | dict[str, Any] | None) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if isinstance(raw, dict):
+        return raw
+    if not isinstance(raw, str):
+        raise _not_an_object(raw)
+    if not raw.strip():
+        return {}
+    loaded = _loads(raw)
+    if isinstance(loaded, str) and loaded.strip().startswith("{"):
+        loaded = _loads(loaded)  # a Config JSON that was JSON-encoded twice on the way
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise _not_an_object(loaded)
+    return loaded
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    settings: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in settings:
+            shown = _mask_key_like(key)
+            raise MalformedConfig(f"Config JSON names '{shown}' more than once; keep one.", field=shown)
+        settings[key] = value
+    return settings
+
+
+def _loads(text: str) -> Any:
+    try:
+        return json.loads(text, object_pairs_hook=_refuse_duplicates)
+    except json.JSONDecodeError as exc:
+        raise _not_json(text, exc) from None
+
+
+def _not_json(text: str, exc: json.JSONDecodeError) -> MalformedConfig:
+    # The text itself is never quoted back: it may hold the user's key.
+    message = (
+        f"Config JSON is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno} "
+        f"(character {exc.pos + 1})."
+    )
+    stripped = text.strip()
+    if not stripped.startswith("{") and _parses_as_object("{" + stripped.rstrip(",") + "}"):
+        message += " The braces are missing: wrap the settings in { and }."
+    elif "'" in stripped and _parses_as_object(stripped.replace("'", '"')):
+        message += ' Use double quotes (") around names and values, not single quotes.'
+    elif re.search(r",\s*[}\]]", stripped):
+        message += " Remove the comma before the closing brace."
+    else:
+        message += f" Write it as a JSON object, e.g. {_EXAMPLE}."
+    return MalformedConfig(message, allowed="a JSON object")
+
+
+def _parses_as_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def _not_an_object(value: Any) -> MalformedConfig:
+    return MalformedConfig(
+        f"Config JSON must be a JSON object in braces, e.g. {_EXAMPLE}; got a JSON {_json_type(value)}.",
+        allowed="a JSON object",
+    )
+
+
+def _unknown_key(key: str) -> MalformedConfig:
+    shown = _mask_key_like(key)
+    normalized = re.sub(r"[\s\-]+", "_", key.strip().lower())
+    guess = normalized if normalized in ALLOWED_KEYS else _LIKELY_MEANT.get(normalized)
+    guess = guess or suggest(normalized, ALLOWED_KEYS)
+    message = f"Config JSON has an unknown field '{shown}'; allowed fields: {', '.join(ALLOWED_KEYS)}."
+    if guess:
+        message += f" Did you mean '{guess}'?"
+    return MalformedConfig(message, field=shown, allowed=", ".join(ALLOWED_KEYS))
+
+
+class RunOptions(BaseModel):
+    """What a run will ask OpenAI for, after the Config JSON met the deployment's model list."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model: ResolvedModel
+    image: ImageOptions
+    max_prompt_chars: int
+    get_prompt_from: PromptSource
+    uses_default_key: bool
+    notes: tuple[str, ...] = Field(default=())
+
+
+def validate_run_options(config: PluginConfig, successors: Mapping[str, str], today: date) -> RunOptions:
+    """Resolve the model that runs and check size, quality and the prompt limit against it."""
+    resolved = resolve_model(config.model_name, successors, today)
+    image = check_image_options(resolved, config.image_size, config.quality)
+    notes = ((resolved.note,) if resolved.note else ()) + image.notes
+    return RunOptions(
+        model=resolved,
+        image=image,
+        max_prompt_chars=resolved.spec.max_prompt_chars,
+        get_prompt_from=config.get_prompt_from,
+        uses_default_key=config.uses_default_key,
+        notes=notes,
+    )
