@@ -24,7 +24,10 @@ def stack():
 
     # A real OPENAI_API_KEY in a developer's shell must not turn the test suite into paid calls.
     os.environ.pop("OPENAI_API_KEY", None)
-    with LocalStack(StackOptions(plugin_secret=PLUGIN_SECRET, stack_name="dalle-test")) as running:
+    # A generous limit: tests of the global limit itself run their own scaled window.
+    options = StackOptions(plugin_secret=PLUGIN_SECRET, stack_name="dalle-test",
+                           parameters={"RateLimit": "1000"})
+    with LocalStack(options) as running:
         running.hub.load_samples()
         yield running
 

@@ -45,15 +45,17 @@ def test_each_prompt_source_ends_with_an_image_attached_to_the_asset(
     assert run["model"] == {"requested": "dall-e-2", "actual": "gpt-image-2", "substituted": True,
                             "note": run["model"]["note"]}
     assert "retired" in run["model"]["note"]
+    # the hub's recommended dall-e-2 size keeps working: the session says what ran instead
+    assert run["size"] == "1024x1024" and any("512x512" in note for note in run["notes"])
 
     # OpenAI was asked once, with the prompt the session shows and the model that actually ran
-    calls = [r for r in openai_emulator.requests if r["prompt"] == run["prompt"]["text"]]
-    assert len(calls) == 1 and calls[0]["model"] == "gpt-image-2" and calls[0]["size"] == "512x512"
+    calls = [r for r in openai_emulator.requests if r.prompt == run["prompt"]["text"]]
+    assert len(calls) == 1 and calls[0].model == "gpt-image-2" and calls[0].size == "1024x1024"
 
     # The hub got the PNG in its storage and attached it to the asset, as an IMAGE
-    asset = next(a for a in stack.hub.state()["attachments"] if a["value"] == run["image"]["hubUrl"])
-    assert asset["type"] == "IMAGE"
-    assert _stored_png(stack, run["image"]["hubUrl"]).size == (512, 512)
+    attached = [a for a in stack.hub.attachments() if a["value"] == run["image"]["hubUrl"]]
+    assert len(attached) == 1 and attached[0]["type"] == "IMAGE"
+    assert _stored_png(stack, run["image"]["hubUrl"]).size == (1024, 1024)
 
     # A workflow run moves the task on with its answer unchanged (read `tools` written as `objects`)
     before = stack.hub.task(task_id)["answer"]

@@ -163,6 +163,8 @@ class RunRecord(CamelModel):
     quality: str | None = None
     max_prompt_chars: int
     uses_default_key: bool
+    #: what was adapted from the Config JSON (a retired model's successor, a legacy size), said to the user
+    notes: list[str] = Field(default_factory=list)
     sealed_secrets: bytes | None = None
     status: RunStatus = RunStatus.QUEUED
     created_at_ms: int

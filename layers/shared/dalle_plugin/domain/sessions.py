@@ -17,6 +17,7 @@ def run_view(run: RunRecord, images: ImageStore | None = None) -> dict[str, Any]
         "size": run.size,
         "quality": run.quality,
         "promptSource": run.prompt_source,
+        "notes": run.notes,
         "prompt": run.prompt.dump() if run.prompt else None,
         "createdAtMs": run.created_at_ms,
         "updatedAtMs": run.updated_at_ms,

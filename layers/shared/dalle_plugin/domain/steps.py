@@ -166,6 +166,7 @@ def start_run(payload: HubPayload, deps: StepDeps, today: dt.date | None = None)
         quality=options.image.quality,
         max_prompt_chars=options.max_prompt_chars,
         uses_default_key=config.uses_default_key,
+        notes=list(options.notes),
         sealed_secrets=deps.vault.seal(secrets, context),
         created_at_ms=now,
         updated_at_ms=now,
@@ -187,10 +188,10 @@ def start_run(payload: HubPayload, deps: StepDeps, today: dt.date | None = None)
 def extract_prompt(ref: RunRef, deps: StepDeps) -> ExtractResult:
     run = deps.runs.get(ref.session, ref.task_id)
     hub = _hub(run, deps)
-    model_note = f" ({run.model.note})" if run.model.note else ""
+    notes = "".join(f" {note[0].upper()}{note[1:]}." for note in run.notes)
     run = _progress(run, deps, "extract", RunStatus.EXTRACTING,
-                    f"Run started: prompt from {run.prompt_source}, model {run.model.actual}{model_note}, "
-                    f"size {run.size}.", hub)
+                    f"Run started: prompt from {run.prompt_source}, model {run.model.actual}, size {run.size}.{notes}",
+                    hub)
     task = hub.get_task(run.task_id)
 
     def asset_text() -> str:

@@ -1,0 +1,93 @@
+"""Each handler with its events/ file, on the local stack's real DynamoDB Local, S3 and KMS, run in the order
+the state machine would run them (the execution itself is not started here, so the handlers are the only
+ones touching the run)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import uuid
+
+import pytest
+
+from dalle_plugin import wiring
+from dalle_plugin.domain.payload import parse_payload
+from dalle_plugin.domain.steps import start_run
+from local_stack.lambda_runtime import LambdaContext
+from tests.conftest import PLUGIN_SECRET, load_event
+
+pytestmark = pytest.mark.stack
+
+
+class RecordingStarter:
+    def __init__(self):
+        self.started: list[tuple[str, dict]] = []
+
+    def start(self, name: str, run_input: dict) -> str:
+        self.started.append((name, run_input))
+        return f"arn:aws:states:us-east-1:123456789012:execution:test:{name}"
+
+    def stop(self, execution_arn: str, cause: str) -> None:
+        pass
+
+
+def _invoke(stack, logical_id: str, event: dict):
+    spec = stack.template.functions()[logical_id]
+    context = LambdaContext(spec.physical_name, spec.arn, spec.memory_mb, str(uuid.uuid4()),
+                            f"/aws/lambda/{spec.physical_name}", "local", time.monotonic() + spec.timeout_s)
+    return stack.lambdas.handler(spec)(event, context)
+
+
+def test_step_handlers_with_their_events(stack, openai_emulator):
+    api_event = load_event("api_post_plugin.json")
+    body = json.loads(api_event["body"])
+    body["dataURL"] = f"{stack.hub.base_url}/files/proj-dalle-demo/fox-in-snow.txt"
+    starter = RecordingStarter()
+    deps = dataclasses.replace(wiring.api_deps(), starter=starter)
+    run, created = start_run(parse_payload(body), deps)
+    assert created and starter.started == [(run.execution_name, load_event("extract.json"))]
+
+    extracted = _invoke(stack, "ExtractFunction", load_event("extract.json"))
+    assert extracted == {"promptSource": "entity-annotation", "promptLength": 57, "truncated": False}
+
+    generated = _invoke(stack, "GenerateFunction", load_event("generate.json"))
+    assert generated["status"] == "DONE" and generated["imageKey"].endswith(".png")
+    assert len(openai_emulator.requests) == 1
+
+    # a retried Generate (the Lambda died after storing the image) never pays again
+    assert _invoke(stack, "GenerateFunction", load_event("generate.json")) == generated
+    assert len(openai_emulator.requests) == 1
+
+    attached = _invoke(stack, "AttachFunction", load_event("attach.json"))
+    assert attached["finishedAs"] == "workflow"
+    assert [a["value"] for a in stack.hub.attachments()].count(attached["imageUrl"]) == 1
+
+    session_event = load_event("api_get_session.json")
+    session_event["headers"]["Secret"] = PLUGIN_SECRET
+    answer = _invoke(stack, "ApiFunction", session_event)
+    assert answer["statusCode"] == 200
+    view = json.loads(answer["body"])
+    assert view["runs"][0]["status"] == "SUCCEEDED"
+    assert [step["step"] for step in view["runs"][0]["timeline"]][:2] == ["queued", "extract"]
+
+
+def test_record_failure_handler_with_its_event(stack):
+    body = json.loads(load_event("api_post_plugin.json")["body"]) | {"session": "sess-event-failure"}
+    deps = dataclasses.replace(wiring.api_deps(), starter=RecordingStarter())
+    start_run(parse_payload(body), deps)
+    event = load_event("record_failure.json") | {"session": "sess-event-failure"}
+    assert _invoke(stack, "RecordFailureFunction", event) == {"status": "FAILED", "reason": "hub_unavailable"}
+    run = deps.runs.get("sess-event-failure", "task-fox")
+    assert run.failure.message.startswith("The hub answered 503")
+    assert run.sealed_secrets is None  # secrets are purged when the run ends
+
+
+def test_api_handler_refuses_a_wrong_secret_before_doing_anything(stack):
+    event = load_event("api_post_plugin.json")
+    event["headers"]["Secret"] = "not-the-secret"
+    body = json.loads(event["body"]) | {"session": "sess-event-unauthorized"}
+    event["body"] = json.dumps(body)
+    answer = _invoke(stack, "ApiFunction", event)
+    assert answer["statusCode"] == 401
+    assert wiring.api_deps().runs.get("sess-event-unauthorized", "task-fox") is None

@@ -1,0 +1,28 @@
+"""Every file in events/ (what `sam local invoke` uses) validates against its step contract."""
+
+from __future__ import annotations
+
+import json
+
+from dalle_plugin.domain.payload import parse_payload
+from dalle_plugin.domain.run import FailureInput, RunRef
+from tests.conftest import load_event
+
+
+def test_step_events_are_run_refs():
+    for name in ("extract.json", "generate.json", "attach.json"):
+        ref = RunRef.model_validate(load_event(name))
+        assert ref.session and ref.task_id
+
+
+def test_record_failure_event_carries_a_step_functions_error():
+    failure = FailureInput.model_validate(load_event("record_failure.json"))
+    assert failure.error.error == "HubUnavailable"
+    assert json.loads(failure.error.cause)["errorType"] == "HubUnavailable"
+
+
+def test_api_event_carries_a_valid_hub_payload():
+    event = load_event("api_post_plugin.json")
+    assert event["httpMethod"] == "POST" and event["resource"] == "/plugin"
+    payload = parse_payload(event["body"])
+    assert payload.prompt_class_ids == ["ent-prompt"] and payload.is_workflow_run
