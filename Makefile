@@ -14,6 +14,8 @@ $(VENV)/.installed: requirements-dev.txt layers/shared/requirements.txt function
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	@# The shared layer and the dev packages importable from the venv, as an editable install would make them
+	$(PY) -c "import os, site; open(os.path.join(site.getsitepackages()[0], 'dalle-plugin-dev.pth'), 'w').write(os.path.abspath('layers/shared') + '\n' + os.path.abspath('.') + '\n')"
 	touch $@
 
 $(DDB_JAR_STAMP): package.json

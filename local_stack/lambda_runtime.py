@@ -20,10 +20,11 @@ import threading
 import time
 import traceback
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from local_stack.template import FunctionSpec
 
@@ -72,8 +73,10 @@ class InProcessLambdas:
             if str(layer) not in sys.path:
                 sys.path.append(str(layer))
         self._by_name = {spec.physical_name: spec for spec in functions.values()}
-        self._modules: dict[str, ModuleType] = {}
+        self._idle: dict[str, list[ModuleType]] = {}
+        self._loaded = 0
         self._lock = threading.Lock()
+        self.cold_starts: list[str] = []
         self._log_sink = log_sink
         self.invocations: list[tuple[str, float]] = []  # (function, duration_s): for tests and benchmarks
         # Hooks a test may set to crash a handler (after its side effects) by function logical id.
@@ -83,17 +86,36 @@ class InProcessLambdas:
         name = name_or_arn.split(":function:")[-1].split(":")[0]
         return self._by_name[name]
 
-    def handler(self, spec: FunctionSpec) -> Callable[[dict, Any], Any]:
+    def _load(self, spec: FunctionSpec) -> ModuleType:
+        """A new execution environment: the handler module loaded afresh (its own module-level state)."""
         with self._lock:
-            module = self._modules.get(spec.logical_id)
-            if module is None:
-                module_name, _ = spec.handler.rsplit(".", 1)
-                path = spec.code_dir / f"{module_name}.py"
-                loaded = importlib.util.spec_from_file_location(f"lambda_{spec.logical_id}", path)
-                module = importlib.util.module_from_spec(loaded)
-                loaded.loader.exec_module(module)
-                self._modules[spec.logical_id] = module
-        return getattr(module, spec.handler.rsplit(".", 1)[1])
+            self._loaded += 1
+            name = f"lambda_{spec.logical_id}_{self._loaded}"
+        module_name, _ = spec.handler.rsplit(".", 1)
+        loaded = importlib.util.spec_from_file_location(name, spec.code_dir / f"{module_name}.py")
+        module = importlib.util.module_from_spec(loaded)
+        loaded.loader.exec_module(module)
+        self.cold_starts.append(spec.logical_id)
+        return module
+
+    @contextmanager
+    def environment(self, spec: FunctionSpec) -> Iterator[Callable[[dict, Any], Any]]:
+        """Like Lambda, one event at a time per execution environment: a busy function gets another one
+        (a cold start), an idle one is reused (warm)."""
+        with self._lock:
+            idle = self._idle.setdefault(spec.logical_id, [])
+            module = idle.pop() if idle else None
+        if module is None:
+            module = self._load(spec)
+        try:
+            yield getattr(module, spec.handler.rsplit(".", 1)[1])
+        finally:
+            with self._lock:
+                self._idle[spec.logical_id].append(module)
+
+    def handler(self, spec: FunctionSpec) -> Callable[[dict, Any], Any]:
+        """A handler for direct calls from tests (a warm environment of its own, never shared)."""
+        return getattr(self._load(spec), spec.handler.rsplit(".", 1)[1])
 
     def invoke(self, name_or_arn: str, body: bytes | str | None) -> tuple[bytes, bool]:
         """Returns (payload, failed)."""
@@ -113,7 +135,8 @@ class InProcessLambdas:
         _current.buffer = []
         started = time.perf_counter()
         try:
-            result = self.handler(spec)(event, context)
+            with self.environment(spec) as handler:
+                result = handler(event, context)
             hook = self.after_hooks.get(spec.logical_id)
             if hook:
                 hook(event, result)

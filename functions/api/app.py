@@ -1,93 +1,117 @@
-"""API function: the hub's REST connector endpoint. Thin: authenticate, parse, call the domain, answer."""
+"""API function: the hub's REST connector endpoint. Thin: authenticate, parse, call the domain, answer.
+
+Routes are dispatched on the proxy event's resource and method directly (three routes do not need a
+framework, and a dict dispatch keeps each event's state in the call, not in a process-wide router).
+"""
 
 from __future__ import annotations
 
+import base64
 import hmac
+import json
 from http import HTTPStatus
+from typing import Any, Callable
 
-from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response, content_types
-from aws_lambda_powertools.logging import correlation_paths
-
-from dalle_plugin.domain.errors import InvalidRequest, PluginError, PromptNotFound, Unauthorized
+from dalle_plugin import wiring
+from dalle_plugin.domain.errors import InvalidRequest, PromptNotFound, Unauthorized
 from dalle_plugin.domain.payload import parse_payload
 from dalle_plugin.domain.sessions import session_view
 from dalle_plugin.domain.steps import start_run
-from dalle_plugin.observability import bind_run, logger, metrics, tracer
+from dalle_plugin.observability import (
+    bind_run,
+    clear_run,
+    log_metrics,
+    logger,
+    record_run_accepted,
+    tracer,
+)
 from dalle_plugin.settings import ApiSettings, load_settings
-from dalle_plugin import wiring
-
-app = APIGatewayRestResolver()
 
 
-def _error(status: HTTPStatus, message: str, field: str | None = None) -> Response:
-    body = {"error": True, "message": message}
+def _answer(status: HTTPStatus, body: Any) -> dict[str, Any]:
+    return {
+        "statusCode": status.value,
+        "headers": {"Content-Type": "application/json"},
+        "body": json.dumps(body, separators=(",", ":")),
+    }
+
+
+def _error(status: HTTPStatus, message: str, field: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"error": True, "message": message}
     if field:
         body["field"] = field
-    return Response(status_code=status.value, content_type=content_types.APPLICATION_JSON, body=body)
+    return _answer(status, body)
 
 
-def _require_secret() -> None:
-    given = app.current_event.headers.get("Secret") or app.current_event.headers.get("secret") or ""
-    if not hmac.compare_digest(given.encode(), wiring.plugin_secret().encode()):
+def _header(event: dict[str, Any], name: str) -> str:
+    for key, value in (event.get("headers") or {}).items():
+        if key.lower() == name.lower():
+            return value or ""
+    return ""
+
+
+def _body(event: dict[str, Any]) -> bytes:
+    raw = event.get("body") or ""
+    return base64.b64decode(raw) if event.get("isBase64Encoded") else raw.encode()
+
+
+def _require_secret(event: dict[str, Any]) -> None:
+    if not hmac.compare_digest(_header(event, "Secret").encode(), wiring.plugin_secret().encode()):
         raise Unauthorized("Missing or wrong Secret header.")
 
 
-@app.exception_handler(Unauthorized)
-def _unauthorized(exc: Unauthorized) -> Response:
-    return _error(HTTPStatus.UNAUTHORIZED, exc.message)
+def heartbeat(event: dict[str, Any]) -> dict[str, Any]:
+    return _answer(HTTPStatus.OK, "ok")
 
 
-@app.exception_handler(InvalidRequest)
-def _invalid(exc: InvalidRequest) -> Response:
-    return _error(HTTPStatus.BAD_REQUEST, exc.message, exc.field)
-
-
-@app.exception_handler(PromptNotFound)
-def _unprocessable(exc: PromptNotFound) -> Response:
-    return _error(HTTPStatus.UNPROCESSABLE_ENTITY, exc.message)
-
-
-@app.get("/heartbeat")
-def heartbeat() -> Response:
-    _require_secret()
-    return Response(status_code=200, content_type=content_types.APPLICATION_JSON, body="ok")
-
-
-@app.post("/plugin")
-def run_plugin() -> Response:
-    _require_secret()
-    raw = app.current_event.body or ""
-    if len(raw.encode()) > load_settings(ApiSettings).max_body_bytes:
+def run_plugin(event: dict[str, Any]) -> dict[str, Any]:
+    raw = _body(event)
+    if len(raw) > load_settings(ApiSettings).max_body_bytes:
         return _error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "The request body is too large.")
     payload = parse_payload(raw)
     bind_run(payload.session, payload.task_id)
-    logger.info("run requested", extra={"payload_keys": sorted(app.current_event.json_body.keys())})
+    logger.info("run requested", extra={"payload_keys": sorted(json.loads(raw).keys())})
     run, created = start_run(payload, wiring.api_deps())
-    return Response(
-        status_code=HTTPStatus.ACCEPTED.value,
-        content_type=content_types.APPLICATION_JSON,
-        body={
-            "session": run.session,
-            "taskId": run.task_id,
-            "status": run.status.value,
-            "duplicate": not created,
-            "statusUrl": f"/sessions/{run.session}",
-        },
-    )
+    record_run_accepted(created)
+    return _answer(HTTPStatus.ACCEPTED, {
+        "session": run.session,
+        "taskId": run.task_id,
+        "status": run.status.value,
+        "duplicate": not created,
+        "statusUrl": f"/sessions/{run.session}",
+    })
 
 
-@app.get("/sessions/<session>")
-def get_session(session: str) -> Response:
-    _require_secret()
+def get_session(event: dict[str, Any]) -> dict[str, Any]:
+    session = (event.get("pathParameters") or {}).get("session", "")
+    bind_run(session)
     runs = wiring.api_deps().runs.list_session(session)
     if not runs:
         return _error(HTTPStatus.NOT_FOUND, f"No session {session!r}.")
-    return Response(status_code=200, content_type=content_types.APPLICATION_JSON,
-                    body=session_view(session, runs, wiring.api_deps().images))
+    return _answer(HTTPStatus.OK, session_view(session, runs, wiring.api_deps().images))
 
 
-@logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_REST)
+ROUTES: dict[tuple[str, str], Callable[[dict[str, Any]], dict[str, Any]]] = {
+    ("GET", "/heartbeat"): heartbeat,
+    ("POST", "/plugin"): run_plugin,
+    ("GET", "/sessions/{session}"): get_session,
+}
+
+
+@logger.inject_lambda_context
 @tracer.capture_lambda_handler
-@metrics.log_metrics
+@log_metrics
 def handler(event: dict, context: object) -> dict:
-    return app.resolve(event, context)
+    clear_run()
+    route = ROUTES.get((event.get("httpMethod", ""), event.get("resource", "")))
+    if route is None:
+        return _error(HTTPStatus.NOT_FOUND, "No such route.")
+    try:
+        _require_secret(event)
+        return route(event)
+    except Unauthorized as exc:
+        return _error(HTTPStatus.UNAUTHORIZED, exc.message)
+    except InvalidRequest as exc:
+        return _error(HTTPStatus.BAD_REQUEST, exc.message, exc.field)
+    except PromptNotFound as exc:
+        return _error(HTTPStatus.UNPROCESSABLE_ENTITY, exc.message)

@@ -33,7 +33,8 @@ _BOTO_CONFIG = Config(retries={"mode": "standard", "max_attempts": 4}, connect_t
 
 @lru_cache(maxsize=None)
 def aws_client(service: str) -> Any:
-    return boto3.client(service, config=_BOTO_CONFIG)
+    # A session per client: creating clients from the shared default session is not thread-safe.
+    return boto3.session.Session().client(service, config=_BOTO_CONFIG)
 
 
 def _hub_factory(settings: CommonSettings):
@@ -97,21 +98,19 @@ def generate_deps() -> StepDeps:
 
     settings = load_settings(GenerateSettings)
     secrets = SecretsManagerReader(aws_client("secretsmanager"))
-    limiter = DynamoRateLimiter(
-        aws_client("dynamodb"),
-        settings.rate_limit_table,
-        LimiterSettings(
-            limit=settings.rate_limit,
-            window_s=settings.rate_window_s,
-            skew_margin_ms=settings.rate_skew_margin_ms,
-        ),
+    limiter_settings = LimiterSettings(
+        limit=settings.rate_limit,
+        window_s=settings.rate_window_s,
+        skew_margin_ms=settings.rate_skew_margin_ms,
+        wait_granularity_ms=settings.rate_wait_granularity_ms,
     )
+    limiter = DynamoRateLimiter(aws_client("dynamodb"), settings.rate_limit_table, limiter_settings)
     return StepDeps(
         **_common(settings),
         generator=OpenAIImageGenerator(settings.openai_base_url, settings.openai_timeout_s),
         limiter=limiter,
+        limiter_settings=limiter_settings,
         default_openai_key=lambda: secrets.read(settings.default_openai_key_secret_arn),
-        rate_wait_granularity_ms=settings.rate_wait_granularity_ms,
     )
 
 

@@ -7,6 +7,8 @@ The record is stored as one JSON document (``doc``) beside the few attributes Dy
 from __future__ import annotations
 
 import json
+import random
+import time
 from typing import Any, Callable
 
 from botocore.exceptions import ClientError
@@ -79,7 +81,9 @@ class DynamoRunStore:
         return found[0] if found else None
 
     def update(self, session: str, task_id: str, mutate: Callable[[RunRecord], None]) -> RunRecord:
-        for _ in range(MAX_OPTIMISTIC_RETRIES):
+        for attempt in range(MAX_OPTIMISTIC_RETRIES):
+            if attempt:
+                time.sleep(random.uniform(0.005, 0.02) * 2**attempt)  # spread out the writers that collided
             found = self._get_versioned(session, task_id)
             if found is None:
                 raise KeyError(f"no run for session {session!r} task {task_id!r}")

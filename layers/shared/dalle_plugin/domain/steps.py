@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from dalle_plugin.domain.config import parse_config_json, validate_run_options
-from dalle_plugin.domain.errors import OpenAIUnavailable, PluginError, PromptNotFound, UpstreamRateLimited
+from dalle_plugin.domain.errors import PluginError, PromptNotFound, RateLimiterBusy, UpstreamRateLimited
 from dalle_plugin.domain.hub_answer import answer_to_write_format
 from dalle_plugin.domain.payload import HubPayload
 from dalle_plugin.domain.prompt import build_prompt
+from dalle_plugin.domain.rate_limit import LimiterSettings, may_start, wait_seconds
 from dalle_plugin.domain.run import (
     AttachResult,
     ExtractResult,
@@ -41,6 +42,7 @@ from dalle_plugin.ports import (
     ImageGenerator,
     ImageRequest,
     ImageStore,
+    RateDecision,
     RateLimiter,
     RunStore,
     SecretVault,
@@ -64,7 +66,7 @@ class StepDeps:
     default_openai_key: Callable[[], str] | None = None
     model_successors: dict[str, str] = field(default_factory=dict)
     run_ttl_days: int = 30
-    rate_wait_granularity_ms: int = 1000
+    limiter_settings: LimiterSettings | None = None
 
 
 # ---- helpers shared by the steps ------------------------------------------------------------------
@@ -241,19 +243,12 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
 
     hub = _hub(run, deps)
     if run.uses_default_key:
-        ticket = f"{run.execution_name}#{run.attempt}"
-        now = deps.clock.now_ms()
-        wait = run.rate_wait if run.rate_wait and run.rate_wait.ticket == ticket else None
-        if wait is None or (not wait.reserved and now >= wait.start_at_ms):
-            decision = deps.limiter.acquire(ticket, now)
-            wait = RateWait(ticket=ticket, start_at_ms=decision.start_at_ms, reserved=decision.reserved,
-                            position=decision.position)
-            run = deps.runs.update(run.session, run.task_id, lambda r: setattr(r, "rate_wait", wait))
-        if wait.start_at_ms > now:
-            eta_s = math.ceil((wait.start_at_ms - now) / 1000)
-            message = (f"Waiting for a rate slot on the shared OpenAI key (5 images a minute across the hub): "
-                       f"position {wait.position} in the queue, about {eta_s} s.")
-            return _wait(run, deps, wait.start_at_ms, "rate_slot", message, hub, wait)
+        waiting = _take_rate_slot(run, deps, hub)
+        if waiting is not None:
+            return waiting
+    # The slot (or, on an own key, this attempt) is spent from here on: a retry of this step, whatever
+    # happens next, takes a new ticket, so one granted slot is exactly one upstream request.
+    run = deps.runs.update(run.session, run.task_id, _spend_attempt)
 
     secrets = _secrets(run, deps)
     api_key = deps.default_openai_key() if run.uses_default_key else secrets[OPENAI_KEY]
@@ -264,12 +259,7 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
     try:
         image = deps.generator.generate(request, api_key)
     except UpstreamRateLimited as exc:
-        run = deps.runs.update(run.session, run.task_id, lambda r: setattr(r, "attempt", r.attempt + 1))
         return _wait(run, deps, deps.clock.now_ms() + exc.retry_after_ms, "openai_rate_limited", exc.message, hub, None)
-    except OpenAIUnavailable:
-        # The next attempt needs a new slot: this one was spent on a request that OpenAI did receive.
-        deps.runs.update(run.session, run.task_id, lambda r: setattr(r, "attempt", r.attempt + 1))
-        raise
     digest = hashlib.sha256(image.png).hexdigest()
     metadata = {"model": image.model, "size": run.size, "sha256": digest, "request-id": image.request_id or ""}
     stored = deps.images.put_png(key, image.png, metadata)
@@ -284,6 +274,39 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
     deps.runs.update(run.session, run.task_id, mutate)
     _hub_log(run, hub, f"Image generated in {elapsed_s:.1f} s.")
     return GenerateOutcome(status="DONE", image_key=key)
+
+
+def _spend_attempt(run: RunRecord) -> None:
+    run.attempt += 1
+    run.rate_wait = None
+
+
+def _take_rate_slot(run: RunRecord, deps: StepDeps, hub: HubClient) -> GenerateOutcome | None:
+    """Book this attempt's start in the global limiter (once: the booking is kept on the run), and return
+    the Wait outcome while it lies ahead; None when the request may start now."""
+    for _ in range(2):
+        now = deps.clock.now_ms()
+        ticket = f"{run.execution_name}#{run.attempt}"
+        wait = run.rate_wait
+        refused_before = wait is not None and not wait.reserved and now >= wait.start_at_ms
+        if wait is None or wait.ticket != ticket or refused_before:
+            decision = deps.limiter.acquire(ticket, now)
+            wait = RateWait(ticket=ticket, start_at_ms=decision.start_at_ms, reserved=decision.reserved,
+                            position=decision.position)
+            run = deps.runs.update(run.session, run.task_id, lambda r: setattr(r, "rate_wait", wait))
+        decision = RateDecision(start_at_ms=wait.start_at_ms, reserved=wait.reserved, position=wait.position)
+        if now < wait.start_at_ms or not wait.reserved:
+            eta_s = wait_seconds(decision, now)
+            limit = deps.limiter_settings
+            message = (f"Waiting for a rate slot on the shared OpenAI key ({limit.limit} images per "
+                       f"{limit.window_s:g} s across the hub): position {wait.position} in the queue, "
+                       f"about {eta_s} s.")
+            return _wait(run, deps, wait.start_at_ms, "rate_slot", message, hub, wait)
+        if may_start(decision, now, deps.limiter_settings):
+            return None
+        # Woke later than the margin allows: starting now could crowd the next window. Book again.
+        run = deps.runs.update(run.session, run.task_id, _spend_attempt)
+    raise RateLimiterBusy("Could not keep a global rate slot; the run will retry shortly.")
 
 
 def _adopt_stored_image(run: RunRecord, key: str, deps: StepDeps) -> GenerateOutcome:
