@@ -16,10 +16,11 @@ from dalle_plugin import wiring
 from dalle_plugin.domain.errors import InvalidRequest, PromptNotFound, Unauthorized
 from dalle_plugin.domain.payload import parse_payload
 from dalle_plugin.domain.sessions import session_view
-from dalle_plugin.domain.steps import start_run
+from dalle_plugin.domain.steps import start_session
 from dalle_plugin.observability import (
     bind_run,
     clear_run,
+    log_errors,
     log_metrics,
     logger,
     record_run_accepted,
@@ -70,16 +71,20 @@ def run_plugin(event: dict[str, Any]) -> dict[str, Any]:
         return _error(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "The request body is too large.")
     payload = parse_payload(raw)
     bind_run(payload.session, payload.task_id)
+    # The keys that arrived (never their values): a payload spelled differently by a hub shows at once.
     logger.info("run requested", extra={"payload_keys": sorted(json.loads(raw).keys())})
-    run, created = start_run(payload, wiring.api_deps())
-    record_run_accepted(created)
-    return _answer(HTTPStatus.ACCEPTED, {
-        "session": run.session,
-        "taskId": run.task_id,
-        "status": run.status.value,
-        "duplicate": not created,
-        "statusUrl": f"/sessions/{run.session}",
-    })
+    started = start_session(payload, wiring.api_deps())
+    record_run_accepted(len(started.started))
+    body: dict[str, Any] = {
+        "session": started.session,
+        "status": "QUEUED" if started.started else "ALREADY_STARTED",
+        "duplicate": not started.started,
+        "tasks": [{"taskId": run.task_id, "status": run.status.value} for run in started.runs],
+        "statusUrl": f"/sessions/{started.session}",
+    }
+    if len(started.runs) == 1:
+        body["taskId"] = started.runs[0].task_id
+    return _answer(HTTPStatus.ACCEPTED, body)
 
 
 def get_session(event: dict[str, Any]) -> dict[str, Any]:
@@ -101,6 +106,7 @@ ROUTES: dict[tuple[str, str], Callable[[dict[str, Any]], dict[str, Any]]] = {
 @logger.inject_lambda_context
 @tracer.capture_lambda_handler
 @log_metrics
+@log_errors
 def handler(event: dict, context: object) -> dict:
     clear_run()
     route = ROUTES.get((event.get("httpMethod", ""), event.get("resource", "")))

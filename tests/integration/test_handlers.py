@@ -13,7 +13,7 @@ import pytest
 
 from dalle_plugin import wiring
 from dalle_plugin.domain.payload import parse_payload
-from dalle_plugin.domain.steps import start_run
+from dalle_plugin.domain.steps import start_session
 from local_stack.lambda_runtime import LambdaContext
 from tests.conftest import PLUGIN_SECRET, load_event
 
@@ -45,8 +45,9 @@ def test_step_handlers_with_their_events(stack, openai_emulator):
     body["dataURL"] = f"{stack.hub.base_url}/files/proj-dalle-demo/fox-in-snow.txt"
     starter = RecordingStarter()
     deps = dataclasses.replace(wiring.api_deps(), starter=starter)
-    run, created = start_run(parse_payload(body), deps)
-    assert created and starter.started == [(run.execution_name, load_event("extract.json"))]
+    started = start_session(parse_payload(body), deps)
+    assert started.started == ["task-fox"]
+    assert starter.started[0][1] == {"session": "sess-event-0001", "tasks": [{"taskId": "task-fox"}]}
 
     extracted = _invoke(stack, "ExtractFunction", load_event("extract.json"))
     assert extracted == {"promptSource": "entity-annotation", "promptLength": 57, "truncated": False}
@@ -75,7 +76,7 @@ def test_step_handlers_with_their_events(stack, openai_emulator):
 def test_record_failure_handler_with_its_event(stack):
     body = json.loads(load_event("api_post_plugin.json")["body"]) | {"session": "sess-event-failure"}
     deps = dataclasses.replace(wiring.api_deps(), starter=RecordingStarter())
-    start_run(parse_payload(body), deps)
+    start_session(parse_payload(body), deps)
     event = load_event("record_failure.json") | {"session": "sess-event-failure"}
     assert _invoke(stack, "RecordFailureFunction", event) == {"status": "FAILED", "reason": "hub_unavailable"}
     run = deps.runs.get("sess-event-failure", "task-fox")

@@ -27,8 +27,20 @@ def test_cfn_lint_passes_on_the_template():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def _task_states() -> dict:
+    """The states each task of a request runs through (inside the Map)."""
+    return _definition()["States"]["Run Each Task"]["ItemProcessor"]["States"]
+
+
+def test_a_request_runs_its_tasks_in_a_bounded_map():
+    run_each = _definition()["States"]["Run Each Task"]
+    assert run_each["Type"] == "Map" and run_each["ItemsPath"] == "$.tasks"
+    assert run_each["MaxConcurrency"] == 10
+    assert run_each["ItemSelector"] == {"session.$": "$.session", "taskId.$": "$$.Map.Item.Value.taskId"}
+
+
 def test_the_state_machine_retries_only_named_transient_errors():
-    states = _definition()["States"]
+    states = _task_states()
     transient = {cls.__name__ for cls in [errors.Transient, *errors.Transient.__subclasses__()]}
     lambda_service = {"Lambda.ServiceException", "Lambda.AWSLambdaException", "Lambda.SdkClientException",
                       "Lambda.TooManyRequestsException"}
@@ -41,14 +53,17 @@ def test_the_state_machine_retries_only_named_transient_errors():
 
 
 def test_every_task_is_caught_into_record_failure():
-    states = _definition()["States"]
+    states = _task_states()
     for name, state in states.items():
         if state["Type"] == "Task" and name != "Record Failure":
             assert state["Catch"] == [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Record Failure"}]
+    # and a failure to record a failure still ends only that task, never the batch
+    assert states["Record Failure"]["Catch"][0]["Next"] == "Task Failed"
+    assert states["Task Failed"] == {"Type": "Pass", "Comment": states["Task Failed"]["Comment"], "End": True}
 
 
 def test_the_rate_wait_uses_the_exact_timestamp_from_generate():
-    states = _definition()["States"]
+    states = _task_states()
     wait = states["Wait For Rate Slot"]
     assert wait == {"Comment": wait["Comment"], "Type": "Wait", "TimestampPath": "$.generation.retryAt",
                     "Next": "Generate Image"}
@@ -57,7 +72,8 @@ def test_the_rate_wait_uses_the_exact_timestamp_from_generate():
 
 def test_every_substitution_in_the_asl_is_defined_in_the_template():
     # definition() raises if a ${...} is left over after SAM's substitution
-    assert _definition()["StartAt"] == "Extract Prompt"
+    assert _definition()["StartAt"] == "Run Each Task"
+    assert _task_states()["Extract Prompt"]["Next"] == "Generate Image"
 
 
 @pytest.mark.parametrize("logical_id", ["ExtractFunction", "GenerateFunction", "AttachFunction",

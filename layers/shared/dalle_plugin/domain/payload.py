@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
 
 from dalle_plugin.domain.errors import InvalidRequest
 
@@ -18,6 +27,18 @@ class CategoryMapping(BaseModel):
     model_class: str = Field(alias="modelClass", max_length=256)
 
 
+class BatchTask(BaseModel):
+    """One task of a batch request: the ids the hub gives, with the asset when it knows it."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    task_id: str = Field(alias="taskId", min_length=1, max_length=256)
+    asset_id: str | None = Field(default=None, alias="assetId", max_length=256)
+    data_url: str | None = Field(default=None, alias="dataURL", max_length=4096)
+
+
+MAX_BATCH_TASKS = 1000
+
+
 class HubPayload(BaseModel):
     """Keys as the hub sends them; ``classMapping`` and ``sessionId`` are accepted as aliases because no
     real hub has confirmed the spelling (see docs)."""
@@ -25,7 +46,12 @@ class HubPayload(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
 
     project_id: str = Field(alias="projectId", min_length=1, max_length=256)
-    task_id: str = Field(alias="taskId", min_length=1, max_length=256)
+    task_id: str | None = Field(default=None, alias="taskId", min_length=1, max_length=256)
+    # A batch: a Re-Run of a Plugin stage or a batch plugin run, many tasks in one session.
+    tasks: list[BatchTask] | None = Field(default=None, max_length=MAX_BATCH_TASKS)
+    task_ids: list[Annotated[str, StringConstraints(min_length=1, max_length=256)]] | None = Field(
+        default=None, alias="taskIds", max_length=MAX_BATCH_TASKS
+    )
     session: str = Field(validation_alias=AliasChoices("session", "sessionId"), min_length=1, max_length=256)
     api_key: SecretStr = Field(alias="apiKey")
     asset_id: str | None = Field(default=None, alias="assetId", max_length=256)
@@ -56,6 +82,20 @@ class HubPayload(BaseModel):
         if isinstance(value, str) and len(value) > 16_384:
             raise ValueError("is longer than 16384 characters")
         return value
+
+    def batch_tasks(self) -> list[BatchTask]:
+        """Every task the request names, once each, in the order given."""
+        named = list(self.tasks or [])
+        named += [BatchTask(taskId=task_id) for task_id in self.task_ids or []]
+        if self.task_id:
+            named.insert(0, BatchTask(taskId=self.task_id, assetId=self.asset_id, dataURL=self.data_url))
+        unique: dict[str, BatchTask] = {}
+        for task in named:
+            unique.setdefault(task.task_id, task)
+        if not unique:
+            raise InvalidRequest("Payload field 'taskId' is required (or 'tasks' / 'taskIds' for a batch).",
+                                 field="taskId")
+        return list(unique.values())
 
     @property
     def is_workflow_run(self) -> bool:

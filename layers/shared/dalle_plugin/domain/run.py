@@ -44,8 +44,8 @@ class RunRef(CamelModel):
 
     @property
     def execution_name(self) -> str:
-        """Deterministic, so the same hub run can only ever start one execution (names are unique per
-        state machine for 90 days). Readable prefix + hash, within the 80-character limit."""
+        """The run's stable id (session + task): names its image in S3 and its rate-limit tickets.
+        Readable prefix + hash, within Step Functions' 80-character name limit."""
         digest = hashlib.sha256(f"{self.session}\x00{self.task_id}".encode()).hexdigest()[:24]
         readable = re.sub(r"[^A-Za-z0-9_-]", "-", f"{self.session[:24]}_{self.task_id[:24]}")
         return f"{readable}_{digest}"
@@ -82,6 +82,10 @@ class ImageInfo(CamelModel):
     request_id: str | None = None
     hub_url: str | None = None
     attached: bool = False
+    #: when POST /v2/attachments was sent; set and not ``attached``: the hub may or may not have it
+    attach_sent_at_ms: int | None = None
+    #: the image was paid for by an earlier run of the same task that never delivered it
+    reused: bool = False
 
 
 class RateWait(CamelModel):
@@ -170,6 +174,8 @@ class RunRecord(CamelModel):
     created_at_ms: int
     updated_at_ms: int
     execution_arn: str | None = None
+    #: how many times the hub re-ran this task in this session after it failed or was cancelled
+    generation: int = 0
     attempt: int = 0
     prompt: PromptInfo | None = None
     rate_wait: RateWait | None = None
@@ -177,6 +183,8 @@ class RunRecord(CamelModel):
     failure: Failure | None = None
     timeline: list[TimelineEntry] = Field(default_factory=list)
     expires_at: int | None = None
+    #: when the run's result was sent to the hub (a workflow task's submission); cleared if surely not taken
+    finish_sent_at_ms: int | None = None
 
     @property
     def ref(self) -> RunRef:
@@ -184,4 +192,5 @@ class RunRecord(CamelModel):
 
     @property
     def encryption_context(self) -> dict[str, str]:
-        return {"session": self.session, "taskId": self.task_id}
+        """The sealed secrets belong to the session (one KMS call seals them for every task of a batch)."""
+        return {"session": self.session}

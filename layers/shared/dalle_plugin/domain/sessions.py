@@ -50,9 +50,18 @@ def session_view(session: str, runs: list[RunRecord], images: ImageStore | None 
         status = RunStatus.FAILED.value if any(r.status is RunStatus.FAILED for r in runs) else RunStatus.CANCELLED.value
     else:
         status = "RUNNING" if len(runs) > 1 else runs[0].status.value
+    waiting = sum(1 for run in runs if run.status in (RunStatus.QUEUED, RunStatus.WAITING_FOR_SLOT))
     return {
         "session": session,
         "status": status,
+        "progress": {
+            "total": len(runs),
+            "done": counts.get(RunStatus.SUCCEEDED.value, 0),
+            "failed": counts.get(RunStatus.FAILED.value, 0),
+            "cancelled": counts.get(RunStatus.CANCELLED.value, 0),
+            "waiting": waiting,
+            "running": len(runs) - waiting - sum(1 for run in runs if run.status.finished),
+        },
         "counts": counts,
         "runs": [run_view(run, images) for run in sorted(runs, key=lambda r: r.created_at_ms)],
     }

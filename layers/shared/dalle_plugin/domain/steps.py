@@ -11,11 +11,20 @@ import datetime as dt
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from dalle_plugin.domain.config import parse_config_json, validate_run_options
-from dalle_plugin.domain.errors import PluginError, PromptNotFound, RateLimiterBusy, UpstreamRateLimited
+from dalle_plugin.domain.errors import (
+    HubDeliveryUnknown,
+    HubOutcomeUnknown,
+    OpenAIRateLimitPersisted,
+    PluginError,
+    PromptNotFound,
+    RateLimiterBusy,
+    UpstreamRateLimited,
+)
 from dalle_plugin.domain.hub_answer import answer_to_write_format
 from dalle_plugin.domain.payload import HubPayload
 from dalle_plugin.domain.prompt import build_prompt
@@ -44,6 +53,7 @@ from dalle_plugin.ports import (
     ImageStore,
     RateDecision,
     RateLimiter,
+    ReusableImages,
     RunStore,
     SecretVault,
     WorkflowStarter,
@@ -51,6 +61,8 @@ from dalle_plugin.ports import (
 
 ANGO_KEY = "ango"
 OPENAI_KEY = "openai"
+#: requests to OpenAI one run may make while it keeps answering 429 rate_limit_exceeded, before giving up
+MAX_OPENAI_REQUESTS = 6
 
 
 @dataclass
@@ -67,6 +79,7 @@ class StepDeps:
     model_successors: dict[str, str] = field(default_factory=dict)
     run_ttl_days: int = 30
     limiter_settings: LimiterSettings | None = None
+    reusable_images: ReusableImages | None = None
 
 
 # ---- helpers shared by the steps ------------------------------------------------------------------
@@ -124,11 +137,45 @@ def to_rfc3339_second(epoch_ms: int) -> str:
 # ---- API: start a run ------------------------------------------------------------------------------
 
 
-def start_run(payload: HubPayload, deps: StepDeps, today: dt.date | None = None) -> tuple[RunRecord, bool]:
+@dataclass
+class SessionStart:
+    session: str
+    runs: list[RunRecord]
+    started: list[str]  # task ids this request started (empty for a duplicate of a running request)
+    execution_arn: str | None = None
+
+
+def _requeue(run: RunRecord, sealed: bytes, now: int) -> None:
+    """A re-run of a failed or cancelled task: a new generation, the same stored image (never paid twice)."""
+    if run.status not in (RunStatus.FAILED, RunStatus.CANCELLED):
+        return
+    run.generation += 1
+    run.status = RunStatus.QUEUED
+    run.failure = None
+    run.rate_wait = None
+    run.execution_arn = None
+    run.sealed_secrets = sealed
+    run.updated_at_ms = now
+    run.timeline.append(TimelineEntry(step="queued", status=RunStatus.QUEUED.value, at_ms=now,
+                                      detail=f"Run again (attempt {run.generation + 1})."))
+
+
+def execution_name(session: str, runs: list[RunRecord]) -> str:
+    """Deterministic for the same session and the same tasks at the same generation, so duplicates of one
+    hub request start one execution, and a re-run of what failed starts a new one. Within 80 characters."""
+    identity = "\x00".join([session] + sorted(f"{r.task_id}\x00{r.generation}" for r in runs))
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:24]
+    readable = re.sub(r"[^A-Za-z0-9_-]", "-", session[:40])
+    return f"{readable}_{len(runs)}_{digest}"
+
+
+def start_session(payload: HubPayload, deps: StepDeps, today: dt.date | None = None) -> SessionStart:
     """Validate everything that can be validated before money is spent, seal the secrets, and start one
-    execution per (session, task) however many times the hub sends it."""
+    execution for the tasks that need running: new ones, and failed or cancelled ones of an earlier run of
+    the same session. Tasks already running or done are left alone, however often the hub sends them."""
     config = parse_config_json(payload.config_json)
     options = validate_run_options(config, deps.model_successors, today or dt.datetime.now(dt.timezone.utc).date())
+    tasks = payload.batch_tasks()
     needs_class = config.get_prompt_from in ("entity-annotation", "text-annotation")
     if needs_class and not payload.prompt_class_ids:
         kind = "entity" if config.get_prompt_from == "entity-annotation" else "text classification"
@@ -136,52 +183,64 @@ def start_run(payload: HubPayload, deps: StepDeps, today: dt.date | None = None)
             f"get_prompt_from is '{config.get_prompt_from}' but no class is mapped to the plugin's Prompt class. "
             f"In the plugin settings, map Prompt to the {kind} class that holds the prompt."
         )
-    if config.get_prompt_from == "full-text-asset" and not (payload.data_url or payload.asset_id):
-        raise PromptNotFound("get_prompt_from is 'full-text-asset' but the payload has neither dataURL nor assetId.")
 
-    ref = RunRef(session=payload.session, task_id=payload.task_id)
     now = deps.clock.now_ms()
-    context = {"session": ref.session, "taskId": ref.task_id}
     secrets = {ANGO_KEY: payload.api_key.get_secret_value()}
     if not config.uses_default_key:
         secrets[OPENAI_KEY] = config.openai_api_key.get_secret_value()
-    record = RunRecord(
-        session=ref.session,
-        task_id=ref.task_id,
-        execution_name=ref.execution_name,
-        project_id=payload.project_id,
-        asset_id=payload.asset_id,
-        data_url=payload.data_url,
-        workflow=payload.is_workflow_run,
-        org_id=payload.org_id,
-        run_by=payload.run_by,
-        plugin_id=payload.plugin_id,
-        prompt_class_ids=payload.prompt_class_ids,
-        prompt_source=config.get_prompt_from,
-        model=ModelInfo(
-            requested=options.model.requested,
-            actual=options.model.actual,
-            substituted=options.model.substituted,
-            note=options.model.note,
-        ),
-        size=options.image.size,
-        quality=options.image.quality,
-        max_prompt_chars=options.max_prompt_chars,
-        uses_default_key=config.uses_default_key,
-        notes=list(options.notes),
-        sealed_secrets=deps.vault.seal(secrets, context),
-        created_at_ms=now,
-        updated_at_ms=now,
-        expires_at=now // 1000 + deps.run_ttl_days * 86_400,
-        timeline=[TimelineEntry(step="queued", status=RunStatus.QUEUED.value, at_ms=now)],
-    )
-    stored, created = deps.runs.create(record)
-    # Every duplicate also asks to start: the name makes it idempotent, and a first request that died
-    # between storing the run and starting it is healed by the next one.
-    arn = deps.starter.start(ref.execution_name, ref.dump())
-    if stored.execution_arn != arn:
-        stored = deps.runs.update(ref.session, ref.task_id, lambda r: setattr(r, "execution_arn", arn))
-    return stored, created
+    sealed = deps.vault.seal(secrets, {"session": payload.session})
+    to_run: list[RunRecord] = []
+    runs: list[RunRecord] = []
+    for task in tasks:
+        ref = RunRef(session=payload.session, task_id=task.task_id)
+        record = RunRecord(
+            session=ref.session,
+            task_id=ref.task_id,
+            execution_name=ref.execution_name,
+            project_id=payload.project_id,
+            asset_id=task.asset_id,
+            data_url=task.data_url,
+            workflow=payload.is_workflow_run,
+            org_id=payload.org_id,
+            run_by=payload.run_by,
+            plugin_id=payload.plugin_id,
+            prompt_class_ids=payload.prompt_class_ids,
+            prompt_source=config.get_prompt_from,
+            model=ModelInfo(
+                requested=options.model.requested,
+                actual=options.model.actual,
+                substituted=options.model.substituted,
+                note=options.model.note,
+            ),
+            size=options.image.size,
+            quality=options.image.quality,
+            max_prompt_chars=options.max_prompt_chars,
+            uses_default_key=config.uses_default_key,
+            notes=list(options.notes),
+            sealed_secrets=sealed,
+            created_at_ms=now,
+            updated_at_ms=now,
+            expires_at=now // 1000 + deps.run_ttl_days * 86_400,
+            timeline=[TimelineEntry(step="queued", status=RunStatus.QUEUED.value, at_ms=now)],
+        )
+        stored, created = deps.runs.create(record)
+        if not created and stored.status in (RunStatus.FAILED, RunStatus.CANCELLED):
+            stored = deps.runs.update(ref.session, ref.task_id, lambda r: _requeue(r, sealed, now))
+            created = True
+        runs.append(stored)
+        # A run stored but never started (its request died in between) is started by the next duplicate.
+        if created or (stored.status is RunStatus.QUEUED and not stored.execution_arn):
+            to_run.append(stored)
+    if not to_run:
+        return SessionStart(session=payload.session, runs=runs, started=[])
+
+    name = execution_name(payload.session, to_run)
+    arn = deps.starter.start(name, {"session": payload.session, "tasks": [{"taskId": r.task_id} for r in to_run]})
+    started = {r.task_id for r in to_run}
+    for index, run in enumerate(runs):
+        if run.task_id in started and run.execution_arn != arn:
+            runs[index] = deps.runs.update(run.session, run.task_id, lambda r: setattr(r, "execution_arn", arn))
+    return SessionStart(session=payload.session, runs=runs, started=sorted(started), execution_arn=arn)
 
 
 # ---- Extract Prompt --------------------------------------------------------------------------------
@@ -242,6 +301,9 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
         return _adopt_stored_image(run, key, deps)
 
     hub = _hub(run, deps)
+    reused = _reuse_undelivered_image(run, deps, hub)
+    if reused is not None:
+        return reused
     if run.uses_default_key:
         waiting = _take_rate_slot(run, deps, hub)
         if waiting is not None:
@@ -259,6 +321,12 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
     try:
         image = deps.generator.generate(request, api_key)
     except UpstreamRateLimited as exc:
+        if run.attempt >= MAX_OPENAI_REQUESTS:
+            raise OpenAIRateLimitPersisted(
+                f"OpenAI answered 429 rate_limit_exceeded to {run.attempt} requests in a row over "
+                f"{(deps.clock.now_ms() - started_first(run)) / 1000:.0f} s: the key's rate limit is used up by "
+                "other work. Run the plugin again later, or raise the key's limits on platform.openai.com."
+            ) from None
         return _wait(run, deps, deps.clock.now_ms() + exc.retry_after_ms, "openai_rate_limited", exc.message, hub, None)
     digest = hashlib.sha256(image.png).hexdigest()
     metadata = {"model": image.model, "size": run.size, "sha256": digest, "request-id": image.request_id or ""}
@@ -309,6 +377,41 @@ def _take_rate_slot(run: RunRecord, deps: StepDeps, hub: HubClient) -> GenerateO
     raise RateLimiterBusy("Could not keep a global rate slot; the run will retry shortly.")
 
 
+def started_first(run: RunRecord) -> int:
+    """When the run first asked for its image (its first ``generate`` entry), for messages."""
+    return next((entry.at_ms for entry in run.timeline if entry.step == "generate"), run.created_at_ms)
+
+
+def image_fingerprint(run: RunRecord) -> str:
+    """What makes two runs ask OpenAI for the same image: the same task, prompt, model and options."""
+    basis = [run.project_id, run.task_id, run.asset_id, run.model.actual, run.size, run.quality,
+             run.prompt.text if run.prompt else None]
+    return hashlib.sha256(json.dumps(basis).encode()).hexdigest()
+
+
+def _reuse_undelivered_image(run: RunRecord, deps: StepDeps, hub: HubClient) -> GenerateOutcome | None:
+    """A run of the same task that paid for this very image and then failed to deliver it (a hub that
+    stayed down) left it on offer: take it instead of paying again."""
+    if deps.reusable_images is None or run.prompt is None:
+        return None
+    key = deps.reusable_images.claim(image_fingerprint(run))
+    body = deps.images.get(key) if key else None
+    if body is None:  # none on offer, or the bucket's lifecycle rule already removed it
+        return None
+    message = "Reusing the image an earlier run of this task paid for and could not deliver (no new charge)."
+    info = ImageInfo(bucket="", key=key, sha256=hashlib.sha256(body).hexdigest(), bytes=len(body),
+                     model=run.model.actual, size=run.size, quality=run.quality, reused=True)
+    now = deps.clock.now_ms()
+
+    def mutate(r: RunRecord) -> None:
+        r.image = r.image or info
+        _mark(r, now, "generate", None, message)
+
+    run = deps.runs.update(run.session, run.task_id, mutate)
+    _hub_log(run, hub, message)
+    return GenerateOutcome(status="DONE", image_key=run.image.key)
+
+
 def _adopt_stored_image(run: RunRecord, key: str, deps: StepDeps) -> GenerateOutcome:
     """A previous attempt paid for and stored the image but died before recording it: use it."""
     body = deps.images.get(key)
@@ -322,27 +425,78 @@ def _adopt_stored_image(run: RunRecord, key: str, deps: StepDeps) -> GenerateOut
 # ---- Attach Image ----------------------------------------------------------------------------------
 
 
+def _finished_result(run: RunRecord) -> AttachResult:
+    return AttachResult(image_url=run.image.hub_url, finished_as="workflow" if run.workflow else "editor")
+
+
+def _send_once(run: RunRecord, deps: StepDeps, mark: Callable[[RunRecord, int | None], None],
+               send: Callable[[], None], unconfirmed: str) -> RunRecord:
+    """Send a change the hub must not get twice: note the intent first, then send. If the hub surely did
+    not take it, the note is cleared so a retry sends it again; if it may have, the run stops with
+    ``unconfirmed`` (sending again could make it twice, and the hub cannot be asked)."""
+    run = deps.runs.update(run.session, run.task_id, lambda r: mark(r, deps.clock.now_ms()))
+    try:
+        send()
+    except HubDeliveryUnknown:
+        raise HubOutcomeUnknown(unconfirmed) from None
+    except PluginError:
+        deps.runs.update(run.session, run.task_id, lambda r: mark(r, None))
+        raise
+    return run
+
+
+def _unconfirmed_attachment(run: RunRecord) -> str:
+    return (f"Ango Hub did not confirm the attachment of the generated image ({run.image.hub_url}), so the "
+            "plugin did not send it again, to never attach it twice. Check the asset's attachments: if the "
+            "image is missing, attach that link by hand or run the plugin again.")
+
+
+def _unconfirmed_submission(run: RunRecord) -> str:
+    return ("The image is attached, but Ango Hub did not confirm the task's submission, so the plugin did "
+            "not submit it again, to never move the task on twice. If the task is still in the plugin "
+            "stage, submit it by hand.")
+
+
+def _set_attach_sent(run: RunRecord, at_ms: int | None) -> None:
+    run.image.attach_sent_at_ms = at_ms
+
+
+def _set_finish_sent(run: RunRecord, at_ms: int | None) -> None:
+    run.finish_sent_at_ms = at_ms
+
+
 def attach_image(ref: RunRef, deps: StepDeps) -> AttachResult:
     run = deps.runs.get(ref.session, ref.task_id)
+    if run.status is RunStatus.SUCCEEDED:
+        return _finished_result(run)  # a retry of a step that finished: nothing left to do
     hub = _hub(run, deps)
     run = _progress(run, deps, "attach", RunStatus.ATTACHING, "Uploading the image to the hub.", hub)
     if not run.image.hub_url:
         png = deps.images.get(run.image.key)
         name = f"dalle-{run.task_id}-{run.image.sha256[:12]}.png"
-        url = hub.upload_file(run.project_id, name, png, "image/png")
+        url = hub.upload_file(run.project_id, name, png, "image/png")  # a repeat only leaves a spare file
         run = deps.runs.update(run.session, run.task_id, lambda r: setattr(r.image, "hub_url", url))
     if not run.image.attached:
+        if run.image.attach_sent_at_ms is not None:  # an earlier attempt sent it and never heard back
+            raise HubOutcomeUnknown(_unconfirmed_attachment(run))
         asset = hub.get_asset(run.project_id, run.asset_id) if run.asset_id else None
         external_id = asset.external_id if asset else run.task_id
-        hub.attach_image(run.project_id, external_id, run.image.hub_url)
+        run = _send_once(run, deps, _set_attach_sent,
+                         lambda: hub.attach_image(run.project_id, external_id, run.image.hub_url),
+                         _unconfirmed_attachment(run))
         run = deps.runs.update(run.session, run.task_id, lambda r: setattr(r.image, "attached", True))
+        if deps.reusable_images is not None and run.prompt is not None:
+            deps.reusable_images.claim(image_fingerprint(run))  # delivered: a later re-run wants a new image
 
     # The answer handed back is the task's current one, unchanged, so no annotation is ever wiped.
     answer = answer_to_write_format(hub.get_task(run.task_id).get("answer") or {})
     if run.workflow:
-        hub.annotate(run.task_id, answer)
+        if run.finish_sent_at_ms is not None:
+            raise HubOutcomeUnknown(_unconfirmed_submission(run))
+        run = _send_once(run, deps, _set_finish_sent, lambda: hub.annotate(run.task_id, answer),
+                         _unconfirmed_submission(run))
     else:
-        hub.plugin_response(run.session, response=answer)
+        hub.plugin_response(run.session, response=answer)  # a repeat is harmless: the same answer again
     elapsed_s = (deps.clock.now_ms() - run.created_at_ms) / 1000
     message = f"Image attached to the asset. Finished in {elapsed_s:.1f} s."
     now = deps.clock.now_ms()
@@ -354,7 +508,7 @@ def attach_image(ref: RunRef, deps: StepDeps) -> AttachResult:
 
     deps.runs.update(run.session, run.task_id, finish)
     _hub_log(run, hub, message)
-    return AttachResult(image_url=run.image.hub_url, finished_as="workflow" if run.workflow else "editor")
+    return _finished_result(run)
 
 
 # ---- Record Failure --------------------------------------------------------------------------------
@@ -390,6 +544,9 @@ def record_failure(inp: FailureInput, deps: StepDeps) -> dict[str, Any]:
     run = deps.runs.get(inp.session, inp.task_id)
     if run is None:
         return {"status": RunStatus.FAILED.value, "reason": failure.reason}
+    if run.status is RunStatus.SUCCEEDED:
+        # A crash after the run finished (its last write done) must not turn a delivered image into a failure.
+        return {"status": RunStatus.SUCCEEDED.value, "reason": None}
     hub = None
     try:
         hub = _hub(run, deps)
@@ -404,7 +561,11 @@ def record_failure(inp: FailureInput, deps: StepDeps) -> dict[str, Any]:
         r.sealed_secrets = None
 
     run = deps.runs.update(run.session, run.task_id, fail)
-    kept = " The generated image is kept, so running again will not pay for it twice." if run.image else ""
+    # Paid for and surely not on the hub: a re-run of the task (in a new session too) takes it, not a new one.
+    undelivered = run.image is not None and not run.image.attached and run.image.attach_sent_at_ms is None
+    if undelivered and deps.reusable_images is not None and run.prompt is not None:
+        deps.reusable_images.offer(image_fingerprint(run), run.image.key, run.expires_at or now // 1000 + 86_400)
+    kept = " The generated image is kept, so running again will not pay for it twice." if undelivered else ""
     _hub_log(run, hub, f"Run failed: {failure.message}{kept}", level="ERROR")
     if hub is not None and not run.workflow:
         try:
