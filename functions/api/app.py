@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 from dalle_plugin import wiring
 from dalle_plugin.domain.errors import InvalidRequest, PromptNotFound, Unauthorized
+from dalle_plugin.domain.cancel import cancel_session
 from dalle_plugin.domain.payload import parse_payload
 from dalle_plugin.domain.sessions import session_view
 from dalle_plugin.domain.steps import start_session
@@ -96,10 +97,23 @@ def get_session(event: dict[str, Any]) -> dict[str, Any]:
     return _answer(HTTPStatus.OK, session_view(session, runs, wiring.api_deps().images))
 
 
+def cancel(event: dict[str, Any]) -> dict[str, Any]:
+    session = (event.get("pathParameters") or {}).get("session", "")
+    raw = _body(event)
+    task_id = json.loads(raw).get("taskId") if raw.strip() else None
+    bind_run(session, task_id)
+    outcomes = cancel_session(session, task_id, wiring.cancel_deps())
+    if not outcomes:
+        return _error(HTTPStatus.NOT_FOUND, f"No session {session!r}" + (f" with task {task_id!r}." if task_id else "."))
+    status = HTTPStatus.OK if any(o.cancelled for o in outcomes) else HTTPStatus.CONFLICT
+    return _answer(status, {"session": session, "tasks": [vars(o) for o in outcomes]})
+
+
 ROUTES: dict[tuple[str, str], Callable[[dict[str, Any]], dict[str, Any]]] = {
     ("GET", "/heartbeat"): heartbeat,
     ("POST", "/plugin"): run_plugin,
     ("GET", "/sessions/{session}"): get_session,
+    ("POST", "/sessions/{session}/cancel"): cancel,
 }
 
 

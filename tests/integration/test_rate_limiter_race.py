@@ -154,3 +154,20 @@ def test_fixed_window_counter_lets_twice_the_limit_through_across_a_boundary(end
     sliding = race(endpoint, "sliding", "boundary", bursts)
     immediate = [d for d in sliding.values() if d["start_at_ms"] <= boundary]
     assert len(immediate) == SETTINGS.limit
+
+
+def test_a_start_given_back_by_a_cancelled_run_goes_to_exactly_one_next_caller(endpoint):
+    limits = LimiterSettings(limit=1, window_s=10.0, skew_margin_ms=0, wait_granularity_ms=1)
+    client = make_client(endpoint)
+    first, waiting = (DynamoRateLimiter(client, TABLE, limits, key="release") for _ in range(2))
+    assert first.acquire("a", 0).start_at_ms == 0
+    booked = waiting.acquire("b", 0)
+    assert booked.start_at_ms == 10_000
+    waiting.release("b", 1_000, booked.start_at_ms)  # run b was cancelled while it waited
+
+    # Several fresh callers race for it: one takes 10 000, the others queue after it as usual.
+    racers = [DynamoRateLimiter(make_client(endpoint), TABLE, limits, key="release") for _ in range(4)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        starts = sorted(pool.map(lambda pair: pair[1].acquire(f"c{pair[0]}", 2_000).start_at_ms, enumerate(racers)))
+    assert starts.count(10_000) == 1
+    assert starts[1:] == [20_000, 30_000, 40_000]

@@ -264,3 +264,46 @@ def test_settings_scale_the_window():
 def test_an_empty_ticket_is_refused():
     with pytest.raises(ValueError):
         reserve(LimiterState(), "", 0, LimiterSettings())
+
+
+# ---- given-back starts (cancelled runs) ------------------------------------------------------------
+
+@hypothesis_settings(max_examples=200, deadline=None)
+@given(
+    gaps=st.lists(st.integers(min_value=0, max_value=3_000), min_size=1, max_size=40),
+    cancel_every=st.integers(min_value=2, max_value=7),
+)
+def test_starts_given_back_by_cancelled_runs_are_reused_and_the_window_still_holds(gaps, cancel_every):
+    """Cancelled bookings never start; their starts go to later callers; no window ever holds more than
+    the limit among the starts that really happen."""
+    limits = LimiterSettings(limit=5, window_s=2.0, skew_margin_ms=100, wait_granularity_ms=1)
+    state, now, started, cancelled = LimiterState(), 0, [], 0
+    for index, gap in enumerate(gaps):
+        now += gap
+        booked = reserve(state, f"t{index}", now, limits)
+        state = booked.state
+        start = booked.decision.start_at_ms
+        assert start >= now
+        if index % cancel_every == 0 and start > now:
+            state = LimiterState(state.issued, state.recent_starts, state.recent_tickets,
+                                 tuple(sorted(state.released + (start,))))
+            cancelled += 1
+        else:
+            started.append(start)
+    started.sort()
+    for i in range(len(started)):
+        in_window = [s for s in started if started[i] <= s < started[i] + limits.window_ms]
+        assert len(in_window) <= limits.limit
+
+
+def test_the_next_caller_takes_a_given_back_start():
+    limits = LimiterSettings(limit=1, window_s=10.0, skew_margin_ms=0, wait_granularity_ms=1)
+    first = reserve(LimiterState(), "a", 0, limits)
+    second = reserve(first.state, "b", 0, limits)  # booked at 10 000
+    assert second.decision.start_at_ms == 10_000
+    given_back = LimiterState(second.state.issued, second.state.recent_starts, second.state.recent_tickets,
+                              (10_000,))
+    third = reserve(given_back, "c", 1_000, limits)
+    assert third.reclaimed == 10_000 and third.decision.start_at_ms == 10_000
+    assert third.state.released == () and third.state.issued == given_back.issued
+    assert reserve(third.state, "d", 1_000, limits).decision.start_at_ms == 20_000

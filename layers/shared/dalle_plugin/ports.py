@@ -126,6 +126,9 @@ class RateDecision:
 class RateLimiter(Protocol):
     def acquire(self, ticket: str, now_ms: int) -> RateDecision: ...
 
+    def release(self, ticket: str, now_ms: int, start_at_ms: int) -> None:
+        """Give a booked start back (a cancelled run): the next caller may take it."""
+
 
 class Clock(Protocol):
     def now_ms(self) -> int: ...
@@ -148,3 +151,14 @@ class RunStore(Protocol):
     def update(self, session: str, task_id: str, mutate: "Callable[[RunRecord], None]") -> "RunRecord": ...
 
     def list_session(self, session: str) -> "list[RunRecord]": ...
+
+
+class ReusableImages(Protocol):
+    """Images paid for by runs that ended without delivering them, offered to the next run of the same task
+    with the same prompt and options (``fingerprint``), so a re-run after a failure does not pay again."""
+
+    def offer(self, fingerprint: str, key: str, expires_at: int) -> None:
+        """Make the stored image at ``key`` available to the next run with this fingerprint."""
+
+    def claim(self, fingerprint: str) -> str | None:
+        """Take the offered image's key (atomically: one claimer wins), or None when there is none."""

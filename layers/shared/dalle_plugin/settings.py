@@ -30,7 +30,18 @@ class CommonSettings(BaseModel):
     allow_private_urls: bool = Field(default=False, alias="ALLOW_PRIVATE_URLS")
 
 
-class ApiSettings(CommonSettings):
+class RateLimitSettings(CommonSettings):
+    """The global limit on the shared key: Generate books slots, the API gives cancelled ones back."""
+
+    rate_limit_table: str = Field(alias="RATE_LIMIT_TABLE", min_length=3)
+    rate_limit: int = Field(default=5, alias="RATE_LIMIT", ge=1)
+    rate_window_s: float = Field(default=60.0, alias="RATE_WINDOW_SECONDS", gt=0)
+    rate_skew_margin_ms: int = Field(default=1000, alias="RATE_SKEW_MARGIN_MS", ge=0)
+    # Step Functions Wait states truncate timestamps to the second, so reserved starts are whole seconds.
+    rate_wait_granularity_ms: int = Field(default=1000, alias="RATE_WAIT_GRANULARITY_MS", ge=1)
+
+
+class ApiSettings(RateLimitSettings):
     state_machine_arn: str = Field(alias="STATE_MACHINE_ARN", min_length=1)
     plugin_secret_arn: str = Field(alias="PLUGIN_SECRET_ARN", min_length=1)
     model_successors: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_SUCCESSORS), alias="MODEL_SUCCESSORS")
@@ -46,13 +57,7 @@ class ExtractSettings(CommonSettings):
     max_asset_bytes: int = Field(default=1_000_000, alias="MAX_ASSET_BYTES", gt=0)
 
 
-class GenerateSettings(CommonSettings):
-    rate_limit_table: str = Field(alias="RATE_LIMIT_TABLE", min_length=3)
-    rate_limit: int = Field(default=5, alias="RATE_LIMIT", ge=1)
-    rate_window_s: float = Field(default=60.0, alias="RATE_WINDOW_SECONDS", gt=0)
-    rate_skew_margin_ms: int = Field(default=1000, alias="RATE_SKEW_MARGIN_MS", ge=0)
-    # Step Functions Wait states truncate timestamps to the second, so reserved starts are whole seconds.
-    rate_wait_granularity_ms: int = Field(default=1000, alias="RATE_WAIT_GRANULARITY_MS", ge=1)
+class GenerateSettings(RateLimitSettings):
     default_openai_key_secret_arn: str = Field(alias="DEFAULT_OPENAI_KEY_SECRET_ARN", min_length=1)
     openai_base_url: str | None = Field(default=None, alias="OPENAI_BASE_URL")
     openai_timeout_s: float = Field(default=240.0, alias="OPENAI_TIMEOUT_S", gt=0)

@@ -6,6 +6,7 @@ own ``AWS_ENDPOINT_URL_*`` variables.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import lru_cache
 from typing import Any
 
@@ -13,6 +14,7 @@ import boto3
 from botocore.config import Config
 
 from dalle_plugin.adapters.aws import KmsSecretVault, S3ImageStore, SecretsManagerReader, StepFunctionsStarter
+from dalle_plugin.adapters.dynamo_reusable_images import DynamoReusableImages
 from dalle_plugin.adapters.dynamo_runs import DynamoRunStore
 from dalle_plugin.domain.run import RunRecord
 from dalle_plugin.domain.steps import StepDeps
@@ -23,6 +25,7 @@ from dalle_plugin.settings import (
     CommonSettings,
     ExtractSettings,
     GenerateSettings,
+    RateLimitSettings,
     load_settings,
 )
 
@@ -66,6 +69,7 @@ def _common(settings: CommonSettings) -> dict[str, Any]:
         "vault": KmsSecretVault(aws_client("kms"), settings.kms_key_id),
         "hub_for": _hub_factory(settings),
         "images": S3ImageStore(aws_client("s3"), settings.images_bucket),
+        "reusable_images": DynamoReusableImages(aws_client("dynamodb"), settings.sessions_table),
         "run_ttl_days": settings.run_ttl_days,
     }
 
@@ -81,6 +85,16 @@ def api_deps() -> StepDeps:
 
 
 @lru_cache(maxsize=None)
+def cancel_deps() -> StepDeps:
+    """What a cancel needs: the API's ports plus the limiter, to give a booked slot back."""
+    from dalle_plugin.adapters.dynamo_rate_limiter import DynamoRateLimiter
+
+    settings = load_settings(ApiSettings)
+    return dataclasses.replace(api_deps(), limiter=DynamoRateLimiter(
+        aws_client("dynamodb"), settings.rate_limit_table, _limiter_settings(settings)))
+
+
+@lru_cache(maxsize=None)
 def plugin_secret() -> str:
     return SecretsManagerReader(aws_client("secretsmanager")).read(load_settings(ApiSettings).plugin_secret_arn)
 
@@ -90,20 +104,24 @@ def extract_deps() -> StepDeps:
     return StepDeps(**_common(load_settings(ExtractSettings)))
 
 
-@lru_cache(maxsize=None)
-def generate_deps() -> StepDeps:
-    from dalle_plugin.adapters.dynamo_rate_limiter import DynamoRateLimiter
-    from dalle_plugin.adapters.openai_images import OpenAIImageGenerator  # the heavy import, here only
+def _limiter_settings(settings: RateLimitSettings) -> Any:
     from dalle_plugin.domain.rate_limit import LimiterSettings
 
-    settings = load_settings(GenerateSettings)
-    secrets = SecretsManagerReader(aws_client("secretsmanager"))
-    limiter_settings = LimiterSettings(
+    return LimiterSettings(
         limit=settings.rate_limit,
         window_s=settings.rate_window_s,
         skew_margin_ms=settings.rate_skew_margin_ms,
         wait_granularity_ms=settings.rate_wait_granularity_ms,
     )
+
+
+@lru_cache(maxsize=None)
+def generate_deps() -> StepDeps:
+    from dalle_plugin.adapters.dynamo_rate_limiter import DynamoRateLimiter
+    from dalle_plugin.adapters.openai_images import OpenAIImageGenerator  # the heavy import, here only
+    settings = load_settings(GenerateSettings)
+    secrets = SecretsManagerReader(aws_client("secretsmanager"))
+    limiter_settings = _limiter_settings(settings)
     limiter = DynamoRateLimiter(aws_client("dynamodb"), settings.rate_limit_table, limiter_settings)
     return StepDeps(
         **_common(settings),

@@ -109,7 +109,37 @@ class DynamoRateLimiter:
 
     # ---- wire format ---------------------------------------------------------------------------------
 
+    def release(self, ticket: str, now_ms: int, start_at_ms: int) -> None:
+        """Give a cancelled run's booked start back, for the next caller (one ADD to a number set)."""
+        if start_at_ms <= now_ms:
+            return
+        try:
+            self._client.update_item(
+                TableName=self._table,
+                Key={"pk": {"S": self._key}},
+                UpdateExpression="ADD #released :start",
+                ConditionExpression="attribute_exists(#pk)",
+                ExpressionAttributeNames={"#released": "released", "#pk": "pk"},
+                ExpressionAttributeValues={":start": {"NS": [str(start_at_ms)]}},
+            )
+        except ClientError as error:
+            if not _is_condition_failure(error):
+                raise _storage_error(error) from error
+
     def booking_request(self, state: LimiterState, reservation: Reservation, ticket: str) -> dict[str, Any]:
+        if reservation.reclaimed is not None:
+            # Take a given-back start: remove it from the set, only if no one else took it first.
+            return {
+                "TableName": self._table,
+                "Key": {"pk": {"S": self._key}},
+                "UpdateExpression": "DELETE #released :start",
+                "ConditionExpression": "contains(#released, :one)",
+                "ExpressionAttributeNames": {"#released": "released"},
+                "ExpressionAttributeValues": {":start": {"NS": [str(reservation.reclaimed)]},
+                                              ":one": {"N": str(reservation.reclaimed)}},
+                "ReturnValues": "NONE",
+                "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+            }
         slot = reservation.ticket_index % self._settings.limit
         names = {"#issued": "issued", "#start": f"start_{slot}", "#ticket": f"ticket_{slot}"}
         values = {
@@ -150,7 +180,9 @@ class DynamoRateLimiter:
                 raise ValueError(
                     f"rate-limit item {self._key!r} has no {missing}: was the limit changed? use a new key"
                 ) from None
-        return LimiterState(issued=issued, recent_starts=tuple(starts), recent_tickets=tuple(tickets))
+        released = tuple(sorted(int(v) for v in item.get("released", {}).get("NS", [])))
+        return LimiterState(issued=issued, recent_starts=tuple(starts), recent_tickets=tuple(tickets),
+                            released=released)
 
 
 class FixedWindowRateLimiter:
@@ -183,6 +215,9 @@ class FixedWindowRateLimiter:
             },
             "ReturnValues": "NONE",
         }
+
+    def release(self, ticket: str, now_ms: int, start_at_ms: int) -> None:
+        """Nothing to give back: a fixed window books nothing ahead."""
 
     def acquire(self, ticket: str, now_ms: int) -> RateDecision:
         window_index = now_ms // self._settings.window_ms

@@ -27,6 +27,11 @@ Wait state that truncates timestamps to whole seconds wakes exactly at the start
 
 The state is the ticket count and the starts of the last ``limit`` tickets (older ones no longer bind).
 Tickets are idempotent while they are among those: asking again with the same ticket returns its booking.
+
+A cancelled run gives its booked start back (``released``). Bookings already made stay as they are, but
+the next caller takes the earliest given-back start that is still ahead, if it is earlier than the start
+it would otherwise be booked: the slot is used, not wasted. The window holds, because that start was a
+valid booking for the run that gave it back.
 """
 
 from __future__ import annotations
@@ -65,6 +70,7 @@ class LimiterState:
     issued: int = 0
     recent_starts: tuple[int, ...] = ()
     recent_tickets: tuple[str, ...] = ()
+    released: tuple[int, ...] = ()  # starts given back by cancelled runs, free for the next caller
 
     def __post_init__(self) -> None:
         if len(self.recent_starts) != len(self.recent_tickets) or len(self.recent_starts) > self.issued:
@@ -90,6 +96,7 @@ class LimiterState:
             issued=self.issued + 1,
             recent_starts=(self.recent_starts + (start_ms,))[-limit:],
             recent_tickets=(self.recent_tickets + (ticket,))[-limit:],
+            released=self.released,
         )
 
 
@@ -101,6 +108,7 @@ class Reservation:
     ticket_index: int
     state: LimiterState
     is_new: bool
+    reclaimed: int | None = None  # the given-back start this booking takes, if it takes one
 
 
 def _round_up(value: int, granularity: int) -> int:
@@ -153,6 +161,19 @@ def reserve(state: LimiterState, ticket: str, now_ms: int, settings: LimiterSett
         return Reservation(RateDecision(start, True, position, calls=0), held, state, is_new=False)
     start = earliest_start(state, now_ms, settings)
     position = queue_position(state, state.issued, now_ms, settings)
+    ahead = sorted(r for r in state.released if r >= now_ms)
+    if ahead and ahead[0] < start:
+        reclaimed = ahead[0]
+        remaining = list(state.released)
+        remaining.remove(reclaimed)
+        position = sum(1 for s in state.recent_starts if now_ms < s < reclaimed)
+        return Reservation(
+            RateDecision(start_at_ms=reclaimed, reserved=True, position=position, calls=0),
+            ticket_index=-1,
+            state=LimiterState(state.issued, state.recent_starts, state.recent_tickets, tuple(remaining)),
+            is_new=True,
+            reclaimed=reclaimed,
+        )
     return Reservation(
         RateDecision(start_at_ms=start, reserved=True, position=position, calls=0),
         ticket_index=state.issued,

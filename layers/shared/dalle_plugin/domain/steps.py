@@ -23,6 +23,7 @@ from dalle_plugin.domain.errors import (
     PluginError,
     PromptNotFound,
     RateLimiterBusy,
+    RunCancelled,
     UpstreamRateLimited,
 )
 from dalle_plugin.domain.hub_answer import answer_to_write_format
@@ -61,8 +62,9 @@ from dalle_plugin.ports import (
 
 ANGO_KEY = "ango"
 OPENAI_KEY = "openai"
-#: requests to OpenAI one run may make while it keeps answering 429 rate_limit_exceeded, before giving up
-MAX_OPENAI_REQUESTS = 6
+#: 429 rate_limit_exceeded answers a run takes in a row (waiting the time OpenAI asks each time) before it
+#: gives up: a key whose limit stays used up must end the run, not loop it for days
+MAX_RATE_LIMITED_ANSWERS = 5
 
 
 @dataclass
@@ -83,6 +85,16 @@ class StepDeps:
 
 
 # ---- helpers shared by the steps ------------------------------------------------------------------
+
+
+def _load_active(ref: RunRef, deps: StepDeps) -> RunRecord:
+    """The run a step works on; a cancelled run goes no further (the Catch path ends its task)."""
+    run = deps.runs.get(ref.session, ref.task_id)
+    if run is None:
+        raise PluginError(f"No run for session {ref.session!r} and task {ref.task_id!r}.")
+    if run.status is RunStatus.CANCELLED:
+        raise RunCancelled("The run was cancelled before its image was generated.")
+    return run
 
 
 def _secrets(run: RunRecord, deps: StepDeps) -> dict[str, str]:
@@ -156,6 +168,11 @@ def _requeue(run: RunRecord, sealed: bytes, now: int) -> None:
     run.execution_arn = None
     run.sealed_secrets = sealed
     run.updated_at_ms = now
+    run.upstream_rate_limited = 0
+    # The person re-running was told to when the hub did not confirm a change: send it again this time.
+    run.finish_sent_at_ms = None
+    if run.image is not None and not run.image.attached:
+        run.image.attach_sent_at_ms = None
     run.timeline.append(TimelineEntry(step="queued", status=RunStatus.QUEUED.value, at_ms=now,
                                       detail=f"Run again (attempt {run.generation + 1})."))
 
@@ -247,7 +264,7 @@ def start_session(payload: HubPayload, deps: StepDeps, today: dt.date | None = N
 
 
 def extract_prompt(ref: RunRef, deps: StepDeps) -> ExtractResult:
-    run = deps.runs.get(ref.session, ref.task_id)
+    run = _load_active(ref, deps)
     hub = _hub(run, deps)
     notes = "".join(f" {note[0].upper()}{note[1:]}." for note in run.notes)
     run = _progress(run, deps, "extract", RunStatus.EXTRACTING,
@@ -293,7 +310,7 @@ def _wait(run: RunRecord, deps: StepDeps, start_at_ms: int, reason: str, message
 
 
 def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
-    run = deps.runs.get(ref.session, ref.task_id)
+    run = _load_active(ref, deps)
     key = image_key(run)
     if run.image is not None:
         return GenerateOutcome(status="DONE", image_key=run.image.key)
@@ -321,11 +338,12 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
     try:
         image = deps.generator.generate(request, api_key)
     except UpstreamRateLimited as exc:
-        if run.attempt >= MAX_OPENAI_REQUESTS:
+        run = deps.runs.update(run.session, run.task_id, _count_rate_limited)
+        if run.upstream_rate_limited >= MAX_RATE_LIMITED_ANSWERS:
             raise OpenAIRateLimitPersisted(
-                f"OpenAI answered 429 rate_limit_exceeded to {run.attempt} requests in a row over "
-                f"{(deps.clock.now_ms() - started_first(run)) / 1000:.0f} s: the key's rate limit is used up by "
-                "other work. Run the plugin again later, or raise the key's limits on platform.openai.com."
+                f"OpenAI answered 429 rate_limit_exceeded {run.upstream_rate_limited} times in a row, each "
+                "time after waiting as long as it asked: the key's rate limit is used up by other work. Run the "
+                "plugin again later, or raise the key's limits on platform.openai.com."
             ) from None
         return _wait(run, deps, deps.clock.now_ms() + exc.retry_after_ms, "openai_rate_limited", exc.message, hub, None)
     digest = hashlib.sha256(image.png).hexdigest()
@@ -345,6 +363,8 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
 
 
 def _spend_attempt(run: RunRecord) -> None:
+    if run.status is RunStatus.CANCELLED:  # decided under the run's version lock: cancel or pay, never both
+        raise RunCancelled("The run was cancelled before its image was generated.")
     run.attempt += 1
     run.rate_wait = None
 
@@ -377,9 +397,8 @@ def _take_rate_slot(run: RunRecord, deps: StepDeps, hub: HubClient) -> GenerateO
     raise RateLimiterBusy("Could not keep a global rate slot; the run will retry shortly.")
 
 
-def started_first(run: RunRecord) -> int:
-    """When the run first asked for its image (its first ``generate`` entry), for messages."""
-    return next((entry.at_ms for entry in run.timeline if entry.step == "generate"), run.created_at_ms)
+def _count_rate_limited(run: RunRecord) -> None:
+    run.upstream_rate_limited += 1
 
 
 def image_fingerprint(run: RunRecord) -> str:
@@ -466,7 +485,7 @@ def _set_finish_sent(run: RunRecord, at_ms: int | None) -> None:
 
 
 def attach_image(ref: RunRef, deps: StepDeps) -> AttachResult:
-    run = deps.runs.get(ref.session, ref.task_id)
+    run = _load_active(ref, deps)
     if run.status is RunStatus.SUCCEEDED:
         return _finished_result(run)  # a retry of a step that finished: nothing left to do
     hub = _hub(run, deps)
@@ -523,11 +542,13 @@ def describe_failure(error: str, cause: str | None) -> Failure:
             message = parsed.get("errorMessage") if isinstance(parsed, dict) else None
         except ValueError:
             message = cause
+    reason_of = {cls.__name__: cls.reason for cls in _all_subclasses(PluginError)}
     if error == "States.Timeout":
         message = "The run took longer than allowed and was stopped. Run the plugin again."
-    elif error.startswith("States.") or error.startswith("Lambda."):
+    elif error not in reason_of:
+        # Only the plugin's own errors are written for people; any other exception's text could quote
+        # anything (a header value, a request), so it stays in the execution's history, not the session.
         message = f"The plugin failed unexpectedly ({error}). Run it again; if it keeps failing, tell the plugin's owner."
-    reason_of = {cls.__name__: cls.reason for cls in _all_subclasses(PluginError)}
     return Failure(reason=reason_of.get(error, "internal_error"), message=(message or error)[:1000], error=error)
 
 
@@ -547,6 +568,8 @@ def record_failure(inp: FailureInput, deps: StepDeps) -> dict[str, Any]:
     if run.status is RunStatus.SUCCEEDED:
         # A crash after the run finished (its last write done) must not turn a delivered image into a failure.
         return {"status": RunStatus.SUCCEEDED.value, "reason": None}
+    if run.status is RunStatus.CANCELLED:  # the cancel already told the hub and purged the secrets
+        return {"status": RunStatus.CANCELLED.value, "reason": RunCancelled.reason}
     hub = None
     try:
         hub = _hub(run, deps)
@@ -566,6 +589,9 @@ def record_failure(inp: FailureInput, deps: StepDeps) -> dict[str, Any]:
     if undelivered and deps.reusable_images is not None and run.prompt is not None:
         deps.reusable_images.offer(image_fingerprint(run), run.image.key, run.expires_at or now // 1000 + 86_400)
     kept = " The generated image is kept, so running again will not pay for it twice." if undelivered else ""
+    if run.image is not None and not run.image.attached and run.image.attach_sent_at_ms is not None:
+        kept = (f" The image ({run.image.hub_url}) was sent to the asset but the hub never confirmed it: check "
+                "the asset's attachments before running again.")
     _hub_log(run, hub, f"Run failed: {failure.message}{kept}", level="ERROR")
     if hub is not None and not run.workflow:
         try:

@@ -1,0 +1,80 @@
+"""Cancelling a session (or one of its tasks): stop what has not generated yet, tell the hub, free the slot.
+
+A run can be cancelled until its image request starts: after that the image is paid for, so the run is
+left to finish and deliver it. The decision is taken under the run's version lock, against the same
+check the Generate step makes before it pays, so a run is either cancelled or paid for, never both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dalle_plugin.domain.errors import PluginError
+from dalle_plugin.domain.run import RunRecord, RunStatus
+from dalle_plugin.domain.steps import StepDeps, _hub, _hub_log, _mark
+
+CANCELLABLE = (RunStatus.QUEUED, RunStatus.EXTRACTING, RunStatus.WAITING_FOR_SLOT)
+
+
+@dataclass
+class CancelOutcome:
+    task_id: str
+    cancelled: bool
+    status: str
+    why: str | None = None
+
+
+class _NotCancellable(Exception):
+    pass
+
+
+def cancel_session(session: str, task_id: str | None, deps: StepDeps) -> list[CancelOutcome]:
+    runs = [r for r in deps.runs.list_session(session) if task_id is None or r.task_id == task_id]
+    outcomes = [_cancel_run(run, deps) for run in runs]
+    _stop_finished_executions(session, deps)
+    return outcomes
+
+
+def _cancel_run(run: RunRecord, deps: StepDeps) -> CancelOutcome:
+    if run.status not in CANCELLABLE or run.image is not None:
+        if run.status.finished:
+            why = f"it has already ended ({run.status.value.lower()})"
+        else:
+            why = "its image was already generated (and paid for), so it will be delivered"
+        return CancelOutcome(run.task_id, False, run.status.value, f"Not cancelled: {why}.")
+    hub = None
+    try:
+        hub = _hub(run, deps)  # opened before the secrets are purged, to tell the hub
+    except PluginError:
+        pass
+    now = deps.clock.now_ms()
+
+    def cancel(r: RunRecord) -> None:
+        if r.status not in CANCELLABLE or r.image is not None:
+            raise _NotCancellable(r.status.value)
+        _mark(r, now, "cancelled", RunStatus.CANCELLED, "Cancelled before the image was generated.")
+        r.timeline[-1].duration_ms = 0
+        r.sealed_secrets = None
+
+    try:
+        cancelled = deps.runs.update(run.session, run.task_id, cancel)
+    except _NotCancellable as exc:
+        return CancelOutcome(run.task_id, False, str(exc), "Not cancelled: its image request has started.")
+    wait = run.rate_wait
+    if wait and wait.reserved and wait.start_at_ms > now and deps.limiter is not None:
+        deps.limiter.release(wait.ticket, now, wait.start_at_ms)  # the booked start goes to the next caller
+    _hub_log(cancelled, hub, "Run cancelled before the image was generated; nothing was paid for.", level="WARNING")
+    if hub is not None and not cancelled.workflow:
+        try:
+            hub.plugin_response(cancelled.session, error=True)
+        except PluginError:
+            pass
+    return CancelOutcome(run.task_id, True, RunStatus.CANCELLED.value)
+
+
+def _stop_finished_executions(session: str, deps: StepDeps) -> None:
+    """An execution whose every task has ended is stopped at once, rather than sleeping out a Wait."""
+    runs = deps.runs.list_session(session)
+    for arn in {r.execution_arn for r in runs if r.execution_arn}:
+        if all(r.status.finished for r in runs if r.execution_arn == arn):
+            deps.starter.stop(arn, "Every task of this request was cancelled or had ended.")
