@@ -94,7 +94,7 @@ def get_session(event: dict[str, Any]) -> dict[str, Any]:
     runs = wiring.api_deps().runs.list_session(session)
     if not runs:
         return _error(HTTPStatus.NOT_FOUND, f"No session {session!r}.")
-    return _answer(HTTPStatus.OK, session_view(session, runs, wiring.api_deps().images))
+    return _answer(HTTPStatus.OK, session_view(session, runs, wiring.api_deps().images, load_settings(ApiSettings).image_prices))
 
 
 def cancel(event: dict[str, Any]) -> dict[str, Any]:

@@ -45,6 +45,9 @@ def test_each_prompt_source_ends_with_an_image_attached_to_the_asset(
     assert run["model"] == {"requested": "dall-e-2", "actual": "gpt-image-2", "substituted": True,
                             "note": run["model"]["note"]}
     assert "retired" in run["model"]["note"]
+    assert run["estimatedCostUsd"] > 0 and view["estimatedCostUsd"] == run["estimatedCostUsd"]
+    assert [step["step"] for step in run["timeline"]][0] == "queued" and run["timeline"][-1]["step"] == "finished"
+    assert all(step["durationMs"] is not None for step in run["timeline"])
     # the hub's recommended dall-e-2 size keeps working: the session says what ran instead
     assert run["size"] == "1024x1024" and any("512x512" in note for note in run["notes"])
 

@@ -11,6 +11,7 @@ import os
 from functools import lru_cache
 from typing import TypeVar
 
+from dalle_plugin.domain.pricing import DEFAULT_PRICES
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 DEFAULT_SUCCESSORS = {"dall-e-2": "gpt-image-2", "dall-e-3": "gpt-image-2", "gpt-image-1": "gpt-image-2"}
@@ -46,8 +47,11 @@ class ApiSettings(RateLimitSettings):
     plugin_secret_arn: str = Field(alias="PLUGIN_SECRET_ARN", min_length=1)
     model_successors: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_SUCCESSORS), alias="MODEL_SUCCESSORS")
     max_body_bytes: int = Field(default=262_144, alias="MAX_BODY_BYTES", gt=0)
+    # USD per 1024x1024 image by model and quality, for the session's cost estimate; empty: built-in table
+    image_prices: dict[str, dict[str, float]] = Field(default_factory=lambda: dict(DEFAULT_PRICES),
+                                                      alias="IMAGE_PRICES")
 
-    @field_validator("model_successors", mode="before")
+    @field_validator("model_successors", "image_prices", mode="before")
     @classmethod
     def _parse_json(cls, value: object) -> object:
         return json.loads(value) if isinstance(value, str) else value

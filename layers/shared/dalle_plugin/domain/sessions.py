@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
+from dalle_plugin.domain.pricing import DEFAULT_PRICES, estimate_cost_usd
 from dalle_plugin.domain.run import RunRecord, RunStatus
 from dalle_plugin.ports import ImageStore
 
 
-def run_view(run: RunRecord, images: ImageStore | None = None) -> dict[str, Any]:
+def run_view(run: RunRecord, images: ImageStore | None = None,
+             prices: Mapping[str, Mapping[str, float]] = DEFAULT_PRICES) -> dict[str, Any]:
     view: dict[str, Any] = {
         "taskId": run.task_id,
         "status": run.status.value,
@@ -37,10 +39,13 @@ def run_view(run: RunRecord, images: ImageStore | None = None) -> dict[str, Any]
             view["image"]["downloadUrl"] = images.presigned_url(run.image.key)
     if run.failure:
         view["failure"] = run.failure.dump()
+    # paid once an image exists (a cancelled or refused run costs nothing)
+    view["estimatedCostUsd"] = estimate_cost_usd(run.model.actual, run.size, run.quality, prices) if run.image else 0.0
     return view
 
 
-def session_view(session: str, runs: list[RunRecord], images: ImageStore | None = None) -> dict[str, Any]:
+def session_view(session: str, runs: list[RunRecord], images: ImageStore | None = None,
+                 prices: Mapping[str, Mapping[str, float]] = DEFAULT_PRICES) -> dict[str, Any]:
     counts: dict[str, int] = {}
     for run in runs:
         counts[run.status.value] = counts.get(run.status.value, 0) + 1
@@ -50,6 +55,7 @@ def session_view(session: str, runs: list[RunRecord], images: ImageStore | None 
         status = RunStatus.FAILED.value if any(r.status is RunStatus.FAILED for r in runs) else RunStatus.CANCELLED.value
     else:
         status = "RUNNING" if len(runs) > 1 else runs[0].status.value
+    views = [run_view(run, images, prices) for run in sorted(runs, key=lambda r: (r.created_at_ms, r.task_id))]
     waiting = sum(1 for run in runs if run.status in (RunStatus.QUEUED, RunStatus.WAITING_FOR_SLOT))
     return {
         "session": session,
@@ -63,5 +69,6 @@ def session_view(session: str, runs: list[RunRecord], images: ImageStore | None 
             "running": len(runs) - waiting - sum(1 for run in runs if run.status.finished),
         },
         "counts": counts,
-        "runs": [run_view(run, images) for run in sorted(runs, key=lambda r: r.created_at_ms)],
+        "estimatedCostUsd": round(sum(view["estimatedCostUsd"] or 0.0 for view in views), 4),
+        "runs": views,
     }
