@@ -16,6 +16,7 @@ from dalle_plugin import wiring
 from dalle_plugin.domain.errors import InvalidRequest, PromptNotFound, Unauthorized
 from dalle_plugin.domain.cancel import cancel_session
 from dalle_plugin.domain.payload import parse_payload
+from dalle_plugin.domain.refusal import tell_hub_refused
 from dalle_plugin.domain.sessions import session_view
 from dalle_plugin.domain.steps import start_session
 from dalle_plugin.observability import (
@@ -132,6 +133,13 @@ def handler(event: dict, context: object) -> dict:
     except Unauthorized as exc:
         return _error(HTTPStatus.UNAUTHORIZED, exc.message)
     except InvalidRequest as exc:
+        _tell_hub(route, event, exc.message)
         return _error(HTTPStatus.BAD_REQUEST, exc.message, exc.field)
     except PromptNotFound as exc:
+        _tell_hub(route, event, exc.message)
         return _error(HTTPStatus.UNPROCESSABLE_ENTITY, exc.message)
+
+
+def _tell_hub(route: Callable[..., Any], event: dict[str, Any], message: str) -> None:
+    if route is run_plugin:
+        tell_hub_refused(_body(event), message, wiring.api_deps())

@@ -96,3 +96,26 @@ def test_a_refused_prompt_fails_the_run_with_a_reason_and_tells_the_hub(stack, a
     assert "safety system" in run["failure"]["message"]
     assert stack.hub.plugin_responses(payload["session"])[-1]["error"] is True
     assert any(line["level"] == "ERROR" for line in stack.hub.plugin_logs(payload["session"]))
+
+
+@pytest.mark.parametrize(
+    ("config", "status", "field", "words"),
+    [
+        ('{"image_size": "100x100", "model_name": "gpt-image-2"}', 400, "image_size", "multiples of 16"),
+        ('{"modle_name": "dall-e-2"}', 400, "modle_name", "Did you mean 'model_name'"),
+        ('{"get_prompt_from": "entity-annotation"}', 422, None, "map Prompt to the entity class"),
+    ],
+)
+def test_bad_config_is_refused_with_a_sentence_and_told_to_the_hub(stack, api, sample_payload, config, status,
+                                                                    field, words):
+    payload = sample_payload("task-fox", configJSON=config)
+    payload.pop("workflow", None)
+    if "entity-annotation" in config:
+        payload["categorySchema"] = None  # nothing mapped to the plugin's Prompt class
+    answer = api.run(payload)
+    assert answer.status_code == status
+    assert words in answer.json()["message"] and answer.json().get("field") == field
+    assert api.session(payload["session"]) is None  # nothing started
+    logs = stack.hub.plugin_logs(payload["session"])
+    assert len(logs) == 1 and logs[0]["level"] == "ERROR" and words in logs[0]["msg"]
+    assert stack.hub.plugin_responses(payload["session"])[-1]["error"] is True

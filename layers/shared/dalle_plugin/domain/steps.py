@@ -321,18 +321,12 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
     reused = _reuse_undelivered_image(run, deps, hub)
     if reused is not None:
         return reused
-    if run.uses_default_key:
-        waiting = _take_rate_slot(run, deps, hub)
-        if waiting is not None:
-            return waiting
-    # The slot (or, on an own key, this attempt) is spent from here on: a retry of this step, whatever
-    # happens next, takes a new ticket, so one granted slot is exactly one upstream request.
-    run = deps.runs.update(run.session, run.task_id, _spend_attempt)
-
     secrets = _secrets(run, deps)
     api_key = deps.default_openai_key() if run.uses_default_key else secrets[OPENAI_KEY]
-    run = _progress(run, deps, "generate", RunStatus.GENERATING,
-                    f"Generating the image with {run.model.actual} ({run.size}).", hub)
+    claimed = _claim_request_start(run, deps, hub)
+    if isinstance(claimed, GenerateOutcome):
+        return claimed
+    run = claimed
     request = ImageRequest(model=run.model.actual, prompt=run.prompt.text, size=run.size, quality=run.quality)
     started = deps.clock.now_ms()
     try:
@@ -369,9 +363,44 @@ def _spend_attempt(run: RunRecord) -> None:
     run.rate_wait = None
 
 
-def _take_rate_slot(run: RunRecord, deps: StepDeps, hub: HubClient) -> GenerateOutcome | None:
+def _claim_request_start(run: RunRecord, deps: StepDeps, hub: HubClient) -> RunRecord | GenerateOutcome:
+    """Take this run's turn to send its one image request, or the Wait outcome while its slot lies ahead.
+
+    The attempt is spent before the request (a retry of this step, whatever happens next, takes a new
+    ticket, so one slot is exactly one upstream request), and on the shared key the booked start is
+    checked once more right before sending: a request that would start later than the margin allows
+    (a slow step under load) books again rather than crowd the next window.
+    """
+    message = f"Generating the image with {run.model.actual} ({run.size})."
+    told_hub = False
+    for _ in range(3):
+        booked = None
+        if run.uses_default_key:
+            run, waiting = _take_rate_slot(run, deps, hub)
+            if waiting is not None:
+                return waiting
+            booked = run.rate_wait
+        now = deps.clock.now_ms()
+
+        def spend(r: RunRecord) -> None:
+            _spend_attempt(r)
+            _mark(r, now, "generate", RunStatus.GENERATING, message)
+
+        run = deps.runs.update(run.session, run.task_id, spend)
+        if not told_hub:
+            _hub_log(run, hub, message)
+            told_hub = True
+        if booked is None:
+            return run
+        decision = RateDecision(start_at_ms=booked.start_at_ms, reserved=booked.reserved, position=booked.position)
+        if may_start(decision, deps.clock.now_ms(), deps.limiter_settings):
+            return run
+    raise RateLimiterBusy("Could not keep a global rate slot; the run will retry shortly.")
+
+
+def _take_rate_slot(run: RunRecord, deps: StepDeps, hub: HubClient) -> tuple[RunRecord, GenerateOutcome | None]:
     """Book this attempt's start in the global limiter (once: the booking is kept on the run), and return
-    the Wait outcome while it lies ahead; None when the request may start now."""
+    the Wait outcome while it lies ahead; no outcome when the request may start now."""
     for _ in range(2):
         now = deps.clock.now_ms()
         ticket = f"{run.execution_name}#{run.attempt}"
@@ -389,9 +418,9 @@ def _take_rate_slot(run: RunRecord, deps: StepDeps, hub: HubClient) -> GenerateO
             message = (f"Waiting for a rate slot on the shared OpenAI key ({limit.limit} images per "
                        f"{limit.window_s:g} s across the hub): position {wait.position} in the queue, "
                        f"about {eta_s} s.")
-            return _wait(run, deps, wait.start_at_ms, "rate_slot", message, hub, wait)
+            return run, _wait(run, deps, wait.start_at_ms, "rate_slot", message, hub, wait)
         if may_start(decision, now, deps.limiter_settings):
-            return None
+            return run, None
         # Woke later than the margin allows: starting now could crowd the next window. Book again.
         run = deps.runs.update(run.session, run.task_id, _spend_attempt)
     raise RateLimiterBusy("Could not keep a global rate slot; the run will retry shortly.")
@@ -570,6 +599,11 @@ def record_failure(inp: FailureInput, deps: StepDeps) -> dict[str, Any]:
         return {"status": RunStatus.SUCCEEDED.value, "reason": None}
     if run.status is RunStatus.CANCELLED:  # the cancel already told the hub and purged the secrets
         return {"status": RunStatus.CANCELLED.value, "reason": RunCancelled.reason}
+    sent_unconfirmed = run.image is not None and not run.image.attached and run.image.attach_sent_at_ms is not None
+    if sent_unconfirmed and failure.error != HubOutcomeUnknown.__name__:
+        # The step died between sending the attachment and hearing back: say what to check.
+        failure.message = (f"{failure.message} The image ({run.image.hub_url}) was sent to the asset but the hub "
+                           "never confirmed it: check the asset's attachments before running again.")[:1000]
     hub = None
     try:
         hub = _hub(run, deps)
@@ -589,9 +623,6 @@ def record_failure(inp: FailureInput, deps: StepDeps) -> dict[str, Any]:
     if undelivered and deps.reusable_images is not None and run.prompt is not None:
         deps.reusable_images.offer(image_fingerprint(run), run.image.key, run.expires_at or now // 1000 + 86_400)
     kept = " The generated image is kept, so running again will not pay for it twice." if undelivered else ""
-    if run.image is not None and not run.image.attached and run.image.attach_sent_at_ms is not None:
-        kept = (f" The image ({run.image.hub_url}) was sent to the asset but the hub never confirmed it: check "
-                "the asset's attachments before running again.")
     _hub_log(run, hub, f"Run failed: {failure.message}{kept}", level="ERROR")
     if hub is not None and not run.workflow:
         try:
