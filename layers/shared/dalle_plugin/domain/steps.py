@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -329,8 +330,15 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
     run = claimed
     request = ImageRequest(model=run.model.actual, prompt=run.prompt.text, size=run.size, quality=run.quality)
     started = deps.clock.now_ms()
+    # The hub hears "generating" while the request is on its way: a hub call before it would stand
+    # between the booked start and the request.
+    telling_hub = threading.Thread(target=_hub_log, args=(run, hub, run.timeline[-1].detail), daemon=True)
+    telling_hub.start()
     try:
-        image = deps.generator.generate(request, api_key)
+        try:
+            image = deps.generator.generate(request, api_key)
+        finally:
+            telling_hub.join()
     except UpstreamRateLimited as exc:
         run = deps.runs.update(run.session, run.task_id, _count_rate_limited)
         if run.upstream_rate_limited >= MAX_RATE_LIMITED_ANSWERS:
@@ -367,12 +375,12 @@ def _claim_request_start(run: RunRecord, deps: StepDeps, hub: HubClient) -> RunR
     """Take this run's turn to send its one image request, or the Wait outcome while its slot lies ahead.
 
     The attempt is spent before the request (a retry of this step, whatever happens next, takes a new
-    ticket, so one slot is exactly one upstream request), and on the shared key the booked start is
-    checked once more right before sending: a request that would start later than the margin allows
-    (a slow step under load) books again rather than crowd the next window.
+    ticket, so one slot is exactly one upstream request). On the shared key only that one write stands
+    between the booked start and the request, and the start is checked once more right before sending:
+    a request that would start later than the margin allows (a slow step under load) books again rather
+    than crowd the next window.
     """
     message = f"Generating the image with {run.model.actual} ({run.size})."
-    told_hub = False
     for _ in range(3):
         booked = None
         if run.uses_default_key:
@@ -387,9 +395,6 @@ def _claim_request_start(run: RunRecord, deps: StepDeps, hub: HubClient) -> RunR
             _mark(r, now, "generate", RunStatus.GENERATING, message)
 
         run = deps.runs.update(run.session, run.task_id, spend)
-        if not told_hub:
-            _hub_log(run, hub, message)
-            told_hub = True
         if booked is None:
             return run
         decision = RateDecision(start_at_ms=booked.start_at_ms, reserved=booked.reserved, position=booked.position)
@@ -399,8 +404,9 @@ def _claim_request_start(run: RunRecord, deps: StepDeps, hub: HubClient) -> RunR
 
 
 def _take_rate_slot(run: RunRecord, deps: StepDeps, hub: HubClient) -> tuple[RunRecord, GenerateOutcome | None]:
-    """Book this attempt's start in the global limiter (once: the booking is kept on the run), and return
-    the Wait outcome while it lies ahead; no outcome when the request may start now."""
+    """Book this attempt's start in the global limiter and return the Wait outcome while it lies ahead
+    (the booking is kept on the run, so waking up uses it without asking again); no outcome when the
+    request may start now (then the booking is only held in memory: the next write spends it)."""
     for _ in range(2):
         now = deps.clock.now_ms()
         ticket = f"{run.execution_name}#{run.attempt}"
@@ -408,9 +414,10 @@ def _take_rate_slot(run: RunRecord, deps: StepDeps, hub: HubClient) -> tuple[Run
         refused_before = wait is not None and not wait.reserved and now >= wait.start_at_ms
         if wait is None or wait.ticket != ticket or refused_before:
             decision = deps.limiter.acquire(ticket, now)
+            now = deps.clock.now_ms()
             wait = RateWait(ticket=ticket, start_at_ms=decision.start_at_ms, reserved=decision.reserved,
                             position=decision.position)
-            run = deps.runs.update(run.session, run.task_id, lambda r: setattr(r, "rate_wait", wait))
+            run = run.model_copy(update={"rate_wait": wait})
         decision = RateDecision(start_at_ms=wait.start_at_ms, reserved=wait.reserved, position=wait.position)
         if now < wait.start_at_ms or not wait.reserved:
             eta_s = wait_seconds(decision, now)
