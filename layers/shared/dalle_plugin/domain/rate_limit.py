@@ -19,7 +19,8 @@ at the very moment a slot frees, so no slot idles while runs wait.
 
 ``margin`` (``skew_margin_ms``) is added to every start that waits for a slot. It must cover how late a
 woken caller really starts plus any disagreement between callers' clocks: a caller may start anywhere in
-``[start_at, start_at + margin]`` (``may_start``, which takes the clocks to agree within a few ms, as
+``[start_at, start_at + margin / 2]`` (``may_start``; the other half covers the way from that check to
+the request's arrival, which takes the clocks to agree within a few ms, as
 NTP-synced Lambda clocks do) and actual starts stay a window apart, because its successor in the slot was
 booked ``window + margin`` after ``start_at``. A caller that wakes later takes a new ticket (its unused
 booking only makes the limiter stricter). ``g`` (``wait_granularity_ms``) rounds waiting starts up, so a
@@ -184,10 +185,11 @@ def reserve(state: LimiterState, ticket: str, now_ms: int, settings: LimiterSett
 
 def may_start(decision: RateDecision, now_ms: int, settings: LimiterSettings) -> bool:
     """Whether a caller holding ``decision`` may send its request at ``now_ms``. Before ``start_at`` it
-    must keep waiting; more than the margin after it, it must take a new ticket (see the module doc)."""
+    must keep waiting; later than half the margin after it, it must take a new ticket (see the module
+    doc). The other half is kept for the request's own way from this check to OpenAI's door."""
     if not decision.reserved:
         return False
-    return decision.start_at_ms <= now_ms <= decision.start_at_ms + settings.skew_margin_ms
+    return decision.start_at_ms <= now_ms <= decision.start_at_ms + settings.skew_margin_ms // 2
 
 
 def wait_seconds(decision: RateDecision, now_ms: int) -> int:
