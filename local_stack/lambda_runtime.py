@@ -132,6 +132,8 @@ class InProcessLambdas:
             log_stream_name=stream,
             deadline=time.monotonic() + spec.timeout_s,
         )
+        if not isinstance(sys.stdout, RoutingStdout):  # something (pytest's capture) put its own back
+            sys.stdout = RoutingStdout(sys.stdout)
         _current.buffer = []
         started = time.perf_counter()
         try:

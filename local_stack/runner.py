@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -145,6 +146,7 @@ def main_serve(port: int = 3000) -> int:
         stack.hub.load_samples()
         sample = load_sample_runs(stack.hub.base_url)[0].payload
         print(f"""Local stack up. API: {stack.api_url}
+  console:         {stack.api_url}/   (sessions, progress, logs and images; start a sample run)
   hub emulator:    {stack.hub.base_url}   (state: GET {stack.hub.base_url}/_emulator/state)
   OpenAI:          {stack.openai.base_url if stack.openai else 'the real OpenAI API'}
   plugin Secret:   {stack.plugin_secret}
@@ -155,12 +157,19 @@ Try:
   curl -s {stack.api_url}/sessions/my-session-1 -H 'Secret: {stack.plugin_secret}'
 
 Ctrl-C stops everything.""", flush=True)
+        # SIGTERM stops as cleanly as Ctrl-C: everything the stack started goes with it
+        signal.signal(signal.SIGTERM, _interrupt)
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
             print("\nstopping…", flush=True)
     return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the clean stop short
+    raise KeyboardInterrupt
 
 
 def _compact(value: Any) -> str:

@@ -22,6 +22,7 @@ import boto3
 import requests
 
 from local_stack.api_gateway import ApiGatewayServer
+from local_stack.console import console_routes
 from local_stack.dynamodb_local import DynamoDBLocal
 from local_stack.hub_emulator import HubEmulator
 from local_stack.lambda_runtime import InProcessLambdas, install, install_exact_timestamp_waits
@@ -107,6 +108,7 @@ class LocalStack:
         self._undo.append(install_exact_timestamp_waits())
         self._undo.append(install(self.lambdas))
         self.api = ApiGatewayServer(self.template, self.lambdas, port=self.options.api_port).start()
+        self.api.extra_routes.append(console_routes(self))  # the local console at the API's root
         self._undo.append(self.api.stop)
 
     def stop(self) -> None:
@@ -114,7 +116,7 @@ class LocalStack:
             undo = self._undo.pop()
             try:
                 undo()
-            except Exception:  # keep stopping the rest: no orphans
+            except BaseException:  # keep stopping the rest, even on a second Ctrl-C: no orphans
                 pass
         for name, value in self._saved_env.items():
             if value is None:

@@ -26,6 +26,7 @@ from dalle_plugin.observability import (
     log_metrics,
     logger,
     record_run_accepted,
+    record_runs_cancelled,
     tracer,
 )
 from dalle_plugin.settings import ApiSettings, load_settings
@@ -89,8 +90,34 @@ def run_plugin(event: dict[str, Any]) -> dict[str, Any]:
     return _answer(HTTPStatus.ACCEPTED, body)
 
 
-def get_session(event: dict[str, Any]) -> dict[str, Any]:
+MAX_SESSION_CHARS = 256  # what a payload may name; a longer id cannot exist (nor be a DynamoDB key)
+
+
+def _known_session(event: dict[str, Any]) -> str | None:
     session = (event.get("pathParameters") or {}).get("session", "")
+    return session if 0 < len(session) <= MAX_SESSION_CHARS else None
+
+
+def _cancel_task_id(raw: bytes) -> str | None:
+    """The optional ``{"taskId": "..."}`` body of a cancel."""
+    if not raw.strip():
+        return None
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        body = []
+    if not isinstance(body, dict):
+        raise InvalidRequest('The cancel body must be empty or a JSON object such as {"taskId": "..."}.')
+    task_id = body.get("taskId")
+    if task_id is not None and not (isinstance(task_id, str) and 0 < len(task_id) <= 256):
+        raise InvalidRequest("Field 'taskId' must be a task id (text of at most 256 characters).", field="taskId")
+    return task_id
+
+
+def get_session(event: dict[str, Any]) -> dict[str, Any]:
+    session = _known_session(event)
+    if session is None:
+        return _error(HTTPStatus.NOT_FOUND, "No such session.")
     bind_run(session)
     runs = wiring.api_deps().runs.list_session(session)
     if not runs:
@@ -99,11 +126,13 @@ def get_session(event: dict[str, Any]) -> dict[str, Any]:
 
 
 def cancel(event: dict[str, Any]) -> dict[str, Any]:
-    session = (event.get("pathParameters") or {}).get("session", "")
-    raw = _body(event)
-    task_id = json.loads(raw).get("taskId") if raw.strip() else None
+    session = _known_session(event)
+    if session is None:
+        return _error(HTTPStatus.NOT_FOUND, "No such session.")
+    task_id = _cancel_task_id(_body(event))
     bind_run(session, task_id)
     outcomes = cancel_session(session, task_id, wiring.cancel_deps())
+    record_runs_cancelled(sum(1 for o in outcomes if o.cancelled))
     if not outcomes:
         return _error(HTTPStatus.NOT_FOUND, f"No session {session!r}" + (f" with task {task_id!r}." if task_id else "."))
     status = HTTPStatus.OK if any(o.cancelled for o in outcomes) else HTTPStatus.CONFLICT

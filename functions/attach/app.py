@@ -3,13 +3,16 @@
 from dalle_plugin import wiring
 from dalle_plugin.domain.run import RunRef
 from dalle_plugin.domain.steps import attach_image
-from dalle_plugin.observability import bind_run, logger, metrics, tracer
+from dalle_plugin.observability import bind_run, log_errors, log_metrics, logger, record_run_succeeded, tracer
 
 
 @logger.inject_lambda_context
 @tracer.capture_lambda_handler
-@metrics.log_metrics
+@log_metrics
+@log_errors
 def handler(event: dict, context: object) -> dict:
     ref = RunRef.model_validate(event)
     bind_run(ref.session, ref.task_id, ref.execution_name)
-    return attach_image(ref, wiring.attach_deps()).dump()
+    result = attach_image(ref, wiring.attach_deps())
+    record_run_succeeded(result)
+    return result.dump()

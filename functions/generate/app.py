@@ -3,13 +3,18 @@
 from dalle_plugin import wiring
 from dalle_plugin.domain.run import RunRef
 from dalle_plugin.domain.steps import generate_image
-from dalle_plugin.observability import bind_run, logger, metrics, tracer
+from dalle_plugin.observability import bind_run, log_errors, log_metrics, logger, record_generation, tracer
 
 
 @logger.inject_lambda_context
 @tracer.capture_lambda_handler
-@metrics.log_metrics
+@log_metrics
+@log_errors
 def handler(event: dict, context: object) -> dict:
     ref = RunRef.model_validate(event)
     bind_run(ref.session, ref.task_id, ref.execution_name)
-    return generate_image(ref, wiring.generate_deps()).dump()
+    deps = wiring.generate_deps()
+    started_ms = deps.clock.now_ms()
+    outcome = generate_image(ref, deps)
+    record_generation(outcome, lambda: deps.runs.get(ref.session, ref.task_id), since_ms=started_ms)
+    return outcome.dump()

@@ -3,13 +3,16 @@
 from dalle_plugin import wiring
 from dalle_plugin.domain.run import FailureInput
 from dalle_plugin.domain.steps import record_failure
-from dalle_plugin.observability import bind_run, logger, metrics, tracer
+from dalle_plugin.observability import bind_run, log_errors, log_metrics, logger, record_run_failed, tracer
 
 
 @logger.inject_lambda_context
 @tracer.capture_lambda_handler
-@metrics.log_metrics
+@log_metrics
+@log_errors
 def handler(event: dict, context: object) -> dict:
     failure = FailureInput.model_validate(event)
     bind_run(failure.session, failure.task_id, failure.execution_name)
-    return record_failure(failure, wiring.attach_deps())
+    result = record_failure(failure, wiring.attach_deps())
+    record_run_failed(result["reason"])
+    return result

@@ -9,16 +9,31 @@ the ``service`` dimension, and ``RunsFailed`` is also published per ``Reason``.
 from __future__ import annotations
 
 import functools
+import io
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 from aws_lambda_powertools import Logger, Metrics, Tracer
 from aws_lambda_powertools.metrics import MetricUnit, single_metric
 
-from dalle_plugin.domain.models_catalog import parse_size
-from dalle_plugin.domain.run import GenerateOutcome, RunRecord, RunRef
+from dalle_plugin.domain.errors import PluginError, Transient
+from dalle_plugin.domain.pricing import estimate_cost_usd
+from dalle_plugin.domain.run import AttachResult, ExtractResult, GenerateOutcome, RunRecord, RunRef
 
-logger = Logger()
+
+class _CurrentStdout(io.TextIOBase):
+    """Writes to whatever ``sys.stdout`` is now. On Lambda that never changes; the local stack swaps it to
+    route each invocation's lines to its function's log group, whenever this module was first imported."""
+
+    def write(self, text: str) -> int:
+        return sys.stdout.write(text)
+
+    def flush(self) -> None:
+        sys.stdout.flush()
+
+
+logger = Logger(stream=_CurrentStdout())
 tracer = Tracer()
 metrics = Metrics()
 
@@ -28,16 +43,14 @@ RUNS_ACCEPTED = "RunsAccepted"
 DUPLICATE_RUN_REQUESTS = "DuplicateRunRequests"
 RUNS_SUCCEEDED = "RunsSucceeded"
 RUNS_FAILED = "RunsFailed"
+RUNS_CANCELLED = "RunsCancelled"
 IMAGES_GENERATED = "ImagesGenerated"
 GENERATION_LATENCY = "GenerationLatency"
 RATE_SLOT_WAIT_TIME = "RateSlotWaitTime"
 OPENAI_RATE_LIMITED = "OpenAIRateLimited"
 ESTIMATED_COST = "EstimatedCost"
+PROMPTS_TRUNCATED = "PromptsTruncated"
 
-# USD per 1024x1024 image by quality (OpenAI's per-image list prices for the gpt-image-1 family); other
-# sizes scale with their pixel count. An estimate for the dashboard, not a bill.
-PRICE_PER_MEGAPIXEL_IMAGE_USD = {"low": 0.011, "medium": 0.042, "high": 0.167}
-_REFERENCE_PIXELS = 1024 * 1024
 
 
 # ---- logs ------------------------------------------------------------------------------------------
@@ -61,6 +74,27 @@ def clear_run() -> None:
     logger.thread_safe_clear_keys()
 
 
+def log_errors(handler: Handler) -> Handler:
+    """Logs a handler's exception with the run's ids before the Lambda runtime reports it (the runtime's
+    own error line carries no ids, so a session's story would miss it). Named errors are the plugin's
+    contract and their messages never carry a secret: a warning; anything else: an error with its trace."""
+
+    @functools.wraps(handler)
+    def wrapper(event: Any, context: Any) -> Any:
+        try:
+            return handler(event, context)
+        except PluginError as exc:
+            transient = " (transient)" if isinstance(exc, Transient) else ""
+            logger.warning(f"{type(exc).__name__}: {exc.message}{transient}",
+                           extra={"error": type(exc).__name__, "reason": exc.reason})
+            raise
+        except Exception:
+            logger.exception("unexpected error")
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
 # ---- metrics: publishing ---------------------------------------------------------------------------
 
 
@@ -79,21 +113,44 @@ def log_metrics(handler: Handler) -> Handler:
     return wrapper  # type: ignore[return-value]
 
 
-# ---- metrics: what each handler records --------------------------------------------------------------
+# ---- what each handler records -----------------------------------------------------------------------
+# Each handler calls one of these after its domain call: one log line for the session's story, and the
+# run's metrics. Step contracts carry ids and counts only, never a prompt or a secret.
 
 
-def record_run_accepted(created: bool) -> None:
-    """API, on 202. A duplicate (the hub sent the same session + task again) is not a new run."""
-    metrics.add_metric(name=RUNS_ACCEPTED if created else DUPLICATE_RUN_REQUESTS, unit=MetricUnit.Count, value=1)
+def record_run_accepted(started: int) -> None:
+    """API, on 202: ``started`` runs (tasks) were started. A request that started none (the hub sent the
+    same session again) is counted as a duplicate, not as runs."""
+    if started:
+        logger.info("runs accepted", extra={"started": started})
+        metrics.add_metric(name=RUNS_ACCEPTED, unit=MetricUnit.Count, value=started)
+    else:
+        logger.info("duplicate request: its runs already exist")
+        metrics.add_metric(name=DUPLICATE_RUN_REQUESTS, unit=MetricUnit.Count, value=1)
 
 
-def record_run_succeeded() -> None:
+def record_runs_cancelled(cancelled: int) -> None:
+    """API, on a cancel: the runs it stopped (none when they had all finished or paid already)."""
+    logger.info("runs cancelled", extra={"cancelled": cancelled})
+    if cancelled:
+        metrics.add_metric(name=RUNS_CANCELLED, unit=MetricUnit.Count, value=cancelled)
+
+
+def record_prompt_extracted(result: ExtractResult) -> None:
+    logger.info("prompt extracted", extra={"outcome": result.dump()})
+    if result.truncated:
+        metrics.add_metric(name=PROMPTS_TRUNCATED, unit=MetricUnit.Count, value=1)
+
+
+def record_run_succeeded(result: AttachResult) -> None:
+    logger.info("run succeeded: image attached", extra={"outcome": result.dump()})
     metrics.add_metric(name=RUNS_SUCCEEDED, unit=MetricUnit.Count, value=1)
 
 
 def record_run_failed(reason: str) -> None:
     """Once in total (for the failure rate) and once per ``Reason`` (for "why runs fail"). The per-reason
     one is its own EMF document, so the ``Reason`` dimension never leaks onto another metric."""
+    logger.info("run failed", extra={"reason": reason})
     metrics.add_metric(name=RUNS_FAILED, unit=MetricUnit.Count, value=1)
     with single_metric(name=RUNS_FAILED, unit=MetricUnit.Count, value=1,
                        namespace=metrics.namespace) as metric:
@@ -105,16 +162,10 @@ class GenerationFacts:
     """What one newly generated image cost in time and money."""
 
     latency_ms: int
-    estimated_cost_usd: float
+    #: from the built-in price table (None for a model it does not price)
+    estimated_cost_usd: float | None
     #: the whole wait for slots on the shared key; None for a run on the user's own key
     slot_wait_s: float | None
-
-
-def estimated_cost_usd(size: str, quality: str | None) -> float:
-    price = PRICE_PER_MEGAPIXEL_IMAGE_USD.get(quality or "", PRICE_PER_MEGAPIXEL_IMAGE_USD["medium"])
-    dimensions = parse_size(size)  # None for "auto": priced as the reference size
-    pixels = dimensions[0] * dimensions[1] if dimensions else _REFERENCE_PIXELS
-    return round(price * pixels / _REFERENCE_PIXELS, 6)
 
 
 def generation_facts(run: RunRecord, since_ms: int) -> GenerationFacts | None:
@@ -133,26 +184,32 @@ def generation_facts(run: RunRecord, since_ms: int) -> GenerationFacts | None:
         slot_wait_s = waited_ms / 1000
     return GenerationFacts(
         latency_ms=generating[-1].at_ms - generating[0].at_ms,
-        estimated_cost_usd=estimated_cost_usd(run.image.size, run.image.quality),
+        estimated_cost_usd=estimate_cost_usd(run.image.model, run.image.size, run.image.quality),
         slot_wait_s=slot_wait_s,
     )
 
 
-def record_generation(outcome: GenerateOutcome, read_run: Callable[[], RunRecord | None], since_ms: int) -> None:
+def record_generation(outcome: GenerateOutcome, read_run: Callable[[], RunRecord | None],
+                      since_ms: int) -> None:
     """Generate Image. A wait on OpenAI's own limit is counted when it happens; an image is counted (with
     its latency, estimated cost and the run's whole rate-slot wait) only by the invocation that made it,
     so a retried Generate that finds its image never counts it twice. ``read_run`` is only called for a
     DONE outcome."""
     if outcome.status == "WAIT":
+        logger.info("waiting", extra={"outcome": outcome.dump()})
         if outcome.reason == "openai_rate_limited":
             metrics.add_metric(name=OPENAI_RATE_LIMITED, unit=MetricUnit.Count, value=1)
         return
     run = read_run()
     facts = generation_facts(run, since_ms) if run is not None else None
     if facts is None:
+        logger.info("image already stored: nothing generated", extra={"outcome": outcome.dump()})
         return
+    logger.info("image generated", extra={"outcome": outcome.dump(), "generation_ms": facts.latency_ms,
+                                          "slot_wait_s": facts.slot_wait_s})
     metrics.add_metric(name=IMAGES_GENERATED, unit=MetricUnit.Count, value=1)
     metrics.add_metric(name=GENERATION_LATENCY, unit=MetricUnit.Milliseconds, value=facts.latency_ms)
-    metrics.add_metric(name=ESTIMATED_COST, unit=MetricUnit.NoUnit, value=facts.estimated_cost_usd)
+    if facts.estimated_cost_usd is not None:
+        metrics.add_metric(name=ESTIMATED_COST, unit=MetricUnit.NoUnit, value=facts.estimated_cost_usd)
     if facts.slot_wait_s is not None:
         metrics.add_metric(name=RATE_SLOT_WAIT_TIME, unit=MetricUnit.Seconds, value=facts.slot_wait_s)
