@@ -8,7 +8,7 @@ stall the next matching requests. Everything it answers follows the wire format 
 (``imerit_ango``): see docs/hub-protocol.md and tests/unit/test_hub_sdk_contract.py.
 
 Control endpoints (no auth): ``GET /_emulator/state``, ``POST /_emulator/reset``,
-``POST /_emulator/faults`` (``{"path_prefix", "status", "times", "latency_s", "method"}``, or a list of
+``POST /_emulator/faults`` (``{"path_prefix", "status", "times", "latency_s", "method", "body_contains"}``, or a list of
 them), ``DELETE /_emulator/faults``.
 
 Run it alone with ``python -m local_stack.hub_emulator --port 8081`` (loads the bundled samples).
@@ -91,9 +91,14 @@ class _Fault:
     remaining: int
     latency_s: float
     method: str | None
+    body_contains: str | None = None
 
-    def matches(self, method: str, path: str) -> bool:
-        return path.startswith(self.path_prefix) and (self.method is None or self.method == method)
+    def matches(self, method: str, path: str, body: bytes = b"") -> bool:
+        return (
+            path.startswith(self.path_prefix)
+            and (self.method is None or self.method == method)
+            and (self.body_contains is None or self.body_contains.encode() in body)
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -102,6 +107,7 @@ class _Fault:
             "remaining": self.remaining,
             "latency_s": self.latency_s,
             "method": self.method,
+            "body_contains": self.body_contains,
         }
 
 
@@ -332,21 +338,30 @@ class HubEmulator:
         times: int = 1,
         latency_s: float = 0.0,
         method: str | None = None,
+        body_contains: str | None = None,
     ) -> None:
-        """The next ``times`` requests whose path starts with ``path_prefix`` wait ``latency_s`` and then
-        answer ``status`` with the hub's error body (``status=None``: answered normally after the wait)."""
+        """The next ``times`` requests whose path starts with ``path_prefix`` (and whose body contains
+        ``body_contains``, if given) wait ``latency_s`` and then answer ``status`` with the hub's error body
+        (``status=None``: answered normally after the wait)."""
         if times < 1:
             raise ValueError("times must be at least 1")
         if status is None and latency_s <= 0:
             raise ValueError("a fault needs a status, a latency, or both")
         with self._lock:
             self._faults.append(
-                _Fault(path_prefix, status, times, float(latency_s), method.upper() if method else None)
+                _Fault(path_prefix, status, times, float(latency_s), method.upper() if method else None,
+                       body_contains)
             )
 
-    def clear_faults(self) -> None:
+    def clear_faults(self, path_prefix: str | None = None, body_contains: str | None = None) -> None:
+        """Drop every pending fault, or only those set with this ``path_prefix`` / ``body_contains``."""
         with self._lock:
-            self._faults.clear()
+            self._faults = [
+                fault
+                for fault in self._faults
+                if (path_prefix is not None and fault.path_prefix != path_prefix)
+                or (body_contains is not None and fault.body_contains != body_contains)
+            ]
 
     def reset(self) -> None:
         """Forget every recorded request, fault and stored file; put tasks back as they were seeded."""
@@ -427,7 +442,7 @@ class HubEmulator:
         if exchange.path.startswith("/_emulator/"):
             return self._control(exchange)
         record = self._record(exchange)
-        fault = self._take_fault(exchange.method, exchange.path)
+        fault = self._take_fault(exchange.method, exchange.path, exchange.body)
         if fault is not None:
             if fault.latency_s > 0:
                 self._stopping.wait(fault.latency_s)
@@ -472,10 +487,10 @@ class HubEmulator:
             self._requests.append(record)
         return record
 
-    def _take_fault(self, method: str, path: str) -> _Fault | None:
+    def _take_fault(self, method: str, path: str, body: bytes = b"") -> _Fault | None:
         with self._lock:
             for fault in self._faults:
-                if fault.matches(method, path):
+                if fault.matches(method, path, body):
                     fault.remaining -= 1
                     if fault.remaining <= 0:
                         self._faults.remove(fault)
@@ -748,6 +763,7 @@ class HubEmulator:
                         int(fault.get("times", 1)),
                         float(fault.get("latency_s", 0.0)),
                         fault.get("method"),
+                        fault.get("body_contains"),
                     )
             except (KeyError, TypeError, ValueError) as exc:
                 return _hub_error(400, f"Bad fault: {exc}")
@@ -773,6 +789,9 @@ class HubEmulator:
 
 class _HubRequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, so a client's connection pool is exercised as in production
+    # Headers and body are two sends: with Nagle's algorithm on, the body waits ~40 ms for the client's
+    # delayed ACK on every call (bench/overhead.py measures it).
+    disable_nagle_algorithm = True
     emulator: HubEmulator
 
     def do_GET(self) -> None:

@@ -101,6 +101,7 @@ BehaviourKind = Literal[
     "server_error",
     "moderation_blocked",
     "invalid_key",
+    "permission_denied",
     "model_not_found",
     "insufficient_quota",
     "billing_hard_limit",
@@ -138,10 +139,11 @@ def _as_behaviour(value: BehaviourLike) -> Behaviour:
     return Behaviour.model_validate(value)
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Rule:
     prompt_contains: str
     behaviour: Behaviour
+    remaining: int | None = None  # None: for every matching request; else dropped after this many
 
 
 # ---- the request log --------------------------------------------------------------------------------
@@ -544,6 +546,10 @@ def _scripted_error(behaviour: Behaviour, request: _GenerationRequest, request_i
                          extra={"moderation_details": details})
     if kind == "invalid_key":
         return _invalid_key_error(masked_key)
+    if kind == "permission_denied":
+        return _ApiError(403, f"Your organization must be verified to use the model `{request.model}`. Please go "
+                              "to: https://platform.openai.com/settings/organization/general and click on Verify "
+                              "Organization.", outcome=kind)
     if kind == "model_not_found":
         return _model_not_found(request.model)
     if kind == "insufficient_quota":
@@ -821,14 +827,17 @@ class OpenAIEmulator:
         with self._lock:
             self._default = parsed
 
-    def rule(self, prompt_contains: str, behaviour: BehaviourLike) -> None:
+    def rule(self, prompt_contains: str, behaviour: BehaviourLike, times: int | None = None) -> None:
         """Every generation request whose prompt contains ``prompt_contains`` (case-sensitive) gets
-        ``behaviour``; the first matching rule wins, before the queue."""
+        ``behaviour``; the first matching rule wins, before the queue. With ``times``, the rule serves that
+        many requests and is then dropped (so tests running side by side can each script their own)."""
         if not prompt_contains:
             raise ValueError("prompt_contains must not be empty")
+        if times is not None and times < 1:
+            raise ValueError("times must be at least 1")
         parsed = _as_behaviour(behaviour)
         with self._lock:
-            self._rules.append(_Rule(prompt_contains, parsed))
+            self._rules.append(_Rule(prompt_contains, parsed, times))
 
     def set_rate_cap(self, requests_per_minute: int | None, window_s: float = 60.0) -> None:
         """Enforce at most ``requests_per_minute`` generation requests per API key in any ``window_s``
@@ -959,6 +968,10 @@ class OpenAIEmulator:
             hang_release = self._release_hangs
             for rule in self._rules:
                 if rule.prompt_contains in prompt:
+                    if rule.remaining is not None:
+                        rule.remaining -= 1
+                        if rule.remaining <= 0:
+                            self._rules.remove(rule)
                     return rule.behaviour, hang_release
             if self._queue:
                 return self._queue.popleft(), hang_release

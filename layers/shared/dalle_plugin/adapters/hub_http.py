@@ -5,6 +5,16 @@ and jitter, then raised as ``HubUnavailable`` (the state machine retries that by
 retried: it raises ``HubRequestRejected`` with the hub's own ``message``. A 429 is the exception: it is
 transient by nature, so it raises ``HubUnavailable`` at once and leaves the waiting to the state machine.
 
+Two calls change the hub in a way that must not happen twice (``POST /v2/attachments`` adds one more
+attachment each time; ``POST /v2/annotate`` moves the task on a stage each time), and the hub offers no way
+to ask whether an earlier attempt landed. Those are resent only when the hub surely did not act on them
+(the connection was never made, or the hub answered 500/503); when the request may have arrived (a read
+timeout, a dropped connection, a gateway's 502/504) they raise ``HubDeliveryUnknown`` instead.
+
+Downloads (asset files) go only to URLs the URL guard allows, on every redirect hop, and connect to the very
+address the guard vetted, so a DNS answer that changes between the check and the connection cannot send
+the request to a private address.
+
 The user's Ango ``apiKey`` is sent only to the hub's API host, in the ``apikey`` header, and is kept out of
 every log line, exception message and ``repr``. Asset downloads and storage uploads go to other hosts
 (S3) and never carry it.
@@ -19,11 +29,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import quote, urlencode, urljoin, urlsplit
 
 import urllib3
 
-from dalle_plugin.domain.errors import AssetUnreadable, HubRequestRejected, HubUnavailable
+from dalle_plugin.domain.errors import AssetUnreadable, HubDeliveryUnknown, HubRequestRejected, HubUnavailable
 from dalle_plugin.domain.hub_answer import answer_to_write_format
 from dalle_plugin.ports import HubAsset
 
@@ -35,16 +45,19 @@ MAX_MESSAGE_CHARS = 300
 BODY_DEADLINE_FACTOR = 3  # a whole answer may take this many times the per-read timeout
 _CHUNK_BYTES = 64 * 1024
 
-#: Decides whether ``fetch_text`` may download a URL; raises (``AssetUnreadable``) to refuse it.
-UrlGuard = Callable[[str], None]
+MAX_REDIRECTS = 3
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+#: answers after which the hub surely did not apply a request (a gateway's 502/504 may hide one that it did)
+_NOT_APPLIED_STATUSES = frozenset({500, 503})
+
+#: Decides whether the plugin may download a URL: raises (``AssetUnreadable``) to refuse it, or returns the
+#: vetted IP address to connect to (None: connect by name, as the local stack does with its emulators).
+UrlGuard = Callable[[str], "str | None"]
 
 
 def allow_any_url(url: str) -> None:
-    """The default guard: everything is allowed.
-
-    Seam for the URL safety check (https only, no private or link-local addresses) that a later change
-    adds; the local stack serves assets over http on 127.0.0.1, so the real guard must be configurable.
-    """
+    """The guard for tests that exercise other things: everything is allowed, connections go by name.
+    Deployed code uses ``adapters.url_guard.UrlGuard`` (wired in ``wiring``)."""
 
 
 @dataclass(frozen=True)
@@ -52,10 +65,16 @@ class _Answer:
     status: int
     body: bytes
     content_type: str
+    location: str | None = None
 
 
 class _Retryable(Exception):
-    """A failure worth another attempt: timeout, connection error, 5xx."""
+    """A failure worth another attempt: timeout, connection error, 5xx. ``maybe_applied`` tells whether the
+    hub may have acted on the request all the same."""
+
+    def __init__(self, message: str, maybe_applied: bool):
+        super().__init__(message)
+        self.maybe_applied = maybe_applied
 
 
 class _TooLarge(Exception):
@@ -131,18 +150,28 @@ class AngoHubClient:
         return HubAsset(asset_id=asset_id, external_id=str(found.get("externalId") or ""), data_url=data_url)
 
     def fetch_text(self, url: str) -> bytes:
-        self._url_guard(url)
         shown = _without_query(url)
-        try:
-            answer = self._with_retries(
-                "GET", url, shown, headers={"User-Agent": USER_AGENT}, body_cap=self.max_text_bytes
-            )
-        except _TooLarge:
+        for _hop in range(MAX_REDIRECTS + 1):
+            address = self._url_guard(url)  # every hop: a public https URL may redirect anywhere
+            shown = _without_query(url)
+            try:
+                answer = self._with_retries(
+                    "GET", url, shown, headers={"User-Agent": USER_AGENT}, body_cap=self.max_text_bytes,
+                    address=address,
+                )
+            except _TooLarge:
+                raise AssetUnreadable(
+                    f"The asset file {shown} is larger than the {self.max_text_bytes:,}-byte limit "
+                    "for text assets; "
+                    "use a shorter text or a text annotation as the prompt."
+                ) from None
+            if answer.status not in _REDIRECT_STATUSES or not answer.location:
+                break
+            url = urljoin(url, answer.location)
+        else:
             raise AssetUnreadable(
-                f"The asset file {shown} is larger than the {self.max_text_bytes:,}-byte limit "
-                "for text assets; "
-                "use a shorter text or a text annotation as the prompt."
-            ) from None
+                f"The asset file {shown} redirects more than {MAX_REDIRECTS} times; give its final URL."
+            )
         if answer.status >= 300:
             raise AssetUnreadable(
                 f"The asset file {shown} could not be downloaded (HTTP {answer.status}"
@@ -158,6 +187,8 @@ class AngoHubClient:
         if not isinstance(upload_url, str) or not upload_url:
             raise HubRequestRejected("Ango Hub's answer to GET /v2/getUploadUrl has no data.uploadUrl.")
         permanent_url = _without_query(upload_url)
+        # The URL comes from the hub's answer: it passes the same guard as a download before any byte goes.
+        address = self._url_guard(upload_url)
         # a presigned storage URL: no apikey header (it is another host), the query string is the credential
         answer = self._with_retries(
             "PUT",
@@ -165,6 +196,7 @@ class AngoHubClient:
             f"hub storage {urlsplit(permanent_url).path}",
             headers={"Content-Type": content_type, "User-Agent": USER_AGENT},
             body=body,
+            address=address,
         )
         if answer.status >= 300:
             raise HubRequestRejected(
@@ -177,6 +209,7 @@ class AngoHubClient:
         self._hub(
             "POST",
             "/v2/attachments",
+            at_most_once=True,  # each POST adds an attachment: never resent once it may have landed
             json_body={
                 "project": project_id,
                 "attachments": [
@@ -191,6 +224,7 @@ class AngoHubClient:
             "POST",
             f"/v2/annotate/{_segment(task_id)}",
             query={"nextStage": "true", "isPlugin": "true"},
+            at_most_once=True,  # each submission moves the task on a stage
             json_body={
                 "answer": answer_to_write_format(answer),
                 "brushDataUrl": None,
@@ -240,7 +274,13 @@ class AngoHubClient:
     # ---- transport ----------------------------------------------------------------------------------
 
     def _hub(
-        self, method: str, path: str, *, query: dict[str, str] | None = None, json_body: Any = None
+        self,
+        method: str,
+        path: str,
+        *,
+        query: dict[str, str] | None = None,
+        json_body: Any = None,
+        at_most_once: bool = False,
     ) -> Any:
         """One ``/v2`` call: JSON in, JSON out, the hub's error body turned into a named exception."""
         url = self.base_url + path + ("?" + urlencode(query, quote_via=quote) if query else "")
@@ -249,7 +289,7 @@ class AngoHubClient:
         if json_body is not None:
             headers["Content-Type"] = "application/json"
             body = json.dumps(json_body, allow_nan=False).encode()
-        answer = self._with_retries(method, url, path, headers=headers, body=body)
+        answer = self._with_retries(method, url, path, headers=headers, body=body, at_most_once=at_most_once)
         if answer.status == 429:
             raise HubUnavailable(
                 f"Ango Hub is rate limiting {method} {path} (HTTP 429"
@@ -280,16 +320,25 @@ class AngoHubClient:
         headers: dict[str, str],
         body: bytes | None = None,
         body_cap: int | None = None,
+        at_most_once: bool = False,
+        address: str | None = None,
     ) -> _Answer:
         """Send until an answer below 500 arrives or the attempts run out. ``shown`` names the call in
-        messages and logs (never the full URL: a presigned query string is a credential)."""
+        messages and logs (never the full URL: a presigned query string is a credential). ``at_most_once``
+        stops at the first failure after which the hub may have acted (``HubDeliveryUnknown``);
+        ``address`` is the vetted IP to connect to instead of resolving the host again."""
         attempts = self.retries + 1
         problem = ""
         for attempt in range(1, attempts + 1):
             try:
-                return self._send_once(method, url, headers, body, body_cap)
+                return self._send_once(method, url, headers, body, body_cap, address)
             except _Retryable as failure:
                 problem = str(failure)
+                if at_most_once and failure.maybe_applied:
+                    raise HubDeliveryUnknown(
+                        f"Ango Hub did not confirm {method} {shown} ({problem}); it may have been applied, "
+                        "so it is not sent again."
+                    ) from None
             if attempt < attempts:
                 delay = self._backoff(attempt)
                 logger.warning(
@@ -307,28 +356,52 @@ class AngoHubClient:
         )
 
     def _send_once(
-        self, method: str, url: str, headers: dict[str, str], body: bytes | None, body_cap: int | None
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        body: bytes | None,
+        body_cap: int | None,
+        address: str | None = None,
     ) -> _Answer:
         # per-read timeouts alone would let a server that drips bytes hold the call forever
         deadline = time.monotonic() + self.timeout_s * BODY_DEADLINE_FACTOR
+        options = {
+            "body": body,
+            "retries": False,
+            "redirect": False,
+            "preload_content": False,
+            "timeout": urllib3.Timeout(connect=self.timeout_s, read=self.timeout_s),
+        }
+        pinned: urllib3.HTTPConnectionPool | None = None
+        # http.client refuses a header value with a line break or a character outside Latin-1 with an error
+        # that quotes the value; the Ango API key is a header, so such a value never gets that far.
+        if not all(_sendable_header(value) for value in headers.values()):
+            raise _unsendable_header()
+        unsendable = False
         try:
-            response = self._http.urlopen(
-                method,
-                url,
-                body=body,
-                headers=headers,
-                retries=False,
-                redirect=False,
-                preload_content=False,
-                timeout=urllib3.Timeout(connect=self.timeout_s, read=self.timeout_s),
-            )
+            if address is None:
+                response = self._http.urlopen(method, url, headers=headers, **options)
+            else:
+                pinned, target, host = _pinned_pool(url, address)
+                response = pinned.urlopen(
+                    method, target, headers={**headers, "Host": host}, assert_same_host=False, **options
+                )
+        except (ValueError, UnicodeError) as exc:
+            if isinstance(exc, urllib3.exceptions.HTTPError):
+                raise _Retryable(f"connection failed ({type(exc).__name__})", maybe_applied=False) from None
+            unsendable = True  # raised below, outside this block, so the error quoting the value is not chained
         # NewConnectionError first: urllib3 derives it from its TimeoutError, but it means "refused"
         except urllib3.exceptions.NewConnectionError as exc:
-            raise _Retryable(f"connection failed ({type(exc).__name__})") from None
+            raise _Retryable(f"connection failed ({type(exc).__name__})", maybe_applied=False) from None
+        except urllib3.exceptions.ConnectTimeoutError:
+            raise _Retryable(f"could not connect within {self.timeout_s:g} s", maybe_applied=False) from None
         except urllib3.exceptions.TimeoutError:
-            raise _Retryable(f"timed out after {self.timeout_s:g} s") from None
+            raise _Retryable(f"timed out after {self.timeout_s:g} s", maybe_applied=True) from None
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise _Retryable(f"connection failed ({type(exc).__name__})") from None
+            raise _Retryable(f"connection failed ({type(exc).__name__})", maybe_applied=True) from None
+        if unsendable:
+            raise _unsendable_header()
         complete = False
         try:
             declared = response.headers.get("Content-Length")
@@ -348,21 +421,34 @@ class AngoHubClient:
                     raise _TooLarge()
                 if time.monotonic() > deadline:
                     raise _Retryable(
-                        f"the answer took longer than {self.timeout_s * BODY_DEADLINE_FACTOR:g} s to arrive"
+                        f"the answer took longer than {self.timeout_s * BODY_DEADLINE_FACTOR:g} s to arrive",
+                        maybe_applied=True,
                     )
                 chunks.append(chunk)
             complete = True
         except urllib3.exceptions.TimeoutError:
-            raise _Retryable(f"timed out after {self.timeout_s:g} s") from None
+            raise _Retryable(f"timed out after {self.timeout_s:g} s", maybe_applied=True) from None
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise _Retryable(f"connection failed while reading ({type(exc).__name__})") from None
+            raise _Retryable(
+                f"connection failed while reading ({type(exc).__name__})", maybe_applied=True
+            ) from None
         finally:
             if not complete:
                 response.close()  # an unread remainder must not go back into the pool
             response.release_conn()
-        answer = _Answer(response.status, b"".join(chunks), response.headers.get("Content-Type", ""))
+            if pinned is not None:
+                pinned.close()
+        answer = _Answer(
+            response.status,
+            b"".join(chunks),
+            response.headers.get("Content-Type", ""),
+            response.headers.get("Location"),
+        )
         if answer.status >= 500:
-            raise _Retryable(f"HTTP {answer.status}{_message_suffix(answer, self.__api_key)}")
+            raise _Retryable(
+                f"HTTP {answer.status}{_message_suffix(answer, self.__api_key)}",
+                maybe_applied=answer.status not in _NOT_APPLIED_STATUSES,
+            )
         return answer
 
     def _backoff(self, attempt: int) -> float:
@@ -371,6 +457,36 @@ class AngoHubClient:
 
 
 # ---- helpers -----------------------------------------------------------------------------------------
+
+
+def _pinned_pool(url: str, address: str) -> tuple[urllib3.HTTPConnectionPool, str, str]:
+    """A one-off connection pool to ``address`` for ``url``'s host: the Host header and, for https, the
+    TLS server name and certificate check still use the host name. Returns (pool, path and query, Host)."""
+    parts = urlsplit(url)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    if parts.scheme == "https":
+        pool: urllib3.HTTPConnectionPool = urllib3.HTTPSConnectionPool(
+            address, parts.port or 443, maxsize=1, retries=False,
+            server_hostname=parts.hostname, assert_hostname=parts.hostname,
+        )
+    else:
+        pool = urllib3.HTTPConnectionPool(address, parts.port or 80, maxsize=1, retries=False)
+    return pool, target, parts.netloc.rsplit("@", 1)[-1]
+
+
+def _sendable_header(value: str) -> bool:
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return False
+    return not any(ch in value for ch in "\r\n\x00")
+
+
+def _unsendable_header() -> HubRequestRejected:
+    return HubRequestRejected(
+        "Ango Hub could not be called: the request carries a header HTTP cannot send (check that the Ango API "
+        "key is a single line of plain characters)."
+    )
 
 
 def _segment(value: str) -> str:

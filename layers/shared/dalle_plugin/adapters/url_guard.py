@@ -1,6 +1,9 @@
 """Which URLs the plugin may fetch: https only, and never a private, loopback, link-local or metadata
 address (checked after DNS resolution, and again for every redirect by the caller). The local stack
-allows its own emulators on 127.0.0.1 by explicit setting."""
+allows its own emulators on 127.0.0.1 by explicit setting.
+
+The guard returns the address it vetted, and the caller connects to that address (keeping the host name
+for the Host header and TLS), so a second DNS answer cannot swap in a private address after the check."""
 
 from __future__ import annotations
 
@@ -30,9 +33,14 @@ class UrlGuard:
         self.allow_private = allow_private
         self._resolver = resolver
 
-    def __call__(self, url: str) -> None:
-        """Raise ``AssetUnreadable`` naming the problem, or return when the URL may be fetched."""
-        parts = urlsplit(url)
+    def __call__(self, url: str) -> str | None:
+        """Raise ``AssetUnreadable`` naming the problem, or return the vetted address to connect to (None
+        when private addresses are allowed: then the caller connects by name)."""
+        try:
+            parts = urlsplit(url)
+            port = parts.port or 443
+        except ValueError:
+            raise AssetUnreadable("Refusing to fetch a malformed URL (bad host or port).") from None
         allowed_schemes = ("https", "http") if self.allow_private else ("https",)
         if parts.scheme not in allowed_schemes:
             raise AssetUnreadable(f"Refusing to fetch {parts.scheme or 'a relative'} URL: only https is allowed.")
@@ -41,8 +49,7 @@ class UrlGuard:
         if parts.username or parts.password:
             raise AssetUnreadable("Refusing to fetch a URL with credentials in it.")
         if self.allow_private:
-            return
-        port = parts.port or 443
+            return None
         try:
             addresses = self._resolver(parts.hostname, port)
         except (OSError, UnicodeError):
@@ -52,3 +59,5 @@ class UrlGuard:
                 f"Refusing to fetch {parts.hostname}: it resolves to a private, loopback, link-local or "
                 "metadata address."
             )
+        # IPv4 first: a Lambda outside a VPC has no IPv6 route out
+        return next((address for address in addresses if ":" not in address), addresses[0])

@@ -37,6 +37,7 @@ from dalle_plugin.domain.models_catalog import (
 PromptSource = Literal["text-annotation", "entity-annotation", "full-text-asset"]
 PROMPT_SOURCES: tuple[str, ...] = get_args(PromptSource)
 DEFAULT_KEY = "default"
+MAX_KEY_CHARS = 512
 
 # Names people plausibly type for a field; only ever used to suggest the right name, never accepted.
 _LIKELY_MEANT = {
@@ -122,6 +123,13 @@ class PluginConfig(BaseModel):
         if not key:
             hint = 'Leave it out or write "default" for the shared key.'
             raise InvalidConfig("openai_api_key", "", allowed, hint)
+        if len(key) > MAX_KEY_CHARS:  # sealed with KMS, which takes at most 4 KB for the run's secrets
+            raise InvalidConfig(
+                "openai_api_key",
+                mask_secret(key),
+                allowed,
+                f"That is {len(key)} characters; an OpenAI key has at most {MAX_KEY_CHARS}: paste the key alone.",
+            )
         if any(ch.isspace() for ch in key) or not key.isascii() or not key.isprintable():
             raise InvalidConfig(
                 "openai_api_key",
@@ -233,6 +241,9 @@ def _loads(text: str) -> Any:
         return json.loads(text, object_pairs_hook=_refuse_duplicates)
     except json.JSONDecodeError as exc:
         raise _not_json(text, exc) from None
+    except RecursionError:
+        raise MalformedConfig("Config JSON is nested too deeply: write it as one flat JSON object, e.g. "
+                              f"{_EXAMPLE}.", allowed="a JSON object") from None
 
 
 def _not_json(text: str, exc: json.JSONDecodeError) -> MalformedConfig:
@@ -256,7 +267,7 @@ def _not_json(text: str, exc: json.JSONDecodeError) -> MalformedConfig:
 def _parses_as_object(text: str) -> bool:
     try:
         return isinstance(json.loads(text), dict)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return False
 
 

@@ -157,3 +157,23 @@ class RateLimiterBusy(Transient):
     """Too many runs raced for the global image slot at once and this one kept losing; retry shortly."""
 
     reason = "rate_limiter_busy"
+
+
+class HubDeliveryUnknown(HubUnavailable):
+    """A call that must not be made twice may have reached the hub: it timed out after the request was sent,
+    or the connection dropped before the answer. The hub client never resends such a call by itself."""
+
+    reason = "hub_unavailable"
+
+
+class HubOutcomeUnknown(PluginError):
+    """The hub did not confirm a change the plugin sent (an attachment, a task submission), and sending it
+    again could make it twice: the run stops and says what to check on the hub."""
+
+    reason = "hub_outcome_unknown"
+
+
+class OpenAIRateLimitPersisted(PluginError):
+    """OpenAI kept answering 429 rate_limit_exceeded, request after request, past the run's budget."""
+
+    reason = "openai_rate_limited"

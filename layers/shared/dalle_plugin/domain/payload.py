@@ -74,6 +74,11 @@ class HubPayload(BaseModel):
             raise ValueError("must not be empty")
         if len(value.get_secret_value()) > 512:
             raise ValueError("is longer than 512 characters")
+        key = value.get_secret_value()
+        # It travels as an HTTP header: a control character would make the HTTP library raise an error that
+        # quotes the header's value, so such a key is refused here, never echoed.
+        if not key.isascii() or not key.isprintable() or any(ch.isspace() for ch in key):
+            raise ValueError("must be printable ASCII without spaces (an Ango API key)")
         return value
 
     @field_validator("config_json")
@@ -118,6 +123,8 @@ def parse_payload(body: str | bytes | dict[str, Any] | None) -> HubPayload:
             body = json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise InvalidRequest(f"The request body is not valid JSON ({exc}).") from None
+        except RecursionError:
+            raise InvalidRequest("The request body is JSON nested too deeply to be a run payload.") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object with the hub's run payload.")
     try:

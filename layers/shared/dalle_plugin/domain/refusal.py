@@ -15,7 +15,7 @@ def tell_hub_refused(raw_body: bytes, message: str, deps: StepDeps) -> bool:
     """Best effort, from whatever of the payload could be read; returns whether the hub was told."""
     try:
         body: Any = json.loads(raw_body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     if not isinstance(body, dict):
         return False

@@ -185,6 +185,8 @@ class RunRecord(CamelModel):
     expires_at: int | None = None
     #: when the run's result was sent to the hub (a workflow task's submission); cleared if surely not taken
     finish_sent_at_ms: int | None = None
+    #: 429 rate_limit_exceeded answers from OpenAI in a row, in this generation
+    upstream_rate_limited: int = 0
 
     @property
     def ref(self) -> RunRef:

@@ -627,8 +627,12 @@ def record_failure(inp: FailureInput, deps: StepDeps) -> dict[str, Any]:
     run = deps.runs.update(run.session, run.task_id, fail)
     # Paid for and surely not on the hub: a re-run of the task (in a new session too) takes it, not a new one.
     undelivered = run.image is not None and not run.image.attached and run.image.attach_sent_at_ms is None
-    if undelivered and deps.reusable_images is not None and run.prompt is not None:
-        deps.reusable_images.offer(image_fingerprint(run), run.image.key, run.expires_at or now // 1000 + 86_400)
+    # A step that died between storing its PNG and recording it leaves the image at its key, unrecorded:
+    # offered too (a re-run checks that the object exists before it takes it).
+    unrecorded = run.image is None and run.attempt > 0
+    if (undelivered or unrecorded) and deps.reusable_images is not None and run.prompt is not None:
+        key = run.image.key if run.image else image_key(run)
+        deps.reusable_images.offer(image_fingerprint(run), key, run.expires_at or now // 1000 + 86_400)
     kept = " The generated image is kept, so running again will not pay for it twice." if undelivered else ""
     _hub_log(run, hub, f"Run failed: {failure.message}{kept}", level="ERROR")
     if hub is not None and not run.workflow:

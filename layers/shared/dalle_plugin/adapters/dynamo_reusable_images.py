@@ -1,0 +1,40 @@
+"""Undelivered paid images in the sessions table: pk ``IMAGE#<fingerprint>``, sk ``REUSABLE``.
+
+An item exists only while an image is on offer: a failed run that had paid for its image puts it, the next
+run with the same fingerprint deletes it as it takes it (``ReturnValues=ALL_OLD``: of two runs racing for it,
+exactly one gets the key). The item expires with the run records (TTL), before the bucket's lifecycle rule
+removes the image itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from dalle_plugin.domain.errors import StorageUnavailable
+
+
+def _key(fingerprint: str) -> dict[str, Any]:
+    return {"pk": {"S": f"IMAGE#{fingerprint}"}, "sk": {"S": "REUSABLE"}}
+
+
+class DynamoReusableImages:
+    def __init__(self, client: Any, table_name: str):
+        self._client = client
+        self._table = table_name
+
+    def offer(self, fingerprint: str, key: str, expires_at: int) -> None:
+        item = _key(fingerprint) | {"imageKey": {"S": key}, "expiresAt": {"N": str(expires_at)}}
+        try:
+            self._client.put_item(TableName=self._table, Item=item)
+        except ClientError as exc:
+            raise StorageUnavailable(f"Could not keep the image for a re-run: {exc.response['Error']['Code']}") from None
+
+    def claim(self, fingerprint: str) -> str | None:
+        try:
+            old = self._client.delete_item(TableName=self._table, Key=_key(fingerprint), ReturnValues="ALL_OLD")
+        except ClientError as exc:
+            raise StorageUnavailable(f"Could not look for a reusable image: {exc.response['Error']['Code']}") from None
+        attributes = old.get("Attributes") or {}
+        return attributes["imageKey"]["S"] if "imageKey" in attributes else None

@@ -1,0 +1,315 @@
+"""The rules that make a retried step safe, at the domain level with in-memory fakes (fast, every branch):
+an attachment or a task submission the hub may have taken is never sent again, a finished run stays
+finished, a paid image that was never delivered is reused by the next run of the task, a key whose rate
+limit stays used up ends the run, and a failure message never quotes an unexpected exception."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pytest
+
+from dalle_plugin.domain.errors import (
+    HubDeliveryUnknown,
+    HubOutcomeUnknown,
+    HubUnavailable,
+    OpenAIRateLimitPersisted,
+    UpstreamRateLimited,
+)
+from dalle_plugin.domain.run import (
+    FailureInput,
+    ImageInfo,
+    ModelInfo,
+    PromptInfo,
+    RunRecord,
+    RunRef,
+    RunStatus,
+    StepError,
+)
+from dalle_plugin.domain.steps import (
+    StepDeps,
+    attach_image,
+    describe_failure,
+    generate_image,
+    image_fingerprint,
+    image_key,
+    record_failure,
+)
+from dalle_plugin.ports import GeneratedImage, HubAsset, StoredObject
+
+SESSION, TASK = "sess-1", "task-1"
+
+
+class Runs:
+    def __init__(self) -> None:
+        self.items: dict[tuple[str, str], RunRecord] = {}
+
+    def create(self, run: RunRecord) -> tuple[RunRecord, bool]:
+        key = (run.session, run.task_id)
+        if key in self.items:
+            return copy.deepcopy(self.items[key]), False
+        self.items[key] = copy.deepcopy(run)
+        return copy.deepcopy(run), True
+
+    def get(self, session: str, task_id: str) -> RunRecord | None:
+        found = self.items.get((session, task_id))
+        return copy.deepcopy(found) if found else None
+
+    def update(self, session: str, task_id: str, mutate: Callable[[RunRecord], None]) -> RunRecord:
+        run = copy.deepcopy(self.items[(session, task_id)])
+        mutate(run)
+        self.items[(session, task_id)] = copy.deepcopy(run)
+        return run
+
+    def list_session(self, session: str) -> list[RunRecord]:
+        return [copy.deepcopy(r) for (s, _), r in self.items.items() if s == session]
+
+
+class Vault:
+    def seal(self, secrets: dict[str, str], context: dict[str, str]) -> bytes:
+        return json.dumps(secrets).encode()
+
+    def open(self, sealed: bytes, context: dict[str, str]) -> dict[str, str]:
+        return json.loads(sealed)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.ms = 1_800_000_000_000
+
+    def now_ms(self) -> int:
+        self.ms += 10
+        return self.ms
+
+
+class Images:
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+
+    def put_png(self, key: str, body: bytes, metadata: dict[str, str]) -> StoredObject:
+        self.objects[key] = body
+        return StoredObject(bucket="images", key=key)
+
+    def get(self, key: str) -> bytes | None:
+        return self.objects.get(key)
+
+    def presigned_url(self, key: str, expires_s: int = 3600) -> str:
+        return f"https://s3.example/{key}"
+
+
+class Offers:
+    def __init__(self) -> None:
+        self.items: dict[str, str] = {}
+
+    def offer(self, fingerprint: str, key: str, expires_at: int) -> None:
+        self.items[fingerprint] = key
+
+    def claim(self, fingerprint: str) -> str | None:
+        return self.items.pop(fingerprint, None)
+
+
+@dataclass
+class Hub:
+    """Scripted answers per call name: an exception to raise once, in order; records every call."""
+
+    failures: dict[str, list[Exception]] = field(default_factory=dict)
+    calls: list[str] = field(default_factory=list)
+
+    def _call(self, name: str) -> None:
+        self.calls.append(name)
+        queue = self.failures.get(name) or []
+        if queue:
+            raise queue.pop(0)
+
+    def get_task(self, task_id: str) -> dict[str, Any]:
+        self._call("get_task")
+        return {"answer": {"tools": [], "classifications": [], "relations": []}}
+
+    def get_asset(self, project_id: str, asset_id: str) -> HubAsset:
+        self._call("get_asset")
+        return HubAsset(asset_id=asset_id, external_id="story.txt", data_url="https://hub.example/story.txt")
+
+    def fetch_text(self, url: str) -> bytes:
+        return b"text"
+
+    def upload_file(self, project_id: str, name: str, body: bytes, content_type: str) -> str:
+        self._call("upload_file")
+        return f"https://storage.example/{name}"
+
+    def attach_image(self, project_id: str, external_id: str, image_url: str) -> None:
+        self._call("attach_image")
+
+    def annotate(self, task_id: str, answer: dict[str, Any]) -> None:
+        self._call("annotate")
+
+    def plugin_response(self, session: str, response: Any = None, error: bool = False) -> None:
+        self._call("plugin_response")
+
+    def plugin_log(self, session: str, message: str, level: str = "INFO", **extra: Any) -> None:
+        pass
+
+
+class Generator:
+    def __init__(self, failures: list[Exception] | None = None) -> None:
+        self.failures = failures or []
+        self.requests = 0
+
+    def generate(self, request: Any, api_key: str) -> GeneratedImage:
+        self.requests += 1
+        if self.failures:
+            raise self.failures.pop(0) if len(self.failures) > 1 else self.failures[0]
+        return GeneratedImage(png=b"\x89PNG fake", model=request.model, request_id="req_1")
+
+
+def _run(session: str = SESSION, workflow: bool = True, **changes: Any) -> RunRecord:
+    ref = RunRef(session=session, task_id=TASK)
+    run = RunRecord(
+        session=session, task_id=TASK, execution_name=ref.execution_name, project_id="proj", asset_id="asset-1",
+        workflow=workflow, prompt_source="text-annotation",
+        model=ModelInfo(requested="gpt-image-2", actual="gpt-image-2"), size="1024x1024", max_prompt_chars=32_000,
+        uses_default_key=False, sealed_secrets=json.dumps({"ango": "ango-key", "openai": "sk-own"}).encode(),
+        created_at_ms=1, updated_at_ms=1, status=RunStatus.GENERATING,
+        prompt=PromptInfo(text="a lighthouse", source="text-annotation", length=12, original_length=12),
+    )
+    return run.model_copy(update=changes)
+
+
+def _image(**changes: Any) -> ImageInfo:
+    return ImageInfo(bucket="images", key="images/x.png", sha256="ab" * 32, bytes=9, model="gpt-image-2",
+                     size="1024x1024").model_copy(update=changes)
+
+
+def _deps(hub: Hub, generator: Generator | None = None) -> StepDeps:
+    return StepDeps(runs=Runs(), clock=Clock(), vault=Vault(), hub_for=lambda run, key: hub, images=Images(),
+                    generator=generator or Generator(), reusable_images=Offers())
+
+
+def _stored(deps: StepDeps, session: str = SESSION) -> RunRecord:
+    return deps.runs.get(session, TASK)
+
+
+REF = RunRef(session=SESSION, task_id=TASK)
+
+
+# ---- Attach Image: never twice ----------------------------------------------------------------------
+
+
+def test_an_attachment_the_hub_may_have_taken_is_never_sent_again():
+    hub = Hub(failures={"attach_image": [HubDeliveryUnknown("timed out after sending")]})
+    deps = _deps(hub)
+    deps.runs.create(_run(image=_image()))
+    with pytest.raises(HubOutcomeUnknown, match="did not confirm the attachment"):
+        attach_image(REF, deps)
+    assert _stored(deps).image.attach_sent_at_ms is not None
+    with pytest.raises(HubOutcomeUnknown):  # the state machine's retry, or any later attempt
+        attach_image(REF, deps)
+    assert hub.calls.count("attach_image") == 1
+    assert _stored(deps).image.attached is False
+
+
+def test_an_attachment_the_hub_surely_refused_is_sent_again_on_retry():
+    hub = Hub(failures={"attach_image": [HubUnavailable("503, not applied")]})
+    deps = _deps(hub)
+    deps.runs.create(_run(image=_image()))
+    with pytest.raises(HubUnavailable):
+        attach_image(REF, deps)
+    assert _stored(deps).image.attach_sent_at_ms is None  # the intent was cleared
+    attach_image(REF, deps)
+    assert hub.calls.count("attach_image") == 2 and _stored(deps).image.attached
+    assert _stored(deps).status is RunStatus.SUCCEEDED
+
+
+def test_a_task_submission_the_hub_may_have_taken_is_never_sent_again():
+    hub = Hub(failures={"annotate": [HubDeliveryUnknown("timed out after sending")]})
+    deps = _deps(hub)
+    deps.runs.create(_run(image=_image()))
+    with pytest.raises(HubOutcomeUnknown, match="submission"):
+        attach_image(REF, deps)
+    with pytest.raises(HubOutcomeUnknown):
+        attach_image(REF, deps)
+    assert hub.calls.count("annotate") == 1 and hub.calls.count("attach_image") == 1
+
+
+def test_a_retry_after_the_run_finished_touches_nothing():
+    hub = Hub()
+    deps = _deps(hub)
+    deps.runs.create(_run(image=_image()))
+    first = attach_image(REF, deps)
+    calls = list(hub.calls)
+    assert attach_image(REF, deps) == first
+    assert hub.calls == calls  # no second upload, attachment or submission
+
+
+# ---- Record Failure: readable, never overwriting a success -----------------------------------------
+
+
+def _failure(error: str, message: str = "boom") -> FailureInput:
+    return FailureInput(session=SESSION, task_id=TASK,
+                        error=StepError(Error=error, Cause=json.dumps({"errorMessage": message})))
+
+
+def test_a_crash_after_the_run_finished_leaves_it_succeeded():
+    deps = _deps(Hub())
+    deps.runs.create(_run(image=_image(attached=True), status=RunStatus.SUCCEEDED, sealed_secrets=None))
+    assert record_failure(_failure("Runtime.ExitError"), deps)["status"] == "SUCCEEDED"
+    assert _stored(deps).status is RunStatus.SUCCEEDED and _stored(deps).failure is None
+
+
+def test_an_undelivered_paid_image_is_offered_and_a_sent_one_is_not():
+    deps = _deps(Hub())
+    deps.runs.create(_run(image=_image()))
+    record_failure(_failure("HubUnavailable", "Ango Hub did not answer"), deps)
+    assert deps.reusable_images.items == {image_fingerprint(_stored(deps)): "images/x.png"}
+
+    sent = _deps(Hub())
+    sent.runs.create(_run(image=_image(hub_url="https://storage.example/x.png", attach_sent_at_ms=5)))
+    record_failure(_failure("Runtime.ExitError", "killed"), sent)
+    assert sent.reusable_images.items == {}
+    assert "check the asset's attachments" in _stored(sent).failure.message
+
+    # died between storing the PNG and recording it: the image's key is offered all the same
+    unrecorded = _deps(Hub())
+    unrecorded.runs.create(_run(attempt=1))
+    record_failure(_failure("Runtime.ExitError", "killed"), unrecorded)
+    assert list(unrecorded.reusable_images.items.values()) == [image_key(_stored(unrecorded))]
+
+
+def test_an_unexpected_exception_is_named_but_its_text_never_shown():
+    failure = describe_failure("ValueError", json.dumps({"errorMessage": "Invalid header value b'secret\\n'"}))
+    assert failure.reason == "internal_error" and "secret" not in failure.message and "ValueError" in failure.message
+    assert describe_failure("ImageRefused", json.dumps({"errorMessage": "Edit the prompt."})).message == "Edit the prompt."
+
+
+# ---- Generate Image: never paid twice ------------------------------------------------------------
+
+
+def test_a_rerun_in_a_new_session_takes_the_image_a_failed_run_paid_for():
+    generator = Generator()
+    deps = _deps(Hub(), generator)
+    deps.runs.create(_run(session="first"))
+    generate_image(RunRef(session="first", task_id=TASK), deps)
+    record_failure(FailureInput(session="first", task_id=TASK, error=StepError(Error="HubUnavailable")), deps)
+
+    deps.runs.create(_run(session="second"))
+    outcome = generate_image(RunRef(session="second", task_id=TASK), deps)
+    assert outcome.status == "DONE" and generator.requests == 1
+    assert _stored(deps, "second").image.reused and deps.reusable_images.items == {}
+
+    attach_image(RunRef(session="second", task_id=TASK), deps)
+    deps.runs.create(_run(session="third"))
+    generate_image(RunRef(session="third", task_id=TASK), deps)
+    assert generator.requests == 2  # once delivered, a later run asks for a new image
+
+
+def test_a_key_whose_rate_limit_stays_used_up_ends_the_run_after_five_answers():
+    generator = Generator([UpstreamRateLimited("429", retry_after_ms=1000)])
+    deps = _deps(Hub(), generator)
+    deps.runs.create(_run())
+    for _ in range(4):
+        assert generate_image(REF, deps).status == "WAIT"
+    with pytest.raises(OpenAIRateLimitPersisted, match="5 times in a row"):
+        generate_image(REF, deps)
+    assert generator.requests == 5
