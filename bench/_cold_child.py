@@ -1,0 +1,97 @@
+"""One cold start in a fresh interpreter: ``python bench/_cold_child.py <spec.json>``.
+
+Started by bench/cold_start.py. Like the Lambda runtime, it puts the function's code directory and then the
+layer on the import path, imports the handler module and serves one event; it writes what it measured to
+the spec's ``out`` file. With ``eager`` it first imports every dependency and creates the AWS clients
+(the shape the plugin avoids), so the two variants differ only in what happens before the first event.
+Nothing is imported at the top beyond the standard library, so the timings start clean.
+"""
+
+import importlib
+import json
+import sys
+import time
+
+STARTED = time.perf_counter()
+EAGER_MODULES = (
+    "openai",
+    "boto3",
+    "pydantic",
+    "aws_lambda_powertools",
+    "aws_lambda_powertools.logging",
+    "aws_lambda_powertools.metrics",
+    "aws_lambda_powertools.tracing",
+)
+AWS_SERVICES = ("dynamodb", "kms", "s3", "secretsmanager", "stepfunctions")
+
+
+class Context:
+    def __init__(self, name: str, memory_mb: int):
+        self.function_name = name
+        self.function_version = "$LATEST"
+        self.invoked_function_arn = f"arn:aws:lambda:us-east-1:123456789012:function:{name}"
+        self.memory_limit_in_mb = memory_mb
+        self.aws_request_id = "00000000-0000-4000-8000-000000000001"
+        self.log_group_name = f"/aws/lambda/{name}"
+        self.log_stream_name = "bench/cold-start"
+        self._deadline = time.monotonic() + 30
+
+    def get_remaining_time_in_millis(self) -> int:
+        return max(0, int((self._deadline - time.monotonic()) * 1000))
+
+
+def load_everything() -> None:
+    """What an eager module would do at import: every library, every plugin module, every client."""
+    import pkgutil
+
+    for name in EAGER_MODULES:
+        importlib.import_module(name)
+    import dalle_plugin
+
+    for info in pkgutil.walk_packages(dalle_plugin.__path__, "dalle_plugin."):
+        importlib.import_module(info.name)
+    from dalle_plugin import wiring
+
+    for service in AWS_SERVICES:
+        wiring.aws_client(service)
+    import openai
+
+    openai.OpenAI(api_key="sk-eager-client-at-import", max_retries=0)
+
+
+def main() -> None:
+    with open(sys.argv[1]) as handle:
+        spec = json.load(handle)
+    # Lambda's import path: the function's code (/var/task), then the layer (/opt/python).
+    sys.path[0:1] = [spec["code_dir"], spec["layer_dir"]]
+    before_import = time.perf_counter()
+    if spec["eager"]:
+        load_everything()
+    eager_done = time.perf_counter()
+    module = importlib.import_module(spec["module"])
+    imported = time.perf_counter()
+    handler = getattr(module, spec["handler"])
+    error = None
+    try:
+        result = handler(spec["event"], Context(spec["function_name"], spec["memory_mb"]))
+    except Exception as exc:  # reported, not hidden: the parent fails the figure
+        result, error = None, f"{type(exc).__name__}: {exc}"
+    served = time.perf_counter()
+    status = result.get("statusCode") if isinstance(result, dict) else None
+    measured = {
+        "interpreter_to_main_ms": (before_import - STARTED) * 1000,
+        "eager_ms": (eager_done - before_import) * 1000,
+        "import_ms": (imported - eager_done) * 1000,
+        "init_ms": (imported - before_import) * 1000,
+        "first_event_ms": (served - imported) * 1000,
+        "openai_imported": "openai" in sys.modules,
+        "modules_loaded": len(sys.modules),
+        "status_code": status,
+        "error": error,
+    }
+    with open(spec["out"], "w") as handle:
+        json.dump(measured, handle)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""Regenerates docs/performance.md from whatever bench/results/*.json exist: ``python -m bench report``.
+
+A result with ``rows`` (the shape bench/common.py writes) becomes a table of figure / ours / baseline /
+ratio; a result shaped ``{"ours": {...}, "baseline...": {...}}`` (bench/limiter.py) becomes one from the
+numbers the two sides share; anything else is listed key by key, so a new benchmark shows up even before
+it follows the common shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench.common import PROJECT_ROOT, RESULTS_DIR, ratio_of
+
+DOC_PATH = PROJECT_ROOT / "docs" / "performance.md"
+#: the order sections appear in; results not listed here follow, by name
+ORDER = ("cold_start", "package_size", "overhead", "own_key_throughput", "limiter", "aws_cost")
+TITLES = {"limiter": "Global limit under a backlog (shared key)"}
+
+
+def load_results(results_dir: Path = RESULTS_DIR) -> list[dict[str, Any]]:
+    found = []
+    for path in sorted(results_dir.glob("*.json")):
+        try:
+            doc = json.loads(path.read_text())
+        except ValueError:
+            continue
+        if isinstance(doc, dict):
+            doc.setdefault("name", path.stem)
+            found.append(doc)
+    rank = {name: index for index, name in enumerate(ORDER)}
+    return sorted(found, key=lambda d: (rank.get(d["name"], len(ORDER)), d["name"]))
+
+
+def fmt(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, float)):
+        magnitude = abs(value)
+        if isinstance(value, int) or magnitude >= 100:
+            text = f"{value:,.0f}"
+        elif magnitude >= 10:
+            text = f"{value:.1f}"
+        elif magnitude >= 1:
+            text = f"{value:.2f}"
+        elif magnitude == 0:
+            text = "0"
+        else:
+            text = f"{value:.3g}"
+        return f"{text} {unit}".strip()
+    return str(value).replace("|", "\\|")
+
+
+def _ratio(ratio: float | None) -> str:
+    if ratio is None:
+        return "–"
+    return f"{ratio:.2f}" if abs(ratio) >= 0.1 or ratio == 0 else f"{ratio:.2g}"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def rows_of(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The figure rows of any result shape."""
+    if isinstance(doc.get("rows"), list):
+        return doc["rows"]
+    ours = doc.get("ours")
+    baseline_key = next((k for k in doc if k.startswith("baseline") and isinstance(doc[k], dict)), None)
+    if isinstance(ours, dict) and baseline_key:
+        base = doc[baseline_key]
+        settings = set(
+            doc.get("scenario") or {}
+        )  # the scenario is stated once above the table, not as figures
+        rows = []
+        for key, value in ours.items():
+            other = base.get(key)
+            if key in settings:
+                continue
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key in base:
+                rows.append({"figure": key.replace("_", " "), "unit": "", "ours": value, "baseline": other})
+        return rows
+    return [
+        {"figure": key.replace("_", " "), "unit": "", "ours": value, "baseline": None}
+        for key, value in doc.items()
+        if isinstance(value, (int, float, str, bool)) and key != "name"
+    ]
+
+
+def section(doc: dict[str, Any]) -> str:
+    name = doc["name"]
+    title = doc.get("title") or TITLES.get(name) or name.replace("_", " ").capitalize()
+    lines = [f"## {title}", ""]
+    meta = [f"`bench/results/{name}.json`"]
+    if doc.get("measured_at"):
+        meta.append(f"measured {doc['measured_at']}")
+    if doc.get("quick"):
+        meta.append("**quick mode (smoke run, not for comparison)**")
+    if doc.get("duration_s") is not None:
+        meta.append(f"took {doc['duration_s']:.0f} s")
+    lines += [" · ".join(meta), ""]
+    if doc.get("method"):
+        lines += [doc["method"], ""]
+    scenario = doc.get("scenario")
+    if isinstance(scenario, dict):
+        lines += [
+            "Scenario: " + ", ".join(f"{k.replace('_', ' ')} {fmt(v)}" for k, v in scenario.items()) + ".",
+            "",
+        ]
+    if doc.get("baseline") and isinstance(doc["baseline"], str):
+        lines += [f"**Baseline:** {doc['baseline']}", ""]
+    elif name == "limiter":
+        lines += ["**Baseline:** the naive fixed-window counter, the same backlog at the same time.", ""]
+    rows = rows_of(doc)
+    if rows:
+        lines += ["| figure | ours | baseline | ratio | note |", "|---|---:|---:|---:|---|"]
+        for row in rows:
+            unit = row.get("unit", "")
+            ratio = row.get("ratio", ratio_of(row.get("ours"), row.get("baseline")))
+            lines.append(
+                f"| {_cell(str(row['figure']))} | {fmt(row.get('ours'), unit)} | "
+                f"{fmt(row.get('baseline'), unit)} | {_ratio(ratio)} | {_cell(row.get('note', ''))} |"
+            )
+        lines.append("")
+    for check in doc.get("checks") or []:
+        lines.append(f"- check: {check['check']}: **{'passed' if check['passed'] else 'FAILED'}**")
+    if doc.get("checks"):
+        lines.append("")
+    for finding in doc.get("findings") or []:
+        lines.append(f"- {finding}")
+    if doc.get("findings"):
+        lines.append("")
+    return "\n".join(lines)
+
+
+def render(results_dir: Path = RESULTS_DIR) -> str:
+    docs = load_results(results_dir)
+    head = [
+        "# Performance",
+        "",
+        "Generated by `make bench` (`python -m bench`; `bench/report.py` rewrites this file from "
+        "`bench/results/*.json`, so do not edit it by hand). Every figure stands next to a baseline "
+        "measured in the same run; **ratio = ours / baseline**. The local stack runs everything in one "
+        "process on the bench machine, so absolute times are the local stack's; the ratios and counts are "
+        "what carry over.",
+        "",
+    ]
+    if not docs:
+        head.append("No results yet: run `make bench`.")
+        return "\n".join(head) + "\n"
+    titles = [d.get("title") or TITLES.get(d["name"]) or d["name"] for d in docs]
+    head.append("Contents: " + " · ".join(f"[{title}](#{_anchor(title)})" for title in titles))
+    head.append("")
+    return "\n".join(head) + "\n" + "\n".join(section(d) for d in docs)
+
+
+def _anchor(title: str) -> str:
+    kept = "".join(ch for ch in title.lower() if ch.isalnum() or ch in " -_")
+    return kept.replace(" ", "-")
+
+
+def write_report(results_dir: Path = RESULTS_DIR, target: Path = DOC_PATH) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(render(results_dir))
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench report", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="ignored: the report is the same either way")
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--out", type=Path, default=DOC_PATH)
+    args = parser.parse_args(argv)
+    path = write_report(args.results, args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
