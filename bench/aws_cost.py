@@ -22,7 +22,7 @@ import uuid
 from collections import Counter
 from typing import Any
 
-from bench.common import BENCH_DIR, RESULTS_DIR, Row, document, median, print_rows, say, write_result
+from bench.common import BENCH_DIR, RESULTS_DIR, Row, document, median, publish, say
 from bench.probes import StackProbe, billed_transitions, execution_histories
 
 NAME = "aws_cost"
@@ -287,11 +287,7 @@ def main(argv: list[str] | None = None) -> int:
             "own_key_per_image": own,
         },
     )
-    path = write_result(doc)
-    print_rows(doc["title"], rows)
-    for finding in findings:
-        say(f"  - {finding}")
-    say(f"wrote {path}")
+    publish(doc, rows, findings)
     return 0
 
 

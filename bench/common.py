@@ -138,6 +138,16 @@ def write_result(doc: dict[str, Any], results_dir: Path = RESULTS_DIR) -> Path:
     return path
 
 
+def publish(doc: dict[str, Any], rows: list[Row], findings: Iterable[str] = ()) -> Path:
+    """Write the result file, then print its rows and findings: the end of every benchmark."""
+    path = write_result(doc)
+    print_rows(doc["title"], rows)
+    for finding in findings:
+        say(f"  - {finding}")
+    say(f"wrote {path}")
+    return path
+
+
 def print_rows(title: str, rows: list[Row], out: Any = None) -> None:
     out = out or sys.stdout
     print(f"\n{title}", file=out)

@@ -22,7 +22,7 @@ import uuid
 from collections import Counter
 from typing import Any
 
-from bench.common import Row, document, median, percentile, print_rows, say, write_result
+from bench.common import Row, document, median, percentile, publish, say
 from bench.probes import StackProbe
 
 NAME = "overhead"
@@ -362,11 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         details=details,
         started=started,
     )
-    path = write_result(doc)
-    print_rows(doc["title"], rows)
-    for finding in findings:
-        say(f"  - {finding}")
-    say(f"wrote {path}")
+    publish(doc, rows, findings)
     return 0
 
 

@@ -30,7 +30,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from bench.common import PROJECT_ROOT, Row, document, print_rows, say, write_result
+from bench.common import PROJECT_ROOT, Row, document, publish, say
 from bench.probes import StackProbe, billed_transitions, execution_histories
 
 NAME = "own_key_throughput"
@@ -372,11 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         details=details,
         started=started,
     )
-    path = write_result(doc)
-    print_rows(doc["title"], rows)
-    for finding in findings:
-        say(f"  - {finding}")
-    say(f"wrote {path}")
+    publish(doc, rows, findings)
     return 0
 
 

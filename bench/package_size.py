@@ -21,7 +21,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from bench.common import CACHE_DIR, PROJECT_ROOT, Row, document, print_rows, say, write_result
+from bench.common import CACHE_DIR, PROJECT_ROOT, Row, document, publish, say
 
 NAME = "package_size"
 FUNCTIONS = {
@@ -240,11 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             "pip_platform": " ".join(PLATFORM),
         },
     )
-    path = write_result(doc)
-    print_rows(doc["title"], rows)
-    for finding in findings:
-        say(f"  - {finding}")
-    say(f"wrote {path}")
+    publish(doc, rows, findings)
     return 0
 
 
