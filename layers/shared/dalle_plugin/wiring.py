@@ -122,7 +122,8 @@ def generate_deps() -> StepDeps:
     settings = load_settings(GenerateSettings)
     secrets = SecretsManagerReader(aws_client("secretsmanager"))
     limiter_settings = _limiter_settings(settings)
-    limiter = DynamoRateLimiter(aws_client("dynamodb"), settings.rate_limit_table, limiter_settings)
+    limiter = DynamoRateLimiter(aws_client("dynamodb"), settings.rate_limit_table, limiter_settings,
+                                clock=SystemClock().now_ms)
     return StepDeps(
         **_common(settings),
         generator=OpenAIImageGenerator(settings.openai_base_url, settings.openai_timeout_s),

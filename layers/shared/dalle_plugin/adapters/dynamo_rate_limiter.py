@@ -59,8 +59,10 @@ class DynamoRateLimiter:
         backoff_cap_ms: float = 400.0,
         sleep: Callable[[float], None] = time.sleep,
         jitter: Callable[[], float] = random.random,
+        clock: Callable[[], int] | None = None,
     ):
         self._client = client
+        self._clock = clock
         self._table = table_name
         self._settings = settings
         self._key = key
@@ -77,6 +79,10 @@ class DynamoRateLimiter:
         contended = 0
         slept = False
         for _ in range(self._max_attempts):
+            if self._clock is not None:
+                # Each attempt books for the moment it is made, on the one clock every caller reads: a
+                # caller that lost a race must not book "in the past" behind one that booked later.
+                now_ms = max(now_ms, self._clock())
             reservation = reserve(state, ticket, now_ms, self._settings)
             if not reservation.is_new:
                 return replace(reservation.decision, calls=calls)
