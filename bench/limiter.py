@@ -2,8 +2,8 @@
 
 A backlog of runs on the shared key is sent at once to a stack whose limit window is scaled down; the
 OpenAI emulator records when every image request really started. The same backlog runs against the
-naive fixed-window counter as the baseline, in a second process at the same time (each local stack owns
-its process: moto's backends and the in-process Lambdas are process-wide).
+naive fixed-window counter as the baseline, in a second process right after (each local stack owns its
+process: moto's backends and the in-process Lambdas are process-wide).
 
     python -m bench.limiter                  # both variants, writes bench/results/limiter.json
     python -m bench.limiter --one reservation --runs 12 --window 2 --json   # one variant, JSON on stdout
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the result as JSON only")
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--limit", type=int, default=5)
-    parser.add_argument("--window", type=float, default=40.0, help="scaled window, seconds")
+    parser.add_argument("--window", type=float, default=30.0, help="scaled window, seconds")
     parser.add_argument("--margin-ms", type=int, default=1000)
     parser.add_argument("--quick", action="store_true", help="a small backlog on a short window")
     args = parser.parse_args(argv)
@@ -136,10 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result) if args.json else json.dumps(result, indent=2), flush=True)
         return 0
     print(f"limiter: {args.runs} runs on the shared key at {args.limit} per {args.window:g} s "
-          f"(margin {args.margin_ms} ms), ours and the fixed-window baseline side by side…", flush=True)
-    processes = {variant: _in_subprocess(variant, args) for variant in VARIANTS}
+          f"(margin {args.margin_ms} ms), ours, then the fixed-window baseline…", flush=True)
     results = {}
-    for variant, process in processes.items():
+    for variant in VARIANTS:  # one after the other: a variant's bursts must not steal the other's CPU
+        process = _in_subprocess(variant, args)
         out, _ = process.communicate()
         if process.returncode:
             raise SystemExit(f"limiter bench ({variant}) failed with exit code {process.returncode}")

@@ -318,11 +318,11 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
     if deps.images.get(key) is not None:
         return _adopt_stored_image(run, key, deps)
 
-    hub = _hub(run, deps)
+    secrets = _secrets(run, deps)  # opened once: every call before the request delays a booked start
+    hub = deps.hub_for(run, secrets[ANGO_KEY])
     reused = _reuse_undelivered_image(run, deps, hub)
     if reused is not None:
         return reused
-    secrets = _secrets(run, deps)
     api_key = deps.default_openai_key() if run.uses_default_key else secrets[OPENAI_KEY]
     claimed = _claim_request_start(run, deps, hub)
     if isinstance(claimed, GenerateOutcome):
