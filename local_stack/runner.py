@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import base64
+import json
 import signal
 import sys
 import time
@@ -145,6 +145,8 @@ def main_serve(port: int = 3000) -> int:
     with LocalStack(options) as stack:
         stack.hub.load_samples()
         sample = load_sample_runs(stack.hub.base_url)[0].payload
+        keys = ("projectId", "taskId", "assetId", "categorySchema", "configJSON", "apiKey")
+        example = {key: sample[key] for key in keys} | {"session": "my-session-1"}
         print(f"""Local stack up. API: {stack.api_url}
   console:         {stack.api_url}/   (sessions, progress, logs and images; start a sample run)
   hub emulator:    {stack.hub.base_url}   (state: GET {stack.hub.base_url}/_emulator/state)
@@ -153,7 +155,7 @@ def main_serve(port: int = 3000) -> int:
 
 Try:
   curl -s -X POST {stack.api_url}/plugin -H 'Secret: {stack.plugin_secret}' -H 'Content-Type: application/json' \\
-    -d '{{"projectId":"{sample['projectId']}","taskId":"{sample['taskId']}","assetId":"{sample['assetId']}","session":"my-session-1","apiKey":"ango-local-key","categorySchema":{_compact(sample['categorySchema'])},"configJSON":{_compact(sample['configJSON'])}}}'
+    -d '{_compact(example)}'
   curl -s {stack.api_url}/sessions/my-session-1 -H 'Secret: {stack.plugin_secret}'
 
 Ctrl-C stops everything.""", flush=True)
@@ -173,6 +175,5 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 def _compact(value: Any) -> str:
-    import json
-
+    """JSON on one line, quoted for a single-quoted shell argument."""
     return json.dumps(value, separators=(",", ":")).replace("'", "'\\''")

@@ -28,7 +28,7 @@ from local_stack.hub_emulator import HubEmulator
 from local_stack.lambda_runtime import InProcessLambdas, install, install_exact_timestamp_waits
 from local_stack.openai_emulator import OpenAIEmulator
 from local_stack.ports import free_port
-from local_stack.template import ACCOUNT_ID, REGION, LocalTemplate
+from local_stack.template import REGION, LocalTemplate
 
 LOCAL_HUB_API_KEY = "ango-local-key"
 
@@ -166,7 +166,8 @@ class LocalStack:
     def _create_resources(self) -> None:
         t = self.template = LocalTemplate(self.options.stack_name, self._parameters())
         dynamodb, s3, kms = self.client("dynamodb"), self.client("s3"), self.client("kms")
-        secretsmanager, iam, lambda_, sfn = (self.client(s) for s in ("secretsmanager", "iam", "lambda", "stepfunctions"))
+        secretsmanager, iam = self.client("secretsmanager"), self.client("iam")
+        lambda_, sfn = self.client("lambda"), self.client("stepfunctions")
 
         for lid, res in t.of_type("AWS::DynamoDB::Table").items():
             props = res["Properties"]
@@ -190,7 +191,8 @@ class LocalStack:
 
         role = iam.create_role(RoleName=f"{t.stack_name}-execution", AssumeRolePolicyDocument=json.dumps({
             "Version": "2012-10-17",
-            "Statement": [{"Effect": "Allow", "Principal": {"Service": ["lambda.amazonaws.com", "states.amazonaws.com"]},
+            "Statement": [{"Effect": "Allow",
+                           "Principal": {"Service": ["lambda.amazonaws.com", "states.amazonaws.com"]},
                            "Action": "sts:AssumeRole"}]}))["Role"]["Arn"]
         functions = t.functions()
         for lid, spec in functions.items():

@@ -122,7 +122,8 @@ def get_session(event: dict[str, Any]) -> dict[str, Any]:
     runs = wiring.api_deps().runs.list_session(session)
     if not runs:
         return _error(HTTPStatus.NOT_FOUND, f"No session {session!r}.")
-    return _answer(HTTPStatus.OK, session_view(session, runs, wiring.api_deps().images, load_settings(ApiSettings).image_prices))
+    prices = load_settings(ApiSettings).image_prices
+    return _answer(HTTPStatus.OK, session_view(session, runs, wiring.api_deps().images, prices))
 
 
 def cancel(event: dict[str, Any]) -> dict[str, Any]:
@@ -134,7 +135,8 @@ def cancel(event: dict[str, Any]) -> dict[str, Any]:
     outcomes = cancel_session(session, task_id, wiring.cancel_deps())
     record_runs_cancelled(sum(1 for o in outcomes if o.cancelled))
     if not outcomes:
-        return _error(HTTPStatus.NOT_FOUND, f"No session {session!r}" + (f" with task {task_id!r}." if task_id else "."))
+        which = f" with task {task_id!r}" if task_id else ""
+        return _error(HTTPStatus.NOT_FOUND, f"No session {session!r}{which}.")
     status = HTTPStatus.OK if any(o.cancelled for o in outcomes) else HTTPStatus.CONFLICT
     return _answer(status, {"session": session, "tasks": [vars(o) for o in outcomes]})
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any

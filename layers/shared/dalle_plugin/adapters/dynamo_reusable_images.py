@@ -29,7 +29,8 @@ class DynamoReusableImages:
         try:
             self._client.put_item(TableName=self._table, Item=item)
         except ClientError as exc:
-            raise StorageUnavailable(f"Could not keep the image for a re-run: {exc.response['Error']['Code']}") from None
+            code = exc.response["Error"]["Code"]
+            raise StorageUnavailable(f"Could not keep the image for a re-run: {code}") from None
 
     def claim(self, fingerprint: str) -> str | None:
         try:

@@ -52,7 +52,8 @@ def session_view(session: str, runs: list[RunRecord], images: ImageStore | None 
     if all(run.status is RunStatus.SUCCEEDED for run in runs):
         status = RunStatus.SUCCEEDED.value
     elif all(run.status.finished for run in runs):
-        status = RunStatus.FAILED.value if any(r.status is RunStatus.FAILED for r in runs) else RunStatus.CANCELLED.value
+        any_failed = any(r.status is RunStatus.FAILED for r in runs)
+        status = (RunStatus.FAILED if any_failed else RunStatus.CANCELLED).value
     else:
         status = "RUNNING" if len(runs) > 1 else runs[0].status.value
     views = [run_view(run, images, prices) for run in sorted(runs, key=lambda r: (r.created_at_ms, r.task_id))]

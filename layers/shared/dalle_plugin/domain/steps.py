@@ -584,7 +584,8 @@ def describe_failure(error: str, cause: str | None) -> Failure:
     elif error not in reason_of:
         # Only the plugin's own errors are written for people; any other exception's text could quote
         # anything (a header value, a request), so it stays in the execution's history, not the session.
-        message = f"The plugin failed unexpectedly ({error}). Run it again; if it keeps failing, tell the plugin's owner."
+        message = (f"The plugin failed unexpectedly ({error}). Run it again; if it keeps failing, tell the "
+                   "plugin's owner.")
     return Failure(reason=reason_of.get(error, "internal_error"), message=(message or error)[:1000], error=error)
 
 
