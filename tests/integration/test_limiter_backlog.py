@@ -28,10 +28,12 @@ def test_a_backlog_never_puts_more_than_the_limit_in_any_window():
     result = json.loads(completed.stdout.strip().splitlines()[-1])
     starts = result["starts_epoch_s"]
     assert result["succeeded"] == 12 and len(starts) == 12
-    assert max_starts_in_any_window(starts, 2.0) == 5  # full slots used, never more
-    # the first five go at once; every later start waits for the slot five places before it to age out
+    assert max_starts_in_any_window(starts, 2.0) <= 5  # never more, however loaded the machine is
+    # every start waits for the one five places before it to age out of the window
     ordered = sorted(starts)
     assert all(ordered[i] - ordered[i - 5] >= 2.0 for i in range(5, 12))
+    # and the slots are used: twelve starts fit in three windows' worth of bookings (spacing 3 s)
+    assert ordered[-1] - ordered[0] < 3 * 3.0 + 1.0
 
 
 def test_the_window_check_can_fail():
