@@ -61,6 +61,11 @@ def proxy_event(method: str, path: str, route_path: str, params: dict[str, str],
     }
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # the hub may send a burst of runs at once (the default backlog is 5)
+
+
 class ApiGatewayServer:
     def __init__(self, template: LocalTemplate, lambdas: InProcessLambdas, port: int | None = None):
         self.routes = template.routes()
@@ -88,7 +93,7 @@ class ApiGatewayServer:
 
             do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _serve
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._server = _Server(("127.0.0.1", self.port), Handler)
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, name="api-gateway", daemon=True).start()
         return self

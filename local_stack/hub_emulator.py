@@ -157,6 +157,11 @@ def _to_read_format(write_answer: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+class _HubServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # a burst of runs calls the hub at once (the default backlog is 5)
+
+
 class HubEmulator:
     """A threaded HTTP server on 127.0.0.1 speaking the hub's ``/v2`` calls the plugin uses.
 
@@ -185,8 +190,7 @@ class HubEmulator:
             return self
         handler = type("HubEmulatorHandler", (_HubRequestHandler,), {"emulator": self})
         self._stopping.clear()
-        self._server = ThreadingHTTPServer(("127.0.0.1", self._requested_port), handler)
-        self._server.daemon_threads = True
+        self._server = _HubServer(("127.0.0.1", self._requested_port), handler)
         # a short poll interval keeps stop() (server.shutdown) fast: tests start and stop many emulators
         self._thread = threading.Thread(
             target=self._server.serve_forever,

@@ -658,6 +658,7 @@ class _Hung(Exception):
 
 
 class _Server(ThreadingHTTPServer):
+    request_queue_size = 128  # a burst of runs reaches OpenAI at once (the default backlog is 5)
     daemon_threads = True
 
     def __init__(self, emulator: OpenAIEmulator, port: int):
