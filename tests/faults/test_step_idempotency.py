@@ -178,7 +178,7 @@ def _run(session: str = SESSION, workflow: bool = True, **changes: Any) -> RunRe
 
 
 def _image(**changes: Any) -> ImageInfo:
-    return ImageInfo(bucket="images", key="images/x.png", sha256="ab" * 32, bytes=9, model="gpt-image-2",
+    return ImageInfo(key="images/x.png", sha256="ab" * 32, bytes=9, model="gpt-image-2",
                      size="1024x1024").model_copy(update=changes)
 
 

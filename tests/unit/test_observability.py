@@ -44,7 +44,7 @@ def _run(timeline: list[TimelineEntry], uses_default_key: bool = True, image: bo
         prompt_source="entity-annotation", model=ModelInfo(requested="dall-e-2", actual="gpt-image-2"),
         size="1536x1024", quality="high", max_prompt_chars=32000, uses_default_key=uses_default_key,
         created_at_ms=1_000, updated_at_ms=20_000, timeline=timeline,
-        image=ImageInfo(bucket="b", key="images/exec-1.png", sha256="ab", bytes=10, model="gpt-image-2",
+        image=ImageInfo(key="images/exec-1.png", sha256="ab", bytes=10, model="gpt-image-2",
                         size="1536x1024", quality="high") if image else None,
     )
 

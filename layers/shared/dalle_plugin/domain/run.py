@@ -72,7 +72,6 @@ class ModelInfo(CamelModel):
 
 
 class ImageInfo(CamelModel):
-    bucket: str
     key: str
     sha256: str
     bytes: int

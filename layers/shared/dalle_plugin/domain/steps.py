@@ -315,8 +315,9 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
     key = image_key(run)
     if run.image is not None:
         return GenerateOutcome(status="DONE", image_key=run.image.key)
-    if deps.images.get(key) is not None:
-        return _adopt_stored_image(run, key, deps)
+    stored_body = deps.images.get(key)
+    if stored_body is not None:
+        return _adopt_stored_image(run, key, stored_body, deps)
 
     secrets = _secrets(run, deps)  # opened once: every call before the request delays a booked start
     hub = deps.hub_for(run, secrets[ANGO_KEY])
@@ -350,8 +351,8 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
         return _wait(run, deps, deps.clock.now_ms() + exc.retry_after_ms, "openai_rate_limited", exc.message, hub, None)
     digest = hashlib.sha256(image.png).hexdigest()
     metadata = {"model": image.model, "size": run.size, "sha256": digest, "request-id": image.request_id or ""}
-    stored = deps.images.put_png(key, image.png, metadata)
-    info = ImageInfo(bucket=stored.bucket, key=stored.key, sha256=digest, bytes=len(image.png), model=image.model,
+    deps.images.put_png(key, image.png, metadata)
+    info = ImageInfo(key=key, sha256=digest, bytes=len(image.png), model=image.model,
                      size=run.size, quality=run.quality, request_id=image.request_id)
     elapsed_s = (deps.clock.now_ms() - started) / 1000
 
@@ -454,7 +455,7 @@ def _reuse_undelivered_image(run: RunRecord, deps: StepDeps, hub: HubClient) -> 
     if body is None:  # none on offer, or the bucket's lifecycle rule already removed it
         return None
     message = "Reusing the image an earlier run of this task paid for and could not deliver (no new charge)."
-    info = ImageInfo(bucket="", key=key, sha256=hashlib.sha256(body).hexdigest(), bytes=len(body),
+    info = ImageInfo(key=key, sha256=hashlib.sha256(body).hexdigest(), bytes=len(body),
                      model=run.model.actual, size=run.size, quality=run.quality, reused=True)
     now = deps.clock.now_ms()
 
@@ -467,11 +468,10 @@ def _reuse_undelivered_image(run: RunRecord, deps: StepDeps, hub: HubClient) -> 
     return GenerateOutcome(status="DONE", image_key=run.image.key)
 
 
-def _adopt_stored_image(run: RunRecord, key: str, deps: StepDeps) -> GenerateOutcome:
+def _adopt_stored_image(run: RunRecord, key: str, body: bytes, deps: StepDeps) -> GenerateOutcome:
     """A previous attempt paid for and stored the image but died before recording it: use it."""
-    body = deps.images.get(key)
     digest = hashlib.sha256(body).hexdigest()
-    info = ImageInfo(bucket="", key=key, sha256=digest, bytes=len(body), model=run.model.actual, size=run.size,
+    info = ImageInfo(key=key, sha256=digest, bytes=len(body), model=run.model.actual, size=run.size,
                      quality=run.quality)
     deps.runs.update(run.session, run.task_id, lambda r: setattr(r, "image", r.image or info))
     return GenerateOutcome(status="DONE", image_key=key)
