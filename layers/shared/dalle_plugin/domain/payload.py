@@ -17,6 +17,7 @@ from pydantic import (
 )
 
 from dalle_plugin.domain.errors import InvalidRequest
+from dalle_plugin.domain.prompt import prompt_class_ids
 
 ID = Field(min_length=1, max_length=256)
 
@@ -111,7 +112,7 @@ class HubPayload(BaseModel):
 
     @property
     def prompt_class_ids(self) -> list[str]:
-        return [m.schema_id for m in self.category_schema or [] if m.model_class.strip().lower() == "prompt"]
+        return prompt_class_ids(self.category_schema)
 
 
 def parse_payload(body: str | bytes | dict[str, Any] | None) -> HubPayload:
