@@ -22,12 +22,10 @@ from dalle_plugin.domain.steps import start_session
 from dalle_plugin.observability import (
     bind_run,
     clear_run,
-    log_errors,
-    log_metrics,
+    lambda_handler,
     logger,
     record_run_accepted,
     record_runs_cancelled,
-    tracer,
 )
 from dalle_plugin.settings import ApiSettings, load_settings
 
@@ -149,10 +147,7 @@ ROUTES: dict[tuple[str, str], Callable[[dict[str, Any]], dict[str, Any]]] = {
 }
 
 
-@logger.inject_lambda_context
-@tracer.capture_lambda_handler
-@log_metrics
-@log_errors
+@lambda_handler
 def handler(event: dict, context: object) -> dict:
     clear_run()
     route = ROUTES.get((event.get("httpMethod", ""), event.get("resource", "")))

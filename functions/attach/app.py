@@ -3,13 +3,10 @@
 from dalle_plugin import wiring
 from dalle_plugin.domain.run import RunRef
 from dalle_plugin.domain.steps import attach_image
-from dalle_plugin.observability import bind_run, log_errors, log_metrics, logger, record_run_succeeded, tracer
+from dalle_plugin.observability import bind_run, lambda_handler, record_run_succeeded
 
 
-@logger.inject_lambda_context
-@tracer.capture_lambda_handler
-@log_metrics
-@log_errors
+@lambda_handler
 def handler(event: dict, context: object) -> dict:
     ref = RunRef.model_validate(event)
     bind_run(ref.session, ref.task_id, ref.execution_name)

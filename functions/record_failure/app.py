@@ -3,13 +3,10 @@
 from dalle_plugin import wiring
 from dalle_plugin.domain.run import FailureInput
 from dalle_plugin.domain.steps import record_failure
-from dalle_plugin.observability import bind_run, log_errors, log_metrics, logger, record_run_failed, tracer
+from dalle_plugin.observability import bind_run, lambda_handler, record_run_failed
 
 
-@logger.inject_lambda_context
-@tracer.capture_lambda_handler
-@log_metrics
-@log_errors
+@lambda_handler
 def handler(event: dict, context: object) -> dict:
     failure = FailureInput.model_validate(event)
     bind_run(failure.session, failure.task_id, failure.execution_name)

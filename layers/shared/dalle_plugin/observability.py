@@ -118,6 +118,12 @@ def log_metrics(handler: Handler) -> Handler:
 # run's metrics. Step contracts carry ids and counts only, never a prompt or a secret.
 
 
+def lambda_handler(handler: Handler) -> Handler:
+    """What every function's handler wears: the Lambda context and run ids on each log line, a trace,
+    the metrics it counted, and its exception logged before the runtime reports it."""
+    return logger.inject_lambda_context(tracer.capture_lambda_handler(log_metrics(log_errors(handler))))
+
+
 def record_run_accepted(started: int) -> None:
     """API, on 202: ``started`` runs (tasks) were started. A request that started none (the hub sent the
     same session again) is counted as a duplicate, not as runs."""
