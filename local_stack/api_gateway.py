@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 from urllib.parse import parse_qsl, urlsplit
 
-from local_stack.lambda_runtime import InProcessLambdas
+from local_stack.lambda_runtime import LambdaRefused, LambdaService
 from local_stack.ports import free_port
 from local_stack.template import ACCOUNT_ID, LocalTemplate
 
@@ -67,7 +67,7 @@ class _Server(ThreadingHTTPServer):
 
 
 class ApiGatewayServer:
-    def __init__(self, template: LocalTemplate, lambdas: InProcessLambdas, port: int | None = None):
+    def __init__(self, template: LocalTemplate, lambdas: LambdaService, port: int | None = None):
         self.routes = template.routes()
         self.functions = template.functions()
         self.lambdas = lambdas
@@ -113,8 +113,14 @@ class ApiGatewayServer:
             params = route.match(request.command, split.path)
             if params is not None:
                 event = proxy_event(request.command, split.path, route.path, params, split.query, headers, body)
-                payload, failed = self.lambdas.invoke(self.functions[route.function].physical_name,
-                                                      json.dumps(event))
+                try:
+                    payload, failed = self.lambdas.invoke(self.functions[route.function].physical_name,
+                                                          json.dumps(event))
+                except LambdaRefused as refused:  # API Gateway answers 500 when Lambda throttles or fails
+                    print(f"[api] {route.function} refused by Lambda: {refused.code}: {refused}",
+                          file=sys.stderr, flush=True)
+                    return self._send(request, 500, {"Content-Type": "application/json"},
+                                      b'{"message": "Internal server error"}')
                 if failed:  # API Gateway answers 502 when the integration itself fails
                     error = json.loads(payload)
                     print(f"[api] {route.function} failed: {error['errorType']}: {error['errorMessage']}\n"

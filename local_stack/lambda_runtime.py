@@ -1,186 +1,357 @@
-"""Runs the real Lambda handlers in-process, as moto's Lambda backend when Step Functions invokes them.
+"""Lambda as Lambda runs it: every execution environment a process of its own.
 
 moto (server mode, ``use_docker: False``) only echoes a Lambda's input; ``install`` replaces
-``LambdaSimpleBackend.invoke`` so the function's handler (CodeUri + Handler from template.yaml, loaded by
-file path) really runs. An exception becomes the Lambda error payload with ``x-amz-function-error``, so the
-ASL's Retry and Catch match on the exception's class name, as on AWS. Each invocation's stdout lines (the
-Powertools JSON logs and EMF metrics) go to the function's CloudWatch log group in moto.
+``LambdaSimpleBackend.invoke`` so Step Functions' Lambda tasks reach ``LambdaService``, which runs the
+function's real handler (CodeUri + Handler from template.yaml) in an execution environment
+(``local_stack.lambda_environment``) and answers as the Lambda service does:
 
-This patches a moto internal: moto is pinned and tests/integration/test_local_stack_smoke.py fails loudly
-if the patch stops taking effect.
+- an environment handles one event at a time; an idle one is reused while warm (reaped after the profile's
+  ``warm_idle_s``), a busy function gets a new one, which pays the function's cold start;
+- each function runs at most ``reserved_concurrency`` environments (``ReservedConcurrentExecutions`` from
+  the template, else the profile's); past it the invoke is throttled (``TooManyRequestsException``);
+- the function's ``Timeout`` is enforced: the environment is killed and the invoke answers as Lambda does
+  for a timed-out function (a function error whose payload has no ``errorType``, which Step Functions
+  reports as ``Lambda.Unknown``);
+- a result above 6 MB fails (``Function.ResponseSizeTooLarge``), a request above 6 MB is refused;
+- on the profile's share of Step Functions' invokes, the result is lost after the handler ran
+  (``ServiceException``), as AWS warns it can be.
+
+Step Functions names a Lambda service error ``Lambda.<code>``; moto's parser names them all ``Exception``,
+so ``install`` also patches that naming. Both are moto internals: moto is pinned and
+tests/integration/test_local_stack_smoke.py fails loudly if a patch stops taking effect.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import io
 import json
-import sys
+import multiprocessing
 import threading
 import time
-import traceback
 import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from types import ModuleType
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
+from local_stack.lambda_environment import PRELOADED, EnvironmentSetup, LambdaContext, load_handler, serve
+from local_stack.profiles import Profile
 from local_stack.template import FunctionSpec
 
-_current = threading.local()
+PAYLOAD_LIMIT_BYTES = 6 * 1024 * 1024  # synchronous invoke, request and response each
+INIT_BUDGET_S = 10.0  # Lambda gives an environment's init phase 10 s before the invoke's own timeout
 
 
-class RoutingStdout(io.TextIOBase):
-    """sys.stdout stand-in: lines written by a thread that is running a handler are captured for that
-    invocation; everything else goes to the real stdout."""
+class LambdaRefused(Exception):
+    """The Lambda service itself refused or lost the invoke (not a function error): an AWS error code."""
 
-    def __init__(self, real: Any):
-        self.real = real
+    code = "ServiceException"
+    status = 500
 
-    def write(self, text: str) -> int:
-        buffer = getattr(_current, "buffer", None)
-        if buffer is None:
-            return self.real.write(text)
-        buffer.append(text)
-        return len(text)
 
-    def flush(self) -> None:
-        if getattr(_current, "buffer", None) is None:
-            self.real.flush()
+class TooManyRequests(LambdaRefused):
+    code, status = "TooManyRequestsException", 429
+
+
+class RequestTooLarge(LambdaRefused):
+    code, status = "RequestTooLargeException", 413
+
+
+class ResultLost(LambdaRefused):
+    code, status = "ServiceException", 500
 
 
 @dataclass
-class LambdaContext:
-    function_name: str
-    invoked_function_arn: str
-    memory_limit_in_mb: int
-    aws_request_id: str
-    log_group_name: str
-    log_stream_name: str
-    deadline: float
-    function_version: str = "$LATEST"
-
-    def get_remaining_time_in_millis(self) -> int:
-        return max(0, int((self.deadline - time.monotonic()) * 1000))
+class Invocation:
+    function: str  # logical id
+    duration_s: float
+    cold: bool
+    outcome: str  # ok | error | timeout | throttled | lost
 
 
-class InProcessLambdas:
+class Environment:
+    """The runtime's handle on one execution environment process."""
+
+    def __init__(self, context: Any, setup: EnvironmentSetup):
+        self.setup = setup
+        self.conn, child_end = context.Pipe()
+        self.process = context.Process(target=serve, args=(child_end, setup), daemon=True,
+                                       name=f"lambda-{setup.logical_id}")
+        self.process.start()
+        child_end.close()
+        self.log_stream = f"{time.strftime('%Y/%m/%d')}/[$LATEST]{uuid.uuid4().hex}"
+        self.last_used = time.monotonic()
+        self.init_s: float | None = None
+        self.invokes = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid
+
+    def _receive(self, timeout_s: float) -> tuple | None:
+        if self.conn.poll(timeout_s):
+            try:
+                return self.conn.recv()
+            except (EOFError, OSError):
+                return ("died",)
+        return None
+
+    def initialise(self) -> tuple[bool, str | None, list[str]]:
+        """Wait for init. Returns (ok, error payload, log lines)."""
+        answer = self._receive(INIT_BUDGET_S)
+        if answer is None:
+            return False, json.dumps({"errorType": "Runtime.InitTimeout",
+                                      "errorMessage": f"Init did not finish within {INIT_BUDGET_S:g} s"}), []
+        if answer[0] == "ready":
+            self.init_s = answer[1]
+            return True, None, answer[2]
+        if answer[0] == "init_error":
+            return False, answer[1], answer[2]
+        return False, json.dumps({"errorType": "Runtime.ExitError",
+                                  "errorMessage": "Runtime exited during init"}), []
+
+    def invoke(self, request_id: str, body: str, timeout_s: float) -> tuple[str, str, list[str]]:
+        """Returns (outcome, payload, log lines); outcome is ok, error, timeout or died."""
+        self.invokes += 1
+        try:
+            self.conn.send((request_id, body, int(timeout_s * 1000), self.log_stream))
+        except (OSError, ValueError):
+            return "died", _exit_error(request_id), []
+        answer = self._receive(timeout_s)
+        self.last_used = time.monotonic()
+        if answer is None:
+            return "timeout", "", []
+        if answer[0] == "died":
+            return "died", _exit_error(request_id), []
+        ok, payload, lines = answer
+        return ("ok" if ok else "error"), payload, lines
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(timeout=5)
+        self.conn.close()
+
+
+def _exit_error(request_id: str) -> str:
+    return json.dumps({"errorType": "Runtime.ExitError",
+                       "errorMessage": f"RequestId: {request_id} Error: Runtime exited with error: signal: killed"})
+
+
+class _Pool:
+    """One function's environments: idle (warm) ones and how many are in use."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.idle: list[Environment] = []
+        self.busy: set[Environment] = set()
+
+
+class LambdaService:
     def __init__(self, functions: dict[str, FunctionSpec], log_sink: Callable[[str, str, list[str]], None],
-                 layer_dirs: list[Path] = ()):
-        # What Lambda does with a layer's content (/opt/python): put it on the import path.
-        for layer in layer_dirs:
-            if str(layer) not in sys.path:
-                sys.path.append(str(layer))
+                 *, profile: Profile, environ: Callable[[FunctionSpec], dict[str, str]],
+                 layer_dirs: list[Any] = (), hook_modules: tuple[str, ...] = ()):
         self._by_name = {spec.physical_name: spec for spec in functions.values()}
-        self._idle: dict[str, list[ModuleType]] = {}
-        self._loaded = 0
-        self._lock = threading.Lock()
-        self.cold_starts: list[str] = []
+        self._profile = profile
+        self._environ = environ
+        self._layer_dirs = tuple(str(d) for d in layer_dirs)
+        self._hook_modules = tuple(hook_modules)
         self._log_sink = log_sink
-        self.invocations: list[tuple[str, float]] = []  # (function, duration_s): for tests and benchmarks
-        # Hooks a test may set to crash a handler (after its side effects) by function logical id.
-        self.after_hooks: dict[str, Callable[[dict, Any], None]] = {}
+        self._lock = threading.Lock()
+        self._rng = profile.rng()
+        self._pools = {spec.logical_id: _Pool(spec.reserved_concurrency or profile.reserved_concurrency)
+                       for spec in functions.values()}
+        self._context = multiprocessing.get_context("forkserver")
+        self._context.set_forkserver_preload(list(PRELOADED))
+        self.cold_starts: list[str] = []
+        self.invocations: list[Invocation] = []  # for tests and benchmarks
+        self.environments: list[Environment] = []  # every environment started, in order
+        self._stopped = False
+
+    # ---- what callers use -------------------------------------------------------------------------
 
     def spec_for(self, name_or_arn: str) -> FunctionSpec:
         name = name_or_arn.split(":function:")[-1].split(":")[0]
         return self._by_name[name]
 
-    def _load(self, spec: FunctionSpec) -> ModuleType:
-        """A new execution environment: the handler module loaded afresh (its own module-level state)."""
-        with self._lock:
-            self._loaded += 1
-            name = f"lambda_{spec.logical_id}_{self._loaded}"
-        module_name, _ = spec.handler.rsplit(".", 1)
-        loaded = importlib.util.spec_from_file_location(name, spec.code_dir / f"{module_name}.py")
-        module = importlib.util.module_from_spec(loaded)
-        loaded.loader.exec_module(module)
-        self.cold_starts.append(spec.logical_id)
-        return module
-
-    @contextmanager
-    def environment(self, spec: FunctionSpec) -> Iterator[Callable[[dict, Any], Any]]:
-        """Like Lambda, one event at a time per execution environment: a busy function gets another one
-        (a cold start), an idle one is reused (warm)."""
-        with self._lock:
-            idle = self._idle.setdefault(spec.logical_id, [])
-            module = idle.pop() if idle else None
-        if module is None:
-            module = self._load(spec)
-        try:
-            yield getattr(module, spec.handler.rsplit(".", 1)[1])
-        finally:
-            with self._lock:
-                self._idle[spec.logical_id].append(module)
-
     def handler(self, spec: FunctionSpec) -> Callable[[dict, Any], Any]:
-        """A handler for direct calls from tests (a warm environment of its own, never shared)."""
-        return getattr(self._load(spec), spec.handler.rsplit(".", 1)[1])
+        """The handler loaded into the calling process, for tests that call a handler directly."""
+        return load_handler(str(spec.code_dir), spec.handler, f"direct_{spec.logical_id}_{uuid.uuid4().hex}")
 
-    def invoke(self, name_or_arn: str, body: bytes | str | None) -> tuple[bytes, bool]:
-        """Returns (payload, failed)."""
+    def invoke(self, name_or_arn: str, body: bytes | str | None, *, may_lose_result: bool = False
+               ) -> tuple[bytes, bool]:
+        """A synchronous invoke: (payload, function error?). Raises ``LambdaRefused`` where Lambda would
+        answer with an error of its own."""
         spec = self.spec_for(name_or_arn)
-        event = json.loads(body or "{}")
+        text = body.decode() if isinstance(body, bytes) else (body or "{}")
+        if len(text.encode()) > PAYLOAD_LIMIT_BYTES:
+            raise RequestTooLarge(f"Request must be smaller than {PAYLOAD_LIMIT_BYTES} bytes for the "
+                                  "InvokeFunction operation")
         request_id = str(uuid.uuid4())
-        stream = f"{time.strftime('%Y/%m/%d')}/[$LATEST]{request_id.replace('-', '')}"
-        context = LambdaContext(
-            function_name=spec.physical_name,
-            invoked_function_arn=spec.arn,
-            memory_limit_in_mb=spec.memory_mb,
-            aws_request_id=request_id,
-            log_group_name=f"/aws/lambda/{spec.physical_name}",
-            log_stream_name=stream,
-            deadline=time.monotonic() + spec.timeout_s,
-        )
-        if not isinstance(sys.stdout, RoutingStdout):  # something (pytest's capture) put its own back
-            sys.stdout = RoutingStdout(sys.stdout)
-        _current.buffer = []
         started = time.perf_counter()
+        environment, cold = self._acquire(spec)
+        outcome, payload, lines = "error", "", []
         try:
-            with self.environment(spec) as handler:
-                result = handler(event, context)
-            hook = self.after_hooks.get(spec.logical_id)
-            if hook:
-                hook(event, result)
-            payload, failed = json.dumps(result).encode(), False
-        except Exception as exc:  # the Lambda runtime's own contract: any exception is a function error
-            payload = json.dumps({
-                "errorMessage": str(exc),
-                "errorType": type(exc).__name__,
-                "requestId": request_id,
-                "stackTrace": traceback.format_tb(exc.__traceback__)[-5:],
-            }).encode()
-            failed = True
+            if cold:
+                ok, init_error, lines = environment.initialise()
+                if not ok:
+                    outcome, payload = "error", init_error
+            if outcome != "error" or not payload:
+                outcome, payload, more = environment.invoke(request_id, text, spec.timeout_s)
+                lines = lines + more
         finally:
-            lines = "".join(_current.buffer).splitlines()
-            _current.buffer = None
-            self.invocations.append((spec.logical_id, time.perf_counter() - started))
-        self._log_sink(context.log_group_name, stream, lines)
-        return payload, failed
+            self._release(spec, environment, healthy=outcome in ("ok", "error") and bool(payload))
+        if outcome == "timeout":
+            lines.append(f"{_iso_now()} {request_id} Task timed out after {spec.timeout_s:.2f} seconds")
+            payload = json.dumps({"errorMessage": lines[-1]})  # no errorType: Step Functions says Lambda.Unknown
+        elif outcome == "ok" and len(payload.encode()) > PAYLOAD_LIMIT_BYTES:
+            outcome, payload = "error", json.dumps({
+                "errorType": "Function.ResponseSizeTooLarge",
+                "errorMessage": f"Response payload size exceeded maximum allowed payload size "
+                                f"({PAYLOAD_LIMIT_BYTES} bytes).",
+            })
+        self._log_sink(f"/aws/lambda/{spec.physical_name}", environment.log_stream, lines)
+        lost = outcome == "ok" and may_lose_result and self._draw() < self._profile.service_exception_share
+        self.invocations.append(Invocation(spec.logical_id, time.perf_counter() - started, cold,
+                                           "lost" if lost else outcome))
+        if lost:
+            raise ResultLost("simulated: the Lambda service lost the result after the function ran")
+        return payload.encode(), outcome != "ok"
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            environments = [e for pool in self._pools.values() for e in (*pool.idle, *pool.busy)]
+            for pool in self._pools.values():
+                pool.idle.clear()
+        for environment in environments:
+            environment.kill()
+
+    # ---- environments -----------------------------------------------------------------------------
+
+    def _draw(self) -> float:
+        with self._lock:
+            return self._rng.random()
+
+    def _acquire(self, spec: FunctionSpec) -> tuple[Environment, bool]:
+        reaped: list[Environment] = []
+        with self._lock:
+            pool = self._pools[spec.logical_id]
+            now = time.monotonic()
+            for idle in list(pool.idle):
+                if now - idle.last_used > self._profile.warm_idle_s or not idle.process.is_alive():
+                    pool.idle.remove(idle)
+                    reaped.append(idle)
+            environment = pool.idle.pop() if pool.idle else None
+            if environment is None and len(pool.busy) >= pool.limit:
+                self.invocations.append(Invocation(spec.logical_id, 0.0, False, "throttled"))
+                raise TooManyRequests(f"Rate Exceeded. ({spec.physical_name} is at its concurrency of "
+                                      f"{pool.limit})")
+            if environment is None:
+                offset = self._rng.uniform(-1, 1) * self._profile.clock_offset_ms / 1000
+            else:
+                pool.busy.add(environment)
+        for old in reaped:
+            old.kill()
+        if environment is not None:
+            return environment, False
+        environment = Environment(self._context, self._setup(spec, offset))
+        with self._lock:
+            pool.busy.add(environment)
+            self.environments.append(environment)
+            self.cold_starts.append(spec.logical_id)
+        return environment, True
+
+    def _release(self, spec: FunctionSpec, environment: Environment, healthy: bool) -> None:
+        keep = healthy and not self._profile.cold_start_every_invoke
+        with self._lock:
+            pool = self._pools[spec.logical_id]
+            pool.busy.discard(environment)
+            if keep and not self._stopped:
+                pool.idle.append(environment)
+                return
+        environment.kill()
+
+    def _setup(self, spec: FunctionSpec, clock_offset_s: float) -> EnvironmentSetup:
+        environ = self._environ(spec) | {
+            "AWS_LAMBDA_FUNCTION_NAME": spec.physical_name,
+            "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": str(spec.memory_mb),
+            "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
+            "AWS_LAMBDA_LOG_GROUP_NAME": f"/aws/lambda/{spec.physical_name}",
+        }
+        return EnvironmentSetup(
+            logical_id=spec.logical_id, function_name=spec.physical_name, function_arn=spec.arn,
+            memory_mb=spec.memory_mb, code_dir=str(spec.code_dir), handler=spec.handler, environ=environ,
+            layer_dirs=self._layer_dirs, clock_offset_s=clock_offset_s, hook_modules=self._hook_modules,
+        )
 
 
-def install(lambdas: InProcessLambdas) -> Callable[[], None]:
-    """Route moto's Lambda invocations to ``lambdas``; returns a function that undoes it."""
+def _iso_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z"
+
+
+def direct_context(spec: FunctionSpec) -> LambdaContext:
+    """A context for a handler called directly by a test."""
+    request_id = str(uuid.uuid4())
+    return LambdaContext(function_name=spec.physical_name, invoked_function_arn=spec.arn,
+                         memory_limit_in_mb=spec.memory_mb, aws_request_id=request_id,
+                         log_group_name=f"/aws/lambda/{spec.physical_name}",
+                         log_stream_name=f"direct/{request_id}", deadline=time.monotonic() + spec.timeout_s)
+
+
+def install(service: LambdaService) -> Callable[[], None]:
+    """Route moto's Lambda invocations to ``service`` and name Lambda's errors as Step Functions does;
+    returns a function that undoes both."""
+    from moto.core.exceptions import JsonRESTError
     from moto.awslambda_simple.models import LambdaSimpleBackend
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task import lambda_eval_utils
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task.state_task_lambda import StateTaskLambda
 
-    original = LambdaSimpleBackend.invoke
+    original_invoke = LambdaSimpleBackend.invoke
+    original_from_error = StateTaskLambda._from_error
 
     def invoke(self, function_name, qualifier, body, headers, response_headers):  # noqa: ANN001
-        payload, failed = lambdas.invoke(function_name, body)
+        try:
+            payload, failed = service.invoke(function_name, body, may_lose_result=True)
+        except LambdaRefused as refused:
+            error = JsonRESTError(refused.code, str(refused))
+            error.code = refused.status
+            raise error from None
         if failed:
             response_headers["x-amz-function-error"] = "Unhandled"
         return payload
 
+    def from_error(self, env, ex):  # noqa: ANN001
+        from botocore.exceptions import ClientError
+
+        event = original_from_error(self, env, ex)
+        details = event.event_details.get("lambdaFunctionFailedEventDetails") if event.event_details else None
+        if details is None:
+            return event
+        if isinstance(ex, ClientError):
+            name = f"Lambda.{ex.response['Error']['Code']}"
+        elif isinstance(ex, lambda_eval_utils.LambdaFunctionErrorException) and '"errorType"' not in ex.payload:
+            name = "Lambda.Unknown"
+            details["cause"] = ("The cause could not be determined because Lambda did not return an error "
+                                f"type. Returned payload: {ex.payload}")
+        else:
+            return event
+        details["error"] = name
+        return type(event)(env=env, error_name=_custom_error(name), event_type=event.event_type,
+                           event_details=event.event_details)
+
     LambdaSimpleBackend.invoke = invoke
-    if not isinstance(sys.stdout, RoutingStdout):
-        sys.stdout = RoutingStdout(sys.stdout)
+    StateTaskLambda._from_error = from_error
 
     def uninstall() -> None:
-        LambdaSimpleBackend.invoke = original
-        if isinstance(sys.stdout, RoutingStdout):
-            sys.stdout = sys.stdout.real
+        LambdaSimpleBackend.invoke = original_invoke
+        StateTaskLambda._from_error = original_from_error
 
     return uninstall
+
+
+def _custom_error(name: str) -> Any:
+    from moto.stepfunctions.parser.asl.component.common.error_name.custom_error_name import CustomErrorName
+
+    return CustomErrorName(name)
+
 
 
 def install_exact_timestamp_waits() -> Callable[[], None]:

@@ -25,9 +25,10 @@ from local_stack.api_gateway import ApiGatewayServer
 from local_stack.console import console_routes
 from local_stack.dynamodb_local import DynamoDBLocal
 from local_stack.hub_emulator import HubEmulator
-from local_stack.lambda_runtime import InProcessLambdas, install, install_exact_timestamp_waits
+from local_stack.lambda_runtime import LambdaService, install, install_exact_timestamp_waits
 from local_stack.openai_emulator import OpenAIEmulator
 from local_stack.ports import free_port
+from local_stack.profiles import Profile, profile_named
 from local_stack.template import REGION, LocalTemplate
 
 LOCAL_HUB_API_KEY = "ango-local-key"
@@ -41,6 +42,11 @@ class StackOptions:
     openai_api_key: str | None = None  # a real key: use the real OpenAI API instead of the emulator
     openai_base_url: str | None = None
     api_port: int | None = None
+    profile: Profile = field(default_factory=profile_named)
+    # Set on every function, over the template's own (what an operator could set on a deployed function).
+    environment: dict[str, str] = field(default_factory=dict)
+    # Modules every execution environment imports and ``install()``s before its handler (test seams).
+    hook_modules: tuple[str, ...] = ()
 
     @classmethod
     def from_environment(cls) -> "StackOptions":
@@ -60,7 +66,8 @@ class LocalStack:
         self._undo: list[Any] = []
         self._saved_env: dict[str, str | None] = {}
         self.template: LocalTemplate | None = None
-        self.lambdas: InProcessLambdas | None = None
+        self.lambdas: LambdaService | None = None
+        self._runtime_env: dict[str, str] = {}
         self.api: ApiGatewayServer | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -87,7 +94,7 @@ class LocalStack:
         self._moto = ThreadedMotoServer(ip_address="127.0.0.1", port=self.moto_port, verbose=False)
         self._moto.start()
         self._undo.append(self._moto.stop)
-        self._set_env({
+        self._set_env(self._runtime({
             "AWS_ACCESS_KEY_ID": "local",
             "AWS_SECRET_ACCESS_KEY": "local",
             "AWS_SESSION_TOKEN": None,
@@ -100,12 +107,13 @@ class LocalStack:
             "POWERTOOLS_TRACE_DISABLED": "true",
             "POWERTOOLS_DEV": "false",
             "ALLOW_PRIVATE_URLS": "true",
-        })
+        }))
         requests.post(f"{self.moto_url}/moto-api/config", json={
             "stepfunctions": {"execute_state_machine": True}, "lambda": {"use_docker": False},
         }, timeout=10).raise_for_status()
         self._create_resources()
         self._undo.append(install_exact_timestamp_waits())
+        self._undo.append(self.lambdas.stop)
         self._undo.append(install(self.lambdas))
         self.api = ApiGatewayServer(self.template, self.lambdas, port=self.options.api_port).start()
         self.api.extra_routes.append(console_routes(self))  # the local console at the API's root
@@ -145,6 +153,21 @@ class LocalStack:
         return boto3.client(service, region_name=REGION)
 
     # ---- resources from template.yaml -----------------------------------------------------------
+
+    @property
+    def profile(self) -> Profile:
+        return self.options.profile
+
+    def _runtime(self, values: dict[str, str | None]) -> dict[str, str | None]:
+        """What the local stack sets for AWS's clients: this process's and every execution environment's."""
+        self._runtime_env.update({k: v for k, v in values.items() if v is not None})
+        return values
+
+    def _function_environ(self, spec: Any) -> dict[str, str]:
+        """An execution environment's whole environment: the process basics, the local endpoints, the
+        function's own variables from the template and the stack's overrides; nothing of other functions."""
+        basics = {name: os.environ[name] for name in _INHERITED if name in os.environ}
+        return basics | self._runtime_env | self.template.environment(spec) | self.options.environment
 
     def _set_env(self, values: dict[str, str | None]) -> None:
         for name, value in values.items():
@@ -205,14 +228,14 @@ class LocalStack:
                                           type="STANDARD")["stateMachineArn"]
         t.physical[sm_id], t.arns[sm_id] = sm_arn, sm_arn
 
+        # Tests and benchmarks call handlers in this process too: give it every function's variables.
         union_env: dict[str, str] = {}
         for spec in functions.values():
-            for name, value in t.environment(spec).items():
-                if union_env.get(name, value) != value:
-                    raise ValueError(f"functions disagree on {name}: the in-process Lambdas share one environment")
-                union_env[name] = value
-        self._set_env(union_env)
-        self.lambdas = InProcessLambdas(functions, self._put_logs, t.layer_dirs())
+            union_env.update(t.environment(spec))
+        self._set_env(union_env | self.options.environment)
+        self.lambdas = LambdaService(functions, self._put_logs, profile=self.profile,
+                                     environ=self._function_environ, layer_dirs=t.layer_dirs(),
+                                     hook_modules=self.options.hook_modules)
 
     def _secret_value(self, logical_id: str) -> str:
         if logical_id == "PluginSecret":
@@ -229,7 +252,10 @@ class LocalStack:
             logs.create_log_group(logGroupName=group)
         except logs.exceptions.ResourceAlreadyExistsException:
             pass
-        logs.create_log_stream(logGroupName=group, logStreamName=stream)
+        try:  # one stream per execution environment, as Lambda writes them
+            logs.create_log_stream(logGroupName=group, logStreamName=stream)
+        except logs.exceptions.ResourceAlreadyExistsException:
+            pass
         now = int(time.time() * 1000)
         logs.put_log_events(logGroupName=group, logStreamName=stream,
                             logEvents=[{"timestamp": now, "message": line} for line in lines])
@@ -242,6 +268,11 @@ class LocalStack:
 
     def table_name(self, logical_id: str) -> str:
         return self.template.physical[logical_id]
+
+
+# What an execution environment keeps of the machine's environment (Lambda sets its own basics).
+_INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONDONTWRITEBYTECODE", "SSL_CERT_FILE",
+              "REQUESTS_CA_BUNDLE", "PYTHONHASHSEED")
 
 
 def _placeholder_zip() -> bytes:

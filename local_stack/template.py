@@ -65,6 +65,7 @@ class FunctionSpec:
     timeout_s: int
     memory_mb: int
     environment: dict[str, Any] = field(default_factory=dict)
+    reserved_concurrency: int | None = None  # ReservedConcurrentExecutions, where the template sets one
 
     @property
     def arn(self) -> str:
@@ -112,8 +113,18 @@ class LocalTemplate:
                 timeout_s=int(props.get("Timeout", globals_fn.get("Timeout", 3))),
                 memory_mb=int(props.get("MemorySize", globals_fn.get("MemorySize", 128))),
                 environment=env,
+                reserved_concurrency=self._optional_int(props.get("ReservedConcurrentExecutions")),
             )
         return specs
+
+    def _optional_int(self, value: Any) -> int | None:
+        """A number the template may give through an intrinsic (a parameter, a condition)."""
+        if value is None:
+            return None
+        try:
+            return int(self.resolve(value))
+        except (KeyError, TypeError, ValueError):
+            return None
 
     def layer_dirs(self) -> list[Path]:
         return [PROJECT_ROOT / r["Properties"]["ContentUri"]
