@@ -123,7 +123,7 @@ class ApiGatewayServer:
                                       b'{"message": "Internal server error"}')
                 if failed:  # API Gateway answers 502 when the integration itself fails
                     error = json.loads(payload)
-                    print(f"[api] {route.function} failed: {error['errorType']}: {error['errorMessage']}\n"
+                    print(f"[api] {route.function} failed: {error.get('errorType', 'Lambda.Unknown')}: {error.get('errorMessage')}\n"
                           + "".join(error.get("stackTrace", [])), file=sys.stderr, flush=True)
                     return self._send(request, 502, {"Content-Type": "application/json"},
                                       b'{"message": "Internal server error"}')

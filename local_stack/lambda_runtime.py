@@ -79,6 +79,7 @@ class Environment:
         self.log_stream = f"{time.strftime('%Y/%m/%d')}/[$LATEST]{uuid.uuid4().hex}"
         self.last_used = time.monotonic()
         self.init_s: float | None = None
+        self.ready = False  # init finished: the environment can take events
         self.invokes = 0
 
     @property
@@ -93,14 +94,15 @@ class Environment:
                 return ("died",)
         return None
 
-    def initialise(self) -> tuple[bool, str | None, list[str]]:
+    def initialise(self, budget_s: float) -> tuple[bool, str | None, list[str]]:
         """Wait for init. Returns (ok, error payload, log lines)."""
-        answer = self._receive(INIT_BUDGET_S)
+        answer = self._receive(budget_s)
         if answer is None:
             return False, json.dumps({"errorType": "Runtime.InitTimeout",
-                                      "errorMessage": f"Init did not finish within {INIT_BUDGET_S:g} s"}), []
+                                      "errorMessage": f"Init did not finish within {budget_s:g} s"}), []
         if answer[0] == "ready":
             self.init_s = answer[1]
+            self.ready = True
             return True, None, answer[2]
         if answer[0] == "init_error":
             return False, answer[1], answer[2]
@@ -167,6 +169,12 @@ class LambdaService:
 
     # ---- what callers use -------------------------------------------------------------------------
 
+    def add_function(self, spec: FunctionSpec) -> None:
+        """A function beside the template's (tests of the runtime itself)."""
+        with self._lock:
+            self._by_name[spec.physical_name] = spec
+            self._pools[spec.logical_id] = _Pool(spec.reserved_concurrency or self._profile.reserved_concurrency)
+
     def spec_for(self, name_or_arn: str) -> FunctionSpec:
         name = name_or_arn.split(":function:")[-1].split(":")[0]
         return self._by_name[name]
@@ -187,17 +195,20 @@ class LambdaService:
         request_id = str(uuid.uuid4())
         started = time.perf_counter()
         environment, cold = self._acquire(spec)
-        outcome, payload, lines = "error", "", []
+        outcome, payload, lines = "died", "", []
         try:
             if cold:
-                ok, init_error, lines = environment.initialise()
+                # Lambda gives init 10 s, then runs it again within the invoke's own timeout
+                ok, init_error, lines = environment.initialise(INIT_BUDGET_S + spec.timeout_s)
                 if not ok:
-                    outcome, payload = "error", init_error
-            if outcome != "error" or not payload:
+                    outcome, payload = "init_failed", init_error
+            if environment.ready:
                 outcome, payload, more = environment.invoke(request_id, text, spec.timeout_s)
                 lines = lines + more
         finally:
-            self._release(spec, environment, healthy=outcome in ("ok", "error") and bool(payload))
+            self._release(spec, environment, healthy=environment.ready and outcome in ("ok", "error"))
+        if outcome == "init_failed":
+            outcome = "error"
         if outcome == "timeout":
             lines.append(f"{_iso_now()} {request_id} Task timed out after {spec.timeout_s:.2f} seconds")
             payload = json.dumps({"errorMessage": lines[-1]})  # no errorType: Step Functions says Lambda.Unknown

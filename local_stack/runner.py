@@ -23,7 +23,7 @@ OUTPUT_DIR = PROJECT_ROOT / ".local" / "images"
 class PluginApi:
     """What the hub does: call the plugin's endpoint with its Secret header."""
 
-    def __init__(self, base_url: str, secret: str, timeout_s: float = 30):
+    def __init__(self, base_url: str, secret: str, timeout_s: float = 60):
         self.base_url = base_url.rstrip("/")
         self._session = requests.Session()
         self._session.headers["Secret"] = secret

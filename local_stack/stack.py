@@ -29,7 +29,8 @@ from local_stack.lambda_runtime import LambdaService, install, install_exact_tim
 from local_stack.openai_emulator import OpenAIEmulator
 from local_stack.ports import free_port
 from local_stack.profiles import Profile, profile_named
-from local_stack.template import REGION, LocalTemplate
+from local_stack.seams import SEAMS_DIR_VARIABLE, SeamBoard
+from local_stack.template import ACCOUNT_ID, REGION, LocalTemplate
 
 LOCAL_HUB_API_KEY = "ango-local-key"
 
@@ -158,6 +159,12 @@ class LocalStack:
     def profile(self) -> Profile:
         return self.options.profile
 
+    @property
+    def seams(self) -> SeamBoard | None:
+        """The board the test seams share with the execution environments, when the stack has one."""
+        root = self.options.environment.get(SEAMS_DIR_VARIABLE)
+        return SeamBoard(root) if root else None
+
     def _runtime(self, values: dict[str, str | None]) -> dict[str, str | None]:
         """What the local stack sets for AWS's clients: this process's and every execution environment's."""
         self._runtime_env.update({k: v for k, v in values.items() if v is not None})
@@ -265,6 +272,15 @@ class LocalStack:
     @property
     def state_machine_arn(self) -> str:
         return self.template.physical[self.template.state_machine()[0]]
+
+    def add_function(self, spec: Any) -> str:
+        """A function beside the template's, invocable by Step Functions (tests of the stack itself)."""
+        self.client("lambda").create_function(
+            FunctionName=spec.physical_name, Runtime="python3.11", Handler=spec.handler,
+            Role=f"arn:aws:iam::{ACCOUNT_ID}:role/{self.template.stack_name}-execution",
+            Code={"ZipFile": _placeholder_zip()}, Timeout=spec.timeout_s)
+        self.lambdas.add_function(spec)
+        return spec.arn
 
     def table_name(self, logical_id: str) -> str:
         return self.template.physical[logical_id]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -18,16 +19,27 @@ def load_event(name: str) -> dict:
     return json.loads((EVENTS / name).read_text())
 
 
-@pytest.fixture(scope="session")
-def stack():
+def start_stack(name: str, profile: str | None = None, environment: dict[str, str] | None = None,
+                parameters: dict[str, str] | None = None):
+    """A local stack for tests: a seam board of its own, the test seams in every execution environment."""
+    from local_stack.profiles import profile_named
+    from local_stack.seams import SEAMS_DIR_VARIABLE
     from local_stack.stack import LocalStack, StackOptions
 
     # A real OPENAI_API_KEY in a developer's shell must not turn the test suite into paid calls.
     os.environ.pop("OPENAI_API_KEY", None)
+    board = tempfile.mkdtemp(prefix=f"{name}-seams-")
     # A generous limit: tests of the global limit itself run their own scaled window.
-    options = StackOptions(plugin_secret=PLUGIN_SECRET, stack_name="dalle-test",
-                           parameters={"RateLimit": "1000"})
-    with LocalStack(options) as running:
+    options = StackOptions(plugin_secret=PLUGIN_SECRET, stack_name=name,
+                           parameters={"RateLimit": "1000", **(parameters or {})},
+                           profile=profile_named(profile), environment={SEAMS_DIR_VARIABLE: board, **(environment or {})},
+                           hook_modules=("tests.env_hooks",))
+    return LocalStack(options)
+
+
+@pytest.fixture(scope="session")
+def stack():
+    with start_stack("dalle-test") as running:
         running.hub.load_samples()
         yield running
 

@@ -2,29 +2,30 @@
 prompt marker, session and canary keys, so cases run side by side without seeing each other), the seams
 that inject faults (the emulators' scripts, crashes after a handler's side effects), and what is observed.
 
-Crashes are injected in-process, where the handlers run: ``after_hooks`` of the local Lambda runtime
-(after a handler returned, all its side effects done) and wrappers around an adapter's method (after the
-outside system took the call, before the step recorded it). Each seam dispatches by the case's own ids.
+Crashes are injected where the handlers run, inside their execution environments (``tests.env_hooks``):
+after a handler returned, all its side effects done, and around an adapter's method (after the outside
+system took the call, before the step recorded it). The test arms them on the stack's seam board; each
+seam dispatches by the case's own ids.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import threading
 import time
-from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+from local_stack.seams import SeamBoard, exception_spec
 from tests.security.canary import Canary
 
 PROJECT = "proj-dalle-demo"
 PROMPT_CLASS = "cls-desc"
 HUB_TIMEOUT_S = "3"  # the suite's hub faults stall 6 s: past this, well short of the default 10 s
 OPENAI_TIMEOUT_S = "5"
+# What the fault suite's stack sets on every function.
+FAULT_ENVIRONMENT = {"HUB_TIMEOUT_S": HUB_TIMEOUT_S, "OPENAI_TIMEOUT_S": OPENAI_TIMEOUT_S}
 
 
 def crash(name: str = "Runtime.ExitError", message: str = "simulated: the process died") -> Exception:
@@ -85,108 +86,47 @@ class Case:
         return payload
 
 
+class _Armed:
+    """``table[key] = exception``: armed on the seam board, raised once by the environment that gets there."""
+
+    def __init__(self, board: SeamBoard, table: str, key_of: Callable[[Any], str] = str):
+        self._board, self._table, self._key_of = board, table, key_of
+
+    def __setitem__(self, key: Any, failure: Exception) -> None:
+        self._board.arm(self._table, self._key_of(key), exception_spec(failure))
+
+
 class Seams:
-    """Per-case fault hooks at the points where a step has done something outside and not yet recorded it."""
+    """Per-case fault hooks at the points where a step has done something outside and not yet recorded it.
+    They fire inside the Lambda execution environments (``tests.env_hooks``), keyed by the case's own ids."""
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.after_handler: dict[tuple[str, str], Callable[[dict, Any], None]] = {}  # (function, session)
-        self.after_put_png: dict[str, Exception] = {}        # execution name -> raise once after storing
-        self.after_attach: dict[str, Exception] = {}         # asset externalId -> raise once after attaching
-        self.before_start: dict[str, Exception] = {}         # session -> raise once before StartExecution
-        self.tickets: dict[str, list[str]] = defaultdict(list)  # execution name -> rate-limiter tickets
+    def __init__(self, board: SeamBoard) -> None:
+        self._board = board
+        self.after_handler = _Armed(board, "after_handler", lambda key: f"{key[0]}|{key[1]}")  # (function, session)
+        self.after_put_png = _Armed(board, "after_put_png")  # execution name -> raise once after storing
+        self.after_attach = _Armed(board, "after_attach")  # asset externalId -> raise once after attaching
+        self.before_start = _Armed(board, "before_start")  # session -> raise once before StartExecution
 
-    def take(self, table: dict[str, Exception], key: str) -> Exception | None:
-        with self._lock:
-            return table.pop(key, None)
+    @property
+    def tickets(self) -> dict[str, list[str]]:
+        """Execution name -> the rate-limiter tickets its steps used."""
+        return self._board.records("tickets")
 
-
-def _session_of(event: dict) -> str | None:
-    if "session" in event:
-        return event["session"]
-    try:  # an API Gateway event: the hub payload is the body
-        return json.loads(event.get("body") or "{}").get("session")
-    except (ValueError, AttributeError):
-        return None
+    def clear(self) -> None:
+        for table in ("after_handler", "after_put_png", "after_attach", "before_start", "tickets"):
+            self._board.disarm(table)
 
 
 @contextmanager
 def installed(stack: Any) -> Iterator[Seams]:
-    """Short hub and OpenAI timeouts (fresh settings and clients), and the seams, for the suite's duration."""
-    from dalle_plugin import settings, wiring
-    from dalle_plugin.adapters import aws, dynamo_rate_limiter, hub_http
-
-    seams = Seams()
-    saved_env = {name: os.environ.get(name) for name in ("HUB_TIMEOUT_S", "OPENAI_TIMEOUT_S")}
-    os.environ.update(HUB_TIMEOUT_S=HUB_TIMEOUT_S, OPENAI_TIMEOUT_S=OPENAI_TIMEOUT_S)
-
-    def clear_caches() -> None:
-        settings.load_settings.cache_clear()
-        for value in vars(wiring).values():
-            if hasattr(value, "cache_clear"):
-                value.cache_clear()
-
-    clear_caches()
-    originals = {
-        (aws.S3ImageStore, "put_png"): aws.S3ImageStore.put_png,
-        (hub_http.AngoHubClient, "attach_image"): hub_http.AngoHubClient.attach_image,
-        (aws.StepFunctionsStarter, "start"): aws.StepFunctionsStarter.start,
-        (dynamo_rate_limiter.DynamoRateLimiter, "acquire"): dynamo_rate_limiter.DynamoRateLimiter.acquire,
-    }
-
-    def put_png(self, key, body, metadata):  # noqa: ANN001
-        stored = originals[(aws.S3ImageStore, "put_png")](self, key, body, metadata)
-        failure = seams.take(seams.after_put_png, key.removeprefix("images/").removesuffix(".png"))
-        if failure:
-            raise failure
-        return stored
-
-    def attach_image(self, project_id, external_id, image_url):  # noqa: ANN001
-        originals[(hub_http.AngoHubClient, "attach_image")](self, project_id, external_id, image_url)
-        failure = seams.take(seams.after_attach, external_id)
-        if failure:
-            raise failure
-
-    def start(self, name, run_input):  # noqa: ANN001
-        failure = seams.take(seams.before_start, run_input.get("session", ""))
-        if failure:
-            raise failure
-        return originals[(aws.StepFunctionsStarter, "start")](self, name, run_input)
-
-    def acquire(self, ticket, now_ms):  # noqa: ANN001
-        with seams._lock:
-            seams.tickets[ticket.rsplit("#", 1)[0]].append(ticket)
-        return originals[(dynamo_rate_limiter.DynamoRateLimiter, "acquire")](self, ticket, now_ms)
-
-    replacements = {"put_png": put_png, "attach_image": attach_image, "start": start, "acquire": acquire}
-    for (owner, name) in originals:
-        setattr(owner, name, replacements[name])
-
-    saved_hooks = dict(stack.lambdas.after_hooks)
-
-    def hook_for(function: str) -> Callable[[dict, Any], None]:
-        def hook(event: dict, result: Any) -> None:
-            with seams._lock:
-                action = seams.after_handler.pop((function, _session_of(event) or ""), None)
-            if action:
-                action(event, result)
-        return hook
-
-    for function in ("ApiFunction", "ExtractFunction", "GenerateFunction", "AttachFunction"):
-        stack.lambdas.after_hooks[function] = hook_for(function)
+    """The seams, for the suite's duration (the stack's functions already run with the suite's short hub and
+    OpenAI timeouts: ``FAULT_ENVIRONMENT``)."""
+    seams = Seams(stack.seams)
+    seams.clear()
     try:
         yield seams
     finally:
-        stack.lambdas.after_hooks.clear()
-        stack.lambdas.after_hooks.update(saved_hooks)
-        for (owner, name), original in originals.items():
-            setattr(owner, name, original)
-        for name, value in saved_env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        clear_caches()
+        seams.clear()
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float, poll_s: float = 0.2) -> bool:

@@ -1,0 +1,26 @@
+"""A function for tests of the local Lambda runtime itself: it reports its process, its module state and
+its clock, and can be told to wait, to sleep past its timeout, to leave a mark or to answer too much."""
+
+import os
+import time
+from pathlib import Path
+
+INVOKES = 0  # module state: one per execution environment
+
+
+def handler(event, context):
+    global INVOKES
+    INVOKES += 1
+    if event.get("mark"):
+        Path(event["mark"]).write_text(str(os.getpid()))
+    if event.get("hold_until_exists"):  # keeps the environment busy until the test lets it go
+        deadline = time.monotonic() + 60
+        while not Path(event["hold_until_exists"]).exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+    if event.get("sleep_s"):
+        time.sleep(event["sleep_s"])
+    answer = {"pid": os.getpid(), "invokes": INVOKES, "time": time.time(),
+              "function": os.environ.get("AWS_LAMBDA_FUNCTION_NAME")}
+    if event.get("answer_bytes"):
+        answer["padding"] = "x" * event["answer_bytes"]
+    return answer
