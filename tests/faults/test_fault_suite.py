@@ -36,7 +36,7 @@ pytestmark = pytest.mark.stack
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # Cases driven side by side: enough to overlap every kind of fault, few enough that a 2-core machine
 # under other load still answers each within its budget (concurrency is not what this suite tests).
-CASES_AT_ONCE = 6
+CASES_AT_ONCE = 4
 FINISHED = {"SUCCEEDED", "FAILED", "CANCELLED"}
 LATE_EFFECT_S = 6.0  # the hub faults below stall this long, then apply the request anyway
 

@@ -561,8 +561,9 @@ def attach_image(ref: RunRef, deps: StepDeps) -> AttachResult:
         r.timeline[-1].duration_ms = 0
         r.sealed_secrets = None
 
-    deps.runs.update(run.session, run.task_id, finish)
+    # The hub's log has the whole story by the time the session says SUCCEEDED (a retried step may say it twice).
     _hub_log(run, hub, message)
+    deps.runs.update(run.session, run.task_id, finish)
     return _finished_result(run)
 
 
