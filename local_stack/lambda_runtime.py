@@ -182,34 +182,3 @@ def install(lambdas: InProcessLambdas) -> Callable[[], None]:
 
     return uninstall
 
-
-def install_exact_timestamp_waits() -> Callable[[], None]:
-    """moto's Wait ``Timestamp``/``TimestampPath`` computes ``int(target - now)`` with a naive local ``now``,
-    waking up to a second early. AWS never wakes early; this makes the local Wait sleep until the exact
-    instant (the timestamps our ASL uses are whole seconds, as AWS requires)."""
-    import datetime as dt
-
-    from moto.stepfunctions.parser.asl.component.state.wait.wait_function.timestamp import Timestamp
-
-    original = Timestamp._eval_body
-
-    def eval_body(self, env) -> None:  # noqa: ANN001
-        self.string.eval(env=env)
-        raw = env.stack.pop()
-        parsed = self._from_timestamp_string(timestamp=raw)
-        if parsed is None:
-            from moto.stepfunctions.parser.asl.component.common.error_name.failure_event import (
-                FailureEventException,
-            )
-
-            raise FailureEventException(self._create_failure_event(env, raw))
-        target = parsed.replace(tzinfo=dt.timezone.utc).timestamp()
-        while env.is_running():
-            remaining = target - time.time()
-            if remaining <= 0:
-                return
-            if env.program_state_event.wait(remaining) and env.is_running():
-                time.sleep(min(0.05, max(0.0, target - time.time())))  # an unrelated wake-up: don't spin
-
-    Timestamp._eval_body = eval_body
-    return lambda: setattr(Timestamp, "_eval_body", original)

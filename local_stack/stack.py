@@ -25,9 +25,11 @@ from local_stack.api_gateway import ApiGatewayServer
 from local_stack.console import console_routes
 from local_stack.dynamodb_local import DynamoDBLocal
 from local_stack.hub_emulator import HubEmulator
-from local_stack.lambda_runtime import InProcessLambdas, install, install_exact_timestamp_waits
+from local_stack.lambda_runtime import InProcessLambdas, install
 from local_stack.openai_emulator import OpenAIEmulator
 from local_stack.ports import free_port
+from local_stack.profiles import Profile, profile_named
+from local_stack.step_functions import StepFunctionsBehaviour
 from local_stack.template import REGION, LocalTemplate
 
 LOCAL_HUB_API_KEY = "ango-local-key"
@@ -41,6 +43,7 @@ class StackOptions:
     openai_api_key: str | None = None  # a real key: use the real OpenAI API instead of the emulator
     openai_base_url: str | None = None
     api_port: int | None = None
+    profile: Profile = field(default_factory=profile_named)  # how unkind the local AWS is
 
     @classmethod
     def from_environment(cls) -> "StackOptions":
@@ -62,6 +65,7 @@ class LocalStack:
         self.template: LocalTemplate | None = None
         self.lambdas: InProcessLambdas | None = None
         self.api: ApiGatewayServer | None = None
+        self.step_functions = StepFunctionsBehaviour(self.profile)  # .waits: each Wait's target and wake
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -105,7 +109,7 @@ class LocalStack:
             "stepfunctions": {"execute_state_machine": True}, "lambda": {"use_docker": False},
         }, timeout=10).raise_for_status()
         self._create_resources()
-        self._undo.append(install_exact_timestamp_waits())
+        self._undo.append(self.step_functions.install())
         self._undo.append(install(self.lambdas))
         self.api = ApiGatewayServer(self.template, self.lambdas, port=self.options.api_port).start()
         self.api.extra_routes.append(console_routes(self))  # the local console at the API's root
@@ -132,6 +136,10 @@ class LocalStack:
         self.stop()
 
     # ---- what clients need ----------------------------------------------------------------------
+
+    @property
+    def profile(self) -> Profile:
+        return self.options.profile
 
     @property
     def moto_url(self) -> str:
