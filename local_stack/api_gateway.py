@@ -87,7 +87,8 @@ class _Server(ThreadingHTTPServer):
 
 class ApiGatewayServer:
     def __init__(self, template: LocalTemplate, lambdas: Lambdas, port: int | None = None,
-                 integration_timeout_s: float = INTEGRATION_TIMEOUT_S, request_limit_bytes: int = REQUEST_LIMIT_BYTES,
+                 integration_timeout_s: float = INTEGRATION_TIMEOUT_S,
+                 request_limit_bytes: int = REQUEST_LIMIT_BYTES,
                  response_limit_bytes: int = RESPONSE_LIMIT_BYTES):
         self.routes = template.routes()
         self.functions = template.functions()
@@ -156,7 +157,7 @@ class ApiGatewayServer:
                    b'{"message": "Missing Authentication Token"}')
 
     def _integrate(self, function: str, event: str) -> tuple[int, dict[str, str], bytes]:
-        """Invoke the route's function as a Lambda proxy integration: (status, headers, body) for the client."""
+        """Invoke the function as a Lambda proxy integration: (status, headers, body) for the client."""
         answered = threading.Event()
         outcome: dict[str, Any] = {}
 

@@ -1,4 +1,4 @@
-"""Step Functions as AWS runs it: patches of moto's ASL interpreter for the behaviours a kind local stack hides.
+"""Step Functions as AWS runs it: patches of moto's ASL interpreter for what a kind local stack hides.
 
 - Wait states wake late, never early: by the profile's ``wait_lateness`` (a distribution), after the exact
   target instant (moto alone computes whole seconds against a naive local clock and wakes up to 1 s early).
@@ -130,8 +130,9 @@ def install_late_waits(lateness: Lateness, rng: random.Random, record: Callable[
         if not env.is_running():
             return
         context = env.states.context_object.context_object_data
-        record(WaitRecord(execution=context["Execution"]["Name"], state=context.get("State", {}).get("Name", ""),
-                          target=target, planned=planned, woke=time.time()))
+        state = context.get("State", {}).get("Name", "")
+        record(WaitRecord(execution=context["Execution"]["Name"], state=state, target=target, planned=planned,
+                          woke=time.time()))
 
     WaitFunction._eval_body = eval_body
     return lambda: setattr(WaitFunction, "_eval_body", original)

@@ -11,8 +11,8 @@ import uuid
 
 import pytest
 
-from local_stack.step_functions import HISTORY_LIMIT_EVENTS, PAYLOAD_LIMIT_BYTES, install_late_waits
 from local_stack.profiles import Lateness
+from local_stack.step_functions import HISTORY_LIMIT_EVENTS, PAYLOAD_LIMIT_BYTES, install_late_waits
 
 pytestmark = pytest.mark.stack
 
@@ -23,8 +23,8 @@ def _run(stack, definition: dict, payload: dict | None = None) -> tuple[str, str
     """Create the state machine, start one execution and wait until it ends: (name, arn, description)."""
     sfn = stack.client("stepfunctions")
     name = f"behaviour-{uuid.uuid4().hex[:10]}"
-    machine = sfn.create_state_machine(name=name, definition=json.dumps(definition),
-                                       roleArn=f"arn:aws:iam::123456789012:role/{stack.options.stack_name}-execution")
+    role = f"arn:aws:iam::123456789012:role/{stack.options.stack_name}-execution"
+    machine = sfn.create_state_machine(name=name, definition=json.dumps(definition), roleArn=role)
     arn = sfn.start_execution(stateMachineArn=machine["stateMachineArn"], name=name,
                               input=json.dumps(payload or {}))["executionArn"]
     deadline = time.monotonic() + ENDED_WITHIN_S
@@ -52,7 +52,7 @@ def _wait_machine() -> dict:
 
 
 def _whole_second_from_now(seconds: int) -> tuple[int, str]:
-    target = int(time.time()) + seconds  # whole seconds, as AWS reads a timestamp and as the plugin writes one
+    target = int(time.time()) + seconds  # whole seconds, as AWS reads timestamps and the plugin writes them
     return target, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(target))
 
 
@@ -77,7 +77,7 @@ def test_waits_wake_late_by_the_profiles_amount_and_never_early(stack):
     exits = [e["timestamp"].timestamp() for e in events if e["type"] == "WaitStateExited"]
     assert len(exits) == 2
     for record, exited in zip(records, exits):
-        assert exited >= record.target + lateness.low_ms / 1000 - 0.001  # history times are to the millisecond
+        assert exited >= record.target + lateness.low_ms / 1000 - 0.001  # history times are to the ms
 
 
 def test_a_wait_wakes_late_by_exactly_a_configured_constant(stack):
@@ -140,7 +140,8 @@ def test_an_execution_past_25000_history_events_fails_as_aws_fails_it(stack):
     _, arn, described = _run(stack, {"StartAt": "Spin", "States": {"Spin": {"Type": "Pass", "Next": "Spin"}}})
     assert described["status"] == "FAILED"
     assert described["error"] == "States.Runtime"
-    assert described["cause"] == f"The execution reached the maximum number of history events ({HISTORY_LIMIT_EVENTS})."
+    limit = HISTORY_LIMIT_EVENTS
+    assert described["cause"] == f"The execution reached the maximum number of history events ({limit})."
     events = _history(arn)
     assert len(events) == HISTORY_LIMIT_EVENTS
     assert events[-1]["id"] == HISTORY_LIMIT_EVENTS and events[-1]["type"] == "ExecutionFailed"

@@ -28,7 +28,8 @@ class FakeLambdas:
 
 
 def proxy_response(body: str, status: int = 200) -> bytes:
-    return json.dumps({"statusCode": status, "headers": {"Content-Type": "application/json"}, "body": body}).encode()
+    headers = {"Content-Type": "application/json"}
+    return json.dumps({"statusCode": status, "headers": headers, "body": body}).encode()
 
 
 @pytest.fixture
