@@ -1,6 +1,11 @@
 """API Gateway stand-in: turns HTTP requests into REST API (v1) Lambda proxy events for the function
 that template.yaml routes them to, and the function's proxy response back into HTTP. moto does not
-invoke Lambda proxy integrations, so this plays that part on 127.0.0.1."""
+invoke Lambda proxy integrations, so this plays that part on 127.0.0.1.
+
+With API Gateway's limits and its own answers to them: a request body above 10 MB is refused with 413, an
+integration that has not answered in 29 s gets the client a 504 (the Lambda runs on, as on AWS), and a
+Lambda proxy response above 6 MB, a failed invoke or a malformed proxy response is a 502.
+``docs/local-stack.md`` gives the figures and where they come from."""
 
 from __future__ import annotations
 
@@ -11,14 +16,29 @@ import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 from urllib.parse import parse_qsl, urlsplit
 
-from local_stack.lambda_runtime import LambdaRefused, LambdaService
+from local_stack.lambda_runtime import LambdaRefused
 from local_stack.ports import free_port
 from local_stack.template import ACCOUNT_ID, LocalTemplate
 
 STAGE = "v1"
+
+# REST API quotas: integration timeout (default, and the maximum unless raised for Regional or private APIs)
+INTEGRATION_TIMEOUT_S = 29.0
+REQUEST_LIMIT_BYTES = 10 * 1024 * 1024  # payload size: 10 MB
+# A synchronous Lambda invoke's response: 6 MB (Lambda quotas); past it API Gateway answers 502.
+RESPONSE_LIMIT_BYTES = 6 * 1024 * 1024
+
+# API Gateway's own bodies for these answers (its default gateway responses)
+TIMED_OUT_BODY = b'{"message": "Endpoint request timed out"}'
+INTERNAL_ERROR_BODY = b'{"message": "Internal server error"}'
+
+
+class Lambdas(Protocol):
+    def invoke(self, name_or_arn: str, body: bytes | str | None) -> tuple[bytes, bool]:
+        """The function's response payload, and whether the invocation failed (a function error)."""
 
 # Extra pages served beside the API (the local console): path -> (content type, body factory)
 ExtraRoute = Callable[[str, dict[str, str]], tuple[int, str, bytes] | None]
@@ -67,11 +87,17 @@ class _Server(ThreadingHTTPServer):
 
 
 class ApiGatewayServer:
-    def __init__(self, template: LocalTemplate, lambdas: LambdaService, port: int | None = None):
+    def __init__(self, template: LocalTemplate, lambdas: Lambdas, port: int | None = None,
+                 integration_timeout_s: float = INTEGRATION_TIMEOUT_S,
+                 request_limit_bytes: int = REQUEST_LIMIT_BYTES,
+                 response_limit_bytes: int = RESPONSE_LIMIT_BYTES):
         self.routes = template.routes()
         self.functions = template.functions()
         self.lambdas = lambdas
         self.port = port or free_port()
+        self.integration_timeout_s = integration_timeout_s
+        self.request_limit_bytes = request_limit_bytes
+        self.response_limit_bytes = response_limit_bytes
         self.extra_routes: list[ExtraRoute] = []
         self._server: ThreadingHTTPServer | None = None
 
@@ -107,33 +133,19 @@ class ApiGatewayServer:
     def _handle(self, request: BaseHTTPRequestHandler) -> None:
         split = urlsplit(request.path)
         length = int(request.headers.get("Content-Length") or 0)
+        if length > self.request_limit_bytes:
+            _drain(request, length)  # read it all first, so the client sees the answer rather than a reset
+            message = f"HTTP content length exceeded {self.request_limit_bytes} bytes."
+            return self._send(request, 413, {"Content-Type": "application/json"},
+                              json.dumps({"message": message}).encode())
         body = request.rfile.read(length) if length else b""
         headers = {k: v for k, v in request.headers.items()}
         for route in self.routes:
             params = route.match(request.command, split.path)
             if params is not None:
                 event = proxy_event(request.command, split.path, route.path, params, split.query, headers, body)
-                try:
-                    payload, failed = self.lambdas.invoke(self.functions[route.function].physical_name,
-                                                          json.dumps(event))
-                except LambdaRefused as refused:  # API Gateway answers 500 when Lambda throttles or fails
-                    print(f"[api] {route.function} refused by Lambda: {refused.code}: {refused}",
-                          file=sys.stderr, flush=True)
-                    return self._send(request, 500, {"Content-Type": "application/json"},
-                                      b'{"message": "Internal server error"}')
-                if failed:  # API Gateway answers 502 when the integration itself fails
-                    error = json.loads(payload)
-                    print(f"[api] {route.function} failed: {error.get('errorType', 'Lambda.Unknown')}: {error.get('errorMessage')}\n"
-                          + "".join(error.get("stackTrace", [])), file=sys.stderr, flush=True)
-                    return self._send(request, 502, {"Content-Type": "application/json"},
-                                      b'{"message": "Internal server error"}')
-                response = json.loads(payload)
-                out = response.get("body") or ""
-                data = base64.b64decode(out) if response.get("isBase64Encoded") else out.encode()
-                out_headers = dict(response.get("headers") or {})
-                for name, values in (response.get("multiValueHeaders") or {}).items():
-                    out_headers[name] = ", ".join(values)
-                return self._send(request, int(response.get("statusCode", 200)), out_headers, data)
+                status, out_headers, data = self._integrate(route.function, json.dumps(event))
+                return self._send(request, status, out_headers, data)
         for extra in self.extra_routes:
             answer = extra(request.command, {"path": split.path, "query": split.query})
             if answer is not None:
@@ -145,6 +157,57 @@ class ApiGatewayServer:
         self._send(request, status, {"Content-Type": "application/json"},
                    b'{"message": "Missing Authentication Token"}')
 
+    def _integrate(self, function: str, event: str) -> tuple[int, dict[str, str], bytes]:
+        """Invoke the function as a Lambda proxy integration: (status, headers, body) for the client."""
+        answered = threading.Event()
+        outcome: dict[str, Any] = {}
+
+        def invoke() -> None:
+            try:
+                outcome["result"] = self.lambdas.invoke(self.functions[function].physical_name, event)
+            except BaseException as exc:  # an invoke that could not be made is an integration failure
+                outcome["error"] = exc
+            finally:
+                answered.set()
+
+        threading.Thread(target=invoke, name=f"api-integration-{function}", daemon=True).start()
+        json_headers = {"Content-Type": "application/json"}
+        if not answered.wait(self.integration_timeout_s):
+            print(f"[api] {function} did not answer within {self.integration_timeout_s:g} s: 504",
+                  file=sys.stderr, flush=True)
+            return 504, json_headers, TIMED_OUT_BODY
+        if isinstance(outcome.get("error"), LambdaRefused):  # throttled or lost: API Gateway says 500
+            print(f"[api] {function} refused by Lambda: {outcome['error'].code}: 500", file=sys.stderr, flush=True)
+            return 500, json_headers, INTERNAL_ERROR_BODY
+        if "error" in outcome:
+            print(f"[api] {function} could not be invoked: {outcome['error']!r}", file=sys.stderr, flush=True)
+            return 502, json_headers, INTERNAL_ERROR_BODY
+        payload, failed = outcome["result"]
+        if failed:  # API Gateway answers 502 when the integration itself fails
+            try:
+                error = json.loads(payload)
+                print(f"[api] {function} failed: {error.get('errorType', 'Lambda.Unknown')}: {error['errorMessage']}\n"
+                      + "".join(error.get("stackTrace", [])), file=sys.stderr, flush=True)
+            except (ValueError, KeyError, TypeError):
+                print(f"[api] {function} failed: {payload[:200]!r}", file=sys.stderr, flush=True)
+            return 502, json_headers, INTERNAL_ERROR_BODY
+        if len(payload) > self.response_limit_bytes:
+            print(f"[api] {function} answered {len(payload)} bytes, above {self.response_limit_bytes}: 502",
+                  file=sys.stderr, flush=True)
+            return 502, json_headers, INTERNAL_ERROR_BODY
+        try:
+            response = json.loads(payload)
+            status = int(response.get("statusCode", 200))
+            out = response.get("body") or ""
+            data = base64.b64decode(out) if response.get("isBase64Encoded") else out.encode()
+        except (ValueError, TypeError, AttributeError):
+            print(f"[api] {function} returned a malformed proxy response: 502", file=sys.stderr, flush=True)
+            return 502, json_headers, INTERNAL_ERROR_BODY
+        out_headers = dict(response.get("headers") or {})
+        for name, values in (response.get("multiValueHeaders") or {}).items():
+            out_headers[name] = ", ".join(values)
+        return status, out_headers, data
+
     @staticmethod
     def _send(request: BaseHTTPRequestHandler, status: int, headers: dict[str, str], data: bytes) -> None:
         request.send_response(status)
@@ -154,3 +217,11 @@ class ApiGatewayServer:
         request.send_header("Content-Length", str(len(data)))
         request.end_headers()
         request.wfile.write(data)
+
+
+def _drain(request: BaseHTTPRequestHandler, length: int, chunk: int = 1 << 20) -> None:
+    while length > 0:
+        read = request.rfile.read(min(chunk, length))
+        if not read:
+            return
+        length -= len(read)

@@ -25,11 +25,12 @@ from local_stack.api_gateway import ApiGatewayServer
 from local_stack.console import console_routes
 from local_stack.dynamodb_local import DynamoDBLocal
 from local_stack.hub_emulator import HubEmulator
-from local_stack.lambda_runtime import LambdaService, install, install_exact_timestamp_waits
+from local_stack.lambda_runtime import LambdaService, install
 from local_stack.openai_emulator import OpenAIEmulator
 from local_stack.ports import free_port
 from local_stack.profiles import Profile, profile_named
 from local_stack.seams import SEAMS_DIR_VARIABLE, SeamBoard
+from local_stack.step_functions import StepFunctionsBehaviour
 from local_stack.template import ACCOUNT_ID, REGION, LocalTemplate
 
 LOCAL_HUB_API_KEY = "ango-local-key"
@@ -70,6 +71,7 @@ class LocalStack:
         self.lambdas: LambdaService | None = None
         self._runtime_env: dict[str, str] = {}
         self.api: ApiGatewayServer | None = None
+        self.step_functions = StepFunctionsBehaviour(self.profile)  # .waits: each Wait's target and wake
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -113,7 +115,7 @@ class LocalStack:
             "stepfunctions": {"execute_state_machine": True}, "lambda": {"use_docker": False},
         }, timeout=10).raise_for_status()
         self._create_resources()
-        self._undo.append(install_exact_timestamp_waits())
+        self._undo.append(self.step_functions.install())
         self._undo.append(self.lambdas.stop)
         self._undo.append(install(self.lambdas))
         self.api = ApiGatewayServer(self.template, self.lambdas, port=self.options.api_port).start()
@@ -141,6 +143,10 @@ class LocalStack:
         self.stop()
 
     # ---- what clients need ----------------------------------------------------------------------
+
+    @property
+    def profile(self) -> Profile:
+        return self.options.profile
 
     @property
     def moto_url(self) -> str:

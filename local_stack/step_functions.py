@@ -1,0 +1,370 @@
+"""Step Functions as AWS runs it: patches of moto's ASL interpreter for what a kind local stack hides.
+
+- Wait states wake late, never early: by the profile's ``wait_lateness`` (a distribution), after the exact
+  target instant (moto alone computes whole seconds against a naive local clock and wakes up to 1 s early).
+- A state's input, a state's output, a Lambda task's input and its result above 256 KiB fail the state
+  with ``States.DataLimitExceeded``.
+- ``States.ALL`` in a Retry or Catch does not match ``States.DataLimitExceeded`` nor ``States.Runtime``
+  (moto alone matches both): they end the execution unless named explicitly.
+- An execution may record at most 25,000 history events; the 25,000th is its ``ExecutionFailed``
+  (``States.Runtime``) unless it is ``ExecutionSucceeded``.
+- A Map iteration or Parallel branch that fails with a ``States.`` error fails its state with that error
+  (moto alone turns it into a ``States.Runtime`` about an illegal custom error name).
+- JSONPaths are parsed once per path rather than on every evaluation (moto alone spends about 3 ms per
+  ``ResultPath``, which on 2 busy cores is most of an execution's time).
+
+Each patch is an ``install_...`` function returning its undo; ``StepFunctionsBehaviour`` installs them all
+for one profile and keeps the record of every Wait (target and wake) for tests. ``docs/local-stack.md``
+gives the figures and where they come from. These patch moto internals: moto is pinned and
+tests/integration/test_local_aws_behaviour.py fails loudly if a patch stops taking effect.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import json
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from local_stack.profiles import Lateness, Profile
+
+# Maximum input or output size for a task, state or execution: 262,144 bytes of UTF-8 (Step Functions quotas).
+PAYLOAD_LIMIT_BYTES = 256 * 1024
+# Maximum execution history size of a Standard workflow (a hard quota).
+HISTORY_LIMIT_EVENTS = 25_000
+DATA_LIMIT_EXCEEDED = "States.DataLimitExceeded"
+RUNTIME = "States.Runtime"
+
+Undo = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class WaitRecord:
+    """One Wait state's wake-up: when the ASL asked to wake and when the local Step Functions woke it."""
+
+    execution: str  # the execution's name
+    state: str
+    target: float  # epoch seconds the Wait names (entered + Seconds, or the Timestamp)
+    planned: float  # target + the lateness drawn from the profile
+    woke: float  # when the Wait actually ended (>= planned; later still on a busy machine)
+
+    @property
+    def drawn_lateness(self) -> float:
+        return self.planned - self.target
+
+    @property
+    def lateness(self) -> float:
+        return self.woke - self.target
+
+
+class StepFunctionsBehaviour:
+    """Every Step Functions patch for one profile. ``waits`` lists each Wait's wake-up, in order."""
+
+    def __init__(self, profile: Profile, payload_limit_bytes: int = PAYLOAD_LIMIT_BYTES,
+                 history_limit_events: int = HISTORY_LIMIT_EVENTS):
+        self.profile = profile
+        self.payload_limit_bytes = payload_limit_bytes
+        self.history_limit_events = history_limit_events
+        self.waits: list[WaitRecord] = []
+
+    def waits_of(self, execution_name: str) -> list[WaitRecord]:
+        return [record for record in list(self.waits) if record.execution == execution_name]
+
+    def install(self) -> Undo:
+        undos = [
+            install_late_waits(self.profile.wait_lateness, self.profile.rng(), self.waits.append),
+            install_payload_limit(self.payload_limit_bytes),
+            install_terminal_errors(),
+            install_states_errors_from_branches(),
+            install_history_limit(self.history_limit_events),
+            install_cached_json_paths(),
+        ]
+
+        def uninstall() -> None:
+            while undos:
+                undos.pop()()
+
+        return uninstall
+
+
+# ---- Wait states ------------------------------------------------------------------------------------
+
+
+def install_late_waits(lateness: Lateness, rng: random.Random, record: Callable[[WaitRecord], None]) -> Undo:
+    """Every Wait (Seconds, SecondsPath, Timestamp, TimestampPath) sleeps until its exact target instant plus
+    a lateness drawn from ``lateness``, and ``record`` gets a ``WaitRecord`` when it wakes."""
+    from moto.stepfunctions.parser.asl.component.common.error_name.failure_event import FailureEventException
+    from moto.stepfunctions.parser.asl.component.state.wait.wait_function.timestamp import Timestamp
+    from moto.stepfunctions.parser.asl.component.state.wait.wait_function.wait_function import WaitFunction
+
+    original = WaitFunction._eval_body
+    draw_lock = threading.Lock()  # one Random shared by every execution's threads
+
+    def target_of(wait: WaitFunction, env: Any) -> float:
+        if isinstance(wait, Timestamp):
+            wait.string.eval(env=env)
+            raw = env.stack.pop()
+            # AWS reads the timestamp to the second and drops any fraction, as moto's parser does
+            parsed = wait._from_timestamp_string(timestamp=raw)
+            if parsed is None:
+                raise FailureEventException(wait._create_failure_event(env, raw))
+            return parsed.replace(tzinfo=dt.timezone.utc).timestamp()
+        # Seconds count from when the state began
+        entered = env.states.context_object.context_object_data.get("State", {}).get("EnteredTime")
+        began = dt.datetime.fromisoformat(entered).timestamp() if entered else time.time()
+        return began + wait._get_wait_seconds(env=env)
+
+    def eval_body(self: WaitFunction, env: Any) -> None:
+        target = target_of(self, env)
+        with draw_lock:
+            planned = target + lateness.draw(rng)
+        while env.is_running():
+            remaining = planned - time.time()
+            if remaining <= 0:
+                break
+            env.program_state_event.wait(remaining)  # set (and cleared) when the execution stops
+        if not env.is_running():
+            return
+        context = env.states.context_object.context_object_data
+        state = context.get("State", {}).get("Name", "")
+        record(WaitRecord(execution=context["Execution"]["Name"], state=state, target=target, planned=planned,
+                          woke=time.time()))
+
+    WaitFunction._eval_body = eval_body
+    return lambda: setattr(WaitFunction, "_eval_body", original)
+
+
+# ---- payload size -----------------------------------------------------------------------------------
+
+
+def payload_size(value: Any) -> int:
+    """Bytes of the value as Step Functions counts them: its JSON text in UTF-8 (a string with its quotes)."""
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8"))
+
+
+def _data_limit_exceeded(env: Any, cause: str, lambda_task: bool = False) -> Exception:
+    from moto.stepfunctions.parser.api import (
+        ExecutionFailedEventDetails,
+        HistoryEventType,
+        LambdaFunctionFailedEventDetails,
+    )
+    from moto.stepfunctions.parser.asl.component.common.error_name.failure_event import (
+        FailureEvent,
+        FailureEventException,
+    )
+    from moto.stepfunctions.parser.asl.component.common.error_name.states_error_name import StatesErrorName
+    from moto.stepfunctions.parser.asl.component.common.error_name.states_error_name_type import (
+        StatesErrorNameType,
+    )
+    from moto.stepfunctions.parser.asl.eval.event.event_detail import EventDetails
+
+    error_type = StatesErrorNameType.StatesStatesDataLimitExceeded
+    if lambda_task:
+        event_type = HistoryEventType.LambdaFunctionFailed
+        details = EventDetails(lambdaFunctionFailedEventDetails=LambdaFunctionFailedEventDetails(
+            error=error_type.to_name(), cause=cause))
+    else:
+        event_type = HistoryEventType.ExecutionFailed
+        details = EventDetails(executionFailedEventDetails=ExecutionFailedEventDetails(
+            error=error_type.to_name(), cause=cause))
+    return FailureEventException(failure_event=FailureEvent(
+        env=env, error_name=StatesErrorName(typ=error_type), event_type=event_type, event_details=details))
+
+
+def install_payload_limit(limit_bytes: int = PAYLOAD_LIMIT_BYTES) -> Undo:
+    """A state's input (on entering it), its output, a Lambda task's input (after Parameters) and its result
+    are each at most ``limit_bytes``; past it the state fails with ``States.DataLimitExceeded``.
+
+    moto checks outputs and Lambda results already, against 256 KiB but refusing exactly 262,144 bytes;
+    its check is replaced so the figure and the boundary are AWS's, and the input checks are added."""
+    from moto.stepfunctions.parser.asl.component.state import state as state_module
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task import state_task_lambda
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service import state_task_service
+
+    def within(value: Any) -> bool:
+        return payload_size(value) <= limit_bytes
+
+    checkers = (state_module, state_task_lambda, state_task_service)
+    original_checks = [module.is_within_size_quota for module in checkers]
+    for module in checkers:
+        module.is_within_size_quota = within
+
+    State = state_module.CommonStateField
+    original_state_body = State._eval_body
+
+    def state_body(self: Any, env: Any) -> None:
+        size = payload_size(env.states.get_input())
+        if size > limit_bytes:
+            raise _data_limit_exceeded(env, f"The state '{self.name}' received an input of {size} bytes, "
+                                            f"above the maximum of {limit_bytes} bytes.")
+        original_state_body(self, env)
+
+    StateTaskLambda = state_task_lambda.StateTaskLambda
+    original_parameters = StateTaskLambda._eval_parameters
+
+    def lambda_parameters(self: Any, env: Any) -> dict:
+        parameters = original_parameters(self, env)
+        size = payload_size(parameters["Payload"])
+        if size > limit_bytes:
+            raise _data_limit_exceeded(env, f"The task '{self.resource.resource_arn}' was given an input of "
+                                            f"{size} bytes, above the maximum of {limit_bytes} bytes.",
+                                       lambda_task=True)
+        return parameters
+
+    original_lambda_check = StateTaskLambda._verify_size_quota
+
+    def lambda_result_check(self: Any, env: Any, value: Any) -> None:
+        # moto measures the invoke's whole response ({"Payload": ...}); the quota is on the result itself
+        result = value["Payload"] if isinstance(value, dict) and "Payload" in value else value
+        original_lambda_check(self, env, result)
+
+    State._eval_body = state_body
+    StateTaskLambda._eval_parameters = lambda_parameters
+    StateTaskLambda._verify_size_quota = lambda_result_check
+
+    def uninstall() -> None:
+        State._eval_body = original_state_body
+        StateTaskLambda._eval_parameters = original_parameters
+        StateTaskLambda._verify_size_quota = original_lambda_check
+        for module, check in zip(checkers, original_checks):
+            module.is_within_size_quota = check
+
+    return uninstall
+
+
+# ---- errors States.ALL does not catch ---------------------------------------------------------------
+
+
+def install_terminal_errors(terminal: tuple[str, ...] = (DATA_LIMIT_EXCEEDED, RUNTIME)) -> Undo:
+    """``States.ALL`` in a Retrier or Catcher leaves ``terminal`` errors alone, as on AWS; a Retrier or
+    Catcher that names one explicitly still matches it."""
+    from moto.stepfunctions.parser.asl.component.common.error_name.error_equals_decl import ErrorEqualsDecl
+
+    original = ErrorEqualsDecl._eval_body
+
+    def eval_body(self: Any, env: Any) -> None:
+        error = env.stack[-1] if env.stack else None
+        if getattr(error, "error_name", None) in terminal and error not in self.error_names:
+            env.stack.pop()
+            env.stack.append(False)
+            return
+        original(self, env)
+
+    ErrorEqualsDecl._eval_body = eval_body
+    return lambda: setattr(ErrorEqualsDecl, "_eval_body", original)
+
+
+def install_states_errors_from_branches() -> Undo:
+    """A failed Map iteration or Parallel branch passes a ``States.`` error name on as that error."""
+    from moto.stepfunctions.parser.asl.component.common.error_name.custom_error_name import CustomErrorName
+    from moto.stepfunctions.parser.asl.component.common.error_name.states_error_name import StatesErrorName
+    from moto.stepfunctions.parser.asl.component.state.exec.state_map.iteration import iteration_worker
+    from moto.stepfunctions.parser.asl.component.state.exec.state_parallel import branches_decl
+
+    def error_name_of(error_name: str | None) -> Any:
+        if error_name is not None and error_name.startswith("States."):
+            try:
+                return StatesErrorName.from_name(error_name)
+            except ValueError:
+                pass
+        return CustomErrorName(error_name=error_name)
+
+    modules = (iteration_worker, branches_decl)
+    for module in modules:
+        module.CustomErrorName = error_name_of
+
+    def uninstall() -> None:
+        for module in modules:
+            module.CustomErrorName = CustomErrorName
+
+    return uninstall
+
+
+# ---- history size -----------------------------------------------------------------------------------
+
+
+def install_history_limit(limit: int = HISTORY_LIMIT_EVENTS) -> Undo:
+    """An execution's history holds at most ``limit`` events. When it holds ``limit - 1``, the next event is
+    kept only if it ends the execution; any other event fails the execution with ``States.Runtime``, whose
+    ``ExecutionFailed`` becomes event number ``limit``."""
+    from moto.stepfunctions.parser.api import ExecutionFailedEventDetails, HistoryEventType
+    from moto.stepfunctions.parser.asl.eval.environment import Environment
+    from moto.stepfunctions.parser.asl.eval.event.event_manager import EventManager
+
+    ending = {HistoryEventType.ExecutionSucceeded, HistoryEventType.ExecutionFailed,
+              HistoryEventType.ExecutionAborted, HistoryEventType.ExecutionTimedOut}
+    history_full = ExecutionFailedEventDetails(
+        error=RUNTIME, cause=f"The execution reached the maximum number of history events ({limit}).")
+    original_init = Environment.__init__
+    original_add = EventManager.add_event
+    original_set_error = Environment.set_error
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        # A frame (a Map iteration) replaces its manager by its parent's, which keeps the root as owner.
+        self.event_manager.history_owner = self
+        self.event_manager.history_count = 0
+        self.event_manager.history_full = False
+        self.event_manager.history_lock = threading.Lock()
+
+    def add_event(self: Any, context: Any, event_type: Any, *args: Any, **kwargs: Any) -> int:
+        lock = getattr(self, "history_lock", None)
+        if lock is None:  # a manager made before install
+            return original_add(self, context, event_type, *args, **kwargs)
+        with lock:
+            if self.history_full:
+                keep, fail_now = event_type == HistoryEventType.ExecutionFailed, False
+            elif self.history_count >= limit - 1 and event_type not in ending:
+                keep, fail_now = False, True
+                self.history_full = True
+            else:
+                keep, fail_now = True, False
+            if keep:
+                self.history_count += 1
+        if fail_now:
+            self.history_owner.set_error(history_full)
+        if not keep:
+            return self.history_count
+        return original_add(self, context, event_type, *args, **kwargs)
+
+    def set_error(self: Any, error: Any) -> None:
+        # Once the history is full, whatever else fails on the way out, the execution's error is that.
+        if getattr(self.event_manager, "history_full", False):
+            error = history_full
+        original_set_error(self, error)
+
+    Environment.__init__ = init
+    EventManager.add_event = add_event
+    Environment.set_error = set_error
+
+    def uninstall() -> None:
+        Environment.__init__ = original_init
+        EventManager.add_event = original_add
+        Environment.set_error = original_set_error
+
+    return uninstall
+
+
+# ---- speed ------------------------------------------------------------------------------------------
+
+
+def install_cached_json_paths() -> Undo:
+    """Parse each JSONPath once: moto's interpreter parses ``ResultPath`` and every input path anew on each
+    evaluation. A parsed path is only read afterwards (``find``, ``update_or_create``), so sharing is safe."""
+    from moto.stepfunctions.parser.asl.component.common.path import result_path
+    from moto.stepfunctions.parser.asl.utils import json_path
+
+    modules = (result_path, json_path)
+    originals = [module.parse for module in modules]
+    for module, parse in zip(modules, originals):
+        module.parse = functools.lru_cache(maxsize=1024)(parse)
+
+    def uninstall() -> None:
+        for module, parse in zip(modules, originals):
+            module.parse = parse
+
+    return uninstall

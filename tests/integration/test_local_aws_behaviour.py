@@ -1,0 +1,147 @@
+"""The local stack's Step Functions behaves as AWS's does where a kind one would not: Waits wake late by the
+profile's amount and never early, a state above 256 KiB fails with States.DataLimitExceeded that States.ALL
+does not catch, and an execution past 25,000 history events fails. Each test runs a tiny state machine of
+its own on the stack's moto server and waits for conditions, never for a fixed time."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import pytest
+
+from local_stack.profiles import Lateness
+from local_stack.step_functions import HISTORY_LIMIT_EVENTS, PAYLOAD_LIMIT_BYTES, install_late_waits
+
+pytestmark = pytest.mark.stack
+
+ENDED_WITHIN_S = 120  # a deadline for an execution to end, generous for a busy 2-core machine
+
+
+def _run(stack, definition: dict, payload: dict | None = None) -> tuple[str, str, dict]:
+    """Create the state machine, start one execution and wait until it ends: (name, arn, description)."""
+    sfn = stack.client("stepfunctions")
+    name = f"behaviour-{uuid.uuid4().hex[:10]}"
+    role = f"arn:aws:iam::123456789012:role/{stack.options.stack_name}-execution"
+    machine = sfn.create_state_machine(name=name, definition=json.dumps(definition), roleArn=role)
+    arn = sfn.start_execution(stateMachineArn=machine["stateMachineArn"], name=name,
+                              input=json.dumps(payload or {}))["executionArn"]
+    deadline = time.monotonic() + ENDED_WITHIN_S
+    while (described := sfn.describe_execution(executionArn=arn))["status"] == "RUNNING":
+        assert time.monotonic() < deadline, f"{name} still running after {ENDED_WITHIN_S} s"
+        time.sleep(0.05)
+    return name, arn, described
+
+
+def _history(execution_arn: str) -> list[dict]:
+    """The execution's history read from moto's backend in this process: moto's GetExecutionHistory ignores
+    maxResults and serializes all 25,000 events, which takes minutes on a busy machine."""
+    from moto.stepfunctions.parser.models import stepfunctions_parser_backends
+
+    account, region = execution_arn.split(":")[4], execution_arn.split(":")[3]
+    execution = stepfunctions_parser_backends[account][region].describe_execution(execution_arn=execution_arn)
+    return execution.exec_worker.env.event_manager.get_event_history()
+
+
+def _wait_machine() -> dict:
+    return {"StartAt": "Pause", "States": {
+        "Pause": {"Type": "Wait", "Seconds": 1, "Next": "Until"},
+        "Until": {"Type": "Wait", "TimestampPath": "$.at", "End": True},
+    }}
+
+
+def _whole_second_from_now(seconds: int) -> tuple[int, str]:
+    target = int(time.time()) + seconds  # whole seconds, as AWS reads timestamps and the plugin writes them
+    return target, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(target))
+
+
+def test_waits_wake_late_by_the_profiles_amount_and_never_early(stack):
+    lateness = stack.profile.wait_lateness
+    target, at = _whole_second_from_now(3)
+    name, arn, described = _run(stack, _wait_machine(), {"at": at})
+    assert described["status"] == "SUCCEEDED"
+
+    records = stack.step_functions.waits_of(name)
+    assert [r.state for r in records] == ["Pause", "Until"]
+    pause, until = records
+    assert until.target == target
+    for record in records:
+        # the drawn lateness is the profile's, and the Wait slept at least that long past its target
+        assert lateness.low_ms / 1000 <= record.drawn_lateness <= lateness.high_ms / 1000
+        assert record.woke >= record.planned
+    # the second Wait began when the first one woke (Seconds count from the state's entry)
+    assert until.woke >= pause.woke
+    # and the history agrees: each Wait state exited no sooner than its target plus the lowest lateness
+    events = stack.client("stepfunctions").get_execution_history(executionArn=arn, maxResults=1000)["events"]
+    exits = [e["timestamp"].timestamp() for e in events if e["type"] == "WaitStateExited"]
+    assert len(exits) == 2
+    for record, exited in zip(records, exits):
+        assert exited >= record.target + lateness.low_ms / 1000 - 0.001  # history times are to the ms
+
+
+def test_a_wait_wakes_late_by_exactly_a_configured_constant(stack):
+    """A degenerate distribution (low = mode = high) makes the amount exact: the Wait ends 1.5 s after its
+    target, not before, whatever the stack's own profile."""
+    records = []
+    constant = Lateness(low_ms=1500, mode_ms=1500, high_ms=1500)
+    undo = install_late_waits(constant, stack.profile.rng(), records.append)
+    try:
+        target, at = _whole_second_from_now(1)
+        name, _, described = _run(stack, {"StartAt": "Until", "States": {
+            "Until": {"Type": "Wait", "TimestampPath": "$.at", "End": True}}}, {"at": at})
+    finally:
+        undo()
+    assert described["status"] == "SUCCEEDED"
+    [record] = [r for r in records if r.execution == name]
+    assert record.target == target and record.planned == target + 1.5
+    assert record.woke >= target + 1.5
+    assert described["stopDate"].timestamp() >= target + 1.5
+
+
+def _grow_to(total_bytes: int) -> tuple[dict, dict]:
+    """A Pass state whose output, {"a": half, "b": half, "c": odd byte}, is exactly ``total_bytes`` of JSON,
+    built at run time from an input of about half that (a 300 KB literal in the definition would make moto's
+    ASL parser crawl)."""
+    overhead = len('{"a":"","b":"","c":""}')
+    half = (total_bytes - overhead) // 2
+    odd = total_bytes - overhead - 2 * half
+    state = {"Type": "Pass", "Parameters": {"a.$": "$.half", "b.$": "$.half", "c": "x" * odd}, "End": True}
+    return state, {"half": "x" * half}
+
+
+def _caught_by_states_all(inner_state: dict) -> dict:
+    return {"StartAt": "Fan", "States": {
+        "Fan": {"Type": "Parallel", "Branches": [{"StartAt": "Grow", "States": {"Grow": inner_state}}],
+                "Catch": [{"ErrorEquals": ["States.ALL"], "Next": "Caught"}], "End": True},
+        "Caught": {"Type": "Succeed"},
+    }}
+
+
+def test_a_300_kb_state_fails_with_data_limit_exceeded_which_states_all_does_not_catch(stack):
+    state, payload = _grow_to(300_000)
+    _, _, described = _run(stack, _caught_by_states_all(state), payload)
+    assert described["status"] == "FAILED"
+    assert described["error"] == "States.DataLimitExceeded"
+
+
+def test_a_state_of_exactly_256_kib_passes_and_one_byte_more_fails(stack):
+    state, payload = _grow_to(PAYLOAD_LIMIT_BYTES)
+    _, _, at_limit = _run(stack, {"StartAt": "Grow", "States": {"Grow": state}}, payload)
+    assert at_limit["status"] == "SUCCEEDED"
+    state, payload = _grow_to(PAYLOAD_LIMIT_BYTES + 1)
+    _, _, above = _run(stack, {"StartAt": "Grow", "States": {"Grow": state}}, payload)
+    assert above["status"] == "FAILED" and above["error"] == "States.DataLimitExceeded"
+
+
+@pytest.mark.slow
+def test_an_execution_past_25000_history_events_fails_as_aws_fails_it(stack):
+    # a Pass state looping on itself records two events a round and never ends by itself
+    _, arn, described = _run(stack, {"StartAt": "Spin", "States": {"Spin": {"Type": "Pass", "Next": "Spin"}}})
+    assert described["status"] == "FAILED"
+    assert described["error"] == "States.Runtime"
+    limit = HISTORY_LIMIT_EVENTS
+    assert described["cause"] == f"The execution reached the maximum number of history events ({limit})."
+    events = _history(arn)
+    assert len(events) == HISTORY_LIMIT_EVENTS
+    assert events[-1]["id"] == HISTORY_LIMIT_EVENTS and events[-1]["type"] == "ExecutionFailed"
