@@ -24,9 +24,9 @@ import requests
 from local_stack.api_gateway import ApiGatewayServer
 from local_stack.console import console_routes
 from local_stack.dynamodb_local import DynamoDBLocal
-from local_stack.hub_emulator import HubEmulator
+from local_stack.hub_emulator import HubEmulatorProcess
 from local_stack.lambda_runtime import InProcessLambdas, install, install_exact_timestamp_waits
-from local_stack.openai_emulator import OpenAIEmulator
+from local_stack.openai_emulator import OpenAIEmulatorProcess
 from local_stack.ports import free_port
 from local_stack.template import REGION, LocalTemplate
 
@@ -53,8 +53,8 @@ class LocalStack:
         self.options = options or StackOptions()
         self.plugin_secret = self.options.plugin_secret or secrets.token_urlsafe(24)
         self.dynamodb = DynamoDBLocal()
-        self.hub = HubEmulator()
-        self.openai: OpenAIEmulator | None = None if self.options.openai_api_key else OpenAIEmulator()
+        self.hub = HubEmulatorProcess()
+        self.openai: OpenAIEmulatorProcess | None = None if self.options.openai_api_key else OpenAIEmulatorProcess()
         self.moto_port = free_port()
         self._moto = None
         self._undo: list[Any] = []
@@ -99,7 +99,7 @@ class LocalStack:
             "MOTO_PORT": str(self.moto_port),
             "POWERTOOLS_TRACE_DISABLED": "true",
             "POWERTOOLS_DEV": "false",
-            "ALLOW_PRIVATE_URLS": "true",
+            "ALLOWED_PRIVATE_HOSTS": self._emulator_hosts(),
         })
         requests.post(f"{self.moto_url}/moto-api/config", json={
             "stepfunctions": {"execute_state_machine": True}, "lambda": {"use_docker": False},
@@ -153,6 +153,11 @@ class LocalStack:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+    def _emulator_hosts(self) -> str:
+        """The URL guard's allow-list: exactly the emulators this stack started, and nothing else."""
+        emulators = [self.hub] + ([self.openai] if self.openai else [])
+        return ",".join(f"127.0.0.1:{emulator.port}" for emulator in emulators)
 
     def _parameters(self) -> dict[str, str]:
         params = {"HubApiUrl": self.hub.base_url, "HubRetryIntervalSeconds": "1", "OpenAIRetryIntervalSeconds": "1"}
