@@ -254,3 +254,23 @@ def test_a_run_whose_data_url_is_not_allowed_fails_before_anything_is_fetched_or
     assert run["status"] == "FAILED" and run["failure"]["reason"] == "asset_unreadable"
     assert "only https" in run["failure"]["message"]
     assert not [r for r in openai_emulator.requests if r.is_generation]
+
+
+@pytest.mark.stack
+@pytest.mark.parametrize("data_url", [
+    "http://169.254.169.254/latest/meta-data/iam/security-credentials/",
+    "https://169.254.169.254/latest/meta-data/iam/security-credentials/",
+    "http://127.0.0.1:{moto_port}/moto-api/",  # a live loopback server of the stack's own, not an emulator
+    "https://127.0.0.1:{moto_port}/moto-api/",
+    "http://10.0.0.5/files/a.txt",
+])
+def test_the_local_stack_lets_the_guard_refuse_every_private_url_but_its_emulators(
+        stack, api, sample_payload, openai_emulator, data_url):
+    assert stack.hub.base_url.startswith("http://127.0.0.1:")  # which the pipeline tests fetch from
+    payload = sample_payload("task-market", dataURL=data_url.format(moto_port=stack.moto_port),
+                             configJSON=json.dumps({"get_prompt_from": "full-text-asset"}))
+    assert api.run(payload).status_code == 202
+    run = api.wait_finished(payload["session"], timeout_s=120)["runs"][0]
+    assert run["status"] == "FAILED" and run["failure"]["reason"] == "asset_unreadable"
+    assert "only https" in run["failure"]["message"] or "private" in run["failure"]["message"]
+    assert not [r for r in openai_emulator.requests if r.is_generation]
