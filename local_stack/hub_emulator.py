@@ -7,9 +7,12 @@ it receives (the ``apikey`` header only as a fingerprint), offers typed views of
 stall the next matching requests. Everything it answers follows the wire format of the official SDK
 (``imerit_ango``): see docs/hub-protocol.md and tests/unit/test_hub_sdk_contract.py.
 
-Control endpoints (no auth): ``GET /_emulator/state``, ``POST /_emulator/reset``,
-``POST /_emulator/faults`` (``{"path_prefix", "status", "times", "latency_s", "method", "body_contains"}``, or a list of
-them), ``DELETE /_emulator/faults``.
+The local stack runs it in a process of its own through ``HubEmulatorProcess``, whose methods are requests
+to these control endpoints (no auth, JSON): ``GET /_emulator/health`` (pid, port), ``GET /_emulator/state``,
+``POST /_emulator/reset``, ``POST /_emulator/faults`` (``{"path_prefix", "status", "times", "latency_s",
+"method", "body_contains"}``, or a list of them), ``DELETE /_emulator/faults[?path_prefix=&body_contains=]``,
+``POST /_emulator/{api_keys,samples,projects,assets,tasks,nagle}`` and
+``GET /_emulator/{requests[?since=N],attachments,annotations,plugin_responses,plugin_logs,stored_files,task}``.
 
 Run it alone with ``python -m local_stack.hub_emulator --port 8081`` (loads the bundled samples).
 """
@@ -25,6 +28,7 @@ import json
 import re
 import secrets
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -77,6 +81,7 @@ class _Exchange:
     query: dict[str, Any]
     headers: dict[str, str]
     body: bytes
+    received_at: float = 0.0  # time.time() when the request line was read, by the emulator's process
 
     def json(self) -> Any:
         if not self.body:
@@ -340,8 +345,18 @@ class HubEmulator(LocalServer):
 
     @property
     def requests(self) -> list[dict[str, Any]]:
+        """Every request received, in order; ``received_at`` is ``time.time()`` at its arrival."""
         with self._lock:
             return copy.deepcopy(self._requests)
+
+    def requests_since(self, first: int) -> list[dict[str, Any]]:
+        """``requests[first:]``, without copying the rest (a poller's view)."""
+        with self._lock:
+            return copy.deepcopy(self._requests[first:])
+
+    def set_nagle(self, on: bool) -> None:
+        """Nagle's algorithm on this process's hub connections accepted from now on (shipped: off)."""
+        _HubRequestHandler.disable_nagle_algorithm = not on
 
     def attachments(self, external_id: str | None = None) -> list[dict[str, Any]]:
         with self._lock:
@@ -444,6 +459,7 @@ class HubEmulator(LocalServer):
             except ValueError:
                 body = {"unparsed_bytes": len(exchange.body)}
         record = {
+            "received_at": exchange.received_at,
             "method": exchange.method,
             "path": exchange.path,
             "query": copy.deepcopy(exchange.query),
@@ -745,7 +761,8 @@ class HubEmulator(LocalServer):
             ("DELETE", "faults"): lambda ex: done(
                 self.clear_faults(query(ex, "path_prefix"), query(ex, "body_contains"))
             ),
-            ("GET", "requests"): lambda ex: self.requests,
+            ("GET", "requests"): lambda ex: self.requests_since(int(ex.query.get("since") or 0)),
+            ("POST", "nagle"): lambda ex: done(self.set_nagle(bool(ex.json()["on"]))),
             ("GET", "attachments"): lambda ex: self.attachments(query(ex, "external_id")),
             ("GET", "annotations"): lambda ex: self.annotations(query(ex, "task_id")),
             ("GET", "plugin_responses"): lambda ex: self.plugin_responses(query(ex, "session")),
@@ -826,6 +843,7 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         pass
 
     def _handle(self) -> None:
+        received_at = time.time()
         try:
             parts = urlsplit(self.path)
             exchange = _Exchange(
@@ -834,6 +852,7 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
                 query=_flatten_query(parts.query),
                 headers={name.lower(): value for name, value in self.headers.items()},
                 body=self._read_body(),
+                received_at=received_at,
             )
             try:
                 reply = self.server.app._dispatch(exchange)
@@ -948,6 +967,12 @@ class HubEmulatorProcess:
     @property
     def requests(self) -> list[dict[str, Any]]:
         return self._call("GET", "requests")
+
+    def requests_since(self, first: int) -> list[dict[str, Any]]:
+        return self._call("GET", "requests", query={"since": first})
+
+    def set_nagle(self, on: bool) -> None:
+        self._call("POST", "nagle", {"on": on})
 
     def attachments(self, external_id: str | None = None) -> list[dict[str, Any]]:
         return self._call("GET", "attachments", query={"external_id": external_id})

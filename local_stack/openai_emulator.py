@@ -3,8 +3,12 @@
 It speaks the real wire format of ``POST /v1/images/generations`` and ``GET /v1/models[/{id}]`` (bodies,
 error shapes, rate-limit headers), so the official ``openai`` client pointed at ``base_url`` behaves as it
 would against api.openai.com. It draws a real image of the prompt with Pillow, and it can be scripted to
-fail the way OpenAI fails (429s, 5xx, moderation blocks, revoked keys, slow or hung responses) in-process
-and over HTTP (``/_emulator/...``), so a person running the local stack can script it too.
+fail the way OpenAI fails (429s, 5xx, moderation blocks, revoked keys, slow or hung responses) by its
+methods and over HTTP (``/_emulator/...``), so a person running the local stack can script it too.
+
+The local stack runs it in a process of its own (``OpenAIEmulatorProcess``, the same methods over that
+HTTP control API), so the arrival times it records are when a request reached "OpenAI", whatever the
+stack's own process is doing.
 
 API keys are never stored: each request is recorded with a short sha256 fingerprint of its key.
 """

@@ -340,8 +340,10 @@ def test_plugin_responses_and_logs_are_recorded_per_session(hub):
 
 
 def test_requests_are_recorded_with_the_api_key_as_a_fingerprint_only(hub):
+    before = time.time()
     call(hub, "POST", "/v2/pluginLog?x=1&x=2", {"session": "s", "msg": "m"})
     [record] = hub.requests
+    assert before <= record.pop("received_at") <= time.time()
     assert record == {
         "method": "POST",
         "path": "/v2/pluginLog",
@@ -473,6 +475,7 @@ def test_the_process_client_seeds_scripts_and_reads_like_the_emulator(remote_hub
     assert remote_hub.plugin_responses("s1") == [{"session": "s1", "error": False}]
     assert [line["msg"] for line in remote_hub.plugin_logs("s1")] == ["hi"] and remote_hub.plugin_logs("s2") == []
     assert remote_hub.requests[0]["path"] == "/files/proj-remote/r.txt"
+    assert [r["path"] for r in remote_hub.requests_since(len(remote_hub.requests) - 1)] == ["/v2/pluginLog"]
     assert len(remote_hub.state()["attachments"]) == 1
 
     remote_hub.fail_next("/v2/pluginLog", 502, times=5, body_contains="marker-a")
