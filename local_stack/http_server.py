@@ -152,7 +152,7 @@ class ControlChannel:
     """JSON requests to a server's ``/_emulator/...`` control API, safe to use from many threads."""
 
     def __init__(self, port: int, timeout_s: float = 60.0):
-        self._pool = urllib3.HTTPConnectionPool("127.0.0.1", port, maxsize=8, block=False, retries=False,
+        self._pool = urllib3.HTTPConnectionPool("127.0.0.1", port, maxsize=32, block=False, retries=False,
                                                 timeout=urllib3.Timeout(connect=10.0, read=timeout_s))
 
     def call(self, method: str, path: str, body: Any = None, query: dict[str, Any] | None = None) -> Any:
