@@ -157,7 +157,8 @@ class OverheadBench:
         try:
             for _ in range(runs):
                 for setting, result in zip(nagle_settings, results):
-                    _set_nagle(self.stack, setting)  # applies to connections accepted from now on; each run opens its own
+                    # applies to connections accepted from now on; each run opens its own
+                    _set_nagle(self.stack, setting)
                     result["ours"].append(self.pipeline_run())
                     result["naive"].append(self.naive_run(script))
         finally:

@@ -281,7 +281,7 @@ class ServerProcess:
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise TimeoutError(f"{self._factory} did not report its port within {READY_TIMEOUT_S:.0f} s")
+                    raise TimeoutError(f"{self._factory} did not report its port in {READY_TIMEOUT_S:.0f} s")
                 if selector.select(timeout=min(remaining, 0.5)):
                     line = process.stdout.readline().decode()
                     if line.startswith(_READY_LINE):

@@ -11,8 +11,8 @@ The local stack runs it in a process of its own through ``HubEmulatorProcess``, 
 to these control endpoints (no auth, JSON): ``GET /_emulator/health`` (pid, port), ``GET /_emulator/state``,
 ``POST /_emulator/reset``, ``POST /_emulator/faults`` (``{"path_prefix", "status", "times", "latency_s",
 "method", "body_contains"}``, or a list of them), ``DELETE /_emulator/faults[?path_prefix=&body_contains=]``,
-``POST /_emulator/{api_keys,samples,projects,assets,tasks,nagle}`` and
-``GET /_emulator/{requests[?since=N],attachments,annotations,plugin_responses,plugin_logs,stored_files,task}``.
+``POST /_emulator/{api_keys,samples,projects,assets,tasks,nagle}`` and ``GET /_emulator/{requests[?since=N],
+attachments,annotations,plugin_responses,plugin_logs,stored_files,task}``.
 
 Run it alone with ``python -m local_stack.hub_emulator --port 8081`` (loads the bundled samples).
 """
@@ -954,7 +954,8 @@ class HubEmulatorProcess:
     def fail_next(self, path_prefix: str, status: int | None = 503, times: int = 1, latency_s: float = 0.0,
                   method: str | None = None, body_contains: str | None = None) -> None:
         self._call("POST", "faults", {"path_prefix": path_prefix, "status": status, "times": times,
-                                      "latency_s": latency_s, "method": method, "body_contains": body_contains})
+                                      "latency_s": latency_s, "method": method,
+                                      "body_contains": body_contains})
 
     def clear_faults(self, path_prefix: str | None = None, body_contains: str | None = None) -> None:
         self._call("DELETE", "faults", query={"path_prefix": path_prefix, "body_contains": body_contains})

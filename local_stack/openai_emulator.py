@@ -1059,7 +1059,8 @@ class OpenAIEmulatorProcess:
     """The OpenAI emulator in a child process of its own, with ``OpenAIEmulator``'s scripting and reading
     methods: each one is a request to the child's control API (``/_emulator/...``)."""
 
-    def __init__(self, revoked_keys: Iterable[str] = (), revoked_key_prefixes: Iterable[str] = ("sk-invalid",)):
+    def __init__(self, revoked_keys: Iterable[str] = (),
+                 revoked_key_prefixes: Iterable[str] = ("sk-invalid",)):
         self._process = ServerProcess("local_stack.openai_emulator:OpenAIEmulator", {
             "revoked_keys": sorted(revoked_keys), "revoked_key_prefixes": list(revoked_key_prefixes),
         })

@@ -54,7 +54,7 @@ class LocalStack:
         self.plugin_secret = self.options.plugin_secret or secrets.token_urlsafe(24)
         self.dynamodb = DynamoDBLocal()
         self.hub = HubEmulatorProcess()
-        self.openai: OpenAIEmulatorProcess | None = None if self.options.openai_api_key else OpenAIEmulatorProcess()
+        self.openai = None if self.options.openai_api_key else OpenAIEmulatorProcess()
         self.moto_port = free_port()
         self._moto = None
         self._undo: list[Any] = []

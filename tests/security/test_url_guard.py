@@ -108,7 +108,8 @@ def test_the_allow_list_setting_is_exact_host_port_pairs_and_empty_by_default():
     base = {"SESSIONS_TABLE": "sessions", "IMAGES_BUCKET": "images", "KMS_KEY_ID": "k",
             "HUB_API_URL": "https://hub.example"}
     assert read_settings(CommonSettings, base).allowed_private_hosts == frozenset()
-    listed = read_settings(CommonSettings, base | {"ALLOWED_PRIVATE_HOSTS": "127.0.0.1:41001, 127.0.0.1:41002"})
+    listed = read_settings(CommonSettings,
+                           base | {"ALLOWED_PRIVATE_HOSTS": "127.0.0.1:41001, 127.0.0.1:41002"})
     assert listed.allowed_private_hosts == {"127.0.0.1:41001", "127.0.0.1:41002"}
     for bad in ("127.0.0.1", "127.0.0.1:http", ":41001"):
         with pytest.raises(Exception, match="ALLOWED_PRIVATE_HOSTS"):

@@ -452,7 +452,7 @@ def test_the_process_client_seeds_scripts_and_reads_like_the_emulator(remote_hub
     remote_hub.load_samples()
     text = "Caf\u00e9 au lait".encode("utf-16")
     remote_hub.add_project("proj-remote", {"classifications": [{"schemaId": "c1", "title": "Prompt"}]})
-    asset = remote_hub.add_asset("proj-remote", "asset-r", "ext-r", "r.txt", text, "text/plain; charset=utf-16")
+    asset = remote_hub.add_asset("proj-remote", "asset-r", "ext-r", "r.txt", text, "text/plain")
     task = remote_hub.add_task("proj-remote", "task-r", "asset-r", {"classifications": []}, stage="Plugin")
     assert asset["data"] == f"{remote_hub.base_url}/files/proj-remote/r.txt" and task["stage"] == "Plugin"
     assert call(remote_hub, "GET", asset["data"], api_key=None)[1] == text
@@ -462,18 +462,20 @@ def test_the_process_client_seeds_scripts_and_reads_like_the_emulator(remote_hub
     assert call(remote_hub, "GET", "/v2/task/task-r", api_key="key-r")[0] == 200
 
     permanent = upload(remote_hub, "a.png", PNG_BYTES, "image/png")
-    assert call(remote_hub, "POST", "/v2/attachments", attachments_body("fox-in-snow.txt", permanent))[0] == 200
+    attached = call(remote_hub, "POST", "/v2/attachments", attachments_body("fox-in-snow.txt", permanent))
+    assert attached[0] == 200
     call(remote_hub, "POST", "/v2/annotate/task-fox?nextStage=true", {"answer": {"objects": []}})
     call(remote_hub, "POST", "/v2/pluginResponse", {"session": "s1", "error": False})
     call(remote_hub, "POST", "/v2/pluginLog", {"session": "s1", "msg": "hi"})
     [stored] = remote_hub.stored_files()
-    assert stored["url"] == permanent and stored["body"] == PNG_BYTES and stored["content_type"] == "image/png"
+    assert (stored["url"], stored["body"], stored["content_type"]) == (permanent, PNG_BYTES, "image/png")
     assert [a["value"] for a in remote_hub.attachments("fox-in-snow.txt")] == [permanent]
     assert remote_hub.attachments("elsewhere") == []
     assert len(remote_hub.annotations("task-fox")) == 1 and remote_hub.annotations("task-r") == []
     assert remote_hub.task("task-fox")["stage"] == "Complete"
     assert remote_hub.plugin_responses("s1") == [{"session": "s1", "error": False}]
-    assert [line["msg"] for line in remote_hub.plugin_logs("s1")] == ["hi"] and remote_hub.plugin_logs("s2") == []
+    assert [line["msg"] for line in remote_hub.plugin_logs("s1")] == ["hi"]
+    assert remote_hub.plugin_logs("s2") == []
     assert remote_hub.requests[0]["path"] == "/files/proj-remote/r.txt"
     assert [r["path"] for r in remote_hub.requests_since(len(remote_hub.requests) - 1)] == ["/v2/pluginLog"]
     assert len(remote_hub.state()["attachments"]) == 1

@@ -504,9 +504,9 @@ def test_arrival_times_are_taken_by_the_emulators_process_when_it_reads_the_requ
     """The request is sent while the emulator's process is frozen: its recorded arrival is after the thaw,
     so the time is taken by that process when it gets to the request, not by whoever sent it."""
     body = json.dumps({"model": "gpt-image-2", "prompt": "frozen", "size": "256x256"}).encode()
-    request = (f"POST /v1/images/generations HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
-               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-               ).encode() + body
+    head = ["POST /v1/images/generations HTTP/1.1", "Host: 127.0.0.1", f"Authorization: Bearer {API_KEY}",
+            "Content-Type: application/json", f"Content-Length: {len(body)}", "Connection: close"]
+    request = "".join(f"{line}\r\n" for line in head).encode() + b"\r\n" + body
     os.kill(remote.pid, signal.SIGSTOP)
     try:
         with socket.create_connection(("127.0.0.1", remote.port), timeout=30) as connection:
