@@ -157,11 +157,12 @@ class OverheadBench:
         try:
             for _ in range(runs):
                 for setting, result in zip(nagle_settings, results):
-                    _set_nagle(setting)  # applies to connections accepted from now on; each run opens its own
+                    # applies to connections accepted from now on; each run opens its own
+                    _set_nagle(self.stack, setting)
                     result["ours"].append(self.pipeline_run())
                     result["naive"].append(self.naive_run(script))
         finally:
-            _set_nagle(nagle_settings[0])
+            _set_nagle(self.stack, nagle_settings[0])
         return results
 
 
@@ -180,10 +181,8 @@ def _nagle_is_on() -> bool:
     return not getattr(_HubRequestHandler, "disable_nagle_algorithm", False)
 
 
-def _set_nagle(on: bool) -> None:
-    from local_stack.hub_emulator import _HubRequestHandler
-
-    _HubRequestHandler.disable_nagle_algorithm = not on
+def _set_nagle(stack: Any, on: bool) -> None:
+    stack.hub.set_nagle(on)  # in the hub emulator's own process
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 
 The Lambdas run in-process (local_stack/lambda_runtime.py), so the bench can see everything they do:
 
-* when the hub emulator received each request (its request log keeps no time);
+* when the hub emulator received each request (its own process stamps each one: ``received_at``);
 * when each Lambda invocation started and ended;
 * every AWS API call the handlers made through ``dalle_plugin.wiring.aws_client`` (botocore event hooks on
   the cached clients: count, time, DynamoDB consumed capacity, error code);
@@ -36,7 +36,7 @@ _CAPACITY_OPERATIONS = {
 
 @dataclass(frozen=True)
 class HubRequest:
-    at: float  # perf_counter when the hub emulator started handling it
+    at: float  # when the hub emulator's process received it, on this process's perf_counter
     method: str
     path: str
 
@@ -155,18 +155,28 @@ class StackProbe:
     # ---- the hooks --------------------------------------------------------------------------------
 
     def _watch_hub(self) -> None:
+        """The hub emulator runs in a process of its own: a thread polls its request log for new entries."""
         hub = self.stack.hub
-        original = hub._record  # the emulator logs every request here, before answering it
+        stopped = threading.Event()
+        seen = len(hub.requests)
 
-        def record(exchange: Any) -> Any:
-            entry = HubRequest(time.perf_counter(), exchange.method, exchange.path)
-            with self._changed:
-                self.hub_requests.append(entry)
-                self._changed.notify_all()
-            return original(exchange)
+        def poll() -> None:
+            nonlocal seen
+            while not stopped.wait(0.02):
+                fresh = hub.requests_since(seen)
+                if not fresh:
+                    continue
+                seen += len(fresh)
+                wall_minus_perf = time.time() - time.perf_counter()  # both clocks of one machine
+                with self._changed:
+                    self.hub_requests.extend(
+                        HubRequest(r["received_at"] - wall_minus_perf, r["method"], r["path"]) for r in fresh
+                    )
+                    self._changed.notify_all()
 
-        hub._record = record
-        self._undo.append(lambda: vars(hub).pop("_record", None))
+        poller = threading.Thread(target=poll, name="hub request poller", daemon=True)
+        poller.start()
+        self._undo.append(lambda: (stopped.set(), poller.join(timeout=5)))
 
     def _watch_lambdas(self) -> None:
         lambdas = self.stack.lambdas

@@ -7,9 +7,12 @@ it receives (the ``apikey`` header only as a fingerprint), offers typed views of
 stall the next matching requests. Everything it answers follows the wire format of the official SDK
 (``imerit_ango``): see docs/hub-protocol.md and tests/unit/test_hub_sdk_contract.py.
 
-Control endpoints (no auth): ``GET /_emulator/state``, ``POST /_emulator/reset``,
-``POST /_emulator/faults`` (``{"path_prefix", "status", "times", "latency_s", "method", "body_contains"}``, or a list of
-them), ``DELETE /_emulator/faults``.
+The local stack runs it in a process of its own through ``HubEmulatorProcess``, whose methods are requests
+to these control endpoints (no auth, JSON): ``GET /_emulator/health`` (pid, port), ``GET /_emulator/state``,
+``POST /_emulator/reset``, ``POST /_emulator/faults`` (``{"path_prefix", "status", "times", "latency_s",
+"method", "body_contains"}``, or a list of them), ``DELETE /_emulator/faults[?path_prefix=&body_contains=]``,
+``POST /_emulator/{api_keys,samples,projects,assets,tasks,nagle}`` and ``GET /_emulator/{requests[?since=N],
+attachments,annotations,plugin_responses,plugin_logs,stored_files,task}``.
 
 Run it alone with ``python -m local_stack.hub_emulator --port 8081`` (loads the bundled samples).
 """
@@ -17,6 +20,7 @@ Run it alone with ``python -m local_stack.hub_emulator --port 8081`` (loads the 
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import copy
 import hashlib
@@ -24,13 +28,16 @@ import json
 import re
 import secrets
 import threading
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Self
 from urllib.parse import parse_qs, quote, unquote, urlsplit
+
+from local_stack.http_server import LocalHTTPServer, LocalServer, ServerProcess
 
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
 DEFAULT_API_KEY = "ango-local-key"
@@ -74,6 +81,7 @@ class _Exchange:
     query: dict[str, Any]
     headers: dict[str, str]
     body: bytes
+    received_at: float = 0.0  # time.time() when the request line was read, by the emulator's process
 
     def json(self) -> Any:
         if not self.body:
@@ -157,25 +165,21 @@ def _to_read_format(write_answer: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-class _HubServer(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128  # a burst of runs calls the hub at once (the default backlog is 5)
-
-
-class HubEmulator:
+class HubEmulator(LocalServer):
     """A threaded HTTP server on 127.0.0.1 speaking the hub's ``/v2`` calls the plugin uses.
 
     Seed it with ``add_project`` / ``add_asset`` / ``add_task`` or ``load_samples()``; asset ``data`` URLs
     are rendered with the running server's address, so they are absolute once ``start()`` has run.
+    The local stack runs it in a process of its own through ``HubEmulatorProcess``, which has the same
+    methods.
     """
 
-    def __init__(self, port: int = 0, api_keys: set[str] | None = None):
-        self._requested_port = port
+    display_name = "hub emulator"
+
+    def __init__(self, port: int = 0, api_keys: Iterable[str] | None = None):
+        super().__init__(port)
         self.api_keys: set[str] = set(api_keys) if api_keys is not None else {DEFAULT_API_KEY}
         self._lock = threading.RLock()
-        self._stopping = threading.Event()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
         self._projects: dict[str, dict[str, Any]] = {}
         self._assets: dict[str, dict[str, Any]] = {}  # asset _id -> asset (``file_path`` instead of a URL)
         self._asset_files: dict[str, tuple[bytes, str]] = {}  # /files/... path -> (bytes, content type)
@@ -183,50 +187,14 @@ class HubEmulator:
         self._seeded_tasks: dict[str, dict[str, Any]] = {}
         self._reset_records()
 
-    # ---- lifecycle ----------------------------------------------------------------------------------
-
-    def start(self) -> Self:
-        if self._server is not None:
-            return self
-        handler = type("HubEmulatorHandler", (_HubRequestHandler,), {"emulator": self})
-        self._stopping.clear()
-        self._server = _HubServer(("127.0.0.1", self._requested_port), handler)
-        # a short poll interval keeps stop() (server.shutdown) fast: tests start and stop many emulators
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name="hub-emulator",
-            daemon=True,
-        )
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is None:
-            return
-        self._stopping.set()  # wakes handlers stalled by a latency fault
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._server = None
-        self._thread = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        if self._server is None:
-            raise RuntimeError("the hub emulator is not running: call start() first")
-        return self._server.server_address[1]
-
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return self.origin
+
+    def add_api_key(self, api_key: str) -> None:
+        """Accept ``api_key`` from now on, besides the keys already accepted."""
+        with self._lock:
+            self.api_keys.add(api_key)
 
     # ---- seeding ------------------------------------------------------------------------------------
 
@@ -377,8 +345,18 @@ class HubEmulator:
 
     @property
     def requests(self) -> list[dict[str, Any]]:
+        """Every request received, in order; ``received_at`` is ``time.time()`` at its arrival."""
         with self._lock:
             return copy.deepcopy(self._requests)
+
+    def requests_since(self, first: int) -> list[dict[str, Any]]:
+        """``requests[first:]``, without copying the rest (a poller's view)."""
+        with self._lock:
+            return copy.deepcopy(self._requests[first:])
+
+    def set_nagle(self, on: bool) -> None:
+        """Nagle's algorithm on this process's hub connections accepted from now on (shipped: off)."""
+        _HubRequestHandler.disable_nagle_algorithm = not on
 
     def attachments(self, external_id: str | None = None) -> list[dict[str, Any]]:
         with self._lock:
@@ -481,6 +459,7 @@ class HubEmulator:
             except ValueError:
                 body = {"unparsed_bytes": len(exchange.body)}
         record = {
+            "received_at": exchange.received_at,
             "method": exchange.method,
             "path": exchange.path,
             "query": copy.deepcopy(exchange.query),
@@ -749,30 +728,67 @@ class HubEmulator:
     # ---- control endpoints --------------------------------------------------------------------------
 
     def _control(self, exchange: _Exchange) -> _Reply:
-        if exchange.path == "/_emulator/state" and exchange.method == "GET":
-            return _json_reply(200, self.state())
-        if exchange.path == "/_emulator/reset" and exchange.method == "POST":
-            self.reset()
-            return _json_reply(200, {"status": "success"})
-        if exchange.path == "/_emulator/faults" and exchange.method == "DELETE":
-            self.clear_faults()
-            return _json_reply(200, {"status": "success"})
-        if exchange.path == "/_emulator/faults" and exchange.method == "POST":
-            body = exchange.json()
-            try:
-                for fault in body if isinstance(body, list) else [body]:
-                    self.fail_next(
-                        fault["path_prefix"],
-                        fault.get("status", 503),
-                        int(fault.get("times", 1)),
-                        float(fault.get("latency_s", 0.0)),
-                        fault.get("method"),
-                        fault.get("body_contains"),
-                    )
-            except (KeyError, TypeError, ValueError) as exc:
-                return _hub_error(400, f"Bad fault: {exc}")
-            return _json_reply(200, {"status": "success", "faults": self.state()["faults"]})
-        return _hub_error(404, f"Cannot {exchange.method} {exchange.path}")
+        try:
+            route = self._control_routes().get((exchange.method, exchange.path.removeprefix("/_emulator/")))
+            if route is None:
+                return _hub_error(404, f"Cannot {exchange.method} {exchange.path}")
+            return _json_reply(200, route(exchange))
+        except _HubFailure as failure:
+            return _hub_error(failure.status, failure.message)
+        except (KeyError, TypeError, ValueError) as exc:
+            return _hub_error(400, f"Bad control request: {type(exc).__name__}: {exc}")
+
+    def _control_routes(self) -> dict[tuple[str, str], Callable[[_Exchange], Any]]:
+        """What ``HubEmulatorProcess`` (and a person with curl) can do: every seeding, scripting and
+        reading method of the emulator, as JSON; file bodies travel as ``body_base64``."""
+
+        def query(exchange: _Exchange, name: str) -> Any:
+            return exchange.query.get(name) or None
+
+        def done(_: Any = None) -> dict[str, str]:
+            return {"status": "success"}
+
+        return {
+            ("GET", "health"): lambda ex: self.health(),
+            ("GET", "state"): lambda ex: self.state(),
+            ("POST", "reset"): lambda ex: done(self.reset()),
+            ("POST", "api_keys"): lambda ex: done(self.add_api_key(str(ex.json()["api_key"]))),
+            ("POST", "samples"): lambda ex: done(self.load_samples()),
+            ("POST", "projects"): lambda ex: self.add_project(**ex.json()),
+            ("POST", "assets"): lambda ex: self.add_asset(**_decoded_body(ex.json())),
+            ("POST", "tasks"): lambda ex: self.add_task(**ex.json()),
+            ("POST", "faults"): self._control_add_faults,
+            ("DELETE", "faults"): lambda ex: done(
+                self.clear_faults(query(ex, "path_prefix"), query(ex, "body_contains"))
+            ),
+            ("GET", "requests"): lambda ex: self.requests_since(int(ex.query.get("since") or 0)),
+            ("POST", "nagle"): lambda ex: done(self.set_nagle(bool(ex.json()["on"]))),
+            ("GET", "attachments"): lambda ex: self.attachments(query(ex, "external_id")),
+            ("GET", "annotations"): lambda ex: self.annotations(query(ex, "task_id")),
+            ("GET", "plugin_responses"): lambda ex: self.plugin_responses(query(ex, "session")),
+            ("GET", "plugin_logs"): lambda ex: self.plugin_logs(query(ex, "session")),
+            ("GET", "stored_files"): lambda ex: [_encoded_body(f) for f in self.stored_files()],
+            ("GET", "task"): lambda ex: self._control_task(query(ex, "task_id")),
+        }
+
+    def _control_add_faults(self, exchange: _Exchange) -> dict[str, Any]:
+        body = exchange.json()
+        for fault in body if isinstance(body, list) else [body]:
+            self.fail_next(
+                fault["path_prefix"],
+                fault.get("status", 503),
+                int(fault.get("times", 1)),
+                float(fault.get("latency_s", 0.0)),
+                fault.get("method"),
+                fault.get("body_contains"),
+            )
+        return {"status": "success", "faults": self.state()["faults"]}
+
+    def _control_task(self, task_id: str | None) -> dict[str, Any]:
+        try:
+            return self.task(task_id or "")
+        except KeyError:
+            raise _HubFailure(404, f"Task {task_id} not found") from None
 
     # ---- helpers ------------------------------------------------------------------------------------
 
@@ -783,7 +799,7 @@ class HubEmulator:
         return project
 
     def _absolute(self, path: str) -> str:
-        return f"{self.base_url}{path}" if self._server is not None else path
+        return f"{self.base_url}{path}" if self.running else path
 
     def _render_asset(self, asset: dict[str, Any]) -> dict[str, Any]:
         shown = {k: copy.deepcopy(v) for k, v in asset.items() if k != "file_path"}
@@ -791,12 +807,25 @@ class HubEmulator:
         return shown
 
 
+def _encoded_body(document: dict[str, Any]) -> dict[str, Any]:
+    """A document with a bytes ``body`` as JSON can carry it: ``body_base64``."""
+    shown = {k: v for k, v in document.items() if k != "body"}
+    shown["body_base64"] = base64.b64encode(document["body"]).decode()
+    return shown
+
+
+def _decoded_body(document: dict[str, Any]) -> dict[str, Any]:
+    shown = {k: v for k, v in document.items() if k != "body_base64"}
+    shown["body"] = base64.b64decode(document["body_base64"])
+    return shown
+
+
 class _HubRequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, so a client's connection pool is exercised as in production
     # Headers and body are two sends: with Nagle's algorithm on, the body waits ~40 ms for the client's
     # delayed ACK on every call (bench/overhead.py measures it).
     disable_nagle_algorithm = True
-    emulator: HubEmulator
+    server: LocalHTTPServer
 
     def do_GET(self) -> None:
         self._handle()
@@ -814,6 +843,7 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         pass
 
     def _handle(self) -> None:
+        received_at = time.time()
         try:
             parts = urlsplit(self.path)
             exchange = _Exchange(
@@ -822,9 +852,10 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
                 query=_flatten_query(parts.query),
                 headers={name.lower(): value for name, value in self.headers.items()},
                 body=self._read_body(),
+                received_at=received_at,
             )
             try:
-                reply = self.emulator._dispatch(exchange)
+                reply = self.server.app._dispatch(exchange)
             except Exception as exc:  # noqa: BLE001 - an emulator bug must still answer, not hang the client
                 reply = _hub_error(500, f"hub emulator error: {type(exc).__name__}: {exc}")
             self.send_response(reply.status)
@@ -849,6 +880,124 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
                 self.rfile.readline()
         length = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(length) if length else b""
+
+
+HubEmulator.handler_class = _HubRequestHandler  # defined after the emulator, which it serves
+
+
+class HubEmulatorProcess:
+    """The hub emulator in a child process of its own, with ``HubEmulator``'s methods: each one is a
+    request to the child's control API (``/_emulator/...``). What the methods return are copies."""
+
+    def __init__(self, api_keys: Iterable[str] | None = None):
+        options = {} if api_keys is None else {"api_keys": sorted(api_keys)}
+        self._process = ServerProcess("local_stack.hub_emulator:HubEmulator", options)
+
+    # ---- lifecycle ----------------------------------------------------------------------------------
+
+    def start(self) -> Self:
+        self._process.start()
+        return self
+
+    def stop(self) -> None:
+        self._process.stop()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @property
+    def port(self) -> int:
+        return self._process.port
+
+    @property
+    def base_url(self) -> str:
+        return self._process.origin
+
+    def health(self) -> dict[str, Any]:
+        return self._process.health()
+
+    # ---- seeding ------------------------------------------------------------------------------------
+
+    def add_api_key(self, api_key: str) -> None:
+        self._call("POST", "api_keys", {"api_key": api_key})
+
+    def add_project(self, project_id: str, category_schema: dict[str, Any], *, name: str | None = None,
+                    workflow: tuple[str, ...] | list[str] = DEFAULT_WORKFLOW) -> dict[str, Any]:
+        return self._call("POST", "projects", {"project_id": project_id, "category_schema": category_schema,
+                                               "name": name, "workflow": list(workflow)})
+
+    def add_asset(self, project_id: str, asset_id: str, external_id: str, filename: str, body: bytes,
+                  content_type: str = "text/plain") -> dict[str, Any]:
+        return self._call("POST", "assets", _encoded_body({
+            "project_id": project_id, "asset_id": asset_id, "external_id": external_id, "filename": filename,
+            "body": body, "content_type": content_type,
+        }))
+
+    def add_task(self, project_id: str, task_id: str, asset_id: str, answer: dict[str, Any] | None = None, *,
+                 stage: str = "Plugin") -> dict[str, Any]:
+        return self._call("POST", "tasks", {"project_id": project_id, "task_id": task_id,
+                                            "asset_id": asset_id, "answer": answer, "stage": stage})
+
+    def load_samples(self) -> None:
+        """The bundled samples (``samples/hub_seed.json``), read by the child."""
+        self._call("POST", "samples")
+
+    # ---- fault injection ----------------------------------------------------------------------------
+
+    def fail_next(self, path_prefix: str, status: int | None = 503, times: int = 1, latency_s: float = 0.0,
+                  method: str | None = None, body_contains: str | None = None) -> None:
+        self._call("POST", "faults", {"path_prefix": path_prefix, "status": status, "times": times,
+                                      "latency_s": latency_s, "method": method,
+                                      "body_contains": body_contains})
+
+    def clear_faults(self, path_prefix: str | None = None, body_contains: str | None = None) -> None:
+        self._call("DELETE", "faults", query={"path_prefix": path_prefix, "body_contains": body_contains})
+
+    def reset(self) -> None:
+        self._call("POST", "reset")
+
+    # ---- what the plugin did ------------------------------------------------------------------------
+
+    @property
+    def requests(self) -> list[dict[str, Any]]:
+        return self._call("GET", "requests")
+
+    def requests_since(self, first: int) -> list[dict[str, Any]]:
+        return self._call("GET", "requests", query={"since": first})
+
+    def set_nagle(self, on: bool) -> None:
+        self._call("POST", "nagle", {"on": on})
+
+    def attachments(self, external_id: str | None = None) -> list[dict[str, Any]]:
+        return self._call("GET", "attachments", query={"external_id": external_id})
+
+    def annotations(self, task_id: str | None = None) -> list[dict[str, Any]]:
+        return self._call("GET", "annotations", query={"task_id": task_id})
+
+    def plugin_responses(self, session: str | None = None) -> list[dict[str, Any]]:
+        return self._call("GET", "plugin_responses", query={"session": session})
+
+    def plugin_logs(self, session: str | None = None) -> list[dict[str, Any]]:
+        return self._call("GET", "plugin_logs", query={"session": session})
+
+    def stored_files(self) -> list[dict[str, Any]]:
+        return [_decoded_body(f) for f in self._call("GET", "stored_files")]
+
+    def task(self, task_id: str) -> dict[str, Any]:
+        return self._call("GET", "task", query={"task_id": task_id})
+
+    def state(self) -> dict[str, Any]:
+        return self._call("GET", "state")
+
+    def _call(self, method: str, path: str, body: Any = None, query: dict[str, Any] | None = None) -> Any:
+        return self._process.control.call(method, path, body, query)
 
 
 def load_sample_runs(hub_base_url: str, path: Path | None = None) -> list[SampleRun]:

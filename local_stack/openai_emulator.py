@@ -3,8 +3,12 @@
 It speaks the real wire format of ``POST /v1/images/generations`` and ``GET /v1/models[/{id}]`` (bodies,
 error shapes, rate-limit headers), so the official ``openai`` client pointed at ``base_url`` behaves as it
 would against api.openai.com. It draws a real image of the prompt with Pillow, and it can be scripted to
-fail the way OpenAI fails (429s, 5xx, moderation blocks, revoked keys, slow or hung responses) in-process
-and over HTTP (``/_emulator/...``), so a person running the local stack can script it too.
+fail the way OpenAI fails (429s, 5xx, moderation blocks, revoked keys, slow or hung responses) by its
+methods and over HTTP (``/_emulator/...``), so a person running the local stack can script it too.
+
+The local stack runs it in a process of its own (``OpenAIEmulatorProcess``, the same methods over that
+HTTP control API), so the arrival times it records are when a request reached "OpenAI", whatever the
+stack's own process is doing.
 
 API keys are never stored: each request is recorded with a short sha256 fingerprint of its key.
 """
@@ -16,24 +20,26 @@ import hashlib
 import io
 import json
 import math
-import socket
 import threading
 import time
 import uuid
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterable, Literal, Mapping
+from http.server import BaseHTTPRequestHandler
+from typing import Any, Iterable, Literal, Mapping, Self
 from urllib.parse import urlsplit
 
 from PIL import Image, ImageDraw, ImageFont
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from local_stack.http_server import LocalHTTPServer, LocalServer, ServerProcess
+
 __all__ = [
     "Behaviour",
     "BehaviourKind",
     "OpenAIEmulator",
+    "OpenAIEmulatorProcess",
     "RecordedRequest",
     "format_reset_duration",
     "key_fingerprint",
@@ -657,43 +663,12 @@ class _Hung(Exception):
     """A timeout_hang request was released: drop its connection without answering."""
 
 
-class _Server(ThreadingHTTPServer):
-    request_queue_size = 128  # a burst of runs reaches OpenAI at once (the default backlog is 5)
-    daemon_threads = True
-
-    def __init__(self, emulator: OpenAIEmulator, port: int):
-        self.emulator = emulator
-        self._open_connections: set[socket.socket] = set()
-        self._connections_lock = threading.Lock()
-        super().__init__(("127.0.0.1", port), _Handler)
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self._connections_lock:
-            self._open_connections.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request: Any) -> None:
-        with self._connections_lock:
-            self._open_connections.discard(request)
-        super().shutdown_request(request)
-
-    def close_open_connections(self) -> None:
-        """Kept-alive connections would otherwise go on being served after stop()."""
-        with self._connections_lock:
-            connections = list(self._open_connections)
-        for connection in connections:
-            try:
-                connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as the openai client expects
     server_version = "openai-emulator"
     timeout = 120  # an idle kept-alive connection does not hold its thread forever
     disable_nagle_algorithm = True  # headers and body are two writes: don't stall 40 ms between them
-    server: _Server
+    server: LocalHTTPServer
 
     def do_GET(self) -> None:
         self._serve("GET")
@@ -715,8 +690,8 @@ class _Handler(BaseHTTPRequestHandler):
             length = 0
         raw_body = self.rfile.read(length) if length > 0 else b""
         try:
-            reply = self.server.emulator._dispatch(method, self.path, self.headers, raw_body, arrived_at,
-                                                   arrived_mono)
+            reply = self.server.app._dispatch(method, self.path, self.headers, raw_body, arrived_at,
+                                              arrived_mono)
         except Exception as failure:  # an emulator bug: answer it loudly rather than leave the client hanging
             error = {"message": f"OpenAI emulator failure: {failure!r}", "type": "server_error",
                      "param": None, "code": "emulator_failure"}
@@ -740,24 +715,26 @@ class _Handler(BaseHTTPRequestHandler):
 # ---- the emulator -------------------------------------------------------------------------------------
 
 
-class OpenAIEmulator:
+class OpenAIEmulator(LocalServer):
     """OpenAI's images API on ``127.0.0.1:<port>`` (0 picks a free port); also a context manager.
 
     Order of checks for ``POST /v1/images/generations``: the API key (401), the rate cap if one is set
     (429), the body (400/404). A valid request then gets the first rule whose text is in its prompt,
     else the next queued behaviour (each used once), else the default. Invalid requests consume nothing.
+    The local stack runs it in a process of its own through ``OpenAIEmulatorProcess``, so that the
+    arrival times it records are taken by a process that does nothing else.
     """
 
+    handler_class = _Handler
+    display_name = "OpenAI emulator"
+
     def __init__(self, port: int = 0, revoked_keys: Iterable[str] = (),
-                 revoked_key_prefixes: tuple[str, ...] = ("sk-invalid",)):
-        self._requested_port = port
+                 revoked_key_prefixes: Iterable[str] = ("sk-invalid",)):
+        super().__init__(port)
         #: keys answered 401 invalid_api_key: configuration given by the tester, never a request's key
         self.revoked_keys: set[str] = set(revoked_keys)
-        self.revoked_key_prefixes = revoked_key_prefixes
+        self.revoked_key_prefixes = tuple(revoked_key_prefixes)
         self._lock = threading.Lock()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-        self._stopped = threading.Event()
         self._release_hangs = threading.Event()
         self._queue: deque[Behaviour] = deque()
         self._rules: list[_Rule] = []
@@ -770,50 +747,28 @@ class OpenAIEmulator:
     # -- lifecycle --
 
     def start(self) -> OpenAIEmulator:
-        if self._server is not None:
+        if self.running:
             raise RuntimeError("the OpenAI emulator is already running")
-        self._stopped.clear()
         with self._lock:
             self._release_hangs = threading.Event()
-        self._server = _Server(self, self._requested_port)
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.02},
-                                        name=f"openai-emulator-{self.port}", daemon=True)
-        self._thread.start()
-        return self
+        return super().start()
 
-    def stop(self) -> None:
-        server, self._server = self._server, None
-        if server is None:
-            return
-        self._stopped.set()  # ends latency sleeps
+    def _on_stop(self) -> None:
         self._release_hangs.set()
-        server.shutdown()
-        server.close_open_connections()
-        server.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._thread = None
-
-    def __enter__(self) -> OpenAIEmulator:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    @property
-    def port(self) -> int:
-        if self._server is None:
-            raise RuntimeError("the OpenAI emulator is not running: call start() first")
-        return self._server.server_address[1]
 
     @property
     def base_url(self) -> str:
         """What ``openai.OpenAI(base_url=...)`` takes."""
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"{self.origin}/v1"
 
     @property
     def control_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/_emulator"
+        return f"{self.origin}/_emulator"
+
+    def revoke_key(self, api_key: str) -> None:
+        """Answer ``api_key`` with 401 invalid_api_key from now on."""
+        with self._lock:
+            self.revoked_keys.add(api_key)
 
     # -- scripting --
 
@@ -982,7 +937,7 @@ class OpenAIEmulator:
                   masked_key: str) -> tuple[int, dict[str, Any], str]:
         behaviour, hang_release = self._choose_behaviour(request.prompt)
         if behaviour.latency_s:
-            self._stopped.wait(behaviour.latency_s)
+            self._stopping.wait(behaviour.latency_s)
         if behaviour.kind == "timeout_hang":
             hang_release.wait(_HANG_LIMIT_S)
             raise _Hung()
@@ -1046,6 +1001,11 @@ class OpenAIEmulator:
 
     def _control(self, method: str, path: str, raw_body: bytes) -> _Reply:
         try:
+            if method == "GET" and path == "/_emulator/health":
+                return _Reply(200, self.health())
+            if method == "POST" and path == "/_emulator/revoked_keys":
+                self.revoke_key(str(_parse_json(raw_body)["api_key"]))
+                return _Reply(200, {"status": "success"})
             if method == "GET" and path == "/_emulator/requests":
                 return _Reply(200, {"object": "list", "data": [asdict(r) for r in self.requests]})
             if method == "GET" and path == "/_emulator/behaviours":
@@ -1062,13 +1022,13 @@ class OpenAIEmulator:
                 return _Reply(200, self.scripting_state())
         except _ApiError as error:
             return _Reply(error.status, error.body)
-        except (ValidationError, ValueError, TypeError) as error:
+        except (ValidationError, ValueError, TypeError, KeyError) as error:
             return _control_error(400, str(error))
         return _control_error(404, f"Invalid URL ({method} {path})")
 
     def _apply_behaviour_script(self, body: Mapping[str, Any]) -> None:
         """``{"enqueue": [...], "default": {...}, "rule": {...} | "rules": [...]}``, any of them; a
-        behaviour is a kind's name or a Behaviour's JSON object."""
+        behaviour is a kind's name or a Behaviour's JSON object; a rule may say how many ``times``."""
         known = {"enqueue", "default", "rule", "rules"}
         if not body or set(body) - known:
             raise ValueError(f"expected one or more of {sorted(known)}, got {sorted(body)}")
@@ -1084,12 +1044,102 @@ class OpenAIEmulator:
             if not isinstance(spec, dict) or not spec.get("prompt_contains") or "behaviour" not in spec:
                 raise ValueError("a rule is {'prompt_contains': <non-empty text>, 'behaviour': <behaviour>}, "
                                  f"got {spec!r}")
-            rules.append(_Rule(str(spec["prompt_contains"]), _as_behaviour(spec["behaviour"])))
+            times = spec.get("times")
+            if times is not None and (isinstance(times, bool) or not isinstance(times, int) or times < 1):
+                raise ValueError(f"a rule's times must be a whole number >= 1, got {times!r}")
+            rules.append(_Rule(str(spec["prompt_contains"]), _as_behaviour(spec["behaviour"]), times))
         with self._lock:
             self._queue.extend(queued)
             if default is not None:
                 self._default = default
             self._rules.extend(rules)
+
+
+class OpenAIEmulatorProcess:
+    """The OpenAI emulator in a child process of its own, with ``OpenAIEmulator``'s scripting and reading
+    methods: each one is a request to the child's control API (``/_emulator/...``)."""
+
+    def __init__(self, revoked_keys: Iterable[str] = (),
+                 revoked_key_prefixes: Iterable[str] = ("sk-invalid",)):
+        self._process = ServerProcess("local_stack.openai_emulator:OpenAIEmulator", {
+            "revoked_keys": sorted(revoked_keys), "revoked_key_prefixes": list(revoked_key_prefixes),
+        })
+
+    # -- lifecycle --
+
+    def start(self) -> Self:
+        self._process.start()
+        return self
+
+    def stop(self) -> None:
+        self._process.stop()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @property
+    def port(self) -> int:
+        return self._process.port
+
+    @property
+    def base_url(self) -> str:
+        """What ``openai.OpenAI(base_url=...)`` takes."""
+        return f"{self._process.origin}/v1"
+
+    @property
+    def control_url(self) -> str:
+        return f"{self._process.origin}/_emulator"
+
+    def health(self) -> dict[str, Any]:
+        return self._process.health()
+
+    # -- scripting --
+
+    def enqueue(self, *behaviours: BehaviourLike) -> None:
+        self._call("POST", "behaviours", {"enqueue": [_as_json(b) for b in behaviours]})
+
+    def set_default(self, behaviour: BehaviourLike) -> None:
+        self._call("POST", "behaviours", {"default": _as_json(behaviour)})
+
+    def rule(self, prompt_contains: str, behaviour: BehaviourLike, times: int | None = None) -> None:
+        self._call("POST", "behaviours", {"rule": {"prompt_contains": prompt_contains,
+                                                   "behaviour": _as_json(behaviour), "times": times}})
+
+    def set_rate_cap(self, requests_per_minute: int | None, window_s: float = 60.0) -> None:
+        self._call("POST", "rate_cap", {"requests_per_minute": requests_per_minute, "window_s": window_s})
+
+    def revoke_key(self, api_key: str) -> None:
+        self._call("POST", "revoked_keys", {"api_key": api_key})
+
+    def reset(self) -> None:
+        self._call("POST", "reset")
+
+    def scripting_state(self) -> dict[str, Any]:
+        return self._call("GET", "behaviours")
+
+    # -- the log --
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        return [RecordedRequest(**r) for r in self._call("GET", "requests")["data"]]
+
+    def generation_starts(self) -> list[float]:
+        """Arrival times (epoch seconds, ascending, taken by the emulator's process) of every generation."""
+        return sorted(r.started_at for r in self.requests if r.is_generation)
+
+    def _call(self, method: str, path: str, body: Any = None) -> Any:
+        return self._process.control.call(method, path, body)
+
+
+def _as_json(behaviour: BehaviourLike) -> dict[str, Any]:
+    return _as_behaviour(behaviour).model_dump(mode="json")  # parsed here: a bad behaviour fails the caller
 
 
 def main() -> None:

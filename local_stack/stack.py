@@ -1,9 +1,11 @@
-"""The local stack: one process brings up everything on 127.0.0.1 and stops it all cleanly.
+"""The local stack: one command brings up everything on 127.0.0.1 and stops it all cleanly.
 
-DynamoDB Local (a child Java process), moto in server mode (S3, KMS, Secrets Manager, CloudWatch Logs,
-IAM, Lambda and Step Functions executing the deployed ASL with the real handlers in-process), the hub
-emulator, the OpenAI images emulator (unless a real OPENAI_API_KEY is given) and the API Gateway stand-in.
-Resources are created from template.yaml; boto3 reaches them through its own AWS_ENDPOINT_URL_* variables.
+DynamoDB Local (a child Java process); moto in server mode (S3, KMS, Secrets Manager, CloudWatch Logs, IAM,
+Lambda and Step Functions executing the deployed ASL, with Step Functions' limits and late Waits); the
+Lambda runtime, every execution environment a process of its own; the hub emulator and the OpenAI images
+emulator (unless a real OPENAI_API_KEY is given), each in a process of its own; the API Gateway stand-in.
+The profile (``aws`` or ``hostile``) sets how unkind it is; docs/local-stack.md describes it all. Resources
+are created from template.yaml; boto3 reaches them through its own AWS_ENDPOINT_URL_* variables.
 """
 
 from __future__ import annotations
@@ -24,9 +26,9 @@ import requests
 from local_stack.api_gateway import ApiGatewayServer
 from local_stack.console import console_routes
 from local_stack.dynamodb_local import DynamoDBLocal
-from local_stack.hub_emulator import HubEmulator
+from local_stack.hub_emulator import HubEmulatorProcess
 from local_stack.lambda_runtime import LambdaService, install
-from local_stack.openai_emulator import OpenAIEmulator
+from local_stack.openai_emulator import OpenAIEmulatorProcess
 from local_stack.ports import free_port
 from local_stack.profiles import Profile, profile_named
 from local_stack.seams import SEAMS_DIR_VARIABLE, SeamBoard
@@ -61,8 +63,8 @@ class LocalStack:
         self.options = options or StackOptions()
         self.plugin_secret = self.options.plugin_secret or secrets.token_urlsafe(24)
         self.dynamodb = DynamoDBLocal()
-        self.hub = HubEmulator()
-        self.openai: OpenAIEmulator | None = None if self.options.openai_api_key else OpenAIEmulator()
+        self.hub = HubEmulatorProcess()
+        self.openai = None if self.options.openai_api_key else OpenAIEmulatorProcess()
         self.moto_port = free_port()
         self._moto = None
         self._undo: list[Any] = []
@@ -109,7 +111,7 @@ class LocalStack:
             "MOTO_PORT": str(self.moto_port),
             "POWERTOOLS_TRACE_DISABLED": "true",
             "POWERTOOLS_DEV": "false",
-            "ALLOW_PRIVATE_URLS": "true",
+            "ALLOWED_PRIVATE_HOSTS": self._emulator_hosts(),
         }))
         requests.post(f"{self.moto_url}/moto-api/config", json={
             "stepfunctions": {"execute_state_machine": True}, "lambda": {"use_docker": False},
@@ -189,6 +191,11 @@ class LocalStack:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+    def _emulator_hosts(self) -> str:
+        """The URL guard's allow-list: exactly the emulators this stack started, and nothing else."""
+        emulators = [self.hub] + ([self.openai] if self.openai else [])
+        return ",".join(f"127.0.0.1:{emulator.port}" for emulator in emulators)
 
     def _parameters(self) -> dict[str, str]:
         params = {"HubApiUrl": self.hub.base_url, "HubRetryIntervalSeconds": "1", "OpenAIRetryIntervalSeconds": "1"}

@@ -70,7 +70,7 @@ class Case:
         answer = {"classifications": [{"schemaId": PROMPT_CLASS, "tool": "text", "title": "Image description",
                                        "answer": self.prompt, "classifications": []}]}
         hub.add_task(PROJECT, self.task_id, self.asset_id, answer)
-        hub.api_keys.add(self.canary.ango_key)
+        hub.add_api_key(self.canary.ango_key)
 
     def payload(self, session: str, own_key: bool = True, workflow: bool = True) -> dict[str, Any]:
         config = {"openai_api_key": self.canary.openai_key if own_key else "default",

@@ -100,7 +100,7 @@ def _openai_default_key(kind: str, times: int | None, **options: Any) -> Callabl
 
 
 def _revoked_key(world: World, case: Case) -> dict:
-    world.stack.openai.revoked_keys.add(case.canary.openai_key)
+    world.stack.openai.revoke_key(case.canary.openai_key)
     world.run(case)
     return {}
 

@@ -19,7 +19,7 @@ def test_refused_requests_never_echo_or_keep_the_users_keys(stack, api, sample_p
     caplog.set_level(logging.DEBUG, logger="dalle_plugin")
     caplog.set_level(logging.INFO)
     canary = canaries.Canary.new()
-    stack.hub.api_keys.add(canary.ango_key)
+    stack.hub.add_api_key(canary.ango_key)
     key = canary.openai_key
     configs = [
         {"openai_api_key": key, "model_name": 5},

@@ -1,11 +1,13 @@
-"""``dataURL`` and every URL the plugin fetches: https only (outside the local stack), never a private,
-loopback, link-local or metadata address (after DNS resolution and on every redirect), the connection made
-to the very address that was checked, a size cap and a timeout."""
+"""``dataURL`` and every URL the plugin fetches: https only, never a private, loopback, link-local or
+metadata address (after DNS resolution and on every redirect), the connection made to the very address that
+was checked, a size cap and a timeout. The one exception, ``ALLOWED_PRIVATE_HOSTS``, is a list of exact
+host:port pairs: the local stack lists the emulators it starts, and the guard holds for everything else."""
 
 from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 
@@ -18,8 +20,8 @@ from dalle_plugin.domain.errors import AssetUnreadable, HubRequestRejected
 PUBLIC = "93.184.216.34"
 
 
-def guard_resolving(*addresses: str, allow_private: bool = False) -> UrlGuard:
-    return UrlGuard(allow_private=allow_private, resolver=lambda host, port: list(addresses))
+def guard_resolving(*addresses: str, allowed: tuple[str, ...] = ()) -> UrlGuard:
+    return UrlGuard(allowed_private_hosts=allowed, resolver=lambda host, port: list(addresses))
 
 
 @pytest.mark.parametrize("address", [
@@ -64,11 +66,59 @@ def test_a_name_that_does_not_resolve_is_refused():
         UrlGuard(resolver=failing)("https://nowhere.example/a.txt")
 
 
-def test_the_local_stack_setting_allows_http_and_its_own_addresses_but_no_other_scheme():
-    local = guard_resolving("127.0.0.1", allow_private=True)
-    assert local("http://127.0.0.1:8080/files/a.txt") is None  # connect by name
+EMULATOR = "127.0.0.1:41001"
+
+
+def test_an_allow_listed_host_port_may_be_private_and_http_and_its_address_is_still_pinned():
+    local = guard_resolving("127.0.0.1", allowed=(EMULATOR,))
+    assert local(f"http://{EMULATOR}/files/a.txt") == "127.0.0.1"
+    assert local(f"https://{EMULATOR}/files/a.txt") == "127.0.0.1"
+    named = guard_resolving("::1", "127.0.0.1", allowed=("LocalHost:41001",))
+    assert named("http://localhost:41001/a.txt") == "127.0.0.1"  # IPv4 first, case of the name ignored
+
+
+@pytest.mark.parametrize(("url", "resolves_to"), [
+    ("http://169.254.169.254/latest/meta-data/iam/", "169.254.169.254"),
+    ("http://169.254.169.254:41001/latest/meta-data/", "169.254.169.254"),  # the emulator's port, elsewhere
+    ("https://169.254.169.254/latest/", "169.254.169.254"),
+    ("http://127.0.0.1:41002/files/a.txt", "127.0.0.1"),  # loopback, but not an emulator's port
+    ("http://127.0.0.1/files/a.txt", "127.0.0.1"),
+    ("https://127.0.0.1:443/files/a.txt", "127.0.0.1"),
+    ("http://10.0.0.5:41001/a.txt", "10.0.0.5"),
+    ("http://192.168.1.1:41001/a.txt", "192.168.1.1"),
+    ("http://[::1]:41001/a.txt", "::1"),
+    ("http://localhost:41001/a.txt", "127.0.0.1"),  # exact hosts: a name that resolves there is not one
+    ("https://emulator.example/a.txt", "127.0.0.1"),
+])
+def test_everything_but_the_allow_listed_host_port_is_refused(url, resolves_to):
     with pytest.raises(AssetUnreadable):
-        local("file:///etc/passwd")
+        guard_resolving(resolves_to, allowed=(EMULATOR,))(url)
+
+
+def test_an_allow_listed_host_port_is_refused_any_other_scheme():
+    local = guard_resolving("127.0.0.1", allowed=(EMULATOR,))
+    for url in ("file:///etc/passwd", f"ftp://{EMULATOR}/a.txt", "gopher://127.0.0.1:41001/"):
+        with pytest.raises(AssetUnreadable, match="only https"):
+            local(url)
+
+
+def test_the_allow_list_setting_is_exact_host_port_pairs_and_empty_by_default():
+    from dalle_plugin.settings import CommonSettings, read_settings
+
+    base = {"SESSIONS_TABLE": "sessions", "IMAGES_BUCKET": "images", "KMS_KEY_ID": "k",
+            "HUB_API_URL": "https://hub.example"}
+    assert read_settings(CommonSettings, base).allowed_private_hosts == frozenset()
+    listed = read_settings(CommonSettings,
+                           base | {"ALLOWED_PRIVATE_HOSTS": "127.0.0.1:41001, 127.0.0.1:41002"})
+    assert listed.allowed_private_hosts == {"127.0.0.1:41001", "127.0.0.1:41002"}
+    for bad in ("127.0.0.1", "127.0.0.1:http", ":41001"):
+        with pytest.raises(Exception, match="ALLOWED_PRIVATE_HOSTS"):
+            read_settings(CommonSettings, base | {"ALLOWED_PRIVATE_HOSTS": bad})
+
+
+def test_a_deployed_stack_sets_no_allow_list():
+    template = (Path(__file__).resolve().parents[2] / "template.yaml").read_text()
+    assert "ALLOWED_PRIVATE_HOSTS" not in template and "ALLOW_PRIVATE_URLS" not in template
 
 
 # ---- the hub client uses the guard on every hop, and connects where the guard looked -----------------
@@ -204,4 +254,24 @@ def test_a_run_whose_data_url_is_not_allowed_fails_before_anything_is_fetched_or
     run = api.wait_finished(payload["session"], timeout_s=60)["runs"][0]
     assert run["status"] == "FAILED" and run["failure"]["reason"] == "asset_unreadable"
     assert "only https" in run["failure"]["message"]
+    assert not [r for r in openai_emulator.requests if r.is_generation]
+
+
+@pytest.mark.stack
+@pytest.mark.parametrize("data_url", [
+    "http://169.254.169.254/latest/meta-data/iam/security-credentials/",
+    "https://169.254.169.254/latest/meta-data/iam/security-credentials/",
+    "http://127.0.0.1:{moto_port}/moto-api/",  # a live loopback server of the stack's own, not an emulator
+    "https://127.0.0.1:{moto_port}/moto-api/",
+    "http://10.0.0.5/files/a.txt",
+])
+def test_the_local_stack_lets_the_guard_refuse_every_private_url_but_its_emulators(
+        stack, api, sample_payload, openai_emulator, data_url):
+    assert stack.hub.base_url.startswith("http://127.0.0.1:")  # which the pipeline tests fetch from
+    payload = sample_payload("task-market", dataURL=data_url.format(moto_port=stack.moto_port),
+                             configJSON=json.dumps({"get_prompt_from": "full-text-asset"}))
+    assert api.run(payload).status_code == 202
+    run = api.wait_finished(payload["session"], timeout_s=120)["runs"][0]
+    assert run["status"] == "FAILED" and run["failure"]["reason"] == "asset_unreadable"
+    assert "only https" in run["failure"]["message"] or "private" in run["failure"]["message"]
     assert not [r for r in openai_emulator.requests if r.is_generation]

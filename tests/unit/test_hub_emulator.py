@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -17,6 +21,7 @@ from local_stack.hub_emulator import (
     DEFAULT_API_KEY,
     SAMPLES_DIR,
     HubEmulator,
+    HubEmulatorProcess,
     api_key_fingerprint,
     load_sample_runs,
 )
@@ -33,7 +38,7 @@ def hub():
 
 
 def call(
-    hub: HubEmulator,
+    hub: HubEmulator | HubEmulatorProcess,
     method: str,
     path: str,
     body: Any = None,
@@ -68,7 +73,7 @@ def call(
     return status, payload, ctype
 
 
-def upload(hub: HubEmulator, name: str, body: bytes, content_type: str) -> str:
+def upload(hub: HubEmulator | HubEmulatorProcess, name: str, body: bytes, content_type: str) -> str:
     status, document, _ = call(hub, "GET", f"/v2/getUploadUrl?name={name}&project={PROJECT}&type=assets")
     assert status == 200
     upload_url = document["data"]["uploadUrl"]
@@ -335,8 +340,10 @@ def test_plugin_responses_and_logs_are_recorded_per_session(hub):
 
 
 def test_requests_are_recorded_with_the_api_key_as_a_fingerprint_only(hub):
+    before = time.time()
     call(hub, "POST", "/v2/pluginLog?x=1&x=2", {"session": "s", "msg": "m"})
     [record] = hub.requests
+    assert before <= record.pop("received_at") <= time.time()
     assert record == {
         "method": "POST",
         "path": "/v2/pluginLog",
@@ -417,6 +424,113 @@ def test_stop_does_not_wait_for_a_stalled_request():
     started = time.monotonic()
     emulator.stop()
     assert time.monotonic() - started < 5
+
+
+# ---- in a process of its own (as the local stack runs it) -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hub_process():
+    with HubEmulatorProcess() as running:
+        yield running
+
+
+@pytest.fixture
+def remote_hub(hub_process):
+    hub_process.reset()
+    yield hub_process
+    hub_process.clear_faults()
+
+
+def test_the_process_client_runs_the_hub_in_another_process(remote_hub):
+    assert remote_hub.pid != os.getpid()
+    assert remote_hub.health() == {"pid": remote_hub.pid, "port": remote_hub.port}
+    assert remote_hub.base_url == f"http://127.0.0.1:{remote_hub.port}"
+
+
+def test_the_process_client_seeds_scripts_and_reads_like_the_emulator(remote_hub):
+    remote_hub.load_samples()
+    text = "Caf\u00e9 au lait".encode("utf-16")
+    remote_hub.add_project("proj-remote", {"classifications": [{"schemaId": "c1", "title": "Prompt"}]})
+    asset = remote_hub.add_asset("proj-remote", "asset-r", "ext-r", "r.txt", text, "text/plain")
+    task = remote_hub.add_task("proj-remote", "task-r", "asset-r", {"classifications": []}, stage="Plugin")
+    assert asset["data"] == f"{remote_hub.base_url}/files/proj-remote/r.txt" and task["stage"] == "Plugin"
+    assert call(remote_hub, "GET", asset["data"], api_key=None)[1] == text
+
+    assert call(remote_hub, "GET", "/v2/task/task-r", api_key="key-r")[0] == 401
+    remote_hub.add_api_key("key-r")
+    assert call(remote_hub, "GET", "/v2/task/task-r", api_key="key-r")[0] == 200
+
+    permanent = upload(remote_hub, "a.png", PNG_BYTES, "image/png")
+    attached = call(remote_hub, "POST", "/v2/attachments", attachments_body("fox-in-snow.txt", permanent))
+    assert attached[0] == 200
+    call(remote_hub, "POST", "/v2/annotate/task-fox?nextStage=true", {"answer": {"objects": []}})
+    call(remote_hub, "POST", "/v2/pluginResponse", {"session": "s1", "error": False})
+    call(remote_hub, "POST", "/v2/pluginLog", {"session": "s1", "msg": "hi"})
+    [stored] = remote_hub.stored_files()
+    assert (stored["url"], stored["body"], stored["content_type"]) == (permanent, PNG_BYTES, "image/png")
+    assert [a["value"] for a in remote_hub.attachments("fox-in-snow.txt")] == [permanent]
+    assert remote_hub.attachments("elsewhere") == []
+    assert len(remote_hub.annotations("task-fox")) == 1 and remote_hub.annotations("task-r") == []
+    assert remote_hub.task("task-fox")["stage"] == "Complete"
+    assert remote_hub.plugin_responses("s1") == [{"session": "s1", "error": False}]
+    assert [line["msg"] for line in remote_hub.plugin_logs("s1")] == ["hi"]
+    assert remote_hub.plugin_logs("s2") == []
+    assert remote_hub.requests[0]["path"] == "/files/proj-remote/r.txt"
+    assert [r["path"] for r in remote_hub.requests_since(len(remote_hub.requests) - 1)] == ["/v2/pluginLog"]
+    assert len(remote_hub.state()["attachments"]) == 1
+
+    remote_hub.fail_next("/v2/pluginLog", 502, times=5, body_contains="marker-a")
+    remote_hub.fail_next("/v2/pluginLog", 503, times=5, body_contains="marker-b")
+    remote_hub.clear_faults(path_prefix="/v2/pluginLog", body_contains="marker-a")
+    assert call(remote_hub, "POST", "/v2/pluginLog", {"session": "marker-a", "msg": "m"})[0] == 200
+    assert call(remote_hub, "POST", "/v2/pluginLog", {"session": "marker-b", "msg": "m"})[0] == 503
+    with pytest.raises(ValueError, match="times must be at least 1"):
+        remote_hub.fail_next("/v2/", times=0)
+    with pytest.raises(ValueError, match="task-nowhere"):
+        remote_hub.task("task-nowhere")
+
+    remote_hub.reset()
+    assert remote_hub.stored_files() == [] and remote_hub.requests == []
+    assert remote_hub.task("task-fox")["stage"] == "Plugin"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = open(f"/proc/{pid}/stat").read()  # a zombie nobody reaps has stopped running all the same
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+_PARENT = """
+import sys
+from local_stack.hub_emulator import HubEmulatorProcess
+with HubEmulatorProcess() as hub:
+    print(hub.pid, flush=True)
+    sys.stdin.read()
+"""
+
+
+@pytest.mark.parametrize("how", ["kill -9 the parent", "Ctrl-C"])
+def test_the_emulator_process_does_not_outlive_its_parent(how):
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              start_new_session=True, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        assert _alive(child)
+        if how == "Ctrl-C":
+            os.killpg(parent.pid, signal.SIGINT)  # what a terminal does: the whole foreground group
+        else:
+            parent.kill()
+        parent.wait(timeout=60)
+        deadline = time.monotonic() + 60
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child)
+    finally:
+        parent.kill()
+        parent.wait()
 
 
 # ---- the bundled samples -------------------------------------------------------------------------

@@ -5,7 +5,10 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import re
+import signal
+import socket
 import threading
 import time
 
@@ -17,6 +20,7 @@ from PIL import Image
 from local_stack.openai_emulator import (
     Behaviour,
     OpenAIEmulator,
+    OpenAIEmulatorProcess,
     format_reset_duration,
     key_fingerprint,
 )
@@ -466,6 +470,95 @@ def test_reset_clears_log_queue_rules_and_cap(client, emulator):
     generate(client, prompt="x marks the spot")
     generate(client, prompt="x again")
     assert [r.outcome for r in emulator.requests] == ["ok", "ok"]
+
+
+# ---- in a process of its own (as the local stack runs it) -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def emulator_process():
+    with OpenAIEmulatorProcess(revoked_keys={"sk-revoked-at-start-123456789"}) as running:
+        yield running
+
+
+@pytest.fixture
+def remote(emulator_process):
+    emulator_process.reset()
+    yield emulator_process
+    emulator_process.reset()
+
+
+@pytest.fixture
+def remote_client(emulator_process):
+    return openai.OpenAI(api_key=API_KEY, base_url=emulator_process.base_url, max_retries=0, timeout=30)
+
+
+def test_the_process_client_runs_the_emulator_in_another_process(remote):
+    assert remote.pid != os.getpid()
+    assert remote.health() == {"pid": remote.pid, "port": remote.port}
+    assert remote.base_url == f"http://127.0.0.1:{remote.port}/v1"
+    assert remote.control_url == f"http://127.0.0.1:{remote.port}/_emulator"
+
+
+def test_arrival_times_are_taken_by_the_emulators_process_when_it_reads_the_request(remote):
+    """The request is sent while the emulator's process is frozen: its recorded arrival is after the thaw,
+    so the time is taken by that process when it gets to the request, not by whoever sent it."""
+    body = json.dumps({"model": "gpt-image-2", "prompt": "frozen", "size": "256x256"}).encode()
+    head = ["POST /v1/images/generations HTTP/1.1", "Host: 127.0.0.1", f"Authorization: Bearer {API_KEY}",
+            "Content-Type: application/json", f"Content-Length: {len(body)}", "Connection: close"]
+    request = "".join(f"{line}\r\n" for line in head).encode() + b"\r\n" + body
+    os.kill(remote.pid, signal.SIGSTOP)
+    try:
+        with socket.create_connection(("127.0.0.1", remote.port), timeout=30) as connection:
+            sent_at = time.time()
+            connection.sendall(request)  # accepted by the kernel into the listen backlog meanwhile
+            thawed_at = time.time()
+            os.kill(remote.pid, signal.SIGCONT)
+            answer = b""
+            while chunk := connection.recv(65536):
+                answer += chunk
+    finally:
+        os.kill(remote.pid, signal.SIGCONT)
+    assert answer.startswith(b"HTTP/1.1 200")
+    [recorded] = remote.requests
+    assert sent_at <= thawed_at <= recorded.started_at <= recorded.finished_at
+    assert remote.generation_starts() == [recorded.started_at]
+
+
+def test_the_process_client_scripts_like_the_emulator(remote, remote_client):
+    remote.rule("twice", "server_error", times=2)
+    remote.enqueue(Behaviour(kind="rate_limited", retry_after_s=3), "ok")
+    remote.set_default({"kind": "moderation_blocked"})
+    for _ in range(2):
+        with pytest.raises(openai.InternalServerError):
+            generate(remote_client, prompt="twice")
+    with pytest.raises(openai.RateLimitError) as limited:
+        generate(remote_client, prompt="twice")  # the rule served its two: the queue is next
+    assert limited.value.response.headers["retry-after"] == "3"
+    generate(remote_client)
+    with pytest.raises(openai.BadRequestError):
+        generate(remote_client)
+    state = remote.scripting_state()
+    assert state["queued"] == [] and state["rules"] == [] and state["default"]["kind"] == "moderation_blocked"
+    assert [r.status for r in remote.requests] == [500, 500, 429, 200, 400]
+    assert all(r.is_generation and r.key_fingerprint == key_fingerprint(API_KEY) for r in remote.requests)
+
+    remote.reset()
+    remote.set_rate_cap(1, window_s=600)
+    generate(remote_client)
+    with pytest.raises(openai.RateLimitError):
+        generate(remote_client)
+    for key in ("sk-revoked-at-start-123456789", "sk-revoked-by-client-123456789"):
+        keyed = openai.OpenAI(api_key=key, base_url=remote.base_url, max_retries=0, timeout=30)
+        if key.endswith("by-client-123456789"):
+            generate(keyed)
+            remote.revoke_key(key)  # stays revoked for the module: a key no other test uses
+        with pytest.raises(openai.AuthenticationError):
+            generate(keyed)
+    with pytest.raises(ValueError):
+        remote.enqueue("explode")  # refused before anything is sent
+    with pytest.raises(ValueError, match="requests_per_minute"):
+        remote.set_rate_cap(0)
 
 
 # ---- lifecycle and helpers -----------------------------------------------------------------------

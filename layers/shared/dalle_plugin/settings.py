@@ -27,8 +27,19 @@ class CommonSettings(BaseModel):
     hub_timeout_s: float = Field(default=10.0, alias="HUB_TIMEOUT_S", gt=0)
     hub_retries: int = Field(default=3, alias="HUB_RETRIES", ge=0)
     run_ttl_days: int = Field(default=30, alias="RUN_TTL_DAYS", ge=1)
-    # The local stack talks to its emulators on 127.0.0.1; deployed, every fetched URL must be public https.
-    allow_private_urls: bool = Field(default=False, alias="ALLOW_PRIVATE_URLS")
+    # Exact "host:port" pairs the URL guard lets through although private, over http too: the local stack
+    # lists the emulators it starts on 127.0.0.1. Deployed it stays empty: every URL must be public https.
+    allowed_private_hosts: frozenset[str] = Field(default=frozenset(), alias="ALLOWED_PRIVATE_HOSTS")
+
+    @field_validator("allowed_private_hosts", mode="before")
+    @classmethod
+    def _parse_host_list(cls, value: object) -> object:
+        entries = [e.strip() for e in value.split(",")] if isinstance(value, str) else list(value or [])
+        for entry in entries:
+            host, _, port = str(entry).rpartition(":")
+            if entry and (not host or not port.isdigit()):
+                raise ValueError(f"each entry must be an exact host:port pair, got {entry!r}")
+        return frozenset(str(entry) for entry in entries if entry)
 
 
 class RateLimitSettings(CommonSettings):

@@ -44,7 +44,7 @@ def _hub_factory(settings: CommonSettings):
     from dalle_plugin.adapters.hub_http import AngoHubClient
     from dalle_plugin.adapters.url_guard import UrlGuard
 
-    guard = UrlGuard(allow_private=settings.allow_private_urls)
+    guard = UrlGuard(allowed_private_hosts=settings.allowed_private_hosts)
 
     def hub_for(run: RunRecord, api_key: str) -> HubClient:
         return AngoHubClient(

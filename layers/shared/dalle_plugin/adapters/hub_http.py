@@ -51,7 +51,7 @@ _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 _NOT_APPLIED_STATUSES = frozenset({500, 503})
 
 #: Decides whether the plugin may download a URL: raises (``AssetUnreadable``) to refuse it, or returns the
-#: vetted IP address to connect to (None: connect by name, as the local stack does with its emulators).
+#: vetted IP address to connect to (None: connect by name, as ``allow_any_url`` lets tests do).
 UrlGuard = Callable[[str], "str | None"]
 
 
