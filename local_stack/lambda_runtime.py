@@ -357,3 +357,8 @@ def install(service: LambdaService) -> Callable[[], None]:
 
     return uninstall
 
+
+def _custom_error(name: str) -> Any:
+    from moto.stepfunctions.parser.asl.component.common.error_name.custom_error_name import CustomErrorName
+
+    return CustomErrorName(name)

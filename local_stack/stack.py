@@ -164,10 +164,6 @@ class LocalStack:
     # ---- resources from template.yaml -----------------------------------------------------------
 
     @property
-    def profile(self) -> Profile:
-        return self.options.profile
-
-    @property
     def seams(self) -> SeamBoard | None:
         """The board the test seams share with the execution environments, when the stack has one."""
         root = self.options.environment.get(SEAMS_DIR_VARIABLE)
