@@ -128,14 +128,14 @@ def installed(stack: Any) -> Iterator[Seams]:
 
     clear_caches()
     originals = {
-        (aws.S3ImageStore, "put_png"): aws.S3ImageStore.put_png,
+        (aws.S3ImageStore, "put_image"): aws.S3ImageStore.put_image,
         (hub_http.AngoHubClient, "attach_image"): hub_http.AngoHubClient.attach_image,
         (aws.StepFunctionsStarter, "start"): aws.StepFunctionsStarter.start,
         (dynamo_rate_limiter.DynamoRateLimiter, "acquire"): dynamo_rate_limiter.DynamoRateLimiter.acquire,
     }
 
-    def put_png(self, key, body, metadata):  # noqa: ANN001
-        stored = originals[(aws.S3ImageStore, "put_png")](self, key, body, metadata)
+    def put_image(self, key, body, content_type, metadata):  # noqa: ANN001
+        stored = originals[(aws.S3ImageStore, "put_image")](self, key, body, content_type, metadata)
         failure = seams.take(seams.after_put_png, key.removeprefix("images/").removesuffix(".png"))
         if failure:
             raise failure
@@ -158,7 +158,7 @@ def installed(stack: Any) -> Iterator[Seams]:
             seams.tickets[ticket.rsplit("#", 1)[0]].append(ticket)
         return originals[(dynamo_rate_limiter.DynamoRateLimiter, "acquire")](self, ticket, now_ms)
 
-    replacements = {"put_png": put_png, "attach_image": attach_image, "start": start, "acquire": acquire}
+    replacements = {"put_image": put_image, "attach_image": attach_image, "start": start, "acquire": acquire}
     for (owner, name) in originals:
         setattr(owner, name, replacements[name])
 
