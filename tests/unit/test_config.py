@@ -366,11 +366,12 @@ def test_a_full_set_of_new_options_is_accepted():
         ({"images_per_task": "2"}, "images_per_task", "without quotes"),
         ({"images_per_task": True}, "images_per_task", "1 to 4"),
         ({"output_format": "gif"}, "output_format", "png, jpeg, webp"),
+        ({"output_format": "webp"}, "output_format", "Ango Hub attaches only JPG or PNG"),
         ({"output_format": "jepg"}, "output_format", "Did you mean 'jpeg'?"),
         ({"output_compression": 50}, "output_compression", "output_format is png (the default)"),
-        ({"output_format": "png", "output_compression": 50}, "output_compression", "jpeg or webp"),
+        ({"output_format": "png", "output_compression": 50}, "output_compression", "only with output_format jpeg"),
         ({"output_format": "jpeg", "output_compression": 101}, "output_compression", "0 to 100"),
-        ({"output_format": "webp", "output_compression": -1}, "output_compression", "0 to 100"),
+        ({"output_format": "jpeg", "output_compression": -1}, "output_compression", "0 to 100"),
         ({"output_format": "jpeg", "output_compression": "high"}, "output_compression", "without quotes"),
         ({"background": "clear"}, "background", "auto, opaque, transparent"),
         ({"background": "transparent", "output_format": "jpeg"}, "background", "jpeg has no transparency"),
@@ -418,10 +419,10 @@ def test_what_the_running_model_cannot_do_is_refused_naming_it():
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(models_catalog.CATALOG, "gpt-image-2", spec)
         many = _refusal({"model_name": "dall-e-2", "images_per_task": 2})
-        webp = _refusal({"model_name": "gpt-image-2", "output_format": "webp"})
+        webp = _refusal({"model_name": "gpt-image-2", "output_format": "jpeg"})
         background = _refusal({"model_name": "gpt-image-2", "background": "opaque"})
     assert "gpt-image-2 makes at most 1" in many.message and "runs because dall-e-2 was retired" in many.message
-    assert webp.field == "output_format" and "gpt-image-2 cannot write webp" in webp.message
+    assert webp.field == "output_format" and "gpt-image-2 cannot write jpeg" in webp.message
     assert background.field == "background" and "does not take a background" in background.message
 
 

@@ -49,6 +49,8 @@ PROMPT_SOURCES: tuple[str, ...] = get_args(PromptSource)
 DEFAULT_KEY = "default"
 MAX_KEY_CHARS = 512
 MAX_IMAGES_PER_TASK = 4
+#: what Ango Hub takes as an IMAGE attachment (links to JPG or PNG files)
+HUB_IMAGE_FORMATS = ("png", "jpeg")
 #: a session's spending limit above this is a typo, not a budget
 MAX_COST_LIMIT_USD = 10_000
 
@@ -253,14 +255,20 @@ class PluginConfig(BaseModel):
     @field_validator("output_format", mode="before")
     @classmethod
     def _check_output_format(cls, value: Any) -> str | None:
-        return None if value is None else _require_choice("output_format", value, OUTPUT_FORMATS, {"jpg": "jpeg"})
+        if value is None:
+            return None
+        chosen = _require_choice("output_format", value, OUTPUT_FORMATS, {"jpg": "jpeg"})
+        if chosen not in HUB_IMAGE_FORMATS:
+            raise InvalidConfig("output_format", chosen, ", ".join(HUB_IMAGE_FORMATS),
+                                f"OpenAI can write {chosen}, but Ango Hub attaches only JPG or PNG images to an asset.")
+        return chosen
 
     @field_validator("output_compression", mode="before")
     @classmethod
     def _check_compression(cls, value: Any) -> int | None:
         if value is None:
             return None
-        allowed = "a whole number from 0 to 100 (jpeg and webp only)"
+        allowed = "a whole number from 0 to 100 (jpeg only)"
         level = _require_whole_number("output_compression", value, allowed)
         if not 0 <= level <= 100:
             raise InvalidConfig("output_compression", level, allowed, "")
@@ -290,14 +298,13 @@ class PluginConfig(BaseModel):
         output_format = self.output_format or "png"
         if self.output_compression is not None and output_format not in COMPRESSIBLE_FORMATS:
             raise InvalidConfig(
-                "output_compression", self.output_compression, "only with output_format jpeg or webp",
+                "output_compression", self.output_compression, "only with output_format jpeg",
                 f"output_format is {output_format}{'' if self.output_format else ' (the default)'}, which "
-                "is not compressed: set \"output_format\" to \"jpeg\" or \"webp\", or leave out "
-                "\"output_compression\".")
+                "is not compressed: set \"output_format\" to \"jpeg\", or leave out \"output_compression\".")
         if self.background == "transparent" and output_format not in FORMATS_WITH_ALPHA:
             raise InvalidConfig(
-                "background", "transparent", "transparent only with output_format png or webp",
-                f"{output_format} has no transparency: set \"output_format\" to \"png\" or \"webp\".")
+                "background", "transparent", "transparent only with output_format png",
+                f"{output_format} has no transparency: set \"output_format\" to \"png\".")
         return self
 
     @property
