@@ -421,7 +421,7 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
                                quality=run.quality, request_id=image.request_id, format=run.output_format,
                                index=index))
     elapsed_s = (deps.clock.now_ms() - started) / 1000
-    message = f"{_count_images(len(infos)).capitalize()} generated in {elapsed_s:.1f} s."
+    message = f"{_images_as_subject(len(infos))} generated in {elapsed_s:.1f} s."
 
     def mutate(r: RunRecord) -> None:
         r.image, r.more_images = infos[0], infos[1:]
@@ -435,6 +435,10 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
 
 def _count_images(count: int) -> str:
     return "the image" if count == 1 else f"{count} images"
+
+
+def _images_as_subject(count: int) -> str:
+    return "Image" if count == 1 else f"{count} images"
 
 
 def _hold_allowances(run: RunRecord, deps: StepDeps, hub: HubClient) -> RunRecord | GenerateOutcome:
@@ -670,7 +674,7 @@ def attach_image(ref: RunRef, deps: StepDeps) -> AttachResult:
     else:
         hub.plugin_response(run.session, response=answer)  # a repeat is harmless: the same answer again
     elapsed_s = (deps.clock.now_ms() - run.created_at_ms) / 1000
-    message = f"{_count_images(count).capitalize()} attached to the asset. Finished in {elapsed_s:.1f} s."
+    message = f"{_images_as_subject(count)} attached to the asset. Finished in {elapsed_s:.1f} s."
     now = deps.clock.now_ms()
 
     def finish(r: RunRecord) -> None:
