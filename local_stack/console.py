@@ -83,9 +83,12 @@ class Console:
     def _runs(self) -> list[RunRecord]:
         """Every run in the sessions table. The sealed secrets are not even read."""
         client = self.stack.client("dynamodb")
+        # run records only: the table also holds spending counters and images on offer for a re-run
         kwargs: dict[str, Any] = {"TableName": self.stack.table_name("SessionsTable"),
                                   "ProjectionExpression": "pk, sk, #doc, version",
-                                  "ExpressionAttributeNames": {"#doc": "doc"}}
+                                  "FilterExpression": "begins_with(sk, :task)",
+                                  "ExpressionAttributeNames": {"#doc": "doc"},
+                                  "ExpressionAttributeValues": {":task": {"S": "TASK#"}}}
         runs = []
         while True:
             page = client.scan(**kwargs)

@@ -177,6 +177,9 @@ class RecordedRequest:
     size: str | None = None
     quality: str | None = None
     n: int | None = None
+    output_format: str | None = None
+    output_compression: int | None = None
+    background: str | None = None
 
     @property
     def is_generation(self) -> bool:
@@ -621,9 +624,13 @@ def _loggable_fields(raw_body: bytes) -> dict[str, Any]:
         value = body.get(name)
         return value if isinstance(value, str) else None
 
-    n = body.get("n")
+    def whole(name: str) -> int | None:
+        value = body.get(name)
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
     return {"model": text("model"), "prompt": text("prompt"), "size": text("size"),
-            "quality": text("quality"), "n": n if isinstance(n, int) and not isinstance(n, bool) else None}
+            "quality": text("quality"), "n": whole("n"), "output_format": text("output_format"),
+            "output_compression": whole("output_compression"), "background": text("background")}
 
 
 def _models_body(model_id: str) -> dict[str, Any]:
@@ -992,7 +999,8 @@ class OpenAIEmulator(LocalServer):
             request_id=request_id, method=method, path=path, started_at=started_at, finished_at=time.time(),
             key_fingerprint=fingerprint, status=status, outcome=outcome, model=fields.get("model"),
             prompt=fields.get("prompt"), size=fields.get("size"), quality=fields.get("quality"),
-            n=fields.get("n"),
+            n=fields.get("n"), output_format=fields.get("output_format"),
+            output_compression=fields.get("output_compression"), background=fields.get("background"),
         )
         with self._lock:
             self._log.append(record)

@@ -68,16 +68,23 @@ class Progress:
             print(f"  [{view['session']}] {line}", file=self.out, flush=True)
 
 
-def _save_image(stack: LocalStack, view: dict[str, Any], session: str) -> Path | None:
-    image = view["runs"][0].get("image") or {}
-    url = image.get("hubUrl")
-    if not url:
-        return None
-    data = requests.get(url, timeout=30).content  # what the hub stores and shows beside the asset
-    OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
-    path = OUTPUT_DIR / f"{session}.png"
-    path.write_bytes(data)
-    return path
+_EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+
+
+def _save_images(stack: LocalStack, view: dict[str, Any], session: str) -> list[tuple[Path, str]]:
+    """Every image of the run as the hub stores it: ``<session>.<ext>``, then ``<session>-2.<ext>``, ..."""
+    saved = []
+    for index, image in enumerate(view["runs"][0].get("images") or []):
+        url = image.get("hubUrl")
+        if not url:
+            continue
+        data = requests.get(url, timeout=30).content  # what the hub stores and shows beside the asset
+        OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
+        suffix = f"-{index + 1}" if index else ""
+        path = OUTPUT_DIR / f"{session}{suffix}.{_EXTENSIONS.get(image.get('format'), 'png')}"
+        path.write_bytes(data)
+        saved.append((path, url))
+    return saved
 
 
 def run_samples(stack: LocalStack, samples: list[SampleRun], out: TextIO = sys.stdout,
@@ -119,8 +126,8 @@ def run_samples(stack: LocalStack, samples: list[SampleRun], out: TextIO = sys.s
             prompt = run["prompt"]
             print(f"  prompt ({prompt['source']}, {prompt['length']} chars): {prompt['text'][:160]!r}", file=out)
         if run["status"] == "SUCCEEDED":
-            path = _save_image(stack, view, session)
-            print(f"  image: {path} (attached on the hub as {run['image']['hubUrl']})", file=out)
+            for path, url in _save_images(stack, view, session):
+                print(f"  image: {path} (attached on the hub as {url})", file=out)
             succeeded += 1
         elif run.get("failure"):
             print(f"  why: {run['failure']['message']}", file=out)

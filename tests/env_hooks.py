@@ -53,10 +53,10 @@ def install() -> None:
     def wrap(owner: type, name: str, make: Any) -> None:
         setattr(owner, name, make(getattr(owner, name)))
 
-    def put_png(original: Any) -> Any:
-        def wrapper(self, key, body, metadata):  # noqa: ANN001
-            stored = original(self, key, body, metadata)
-            spec = board.take("after_put_png", key.removeprefix("images/").removesuffix(".png"))
+    def put_image(original: Any) -> Any:
+        def wrapper(self, key, body, content_type, metadata):  # noqa: ANN001
+            stored = original(self, key, body, content_type, metadata)
+            spec = board.take("after_put_png", key.removeprefix("images/").rsplit(".", 1)[0])
             if spec:
                 raise_spec(spec)
             return stored
@@ -100,7 +100,7 @@ def install() -> None:
             return original(self, operation_name, api_params)
         return wrapper
 
-    wrap(aws.S3ImageStore, "put_png", put_png)
+    wrap(aws.S3ImageStore, "put_image", put_image)
     wrap(hub_http.AngoHubClient, "attach_image", attach_image)
     wrap(aws.StepFunctionsStarter, "start", start)
     wrap(dynamo_rate_limiter.DynamoRateLimiter, "acquire", acquire)

@@ -26,11 +26,15 @@ function el(tag, attrs = {}, ...children) {
 function seconds(ms) { return `${(ms / 1000).toFixed(1)} s`; }
 
 function thumbnail(run) {
-  const image = run.image;
-  if (image && image.hubUrl) {
-    return el("a", { href: image.hubUrl, target: "_blank", className: "thumb-box" },
-      el("img", { className: "thumb", src: image.hubUrl, alt: run.prompt ? run.prompt.text : "generated image" }));
+  const images = (run.images || []).filter((image) => image.hubUrl);
+  if (images.length) {
+    // every candidate of the request, in the order they were attached
+    return el("div", { className: images.length > 1 ? "thumbs" : "" }, images.map((image, index) =>
+      el("a", { href: image.hubUrl, target: "_blank", className: "thumb-box" },
+        el("img", { className: "thumb", src: image.hubUrl,
+                    alt: `${run.prompt ? run.prompt.text : "generated image"} (${index + 1} of ${images.length})` }))));
   }
+  const image = run.image;
   const why = run.status === "FAILED" ? "no image" : image ? "uploading to the hub…" : "no image yet";
   return el("div", { className: "thumb-box" }, why);
 }
@@ -43,15 +47,25 @@ function drawRun(run) {
     ? ` · position ${run.queue.position} in the queue, about ${Math.max(0, Math.ceil((run.queue.startAtMs - Date.now()) / 1000))} s`
     : "";
   const model = run.model ? run.model.actual + (run.model.substituted ? ` (asked: ${run.model.requested})` : "") : "";
+  const output = run.output || {};
+  const options = [
+    output.imagesPerTask > 1 ? `${output.imagesPerTask} images` : null,
+    output.format && output.format !== "png" ? output.format + (output.compression != null ? ` ${output.compression}` : "") : null,
+    output.background ? `background ${output.background}` : null,
+    run.maxCostUsd != null ? `limit $${run.maxCostUsd}` : null,
+    run.estimatedCostUsd ? `about $${run.estimatedCostUsd}` : null,
+  ].filter(Boolean).map((text) => ` · ${text}`).join("");
   return el("div", { className: "run", "data-task": run.taskId, "data-status": run.status },
     thumbnail(run),
     el("div", {},
       el("div", { className: "run-head" },
         el("span", { className: "task" }, run.taskId),
         el("span", { className: `badge ${run.status}` }, run.status),
-        el("span", { className: "meta" }, `${model} · ${run.size} · ${run.promptSource} · ${seconds(Math.max(0, elapsed))}${queue}`)),
+        el("span", { className: "meta" }, `${model} · ${run.size} · ${run.promptSource}${options} · ${seconds(Math.max(0, elapsed))}${queue}`)),
       el("div", { className: `progress ${run.status}` },
         el("div", { style: `width: ${PROGRESS[run.status] ?? 50}%` })),
+      run.prompt && run.prompt.template
+        ? el("div", { className: "meta" }, `template: ${run.prompt.template}`) : null,
       run.prompt
         ? el("blockquote", { className: "prompt" }, run.prompt.text)
         : el("div", { className: "meta" }, "prompt not extracted yet"),

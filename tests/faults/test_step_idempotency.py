@@ -89,7 +89,7 @@ class Images:
     def __init__(self) -> None:
         self.objects: dict[str, bytes] = {}
 
-    def put_png(self, key: str, body: bytes, metadata: dict[str, str]) -> StoredObject:
+    def put_image(self, key: str, body: bytes, content_type: str, metadata: dict[str, str]) -> StoredObject:
         self.objects[key] = body
         return StoredObject(bucket="images", key=key)
 

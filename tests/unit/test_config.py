@@ -137,8 +137,10 @@ def test_an_unknown_key_without_a_likely_meaning_gets_no_guess():
     assert "Did you mean" not in problem.message
 
 
-def test_allowed_keys_are_exactly_the_documented_ones_plus_quality():
-    assert ALLOWED_KEYS == ("openai_api_key", "model_name", "get_prompt_from", "image_size", "quality")
+def test_allowed_keys_are_exactly_the_documented_ones_plus_quality_and_the_options_beyond_them():
+    assert ALLOWED_KEYS == ("openai_api_key", "model_name", "get_prompt_from", "image_size", "quality",
+                            "prompt_template", "images_per_task", "output_format", "output_compression",
+                            "background", "max_cost_usd")
 
 
 # ---- wrong types and values, field by field ------------------------------------------------------
@@ -313,3 +315,118 @@ def test_an_own_key_is_reported_as_not_default():
     options = validate_run_options(parse_config_json({"openai_api_key": KEY}), SUCCESSORS, TODAY)
     assert not options.uses_default_key
     assert KEY_SECRET_PART not in options.model_dump_json()
+
+
+# ---- prompt_template, images_per_task, output format, spending limit ----------------------------
+
+
+def _options(raw: dict):
+    return validate_run_options(parse_config_json(json.dumps(raw)), SUCCESSORS, TODAY)
+
+
+def _refusal(raw: dict) -> InvalidConfig:
+    with pytest.raises(InvalidConfig) as caught:
+        _options(raw)
+    return caught.value
+
+
+def test_the_new_options_have_defaults_that_change_nothing():
+    options = _options({})
+    assert options.output.images_per_request == 1 and options.output.output_format == "png"
+    assert options.output.output_compression is None and options.output.background is None
+    assert options.prompt_template is None and options.max_cost_usd is None
+
+
+def test_a_full_set_of_new_options_is_accepted():
+    options = _options({"model_name": "gpt-image-2", "prompt_template": "Studio photo of {prompt}, {{soft}} light",
+                        "images_per_task": 3, "output_format": "JPG", "output_compression": 70,
+                        "background": "opaque", "max_cost_usd": 1})
+    assert options.prompt_template == "Studio photo of {prompt}, {{soft}} light"
+    assert options.output.images_per_request == 3 and options.output.output_format == "jpeg"
+    assert options.output.output_compression == 70 and options.output.background == "opaque"
+    assert options.max_cost_usd == 1.0 and options.cost_per_image_usd > 0
+
+
+@pytest.mark.parametrize(
+    ("raw", "field", "words"),
+    [
+        ({"prompt_template": "A photo"}, "prompt_template", "no {prompt} placeholder"),
+        ({"prompt_template": "A {style} photo of {prompt}"}, "prompt_template", "Unknown placeholder {style}"),
+        ({"prompt_template": "A {} photo of {prompt}"}, "prompt_template", "Unknown placeholder {}"),
+        ({"prompt_template": "A {prompt.upper} photo"}, "prompt_template", "Unknown placeholder"),
+        ({"prompt_template": "A {prompt:>9} photo"}, "prompt_template", "Unknown placeholder"),
+        ({"prompt_template": "A {prompt"}, "prompt_template", "{{ or }} for a literal brace"),
+        ({"prompt_template": "A } {prompt}"}, "prompt_template", "{{ or }} for a literal brace"),
+        ({"prompt_template": "   "}, "prompt_template", "empty"),
+        ({"prompt_template": 3}, "prompt_template", "JSON string"),
+        ({"prompt_template": "x" * 4001 + "{prompt}"}, "prompt_template", "at most 4000"),
+        ({"images_per_task": 0}, "images_per_task", "1 to 4"),
+        ({"images_per_task": 5}, "images_per_task", "1 to 4"),
+        ({"images_per_task": 1.5}, "images_per_task", "whole number"),
+        ({"images_per_task": "2"}, "images_per_task", "without quotes"),
+        ({"images_per_task": True}, "images_per_task", "1 to 4"),
+        ({"output_format": "gif"}, "output_format", "png, jpeg, webp"),
+        ({"output_format": "webp"}, "output_format", "Ango Hub attaches only JPG or PNG"),
+        ({"output_format": "jepg"}, "output_format", "Did you mean 'jpeg'?"),
+        ({"output_compression": 50}, "output_compression", "output_format is png (the default)"),
+        ({"output_format": "png", "output_compression": 50}, "output_compression", "only with output_format jpeg"),
+        ({"output_format": "jpeg", "output_compression": 101}, "output_compression", "0 to 100"),
+        ({"output_format": "jpeg", "output_compression": -1}, "output_compression", "0 to 100"),
+        ({"output_format": "jpeg", "output_compression": "high"}, "output_compression", "without quotes"),
+        ({"background": "clear"}, "background", "auto, opaque, transparent"),
+        ({"background": "transparent", "output_format": "jpeg"}, "background", "jpeg has no transparency"),
+        ({"max_cost_usd": 0}, "max_cost_usd", "above 0"),
+        ({"max_cost_usd": -2}, "max_cost_usd", "above 0"),
+        ({"max_cost_usd": "$5"}, "max_cost_usd", "without quotes or currency sign"),
+        ({"max_cost_usd": 1e9}, "max_cost_usd", "at most 10,000"),
+        ({"max_cost_usd": False}, "max_cost_usd", "above 0"),
+    ],
+)
+def test_each_new_option_refuses_a_wrong_value_with_a_sentence(raw, field, words):
+    problem = _refusal(raw)
+    assert problem.field == field
+    assert problem.message.startswith(f"Config JSON field '{field}': got ")
+    assert words in problem.message and "allowed:" in problem.message
+
+
+def test_a_spending_limit_below_one_tasks_images_is_refused_at_once():
+    problem = _refusal({"model_name": "gpt-image-2", "quality": "high", "images_per_task": 2, "max_cost_usd": 0.2})
+    assert problem.field == "max_cost_usd" and "2 image(s)" in problem.message and "$0.3340" in problem.message
+
+
+def test_a_spending_limit_needs_a_price_for_the_model():
+    config = parse_config_json('{"model_name": "gpt-image-2", "max_cost_usd": 5}')
+    with pytest.raises(InvalidConfig) as caught:
+        validate_run_options(config, SUCCESSORS, TODAY, prices={})
+    assert caught.value.field == "max_cost_usd" and "no price for gpt-image-2" in caught.value.message
+
+
+def test_a_template_too_long_for_the_model_is_refused():
+    from dalle_plugin.domain import models_catalog
+
+    spec = models_catalog.CATALOG["gpt-image-2"].model_copy(update={"max_prompt_chars": 20})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(models_catalog.CATALOG, "gpt-image-2", spec)
+        problem = _refusal({"model_name": "gpt-image-2", "prompt_template": "A much longer frame around: {prompt}"})
+    assert problem.field == "prompt_template" and "leaves room for the prompt" in problem.message
+
+
+def test_what_the_running_model_cannot_do_is_refused_naming_it():
+    from dalle_plugin.domain import models_catalog
+
+    spec = models_catalog.CATALOG["gpt-image-2"].model_copy(
+        update={"max_images_per_request": 1, "output_formats": ("png",), "backgrounds": ()})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(models_catalog.CATALOG, "gpt-image-2", spec)
+        many = _refusal({"model_name": "dall-e-2", "images_per_task": 2})
+        webp = _refusal({"model_name": "gpt-image-2", "output_format": "jpeg"})
+        background = _refusal({"model_name": "gpt-image-2", "background": "opaque"})
+    assert "gpt-image-2 makes at most 1" in many.message and "runs because dall-e-2 was retired" in many.message
+    assert webp.field == "output_format" and "gpt-image-2 cannot write jpeg" in webp.message
+    assert background.field == "background" and "does not take a background" in background.message
+
+
+@pytest.mark.parametrize("typo", ["template", "n", "format", "budget"])
+def test_likely_names_for_the_new_fields_get_a_suggestion(typo):
+    problem = _error({typo: 1})
+    assert "Did you mean" in problem.message

@@ -105,6 +105,18 @@ def test_other_output_formats(client, output_format, pillow_format):
     assert decode(result.data[0].b64_json).format == pillow_format
 
 
+def test_a_transparent_webp_keeps_its_alpha(client):
+    image = decode(generate(client, background="transparent", output_format="webp").data[0].b64_json)
+    assert image.format == "WEBP" and image.mode == "RGBA"
+
+
+def test_the_log_keeps_n_and_the_output_options_as_sent(client, emulator):
+    generate(client, n=2, output_format="jpeg", output_compression=40, background="opaque")
+    (recorded,) = [r for r in emulator.requests if r.is_generation]
+    assert (recorded.n, recorded.output_format, recorded.output_compression, recorded.background) == (
+        2, "jpeg", 40, "opaque")
+
+
 def test_transparent_background_gives_an_image_with_alpha(client):
     result = generate(client, background="transparent")
     image = decode(result.data[0].b64_json)

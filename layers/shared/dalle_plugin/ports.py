@@ -57,15 +57,28 @@ class ImageRequest:
     prompt: str
     size: str
     quality: str | None = None
+    #: images asked for in this one request (OpenAI's ``n``)
+    n: int = 1
+    #: None: the parameter is not sent (the model's default, png)
+    output_format: str | None = None
+    output_compression: int | None = None
+    background: str | None = None
 
 
 @dataclass(frozen=True)
 class GeneratedImage:
+    #: the first image's bytes, in the requested format (png unless asked otherwise)
     png: bytes
     model: str
     request_id: str | None = None
     revised_prompt: str | None = None
     usage: dict[str, Any] | None = None
+    #: the further images of a request with n > 1, in OpenAI's order
+    more: tuple[bytes, ...] = ()
+
+    @property
+    def bodies(self) -> tuple[bytes, ...]:
+        return (self.png,) + self.more
 
 
 class ImageGenerator(Protocol):
@@ -84,7 +97,7 @@ class StoredObject:
 
 
 class ImageStore(Protocol):
-    def put_png(self, key: str, body: bytes, metadata: dict[str, str]) -> StoredObject: ...
+    def put_image(self, key: str, body: bytes, content_type: str, metadata: dict[str, str]) -> StoredObject: ...
 
     def get(self, key: str) -> bytes | None:
         """The object's bytes, or None when it does not exist."""
@@ -128,6 +141,27 @@ class RateLimiter(Protocol):
 
     def release(self, ticket: str, now_ms: int, start_at_ms: int) -> None:
         """Give a booked start back (a cancelled run): the next caller may take it."""
+
+
+@dataclass(frozen=True)
+class AllowanceAnswer:
+    """``granted``: the amount is now counted for the ticket (or already was). ``used`` is the counter's
+    total after the grant, or, refused, as it stood (what the refusal reports)."""
+
+    granted: bool
+    used: int
+
+
+class AllowanceLedger(Protocol):
+    """Counters that may not pass a limit, shared by every Lambda: a session's spending, an organisation's
+    images of the day. Each grant is counted once per ticket, atomically, so concurrent runs cannot
+    overshoot and a retried step never counts twice."""
+
+    def reserve(self, counter: str, ticket: str, amount: int, limit: int, expires_at: int) -> AllowanceAnswer:
+        """Count ``amount`` for ``ticket`` unless the total would pass ``limit``."""
+
+    def release(self, counter: str, ticket: str, amount: int) -> None:
+        """Give a ticket's amount back (its request was not billed); a second release does nothing."""
 
 
 class Clock(Protocol):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from functools import lru_cache
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from dalle_plugin.domain.pricing import DEFAULT_PRICES
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -74,6 +74,9 @@ class ExtractSettings(CommonSettings):
 
 class GenerateSettings(RateLimitSettings):
     default_openai_key_secret_arn: str = Field(alias="DEFAULT_OPENAI_KEY_SECRET_ARN", min_length=1)
+    # Images a day per organisation on the shared key (0: no quota), and what a run over it does.
+    org_daily_image_quota: int = Field(default=0, alias="ORG_DAILY_IMAGE_QUOTA", ge=0)
+    org_quota_reached: Literal["wait", "fail"] = Field(default="wait", alias="ORG_QUOTA_REACHED")
     openai_base_url: str | None = Field(default=None, alias="OPENAI_BASE_URL")
     openai_timeout_s: float = Field(default=240.0, alias="OPENAI_TIMEOUT_S", gt=0)
 

@@ -14,6 +14,7 @@ import boto3
 from botocore.config import Config
 
 from dalle_plugin.adapters.aws import KmsSecretVault, S3ImageStore, SecretsManagerReader, StepFunctionsStarter
+from dalle_plugin.adapters.dynamo_allowances import DynamoAllowanceLedger
 from dalle_plugin.adapters.dynamo_reusable_images import DynamoReusableImages
 from dalle_plugin.adapters.dynamo_runs import DynamoRunStore
 from dalle_plugin.domain.run import RunRecord
@@ -70,6 +71,7 @@ def _common(settings: CommonSettings) -> dict[str, Any]:
         "hub_for": _hub_factory(settings),
         "images": S3ImageStore(aws_client("s3"), settings.images_bucket),
         "reusable_images": DynamoReusableImages(aws_client("dynamodb"), settings.sessions_table),
+        "allowances": DynamoAllowanceLedger(aws_client("dynamodb"), settings.sessions_table),
         "run_ttl_days": settings.run_ttl_days,
     }
 
@@ -81,6 +83,7 @@ def api_deps() -> StepDeps:
         **_common(settings),
         starter=StepFunctionsStarter(aws_client("stepfunctions"), settings.state_machine_arn),
         model_successors=settings.model_successors,
+        image_prices=settings.image_prices,
     )
 
 
@@ -124,8 +127,13 @@ def generate_deps() -> StepDeps:
     limiter_settings = _limiter_settings(settings)
     limiter = DynamoRateLimiter(aws_client("dynamodb"), settings.rate_limit_table, limiter_settings,
                                 clock=SystemClock().now_ms)
+    from dalle_plugin.domain.spending import OrgQuota
+
+    quota = (OrgQuota(settings.org_daily_image_quota, settings.org_quota_reached)
+             if settings.org_daily_image_quota > 0 else None)
     return StepDeps(
         **_common(settings),
+        org_quota=quota,
         generator=OpenAIImageGenerator(settings.openai_base_url, settings.openai_timeout_s),
         limiter=limiter,
         limiter_settings=limiter_settings,

@@ -18,10 +18,10 @@ class S3ImageStore:
         self._client = client
         self._bucket = bucket
 
-    def put_png(self, key: str, body: bytes, metadata: dict[str, str]) -> StoredObject:
+    def put_image(self, key: str, body: bytes, content_type: str, metadata: dict[str, str]) -> StoredObject:
         try:
             self._client.put_object(
-                Bucket=self._bucket, Key=key, Body=body, ContentType="image/png", Metadata=metadata
+                Bucket=self._bucket, Key=key, Body=body, ContentType=content_type, Metadata=metadata
             )
         except ClientError as exc:
             raise StorageUnavailable(f"Could not store the image in S3: {exc.response['Error']['Code']}") from None

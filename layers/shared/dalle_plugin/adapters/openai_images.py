@@ -78,7 +78,10 @@ def _safe(message: str) -> str:
 def classify(exc: Exception, model: str) -> PluginError:
     """Map an openai exception to the plugin's error contract (see docs/openai-images.md)."""
     if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError)):
-        return OpenAIUnavailable(f"OpenAI could not be reached ({type(exc).__name__}); the run will retry.")
+        error = OpenAIUnavailable(f"OpenAI could not be reached ({type(exc).__name__}); the run will retry.")
+        # A request that timed out may have been served (and billed): its spending grant is kept.
+        error.maybe_billed = isinstance(exc, openai.APITimeoutError)
+        return error
     if not isinstance(exc, openai.APIStatusError):
         return OpenAIUnavailable(f"Unexpected error talking to OpenAI: {type(exc).__name__}")
     code, kind, message = _error_fields(exc)
@@ -135,19 +138,25 @@ class OpenAIImageGenerator:
         return client
 
     def generate(self, request: ImageRequest, api_key: str) -> GeneratedImage:
-        params: dict[str, Any] = {"model": request.model, "prompt": request.prompt, "size": request.size, "n": 1}
-        if request.quality:
-            params["quality"] = request.quality
+        params: dict[str, Any] = {"model": request.model, "prompt": request.prompt, "size": request.size,
+                                  "n": request.n}
+        optional = {"quality": request.quality, "output_format": request.output_format,
+                    "output_compression": request.output_compression, "background": request.background}
+        params.update({name: value for name, value in optional.items() if value is not None})
         try:
             raw = self._client(api_key).images.with_raw_response.generate(**params)
             result = raw.parse()
         except openai.OpenAIError as exc:
             raise classify(exc, request.model) from None
-        if not result.data or not result.data[0].b64_json:
-            raise OpenAIUnavailable("OpenAI answered without an image; the run will retry.")
+        if not result.data or not all(item.b64_json for item in result.data):
+            error = OpenAIUnavailable("OpenAI answered without an image; the run will retry.")
+            error.maybe_billed = True  # a 200 answer: the request was served
+            raise error
         usage = result.usage.model_dump() if getattr(result, "usage", None) else None
+        bodies = [base64.b64decode(item.b64_json) for item in result.data]
         return GeneratedImage(
-            png=base64.b64decode(result.data[0].b64_json),
+            png=bodies[0],
+            more=tuple(bodies[1:]),
             model=request.model,
             request_id=raw.headers.get("x-request-id"),
             revised_prompt=getattr(result.data[0], "revised_prompt", None),

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from dalle_plugin.domain.errors import PluginError
 from dalle_plugin.domain.run import RunRecord, RunStatus
+from dalle_plugin.domain.spending import release
 from dalle_plugin.domain.steps import StepDeps, _hub, _hub_log, _mark
 
 CANCELLABLE = (RunStatus.QUEUED, RunStatus.EXTRACTING, RunStatus.WAITING_FOR_SLOT)
@@ -60,6 +61,8 @@ def _cancel_run(run: RunRecord, deps: StepDeps) -> CancelOutcome:
         cancelled = deps.runs.update(run.session, run.task_id, cancel)
     except _NotCancellable as exc:
         return CancelOutcome(run.task_id, False, str(exc), "Not cancelled: its image request has started.")
+    if cancelled.held and deps.allowances is not None:
+        release(cancelled.held, deps.allowances)  # counted for a request that will never be sent
     wait = run.rate_wait
     if wait and wait.reserved and wait.start_at_ms > now and deps.limiter is not None:
         deps.limiter.release(wait.ticket, now, wait.start_at_ms)  # the booked start goes to the next caller

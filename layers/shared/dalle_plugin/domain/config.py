@@ -5,7 +5,8 @@ Two steps, because the second needs deployment facts the first does not:
 * ``parse_config_json`` checks the text itself: it is a JSON object, every key is known, every value has
   the right type and shape. The result is a ``PluginConfig`` with the hub's documented defaults filled in.
 * ``validate_run_options`` checks the combination against the model that will actually run (legacy names
-  map to the deployment's successor) and returns the size, quality and prompt limit to use.
+  map to the deployment's successor) and returns the size, quality, output options, prompt limit and
+  price per image to use.
 
 Every problem is an ``InvalidConfig`` naming the field, what was given and what is allowed. The user's
 OpenAI key never appears in a message: at most as ``sk-...abcd``.
@@ -14,30 +15,44 @@ OpenAI key never appears in a message: at most as ``sk-...abcd``.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from datetime import date
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from dalle_plugin.domain.errors import InvalidConfig, MalformedConfig
 from dalle_plugin.domain.models_catalog import (
     AUTO_SIZE,
+    BACKGROUNDS,
+    COMPRESSIBLE_FORMATS,
+    FORMATS_WITH_ALPHA,
+    OUTPUT_FORMATS,
     ImageOptions,
+    OutputOptions,
     ResolvedModel,
     check_image_options,
+    check_output_options,
     normalize_model_name,
     normalize_size,
     parse_size,
     resolve_model,
     suggest,
 )
+from dalle_plugin.domain.pricing import DEFAULT_PRICES, estimate_cost_usd
+from dalle_plugin.domain.prompt_template import TemplateProblem, parse_template
 
 PromptSource = Literal["text-annotation", "entity-annotation", "full-text-asset"]
 PROMPT_SOURCES: tuple[str, ...] = get_args(PromptSource)
 DEFAULT_KEY = "default"
 MAX_KEY_CHARS = 512
+MAX_IMAGES_PER_TASK = 4
+#: what Ango Hub takes as an IMAGE attachment (links to JPG or PNG files)
+HUB_IMAGE_FORMATS = ("png", "jpeg")
+#: a session's spending limit above this is a typo, not a budget
+MAX_COST_LIMIT_USD = 10_000
 
 # Names people plausibly type for a field; only ever used to suggest the right name, never accepted.
 _LIKELY_MEANT = {
@@ -51,6 +66,13 @@ _LIKELY_MEANT = {
     "prompt_source": "get_prompt_from",
     "source": "get_prompt_from",
     "resolution": "image_size",
+    "template": "prompt_template",
+    "n": "images_per_task",
+    "images": "images_per_task",
+    "format": "output_format",
+    "compression": "output_compression",
+    "budget": "max_cost_usd",
+    "max_cost": "max_cost_usd",
 }
 _OPENAI_KEY_LIKE = re.compile(r"sk-[A-Za-z0-9_\-]{8,}")
 _EXAMPLE = '{"get_prompt_from": "text-annotation", "image_size": "1024x1024"}'
@@ -94,6 +116,25 @@ def _require_string(field: str, value: Any, allowed: str) -> str:
     return value
 
 
+def _require_whole_number(field: str, value: Any, allowed: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        hint = "Write it as a number without quotes." if isinstance(value, str) else ""
+        raise InvalidConfig(field, _mask_key_like(value), allowed, hint)
+    if isinstance(value, float) and not value.is_integer():
+        raise InvalidConfig(field, value, allowed, "Write a whole number.")
+    return int(value)
+
+
+def _require_choice(field: str, value: Any, choices: tuple[str, ...], aliases: Mapping[str, str] | None = None) -> str:
+    allowed = ", ".join(choices)
+    text = _require_string(field, value, allowed).strip().lower()
+    text = (aliases or {}).get(text, text)
+    if text in choices:
+        return text
+    guess = suggest(text, choices)
+    raise InvalidConfig(field, _mask_key_like(value), allowed, f"Did you mean '{guess}'?" if guess else "")
+
+
 class PluginConfig(BaseModel):
     """The Config JSON, with the defaults the hub documents for the plugin."""
 
@@ -104,6 +145,12 @@ class PluginConfig(BaseModel):
     get_prompt_from: PromptSource = "text-annotation"
     image_size: str = "1024x1024"
     quality: str | None = None
+    prompt_template: str | None = None
+    images_per_task: int = 1
+    output_format: str | None = None
+    output_compression: int | None = None
+    background: str | None = None
+    max_cost_usd: float | None = None
 
     # The validators raise InvalidConfig themselves (pydantic lets non-ValueErrors through), so a direct
     # construction reports problems in the same words as parse_config_json.
@@ -180,6 +227,85 @@ class PluginConfig(BaseModel):
         if not quality:
             raise InvalidConfig("quality", value, allowed, "Leave it out to use the model's default.")
         return quality
+
+    @field_validator("prompt_template", mode="before")
+    @classmethod
+    def _check_template(cls, value: Any) -> str | None:
+        if value is None:
+            return None
+        allowed = "a text with a {prompt} placeholder, e.g. \"Studio photo of {prompt}, soft light\""
+        text = _require_string("prompt_template", value, allowed)
+        try:
+            parse_template(text)
+        except TemplateProblem as problem:
+            shown = _mask_key_like(text if len(text) <= 80 else text[:77] + "...")
+            raise InvalidConfig("prompt_template", shown, allowed, str(problem)) from None
+        return text
+
+    @field_validator("images_per_task", mode="before")
+    @classmethod
+    def _check_images_per_task(cls, value: Any) -> int:
+        allowed = f"a whole number from 1 to {MAX_IMAGES_PER_TASK}"
+        count = _require_whole_number("images_per_task", value, allowed)
+        if not 1 <= count <= MAX_IMAGES_PER_TASK:
+            raise InvalidConfig("images_per_task", count, allowed,
+                                "Each image is paid for; leave it out for one image.")
+        return count
+
+    @field_validator("output_format", mode="before")
+    @classmethod
+    def _check_output_format(cls, value: Any) -> str | None:
+        if value is None:
+            return None
+        chosen = _require_choice("output_format", value, OUTPUT_FORMATS, {"jpg": "jpeg"})
+        if chosen not in HUB_IMAGE_FORMATS:
+            raise InvalidConfig("output_format", chosen, ", ".join(HUB_IMAGE_FORMATS),
+                                f"OpenAI can write {chosen}, but Ango Hub attaches only JPG or PNG images to an asset.")
+        return chosen
+
+    @field_validator("output_compression", mode="before")
+    @classmethod
+    def _check_compression(cls, value: Any) -> int | None:
+        if value is None:
+            return None
+        allowed = "a whole number from 0 to 100 (jpeg only)"
+        level = _require_whole_number("output_compression", value, allowed)
+        if not 0 <= level <= 100:
+            raise InvalidConfig("output_compression", level, allowed, "")
+        return level
+
+    @field_validator("background", mode="before")
+    @classmethod
+    def _check_background(cls, value: Any) -> str | None:
+        return None if value is None else _require_choice("background", value, BACKGROUNDS)
+
+    @field_validator("max_cost_usd", mode="before")
+    @classmethod
+    def _check_max_cost(cls, value: Any) -> float | None:
+        if value is None:
+            return None
+        allowed = f"an amount in US dollars above 0 and at most {MAX_COST_LIMIT_USD:,}, e.g. 0.5"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            hint = "Write it as a number without quotes or currency sign." if isinstance(value, str) else ""
+            raise InvalidConfig("max_cost_usd", _mask_key_like(value), allowed, hint)
+        if not math.isfinite(value) or not 0 < value <= MAX_COST_LIMIT_USD:
+            raise InvalidConfig("max_cost_usd", value if math.isfinite(value) else str(value), allowed,
+                                "Leave it out for no limit.")
+        return float(value)
+
+    @model_validator(mode="after")
+    def _check_format_combinations(self) -> "PluginConfig":
+        output_format = self.output_format or "png"
+        if self.output_compression is not None and output_format not in COMPRESSIBLE_FORMATS:
+            raise InvalidConfig(
+                "output_compression", self.output_compression, "only with output_format jpeg",
+                f"output_format is {output_format}{'' if self.output_format else ' (the default)'}, which "
+                "is not compressed: set \"output_format\" to \"jpeg\", or leave out \"output_compression\".")
+        if self.background == "transparent" and output_format not in FORMATS_WITH_ALPHA:
+            raise InvalidConfig(
+                "background", "transparent", "transparent only with output_format png",
+                f"{output_format} has no transparency: set \"output_format\" to \"png\".")
+        return self
 
     @property
     def uses_default_key(self) -> bool:
@@ -299,19 +425,52 @@ class RunOptions(BaseModel):
     max_prompt_chars: int
     get_prompt_from: PromptSource
     uses_default_key: bool
+    output: OutputOptions = OutputOptions()
+    prompt_template: str | None = None
+    max_cost_usd: float | None = None
+    #: estimated price of one image as asked (None: the price table does not know the model)
+    cost_per_image_usd: float | None = None
     notes: tuple[str, ...] = Field(default=())
 
 
-def validate_run_options(config: PluginConfig, successors: Mapping[str, str], today: date) -> RunOptions:
-    """Resolve the model that runs and check size, quality and the prompt limit against it."""
+def validate_run_options(config: PluginConfig, successors: Mapping[str, str], today: date,
+                         prices: Mapping[str, Mapping[str, float]] = DEFAULT_PRICES) -> RunOptions:
+    """Resolve the model that runs and check size, quality, output options, the prompt template's length
+    and the spending limit against it."""
     resolved = resolve_model(config.model_name, successors, today)
     image = check_image_options(resolved, config.image_size, config.quality)
+    output = check_output_options(resolved, config.images_per_task, config.output_format,
+                                  config.output_compression, config.background)
+    max_chars = resolved.spec.max_prompt_chars
+    if config.prompt_template is not None:
+        template = parse_template(config.prompt_template)
+        if template.room_for_prompt(max_chars) < 1:
+            raise InvalidConfig(
+                "prompt_template", f"a text of {len(config.prompt_template)} characters",
+                f"a template that leaves room for the prompt within {resolved.actual}'s {max_chars:,} characters",
+                "Shorten the template.")
+    cost = estimate_cost_usd(resolved.actual, image.size, image.quality, prices)
+    if config.max_cost_usd is not None:
+        if cost is None:
+            raise InvalidConfig(
+                "max_cost_usd", config.max_cost_usd, "no limit for this model (leave it out)",
+                f"This deployment has no price for {resolved.actual}, so it cannot count spending against a limit.")
+        per_task = cost * output.images_per_request
+        if per_task > config.max_cost_usd:
+            raise InvalidConfig(
+                "max_cost_usd", config.max_cost_usd, f"at least ${per_task:.4f} for these settings",
+                f"One task's {output.images_per_request} image(s) at {image.size}, quality {image.quality} with "
+                f"{resolved.actual} cost about ${per_task:.4f}: raise the limit, or ask for fewer or cheaper images.")
     notes = ((resolved.note,) if resolved.note else ()) + image.notes
     return RunOptions(
         model=resolved,
         image=image,
-        max_prompt_chars=resolved.spec.max_prompt_chars,
+        max_prompt_chars=max_chars,
         get_prompt_from=config.get_prompt_from,
         uses_default_key=config.uses_default_key,
+        output=output,
+        prompt_template=config.prompt_template,
+        max_cost_usd=config.max_cost_usd,
+        cost_per_image_usd=cost,
         notes=notes,
     )

@@ -101,6 +101,18 @@ class HubRequestRejected(PluginError):
     reason = "hub_rejected"
 
 
+class SpendingLimitReached(PluginError):
+    """The session's next images would pass its ``max_cost_usd``: they are not requested."""
+
+    reason = "spending_limit_reached"
+
+
+class OrgQuotaReached(PluginError):
+    """The organisation's daily image quota on the shared key is used up, and the deployment ends such runs."""
+
+    reason = "org_quota_reached"
+
+
 class RunCancelled(PluginError):
     reason = "cancelled"
 

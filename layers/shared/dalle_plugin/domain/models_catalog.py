@@ -170,6 +170,16 @@ class FlexibleSizes(BaseModel):
 SizeRule = Annotated[FixedSizes | FlexibleSizes, Field(discriminator="kind")]
 
 
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+BACKGROUNDS = ("auto", "opaque", "transparent")
+_GPT_OUTPUT_FORMATS = OUTPUT_FORMATS
+_GPT_BACKGROUNDS = BACKGROUNDS
+#: formats that carry an alpha channel (what a transparent background needs)
+FORMATS_WITH_ALPHA = ("png", "webp")
+#: formats whose encoder takes a compression level
+COMPRESSIBLE_FORMATS = ("jpeg", "webp")
+
+
 class ModelSpec(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -181,6 +191,11 @@ class ModelSpec(BaseModel):
     default_quality: str
     #: first day on which OpenAI no longer serves the model; None while no date is announced
     shutdown_date: date | None = None
+    #: how many images one request may ask for (``n``)
+    max_images_per_request: int = 10
+    output_formats: tuple[str, ...] = _GPT_OUTPUT_FORMATS
+    #: the ``background`` values the model takes; empty: the parameter is not accepted at all
+    backgrounds: tuple[str, ...] = _GPT_BACKGROUNDS
 
     def is_live(self, today: date) -> bool:
         return self.shutdown_date is None or today < self.shutdown_date
@@ -234,6 +249,8 @@ CATALOG: dict[str, ModelSpec] = {
             qualities=("standard",),
             default_quality="standard",
             shutdown_date=_DALL_E_SHUTDOWN,
+            output_formats=("png",),
+            backgrounds=(),
         ),
         ModelSpec(
             name="dall-e-3",
@@ -243,6 +260,9 @@ CATALOG: dict[str, ModelSpec] = {
             qualities=("standard", "hd"),
             default_quality="standard",
             shutdown_date=_DALL_E_SHUTDOWN,
+            max_images_per_request=1,
+            output_formats=("png",),
+            backgrounds=(),
         ),
         _gpt_image_1("gpt-image-1", date(2026, 10, 23)),
         _gpt_image_1("gpt-image-1-mini", date(2026, 12, 1)),
@@ -392,3 +412,33 @@ def _check_quality(spec: ModelSpec, quality: str | None, notes: list[str]) -> st
     hint = f"Did you mean '{guess}'?" if guess else "Leave \"quality\" out to use the model's default."
     allowed = ", ".join(spec.qualities)
     raise InvalidConfig("quality", quality, allowed, f"{spec.name} does not offer it. {hint}")
+
+
+class OutputOptions(BaseModel):
+    """How many images one request asks for, and how they are encoded, for the model that runs."""
+
+    model_config = ConfigDict(frozen=True)
+
+    images_per_request: int = 1
+    output_format: str = "png"
+    output_compression: int | None = None
+    background: str | None = None
+
+
+def check_output_options(resolved: ResolvedModel, images: int, output_format: str | None,
+                         compression: int | None, background: str | None) -> OutputOptions:
+    """What the model that runs cannot do is refused, naming that model (as for sizes)."""
+    spec = resolved.spec
+    because = f" ({spec.name} runs because {resolved.note}.)" if resolved.substituted else ""
+    if images > spec.max_images_per_request:
+        raise InvalidConfig("images_per_task", images, f"1 to {spec.max_images_per_request} for {spec.name}",
+                            f"{spec.name} makes at most {spec.max_images_per_request} image(s) per request.{because}")
+    if output_format is not None and output_format not in spec.output_formats:
+        raise InvalidConfig("output_format", output_format, ", ".join(spec.output_formats),
+                            f"{spec.name} cannot write {output_format}.{because}")
+    if background is not None and background not in spec.backgrounds:
+        allowed = ", ".join(spec.backgrounds) or "nothing: leave it out"
+        raise InvalidConfig("background", background, allowed,
+                            f"{spec.name} does not take a background setting.{because}")
+    return OutputOptions(images_per_request=images, output_format=output_format or "png",
+                         output_compression=compression, background=background)

@@ -62,6 +62,10 @@ class PromptInfo(CamelModel):
     original_length: int
     truncated: bool = False
     notes: list[str] = Field(default_factory=list)
+    #: the Config JSON's prompt_template, when the extracted text was put into one
+    template: str | None = None
+    #: the extracted text's length before the template was applied
+    extracted_length: int | None = None
 
 
 class ModelInfo(CamelModel):
@@ -85,6 +89,10 @@ class ImageInfo(CamelModel):
     attach_sent_at_ms: int | None = None
     #: the image was paid for by an earlier run of the same task that never delivered it
     reused: bool = False
+    #: png, jpeg or webp: names the attached file and its content type
+    format: str = "png"
+    #: its place among the images of one request (0 for the first)
+    index: int = 0
 
 
 class RateWait(CamelModel):
@@ -92,6 +100,15 @@ class RateWait(CamelModel):
     start_at_ms: int
     reserved: bool
     position: int = 0
+
+
+class HeldAllowance(CamelModel):
+    """A grant counted for this run's next request (session spending, the organisation's daily images):
+    given back if the request is not billed, kept once the images are paid for."""
+
+    counter: str
+    ticket: str
+    amount: int
 
 
 class Failure(CamelModel):
@@ -126,6 +143,7 @@ class GenerateOutcome(CamelModel):
     wait_seconds: int | None = None
     reason: str | None = None
     image_key: str | None = None
+    image_count: int | None = None
 
 
 class AttachResult(CamelModel):
@@ -168,6 +186,15 @@ class RunRecord(CamelModel):
     uses_default_key: bool
     #: what was adapted from the Config JSON (a retired model's successor, a legacy size), said to the user
     notes: list[str] = Field(default_factory=list)
+    prompt_template: str | None = None
+    images_per_task: int = 1
+    output_format: str = "png"
+    output_compression: int | None = None
+    background: str | None = None
+    #: the session's spending limit (USD), and the estimated price of one image as asked
+    max_cost_usd: float | None = None
+    cost_per_image_usd: float | None = None
+    held: list[HeldAllowance] = Field(default_factory=list)
     sealed_secrets: bytes | None = None
     status: RunStatus = RunStatus.QUEUED
     created_at_ms: int
@@ -178,7 +205,10 @@ class RunRecord(CamelModel):
     attempt: int = 0
     prompt: PromptInfo | None = None
     rate_wait: RateWait | None = None
+    #: the first image (the only one unless images_per_task > 1)
     image: ImageInfo | None = None
+    #: the further images of the same request, in order
+    more_images: list[ImageInfo] = Field(default_factory=list)
     failure: Failure | None = None
     timeline: list[TimelineEntry] = Field(default_factory=list)
     expires_at: int | None = None
@@ -186,6 +216,13 @@ class RunRecord(CamelModel):
     finish_sent_at_ms: int | None = None
     #: 429 rate_limit_exceeded answers from OpenAI in a row, in this generation
     upstream_rate_limited: int = 0
+
+    @property
+    def images(self) -> list[ImageInfo]:
+        return ([self.image] if self.image else []) + self.more_images
+
+    def image_at(self, index: int) -> ImageInfo:
+        return self.images[index]
 
     @property
     def ref(self) -> RunRef:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from dalle_plugin.domain.pricing import DEFAULT_PRICES, estimate_cost_usd
-from dalle_plugin.domain.run import RunRecord, RunStatus
+from dalle_plugin.domain.run import ImageInfo, RunRecord, RunStatus
 from dalle_plugin.ports import ImageStore
 
 
@@ -27,21 +27,39 @@ def run_view(run: RunRecord, images: ImageStore | None = None,
     }
     if run.status is RunStatus.WAITING_FOR_SLOT and run.rate_wait:
         view["queue"] = {"position": run.rate_wait.position, "startAtMs": run.rate_wait.start_at_ms}
-    if run.image:
-        view["image"] = {
-            "hubUrl": run.image.hub_url,
-            "attached": run.image.attached,
-            "sha256": run.image.sha256,
-            "bytes": run.image.bytes,
-            "model": run.image.model,
-        }
-        if images is not None:
-            view["image"]["downloadUrl"] = images.presigned_url(run.image.key)
+    view["output"] = {
+        "imagesPerTask": run.images_per_task,
+        "format": run.output_format,
+        "compression": run.output_compression,
+        "background": run.background,
+        "promptTemplate": run.prompt_template,
+    }
+    if run.max_cost_usd is not None:
+        view["maxCostUsd"] = run.max_cost_usd
+    if run.images:
+        view["images"] = [_image_view(image, images) for image in run.images]
+        view["image"] = view["images"][0]  # the first, as before several images per task existed
     if run.failure:
         view["failure"] = run.failure.dump()
-    # paid once an image exists (a cancelled or refused run costs nothing)
-    view["estimatedCostUsd"] = estimate_cost_usd(run.model.actual, run.size, run.quality, prices) if run.image else 0.0
+    # paid once the images exist (a cancelled or refused run costs nothing); every image of the request counts
+    per_image = estimate_cost_usd(run.model.actual, run.size, run.quality, prices)
+    view["estimatedCostUsd"] = (None if per_image is None else round(per_image * len(run.images), 4)) \
+        if run.images else 0.0
     return view
+
+
+def _image_view(image: ImageInfo, store: ImageStore | None) -> dict[str, Any]:
+    shown: dict[str, Any] = {
+        "hubUrl": image.hub_url,
+        "attached": image.attached,
+        "sha256": image.sha256,
+        "bytes": image.bytes,
+        "model": image.model,
+        "format": image.format,
+    }
+    if store is not None:
+        shown["downloadUrl"] = store.presigned_url(image.key)
+    return shown
 
 
 def session_view(session: str, runs: list[RunRecord], images: ImageStore | None = None,
@@ -71,5 +89,6 @@ def session_view(session: str, runs: list[RunRecord], images: ImageStore | None 
         },
         "counts": counts,
         "estimatedCostUsd": round(sum(view["estimatedCostUsd"] or 0.0 for view in views), 4),
+        "maxCostUsd": next((run.max_cost_usd for run in runs if run.max_cost_usd is not None), None),
         "runs": views,
     }

@@ -21,15 +21,19 @@ from dalle_plugin.domain.errors import (
     HubDeliveryUnknown,
     HubOutcomeUnknown,
     OpenAIRateLimitPersisted,
+    OrgQuotaReached,
     PluginError,
     PromptNotFound,
     RateLimiterBusy,
     RunCancelled,
+    SpendingLimitReached,
     UpstreamRateLimited,
 )
 from dalle_plugin.domain.hub_answer import answer_to_write_format
 from dalle_plugin.domain.payload import HubPayload
+from dalle_plugin.domain.pricing import DEFAULT_PRICES
 from dalle_plugin.domain.prompt import build_prompt
+from dalle_plugin.domain.prompt_template import parse_template
 from dalle_plugin.domain.rate_limit import LimiterSettings, may_start, wait_seconds
 from dalle_plugin.domain.run import (
     AttachResult,
@@ -46,8 +50,10 @@ from dalle_plugin.domain.run import (
     RunStatus,
     TimelineEntry,
 )
+from dalle_plugin.domain.spending import OrgQuota, QuotaWait, release, take_allowances
 from dalle_plugin.domain.text_decoding import decode_text
 from dalle_plugin.ports import (
+    AllowanceLedger,
     Clock,
     HubClient,
     ImageGenerator,
@@ -66,6 +72,11 @@ OPENAI_KEY = "openai"
 #: 429 rate_limit_exceeded answers a run takes in a row (waiting the time OpenAI asks each time) before it
 #: gives up: a key whose limit stays used up must end the run, not loop it for days
 MAX_RATE_LIMITED_ANSWERS = 5
+#: the file name's extension and content type of each output format
+FILE_TYPES = {"png": ("png", "image/png"), "jpeg": ("jpg", "image/jpeg"), "webp": ("webp", "image/webp")}
+#: failures raised before the image request was sent: their grants are given back
+_FAILED_BEFORE_SENDING = {RateLimiterBusy.__name__, RunCancelled.__name__, SpendingLimitReached.__name__,
+                          OrgQuotaReached.__name__}
 
 
 @dataclass
@@ -83,6 +94,10 @@ class StepDeps:
     run_ttl_days: int = 30
     limiter_settings: LimiterSettings | None = None
     reusable_images: ReusableImages | None = None
+    allowances: AllowanceLedger | None = None
+    #: the deployment's daily image quota per organisation on the shared key (None: off)
+    org_quota: OrgQuota | None = None
+    image_prices: dict[str, dict[str, float]] = field(default_factory=lambda: dict(DEFAULT_PRICES))
 
 
 # ---- helpers shared by the steps ------------------------------------------------------------------
@@ -136,9 +151,10 @@ def _hub_log(run: RunRecord, hub: HubClient | None, message: str, level: str = "
         pass
 
 
-def image_key(run: RunRecord) -> str:
-    """Deterministic per run, so a retried Generate finds the image it already paid for."""
-    return f"images/{run.execution_name}.png"
+def image_key(run: RunRecord, index: int = 0) -> str:
+    """Deterministic per run and index, so a retried Generate finds the images it already paid for."""
+    extension = FILE_TYPES[run.output_format][0]
+    return f"images/{run.execution_name}{f'.{index + 1}' if index else ''}.{extension}"
 
 
 def to_rfc3339_second(epoch_ms: int) -> str:
@@ -170,6 +186,7 @@ def _requeue(run: RunRecord, sealed: bytes, now: int) -> None:
     run.sealed_secrets = sealed
     run.updated_at_ms = now
     run.upstream_rate_limited = 0
+    run.held = []  # the earlier generation's grants were spent or given back; this one asks afresh
     # The person re-running was told to when the hub did not confirm a change: send it again this time.
     run.finish_sent_at_ms = None
     if run.image is not None and not run.image.attached:
@@ -192,7 +209,8 @@ def start_session(payload: HubPayload, deps: StepDeps, today: dt.date | None = N
     execution for the tasks that need running: new ones, and failed or cancelled ones of an earlier run of
     the same session. Tasks already running or done are left alone, however often the hub sends them."""
     config = parse_config_json(payload.config_json)
-    options = validate_run_options(config, deps.model_successors, today or dt.datetime.now(dt.timezone.utc).date())
+    options = validate_run_options(config, deps.model_successors, today or dt.datetime.now(dt.timezone.utc).date(),
+                                   deps.image_prices)
     tasks = payload.batch_tasks()
     needs_class = config.get_prompt_from in ("entity-annotation", "text-annotation")
     if needs_class and not payload.prompt_class_ids:
@@ -235,6 +253,13 @@ def start_session(payload: HubPayload, deps: StepDeps, today: dt.date | None = N
             max_prompt_chars=options.max_prompt_chars,
             uses_default_key=config.uses_default_key,
             notes=list(options.notes),
+            prompt_template=options.prompt_template,
+            images_per_task=options.output.images_per_request,
+            output_format=options.output.output_format,
+            output_compression=options.output.output_compression,
+            background=options.output.background,
+            max_cost_usd=options.max_cost_usd,
+            cost_per_image_usd=options.cost_per_image_usd,
             sealed_secrets=sealed,
             created_at_ms=now,
             updated_at_ms=now,
@@ -277,18 +302,30 @@ def extract_prompt(ref: RunRef, deps: StepDeps) -> ExtractResult:
         url = run.data_url or hub.get_asset(run.project_id, run.asset_id).data_url
         return decode_text(hub.fetch_text(url))
 
-    prompt = build_prompt(run.prompt_source, task.get("answer"), run.prompt_class_ids, asset_text, run.max_prompt_chars)
+    template = parse_template(run.prompt_template) if run.prompt_template else None
+    # The model's limit holds for the prompt as sent: the template's own text leaves less room for the task's.
+    room = template.room_for_prompt(run.max_prompt_chars) if template else run.max_prompt_chars
+    prompt = build_prompt(run.prompt_source, task.get("answer"), run.prompt_class_ids, asset_text, room)
+    text = template.render(prompt.text) if template else prompt.text
     info = PromptInfo(
-        text=prompt.text,
+        text=text,
         source=prompt.source,
-        length=len(prompt.text),
+        length=len(text),
         original_length=prompt.original_length,
         truncated=prompt.truncated,
         notes=list(prompt.notes),
+        template=run.prompt_template,
+        extracted_length=len(prompt.text) if template else None,
     )
     run = deps.runs.update(run.session, run.task_id, lambda r: setattr(r, "prompt", info))
-    shortened = f" (shortened from {info.original_length} at a word boundary)" if info.truncated else ""
-    _progress(run, deps, "extract", None, f"Prompt from {info.source}: {info.length} characters{shortened}.", hub)
+    shortened = ""
+    if info.truncated:
+        why = (f" so that with the template it fits {run.model.actual}'s {run.max_prompt_chars} characters"
+               if template else "")
+        shortened = f" (shortened from {info.original_length} to {len(prompt.text)} at a word boundary{why})"
+    templated = f", {info.length} with the prompt template" if template else ""
+    _progress(run, deps, "extract", None,
+              f"Prompt from {info.source}: {len(prompt.text)} characters{shortened}{templated}.", hub)
     return ExtractResult(prompt_source=info.source, prompt_length=info.length, truncated=info.truncated)
 
 
@@ -310,14 +347,17 @@ def _wait(run: RunRecord, deps: StepDeps, start_at_ms: int, reason: str, message
     return GenerateOutcome(status="WAIT", retry_at=retry_at, wait_seconds=wait_s, reason=reason)
 
 
+def _done(run: RunRecord) -> GenerateOutcome:
+    return GenerateOutcome(status="DONE", image_key=run.image.key, image_count=len(run.images))
+
+
 def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
     run = _load_active(ref, deps)
-    key = image_key(run)
     if run.image is not None:
-        return GenerateOutcome(status="DONE", image_key=run.image.key)
-    stored_body = deps.images.get(key)
-    if stored_body is not None:
-        return _adopt_stored_image(run, key, stored_body, deps)
+        return _done(run)
+    stored = _stored_images(run, deps)
+    if stored:
+        return _adopt_stored_images(run, stored, deps)
 
     secrets = _secrets(run, deps)  # opened once: every call before the request delays a booked start
     hub = deps.hub_for(run, secrets[ANGO_KEY])
@@ -325,11 +365,19 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
     if reused is not None:
         return reused
     api_key = deps.default_openai_key() if run.uses_default_key else secrets[OPENAI_KEY]
-    claimed = _claim_request_start(run, deps, hub)
+    # Spending limits are counted before the rate slot is booked: a run refused by them takes no slot.
+    held = _hold_allowances(run, deps, hub)
+    if isinstance(held, GenerateOutcome):
+        return held
+    claimed = _claim_request_start(held, deps, hub)
     if isinstance(claimed, GenerateOutcome):
         return claimed
     run = claimed
-    request = ImageRequest(model=run.model.actual, prompt=run.prompt.text, size=run.size, quality=run.quality)
+    request = ImageRequest(
+        model=run.model.actual, prompt=run.prompt.text, size=run.size, quality=run.quality, n=run.images_per_task,
+        output_format=None if run.output_format == "png" else run.output_format,
+        output_compression=run.output_compression, background=run.background,
+    )
     started = deps.clock.now_ms()
     # The hub hears "generating" while the request is on its way: a hub call before it would stand
     # between the booked start and the request.
@@ -341,7 +389,13 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
         finally:
             telling_hub.join()
     except UpstreamRateLimited as exc:
-        run = deps.runs.update(run.session, run.task_id, _count_rate_limited)
+        release(run.held, deps.allowances)  # a 429 is not billed
+
+        def count(r: RunRecord) -> None:
+            _count_rate_limited(r)
+            r.held = []
+
+        run = deps.runs.update(run.session, run.task_id, count)
         if run.upstream_rate_limited >= MAX_RATE_LIMITED_ANSWERS:
             raise OpenAIRateLimitPersisted(
                 f"OpenAI answered 429 rate_limit_exceeded {run.upstream_rate_limited} times in a row, each "
@@ -349,20 +403,54 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
                 "plugin again later, or raise the key's limits on platform.openai.com."
             ) from None
         return _wait(run, deps, deps.clock.now_ms() + exc.retry_after_ms, "openai_rate_limited", exc.message, hub, None)
-    digest = hashlib.sha256(image.png).hexdigest()
-    metadata = {"model": image.model, "size": run.size, "sha256": digest, "request-id": image.request_id or ""}
-    deps.images.put_png(key, image.png, metadata)
-    info = ImageInfo(key=key, sha256=digest, bytes=len(image.png), model=image.model,
-                     size=run.size, quality=run.quality, request_id=image.request_id)
+    except PluginError as exc:
+        if run.held and not getattr(exc, "maybe_billed", False):  # an error answer carries no image to pay for
+            release(run.held, deps.allowances)
+            deps.runs.update(run.session, run.task_id, lambda r: setattr(r, "held", []))
+        raise
+    # Every image is stored before any is recorded: a step that dies in between finds them at their keys.
+    content_type = FILE_TYPES[run.output_format][1]
+    infos = []
+    for index, body in enumerate(image.bodies[: run.images_per_task]):
+        key = image_key(run, index)
+        digest = hashlib.sha256(body).hexdigest()
+        metadata = {"model": image.model, "size": run.size, "sha256": digest, "request-id": image.request_id or ""}
+        deps.images.put_image(key, body, content_type, metadata)
+        infos.append(ImageInfo(key=key, sha256=digest, bytes=len(body), model=image.model, size=run.size,
+                               quality=run.quality, request_id=image.request_id, format=run.output_format,
+                               index=index))
     elapsed_s = (deps.clock.now_ms() - started) / 1000
+    message = f"{_images_as_subject(len(infos))} generated in {elapsed_s:.1f} s."
 
     def mutate(r: RunRecord) -> None:
-        r.image = info
-        _mark(r, deps.clock.now_ms(), "generate", None, f"Image generated in {elapsed_s:.1f} s.")
+        r.image, r.more_images = infos[0], infos[1:]
+        r.held = []  # paid for: the grants stay counted
+        _mark(r, deps.clock.now_ms(), "generate", None, message)
 
-    deps.runs.update(run.session, run.task_id, mutate)
-    _hub_log(run, hub, f"Image generated in {elapsed_s:.1f} s.")
-    return GenerateOutcome(status="DONE", image_key=key)
+    run = deps.runs.update(run.session, run.task_id, mutate)
+    _hub_log(run, hub, message)
+    return _done(run)
+
+
+def _count_images(count: int) -> str:
+    return "the image" if count == 1 else f"{count} images"
+
+
+def _images_as_subject(count: int) -> str:
+    return "Image" if count == 1 else f"{count} images"
+
+
+def _hold_allowances(run: RunRecord, deps: StepDeps, hub: HubClient) -> RunRecord | GenerateOutcome:
+    """Count this run's next request against the session's spending limit and the organisation's daily
+    quota (shared key), or the Wait outcome until the next UTC day when the quota is used up."""
+    if deps.allowances is None:
+        return run
+    outcome = take_allowances(run, deps.allowances, deps.org_quota, deps.clock.now_ms())
+    if isinstance(outcome, QuotaWait):
+        return _wait(run, deps, outcome.until_ms, "org_quota", outcome.message, hub, None)
+    if not outcome:
+        return run
+    return deps.runs.update(run.session, run.task_id, lambda r: r.held.extend(outcome))
 
 
 def _spend_attempt(run: RunRecord) -> None:
@@ -381,7 +469,7 @@ def _claim_request_start(run: RunRecord, deps: StepDeps, hub: HubClient) -> RunR
     a request that would start later than the margin allows (a slow step under load) books again rather
     than crowd the next window.
     """
-    message = f"Generating the image with {run.model.actual} ({run.size})."
+    message = f"Generating {_count_images(run.images_per_task)} with {run.model.actual} ({run.size}, {run.output_format})."
     for _ in range(3):
         booked = None
         if run.uses_default_key:
@@ -442,13 +530,15 @@ def image_fingerprint(run: RunRecord) -> str:
     """What makes two runs ask OpenAI for the same image: the same task, prompt, model and options."""
     basis = [run.project_id, run.task_id, run.asset_id, run.model.actual, run.size, run.quality,
              run.prompt.text if run.prompt else None]
+    if (run.output_format, run.output_compression, run.background) != ("png", None, None):
+        basis += [run.output_format, run.output_compression, run.background]
     return hashlib.sha256(json.dumps(basis).encode()).hexdigest()
 
 
 def _reuse_undelivered_image(run: RunRecord, deps: StepDeps, hub: HubClient) -> GenerateOutcome | None:
     """A run of the same task that paid for this very image and then failed to deliver it (a hub that
-    stayed down) left it on offer: take it instead of paying again."""
-    if deps.reusable_images is None or run.prompt is None:
+    stayed down) left it on offer: take it instead of paying again. Single-image runs only."""
+    if deps.reusable_images is None or run.prompt is None or run.images_per_task != 1:
         return None
     key = deps.reusable_images.claim(image_fingerprint(run))
     body = deps.images.get(key) if key else None
@@ -456,7 +546,8 @@ def _reuse_undelivered_image(run: RunRecord, deps: StepDeps, hub: HubClient) -> 
         return None
     message = "Reusing the image an earlier run of this task paid for and could not deliver (no new charge)."
     info = ImageInfo(key=key, sha256=hashlib.sha256(body).hexdigest(), bytes=len(body),
-                     model=run.model.actual, size=run.size, quality=run.quality, reused=True)
+                     model=run.model.actual, size=run.size, quality=run.quality, reused=True,
+                     format=run.output_format)
     now = deps.clock.now_ms()
 
     def mutate(r: RunRecord) -> None:
@@ -468,13 +559,30 @@ def _reuse_undelivered_image(run: RunRecord, deps: StepDeps, hub: HubClient) -> 
     return GenerateOutcome(status="DONE", image_key=run.image.key)
 
 
-def _adopt_stored_image(run: RunRecord, key: str, body: bytes, deps: StepDeps) -> GenerateOutcome:
-    """A previous attempt paid for and stored the image but died before recording it: use it."""
-    digest = hashlib.sha256(body).hexdigest()
-    info = ImageInfo(key=key, sha256=digest, bytes=len(body), model=run.model.actual, size=run.size,
-                     quality=run.quality)
-    deps.runs.update(run.session, run.task_id, lambda r: setattr(r, "image", r.image or info))
-    return GenerateOutcome(status="DONE", image_key=key)
+def _stored_images(run: RunRecord, deps: StepDeps) -> list[tuple[str, bytes]]:
+    """The images an earlier attempt stored at this run's keys, in order (they are stored first to last)."""
+    found = []
+    for index in range(run.images_per_task):
+        key = image_key(run, index)
+        body = deps.images.get(key)
+        if body is None:
+            break
+        found.append((key, body))
+    return found
+
+
+def _adopt_stored_images(run: RunRecord, stored: list[tuple[str, bytes]], deps: StepDeps) -> GenerateOutcome:
+    """A previous attempt paid for and stored the images but died before recording them: use them."""
+    infos = [ImageInfo(key=key, sha256=hashlib.sha256(body).hexdigest(), bytes=len(body), model=run.model.actual,
+                       size=run.size, quality=run.quality, format=run.output_format, index=index)
+             for index, (key, body) in enumerate(stored)]
+
+    def adopt(r: RunRecord) -> None:
+        if r.image is None:
+            r.image, r.more_images = infos[0], infos[1:]
+        r.held = []
+
+    return _done(deps.runs.update(run.session, run.task_id, adopt))
 
 
 # ---- Attach Image ----------------------------------------------------------------------------------
@@ -500,8 +608,8 @@ def _send_once(run: RunRecord, deps: StepDeps, mark: Callable[[RunRecord, int | 
     return run
 
 
-def _unconfirmed_attachment(run: RunRecord) -> str:
-    return (f"Ango Hub did not confirm the attachment of the generated image ({run.image.hub_url}), so the "
+def _unconfirmed_attachment(image: ImageInfo) -> str:
+    return (f"Ango Hub did not confirm the attachment of the generated image ({image.hub_url}), so the "
             "plugin did not send it again, to never attach it twice. Check the asset's attachments: if the "
             "image is missing, attach that link by hand or run the plugin again.")
 
@@ -512,8 +620,11 @@ def _unconfirmed_submission(run: RunRecord) -> str:
             "stage, submit it by hand.")
 
 
-def _set_attach_sent(run: RunRecord, at_ms: int | None) -> None:
-    run.image.attach_sent_at_ms = at_ms
+def _attach_sent_setter(index: int) -> Callable[[RunRecord, int | None], None]:
+    def mark(run: RunRecord, at_ms: int | None) -> None:
+        run.image_at(index).attach_sent_at_ms = at_ms
+
+    return mark
 
 
 def _set_finish_sent(run: RunRecord, at_ms: int | None) -> None:
@@ -525,21 +636,30 @@ def attach_image(ref: RunRef, deps: StepDeps) -> AttachResult:
     if run.status is RunStatus.SUCCEEDED:
         return _finished_result(run)  # a retry of a step that finished: nothing left to do
     hub = _hub(run, deps)
-    run = _progress(run, deps, "attach", RunStatus.ATTACHING, "Uploading the image to the hub.", hub)
-    if not run.image.hub_url:
-        png = deps.images.get(run.image.key)
-        name = f"dalle-{run.task_id}-{run.image.sha256[:12]}.png"
-        url = hub.upload_file(run.project_id, name, png, "image/png")  # a repeat only leaves a spare file
-        run = deps.runs.update(run.session, run.task_id, lambda r: setattr(r.image, "hub_url", url))
-    if not run.image.attached:
-        if run.image.attach_sent_at_ms is not None:  # an earlier attempt sent it and never heard back
-            raise HubOutcomeUnknown(_unconfirmed_attachment(run))
+    count = len(run.images)
+    run = _progress(run, deps, "attach", RunStatus.ATTACHING, f"Uploading {_count_images(count)} to the hub.", hub)
+    for index in range(count):
+        image = run.image_at(index)
+        if not image.hub_url:
+            body = deps.images.get(image.key)
+            extension, content_type = FILE_TYPES[image.format]
+            name = f"dalle-{run.task_id}-{image.sha256[:12]}.{extension}"
+            url = hub.upload_file(run.project_id, name, body, content_type)  # a repeat only leaves a spare file
+            run = deps.runs.update(run.session, run.task_id,
+                                   lambda r, i=index, u=url: setattr(r.image_at(i), "hub_url", u))
+    if not all(image.attached for image in run.images):
         asset = hub.get_asset(run.project_id, run.asset_id) if run.asset_id else None
         external_id = asset.external_id if asset else run.task_id
-        run = _send_once(run, deps, _set_attach_sent,
-                         lambda: hub.attach_image(run.project_id, external_id, run.image.hub_url),
-                         _unconfirmed_attachment(run))
-        run = deps.runs.update(run.session, run.task_id, lambda r: setattr(r.image, "attached", True))
+        for index in range(count):  # in order: the hub lists attachments as they came
+            image = run.image_at(index)
+            if image.attached:
+                continue
+            if image.attach_sent_at_ms is not None:  # an earlier attempt sent it and never heard back
+                raise HubOutcomeUnknown(_unconfirmed_attachment(image))
+            run = _send_once(run, deps, _attach_sent_setter(index),
+                             lambda u=image.hub_url: hub.attach_image(run.project_id, external_id, u),
+                             _unconfirmed_attachment(image))
+            run = deps.runs.update(run.session, run.task_id, lambda r, i=index: setattr(r.image_at(i), "attached", True))
         if deps.reusable_images is not None and run.prompt is not None:
             deps.reusable_images.claim(image_fingerprint(run))  # delivered: a later re-run wants a new image
 
@@ -553,7 +673,7 @@ def attach_image(ref: RunRef, deps: StepDeps) -> AttachResult:
     else:
         hub.plugin_response(run.session, response=answer)  # a repeat is harmless: the same answer again
     elapsed_s = (deps.clock.now_ms() - run.created_at_ms) / 1000
-    message = f"Image attached to the asset. Finished in {elapsed_s:.1f} s."
+    message = f"{_images_as_subject(count)} attached to the asset. Finished in {elapsed_s:.1f} s."
     now = deps.clock.now_ms()
 
     def finish(r: RunRecord) -> None:
@@ -607,12 +727,17 @@ def record_failure(inp: FailureInput, deps: StepDeps) -> dict[str, Any]:
         # A crash after the run finished (its last write done) must not turn a delivered image into a failure.
         return {"status": RunStatus.SUCCEEDED.value, "reason": None}
     if run.status is RunStatus.CANCELLED:  # the cancel already told the hub and purged the secrets
+        if run.image is None and run.held and deps.allowances is not None:
+            release(run.held, deps.allowances)  # counted by a Generate that raced the cancel, never sent
         return {"status": RunStatus.CANCELLED.value, "reason": RunCancelled.reason}
-    sent_unconfirmed = run.image is not None and not run.image.attached and run.image.attach_sent_at_ms is not None
-    if sent_unconfirmed and failure.error != HubOutcomeUnknown.__name__:
+    unconfirmed = [i for i in run.images if not i.attached and i.attach_sent_at_ms is not None]
+    if unconfirmed and failure.error != HubOutcomeUnknown.__name__:
         # The step died between sending the attachment and hearing back: say what to check.
-        failure.message = (f"{failure.message} The image ({run.image.hub_url}) was sent to the asset but the hub "
-                           "never confirmed it: check the asset's attachments before running again.")[:1000]
+        failure.message = (f"{failure.message} The image ({unconfirmed[0].hub_url}) was sent to the asset but the "
+                           "hub never confirmed it: check the asset's attachments before running again.")[:1000]
+    give_back = run.held if run.image is None and failure.error in _FAILED_BEFORE_SENDING else []
+    if give_back and deps.allowances is not None:
+        release(give_back, deps.allowances)
     hub = None
     try:
         hub = _hub(run, deps)
@@ -621,6 +746,8 @@ def record_failure(inp: FailureInput, deps: StepDeps) -> dict[str, Any]:
     now = deps.clock.now_ms()
 
     def fail(r: RunRecord) -> None:
+        if give_back:
+            r.held = []
         r.failure = failure
         _mark(r, now, "failed", RunStatus.FAILED, failure.message)
         r.timeline[-1].duration_ms = 0
@@ -628,14 +755,18 @@ def record_failure(inp: FailureInput, deps: StepDeps) -> dict[str, Any]:
 
     run = deps.runs.update(run.session, run.task_id, fail)
     # Paid for and surely not on the hub: a re-run of the task (in a new session too) takes it, not a new one.
-    undelivered = run.image is not None and not run.image.attached and run.image.attach_sent_at_ms is None
+    undelivered = any(not i.attached and i.attach_sent_at_ms is None for i in run.images)
     # A step that died between storing its PNG and recording it leaves the image at its key, unrecorded:
     # offered too (a re-run checks that the object exists before it takes it).
     unrecorded = run.image is None and run.attempt > 0
-    if (undelivered or unrecorded) and deps.reusable_images is not None and run.prompt is not None:
+    reusable = deps.reusable_images is not None and run.prompt is not None and run.images_per_task == 1
+    if (undelivered or unrecorded) and reusable:
         key = run.image.key if run.image else image_key(run)
         deps.reusable_images.offer(image_fingerprint(run), key, run.expires_at or now // 1000 + 86_400)
-    kept = " The generated image is kept, so running again will not pay for it twice." if undelivered else ""
+    kept_what = "image is" if len(run.images) == 1 else "images are"
+    kept_it = "it" if len(run.images) == 1 else "them"
+    kept = (f" The generated {kept_what} kept, so running again will not pay for {kept_it} twice."
+            if undelivered else "")
     _hub_log(run, hub, f"Run failed: {failure.message}{kept}", level="ERROR")
     if hub is not None and not run.workflow:
         try:
