@@ -83,7 +83,7 @@ deploy-check: $(SAM_VENV)/.installed-$(SAM_CLI_VERSION) $(CHECKOV_VENV)/.install
 	@echo "==> sam build (no Docker)"
 	$(SAM_VENV)/bin/sam build --template-file template.yaml
 	@echo "==> checkov (CloudFormation checks) on .aws-sam/build/template.yaml"
-	$(CHECKOV_VENV)/bin/checkov --quiet --compact --framework cloudformation \
+	$(CHECKOV_VENV)/bin/checkov --quiet --compact --skip-download --framework cloudformation \
 	  --file .aws-sam/build/template.yaml
 	@echo "==> deploy-check passed"
 
