@@ -5,6 +5,7 @@ invoke Lambda proxy integrations, so this plays that part on 127.0.0.1."""
 from __future__ import annotations
 
 import base64
+import fnmatch
 import sys
 import json
 import threading
@@ -16,7 +17,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from local_stack.lambda_runtime import InProcessLambdas
 from local_stack.ports import free_port
-from local_stack.template import ACCOUNT_ID, LocalTemplate
+from local_stack.template import ACCOUNT_ID, REGION, LocalTemplate, Route
 
 STAGE = "v1"
 
@@ -113,6 +114,9 @@ class ApiGatewayServer:
             params = route.match(request.command, split.path)
             if params is not None:
                 event = proxy_event(request.command, split.path, route.path, params, split.query, headers, body)
+                refused = self._authorize(route, event)
+                if refused:
+                    return self._send(request, refused[0], {"Content-Type": "application/json"}, refused[1])
                 payload, failed = self.lambdas.invoke(self.functions[route.function].physical_name,
                                                       json.dumps(event))
                 if failed:  # API Gateway answers 502 when the integration itself fails
@@ -138,6 +142,37 @@ class ApiGatewayServer:
         # API Gateway's own answer for a path or method no route matches
         self._send(request, status, {"Content-Type": "application/json"},
                    b'{"message": "Missing Authentication Token"}')
+
+    def _authorize(self, route: Route, event: dict[str, Any]) -> tuple[int, bytes] | None:
+        """What API Gateway does before the integration of a route with a Lambda REQUEST authorizer: a missing
+        or empty identity header is 401 without asking it, its Deny (or an Allow not covering the request)
+        is 403, its failure 500 (401 if it raised "Unauthorized"). On Allow, the integration's event gets
+        the authorizer's principal and context. (API Gateway would also cache the answer per header value.)"""
+        if route.authorizer is None:
+            return None
+        unauthorized = (401, b'{"message":"Unauthorized"}')
+        headers = {name.lower(): value for name, value in event["headers"].items()}
+        if not all(headers.get(name.lower()) for name in route.authorizer.identity_headers):
+            return unauthorized
+        method_arn = (f"arn:aws:execute-api:{REGION}:{ACCOUNT_ID}:{event['requestContext']['apiId']}/{STAGE}"
+                      f"/{event['httpMethod']}{event['path']}")
+        payload, failed = self.lambdas.invoke(self.functions[route.authorizer.function].physical_name,
+                                              json.dumps(dict(event, type="REQUEST", methodArn=method_arn)))
+        answer = json.loads(payload)
+        if failed:
+            return unauthorized if answer.get("errorMessage") == "Unauthorized" else (500, b'{"message":null}')
+
+        def covers(statement: dict[str, Any]) -> bool:
+            resources = statement.get("Resource", [])
+            resources = [resources] if isinstance(resources, str) else resources
+            return any(fnmatch.fnmatchcase(method_arn, resource) for resource in resources)
+
+        statements = [s for s in answer.get("policyDocument", {}).get("Statement", []) if covers(s)]
+        if not statements or any(s.get("Effect") != "Allow" for s in statements):
+            return 403, b'{"Message":"User is not authorized to access this resource with an explicit deny"}'
+        event["requestContext"]["authorizer"] = {"principalId": answer.get("principalId"),
+                                                 **(answer.get("context") or {})}
+        return None
 
     @staticmethod
     def _send(request: BaseHTTPRequestHandler, status: int, headers: dict[str, str], data: bytes) -> None:

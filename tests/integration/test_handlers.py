@@ -92,3 +92,14 @@ def test_api_handler_refuses_a_wrong_secret_before_doing_anything(stack):
     answer = _invoke(stack, "ApiFunction", event)
     assert answer["statusCode"] == 401
     assert wiring.api_deps().runs.get("sess-event-unauthorized", "task-fox") is None
+
+
+def test_authorizer_handler_with_its_event(stack):
+    event = load_event("authorizer.json")
+    event["headers"]["Secret"] = PLUGIN_SECRET
+    allowed = _invoke(stack, "AuthorizerFunction", event)
+    assert allowed["policyDocument"]["Statement"] == [
+        {"Action": "execute-api:Invoke", "Effect": "Allow",
+         "Resource": "arn:aws:execute-api:us-east-1:123456789012:local/v1/*"}]
+    event["headers"]["Secret"] = PLUGIN_SECRET[:-1]
+    assert _invoke(stack, "AuthorizerFunction", event)["policyDocument"]["Statement"][0]["Effect"] == "Deny"
