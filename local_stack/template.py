@@ -210,4 +210,7 @@ class LocalTemplate:
         return text
 
     def environment(self, spec: FunctionSpec) -> dict[str, str]:
-        return {name: str(self.resolve(value)) for name, value in spec.environment.items()}
+        """The function's variables; an empty one means "not set" (as on Lambda for boto3 and the settings),
+        so it is left out rather than override what the local stack sets (its AWS endpoints)."""
+        resolved = {name: str(self.resolve(value)) for name, value in spec.environment.items()}
+        return {name: value for name, value in resolved.items() if value != ""}
