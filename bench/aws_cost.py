@@ -26,7 +26,7 @@ from bench.common import BENCH_DIR, RESULTS_DIR, Row, document, median, publish,
 from bench.probes import StackProbe, billed_transitions, execution_histories
 
 NAME = "aws_cost"
-SECRET = "bench-aws-cost-secret"
+SECRET = "bench-aws-cost-secret-long-enough-for-the-authorizer"
 PRICES = BENCH_DIR / "prices.json"
 GB = 1024**3
 

@@ -41,7 +41,7 @@ FUNCTIONS = {  # short name -> template logical id, in the order a run meets the
 }
 #: the functions that never generate an image must never load the openai package
 WITHOUT_OPENAI = ("api", "extract", "attach", "record_failure")
-SECRET = "bench-cold-start-secret"
+SECRET = "bench-cold-start-secret-long-enough-for-the-authorizer"
 NOOP_DEFINITION = json.dumps({"StartAt": "Accepted", "States": {"Accepted": {"Type": "Succeed"}}})
 
 

@@ -26,7 +26,7 @@ from bench.common import Row, document, median, percentile, publish, say
 from bench.probes import StackProbe
 
 NAME = "overhead"
-SECRET = "bench-overhead-secret"
+SECRET = "bench-overhead-secret-long-enough-for-the-authorizer"
 STEPS = ("ExtractFunction", "GenerateFunction", "AttachFunction")
 
 

@@ -34,7 +34,7 @@ from bench.common import PROJECT_ROOT, Row, document, publish, say
 from bench.probes import StackProbe, billed_transitions, execution_histories
 
 NAME = "own_key_throughput"
-SECRET = "bench-own-key-secret"
+SECRET = "bench-own-key-secret-long-enough-for-the-authorizer"
 OWN_KEY = "sk-own-bench-pipeline-0001"
 BASELINE_KEY = "sk-own-bench-baseline-0001"
 

@@ -10,6 +10,7 @@ Lambda proxy response above 6 MB, a failed invoke or a malformed proxy response 
 from __future__ import annotations
 
 import base64
+import fnmatch
 import sys
 import json
 import threading
@@ -21,7 +22,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from local_stack.lambda_runtime import LambdaRefused
 from local_stack.ports import free_port
-from local_stack.template import ACCOUNT_ID, LocalTemplate
+from local_stack.template import ACCOUNT_ID, REGION, LocalTemplate, Route
 
 STAGE = "v1"
 
@@ -99,6 +100,8 @@ class ApiGatewayServer:
         self.request_limit_bytes = request_limit_bytes
         self.response_limit_bytes = response_limit_bytes
         self.extra_routes: list[ExtraRoute] = []
+        self._lock = threading.Lock()
+        self._authorizer_cache: dict[tuple, tuple[float, dict[str, Any]]] = {}
         self._server: ThreadingHTTPServer | None = None
 
     @property
@@ -144,6 +147,9 @@ class ApiGatewayServer:
             params = route.match(request.command, split.path)
             if params is not None:
                 event = proxy_event(request.command, split.path, route.path, params, split.query, headers, body)
+                refused = self._authorize(route, event)
+                if refused:
+                    return self._send(request, refused[0], {"Content-Type": "application/json"}, refused[1])
                 status, out_headers, data = self._integrate(route.function, json.dumps(event))
                 return self._send(request, status, out_headers, data)
         for extra in self.extra_routes:
@@ -207,6 +213,49 @@ class ApiGatewayServer:
         for name, values in (response.get("multiValueHeaders") or {}).items():
             out_headers[name] = ", ".join(values)
         return status, out_headers, data
+
+    def _authorize(self, route: Route, event: dict[str, Any]) -> tuple[int, bytes] | None:
+        """What API Gateway does before the integration of a route with a Lambda REQUEST authorizer: a missing
+        or empty identity header is 401 without asking it, its Deny (or an Allow not covering the request)
+        is 403, its failure 500 (401 if it raised "Unauthorized"). On Allow, the integration's event gets
+        the authorizer's principal and context. API Gateway caches the answer per header value for the authorizer's ReauthorizeEvery.)"""
+        if route.authorizer is None:
+            return None
+        unauthorized = (401, b'{"message":"Unauthorized"}')
+        headers = {name.lower(): value for name, value in event["headers"].items()}
+        if not all(headers.get(name.lower()) for name in route.authorizer.identity_headers):
+            return unauthorized
+        method_arn = (f"arn:aws:execute-api:{REGION}:{ACCOUNT_ID}:{event['requestContext']['apiId']}/{STAGE}"
+                      f"/{event['httpMethod']}{event['path']}")
+        identity = (route.authorizer.function,
+                    *(headers.get(name.lower()) for name in route.authorizer.identity_headers))
+        with self._lock:
+            cached = self._authorizer_cache.get(identity)
+        if cached and cached[0] > time.monotonic():
+            answer = cached[1]
+        else:
+            try:
+                payload, failed = self.lambdas.invoke(self.functions[route.authorizer.function].physical_name,
+                                                      json.dumps(dict(event, type="REQUEST", methodArn=method_arn)))
+            except LambdaRefused:
+                return 500, b'{"message":null}'
+            answer = json.loads(payload)
+            if failed:
+                return unauthorized if answer.get("errorMessage") == "Unauthorized" else (500, b'{"message":null}')
+            with self._lock:  # API Gateway caches the policy per identity for ReauthorizeEvery seconds
+                self._authorizer_cache[identity] = (time.monotonic() + route.authorizer.ttl_s, answer)
+
+        def covers(statement: dict[str, Any]) -> bool:
+            resources = statement.get("Resource", [])
+            resources = [resources] if isinstance(resources, str) else resources
+            return any(fnmatch.fnmatchcase(method_arn, resource) for resource in resources)
+
+        statements = [s for s in answer.get("policyDocument", {}).get("Statement", []) if covers(s)]
+        if not statements or any(s.get("Effect") != "Allow" for s in statements):
+            return 403, b'{"Message":"User is not authorized to access this resource with an explicit deny"}'
+        event["requestContext"]["authorizer"] = {"principalId": answer.get("principalId"),
+                                                 **(answer.get("context") or {})}
+        return None
 
     @staticmethod
     def _send(request: BaseHTTPRequestHandler, status: int, headers: dict[str, str], data: bytes) -> None:

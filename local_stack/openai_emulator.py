@@ -222,7 +222,14 @@ def format_reset_duration(seconds: float) -> str:
 
 @lru_cache(maxsize=32)
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    return ImageFont.load_default(size=size)
+    """Roboto (PyPI font-roboto, in requirements-dev.txt) draws Latin and common punctuation (é, ō, —), which
+    Pillow's built-in font shows as boxes; the built-in font stays the fallback should the package be missing."""
+    try:
+        import font_roboto
+
+        return ImageFont.truetype(font_roboto.font_files["Roboto"], size=size)
+    except (ImportError, KeyError, OSError):
+        return ImageFont.load_default(size=size)
 
 
 def _longest_fitting_prefix(word: str, font: Any, max_width: float) -> int:

@@ -146,11 +146,20 @@ def main_run() -> int:
         return run_samples(stack, load_sample_runs(stack.hub.base_url))
 
 
+#: ``make serve``'s fixed Secret (on 127.0.0.1 only), so the events/ files can carry it for ``sam local invoke``
+SERVE_PLUGIN_SECRET = "local-plugin-secret-of-make-serve-0123456789"
+
+
 def main_serve(port: int = 3000) -> int:
+    from local_stack import sam_local
+
     options = StackOptions.from_environment()
     options.api_port = port
+    options.plugin_secret = options.plugin_secret or SERVE_PLUGIN_SECRET
     with LocalStack(options) as stack:
         stack.hub.load_samples()
+        sam_local.seed_event_session(stack)
+        env_file = sam_local.write_env_file(stack).relative_to(PROJECT_ROOT)
         sample = load_sample_runs(stack.hub.base_url)[0].payload
         keys = ("projectId", "taskId", "assetId", "categorySchema", "configJSON", "apiKey")
         example = {key: sample[key] for key in keys} | {"session": "my-session-1"}
@@ -164,6 +173,9 @@ Try:
   curl -s -X POST {stack.api_url}/plugin -H 'Secret: {stack.plugin_secret}' -H 'Content-Type: application/json' \\
     -d '{_compact(example)}'
   curl -s {stack.api_url}/sessions/my-session-1 -H 'Secret: {stack.plugin_secret}'
+
+sam local invoke (where Docker runs; session sess-event-0001 is seeded for the events/ files):
+  sam build && sam local invoke ExtractFunction -e events/extract.json --env-vars {env_file} --docker-network host
 
 Ctrl-C stops everything.""", flush=True)
         # SIGTERM stops as cleanly as Ctrl-C: everything the stack started goes with it

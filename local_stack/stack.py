@@ -61,7 +61,7 @@ class StackOptions:
 class LocalStack:
     def __init__(self, options: StackOptions | None = None):
         self.options = options or StackOptions()
-        self.plugin_secret = self.options.plugin_secret or secrets.token_urlsafe(24)
+        self.plugin_secret = self.options.plugin_secret or secrets.token_urlsafe(32)
         self.dynamodb = DynamoDBLocal()
         self.hub = HubEmulatorProcess()
         self.openai = None if self.options.openai_api_key else OpenAIEmulatorProcess()

@@ -43,10 +43,20 @@ def load_template(path: Path = TEMPLATE_PATH) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class RouteAuthorizer:
+    """A Lambda REQUEST authorizer, as the Api's Auth section declares it."""
+
+    function: str  # logical id
+    identity_headers: tuple[str, ...]
+    ttl_s: int = 300  # ReauthorizeEvery: how long API Gateway caches an answer per identity
+
+
+@dataclass(frozen=True)
 class Route:
     method: str
     path: str  # API Gateway form, e.g. /sessions/{session}
     function: str  # logical id
+    authorizer: RouteAuthorizer | None = None
 
     def match(self, method: str, path: str) -> dict[str, str] | None:
         if method.upper() != self.method:
@@ -135,8 +145,21 @@ class LocalTemplate:
         for lid, res in self.of_type("AWS::Serverless::Function").items():
             for event in res["Properties"].get("Events", {}).values():
                 if event["Type"] == "Api":
-                    routes.append(Route(event["Properties"]["Method"].upper(), event["Properties"]["Path"], lid))
+                    props = event["Properties"]
+                    routes.append(Route(props["Method"].upper(), props["Path"], lid, self._authorizer(props)))
         return routes
+
+    def _authorizer(self, event_props: dict[str, Any]) -> RouteAuthorizer | None:
+        """The route's own ``Auth.Authorizer``, else its Api's ``DefaultAuthorizer``; ``NONE`` is none."""
+        api = self.resources.get((event_props.get("RestApiId") or {}).get("Ref", ""), {})
+        auth = api.get("Properties", {}).get("Auth", {})
+        name = (event_props.get("Auth") or {}).get("Authorizer", auth.get("DefaultAuthorizer"))
+        if not name or name == "NONE":
+            return None
+        spec = auth["Authorizers"][name]
+        return RouteAuthorizer(function=spec["FunctionArn"]["Fn::GetAtt"][0],
+                               identity_headers=tuple(spec.get("Identity", {}).get("Headers", [])),
+                               ttl_s=int(spec.get("Identity", {}).get("ReauthorizeEvery", 300)))
 
     def state_machine(self) -> tuple[str, dict[str, Any]]:
         ((lid, res),) = self.of_type("AWS::Serverless::StateMachine").items()
@@ -200,4 +223,7 @@ class LocalTemplate:
         return text
 
     def environment(self, spec: FunctionSpec) -> dict[str, str]:
-        return {name: str(self.resolve(value)) for name, value in spec.environment.items()}
+        """The function's variables; an empty one means "not set" (as on Lambda for boto3 and the settings),
+        so it is left out rather than override what the local stack sets (its AWS endpoints)."""
+        resolved = {name: str(self.resolve(value)) for name, value in spec.environment.items()}
+        return {name: value for name, value in resolved.items() if value != ""}

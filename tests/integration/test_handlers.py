@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 import uuid
 
@@ -14,6 +15,7 @@ import pytest
 from dalle_plugin import wiring
 from dalle_plugin.domain.payload import parse_payload
 from dalle_plugin.domain.steps import start_session
+from local_stack import sam_local
 from local_stack.lambda_runtime import LambdaContext
 from tests.conftest import PLUGIN_SECRET, load_event
 
@@ -40,12 +42,9 @@ def _invoke(stack, logical_id: str, event: dict):
 
 
 def test_step_handlers_with_their_events(stack, openai_emulator):
-    api_event = load_event("api_post_plugin.json")
-    body = json.loads(api_event["body"])
-    body["dataURL"] = f"{stack.hub.base_url}/files/proj-dalle-demo/fox-in-snow.txt"
+    # the session `make serve` seeds for `sam local invoke`, the same way
     starter = RecordingStarter()
-    deps = dataclasses.replace(wiring.api_deps(), starter=starter)
-    started = start_session(parse_payload(body), deps)
+    started = sam_local.seed_event_session(stack, starter)
     assert started.started == ["task-fox"]
     assert starter.started[0][1] == {"session": "sess-event-0001", "tasks": [{"taskId": "task-fox"}]}
 
@@ -92,3 +91,34 @@ def test_api_handler_refuses_a_wrong_secret_before_doing_anything(stack):
     answer = _invoke(stack, "ApiFunction", event)
     assert answer["statusCode"] == 401
     assert wiring.api_deps().runs.get("sess-event-unauthorized", "task-fox") is None
+
+
+def test_authorizer_handler_with_its_event(stack):
+    event = load_event("authorizer.json")
+    event["headers"]["Secret"] = PLUGIN_SECRET
+    allowed = _invoke(stack, "AuthorizerFunction", event)
+    assert allowed["policyDocument"]["Statement"] == [
+        {"Action": "execute-api:Invoke", "Effect": "Allow",
+         "Resource": "arn:aws:execute-api:us-east-1:123456789012:local/v1/*"}]
+    event["headers"]["Secret"] = PLUGIN_SECRET[:-1]
+    assert _invoke(stack, "AuthorizerFunction", event)["policyDocument"]["Statement"][0]["Effect"] == "Deny"
+
+
+def test_the_sam_local_env_file_gives_every_function_the_local_stacks_environment(stack, tmp_path):
+    """`sam local invoke --env-vars` with the file `make serve` writes: every variable the template declares
+    gets the value the stack's own functions run with (none is left as the logical id SAM would put there),
+    so the handlers above, run here with the events/ files, run the same in SAM's container."""
+    path = sam_local.write_env_file(stack, tmp_path / "env.json")
+    env_file = json.loads(path.read_text())
+    for lid, spec in stack.template.functions().items():
+        as_sam_resolves_refs = {name: lid_or_value(value) for name, value in spec.environment.items()}
+        env = sam_local.as_sam_local_gives_it(spec, as_sam_resolves_refs, env_file)
+        assert env == {name: os.environ.get(name, "") for name in spec.environment}, lid
+        assert env["SESSIONS_TABLE"] == stack.table_name("SessionsTable")
+        assert env["AWS_ENDPOINT_URL"] and env["AWS_ENDPOINT_URL_DYNAMODB"], "the container must reach the stack"
+        assert not set(env.values()) & set(stack.template.resources), f"{lid} keeps a logical id"
+
+
+def lid_or_value(value):
+    """What SAM puts in a variable: a !Ref to a resource becomes its logical id."""
+    return value["Ref"] if isinstance(value, dict) and "Ref" in value else str(value)

@@ -26,3 +26,10 @@ def test_api_event_carries_a_valid_hub_payload():
     assert event["httpMethod"] == "POST" and event["resource"] == "/plugin"
     payload = parse_payload(event["body"])
     assert payload.prompt_class_ids == ["ent-prompt"] and payload.is_workflow_run
+
+
+def test_authorizer_event_is_a_request_authorizer_event():
+    from dalle_plugin.domain.auth import AuthorizerRequest
+
+    request = AuthorizerRequest.model_validate(load_event("authorizer.json"))
+    assert request.header("Secret") and request.method_arn.startswith("arn:aws:execute-api:")

@@ -68,6 +68,10 @@ class ApiSettings(RateLimitSettings):
         return json.loads(value) if isinstance(value, str) else value
 
 
+class AuthorizerSettings(CommonSettings):
+    plugin_secret_arn: str = Field(alias="PLUGIN_SECRET_ARN", min_length=1)
+
+
 class ExtractSettings(CommonSettings):
     max_asset_bytes: int = Field(default=1_000_000, alias="MAX_ASSET_BYTES", gt=0)
 

@@ -23,6 +23,7 @@ from dalle_plugin.ports import HubClient, SystemClock
 from dalle_plugin.settings import (
     ApiSettings,
     AttachSettings,
+    AuthorizerSettings,
     CommonSettings,
     ExtractSettings,
     GenerateSettings,
@@ -100,6 +101,13 @@ def cancel_deps() -> StepDeps:
 @lru_cache(maxsize=None)
 def plugin_secret() -> str:
     return SecretsManagerReader(aws_client("secretsmanager")).read(load_settings(ApiSettings).plugin_secret_arn)
+
+
+@lru_cache(maxsize=None)
+def authorizer_secret() -> str:
+    """The Secret the authorizer compares with, read once per cold start (as the API's own check does)."""
+    secret_arn = load_settings(AuthorizerSettings).plugin_secret_arn
+    return SecretsManagerReader(aws_client("secretsmanager")).read(secret_arn)
 
 
 @lru_cache(maxsize=None)

@@ -289,10 +289,17 @@ def start_session(payload: HubPayload, deps: StepDeps, today: dt.date | None = N
 # ---- Extract Prompt --------------------------------------------------------------------------------
 
 
+def _as_sentence(note: str) -> str:
+    """Capitalised, unless it starts with a model id: OpenAI spells those in lower case (dall-e-2)."""
+    if note.startswith(("dall-e", "gpt-image")):
+        return note
+    return note[:1].upper() + note[1:]
+
+
 def extract_prompt(ref: RunRef, deps: StepDeps) -> ExtractResult:
     run = _load_active(ref, deps)
     hub = _hub(run, deps)
-    notes = "".join(f" {note[0].upper()}{note[1:]}." for note in run.notes)
+    notes = "".join(f" {_as_sentence(note)}." for note in run.notes)
     run = _progress(run, deps, "extract", RunStatus.EXTRACTING,
                     f"Run started: prompt from {run.prompt_source}, model {run.model.actual}, size {run.size}.{notes}",
                     hub)
