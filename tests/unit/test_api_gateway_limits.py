@@ -14,6 +14,9 @@ from local_stack.api_gateway import REQUEST_LIMIT_BYTES, RESPONSE_LIMIT_BYTES, A
 from local_stack.template import LocalTemplate
 
 
+SECRET = {"Secret": "a-secret-the-fake-authorizer-allows-0123"}
+
+
 class FakeLambdas:
     """Answers every invoke with ``respond(event)``; ``release`` lets a held invoke finish."""
 
@@ -23,8 +26,12 @@ class FakeLambdas:
         self.invoked = threading.Event()
 
     def invoke(self, name_or_arn: str, body: bytes | str | None) -> tuple[bytes, bool]:
+        event = json.loads(body)
+        if event.get("type") == "REQUEST":  # the routes' authorizer: let the request through
+            return json.dumps({"principalId": "hub", "policyDocument": {"Statement": [
+                {"Effect": "Allow", "Action": "execute-api:Invoke", "Resource": event["methodArn"]}]}}).encode(), False
         self.invoked.set()
-        return self.respond(json.loads(body)), False
+        return self.respond(event), False
 
 
 def proxy_response(body: str, status: int = 200) -> bytes:
@@ -48,7 +55,7 @@ def gateway():
 
 def test_an_ordinary_request_reaches_the_function_and_its_answer_the_client(gateway):
     base = gateway(FakeLambdas(lambda event: proxy_response(json.dumps({"path": event["path"]}), status=201)))
-    answer = requests.get(f"{base}/heartbeat", timeout=30)
+    answer = requests.get(f"{base}/heartbeat", headers=SECRET, timeout=30)
     assert answer.status_code == 201 and answer.json() == {"path": "/heartbeat"}
 
 
@@ -56,7 +63,7 @@ def test_an_integration_past_its_timeout_gets_the_client_a_504_while_the_functio
     lambdas = FakeLambdas(lambda event: (lambdas.release.wait(60), proxy_response("{}"))[1])
     base = gateway(lambdas, integration_timeout_s=0.2)
     try:
-        answer = requests.get(f"{base}/heartbeat", timeout=30)
+        answer = requests.get(f"{base}/heartbeat", headers=SECRET, timeout=30)
     finally:
         lambdas.release.set()
     assert answer.status_code == 504
@@ -67,7 +74,7 @@ def test_an_integration_past_its_timeout_gets_the_client_a_504_while_the_functio
 def test_a_request_above_10_mb_is_refused_with_413_before_any_function_runs(gateway):
     lambdas = FakeLambdas(lambda event: proxy_response("{}"))
     base = gateway(lambdas)
-    answer = requests.post(f"{base}/plugin", data=b"x" * (REQUEST_LIMIT_BYTES + 1), timeout=60)
+    answer = requests.post(f"{base}/plugin", headers=SECRET, data=b"x" * (REQUEST_LIMIT_BYTES + 1), timeout=60)
     assert answer.status_code == 413
     assert answer.json() == {"message": f"HTTP content length exceeded {REQUEST_LIMIT_BYTES} bytes."}
     assert not lambdas.invoked.is_set()
@@ -75,18 +82,18 @@ def test_a_request_above_10_mb_is_refused_with_413_before_any_function_runs(gate
 
 def test_a_request_of_exactly_10_mb_goes_through(gateway):
     base = gateway(FakeLambdas(lambda event: proxy_response(json.dumps({"size": len(event["body"])}))))
-    answer = requests.post(f"{base}/plugin", data=b"x" * REQUEST_LIMIT_BYTES, timeout=60)
+    answer = requests.post(f"{base}/plugin", headers=SECRET, data=b"x" * REQUEST_LIMIT_BYTES, timeout=60)
     assert answer.status_code == 200 and answer.json() == {"size": REQUEST_LIMIT_BYTES}
 
 
 def test_a_lambda_proxy_response_above_6_mb_is_a_502(gateway):
     base = gateway(FakeLambdas(lambda event: proxy_response("y" * RESPONSE_LIMIT_BYTES)))
-    answer = requests.get(f"{base}/heartbeat", timeout=60)
+    answer = requests.get(f"{base}/heartbeat", headers=SECRET, timeout=60)
     assert answer.status_code == 502
     assert answer.json() == {"message": "Internal server error"}
 
 
 def test_a_malformed_proxy_response_is_a_502(gateway):
     base = gateway(FakeLambdas(lambda event: b"not json"))
-    answer = requests.get(f"{base}/heartbeat", timeout=30)
+    answer = requests.get(f"{base}/heartbeat", headers=SECRET, timeout=30)
     assert answer.status_code == 502
