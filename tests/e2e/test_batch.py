@@ -35,7 +35,7 @@ def test_a_batch_is_one_session_and_a_rerun_does_only_what_failed(stack, api, ne
     assert answer.status_code == 202, answer.text
     assert [t["taskId"] for t in answer.json()["tasks"]] == ["task-fox", "task-lighthouse", "task-market"]
 
-    view = api.wait_finished(session, timeout_s=90)
+    view = api.wait_finished(session, timeout_s=300)
     by_task = {run["taskId"]: run for run in view["runs"]}
     assert view["progress"] == {"total": 3, "done": 2, "failed": 1, "cancelled": 0, "waiting": 0, "running": 0}
     assert by_task["task-lighthouse"]["failure"]["reason"] == "moderation_blocked"
@@ -46,7 +46,7 @@ def test_a_batch_is_one_session_and_a_rerun_does_only_what_failed(stack, api, ne
     openai_emulator.reset()
     again = api.run(_batch(stack, session))
     assert again.status_code == 202 and again.json()["duplicate"] is False
-    view = api.wait_finished(session, timeout_s=90)
+    view = api.wait_finished(session, timeout_s=300)
     assert view["progress"]["done"] == 3
     assert [r.prompt for r in openai_emulator.requests] == [by_task["task-lighthouse"]["prompt"]["text"]]
     assert requests_before == 3
@@ -68,6 +68,6 @@ def test_a_batch_request_sent_twice_at_once_starts_each_task_once(stack, api, ne
         sender.join()
     assert sorted(a.status_code for a in answers) == [202] * 4
     assert {a.json()["session"] for a in answers} == {session}
-    view = api.wait_finished(session, timeout_s=90)
+    view = api.wait_finished(session, timeout_s=300)
     assert view["progress"]["done"] == 3
     assert len(openai_emulator.requests) == 3  # one image per task, however often the hub asked

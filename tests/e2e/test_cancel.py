@@ -61,7 +61,7 @@ def test_cancel_stops_a_waiting_run_and_tells_the_hub(stack, api, sample_payload
 def test_a_run_that_already_has_its_image_is_not_cancelled(stack, api, sample_payload, openai_emulator):
     payload = sample_payload("task-fox")
     assert api.run(payload).status_code == 202
-    api.wait_finished(payload["session"], timeout_s=60)
+    api.wait_finished(payload["session"], timeout_s=300)
     answer = _cancel(api, payload["session"])
     assert answer.status_code == 409
     assert "already ended" in answer.json()["tasks"][0]["why"]

@@ -22,7 +22,7 @@ def test_two_jpeg_candidates_from_one_request_through_a_template_are_both_attach
         "images_per_task": 2, "output_format": "jpeg", "output_compression": 80,
     })
     assert api.run(payload).status_code == 202
-    view = api.wait_finished(payload["session"], timeout_s=90)
+    view = api.wait_finished(payload["session"], timeout_s=300)
     run = view["runs"][0]
     assert run["status"] == "SUCCEEDED", run
 
@@ -68,7 +68,7 @@ def test_the_spending_limit_stops_the_run_that_would_pass_it(stack, api, new_ses
                   {"taskId": "task-market", "assetId": "asset-market"}],
     }
     assert api.run(payload).status_code == 202
-    view = api.wait_finished(session, timeout_s=120)
+    view = api.wait_finished(session, timeout_s=300)
     assert view["progress"]["done"] == 2 and view["progress"]["failed"] == 1, view
     assert view["maxCostUsd"] == 0.1 and view["estimatedCostUsd"] <= 0.1
     (stopped,) = [run for run in view["runs"] if run["status"] == "FAILED"]

@@ -37,7 +37,7 @@ def test_each_prompt_source_ends_with_an_image_attached_to_the_asset(
     assert answer.status_code == 202, answer.text
     assert answer.json()["session"] == payload["session"]
 
-    view = api.wait_finished(payload["session"], timeout_s=60)
+    view = api.wait_finished(payload["session"], timeout_s=300)
     run = view["runs"][0]
     assert run["status"] == "SUCCEEDED", run
     assert run["prompt"]["source"] == source
@@ -72,7 +72,7 @@ def test_editor_run_reports_through_plugin_response(stack, api, sample_payload, 
     payload.pop("workflow", None)
     annotated_before = len(stack.hub.annotations("task-lighthouse"))
     assert api.run(payload).status_code == 202
-    view = api.wait_finished(payload["session"], timeout_s=60)
+    view = api.wait_finished(payload["session"], timeout_s=300)
     assert view["runs"][0]["status"] == "SUCCEEDED"
     responses = stack.hub.plugin_responses(payload["session"])
     assert len(responses) == 1 and not responses[0].get("error")
@@ -90,7 +90,7 @@ def test_a_refused_prompt_fails_the_run_with_a_reason_and_tells_the_hub(stack, a
     payload.pop("workflow", None)
     openai_emulator.enqueue(Behaviour(kind="moderation_blocked"))
     assert api.run(payload).status_code == 202
-    run = api.wait_finished(payload["session"], timeout_s=60)["runs"][0]
+    run = api.wait_finished(payload["session"], timeout_s=300)["runs"][0]
     assert run["status"] == "FAILED"
     assert run["failure"]["reason"] == "moderation_blocked"
     assert "safety system" in run["failure"]["message"]

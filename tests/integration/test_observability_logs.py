@@ -3,35 +3,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import sys
 import time
 
 import pytest
 
 from dalle_plugin.domain.run import RunRef
-from local_stack.lambda_runtime import RoutingStdout
 from tests.conftest import PLUGIN_SECRET
 
 pytestmark = pytest.mark.stack
 
 SECRETS = (PLUGIN_SECRET, "ango-local-key", "sk-local-shared-default-key")
-
-
-@contextlib.contextmanager
-def routed_stdout():
-    """The local stack routes each invocation's lines to its log group only while its router is on
-    sys.stdout, and pytest puts its own capture back there at every test phase: route within the test."""
-    if isinstance(sys.stdout, RoutingStdout):
-        yield
-        return
-    captured = sys.stdout
-    sys.stdout = RoutingStdout(captured)
-    try:
-        yield
-    finally:
-        sys.stdout = captured
 
 
 def _streams(stack, session: str) -> dict[str, list[tuple[str, list[dict]]]]:
@@ -44,18 +26,24 @@ def _streams(stack, session: str) -> dict[str, list[tuple[str, list[dict]]]]:
             events = logs.filter_log_events(logGroupName=group)["events"]
         except logs.exceptions.ResourceNotFoundException:
             continue
-        by_stream: dict[str, list[dict]] = {}
+        # A stream is an execution environment's, holding its invocations one after the other: split it by
+        # the request id Powertools puts on each line (an EMF line belongs to the invocation it follows).
+        by_invocation: dict[tuple[str, str], list[dict]] = {}
+        current: dict[str, str] = {}
         for event in events:
-            by_stream.setdefault(event["logStreamName"], []).append(json.loads(event["message"]))
-        for stream, lines in by_stream.items():
+            line, stream = json.loads(event["message"]), event["logStreamName"]
+            request = line.get("function_request_id") or current.get(stream, "")
+            current[stream] = request
+            by_invocation.setdefault((stream, request), []).append(line)
+        for (stream, _), lines in by_invocation.items():
             if any(line.get("session") == session for line in lines):
                 found.setdefault(lid, []).append((stream, lines))
     return found
 
 
 def _wait_for_lines(stack, session: str, last_function: str) -> dict[str, list[tuple[str, list[dict]]]]:
-    # a stream is written when its invocation returns, a moment after the session shows the end
-    deadline = time.monotonic() + 15
+    # an invocation's lines are written when it returns, a moment after the session shows the end
+    deadline = time.monotonic() + 120
     while True:
         streams = _streams(stack, session)
         if last_function in streams or time.monotonic() > deadline:
@@ -70,10 +58,9 @@ def _metrics(streams: list[tuple[str, list[dict]]]) -> list[dict]:
 def test_a_sessions_story_reads_in_order_with_every_line_carrying_the_runs_ids(
         stack, api, sample_payload, openai_emulator):
     payload = sample_payload("task-fox")
-    with routed_stdout():
-        assert api.run(payload).status_code == 202
-        assert api.wait_finished(payload["session"], timeout_s=60)["runs"][0]["status"] == "SUCCEEDED"
-        streams = _wait_for_lines(stack, payload["session"], "AttachFunction")
+    assert api.run(payload).status_code == 202
+    assert api.wait_finished(payload["session"], timeout_s=300)["runs"][0]["status"] == "SUCCEEDED"
+    streams = _wait_for_lines(stack, payload["session"], "AttachFunction")
 
     execution = RunRef(session=payload["session"], task_id="task-fox").execution_name
     story = []
@@ -111,10 +98,9 @@ def test_a_failed_run_logs_its_error_with_the_ids_and_counts_its_reason(
     # the fox task has no text classification: asking for one ends in prompt_not_found
     config = {"openai_api_key": "default", "model_name": "gpt-image-2", "get_prompt_from": "text-annotation"}
     payload = sample_payload("task-fox", configJSON=json.dumps(config))
-    with routed_stdout():
-        assert api.run(payload).status_code == 202
-        assert api.wait_finished(payload["session"], timeout_s=60)["runs"][0]["status"] == "FAILED"
-        streams = _wait_for_lines(stack, payload["session"], "RecordFailureFunction")
+    assert api.run(payload).status_code == 202
+    assert api.wait_finished(payload["session"], timeout_s=300)["runs"][0]["status"] == "FAILED"
+    streams = _wait_for_lines(stack, payload["session"], "RecordFailureFunction")
 
     extract_lines = [line for _, lines in streams["ExtractFunction"] for line in lines]
     (warning,) = [line for line in extract_lines if line.get("level") == "WARNING"]

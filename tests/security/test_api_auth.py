@@ -53,7 +53,7 @@ def test_every_endpoint_refuses_a_missing_or_wrong_secret_and_spends_nothing(sta
     # A session that exists: a wrong secret must not see it, nor cancel it.
     existing = sample_payload("task-lighthouse", configJSON=json.dumps({"get_prompt_from": "text-annotation"}))
     assert api.run(existing).status_code == 202
-    api.wait_finished(existing["session"], timeout_s=60)
+    api.wait_finished(existing["session"], timeout_s=300)
     assert api.session(existing["session"]) is not None  # warms the cached plugin secret, too
 
     with spending(stack) as spent:

@@ -73,7 +73,7 @@ def test_what_the_api_answers_is_what_the_document_says(spec, stack, api, sample
     session = ok["session"]
     assert check("POST", "/plugin", "/plugin", ok).status_code == 202
     assert check("POST", "/plugin", "/plugin", ok).json()["duplicate"] is True
-    api.wait_finished(session, timeout_s=60)
+    api.wait_finished(session, timeout_s=300)
     assert check("GET", f"/sessions/{session}", "/sessions/{session}").status_code == 200
     assert check("POST", f"/sessions/{session}/cancel", "/sessions/{session}/cancel", {}).status_code == 409
 

@@ -254,7 +254,7 @@ def test_a_run_whose_data_url_is_not_allowed_fails_before_anything_is_fetched_or
     payload = sample_payload("task-market", dataURL="file:///etc/passwd",
                              configJSON=json.dumps({"get_prompt_from": "full-text-asset"}))
     assert api.run(payload).status_code == 202
-    run = api.wait_finished(payload["session"], timeout_s=60)["runs"][0]
+    run = api.wait_finished(payload["session"], timeout_s=300)["runs"][0]
     assert run["status"] == "FAILED" and run["failure"]["reason"] == "asset_unreadable"
     assert "only https" in run["failure"]["message"]
     assert not [r for r in openai_emulator.requests if r.is_generation]
@@ -274,7 +274,7 @@ def test_the_local_stack_lets_the_guard_refuse_every_private_url_but_its_emulato
     payload = sample_payload("task-market", dataURL=data_url.format(moto_port=stack.moto_port),
                              configJSON=json.dumps({"get_prompt_from": "full-text-asset"}))
     assert api.run(payload).status_code == 202
-    run = api.wait_finished(payload["session"], timeout_s=120)["runs"][0]
+    run = api.wait_finished(payload["session"], timeout_s=300)["runs"][0]
     assert run["status"] == "FAILED" and run["failure"]["reason"] == "asset_unreadable"
     assert "only https" in run["failure"]["message"] or "private" in run["failure"]["message"]
     assert not [r for r in openai_emulator.requests if r.is_generation]
