@@ -19,7 +19,7 @@ def _cancel(api, session: str, body: dict | None = None) -> requests.Response:
                          data=json.dumps(body) if body else None, timeout=30)
 
 
-def _wait_for_status(api, session: str, status: str, timeout_s: float = 30) -> dict:
+def _wait_for_status(api, session: str, status: str, timeout_s: float = 300) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         view = api.session(session)

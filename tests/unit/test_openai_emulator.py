@@ -372,7 +372,7 @@ def test_timeout_hang_never_answers_until_reset(emulator):
         generate(client)
     assert emulator.requests == []  # still hanging
     emulator.reset()
-    deadline = time.monotonic() + 2
+    deadline = time.monotonic() + 60
     while not emulator.requests and time.monotonic() < deadline:
         time.sleep(0.01)
     [record] = emulator.requests
