@@ -23,6 +23,7 @@ from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results" / "limiter.json"
 VARIANTS = ("reservation", "fixed-window")
+BENCH_SECRET = "bench-limiter-secret-long-enough-for-the-authorizer"
 
 
 def max_starts_in_any_window(starts: list[float], window_s: float) -> int:
@@ -62,7 +63,7 @@ def run_backlog(variant: str, runs: int, limit: int, window_s: float, margin_ms:
     from local_stack.runner import PluginApi
     from local_stack.stack import LocalStack, StackOptions
 
-    options = StackOptions(stack_name=f"bench-{variant}", plugin_secret="bench-secret", parameters={
+    options = StackOptions(stack_name=f"bench-{variant}", plugin_secret=BENCH_SECRET, parameters={
         "RateLimit": str(limit), "RateWindowSeconds": str(window_s), "RateSkewMarginMs": str(margin_ms)})
     with LocalStack(options) as stack:
         stack.hub.load_samples()
@@ -71,7 +72,7 @@ def run_backlog(variant: str, runs: int, limit: int, window_s: float, margin_ms:
             deps.limiter = FixedWindowRateLimiter(wiring.aws_client("dynamodb"), stack.table_name("RateLimitTable"),
                                                   deps.limiter_settings)
         calls = _count_limiter_calls(deps)
-        api = PluginApi(stack.api_url, "bench-secret")
+        api = PluginApi(stack.api_url, BENCH_SECRET)
         template = load_sample_runs(stack.hub.base_url)[1].payload  # a text-annotation run
         sessions = [f"{variant}-{i:03d}" for i in range(runs)]
         # The backlog forms within the first window: `limit` runs first, the rest two seconds later.
