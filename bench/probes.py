@@ -182,12 +182,12 @@ class StackProbe:
         lambdas = self.stack.lambdas
         original = lambdas.invoke
 
-        def invoke(name_or_arn: str, body: Any) -> tuple[bytes, bool]:
+        def invoke(name_or_arn: str, body: Any, **options: Any) -> tuple[bytes, bool]:
             function = lambdas.spec_for(name_or_arn).logical_id
             started = time.perf_counter()
             failed = True
             try:
-                payload, failed = original(name_or_arn, body)
+                payload, failed = original(name_or_arn, body, **options)
                 return payload, failed
             finally:
                 with self._changed:
