@@ -74,7 +74,7 @@ def test_the_spending_limit_stops_the_run_that_would_pass_it(stack, api, new_ses
     (stopped,) = [run for run in view["runs"] if run["status"] == "FAILED"]
     assert stopped["failure"]["reason"] == "spending_limit_reached"
     message = stopped["failure"]["message"]
-    assert "spending limit (max_cost_usd) is $0.1" in message and "already spent or reserved about $0.084" in message
+    assert "spending limit (max_cost_usd) is $0.12" in message and "already spent or reserved about $0.106" in message
     assert "image" not in stopped and stopped["estimatedCostUsd"] == 0.0
     # the stopped run was never sent: OpenAI saw two requests from this session
     assert len([r for r in openai_emulator.requests if r.is_generation and r.prompt and session in r.prompt]) == 2
