@@ -144,7 +144,7 @@ def price(counts: dict[str, Any], prices: dict[str, Any], openai_latency_s: floa
         + counts["dynamodb_write_units"] * p["dynamodb_on_demand_per_write_request_unit"],
         "S3 requests": s3_puts * p["s3_standard_per_put_request"]
         + s3_gets * p["s3_standard_per_get_request"],
-        "S3 storage (image kept 90 days)": assumptions["png_bytes"]
+        f"S3 storage (image kept {assumptions['image_kept_months'] * 30.4:.0f} days)": assumptions["png_bytes"]
         / GB
         * assumptions["image_kept_months"]
         * p["s3_standard_per_gb_month"],
@@ -246,11 +246,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{sum(counts['lambda_invocations'].values()):.0f} Lambda invocations, "
         f"{counts['dynamodb_read_units']:.0f} DynamoDB read units and {counts['dynamodb_write_units']:.0f} "
         f"write units ({sum(v for k, v in counts['aws_calls'].items() if k.startswith('dynamodb.')):.0f} "
-        "DynamoDB calls: the run record is read and rewritten whole for every timeline entry, and it grows "
-        "past 1 KB, so each write costs several write units).",
-        "The dashboard's built-in price for gpt-image-2 medium (dalle_plugin/domain/pricing.py: $0.042, the "
-        f"gpt-image-1 figure) is below the ${image} this file uses; if the latter is right, the sessions' "
-        "cost estimate runs about 20% low (ImagePriceTable overrides it per deployment).",
+        "DynamoDB calls: each step writes its progress as one UpdateItem of what changed, with no read first).",
+        f"The sessions' built-in price for {prices['openai']['model']} {prices['openai']['quality']} "
+        f"(dalle_plugin/domain/pricing.py) and this file's agree at ${image}/image (tests/unit/test_pricing.py "
+        "keeps them equal; each figure cites its source and date in bench/prices.json).",
     ]
     if own is not None:
         findings.append(

@@ -90,7 +90,8 @@ class ColdStartBench:
     # ---- one fresh process ----------------------------------------------------------------------
 
     def child(
-        self, function: str, event: dict[str, Any], eager: bool, importtime: bool = False
+        self, function: str, event: dict[str, Any] | None, eager: bool, importtime: bool = False,
+        mode: str | None = None,
     ) -> dict[str, Any]:
         spec = self.specs[FUNCTIONS[function]]
         module, handler = spec.handler.rsplit(".", 1)
@@ -108,6 +109,8 @@ class ColdStartBench:
                     "out": str(out),
                     "function_name": spec.physical_name,
                     "memory_mb": spec.memory_mb,
+                    "mode": mode,
+                    "needs_openai": function == "generate",
                 }
             )
         )
@@ -160,6 +163,12 @@ class ColdStartBench:
         )
         return result
 
+    def import_trial(self) -> dict[str, dict[str, float]]:
+        """Each function's import beside its floor, in fresh processes, alternating: ours, floor, ours..."""
+        return {function: {mode: self.child(function, None, False, mode=mode)["import_ms"]
+                           for mode in ("ours", "floor")}
+                for function in FUNCTIONS}
+
 
 _IMPORTTIME = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \|(\s*)(\S+)")
 
@@ -202,10 +211,15 @@ def main(argv: list[str] | None = None) -> int:
         stack.hub.load_samples()
         bench = ColdStartBench(stack)
         say(f"cold start: {trials} fresh processes per function and variant, first event on the local stack")
+        imports: dict[str, dict[str, list[float]]] = {f: {"ours": [], "floor": []} for f in FUNCTIONS}
         for index in range(trials):
             for variant in ("lazy", "eager"):  # interleaved, so drift in the machine's load hits both alike
                 for function, measured in bench.trial(eager=variant == "eager").items():
                     samples[variant][function].append(measured)
+            for _ in range(2):
+                for function, pair in bench.import_trial().items():
+                    for mode, ms in pair.items():
+                        imports[function][mode].append(ms)
             say(f"  trial {index + 1}/{trials} done")
         profile = bench.trial(eager=False, importtime=True)
 
@@ -245,14 +259,26 @@ def main(argv: list[str] | None = None) -> int:
                 {"check": f"{function} never imports openai", "passed": not ours["openai_imported"]}
             )
 
+    over_floor = {}
+    for function in FUNCTIONS:
+        ours_ms, floor_ms = median(imports[function]["ours"]), median(imports[function]["floor"])
+        over_floor[function] = round(ours_ms / floor_ms, 3)
+        per_function[function]["import_vs_floor"] = {"ours_ms": ours_ms, "floor_ms": floor_ms,
+                                                      "samples": len(imports[function]["ours"])}
+        what = "boto3 + Logger + openai" if function == "generate" else "boto3 + Logger"
+        rows.append(Row(f"{function}: import over its floor", "ms", ours_ms, floor_ms,
+                        note=f"floor: a bare handler importing {what}; limit 1.5x"))
+        checks.append({"check": f"{function} imports within 1.5x its floor",
+                       "passed": over_floor[function] <= 1.5})
     heaviest = {f: per_function[f]["lazy"]["imports_by_package_ms"] for f in FUNCTIONS}
     xray = median(heaviest[f].get("aws_xray_sdk", 0.0) for f in FUNCTIONS)
     findings = [
         f"The import path keeps openai out of {', '.join(WITHOUT_OPENAI)}; generate loads it on its first "
         "event (wiring.generate_deps), not at init.",
-        f"aws_xray_sdk costs about {xray:.0f} ms of every function's import (median self time): importing "
-        "aws_xray_sdk.core builds a sampling client and parses botocore's endpoint data at import time. It "
-        "comes with Powertools' Tracer in dalle_plugin.observability.",
+        "Import over the floor (median, fresh processes alternating with the floor's): "
+        + ", ".join(f"{f} {ratio:.2f}x" for f, ratio in over_floor.items())
+        + ". The X-Ray SDK is gone from the layer (tracing is Lambda's own active tracing), and with it the "
+        f"layer's own botocore; aws_xray_sdk's import now costs {xray:.0f} ms.",
     ]
     openai_ms = heaviest["generate"].get("openai")
     if openai_ms:
@@ -284,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         details={
             "per_function": per_function,
             "checks": checks,
+            "import_over_floor": over_floor,
             "first_event_against": "local stack",
             "trials": trials,
         },

@@ -84,10 +84,11 @@ class Console:
         """Every run in the sessions table. The sealed secrets are not even read."""
         client = self.stack.client("dynamodb")
         # run records only: the table also holds spending counters and images on offer for a re-run
+        projection, names = DynamoRunStore.readable_attributes()
         kwargs: dict[str, Any] = {"TableName": self.stack.table_name("SessionsTable"),
-                                  "ProjectionExpression": "pk, sk, #doc, version",
+                                  "ProjectionExpression": projection,
                                   "FilterExpression": "begins_with(sk, :task)",
-                                  "ExpressionAttributeNames": {"#doc": "doc"},
+                                  "ExpressionAttributeNames": names,
                                   "ExpressionAttributeValues": {":task": {"S": "TASK#"}}}
         runs = []
         while True:

@@ -13,5 +13,6 @@ def handler(event: dict, context: object) -> dict:
     deps = wiring.generate_deps()
     started_ms = deps.clock.now_ms()
     outcome = generate_image(ref, deps)
-    record_generation(outcome, lambda: deps.runs.get(ref.session, ref.task_id), since_ms=started_ms)
+    # the run as the step left it (no read: the step's own last write)
+    record_generation(outcome, lambda: deps.runs.recent(ref.session, ref.task_id), since_ms=started_ms)
     return outcome.dump()

@@ -57,9 +57,9 @@ def test_two_jpeg_candidates_from_one_request_through_a_template_are_both_attach
 
 def test_the_spending_limit_stops_the_run_that_would_pass_it(stack, api, new_session, openai_emulator):
     session = new_session("budget")
-    # gpt-image-2 at 1024x1024 costs about $0.042 an image: $0.10 pays for two of the three tasks
+    # gpt-image-2 at 1024x1024 costs about $0.053 an image: $0.12 pays for two of the three tasks
     config = {"model_name": "gpt-image-2", "get_prompt_from": "full-text-asset", "image_size": "1024x1024",
-              "prompt_template": f"{{prompt}} ({session})", "max_cost_usd": 0.1}
+              "prompt_template": f"{{prompt}} ({session})", "max_cost_usd": 0.12}
     payload = {
         "projectId": "proj-dalle-demo", "session": session, "apiKey": "ango-local-key", "workflow": True,
         "configJSON": json.dumps(config),
@@ -70,11 +70,11 @@ def test_the_spending_limit_stops_the_run_that_would_pass_it(stack, api, new_ses
     assert api.run(payload).status_code == 202
     view = api.wait_finished(session, timeout_s=300)
     assert view["progress"]["done"] == 2 and view["progress"]["failed"] == 1, view
-    assert view["maxCostUsd"] == 0.1 and view["estimatedCostUsd"] <= 0.1
+    assert view["maxCostUsd"] == 0.12 and view["estimatedCostUsd"] <= 0.12
     (stopped,) = [run for run in view["runs"] if run["status"] == "FAILED"]
     assert stopped["failure"]["reason"] == "spending_limit_reached"
     message = stopped["failure"]["message"]
-    assert "spending limit (max_cost_usd) is $0.1" in message and "already spent or reserved about $0.084" in message
+    assert "spending limit (max_cost_usd) is $0.12" in message and "already spent or reserved about $0.106" in message
     assert "image" not in stopped and stopped["estimatedCostUsd"] == 0.0
     # the stopped run was never sent: OpenAI saw two requests from this session
     assert len([r for r in openai_emulator.requests if r.is_generation and r.prompt and session in r.prompt]) == 2

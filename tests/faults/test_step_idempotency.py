@@ -64,6 +64,12 @@ class Runs:
         self.items[(session, task_id)] = copy.deepcopy(run)
         return run
 
+    def change(self, run: RunRecord, mutate: Callable[[RunRecord], None]) -> RunRecord:
+        return self.update(run.session, run.task_id, mutate)
+
+    def recent(self, session: str, task_id: str) -> RunRecord | None:
+        return self.get(session, task_id)
+
     def list_session(self, session: str) -> list[RunRecord]:
         return [copy.deepcopy(r) for (s, _), r in self.items.items() if s == session]
 

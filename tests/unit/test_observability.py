@@ -10,6 +10,7 @@ import warnings
 
 import pytest
 
+from dalle_plugin.domain.pricing import DEFAULT_PRICES
 from dalle_plugin.domain.errors import HubUnavailable, PromptNotFound
 from dalle_plugin.domain.run import (
     GenerateOutcome,
@@ -90,7 +91,7 @@ def test_the_latency_and_the_whole_slot_wait_come_from_the_invocations_timeline(
     assert facts.latency_ms == 1_500
     assert facts.slot_wait_s == 6.5
     # 1536x1024 is 1.5 times the priced 1024x1024 area, at the high-quality price
-    assert facts.estimated_cost_usd == pytest.approx(0.167 * 1.5, abs=0.001)
+    assert facts.estimated_cost_usd == pytest.approx(DEFAULT_PRICES["gpt-image-2"]["high"] * 1.5, abs=0.001)
 
 
 def test_an_invocation_that_found_the_image_already_stored_generated_nothing(obs):
@@ -115,7 +116,7 @@ def test_a_new_image_publishes_count_latency_cost_and_slot_wait_in_one_document(
     assert doc["dimensions"] == [["service"]]
     assert doc["doc"]["service"] == GLOBAL_ENV["POWERTOOLS_SERVICE_NAME"]
     assert doc["values"] == {"ImagesGenerated": [1.0], "GenerationLatency": [1500.0],
-                             "EstimatedCost": [pytest.approx(0.2505, abs=0.001)], "RateSlotWaitTime": [6.5]}
+                             "EstimatedCost": [pytest.approx(DEFAULT_PRICES["gpt-image-2"]["high"] * 1.5, abs=0.001)], "RateSlotWaitTime": [6.5]}
     assert doc["units"] == {"ImagesGenerated": "Count", "GenerationLatency": "Milliseconds",
                             "EstimatedCost": "None", "RateSlotWaitTime": "Seconds"}
 

@@ -21,3 +21,19 @@ def test_the_operator_sets_the_table_in_deployment_settings():
     settings = read_settings(ApiSettings, BASE_ENV | {"IMAGE_PRICES": '{"gpt-image-2": {"medium": 0.5}}'})
     assert estimate_cost_usd("gpt-image-2", "1024x1024", "medium", settings.image_prices) == 0.5
     assert read_settings(ApiSettings, BASE_ENV | {"IMAGE_PRICES": ""}).image_prices == DEFAULT_PRICES
+
+
+def test_the_built_in_prices_agree_with_the_bench_price_table_which_cites_each_figure():
+    import json
+    from pathlib import Path
+
+    table = json.loads((Path(__file__).parents[2] / "bench" / "prices.json").read_text())
+    cited = table["openai_per_image_1024"]
+    assert set(DEFAULT_PRICES) == {model for model in cited if not model.startswith("_")}
+    for model, prices in DEFAULT_PRICES.items():
+        assert prices == {q: cited[model][q] for q in prices}, model
+        assert cited[model]["source"] and cited[model]["as_of"]
+    openai = table["openai"]
+    assert openai["per_image"] == DEFAULT_PRICES[openai["model"]][openai["quality"]]
+    assert set(table["aws_sources"]) == set(table["aws_us_east_1"])
+    assert all(figure["source"] and figure["as_of"] for figure in table["aws_sources"].values())

@@ -174,15 +174,24 @@ class SystemClock:
 
 
 class RunStore(Protocol):
-    """Run records (the sessions table). ``update`` is a read-modify-write with optimistic locking, so a
-    cancel and a step never overwrite each other."""
+    """Run records (the sessions table). Every write is optimistically locked on the record's version, so
+    a cancel and a step never overwrite each other; ``mutate`` may raise to refuse a change, and runs again
+    on the current record when another writer came first."""
 
     def create(self, run: "RunRecord") -> tuple["RunRecord", bool]:
         """Store the run unless one exists for (session, task); returns (the stored run, created?)."""
 
     def get(self, session: str, task_id: str) -> "RunRecord | None": ...
 
-    def update(self, session: str, task_id: str, mutate: "Callable[[RunRecord], None]") -> "RunRecord": ...
+    def update(self, session: str, task_id: str, mutate: "Callable[[RunRecord], None]") -> "RunRecord":
+        """Read the record, then ``change`` it."""
+
+    def change(self, run: "RunRecord", mutate: "Callable[[RunRecord], None]") -> "RunRecord":
+        """Change a record the caller holds (as read or written at its ``version``) without reading it again:
+        only what ``mutate`` changed is written."""
+
+    def recent(self, session: str, task_id: str) -> "RunRecord | None":
+        """The record as this store last read or wrote it, or read when it has not seen it."""
 
     def list_session(self, session: str) -> "list[RunRecord]": ...
 

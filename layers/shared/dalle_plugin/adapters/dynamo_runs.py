@@ -1,7 +1,15 @@
 """Run records in the sessions table: pk ``SESSION#<session>``, sk ``TASK#<task>``.
 
-The record is stored as one JSON document (``doc``) beside the few attributes DynamoDB needs to see
-(status, version, TTL); the sealed secrets are a separate binary attribute, removed when the run ends.
+Each field of the record is an attribute of its own (named by its camelCase alias), so a step writes only
+what it changed: one ``UpdateItem`` with ``SET`` for changed fields and ``list_append`` for the timeline's
+new entries, under the condition that the record is still at the version the step read. No read comes
+before a write: the step already holds the record. When another writer got there first, the failed write
+returns the record as it now is (``ReturnValuesOnConditionCheckFailure``) and the change is made again on
+that, so a conflict costs one more write, not a read.
+
+Attributes DynamoDB itself needs are typed (``status`` S, ``version`` N, ``expiresAt`` N for the TTL,
+``sealedSecrets`` B); list fields are lists of JSON strings (appendable); every other field is one JSON
+string. Records written in the earlier one-document layout (``doc``) are still read.
 """
 
 from __future__ import annotations
@@ -17,90 +25,203 @@ from dalle_plugin.domain.errors import StorageUnavailable
 from dalle_plugin.domain.run import RunRecord
 
 MAX_OPTIMISTIC_RETRIES = 8
+_KEY_FIELDS = ("session", "task_id")
 
 
 def _key(session: str, task_id: str) -> dict[str, Any]:
     return {"pk": {"S": f"SESSION#{session}"}, "sk": {"S": f"TASK#{task_id}"}}
 
 
+def _alias(field: str) -> str:
+    return RunRecord.model_fields[field].alias or field
+
+
+def _encode(field: str, value: Any) -> dict[str, Any]:
+    """One field's DynamoDB attribute value (``value`` as dumped to JSON; never None here)."""
+    if field in ("version", "expires_at"):
+        return {"N": str(value)}
+    if field == "status":
+        return {"S": value}
+    if field == "sealed_secrets":
+        return {"B": value}
+    if isinstance(value, list):
+        return {"L": [{"S": json.dumps(element, separators=(",", ":"))} for element in value]}
+    return {"S": json.dumps(value, separators=(",", ":"))}
+
+
+def _decode(field: str, attribute: dict[str, Any]) -> Any:
+    if "N" in attribute:
+        return int(attribute["N"])
+    if "B" in attribute:
+        return attribute["B"]
+    if "L" in attribute:
+        return [json.loads(element["S"]) for element in attribute["L"]]
+    return attribute["S"] if field == "status" else json.loads(attribute["S"])
+
+
+def _dumped(run: RunRecord) -> dict[str, Any]:
+    """Field name -> JSON-ready value (sealed secrets kept as bytes)."""
+    values = run.model_dump(mode="json", exclude={"sealed_secrets"})
+    values["sealed_secrets"] = run.sealed_secrets
+    return values
+
+
+_FIELD_OF_ALIAS = {_alias(name): name for name in RunRecord.model_fields}
+
+
 class DynamoRunStore:
     def __init__(self, client: Any, table_name: str):
         self._client = client
         self._table = table_name
+        #: the record as this environment last read or wrote it, per (session, task): a step's own result
+        self._recent: dict[tuple[str, str], RunRecord] = {}
+        #: records read in the earlier layout: their first change rewrites them whole in the new one
+        self._legacy: set[tuple[str, str]] = set()
 
     # ---- mapping ----------------------------------------------------------------------------------
 
     @staticmethod
-    def _to_item(run: RunRecord, version: int) -> dict[str, Any]:
-        doc = run.model_dump(by_alias=True, mode="json", exclude={"sealed_secrets"})
-        item = _key(run.session, run.task_id) | {
-            "status": {"S": run.status.value},
-            "version": {"N": str(version)},
-            "doc": {"S": json.dumps(doc, separators=(",", ":"))},
-        }
-        if run.expires_at:
-            item["expiresAt"] = {"N": str(run.expires_at)}
-        if run.sealed_secrets:
-            item["sealedSecrets"] = {"B": run.sealed_secrets}
+    def _to_item(run: RunRecord) -> dict[str, Any]:
+        item = _key(run.session, run.task_id)
+        for field, value in _dumped(run).items():
+            if field not in _KEY_FIELDS and value is not None:
+                item[_alias(field)] = _encode(field, value)
         return item
+
+    def _read(self, item: dict[str, Any]) -> RunRecord:
+        run = self._from_item(item)[0]
+        if "doc" in item:
+            self._legacy.add((run.session, run.task_id))
+        return self._remember(run)
 
     @staticmethod
     def _from_item(item: dict[str, Any]) -> tuple[RunRecord, int]:
-        doc = json.loads(item["doc"]["S"])
-        if "sealedSecrets" in item:
-            doc["sealedSecrets"] = item["sealedSecrets"]["B"]
-        return RunRecord.model_validate(doc), int(item["version"]["N"])
+        if "doc" in item:  # the earlier layout: one JSON document
+            values = json.loads(item["doc"]["S"])
+            if "sealedSecrets" in item:
+                values["sealedSecrets"] = item["sealedSecrets"]["B"]
+            values["version"] = int(item["version"]["N"])
+        else:
+            values = {"session": item["pk"]["S"].removeprefix("SESSION#"),
+                      "taskId": item["sk"]["S"].removeprefix("TASK#")}
+            for name, attribute in item.items():
+                field = _FIELD_OF_ALIAS.get(name)
+                if field is not None and field not in _KEY_FIELDS:
+                    values[name] = _decode(field, attribute)
+        run = RunRecord.model_validate(values)
+        run.fill_durations()
+        return run, run.version
+
+    @staticmethod
+    def readable_attributes() -> tuple[str, dict[str, str]]:
+        """A projection of everything but the sealed secrets (for listings that must not even read them)."""
+        names = {f"#a{i}": name for i, name in enumerate(["pk", "sk", "doc", *_FIELD_OF_ALIAS])
+                 if name != _alias("sealed_secrets")}
+        return ", ".join(names), names
+
+    @staticmethod
+    def _changes(before: RunRecord, after: RunRecord, version: int) -> dict[str, Any]:
+        """The UpdateItem parameters that turn ``before`` (stored at ``version``) into ``after``."""
+        old, new = _dumped(before), _dumped(after)
+        sets, removes = [], []
+        names: dict[str, str] = {"#version": "version"}
+        values: dict[str, Any] = {":version": {"N": str(version)}, ":next": {"N": str(version + 1)}}
+        for index, field in enumerate(RunRecord.model_fields):
+            if field in _KEY_FIELDS or field == "version" or old[field] == new[field]:
+                continue
+            name, value = f"#f{index}", new[field]
+            names[name] = _alias(field)
+            was = old[field]
+            if value is None:
+                removes.append(name)
+            elif isinstance(value, list) and isinstance(was, list) and value[: len(was)] == was:
+                # only new entries are sent; if_not_exists covers a field the stored item lacks
+                values[f":f{index}"] = _encode(field, value[len(was):])
+                values[":empty"] = {"L": []}
+                sets.append(f"{name} = list_append(if_not_exists({name}, :empty), :f{index})")
+            else:
+                values[f":f{index}"] = _encode(field, value)
+                sets.append(f"{name} = :f{index}")
+        sets.append("#version = :next")
+        expression = "SET " + ", ".join(sets) + (" REMOVE " + ", ".join(removes) if removes else "")
+        return {"UpdateExpression": expression, "ConditionExpression": "#version = :version",
+                "ExpressionAttributeNames": names, "ExpressionAttributeValues": values}
 
     # ---- RunStore ---------------------------------------------------------------------------------
 
     def create(self, run: RunRecord) -> tuple[RunRecord, bool]:
+        run = run.model_copy(update={"version": 1})
         try:
             self._client.put_item(
                 TableName=self._table,
-                Item=self._to_item(run, version=1),
+                Item=self._to_item(run),
                 ConditionExpression="attribute_not_exists(pk)",
                 ReturnValuesOnConditionCheckFailure="ALL_OLD",
             )
-            return run, True
+            return self._remember(run), True
         except ClientError as exc:
             if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
                 raise StorageUnavailable(f"Could not store the run: {exc.response['Error']['Code']}") from None
             old = exc.response.get("Item")
             if old:
-                return self._from_item(old)[0], False
+                return self._read(old), False
             existing = self.get(run.session, run.task_id)
             assert existing is not None
             return existing, False
 
-    def _get_versioned(self, session: str, task_id: str) -> tuple[RunRecord, int] | None:
-        item = self._client.get_item(TableName=self._table, Key=_key(session, task_id), ConsistentRead=True).get("Item")
-        return self._from_item(item) if item else None
-
     def get(self, session: str, task_id: str) -> RunRecord | None:
-        found = self._get_versioned(session, task_id)
-        return found[0] if found else None
+        item = self._client.get_item(TableName=self._table, Key=_key(session, task_id), ConsistentRead=True).get("Item")
+        return self._read(item) if item else None
+
+    def recent(self, session: str, task_id: str) -> RunRecord | None:
+        """The record as this store last read or wrote it (no call); read when it has not seen it."""
+        known = self._recent.get((session, task_id))
+        return known.model_copy(deep=True) if known else self.get(session, task_id)
 
     def update(self, session: str, task_id: str, mutate: Callable[[RunRecord], None]) -> RunRecord:
+        """Read the record, then change it (for callers that do not hold it already)."""
+        run = self.get(session, task_id)
+        if run is None:
+            raise KeyError(f"no run for session {session!r} task {task_id!r}")
+        return self.change(run, mutate)
+
+    def change(self, run: RunRecord, mutate: Callable[[RunRecord], None]) -> RunRecord:
+        """Apply ``mutate`` to the record the caller holds and write only what it changed, in one UpdateItem
+        under the version the caller read. ``mutate`` may raise to refuse the change (a condition): on a
+        conflict it runs again on the record as it now is."""
+        key = (run.session, run.task_id)
         for attempt in range(MAX_OPTIMISTIC_RETRIES):
             if attempt:
                 time.sleep(random.uniform(0.005, 0.02) * 2**attempt)  # spread out the writers that collided
-            found = self._get_versioned(session, task_id)
-            if found is None:
-                raise KeyError(f"no run for session {session!r} task {task_id!r}")
-            run, version = found
-            mutate(run)
+            after = run.model_copy(deep=True)
+            mutate(after)
+            after.version = run.version + 1
+            # What is stored at that version, as this store last saw it: changes the caller made in memory
+            # before calling are written too.
+            known = self._recent.get(key)
+            stored = known if known is not None and known.version == run.version else run
             try:
-                self._client.put_item(
-                    TableName=self._table,
-                    Item=self._to_item(run, version + 1),
-                    ConditionExpression="version = :v",
-                    ExpressionAttributeValues={":v": {"N": str(version)}},
-                )
-                return run
+                if key in self._legacy:
+                    self._client.put_item(TableName=self._table, Item=self._to_item(after),
+                                          ConditionExpression="version = :v",
+                                          ExpressionAttributeValues={":v": {"N": str(run.version)}},
+                                          ReturnValuesOnConditionCheckFailure="ALL_OLD")
+                    self._legacy.discard(key)
+                else:
+                    self._client.update_item(TableName=self._table, Key=_key(*key),
+                                             ReturnValuesOnConditionCheckFailure="ALL_OLD",
+                                             **self._changes(stored, after, run.version))
             except ClientError as exc:
                 if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
                     raise
-        raise StorageUnavailable(f"The run {session}/{task_id} kept changing under us; try again.")
+                current = exc.response.get("Item")
+                if not current:
+                    raise KeyError(f"no run for session {run.session!r} task {run.task_id!r}") from None
+                run = self._read(current)
+                continue
+            after.fill_durations()
+            return self._remember(after)
+        raise StorageUnavailable(f"The run {run.session}/{run.task_id} kept changing under us; try again.")
 
     def list_session(self, session: str) -> list[RunRecord]:
         runs: list[RunRecord] = []
@@ -116,3 +237,7 @@ class DynamoRunStore:
             if "LastEvaluatedKey" not in page:
                 return runs
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def _remember(self, run: RunRecord) -> RunRecord:
+        self._recent[(run.session, run.task_id)] = run.model_copy(deep=True)  # the caller's copy may change
+        return run

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 from typing import Mapping
 
-# List prices per 1024x1024 image (USD), as published for the gpt-image family in 2026. The gpt-image-2
-# family is billed per token; these per-image figures are the medium-token-count equivalents.
+# List prices per 1024x1024 image (USD). Each figure, with its source and date, is also in bench/prices.json
+# ("openai_per_image_1024"), and a test keeps the two equal.
+# - gpt-image-2 (and 2.x): billed per token, $30 per 1M image output tokens; OpenAI's per-image calculator
+#   at the model's launch (2026-04-21) gives $0.006 / $0.053 / $0.211 for low / medium / high. "auto" is
+#   estimated as medium. (The earlier 0.011 / 0.042 / 0.167 were gpt-image-1's figures.)
+# - gpt-image-1 family: OpenAI's per-image price table (model pages, as of 2026-11).
 DEFAULT_PRICES: dict[str, dict[str, float]] = {
-    "gpt-image-2": {"low": 0.011, "medium": 0.042, "high": 0.167, "auto": 0.042},
+    "gpt-image-2": {"low": 0.006, "medium": 0.053, "high": 0.211, "auto": 0.053},
     "gpt-image-1.5": {"low": 0.009, "medium": 0.034, "high": 0.133, "auto": 0.034},
     "gpt-image-1-mini": {"low": 0.005, "medium": 0.011, "high": 0.036, "auto": 0.011},
     "gpt-image-1": {"low": 0.011, "medium": 0.042, "high": 0.167, "auto": 0.042},

@@ -216,6 +216,15 @@ class RunRecord(CamelModel):
     finish_sent_at_ms: int | None = None
     #: 429 rate_limit_exceeded answers from OpenAI in a row, in this generation
     upstream_rate_limited: int = 0
+    #: the store's optimistic-lock counter: a change is written only onto the version it was made from
+    version: int = 0
+
+    def fill_durations(self) -> None:
+        """An entry lasts until the next one begins: its duration is derived, not written (a step appends
+        its entry without rewriting the one before)."""
+        for entry, following in zip(self.timeline, self.timeline[1:]):
+            if entry.duration_ms is None:
+                entry.duration_ms = max(0, following.at_ms - entry.at_ms)
 
     @property
     def images(self) -> list[ImageInfo]:

@@ -124,9 +124,8 @@ def _hub(run: RunRecord, deps: StepDeps) -> HubClient:
 
 
 def _mark(run: RunRecord, now_ms: int, step: str, status: RunStatus | None, detail: str | None = None) -> None:
-    """Append to the timeline, closing the previous entry's duration."""
-    if run.timeline and run.timeline[-1].duration_ms is None:
-        run.timeline[-1].duration_ms = max(0, now_ms - run.timeline[-1].at_ms)
+    """Append to the timeline (the previous entry's duration is derived from this one's start when read:
+    the store appends the new entry without rewriting the others)."""
     run.timeline.append(TimelineEntry(step=step, status=(status or run.status).value, at_ms=now_ms, detail=detail))
     if status is not None:
         run.status = status
@@ -136,7 +135,7 @@ def _mark(run: RunRecord, now_ms: int, step: str, status: RunStatus | None, deta
 def _progress(run: RunRecord, deps: StepDeps, step: str, status: RunStatus | None, message: str,
               hub: HubClient | None = None, level: str = "INFO") -> RunRecord:
     now = deps.clock.now_ms()
-    run = deps.runs.update(run.session, run.task_id, lambda r: _mark(r, now, step, status, message))
+    run = deps.runs.change(run, lambda r: _mark(r, now, step, status, message))
     _hub_log(run, hub, message, level)
     return run
 
@@ -268,7 +267,7 @@ def start_session(payload: HubPayload, deps: StepDeps, today: dt.date | None = N
         )
         stored, created = deps.runs.create(record)
         if not created and stored.status in (RunStatus.FAILED, RunStatus.CANCELLED):
-            stored = deps.runs.update(ref.session, ref.task_id, lambda r: _requeue(r, sealed, now))
+            stored = deps.runs.change(stored, lambda r: _requeue(r, sealed, now))
             created = True
         runs.append(stored)
         # A run stored but never started (its request died in between) is started by the next duplicate.
@@ -282,7 +281,7 @@ def start_session(payload: HubPayload, deps: StepDeps, today: dt.date | None = N
     started = {r.task_id for r in to_run}
     for index, run in enumerate(runs):
         if run.task_id in started and run.execution_arn != arn:
-            runs[index] = deps.runs.update(run.session, run.task_id, lambda r: setattr(r, "execution_arn", arn))
+            runs[index] = deps.runs.change(run, lambda r: setattr(r, "execution_arn", arn))
     return SessionStart(session=payload.session, runs=runs, started=sorted(started), execution_arn=arn)
 
 
@@ -300,9 +299,18 @@ def extract_prompt(ref: RunRef, deps: StepDeps) -> ExtractResult:
     run = _load_active(ref, deps)
     hub = _hub(run, deps)
     notes = "".join(f" {_as_sentence(note)}." for note in run.notes)
-    run = _progress(run, deps, "extract", RunStatus.EXTRACTING,
-                    f"Run started: prompt from {run.prompt_source}, model {run.model.actual}, size {run.size}.{notes}",
-                    hub)
+    started = f"Run started: prompt from {run.prompt_source}, model {run.model.actual}, size {run.size}.{notes}"
+    started_ms = deps.clock.now_ms()
+    _hub_log(run, hub, started)
+    try:
+        return _extract(run, deps, hub, lambda r: _mark(r, started_ms, "extract", RunStatus.EXTRACTING, started))
+    except PluginError:
+        # The step's one write is its result; a step that fails still leaves its start on the timeline.
+        deps.runs.change(run, lambda r: _mark(r, started_ms, "extract", RunStatus.EXTRACTING, started))
+        raise
+
+
+def _extract(run: RunRecord, deps: StepDeps, hub: HubClient, mark_started: Callable[[RunRecord], None]) -> ExtractResult:
     task = hub.get_task(run.task_id)
 
     def asset_text() -> str:
@@ -324,15 +332,22 @@ def extract_prompt(ref: RunRef, deps: StepDeps) -> ExtractResult:
         template=run.prompt_template,
         extracted_length=len(prompt.text) if template else None,
     )
-    run = deps.runs.update(run.session, run.task_id, lambda r: setattr(r, "prompt", info))
     shortened = ""
     if info.truncated:
         why = (f" so that with the template it fits {run.model.actual}'s {run.max_prompt_chars} characters"
                if template else "")
         shortened = f" (shortened from {info.original_length} to {len(prompt.text)} at a word boundary{why})"
     templated = f", {info.length} with the prompt template" if template else ""
-    _progress(run, deps, "extract", None,
-              f"Prompt from {info.source}: {len(prompt.text)} characters{shortened}{templated}.", hub)
+    message = f"Prompt from {info.source}: {len(prompt.text)} characters{shortened}{templated}."
+    now = deps.clock.now_ms()
+
+    def extracted(r: RunRecord) -> None:
+        mark_started(r)
+        r.prompt = info
+        _mark(r, now, "extract", None, message)
+
+    run = deps.runs.change(run, extracted)
+    _hub_log(run, hub, message)
     return ExtractResult(prompt_source=info.source, prompt_length=info.length, truncated=info.truncated)
 
 
@@ -340,14 +355,16 @@ def extract_prompt(ref: RunRef, deps: StepDeps) -> ExtractResult:
 
 
 def _wait(run: RunRecord, deps: StepDeps, start_at_ms: int, reason: str, message: str, hub: HubClient | None,
-          rate_wait: RateWait | None) -> GenerateOutcome:
+          rate_wait: RateWait | None, also: Callable[[RunRecord], None] | None = None) -> GenerateOutcome:
     now = deps.clock.now_ms()
 
     def mutate(r: RunRecord) -> None:
+        if also is not None:
+            also(r)
         r.rate_wait = rate_wait
         _mark(r, now, "wait", RunStatus.WAITING_FOR_SLOT, message)
 
-    run = deps.runs.update(run.session, run.task_id, mutate)
+    run = deps.runs.change(run, mutate)
     _hub_log(run, hub, message)
     retry_at = to_rfc3339_second(start_at_ms)
     wait_s = max(0, math.ceil(start_at_ms / 1000) - now // 1000)
@@ -402,18 +419,20 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
             _count_rate_limited(r)
             r.held = []
 
-        run = deps.runs.update(run.session, run.task_id, count)
-        if run.upstream_rate_limited >= MAX_RATE_LIMITED_ANSWERS:
+        if run.upstream_rate_limited + 1 >= MAX_RATE_LIMITED_ANSWERS:
+            run = deps.runs.change(run, count)
             raise OpenAIRateLimitPersisted(
                 f"OpenAI answered 429 rate_limit_exceeded {run.upstream_rate_limited} times in a row, each "
                 "time after waiting as long as it asked: the key's rate limit is used up by other work. Run the "
                 "plugin again later, or raise the key's limits on platform.openai.com."
             ) from None
-        return _wait(run, deps, deps.clock.now_ms() + exc.retry_after_ms, "openai_rate_limited", exc.message, hub, None)
+        # counted in the same write that starts the wait
+        return _wait(run, deps, deps.clock.now_ms() + exc.retry_after_ms, "openai_rate_limited", exc.message, hub, None,
+                     also=count)
     except PluginError as exc:
         if run.held and not getattr(exc, "maybe_billed", False):  # an error answer carries no image to pay for
             release(run.held, deps.allowances)
-            deps.runs.update(run.session, run.task_id, lambda r: setattr(r, "held", []))
+            deps.runs.change(run, lambda r: setattr(r, "held", []))
         raise
     # Every image is stored before any is recorded: a step that dies in between finds them at their keys.
     content_type = FILE_TYPES[run.output_format][1]
@@ -434,7 +453,7 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
         r.held = []  # paid for: the grants stay counted
         _mark(r, deps.clock.now_ms(), "generate", None, message)
 
-    run = deps.runs.update(run.session, run.task_id, mutate)
+    run = deps.runs.change(run, mutate)
     _hub_log(run, hub, message)
     return _done(run)
 
@@ -457,7 +476,7 @@ def _hold_allowances(run: RunRecord, deps: StepDeps, hub: HubClient) -> RunRecor
         return _wait(run, deps, outcome.until_ms, "org_quota", outcome.message, hub, None)
     if not outcome:
         return run
-    return deps.runs.update(run.session, run.task_id, lambda r: r.held.extend(outcome))
+    return deps.runs.change(run, lambda r: r.held.extend(outcome))
 
 
 def _spend_attempt(run: RunRecord) -> None:
@@ -490,7 +509,7 @@ def _claim_request_start(run: RunRecord, deps: StepDeps, hub: HubClient) -> RunR
             _spend_attempt(r)
             _mark(r, now, "generate", RunStatus.GENERATING, message)
 
-        run = deps.runs.update(run.session, run.task_id, spend)
+        run = deps.runs.change(run, spend)
         if booked is None:
             return run
         decision = RateDecision(start_at_ms=booked.start_at_ms, reserved=booked.reserved, position=booked.position)
@@ -525,7 +544,7 @@ def _take_rate_slot(run: RunRecord, deps: StepDeps, hub: HubClient) -> tuple[Run
         if may_start(decision, now, deps.limiter_settings):
             return run, None
         # Woke later than the margin allows: starting now could crowd the next window. Book again.
-        run = deps.runs.update(run.session, run.task_id, _spend_attempt)
+        run = deps.runs.change(run, _spend_attempt)
     raise RateLimiterBusy("Could not keep a global rate slot; the run will retry shortly.")
 
 
@@ -561,7 +580,7 @@ def _reuse_undelivered_image(run: RunRecord, deps: StepDeps, hub: HubClient) -> 
         r.image = r.image or info
         _mark(r, now, "generate", None, message)
 
-    run = deps.runs.update(run.session, run.task_id, mutate)
+    run = deps.runs.change(run, mutate)
     _hub_log(run, hub, message)
     return GenerateOutcome(status="DONE", image_key=run.image.key)
 
@@ -589,7 +608,7 @@ def _adopt_stored_images(run: RunRecord, stored: list[tuple[str, bytes]], deps: 
             r.image, r.more_images = infos[0], infos[1:]
         r.held = []
 
-    return _done(deps.runs.update(run.session, run.task_id, adopt))
+    return _done(deps.runs.change(run, adopt))
 
 
 # ---- Attach Image ----------------------------------------------------------------------------------
@@ -600,17 +619,20 @@ def _finished_result(run: RunRecord) -> AttachResult:
 
 
 def _send_once(run: RunRecord, deps: StepDeps, mark: Callable[[RunRecord, int | None], None],
-               send: Callable[[], None], unconfirmed: str) -> RunRecord:
+               send: Callable[[], None], unconfirmed: str, pending: list[Callable[[RunRecord], None]]) -> RunRecord:
     """Send a change the hub must not get twice: note the intent first, then send. If the hub surely did
     not take it, the note is cleared so a retry sends it again; if it may have, the run stops with
-    ``unconfirmed`` (sending again could make it twice, and the hub cannot be asked)."""
-    run = deps.runs.update(run.session, run.task_id, lambda r: mark(r, deps.clock.now_ms()))
+    ``unconfirmed`` (sending again could make it twice, and the hub cannot be asked). The step's progress
+    not yet written (``pending``) goes in the same write as the intent."""
+    now = deps.clock.now_ms()
+    run = deps.runs.change(run, lambda r: [*(apply(r) for apply in pending), mark(r, now)])
+    pending.clear()
     try:
         send()
     except HubDeliveryUnknown:
         raise HubOutcomeUnknown(unconfirmed) from None
     except PluginError:
-        deps.runs.update(run.session, run.task_id, lambda r: mark(r, None))
+        deps.runs.change(run, lambda r: mark(r, None))
         raise
     return run
 
@@ -644,7 +666,12 @@ def attach_image(ref: RunRef, deps: StepDeps) -> AttachResult:
         return _finished_result(run)  # a retry of a step that finished: nothing left to do
     hub = _hub(run, deps)
     count = len(run.images)
-    run = _progress(run, deps, "attach", RunStatus.ATTACHING, f"Uploading {_count_images(count)} to the hub.", hub)
+    uploading = f"Uploading {_count_images(count)} to the hub."
+    uploading_ms = deps.clock.now_ms()
+    _hub_log(run, hub, uploading)
+    # What the step has done and not yet written: written with the next intent (or the finish), one write each.
+    pending: list[Callable[[RunRecord], None]] = [
+        lambda r: _mark(r, uploading_ms, "attach", RunStatus.ATTACHING, uploading)]
     for index in range(count):
         image = run.image_at(index)
         if not image.hub_url:
@@ -652,8 +679,9 @@ def attach_image(ref: RunRef, deps: StepDeps) -> AttachResult:
             extension, content_type = FILE_TYPES[image.format]
             name = f"dalle-{run.task_id}-{image.sha256[:12]}.{extension}"
             url = hub.upload_file(run.project_id, name, body, content_type)  # a repeat only leaves a spare file
-            run = deps.runs.update(run.session, run.task_id,
-                                   lambda r, i=index, u=url: setattr(r.image_at(i), "hub_url", u))
+            run = run.model_copy(deep=True)  # the URL is only in memory until the next write takes it
+            pending.append(lambda r, i=index, u=url: setattr(r.image_at(i), "hub_url", u))
+            pending[-1](run)
     if not all(image.attached for image in run.images):
         asset = hub.get_asset(run.project_id, run.asset_id) if run.asset_id else None
         external_id = asset.external_id if asset else run.task_id
@@ -665,10 +693,12 @@ def attach_image(ref: RunRef, deps: StepDeps) -> AttachResult:
                 raise HubOutcomeUnknown(_unconfirmed_attachment(image))
             run = _send_once(run, deps, _attach_sent_setter(index),
                              lambda u=image.hub_url: hub.attach_image(run.project_id, external_id, u),
-                             _unconfirmed_attachment(image))
-            run = deps.runs.update(run.session, run.task_id, lambda r, i=index: setattr(r.image_at(i), "attached", True))
-        if deps.reusable_images is not None and run.prompt is not None:
-            deps.reusable_images.claim(image_fingerprint(run))  # delivered: a later re-run wants a new image
+                             _unconfirmed_attachment(image), pending)
+            pending.append(lambda r, i=index: setattr(r.image_at(i), "attached", True))
+        # Delivered: a later re-run wants a new image. Only a re-run can find its own image still on offer
+        # (Generate claimed any offer before paying); an offer another session makes in between stays.
+        if deps.reusable_images is not None and run.prompt is not None and run.generation > 0:
+            deps.reusable_images.claim(image_fingerprint(run))
 
     # The answer handed back is the task's current one, unchanged, so no annotation is ever wiped.
     answer = answer_to_write_format(hub.get_task(run.task_id).get("answer") or {})
@@ -676,7 +706,7 @@ def attach_image(ref: RunRef, deps: StepDeps) -> AttachResult:
         if run.finish_sent_at_ms is not None:
             raise HubOutcomeUnknown(_unconfirmed_submission(run))
         run = _send_once(run, deps, _set_finish_sent, lambda: hub.annotate(run.task_id, answer),
-                         _unconfirmed_submission(run))
+                         _unconfirmed_submission(run), pending)
     else:
         hub.plugin_response(run.session, response=answer)  # a repeat is harmless: the same answer again
     elapsed_s = (deps.clock.now_ms() - run.created_at_ms) / 1000
@@ -684,13 +714,15 @@ def attach_image(ref: RunRef, deps: StepDeps) -> AttachResult:
     now = deps.clock.now_ms()
 
     def finish(r: RunRecord) -> None:
+        for apply in pending:
+            apply(r)
         _mark(r, now, "finished", RunStatus.SUCCEEDED, message)
         r.timeline[-1].duration_ms = 0
         r.sealed_secrets = None
 
     # The hub's log has the whole story by the time the session says SUCCEEDED (a retried step may say it twice).
     _hub_log(run, hub, message)
-    deps.runs.update(run.session, run.task_id, finish)
+    run = deps.runs.change(run, finish)
     return _finished_result(run)
 
 
@@ -760,7 +792,7 @@ def record_failure(inp: FailureInput, deps: StepDeps) -> dict[str, Any]:
         r.timeline[-1].duration_ms = 0
         r.sealed_secrets = None
 
-    run = deps.runs.update(run.session, run.task_id, fail)
+    run = deps.runs.change(run, fail)
     # Paid for and surely not on the hub: a re-run of the task (in a new session too) takes it, not a new one.
     undelivered = any(not i.attached and i.attach_sent_at_ms is None for i in run.images)
     # A step that died between storing its PNG and recording it leaves the image at its key, unrecorded:
