@@ -391,7 +391,7 @@ def test_each_new_option_refuses_a_wrong_value_with_a_sentence(raw, field, words
 
 def test_a_spending_limit_below_one_tasks_images_is_refused_at_once():
     problem = _refusal({"model_name": "gpt-image-2", "quality": "high", "images_per_task": 2, "max_cost_usd": 0.2})
-    assert problem.field == "max_cost_usd" and "2 image(s)" in problem.message and "$0.3340" in problem.message
+    assert problem.field == "max_cost_usd" and "2 image(s)" in problem.message and "$0.4220" in problem.message
 
 
 def test_a_spending_limit_needs_a_price_for_the_model():
