@@ -153,10 +153,10 @@ def installed(stack: Any) -> Iterator[Seams]:
             raise failure
         return originals[(aws.StepFunctionsStarter, "start")](self, name, run_input)
 
-    def acquire(self, ticket, now_ms):  # noqa: ANN001
+    def acquire(self, ask):  # noqa: ANN001
         with seams._lock:
-            seams.tickets[ticket.rsplit("#", 1)[0]].append(ticket)
-        return originals[(dynamo_rate_limiter.DynamoRateLimiter, "acquire")](self, ticket, now_ms)
+            seams.tickets[ask.ticket.rsplit("#", 1)[0]].append(ask.ticket)
+        return originals[(dynamo_rate_limiter.DynamoRateLimiter, "acquire")](self, ask)
 
     replacements = {"put_png": put_png, "attach_image": attach_image, "start": start, "acquire": acquire}
     for (owner, name) in originals:
