@@ -29,8 +29,9 @@ Wait state until ``wake_lead_ms`` before it (Wait states wake late, never early)
 the last short stretch (at most ``short_wait_ms``) inside the step and claims at its turn. A run keeps
 its place in the queue while it is away: the slot that frees for it is held for it until ``margin`` after
 its ETA; only then may a run behind it of *another* organisation or kind use it (a slot is not left idle
-for a run that is late), and the late run claims the next one that frees. Runs of its own organisation
-and kind never send before it (FIFO), even on a slot of their own. A run away ``abandon_after_ms`` past its ETA (a crashed step whose
+for a run that is late), and the late run claims the next one that frees. A run of its own organisation
+and kind never takes its slot, and never sends before it while it is away (more than ``margin`` from its
+ETA): within a line, sends keep the acceptance order to within the margin (FIFO). A run away ``abandon_after_ms`` past its ETA (a crashed step whose
 execution ended) is dropped from the queue; if it comes back after all, it rejoins at the place its
 acceptance time gives it.
 
@@ -171,11 +172,10 @@ def _holds_a_slot(ahead: Waiter, now_ms: int, settings: LimiterSettings) -> bool
     return now_ms <= ahead.eta_ms + settings.skew_margin_ms
 
 
-def _delays_no_one_ahead(before: LimiterState, after: LimiterState, ahead: list[Waiter], now_ms: int,
+def _delays_no_one_ahead(before: LimiterState, after: LimiterState, holders: list[Waiter], now_ms: int,
                          settings: LimiterSettings) -> bool:
-    """Whether sending now leaves every run ahead that holds its place (``_holds_a_slot``) a start no later
-    than it has without this send, or than the ETA it sleeps until."""
-    holders = [w for w in ahead if _holds_a_slot(w, now_ms, settings)]
+    """Whether sending now leaves every run ahead that holds a slot a start no later than it has without
+    this send, or than the ETA it sleeps until."""
     without = planned_starts(before, holders, now_ms, settings)
     with_send = planned_starts(after, holders, now_ms, settings)
     return all(late <= max(entitled, w.eta_ms) for w, entitled, late in zip(holders, without, with_send))
@@ -199,9 +199,13 @@ def decide(state: LimiterState, ask: Ask, now_ms: int, settings: LimiterSettings
     position = order.index(mine)
     sends = (current.sends + (Send(now_ms, ask.ticket, ask.org, ask.interactive),))[-settings.limit:]
     granted = LimiterState(sends=sends, queue=tuple(w for w in queue if w.run_id != ask.run_id))
-    first_in_line = not any(w.org == mine.org and w.interactive is mine.interactive for w in order[:position])
-    if (first_in_line and free_slots(current, now_ms, settings) > 0
-            and _delays_no_one_ahead(current, granted, order[:position], now_ms, settings)):
+    ahead = order[:position]
+    line_ahead = [w for w in ahead if w.org == mine.org and w.interactive is mine.interactive]
+    # never pass a run of one's own line that is away (late, or asleep until later): FIFO
+    passes_no_one_away = all(abs(now_ms - w.eta_ms) <= settings.skew_margin_ms for w in line_ahead)
+    holders = [w for w in ahead if w in line_ahead or _holds_a_slot(w, now_ms, settings)]
+    if (passes_no_one_away and free_slots(current, now_ms, settings) > 0
+            and _delays_no_one_ahead(current, granted, holders, now_ms, settings)):
         return Answer(True, now_ms, 0, granted, changed=True)
     eta = planned_starts(current, order, now_ms, settings)[position]
     if eta <= now_ms:  # its slot is free but held for a run ahead that may still come: look again soon
