@@ -12,9 +12,10 @@ computed again and written. A claim is therefore the write itself: it is granted
 allowed it in the state it replaced. A write from the fresh item that still loses means real contention:
 the caller backs off with jitter, so a burst spreads out instead of hammering the item in lockstep.
 
-A "wait" answer is only given from a state confirmed by this call (a successful write or the item a failed
-one returned), so a caller never sleeps on a stale view; a turn at most ``short_wait_ms`` away is waited
-for here, then claimed.
+A turn at most ``short_wait_ms`` away is waited for here, then claimed, with no write in between once
+the run is in the stored queue. A longer wait (the caller goes to sleep in a Wait state) or a refusal is
+only answered from a state confirmed by this call (a successful write, or the item a failed one
+returned), so no run sleeps on a stale view.
 """
 
 from __future__ import annotations
@@ -102,10 +103,17 @@ class DynamoRateLimiter:
         calls = contended = 0
         fresh = False  # whether the state in hand was confirmed by this call
         waited_ms = 0
+        joined = False  # whether the stored queue is known to hold this run
         for _ in range(self._max_attempts):
             now = self._clock()
             answer = decide(self._state, rule_ask, now, self._settings)
-            if answer.changed or not fresh:
+            short = not (answer.granted or answer.refused) and answer.start_at_ms - now <= self._settings.short_wait_ms
+            joined = joined or (fresh and any(w.run_id == ask.run_id for w in self._state.queue))
+            # A grant is always written (it is the claim). A short wait in place needs no write once the run
+            # is in the stored queue: it decides again after it. A long wait or a refusal is only given
+            # from a confirmed state, so no run sleeps on a stale view.
+            must_write = answer.granted or (not joined if short else (answer.changed or not fresh))
+            if must_write and (answer.changed or not fresh):
                 calls += 1
                 if not self._write(answer.state):
                     # a stale view is expected to lose once; a fresh one that loses met real contention
@@ -118,7 +126,7 @@ class DynamoRateLimiter:
             if answer.granted or answer.refused:
                 return RateDecision(answer.granted, answer.start_at_ms, answer.position, answer.refused, calls)
             wait_ms = answer.start_at_ms - now
-            if wait_ms <= self._settings.short_wait_ms and waited_ms < 2 * self._settings.short_wait_ms:
+            if short and waited_ms < 2 * self._settings.short_wait_ms:
                 self._sleep(wait_ms / 1000)  # the turn is close: wait for it here rather than in a Wait state
                 waited_ms += wait_ms
                 fresh = False
