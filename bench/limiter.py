@@ -1,12 +1,21 @@
-"""The global limit under a backlog, through the real state machine on the local stack.
+"""The shared key's queue side by side with the reservation limiter it replaced and a fixed-window counter.
 
-A backlog of runs on the shared key is sent at once to a stack whose limit window is scaled down; the
-OpenAI emulator records when every image request really started. The same backlog runs against the
-naive fixed-window counter as the baseline, in a second process right after (each local stack owns its
-process: moto's backends and the in-process Lambdas are process-wide).
+What runs: the limiters' real adapters against DynamoDB Local, and the requests really sent, through the
+plugin's OpenAI adapter, to the OpenAI emulator, which timestamps their arrival. What is simulated: the
+Generate steps' lifecycle on threads (each invoke a cold container with a clock offset of its own, each
+Wait state waking late), at a window scaled down from 60 s to ``--window`` seconds with every time dial
+of the ``hostile`` profile scaled by the same factor (Wait lateness 200/1500/5000 ms low/mode/high, clock
+offsets +-500 ms; the margin is twice the scaled offset plus a real claim-to-arrival allowance). The full local stack, at 60 s windows, would take an hour per variant on
+this machine; the arrival times, the DynamoDB calls and the state are real.
 
-    python -m bench.limiter                  # both variants, writes bench/results/limiter.json
-    python -m bench.limiter --one reservation --runs 12 --window 2 --json   # one variant, JSON on stdout
+Scenarios (each variant on its own item and its own emulator, all at once):
+
+* backlog: ``--runs`` workflow runs of one organisation, accepted within the first second;
+* editor: a 40-task batch of one organisation, then editor runs of a second one arriving behind it;
+* cap (queue only): a backlog past ``RateQueueMaxWaitSeconds``, scaled: how many are refused at once.
+
+    python -m bench.limiter            # writes bench/results/limiter.json and the limiter_* keys of summary.json
+    python -m bench.limiter --quick    # a smaller backlog on a shorter window
 """
 
 from __future__ import annotations
@@ -14,16 +23,24 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
+import multiprocessing
+import random
+import statistics
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-RESULTS = Path(__file__).resolve().parent / "results" / "limiter.json"
-VARIANTS = ("reservation", "fixed-window")
-BENCH_SECRET = "bench-limiter-secret-long-enough-for-the-authorizer"
+RESULTS = Path(__file__).resolve().parent / "results"
+VARIANTS = ("queue", "reservation", "fixed_window")
+TABLE = "bench-limiter"
+HOSTILE_LATENESS_MS = (200, 1500, 5000)
+HOSTILE_OFFSET_MS = 500
+#: the claim-to-arrival part of the margin is real time here, not scaled: what the machine measured (about
+#: 150 ms at most on DynamoDB Local under load), with room
+CLAIM_TO_ARRIVAL_ALLOWANCE_MS = 500
 
 
 def max_starts_in_any_window(starts: list[float], window_s: float) -> int:
@@ -38,130 +55,424 @@ def max_starts_in_any_window(starts: list[float], window_s: float) -> int:
     return best
 
 
-def figures(starts: list[float], limit: int, window_s: float, calls: int) -> dict[str, Any]:
-    ordered = sorted(starts)
-    n = len(ordered)
-    span = ordered[-1] - ordered[0] if n > 1 else 0.0
-    ideal = (math.ceil(n / limit) - 1) * window_s
-    beyond_first = n - min(n, limit)  # requests that had to wait for a slot to free
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class Job:
+    name: str
+    org: str
+    interactive: bool
+    arrive_at_ms: int  # true time
+    accepted_ms: int = 0
+    claimed_ms: int | None = None  # true time of the granting decision's clock reading
+    arrival_s: float | None = None  # the emulator's stamp
+    told_eta_ms: list[int] = field(default_factory=list)  # true times
+    refused: bool = False
+    calls: int = 0
+    claim_to_arrival_ms: float | None = None
+
+
+@dataclass
+class Dials:
+    limit: int
+    window_s: float
+    scale: float  # scaled ms per real ms
+
+    deadline_ms: float = float("inf")  # a run not sent by then gives up (a limiter that livelocks)
+
+    @property
+    def margin_ms(self) -> int:
+        return round(2 * self.offset_ms) + CLAIM_TO_ARRIVAL_ALLOWANCE_MS
+
+    @property
+    def offset_ms(self) -> float:
+        return HOSTILE_OFFSET_MS * self.scale
+
+    def lateness_ms(self, rng: random.Random) -> float:
+        low, mode, high = (v * self.scale for v in HOSTILE_LATENESS_MS)
+        return rng.triangular(low, high, mode)
+
+
+class Variant:
+    """One limiter's way through a Generate step: asks, waits (late) and sends."""
+
+    def __init__(self, name: str, client: Any, dials: Dials, key: str, cap_s: float = 1e9):
+        self.name, self.client, self.dials, self.key = name, client, dials, key
+        self.cap_s = cap_s
+
+    def settings(self) -> Any:
+        from dalle_plugin.domain.rate_limit import LimiterSettings
+
+        scale = self.dials.scale
+        return LimiterSettings(limit=self.dials.limit, window_s=self.dials.window_s,
+                               skew_margin_ms=self.dials.margin_ms, max_queue_wait_s=self.cap_s,
+                               wake_lead_ms=round(2000 * scale), short_wait_ms=round(3500 * scale),
+                               abandon_after_ms=round(30_000 * scale))
+
+    def run(self, job: Job, send: Callable[[], None], rng: random.Random) -> None:
+        getattr(self, f"_run_{self.name}")(job, send, rng)
+
+    def _clock(self, rng: random.Random) -> tuple[Callable[[], int], float, list[int]]:
+        offset = rng.uniform(-self.dials.offset_ms, self.dials.offset_ms)
+        readings: list[int] = []
+
+        def clock() -> int:
+            reading = now_ms() + round(offset)
+            readings.append(reading)
+            return reading
+
+        return clock, offset, readings
+
+    def _sleep_until(self, true_ms: float) -> None:
+        time.sleep(max(0.0, (min(true_ms, self.dials.deadline_ms) - now_ms()) / 1000))
+
+    def _gave_up(self) -> bool:
+        return now_ms() >= self.dials.deadline_ms
+
+    def _wait_state(self, wake_true_ms: float, rng: random.Random) -> None:
+        # Step Functions wakes at the whole (scaled) second at or after the timestamp, then late
+        granule = 1000 * self.dials.scale
+        self._sleep_until(math.ceil(wake_true_ms / granule) * granule + self.dials.lateness_ms(rng))
+
+    def _run_queue(self, job: Job, send: Callable[[], None], rng: random.Random) -> None:
+        from dalle_plugin.adapters.dynamo_rate_limiter import DynamoRateLimiter
+        from dalle_plugin.domain.rate_limit import wake_at_ms
+        from dalle_plugin.ports import RateAsk
+
+        settings = self.settings()
+        for attempt in range(1, 1000):
+            if self._gave_up():
+                return
+            clock, offset, readings = self._clock(rng)
+            limiter = DynamoRateLimiter(self.client, TABLE, settings, key=self.key, clock=clock)
+            decision = limiter.acquire(RateAsk(run_id=job.name, ticket=f"{job.name}#{attempt}",
+                                               accepted_ms=job.accepted_ms, org_id=job.org,
+                                               interactive=job.interactive, may_refuse=attempt == 1))
+            job.calls += limiter.calls
+            if decision.refused:
+                job.refused = True
+                return
+            if decision.granted:
+                job.claimed_ms = readings[-1] - round(offset)
+                send()
+                return
+            eta_true = decision.start_at_ms - offset
+            job.told_eta_ms.append(round(eta_true))
+            self._wait_state(wake_at_ms(decision.start_at_ms, settings) - offset, rng)
+
+    def _run_reservation(self, job: Job, send: Callable[[], None], rng: random.Random) -> None:
+        from bench.baselines.reservation_limiter import DynamoRateLimiter, LimiterSettings, may_start
+
+        settings = LimiterSettings(limit=self.dials.limit, window_s=self.dials.window_s,
+                                   skew_margin_ms=self.dials.margin_ms,
+                                   wait_granularity_ms=max(1, round(1000 * self.dials.scale)))
+        attempt = 1
+        while attempt < 1000 and not self._gave_up():
+            clock, offset, readings = self._clock(rng)
+            limiter = DynamoRateLimiter(self.client, TABLE, settings, key=self.key, clock=clock)
+            decision = limiter.acquire(f"{job.name}#{attempt}", clock())
+            job.calls += decision.calls
+            if decision.start_at_ms > clock():
+                job.told_eta_ms.append(round(decision.start_at_ms - offset))
+                self._wait_state(decision.start_at_ms - offset, rng)
+                clock, offset, readings = self._clock(rng)  # a new invoke
+            if may_start(decision, clock(), settings):
+                job.claimed_ms = readings[-1] - round(offset)
+                send()
+                return
+            attempt += 1  # woke past half the margin: book again, at the back
+
+    def _run_fixed_window(self, job: Job, send: Callable[[], None], rng: random.Random) -> None:
+        from bench.baselines.fixed_window import FixedWindowRateLimiter
+        from bench.baselines.reservation_limiter import LimiterSettings
+
+        settings = LimiterSettings(limit=self.dials.limit, window_s=self.dials.window_s,
+                                   skew_margin_ms=self.dials.margin_ms)
+        while not self._gave_up():
+            clock, offset, readings = self._clock(rng)
+            decision = FixedWindowRateLimiter(self.client, TABLE, settings, key=self.key).acquire(job.name, clock())
+            job.calls += decision.calls
+            if decision.reserved:
+                job.claimed_ms = readings[-1] - round(offset)
+                send()
+                return
+            job.told_eta_ms.append(round(decision.start_at_ms - offset))
+            self._wait_state(decision.start_at_ms - offset, rng)
+
+
+def item_bytes(item: dict[str, Any]) -> int:
+    """DynamoDB's item size: attribute names plus values (numbers counted as their digits)."""
+    size = 0
+    for name, value in item.items():
+        size += len(name.encode())
+        (kind, raw), = value.items()
+        if kind in ("S", "N"):
+            size += len(str(raw).encode())
+        elif kind in ("SS", "NS"):
+            size += sum(len(str(v).encode()) for v in raw)
+        else:
+            size += len(json.dumps(raw).encode())
+    return size
+
+
+def watch_state(client: Any, key: str, variant: str, window_ms: int, stop: threading.Event) -> list[int]:
+    sizes = [0]
+
+    def loop() -> None:
+        while not stop.is_set():
+            keys = [f"{key}#{now_ms() // window_ms}"] if variant == "fixed_window" else [key]
+            for k in keys:
+                got = client.get_item(TableName=TABLE, Key={"pk": {"S": k}}, ConsistentRead=True).get("Item")
+                if got:
+                    sizes[0] = max(sizes[0], item_bytes(got))
+            stop.wait(0.2)
+
+    threading.Thread(target=loop, daemon=True).start()
+    return sizes
+
+
+def play(variant: Variant, jobs: list[Job], seed: int) -> dict[str, Any]:
+    """Run every job on its own thread against the variant, with its own emulator for the arrivals."""
+    from dalle_plugin.adapters.openai_images import OpenAIImageGenerator
+    from dalle_plugin.domain.errors import PluginError
+    from dalle_plugin.ports import ImageRequest
+    from local_stack.openai_emulator import OpenAIEmulator
+
+    stop = threading.Event()
+    sizes = watch_state(variant.client, variant.key, variant.name, variant.dials.window_s * 1000, stop)
+    with OpenAIEmulator() as emulator:
+        # a quick 503 instead of rendering an image: the arrival is stamped all the same, and no render
+        # holds the interpreter lock while other runs claim and send
+        emulator.set_default({"kind": "server_error", "status": 503})
+
+        generator = OpenAIImageGenerator(emulator.base_url, 60)
+        generator.prepare("sk-bench")  # built before any claim, as Generate does
+
+        def one(job: Job, rng: random.Random) -> None:
+            job.accepted_ms = job.arrive_at_ms  # the API's acceptance stamp
+            time.sleep(max(0.0, (job.arrive_at_ms - now_ms()) / 1000))
+
+            def send() -> None:
+                try:
+                    generator.generate(ImageRequest(model="gpt-image-2", prompt=f"bench {job.name}",
+                                                    size="1024x1024", quality="low"), "sk-bench")
+                except PluginError:
+                    pass  # the 503 asked for
+                mine = [r.started_at for r in emulator.requests if r.is_generation and r.prompt == f"bench {job.name}"]
+                if mine and job.claimed_ms is not None:
+                    job.arrival_s = mine[-1]
+                    job.claim_to_arrival_ms = job.arrival_s * 1000 - job.claimed_ms
+
+            variant.run(job, send, rng)
+
+        threads = [threading.Thread(target=one, args=(job, random.Random(seed * 1000 + i)))
+                   for i, job in enumerate(jobs)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        arrivals = emulator.generation_starts()
+    stop.set()
+    return {"arrivals": arrivals, "state_bytes_max": sizes[0]}
+
+
+def stalls(jobs: list[Job], dials: Dials) -> int:
+    """Runs that waited while a slot was free for longer than the margin (a slot frees ``window +
+    margin`` after a send, as the limiters keep it)."""
+    sends = sorted(j.claimed_ms for j in jobs if j.claimed_ms is not None)
+    spacing = dials.window_s * 1000 + dials.margin_ms
+    count = 0
+    for job in jobs:
+        if job.claimed_ms is None:
+            continue
+        free_since = None
+        for t in range(job.accepted_ms, job.claimed_ms, 10):
+            busy = sum(1 for s in sends if t - spacing < s <= t)
+            if busy < dials.limit:
+                free_since = t if free_since is None else free_since
+                if t - free_since > dials.margin_ms:
+                    count += 1
+                    break
+            else:
+                free_since = None
+    return count
+
+
+def fifo_violations(jobs: list[Job], tolerance_ms: int) -> int:
+    """Pairs of one organisation and kind sent against their acceptance order by more than the margin."""
+    sent = [j for j in jobs if j.claimed_ms is not None]
+    return sum(1 for a in sent for b in sent
+               if a.org == b.org and a.interactive == b.interactive and a.accepted_ms < b.accepted_ms
+               and a.claimed_ms > b.claimed_ms + tolerance_ms)
+
+
+def figures(jobs: list[Job], arrivals: list[float], dials: Dials, state_bytes: int) -> dict[str, Any]:
+    sent = [j for j in jobs if j.claimed_ms is not None]
+    ordered = sorted(arrivals)
+    span = ordered[-1] - ordered[0] if len(ordered) > 1 else 0.0
+    ideal = (math.ceil(len(ordered) / dials.limit) - 1) * dials.window_s
+    errors = sorted(abs(j.claimed_ms - j.told_eta_ms[-1]) / 1000 for j in sent if j.told_eta_ms)
+    p95 = errors[min(len(errors) - 1, math.ceil(0.95 * len(errors)) - 1)] if errors else 0.0
+    calls = sum(j.calls for j in jobs)
+    delays = sorted(j.claim_to_arrival_ms for j in sent if j.claim_to_arrival_ms is not None)
     return {
-        "runs": n,
-        "max_starts_in_any_window": max_starts_in_any_window(ordered, window_s),
-        "achieved_rate_over_cap": round((beyond_first / span) / (limit / window_s), 4) if span else None,
+        "runs": len(jobs),
+        "sent": len(sent),
+        "max_arrivals_in_any_window": max_starts_in_any_window(ordered, dials.window_s),
+        "stalls": stalls(jobs, dials),
         "makespan_s": round(span, 3),
         "ideal_makespan_s": ideal,
-        "makespan_over_ideal": round(span / ideal, 4) if ideal else None,
-        "dynamodb_calls_per_grant": round(calls / n, 3) if n else None,
+        # a backlog not all sent by the deadline has no makespan: None
+        "makespan_over_ideal": round(span / ideal, 4) if ideal and len(ordered) == len(jobs) else None,
+        "eta_error_p95_s": round(p95, 3),
+        "fifo_violations": fifo_violations(jobs, dials.margin_ms),
+        "dynamodb_writes_per_grant": round(calls / len(sent), 3) if sent else None,
+        "state_bytes_max": state_bytes,
+        "claim_to_arrival_ms": {"median": round(statistics.median(delays), 1), "p99": round(delays[
+            min(len(delays) - 1, math.ceil(0.99 * len(delays)) - 1)], 1), "max": round(delays[-1], 1)}
+        if delays else None,
     }
 
 
-def run_backlog(variant: str, runs: int, limit: int, window_s: float, margin_ms: int) -> dict[str, Any]:
-    """Run in its own process: bring up a local stack with the scaled limit and send the backlog."""
-    from dalle_plugin import wiring
-    from dalle_plugin.adapters.dynamo_rate_limiter import FixedWindowRateLimiter
-    from local_stack.hub_emulator import load_sample_runs
-    from local_stack.runner import PluginApi
-    from local_stack.stack import LocalStack, StackOptions
-
-    options = StackOptions(stack_name=f"bench-{variant}", plugin_secret=BENCH_SECRET, parameters={
-        "RateLimit": str(limit), "RateWindowSeconds": str(window_s), "RateSkewMarginMs": str(margin_ms)})
-    with LocalStack(options) as stack:
-        stack.hub.load_samples()
-        deps = wiring.generate_deps()
-        if variant == "fixed-window":
-            deps.limiter = FixedWindowRateLimiter(wiring.aws_client("dynamodb"), stack.table_name("RateLimitTable"),
-                                                  deps.limiter_settings)
-        calls = _count_limiter_calls(deps)
-        api = PluginApi(stack.api_url, BENCH_SECRET)
-        template = load_sample_runs(stack.hub.base_url)[1].payload  # a text-annotation run
-        sessions = [f"{variant}-{i:03d}" for i in range(runs)]
-        # The backlog forms within the first window: `limit` runs first, the rest two seconds later.
-        # (Sent all in one instant, 30 executions share this process's one interpreter lock, and the
-        # first requests' own way out is slowed by it: an artefact of running every Lambda in-process.)
-        _send_all(api, template, sessions[:limit])
-        time.sleep(2)
-        _send_all(api, template, sessions[limit:])
-        deadline = (math.ceil(runs / limit) + 2) * (window_s + margin_ms / 1000 + 1) + 60
-        statuses = [api.wait_finished(s, timeout_s=deadline)["runs"][0]["status"] for s in sessions]
-        starts = stack.openai.generation_starts()
-        result = figures(starts, limit, window_s, calls["n"])
-        result.update({"variant": variant, "limit": limit, "window_s": window_s, "skew_margin_ms": margin_ms,
-                       "succeeded": statuses.count("SUCCEEDED"), "starts_epoch_s": sorted(starts)})
-        return result
+def backlog_jobs(runs: int, start_ms: int) -> list[Job]:
+    return [Job(f"b{i:03d}", "org-a", False, start_ms + i * 1000 // max(1, runs)) for i in range(runs)]
 
 
-def _send_all(api: Any, template: dict[str, Any], sessions: list[str]) -> None:
-    senders = [threading.Thread(target=api.run, args=(template | {"session": s},)) for s in sessions]
-    for sender in senders:
-        sender.start()
-    for sender in senders:
-        sender.join()
+def editor_jobs(dials: Dials, start_ms: int) -> list[Job]:
+    batch = [Job(f"w{i:03d}", "org-a", False, start_ms + i * 10) for i in range(40)]
+    step = round(dials.window_s * 1000 * 1.3)
+    editors = [Job(f"e{k}", "org-b", True, start_ms + 1500 + k * step) for k in range(3)]
+    return batch + editors
 
 
-def _count_limiter_calls(deps: Any) -> dict[str, int]:
-    counter = {"n": 0}
-    original = deps.limiter.acquire
-
-    def counted(ticket: str, now_ms: int):
-        decision = original(ticket, now_ms)
-        counter["n"] += decision.calls
-        return decision
-
-    deps.limiter.acquire = counted
-    return counter
+def scenario(name: str, variant_name: str, client: Any, dials: Dials, jobs: list[Job], seed: int,
+             cap_s: float = 1e9) -> tuple[list[Job], dict[str, Any]]:
+    variant = Variant(variant_name, client, dials, key=f"{name}-{variant_name}-{seed}", cap_s=cap_s)
+    played = play(variant, jobs, seed)
+    return jobs, figures(jobs, played["arrivals"], dials, played["state_bytes_max"])
 
 
-def _in_subprocess(variant: str, args: argparse.Namespace) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "bench.limiter", "--one", variant, "--json", "--runs", str(args.runs),
-         "--limit", str(args.limit), "--window", str(args.window), "--margin-ms", str(args.margin_ms)],
-        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent,
-    )
+def _play_in_process(endpoint: str, index: int, label: str, variant: str, jobs: list[Job], cap: float,
+                     dials: Dials, results: Any) -> None:
+    import boto3
+
+    client = boto3.client("dynamodb", endpoint_url=endpoint, region_name="us-east-1",
+                          aws_access_key_id="local", aws_secret_access_key="local")
+    results.put((label, scenario(label.split("/")[0], variant, client, dials, jobs, index + 1, cap)))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.limiter", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--one", choices=VARIANTS, help="run one variant in this process")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON only")
-    parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--runs", type=int, default=60)
     parser.add_argument("--limit", type=int, default=5)
-    parser.add_argument("--window", type=float, default=30.0, help="scaled window, seconds")
-    parser.add_argument("--margin-ms", type=int, default=1000)
-    parser.add_argument("--quick", action="store_true", help="a small backlog on a short window")
+    parser.add_argument("--window", type=float, default=6.0, help="scaled window, seconds (real: 60)")
+    parser.add_argument("--quick", action="store_true", help="a smaller backlog on a shorter window")
     args = parser.parse_args(argv)
     if args.quick:
-        args.runs, args.window, args.margin_ms = 12, 4.0, 1000
-    if args.one:
-        result = run_backlog(args.one, args.runs, args.limit, args.window, args.margin_ms)
-        print(json.dumps(result) if args.json else json.dumps(result, indent=2), flush=True)
-        return 0
-    print(f"limiter: {args.runs} runs on the shared key at {args.limit} per {args.window:g} s "
-          f"(margin {args.margin_ms} ms), ours, then the fixed-window baseline…", flush=True)
-    results = {}
-    for variant in VARIANTS:  # one after the other: a variant's bursts must not steal the other's CPU
-        process = _in_subprocess(variant, args)
-        out, _ = process.communicate()
-        if process.returncode:
-            raise SystemExit(f"limiter bench ({variant}) failed with exit code {process.returncode}")
-        results[variant] = json.loads(out.strip().splitlines()[-1])
-    ours, base = results["reservation"], results["fixed-window"]
+        args.runs, args.window = 20, 3.0
+    dials = Dials(args.limit, args.window, scale=args.window / 60)
+    # (the deadline: a limiter that keeps every slot busy ends the backlog within runs/limit windows; 3x that)
+    import boto3
+
+    from local_stack.dynamodb_local import DynamoDBLocal
+
+    print(f"limiter: {args.runs}-run backlog, a 40-task batch with editor runs behind it, and a backlog past "
+          f"the cap, at {args.limit} per {args.window:g} s (hostile dials scaled by {dials.scale:g}; margin "
+          f"{dials.margin_ms} ms), for the queue and both baselines at once…", flush=True)
+    with DynamoDBLocal() as dynamodb:
+        client = boto3.client("dynamodb", endpoint_url=dynamodb.endpoint_url, region_name="us-east-1",
+                              aws_access_key_id="local", aws_secret_access_key="local")
+        client.create_table(TableName=TABLE, KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
+                            AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
+                            BillingMode="PAY_PER_REQUEST")
+        for k in range(300):  # DynamoDB Local's JVM answers its first few hundred requests slowly
+            client.update_item(TableName=TABLE, Key={"pk": {"S": f"warm-up-{k % 10}"}},
+                               UpdateExpression="ADD n :one", ExpressionAttributeValues={":one": {"N": "1"}})
+        dials.deadline_ms = now_ms() + 9000 + 3 * (math.ceil(args.runs / args.limit) + 1) * args.window * 1000
+        start = now_ms() + 6000  # every process has its threads waiting by then
+        results: dict[str, dict[str, Any]] = {}
+        cap_s = 3 * args.window  # scaled: a backlog of 40 at 5 per window goes far past it
+        plans = [(f"backlog/{v}", v, backlog_jobs(args.runs, start), 1e9) for v in VARIANTS]
+        plans += [(f"editor/{v}", v, editor_jobs(dials, start), 1e9) for v in VARIANTS]
+        plans += [("cap/queue", "queue", backlog_jobs(40, start), cap_s)]
+        # one process per scenario and variant, as Lambdas each have their own: no interpreter lock shared
+        context = multiprocessing.get_context("fork")
+        queue = context.Queue()
+        workers = [context.Process(target=_play_in_process,
+                                   args=(dynamodb.endpoint_url, i, label, variant, jobs, cap, dials, queue))
+                   for i, (label, variant, jobs, cap) in enumerate(plans)]
+        for worker in workers:
+            worker.start()
+        outputs = dict(queue.get(timeout=dials.deadline_ms / 1000 - time.time() + 120) for _ in workers)
+        for worker in workers:
+            worker.join(timeout=30)
+    for label, (jobs, result) in outputs.items():
+        results[label] = result
+        if label.startswith("editor/"):
+            waits = [(j.claimed_ms - j.accepted_ms) / 1000 for j in jobs if j.interactive and j.claimed_ms]
+            result["editor_max_wait_s"] = round(max(waits), 3) if waits else None
+        if label.startswith("cap/"):
+            result["refused"] = sum(1 for j in jobs if j.refused)
     report = {
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "scenario": {"runs": args.runs, "limit": args.limit, "window_s": args.window, "skew_margin_ms": args.margin_ms,
-                     "wait_granularity_ms": 1000},
-        "ours": {k: v for k, v in ours.items() if k != "starts_epoch_s"},
-        "baseline_fixed_window": {k: v for k, v in base.items() if k != "starts_epoch_s"},
-        "starts": {"ours": ours["starts_epoch_s"], "baseline_fixed_window": base["starts_epoch_s"]},
+        "scenario": {"runs": args.runs, "limit": args.limit, "window_s": args.window,
+                     "skew_margin_ms": dials.margin_ms, "scale_of_hostile_dials": dials.scale,
+                     "how": "limiter adapters on DynamoDB Local, sends to the OpenAI emulator, steps simulated"},
+        "results": results,
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    rows = ["max_starts_in_any_window", "achieved_rate_over_cap", "makespan_over_ideal", "dynamodb_calls_per_grant"]
-    print(f"{'figure':<28}{'ours':>12}{'fixed window':>14}")
+    report["baseline"] = ("the reservation limiter this queue replaced (bench/baselines/reservation_limiter.py), "
+                          "the same scenarios at the same time; the fixed-window counter in the note")
+    report["rows"] = table_rows(results)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "limiter.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_summary(results, args, dials)
+    rows = ["max_arrivals_in_any_window", "stalls", "makespan_over_ideal", "eta_error_p95_s", "fifo_violations",
+            "dynamodb_writes_per_grant", "state_bytes_max"]
+    print(f"{'backlog figure':<30}" + "".join(f"{v:>14}" for v in VARIANTS))
     for row in rows:
-        print(f"{row:<28}{ours[row]!s:>12}{base[row]!s:>14}")
-    print(f"wrote {RESULTS}")
+        print(f"{row:<30}" + "".join(f"{results[f'backlog/{v}'][row]!s:>14}" for v in VARIANTS))
+    print(f"{'editor_max_wait_s':<30}" + "".join(f"{results[f'editor/{v}']['editor_max_wait_s']!s:>14}"
+                                                  for v in VARIANTS))
+    print(f"refused past the cap: {results['cap/queue']['refused']} of 40; claim to arrival (queue): "
+          f"{results['backlog/queue']['claim_to_arrival_ms']}")
     return 0
+
+
+def table_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """docs/performance.md's rows: the queue, the reservation baseline, the fixed window in the note."""
+    rows = []
+    for key in ("max_arrivals_in_any_window", "stalls", "makespan_over_ideal", "eta_error_p95_s", "fifo_violations",
+                "dynamodb_writes_per_grant", "state_bytes_max"):
+        values = [results[f"backlog/{v}"][key] for v in VARIANTS]
+        rows.append({"figure": f"backlog: {key.replace('_', ' ')}", "ours": values[0], "baseline": values[1],
+                     "note": f"fixed window: {values[2]}"})
+    values = [results[f"editor/{v}"]["editor_max_wait_s"] for v in VARIANTS]
+    rows.append({"figure": "editor runs behind a 40-task batch: max wait (s)", "ours": values[0],
+                 "baseline": values[1], "note": f"fixed window: {values[2]}"})
+    rows.append({"figure": "backlog of 40 past the cap: refused at once", "ours": results["cap/queue"]["refused"],
+                 "baseline": None, "note": "the baselines have no cap"})
+    return rows
+
+
+def write_summary(results: dict[str, dict[str, Any]], args: argparse.Namespace, dials: Dials) -> None:
+    """The issue's keys, merged into bench/results/summary.json (other benchmarks write theirs too)."""
+    path = RESULTS / "summary.json"
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    keys = ["max_arrivals_in_any_window", "stalls", "makespan_over_ideal", "eta_error_p95_s", "fifo_violations",
+            "dynamodb_writes_per_grant", "state_bytes_max"]
+    for variant, suffix in (("queue", ""), ("reservation", "_baseline_reservation"),
+                            ("fixed_window", "_baseline_fixed_window")):
+        summary[f"limiter_limit{suffix}"] = args.limit
+        summary[f"limiter_window_s{suffix}"] = args.window
+        for key in keys:
+            summary[f"limiter_{key}{suffix}"] = results[f"backlog/{variant}"][key]
+        summary[f"limiter_editor_max_wait_s{suffix}"] = results[f"editor/{variant}"]["editor_max_wait_s"]
+    summary["limiter_refused_over_cap"] = results["cap/queue"]["refused"]
+    summary["limiter_margin_ms"] = dials.margin_ms
+    path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":

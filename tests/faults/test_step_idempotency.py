@@ -163,6 +163,9 @@ class Generator:
         self.failures = failures or []
         self.requests = 0
 
+    def prepare(self, api_key: str) -> None:
+        pass
+
     def generate(self, request: Any, api_key: str) -> GeneratedImage:
         self.requests += 1
         if self.failures:

@@ -1,12 +1,14 @@
-"""A backlog on the shared key through the real state machine on the local stack, at a scaled window
-(5 per 2 s): every image request start the OpenAI emulator recorded respects the window, in FIFO order.
+"""A backlog on the shared key through the whole local stack at a scaled window (5 per 4 s): the OpenAI
+emulator's arrival stamps never hold more than the limit in any window, and every run gets through.
 
-It runs in its own process (a local stack owns its process), through the same entry point as the
-benchmark, so the figure the benchmark reports is the one this test checks."""
+The stack runs in its own process (a local stack owns its process) with the local AWS profile this test
+process has (``LOCAL_AWS_PROFILE``: run it with ``hostile`` for the unkind one). Only the emulator's
+arrival stamps are asserted on."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -17,23 +19,22 @@ from local_stack.template import PROJECT_ROOT
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
+LIMIT, WINDOW_S, RUNS = 5, 4.0, 12
 
-def test_a_backlog_never_puts_more_than_the_limit_in_any_window():
+
+def test_a_backlog_never_puts_more_than_the_limit_at_openais_door():
     completed = subprocess.run(
-        [sys.executable, "-m", "bench.limiter", "--one", "reservation", "--json",
-         "--runs", "12", "--limit", "5", "--window", "2", "--margin-ms", "1000"],
-        capture_output=True, text=True, timeout=240, cwd=PROJECT_ROOT,
+        [sys.executable, "-m", "bench.limiter_stack", "--runs", str(RUNS), "--limit", str(LIMIT),
+         "--window", str(WINDOW_S)],
+        capture_output=True, text=True, timeout=600, cwd=PROJECT_ROOT, env=os.environ.copy(),
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     result = json.loads(completed.stdout.strip().splitlines()[-1])
-    starts = result["starts_epoch_s"]
-    assert result["succeeded"] == 12 and len(starts) == 12
-    assert max_starts_in_any_window(starts, 2.0) <= 5  # never more, however loaded the machine is
-    # every start waits for the one five places before it to age out of the window
-    ordered = sorted(starts)
-    assert all(ordered[i] - ordered[i - 5] >= 2.0 for i in range(5, 12))
-    # and the slots are used: twelve starts need three bookings per slot (spacing 3 s), one spare for load
-    assert ordered[-1] - ordered[0] < 4 * 3.0 + 1.0
+    arrivals = result["arrivals_epoch_s"]
+    assert result["succeeded"] == RUNS and len(arrivals) == RUNS
+    assert max_starts_in_any_window(arrivals, WINDOW_S) <= LIMIT  # however loaded the machine is
+    ordered = sorted(arrivals)
+    assert all(ordered[i] - ordered[i - LIMIT] >= WINDOW_S for i in range(LIMIT, RUNS))
 
 
 def test_the_window_check_can_fail():

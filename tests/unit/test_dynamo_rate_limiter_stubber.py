@@ -1,4 +1,5 @@
-"""The exact DynamoDB requests the limiters send, and how a failed condition's returned item is used."""
+"""The exact DynamoDB requests the shared key's queue sends, and how a failed condition's returned item is
+used: one conditional UpdateItem per decision, never a read."""
 
 from __future__ import annotations
 
@@ -8,15 +9,15 @@ import boto3
 import pytest
 from botocore.stub import Stubber
 
-from dalle_plugin.adapters.dynamo_rate_limiter import DynamoRateLimiter, FixedWindowRateLimiter
+from dalle_plugin.adapters.dynamo_rate_limiter import DynamoRateLimiter, encode_state
 from dalle_plugin.domain.errors import RateLimiterBusy, StorageUnavailable
-from dalle_plugin.domain.rate_limit import LimiterSettings
-from dalle_plugin.ports import RateDecision
+from dalle_plugin.domain.rate_limit import LimiterSettings, LimiterState, Send, Waiter
+from dalle_plugin.ports import RateAsk, RateDecision
 
 TABLE = "rate-limit"
-SETTINGS = LimiterSettings(limit=5, window_s=60, skew_margin_ms=250)
-UPDATE = "SET #issued = :issued_after, #start = :start, #ticket = :ticket"
+SETTINGS = LimiterSettings(limit=2, window_s=60, skew_margin_ms=250, short_wait_ms=0)
 NOW = 1_760_000_000_000
+ASK = RateAsk(run_id="run-a#g0", ticket="run-a#1", accepted_ms=NOW - 5_000, org_id="org-1", interactive=True)
 
 
 @pytest.fixture
@@ -33,192 +34,157 @@ def stubber(client):
         stub.assert_no_pending_responses()
 
 
+class Clock:
+    def __init__(self, now: int = NOW):
+        self.now = now
+
+    def __call__(self) -> int:
+        return self.now
+
+
 @pytest.fixture
-def naps() -> list[float]:
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def naps(clock) -> list[float]:
     return []
 
 
 @pytest.fixture
-def limiter(client, naps) -> DynamoRateLimiter:
-    return DynamoRateLimiter(client, TABLE, SETTINGS, sleep=naps.append, jitter=lambda: 0.5)
+def limiter(client, naps, clock) -> DynamoRateLimiter:
+    def sleep(seconds: float) -> None:
+        naps.append(seconds)
+        clock.now += round(seconds * 1000)
+
+    return DynamoRateLimiter(client, TABLE, SETTINGS, clock=clock, sleep=sleep, jitter=lambda: 0.5)
 
 
-def booking(slot: int, issued_before: int, start: int, ticket: str, key: str = "global") -> dict[str, Any]:
-    request = {
+def write(version: int, state: LimiterState) -> dict[str, Any]:
+    names = {"#v": "v", "#state": "state"}
+    values = {":next": {"N": str(version + 1)}, ":state": {"S": encode_state(state)}}
+    if version == 0:
+        condition = "attribute_not_exists(#pk)"
+        names["#pk"] = "pk"
+    else:
+        condition = "#v = :version"
+        values[":version"] = {"N": str(version)}
+    return {
         "TableName": TABLE,
-        "Key": {"pk": {"S": key}},
-        "UpdateExpression": UPDATE,
-        "ExpressionAttributeNames": {
-            "#issued": "issued",
-            "#start": f"start_{slot}",
-            "#ticket": f"ticket_{slot}",
-        },
-        "ExpressionAttributeValues": {
-            ":issued_after": {"N": str(issued_before + 1)},
-            ":start": {"N": str(start)},
-            ":ticket": {"S": ticket},
-        },
+        "Key": {"pk": {"S": "global"}},
+        "UpdateExpression": "SET #v = :next, #state = :state",
+        "ConditionExpression": condition,
+        "ExpressionAttributeNames": names,
+        "ExpressionAttributeValues": values,
         "ReturnValues": "NONE",
         "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
     }
-    if issued_before == 0:
-        request["ConditionExpression"] = "attribute_not_exists(#pk)"
-        request["ExpressionAttributeNames"]["#pk"] = "pk"
-    else:
-        request["ConditionExpression"] = "#issued = :issued_before"
-        request["ExpressionAttributeValues"][":issued_before"] = {"N": str(issued_before)}
-    return request
 
 
-def item(issued: int, starts: dict[int, int], key: str = "global") -> dict[str, Any]:
-    """A stored item whose ticket ``m`` is named ``t<m>`` and starts at ``starts[m]``."""
-    stored: dict[str, Any] = {"pk": {"S": key}, "issued": {"N": str(issued)}}
-    for index, start in starts.items():
-        stored[f"start_{index % 5}"] = {"N": str(start)}
-        stored[f"ticket_{index % 5}"] = {"S": f"t{index}"}
-    return stored
+def item(version: int, state: LimiterState) -> dict[str, Any]:
+    return {"pk": {"S": "global"}, "v": {"N": str(version)}, "state": {"S": encode_state(state)}}
 
 
-def condition_failed(stubber: Stubber, expected: dict[str, Any], returned_item: dict[str, Any] | None):
-    stubber.add_client_error(
-        "update_item",
-        service_error_code="ConditionalCheckFailedException",
-        service_message="The conditional request failed",
-        http_status_code=400,
-        modeled_fields={"Item": returned_item} if returned_item is not None else None,
-        expected_params=expected,
-    )
+def lost(stubber: Stubber, expected: dict[str, Any], current: dict[str, Any] | None) -> None:
+    response: dict[str, Any] = {"Error": {"Code": "ConditionalCheckFailedException", "Message": "lost"}}
+    if current is not None:
+        response["Item"] = current
+    stubber.add_client_error("update_item", service_error_code="ConditionalCheckFailedException",
+                             service_message="lost", http_status_code=400, expected_params=expected,
+                             response_meta=None, modeled_fields={"Item": current} if current else None)
 
 
-def test_first_booking_ever_creates_the_item(limiter, stubber):
-    stubber.add_response("update_item", {}, booking(slot=0, issued_before=0, start=NOW, ticket="run-a#1"))
-    decision = limiter.acquire("run-a#1", NOW)
-    assert decision == RateDecision(start_at_ms=NOW, reserved=True, position=0, calls=1)
+def granted_to_a(at: int = NOW) -> LimiterState:
+    return LimiterState(sends=(Send(at, "run-a#1", "org-1", True),))
 
 
-def test_a_warm_container_books_with_one_call_from_what_it_last_wrote(limiter, stubber):
-    stubber.add_response("update_item", {}, booking(0, 0, NOW, "run-a#1"))
-    stubber.add_response("update_item", {}, booking(1, 1, NOW + 5, "run-b#1"))
-    limiter.acquire("run-a#1", NOW)
-    assert limiter.acquire("run-b#1", NOW + 5).calls == 1
+def test_the_first_claim_creates_the_item_with_one_write(limiter, stubber):
+    stubber.add_response("update_item", {}, write(0, granted_to_a()))
+    assert limiter.acquire(ASK) == RateDecision(granted=True, start_at_ms=NOW, position=0, calls=1)
 
 
-def test_a_cold_container_learns_the_item_from_its_failed_first_write(limiter, stubber, naps):
-    # Seven tickets so far; tickets 2..6 all started at NOW - 1000: the window is full until
-    # NOW - 1000 + 60_000 + 250, which ticket 7 (slot 2, the slot of ticket 2) gets.
-    stored = item(7, {m: NOW - 1000 for m in range(2, 7)})
-    condition_failed(stubber, booking(0, 0, NOW, "run-c#1"), stored)
-    stubber.add_response("update_item", {}, booking(2, 7, NOW + 59_250, "run-c#1"))
-    decision = limiter.acquire("run-c#1", NOW)
-    assert decision == RateDecision(start_at_ms=NOW + 59_250, reserved=True, position=0, calls=2)
-    assert naps == []  # a stale view is not contention: no back-off
+def test_the_item_written_is_small_and_readable():
+    state = LimiterState(sends=(Send(NOW, "run-a#1", "org-1", True),),
+                         queue=(Waiter("run-b#g0", NOW - 1, "org-2", False, NOW + 60_250),))
+    assert encode_state(state) == ('{"s":[[1760000000000,"run-a#1","org-1",1]],'
+                                   '"q":[["run-b#g0",1759999999999,"org-2",0,1760000060250]]}')
 
 
-def test_a_conflicting_writer_makes_it_recompute_from_the_fresh_item(limiter, stubber, naps):
-    stubber.add_response("update_item", {}, booking(0, 0, NOW, "t0"))
-    limiter.acquire("t0", NOW)
-    # meanwhile other containers booked tickets 1..5; ticket 5 already waits for ticket 0's slot
-    fresh = item(6, {1: NOW, 2: NOW, 3: NOW, 4: NOW, 5: NOW + 60_250})
-    condition_failed(stubber, booking(1, 1, NOW + 10, "t6"), fresh)
-    stubber.add_response("update_item", {}, booking(1, 6, NOW + 60_250, "t6"))
-    decision = limiter.acquire("t6", NOW + 10)
-    assert decision == RateDecision(start_at_ms=NOW + 60_250, reserved=True, position=1, calls=2)
+def test_a_stale_view_loses_once_and_the_claim_is_made_from_the_returned_item(limiter, stubber):
+    other = LimiterState(sends=(Send(NOW - 10, "run-x#1", "org-2", False),))
+    lost(stubber, write(0, granted_to_a()), item(7, other))
+    after = LimiterState(sends=other.sends + granted_to_a().sends)
+    stubber.add_response("update_item", {}, write(7, after))
+    assert limiter.acquire(ASK) == RateDecision(granted=True, start_at_ms=NOW, position=0, calls=2)
 
 
-def test_only_a_fresh_write_that_loses_backs_off_with_jitter(limiter, stubber, naps):
-    condition_failed(stubber, booking(0, 0, NOW, "t5"), item(1, {0: NOW}))  # stale first view: no sleep
-    condition_failed(stubber, booking(1, 1, NOW, "t5"), item(2, {0: NOW, 1: NOW}))  # lost: sleep
-    # the 10 ms slept move "now" on: the booking is for when it is made
-    condition_failed(stubber, booking(2, 2, NOW + 10, "t5"), item(3, {0: NOW, 1: NOW, 2: NOW}))  # stale: slept
-    condition_failed(stubber, booking(3, 3, NOW + 10, "t5"), item(4, {0: NOW, 1: NOW, 2: NOW, 3: NOW}))  # lost
-    condition_failed(stubber, booking(4, 4, NOW + 30, "t5"), item(5, {m: NOW for m in range(5)}))  # stale
-    stubber.add_response("update_item", {}, booking(0, 5, NOW + 60_250, "t5"))
-    assert limiter.acquire("t5", NOW).calls == 6
-    assert naps == [0.010, 0.020]  # jitter 0.5 of 20 ms, then of 40 ms
+def test_a_full_window_queues_the_run_and_says_when_its_turn_comes(limiter, stubber):
+    full = LimiterState(sends=(Send(NOW - 2_000, "x#1", "org-2", True), Send(NOW - 1_000, "y#1", "org-2", True)))
+    lost(stubber, write(0, granted_to_a()), item(3, full))
+    turn = NOW - 2_000 + 60_250
+    queued = LimiterState(sends=full.sends, queue=(Waiter("run-a#g0", NOW - 5_000, "org-1", True, turn),))
+    stubber.add_response("update_item", {}, write(3, queued))
+    assert limiter.acquire(ASK) == RateDecision(granted=False, start_at_ms=turn, position=0, calls=2)
 
 
-def test_a_ticket_already_booked_is_returned_not_booked_twice(limiter, stubber):
-    # A Lambda retry of the same ticket: the failed write shows the ticket already holds ticket 3's slot.
-    stored = item(4, {0: NOW, 1: NOW, 2: NOW, 3: NOW + 7})
-    condition_failed(stubber, booking(0, 0, NOW + 9, "t3"), stored)
-    decision = limiter.acquire("t3", NOW + 9)
-    assert decision == RateDecision(start_at_ms=NOW + 7, reserved=True, position=0, calls=1)
-    # and now that the container knows, asking again costs no call at all
-    assert limiter.acquire("t3", NOW + 9).calls == 0
+def test_a_turn_a_short_while_away_is_waited_for_in_place_then_claimed(client, stubber, clock, naps):
+    limiter = DynamoRateLimiter(client, TABLE, SETTINGS.model_copy(update={"short_wait_ms": 3_000}), clock=clock,
+                                sleep=lambda s: (naps.append(s), setattr(clock, "now", clock.now + round(s * 1000))))
+    full = LimiterState(sends=(Send(NOW - 60_000, "x#1", "org-2", True), Send(NOW - 59_000, "y#1", "org-2", True)))
+    lost(stubber, write(0, granted_to_a()), item(3, full))
+    turn = NOW - 60_000 + 60_250
+    queued = LimiterState(sends=full.sends, queue=(Waiter("run-a#g0", NOW - 5_000, "org-1", True, turn),))
+    stubber.add_response("update_item", {}, write(3, queued))
+    claimed = LimiterState(sends=(full.sends[1], Send(turn, "run-a#1", "org-1", True)))
+    stubber.add_response("update_item", {}, write(4, claimed))  # from the view it wrote: no read
+    assert limiter.acquire(ASK) == RateDecision(granted=True, start_at_ms=turn, position=0, calls=3)
+    assert naps == [0.25]
 
 
-def test_an_item_that_vanished_is_created_again(limiter, stubber):
-    stubber.add_response("update_item", {}, booking(0, 0, NOW, "t0"))
-    limiter.acquire("t0", NOW)
-    condition_failed(stubber, booking(1, 1, NOW, "t1"), None)  # the item was deleted meanwhile
-    stubber.add_response("update_item", {}, booking(0, 0, NOW, "t1"))
-    assert limiter.acquire("t1", NOW).calls == 2
+def test_a_redelivered_claim_with_the_same_ticket_claims_nothing_more(limiter, stubber):
+    stubber.add_response("update_item", {}, write(0, granted_to_a()))
+    assert limiter.acquire(ASK).granted
+    stubber.add_response("update_item", {}, write(1, granted_to_a()))  # confirms, changes nothing
+    assert limiter.acquire(ASK) == RateDecision(granted=True, start_at_ms=NOW, position=0, calls=1)
 
 
-def test_the_key_names_the_item(client, stubber):
-    limiter = DynamoRateLimiter(client, TABLE, SETTINGS, key="bench-7")
-    stubber.add_response("update_item", {}, booking(0, 0, NOW, "t0", key="bench-7"))
-    limiter.acquire("t0", NOW)
+def test_a_run_past_the_cap_is_refused_without_joining(client, stubber, clock):
+    limiter = DynamoRateLimiter(client, TABLE, SETTINGS.model_copy(update={"max_queue_wait_s": 30}), clock=clock)
+    full = LimiterState(sends=(Send(NOW - 2_000, "x#1", "org-2", True), Send(NOW - 1_000, "y#1", "org-2", True)))
+    lost(stubber, write(0, granted_to_a()), item(3, full))
+    decision = limiter.acquire(ASK)  # refused on the item the lost write returned: nothing written
+    assert decision.refused and not decision.granted and decision.start_at_ms == NOW - 2_000 + 60_250
+    assert decision.calls == 1
 
 
-def test_endless_conflicts_give_up_with_a_retryable_error(client, stubber, naps):
-    limiter = DynamoRateLimiter(client, TABLE, SETTINGS, max_attempts=3, sleep=naps.append, jitter=lambda: 0.5)
-    for issued, slept_ms in zip(range(3), (0, 0, 10)):
-        stored = item(issued + 1, {m: NOW for m in range(issued + 1)})
-        condition_failed(stubber, booking(issued, issued, NOW + slept_ms, "late"), stored)
+def test_leaving_removes_the_run_with_one_write(limiter, stubber):
+    waiting = LimiterState(sends=granted_to_a().sends, queue=(Waiter("run-b#g0", NOW, "org-2", False, NOW + 9),))
+    lost(stubber, write(0, LimiterState()), item(5, waiting))
+    stubber.add_response("update_item", {}, write(5, LimiterState(sends=waiting.sends)))
+    limiter.leave("run-b#g0")
+
+
+def test_leaving_a_queue_the_run_is_not_in_writes_nothing_more(limiter, stubber):
+    lost(stubber, write(0, LimiterState()), item(5, granted_to_a()))
+    limiter.leave("run-b#g0")
+
+
+def test_a_fresh_view_that_keeps_losing_backs_off_then_gives_up(client, stubber, naps):
+    limiter = DynamoRateLimiter(client, TABLE, SETTINGS, clock=lambda: NOW, sleep=naps.append,
+                                jitter=lambda: 0.5, max_attempts=3)
+    other = LimiterState(sends=(Send(NOW - 10, "run-x#1", "org-2", False),))
+    after = LimiterState(sends=other.sends + granted_to_a().sends)
+    lost(stubber, write(0, granted_to_a()), item(7, other))
+    lost(stubber, write(7, after), item(7, other))  # (a rival wrote the same version number: contention)
+    lost(stubber, write(7, after), item(7, other))
     with pytest.raises(RateLimiterBusy):
-        limiter.acquire("late", NOW)
+        limiter.acquire(ASK)
+    assert naps == [0.01, 0.02]
 
 
-def test_other_dynamodb_errors_are_storage_errors(limiter, stubber):
-    stubber.add_client_error(
-        "update_item", service_error_code="ProvisionedThroughputExceededException", http_status_code=400
-    )
+def test_any_other_dynamodb_error_is_storage_unavailable(limiter, stubber):
+    stubber.add_client_error("update_item", service_error_code="ProvisionedThroughputExceededException",
+                             http_status_code=400)
     with pytest.raises(StorageUnavailable):
-        limiter.acquire("t0", NOW)
-
-
-def test_an_item_written_for_another_limit_is_refused_clearly(limiter, stubber):
-    stored = {"pk": {"S": "global"}, "issued": {"N": "9"}, "start_0": {"N": "1"}, "ticket_0": {"S": "x"}}
-    condition_failed(stubber, booking(0, 0, NOW, "t9"), stored)
-    with pytest.raises(ValueError, match="limit"):
-        limiter.acquire("t9", NOW)
-
-
-# ---- the naive baseline ----------------------------------------------------------------------------------
-
-
-def fixed_request(window_index: int) -> dict[str, Any]:
-    return {
-        "TableName": TABLE,
-        "Key": {"pk": {"S": f"fixed-window#{window_index}"}},
-        "UpdateExpression": "SET #expires = :expires ADD #count :one",
-        "ConditionExpression": "attribute_not_exists(#count) OR #count < :limit",
-        "ExpressionAttributeNames": {"#count": "count", "#expires": "expires_at"},
-        "ExpressionAttributeValues": {
-            ":one": {"N": "1"},
-            ":limit": {"N": "5"},
-            ":expires": {"N": str((window_index + 2) * 60 + 1)},
-        },
-        "ReturnValues": "NONE",
-    }
-
-
-def test_fixed_window_counts_per_window_index(client, stubber):
-    limiter = FixedWindowRateLimiter(client, TABLE, SETTINGS)
-    window_index = NOW // 60_000
-    stubber.add_response("update_item", {}, fixed_request(window_index))
-    assert limiter.acquire("t0", NOW) == RateDecision(start_at_ms=NOW, reserved=True, calls=1)
-
-
-def test_fixed_window_denial_says_ask_again_at_the_next_window(client, stubber):
-    limiter = FixedWindowRateLimiter(client, TABLE, SETTINGS)
-    window_index = NOW // 60_000
-    stubber.add_client_error(
-        "update_item",
-        service_error_code="ConditionalCheckFailedException",
-        http_status_code=400,
-        expected_params=fixed_request(window_index),
-    )
-    decision = limiter.acquire("t5", NOW)
-    assert decision == RateDecision(start_at_ms=(window_index + 1) * 60_000, reserved=False, calls=1)
+        limiter.acquire(ASK)

@@ -86,6 +86,10 @@ class ImageGenerator(Protocol):
         """Exactly one upstream request. Raises the named errors of ``domain.errors`` (and
         ``UpstreamRateLimited`` with the server's own retry time on a 429 rate limit)."""
 
+    def prepare(self, api_key: str) -> None:
+        """Build the client for ``api_key`` now, so that nothing slow stands between a claimed send on
+        the shared key and its request."""
+
 
 # ---- AWS -------------------------------------------------------------------------------------------
 
@@ -121,26 +125,45 @@ class WorkflowStarter(Protocol):
 
 
 @dataclass(frozen=True)
-class RateDecision:
-    """What the global limiter answers a caller.
+class RateAsk:
+    """A run asking the shared key's queue to send its request now.
 
-    ``start_at_ms`` is the epoch millisecond at which the caller may start its request (<= now: at once).
-    ``reserved`` tells whether the slot at ``start_at_ms`` is already the caller's (wait, then go without
-    asking again) or whether the caller must ask again at that time. ``position`` is how many requests
-    start before this one (0 when it may start now). ``calls`` counts the DynamoDB calls it took.
+    ``run_id`` is its place in the queue (the same for all its attempts), ``ticket`` this one send (a new
+    one per attempt: asking again with it never claims a second send). ``accepted_ms`` is when the hub's
+    request was accepted (first come, first served), ``interactive`` an editor run (served first),
+    ``org_id`` the organisation (served in turns). ``may_refuse``: the queue may refuse a run joining it
+    whose wait would pass the cap; a run already waiting is never refused.
     """
 
+    run_id: str
+    ticket: str
+    accepted_ms: int
+    org_id: str = ""
+    interactive: bool = False
+    may_refuse: bool = True
+
+
+@dataclass(frozen=True)
+class RateDecision:
+    """What the queue answers: ``granted`` (the request may leave now, and its send is recorded), or the
+    run's place: ``position`` runs send before it, its turn comes at ``start_at_ms`` (epoch ms, as exact
+    as the runs ahead are on time). ``refused``: the wait would pass the cap and the run was not queued.
+    ``calls`` counts the DynamoDB calls it took."""
+
+    granted: bool
     start_at_ms: int
-    reserved: bool
     position: int = 0
+    refused: bool = False
     calls: int = 1
 
 
 class RateLimiter(Protocol):
-    def acquire(self, ticket: str, now_ms: int) -> RateDecision: ...
+    def acquire(self, ask: RateAsk) -> RateDecision:
+        """Claim the send now, waiting in place for a turn that is at most a short while away; otherwise
+        keep the run queued and say when its turn comes."""
 
-    def release(self, ticket: str, now_ms: int, start_at_ms: int) -> None:
-        """Give a booked start back (a cancelled run): the next caller may take it."""
+    def leave(self, run_id: str) -> None:
+        """Take a run out of the queue (a cancelled run): the runs behind it move up."""
 
 
 @dataclass(frozen=True)

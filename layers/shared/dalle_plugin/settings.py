@@ -48,9 +48,8 @@ class RateLimitSettings(CommonSettings):
     rate_limit_table: str = Field(alias="RATE_LIMIT_TABLE", min_length=3)
     rate_limit: int = Field(default=5, alias="RATE_LIMIT", ge=1)
     rate_window_s: float = Field(default=60.0, alias="RATE_WINDOW_SECONDS", gt=0)
-    rate_skew_margin_ms: int = Field(default=1000, alias="RATE_SKEW_MARGIN_MS", ge=0)
-    # Step Functions Wait states truncate timestamps to the second, so reserved starts are whole seconds.
-    rate_wait_granularity_ms: int = Field(default=1000, alias="RATE_WAIT_GRANULARITY_MS", ge=1)
+    rate_skew_margin_ms: int = Field(default=1500, alias="RATE_SKEW_MARGIN_MS", ge=1)
+    rate_queue_max_wait_s: float = Field(default=1800, alias="RATE_QUEUE_MAX_WAIT_SECONDS", gt=0)
 
 
 class ApiSettings(RateLimitSettings):

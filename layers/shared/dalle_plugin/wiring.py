@@ -90,7 +90,7 @@ def api_deps() -> StepDeps:
 
 @lru_cache(maxsize=None)
 def cancel_deps() -> StepDeps:
-    """What a cancel needs: the API's ports plus the limiter, to give a booked slot back."""
+    """What a cancel needs: the API's ports plus the shared key's queue, to leave it."""
     from dalle_plugin.adapters.dynamo_rate_limiter import DynamoRateLimiter
 
     settings = load_settings(ApiSettings)
@@ -122,7 +122,7 @@ def _limiter_settings(settings: RateLimitSettings) -> Any:
         limit=settings.rate_limit,
         window_s=settings.rate_window_s,
         skew_margin_ms=settings.rate_skew_margin_ms,
-        wait_granularity_ms=settings.rate_wait_granularity_ms,
+        max_queue_wait_s=settings.rate_queue_max_wait_s,
     )
 
 

@@ -1,35 +1,43 @@
-"""The global rate limiter in one DynamoDB item (table key ``pk`` (S) only).
+"""The shared key's queue in one DynamoDB item (table key ``pk`` (S) only).
 
-Item ``{pk: <key>, issued: N, start_<j>: N, ticket_<j>: S}`` for slots ``j = 0 .. limit-1``: ticket ``m``
-lives in slot ``m mod limit`` until ticket ``m + limit`` overwrites it, so the item always holds the last
-``limit`` bookings, which is all the rules in ``domain.rate_limit`` need. The slot layout depends on the
-limit: changing the limit needs a new ``key``.
+Item ``{pk: <key>, v: N, state: S}``: ``v`` counts the writes, ``state`` is the compact JSON of
+``domain.rate_limit.LimiterState`` (the last ``limit`` sends and the runs waiting, about 60 bytes each),
+so the item stays small whatever the history: a cancelled or finished run leaves nothing behind.
 
-One conditional UpdateItem per booking, no reads: it writes the ticket's slot and bumps ``issued`` only if
-``issued`` is still what the caller computed from (``attribute_not_exists(pk)`` for the very first one).
-If another caller got there first, the failed write returns the current item
-(``ReturnValuesOnConditionCheckFailure=ALL_OLD``); the booking is recomputed from it and written again.
-The last item seen is kept per adapter instance (one per Lambda container), so a booking costs 1 call when
-no other container wrote in between and 2 otherwise (the failed first write doubles as the read). A write
-made from the fresh item that still loses means real contention: the caller sleeps with jittered
-exponential back-off (then writes once more from its now stale view, which fetches the item again), so a
-burst of runs spreads out instead of hammering the item in lockstep. Measured on DynamoDB Local with cold
-callers all asking in the same instant: about 3 calls each at 5-way and 8 at 40-way contention.
+Every decision is one conditional UpdateItem (``SET v, state`` only if ``v`` is still the version the
+decision was computed from; ``attribute_not_exists(pk)`` for the first), and never a read: the last item
+seen is kept per adapter instance (one per Lambda container), and a write from a stale view fails and
+returns the current item (``ReturnValuesOnConditionCheckFailure=ALL_OLD``), from which the decision is
+computed again and written. A claim is therefore the write itself: it is granted only if the window
+allowed it in the state it replaced. A write from the fresh item that still loses means real contention:
+the caller backs off with jitter, so a burst spreads out instead of hammering the item in lockstep.
+
+A turn at most ``short_wait_ms`` away is waited for here, then claimed, with no write in between once
+the run is in the stored queue. A longer wait (the caller goes to sleep in a Wait state) or a refusal is
+only answered from a state confirmed by this call (a successful write, or the item a failed one
+returned), so no run sleeps on a stale view.
 """
 
 from __future__ import annotations
 
-import math
+import json
 import random
 import time
-from dataclasses import replace
 from typing import Any, Callable
 
 from botocore.exceptions import BotoCoreError, ClientError
 
 from dalle_plugin.domain.errors import RateLimiterBusy, StorageUnavailable
-from dalle_plugin.domain.rate_limit import LimiterSettings, LimiterState, Reservation, reserve
-from dalle_plugin.ports import RateDecision
+from dalle_plugin.domain.rate_limit import (
+    Ask,
+    LimiterSettings,
+    LimiterState,
+    Send,
+    Waiter,
+    decide,
+    leave,
+)
+from dalle_plugin.ports import RateAsk, RateDecision
 
 CONDITION_FAILED = "ConditionalCheckFailedException"
 
@@ -44,8 +52,22 @@ def _is_condition_failure(error: ClientError) -> bool:
     return error.response.get("Error", {}).get("Code") == CONDITION_FAILED
 
 
+def encode_state(state: LimiterState) -> str:
+    sends = [[s.at_ms, s.ticket, s.org, int(s.interactive)] for s in state.sends]
+    queue = [[w.run_id, w.accepted_ms, w.org, int(w.interactive), w.eta_ms] for w in state.queue]
+    return json.dumps({"s": sends, "q": queue}, separators=(",", ":"))
+
+
+def decode_state(text: str) -> LimiterState:
+    raw = json.loads(text)
+    return LimiterState(
+        sends=tuple(Send(int(at), ticket, org, bool(i)) for at, ticket, org, i in raw.get("s", [])),
+        queue=tuple(Waiter(run_id, int(acc), org, bool(i), int(eta)) for run_id, acc, org, i, eta in raw.get("q", [])),
+    )
+
+
 class DynamoRateLimiter:
-    """``RateLimiter`` over one item: a strict sliding window with FIFO bookings (see the module doc)."""
+    """``RateLimiter`` over one item (see the module doc)."""
 
     def __init__(
         self,
@@ -54,120 +76,111 @@ class DynamoRateLimiter:
         settings: LimiterSettings,
         key: str = "global",
         *,
+        clock: Callable[[], int] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        jitter: Callable[[], float] = random.random,
         max_attempts: int = 100,
         backoff_base_ms: float = 20.0,
         backoff_cap_ms: float = 400.0,
-        sleep: Callable[[float], None] = time.sleep,
-        jitter: Callable[[], float] = random.random,
-        clock: Callable[[], int] | None = None,
     ):
         self._client = client
-        self._clock = clock
         self._table = table_name
         self._settings = settings
         self._key = key
+        self._clock = clock or (lambda: time.time_ns() // 1_000_000)
+        self._sleep = sleep
+        self._jitter = jitter
         self._max_attempts = max_attempts
         self._backoff_base_ms = backoff_base_ms
         self._backoff_cap_ms = backoff_cap_ms
-        self._sleep = sleep
-        self._jitter = jitter
-        self._last_seen = LimiterState()
+        self._version = 0
+        self._state = LimiterState()
+        #: DynamoDB calls made by this instance (the benchmark's writes-per-grant figure)
+        self.calls = 0
 
-    def acquire(self, ticket: str, now_ms: int) -> RateDecision:
-        state = self._last_seen
-        calls = 0
-        contended = 0
-        slept = False
+    def acquire(self, ask: RateAsk) -> RateDecision:
+        rule_ask = Ask(ask.run_id, ask.ticket, ask.accepted_ms, ask.org_id or "", ask.interactive, ask.may_refuse)
+        calls = contended = 0
+        fresh = False  # whether the state in hand was confirmed by this call
+        waited_ms = 0
+        joined = False  # whether the stored queue is known to hold this run
         for _ in range(self._max_attempts):
-            if self._clock is not None:
-                # Each attempt books for the moment it is made, on the one clock every caller reads: a
-                # caller that lost a race must not book "in the past" behind one that booked later.
-                now_ms = max(now_ms, self._clock())
-            reservation = reserve(state, ticket, now_ms, self._settings)
-            if not reservation.is_new:
-                return replace(reservation.decision, calls=calls)
-            calls += 1
-            try:
-                self._client.update_item(**self.booking_request(state, reservation, ticket))
-            except ClientError as error:
-                if not _is_condition_failure(error):
-                    raise _storage_error(error) from error
-                state = self.state_from_item(error.response.get("Item"))
-                self._last_seen = state
-                # A write from a stale view (the first one, or one made after sleeping) is expected to
-                # fail: retry at once with the fresh item. A fresh write that lost means real contention:
-                # sleep, so the racers spread out.
-                slept = calls > 1 and not slept
-                if slept:
-                    contended += 1
-                    # the booking is for when it is made: the time spent backing off moves "now" on
-                    now_ms += self._back_off(contended)
+            now = self._clock()
+            answer = decide(self._state, rule_ask, now, self._settings)
+            short = not (answer.granted or answer.refused) and answer.start_at_ms - now <= self._settings.short_wait_ms
+            joined = joined or (fresh and any(w.run_id == ask.run_id for w in self._state.queue))
+            # A grant is always written (it is the claim). A short wait in place needs no write once the run
+            # is in the stored queue: it decides again after it. A long wait or a refusal is only given
+            # from a confirmed state, so no run sleeps on a stale view.
+            must_write = answer.granted or (not joined if short else (answer.changed or not fresh))
+            if must_write and (answer.changed or not fresh):
+                calls += 1
+                if not self._write(answer.state):
+                    # a stale view is expected to lose once; a fresh one that loses met real contention
+                    if fresh:
+                        contended += 1
+                        self._back_off(contended)
+                    fresh = True
+                    continue
+                fresh = True
+            if answer.granted or answer.refused:
+                return RateDecision(answer.granted, answer.start_at_ms, answer.position, answer.refused, calls)
+            wait_ms = answer.start_at_ms - now
+            if short and waited_ms < 2 * self._settings.short_wait_ms:
+                self._sleep(wait_ms / 1000)  # the turn is close: wait for it here rather than in a Wait state
+                waited_ms += wait_ms
+                fresh = False
                 continue
-            except BotoCoreError as error:
-                raise _storage_error(error) from error
-            self._last_seen = reservation.state
-            return replace(reservation.decision, calls=calls)
+            return RateDecision(False, answer.start_at_ms, answer.position, False, calls)
         raise RateLimiterBusy(
-            "Too many runs asked for an image slot at the same moment; the run will try again shortly."
+            "Too many runs asked for the shared key at the same moment; the run will try again shortly."
         )
 
-    def _back_off(self, attempt: int) -> int:
-        """Sleep with full jitter; returns the milliseconds slept."""
-        ceiling_ms = min(self._backoff_cap_ms, self._backoff_base_ms * 2 ** (attempt - 1))
-        pause_ms = self._jitter() * ceiling_ms
-        self._sleep(pause_ms / 1000)
-        return math.ceil(pause_ms)
+    def leave(self, run_id: str) -> None:
+        fresh = False
+        for _ in range(self._max_attempts):
+            remaining = leave(self._state, run_id)
+            if remaining == self._state and fresh:
+                return
+            if self._write(remaining):
+                return
+            fresh = True
+        raise RateLimiterBusy("The image request queue was too busy to take the run out; try again shortly.")
 
-    # ---- wire format ---------------------------------------------------------------------------------
-
-    def release(self, ticket: str, now_ms: int, start_at_ms: int) -> None:
-        """Give a cancelled run's booked start back, for the next caller (one ADD to a number set)."""
-        if start_at_ms <= now_ms:
-            return
+    def _write(self, state: LimiterState) -> bool:
+        """One conditional write of ``state`` over the version in hand; on losing, take the current item."""
+        self.calls += 1
         try:
-            self._client.update_item(
-                TableName=self._table,
-                Key={"pk": {"S": self._key}},
-                UpdateExpression="ADD #released :start",
-                ConditionExpression="attribute_exists(#pk)",
-                ExpressionAttributeNames={"#released": "released", "#pk": "pk"},
-                ExpressionAttributeValues={":start": {"NS": [str(start_at_ms)]}},
-            )
+            self._client.update_item(**self.write_request(self._version, state))
         except ClientError as error:
             if not _is_condition_failure(error):
                 raise _storage_error(error) from error
+            self._version, self._state = self.from_item(error.response.get("Item"))
+            return False
+        except BotoCoreError as error:
+            raise _storage_error(error) from error
+        self._version, self._state = self._version + 1, state
+        return True
 
-    def booking_request(self, state: LimiterState, reservation: Reservation, ticket: str) -> dict[str, Any]:
-        if reservation.reclaimed is not None:
-            # Take a given-back start: remove it from the set, only if no one else took it first.
-            return {
-                "TableName": self._table,
-                "Key": {"pk": {"S": self._key}},
-                "UpdateExpression": "DELETE #released :start",
-                "ConditionExpression": "contains(#released, :one)",
-                "ExpressionAttributeNames": {"#released": "released"},
-                "ExpressionAttributeValues": {":start": {"NS": [str(reservation.reclaimed)]},
-                                              ":one": {"N": str(reservation.reclaimed)}},
-                "ReturnValues": "NONE",
-                "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
-            }
-        slot = reservation.ticket_index % self._settings.limit
-        names = {"#issued": "issued", "#start": f"start_{slot}", "#ticket": f"ticket_{slot}"}
-        values = {
-            ":issued_after": {"N": str(state.issued + 1)},
-            ":start": {"N": str(reservation.decision.start_at_ms)},
-            ":ticket": {"S": ticket},
-        }
-        if state.issued == 0:
+    def _back_off(self, attempt: int) -> None:
+        ceiling_ms = min(self._backoff_cap_ms, self._backoff_base_ms * 2 ** (attempt - 1))
+        self._sleep(self._jitter() * ceiling_ms / 1000)
+
+    # ---- wire format ---------------------------------------------------------------------------------
+
+    def write_request(self, version: int, state: LimiterState) -> dict[str, Any]:
+        names = {"#v": "v", "#state": "state"}
+        values = {":next": {"N": str(version + 1)}, ":state": {"S": encode_state(state)}}
+        if version == 0:
             condition = "attribute_not_exists(#pk)"
             names["#pk"] = "pk"
         else:
-            condition = "#issued = :issued_before"
-            values[":issued_before"] = {"N": str(state.issued)}
+            condition = "#v = :version"
+            values[":version"] = {"N": str(version)}
         return {
             "TableName": self._table,
             "Key": {"pk": {"S": self._key}},
-            "UpdateExpression": "SET #issued = :issued_after, #start = :start, #ticket = :ticket",
+            "UpdateExpression": "SET #v = :next, #state = :state",
             "ConditionExpression": condition,
             "ExpressionAttributeNames": names,
             "ExpressionAttributeValues": values,
@@ -175,70 +188,14 @@ class DynamoRateLimiter:
             "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
         }
 
-    def state_from_item(self, item: dict[str, Any] | None) -> LimiterState:
+    @staticmethod
+    def from_item(item: dict[str, Any] | None) -> tuple[int, LimiterState]:
         if not item:
-            return LimiterState()
-        limit = self._settings.limit
-        issued = int(item["issued"]["N"])
-        starts: list[int] = []
-        tickets: list[str] = []
-        for index in range(max(0, issued - limit), issued):
-            slot = index % limit
-            try:
-                starts.append(int(item[f"start_{slot}"]["N"]))
-                tickets.append(item[f"ticket_{slot}"]["S"])
-            except KeyError as missing:
-                raise ValueError(
-                    f"rate-limit item {self._key!r} has no {missing}: was the limit changed? use a new key"
-                ) from None
-        released = tuple(sorted(int(v) for v in item.get("released", {}).get("NS", [])))
-        return LimiterState(issued=issued, recent_starts=tuple(starts), recent_tickets=tuple(tickets),
-                            released=released)
+            return 0, LimiterState()
+        return int(item["v"]["N"]), decode_state(item["state"]["S"])
 
 
-class FixedWindowRateLimiter:
-    """The naive per-window counter (one item per window index, ``ADD count`` while ``count < limit``).
+def item_bytes(state: LimiterState, key: str = "global") -> int:
+    """Roughly what DynamoDB bills for the item: attribute names and values."""
+    return len("pk") + len(key) + len("v") + 8 + len("state") + len(encode_state(state).encode())
 
-    Kept only as the baseline the benchmark compares against: it lets ``2 * limit`` requests through
-    around a window boundary (``limit`` at the end of one window, ``limit`` at the start of the next).
-    A denial says to ask again when the next window begins (``reserved=False``).
-    """
-
-    def __init__(self, client: Any, table_name: str, settings: LimiterSettings, key: str = "fixed-window"):
-        self._client = client
-        self._table = table_name
-        self._settings = settings
-        self._key = key
-
-    def request(self, window_index: int) -> dict[str, Any]:
-        window_ms = self._settings.window_ms
-        return {
-            "TableName": self._table,
-            "Key": {"pk": {"S": f"{self._key}#{window_index}"}},
-            "UpdateExpression": "SET #expires = :expires ADD #count :one",
-            "ConditionExpression": "attribute_not_exists(#count) OR #count < :limit",
-            "ExpressionAttributeNames": {"#count": "count", "#expires": "expires_at"},
-            "ExpressionAttributeValues": {
-                ":one": {"N": "1"},
-                ":limit": {"N": str(self._settings.limit)},
-                # for a TTL rule: gone a window after its window ended
-                ":expires": {"N": str((window_index + 2) * window_ms // 1000 + 1)},
-            },
-            "ReturnValues": "NONE",
-        }
-
-    def release(self, ticket: str, now_ms: int, start_at_ms: int) -> None:
-        """Nothing to give back: a fixed window books nothing ahead."""
-
-    def acquire(self, ticket: str, now_ms: int) -> RateDecision:
-        window_index = now_ms // self._settings.window_ms
-        try:
-            self._client.update_item(**self.request(window_index))
-        except ClientError as error:
-            if not _is_condition_failure(error):
-                raise _storage_error(error) from error
-            next_window_ms = (window_index + 1) * self._settings.window_ms
-            return RateDecision(start_at_ms=next_window_ms, reserved=False, position=0, calls=1)
-        except BotoCoreError as error:
-            raise _storage_error(error) from error
-        return RateDecision(start_at_ms=now_ms, reserved=True, position=0, calls=1)

@@ -137,6 +137,9 @@ class OpenAIImageGenerator:
             self._clients = {api_key: client}  # keep one: a warm Lambda serves one key at a time
         return client
 
+    def prepare(self, api_key: str) -> None:
+        self._client(api_key)
+
     def generate(self, request: ImageRequest, api_key: str) -> GeneratedImage:
         params: dict[str, Any] = {"model": request.model, "prompt": request.prompt, "size": request.size,
                                   "n": request.n}

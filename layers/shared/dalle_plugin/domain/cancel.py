@@ -1,4 +1,4 @@
-"""Cancelling a session (or one of its tasks): stop what has not generated yet, tell the hub, free the slot.
+"""Cancelling a session (or one of its tasks): stop what has not generated yet, tell the hub, leave the queue.
 
 A run can be cancelled until its image request starts: after that the image is paid for, so the run is
 left to finish and deliver it. The decision is taken under the run's version lock, against the same
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from dalle_plugin.domain.errors import PluginError
 from dalle_plugin.domain.run import RunRecord, RunStatus
 from dalle_plugin.domain.spending import release
-from dalle_plugin.domain.steps import StepDeps, _hub, _hub_log, _mark
+from dalle_plugin.domain.steps import StepDeps, _hub, _hub_log, _mark, queue_id
 
 CANCELLABLE = (RunStatus.QUEUED, RunStatus.EXTRACTING, RunStatus.WAITING_FOR_SLOT)
 
@@ -63,9 +63,8 @@ def _cancel_run(run: RunRecord, deps: StepDeps) -> CancelOutcome:
         return CancelOutcome(run.task_id, False, str(exc), "Not cancelled: its image request has started.")
     if cancelled.held and deps.allowances is not None:
         release(cancelled.held, deps.allowances)  # counted for a request that will never be sent
-    wait = run.rate_wait
-    if wait and wait.reserved and wait.start_at_ms > now and deps.limiter is not None:
-        deps.limiter.release(wait.ticket, now, wait.start_at_ms)  # the booked start goes to the next caller
+    if run.uses_default_key and run.rate_wait is not None and deps.limiter is not None:
+        deps.limiter.leave(queue_id(run))  # the runs behind it in the shared key's queue move up
     _hub_log(cancelled, hub, "Run cancelled before the image was generated; nothing was paid for.", level="WARNING")
     if hub is not None and not cancelled.workflow:
         try:

@@ -185,6 +185,13 @@ class HubOutcomeUnknown(PluginError):
     reason = "hub_outcome_unknown"
 
 
+class QueueTooLong(PluginError):
+    """The shared key's queue would have held the run longer than the deployment allows: it was not
+    queued, and the message gives the wait it would have had and the way around it (an own key)."""
+
+    reason = "shared_key_queue_full"
+
+
 class OpenAIRateLimitPersisted(PluginError):
     """OpenAI kept answering 429 rate_limit_exceeded, request after request, past the run's budget."""
 

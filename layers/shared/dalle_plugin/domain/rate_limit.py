@@ -1,57 +1,75 @@
-"""The global image-request limit as pure rules: at most ``limit`` request starts in ANY ``window``
-(a strict sliding window), for every run on the default OpenAI key. No I/O here; the DynamoDB adapter
-(``adapters/dynamo_rate_limiter.py``) stores the state in one item and applies these rules with one
-conditional write.
+"""The shared key's queue as pure rules: at most ``limit`` requests in ANY ``window`` by actual send, the
+runs waiting served first come first served, interactive first and fair between organisations. No I/O
+here; the DynamoDB adapter (``adapters/dynamo_rate_limiter.py``) keeps the state in one item and applies
+these rules with one conditional write per decision.
 
-Why reservations rather than grant/deny. A grant/deny limiter answers "not yet, ask again at T"; every
-waiter then wakes at T and races the others (a thundering herd, no FIFO, extra calls), and each freed slot
-stays idle for the waiter's wake-up latency plus the Wait state's rounding. Here each caller takes a
-ticket and is told the exact time its start is booked:
+**Strict at the door.** The state holds the actual send times of the last ``limit`` requests and the runs
+waiting. A run may send only by *claiming* its send, right before the request leaves (the OpenAI client
+is already built): the claim is granted at ``now`` only if fewer than ``limit`` recorded sends lie in
+``(now - window - margin, now]``, and is recorded in the same conditional write. Nothing is booked minutes
+ahead: a run that wakes late does not lose a booking, it claims when it is there.
 
-    start(n) = now                                          if that keeps the rules, else
-    start(n) = ceil_g(max(start(n - limit) + window + margin, start(n - 1)))
+**What the margin covers** (``skew_margin_ms``, the deployment's ``RateSkewMarginMs``, at least 1 ms).
+A send is recorded at the claimer's clock reading taken before its write; the request reaches OpenAI
+``d`` later (the conditional write's round trip plus the request's own way out), and the claimer's clock
+is off by ``o``. For sends ``k`` and ``k + limit`` the arrivals are at least
+``window + margin - (o[k+limit] - o[k]) - d[k]`` apart, so the margin must cover ``2 * max|o| + max d``:
 
-So ticket n goes no earlier than one window (plus margin) after ticket n - limit: any limit + 1 starts
-span at least a window. ``start(n - 1)`` keeps the order FIFO even when callers' clocks disagree. A
-caller waits (in a Step Functions Wait state) until its start and goes without asking again: FIFO order,
-an exact ETA and queue position for the session, one wake-up per waiter, and the next start is booked
-at the very moment a slot frees, so no slot idles while runs wait.
+* clock offsets between execution environments: +-500 ms on the local stack's ``hostile`` profile (a few
+  ms between NTP-synced Lambdas), so 1000 ms;
+* claim to arrival: from the clock reading before the granting write to the OpenAI emulator's arrival
+  stamp (``python -m bench.limiter``, DynamoDB Local and the emulator on a 2-core machine at a load
+  average of 10 to 13): median 28 ms, but p99 2.3 s when the machine starves the sender of CPU; with the
+  client built before the claim, what stands between them is the conditional write's answer and the
+  request's own way out. The default keeps 500 ms for it: enough on Lambda (a write takes under 10 ms),
+  not on a machine that overloaded, where the margin would have to be raised.
 
-``margin`` (``skew_margin_ms``) is added to every start that waits for a slot. It must cover how late a
-woken caller really starts plus any disagreement between callers' clocks: a caller may start anywhere in
-``[start_at, start_at + margin / 2]`` (``may_start``; the other half covers the way from that check to
-the request's arrival, which takes the clocks to agree within a few ms, as
-NTP-synced Lambda clocks do) and actual starts stay a window apart, because its successor in the slot was
-booked ``window + margin`` after ``start_at``. A caller that wakes later takes a new ticket (its unused
-booking only makes the limiter stricter). ``g`` (``wait_granularity_ms``) rounds waiting starts up, so a
-Wait state that truncates timestamps to whole seconds wakes exactly at the start, never before it.
+So the default is 1500 ms: 2.5 % of a 60 s window, which is what a backlog's makespan pays over the
+ideal (each slot is reused one ``window + margin`` later).
 
-The state is the ticket count and the starts of the last ``limit`` tickets (older ones no longer bind).
-Tickets are idempotent while they are among those: asking again with the same ticket returns its booking.
+**Never stalled, never demoted.** A waiting run is told when its turn comes (its ETA); it sleeps in a
+Wait state until ``wake_lead_ms`` before it (Wait states wake late, never early) and, once awake, waits
+the last short stretch (at most ``short_wait_ms``) inside the step and claims at its turn. A run keeps
+its place in the queue while it is away: the slot that frees for it is held for it until ``margin`` after
+its ETA; only then may a run behind it of *another* organisation or kind use it (a slot is not left idle
+for a run that is late), and the late run claims the next one that frees. A run of its own organisation
+and kind never takes its slot, and never sends before it while it is away (more than ``margin`` from its
+ETA): within a line, sends keep the acceptance order to within the margin (FIFO). A run away ``abandon_after_ms`` past its ETA (a crashed step whose
+execution ended) is dropped from the queue; if it comes back after all, it rejoins at the place its
+acceptance time gives it.
 
-A cancelled run gives its booked start back (``released``). Bookings already made stay as they are, but
-the next caller takes the earliest given-back start that is still ahead, if it is earlier than the start
-it would otherwise be booked: the slot is used, not wasted. The window holds, because that start was a
-valid booking for the run that gave it back.
+**Order.** Editor runs (someone waits at the screen) go before workflow and batch runs. Within a kind,
+organisations take turns: each round gives every organisation with waiting runs one send, the one
+served least recently (among the last ``limit`` sends) first; within one organisation and kind, the run
+whose hub request was accepted first goes first. The order depends only on the state, never on which
+step wins a race.
+
+**Saying no in time.** A run that joins the queue with an ETA more than ``max_queue_wait_s`` away is
+refused at once (it is not queued), with the wait it would have had.
+
+The state is bounded by ``limit`` sends plus the runs actually waiting; a cancelled run leaves nothing.
+Asking again with the same send ticket after it was granted answers "granted" and records nothing (a
+re-delivered claim never sends twice).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+import heapq
+from dataclasses import dataclass, replace
 
 from pydantic import BaseModel, ConfigDict, Field
-
-from dalle_plugin.ports import RateDecision
 
 
 class LimiterSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    limit: int = Field(default=5, ge=1, description="request starts allowed in any window")
+    limit: int = Field(default=5, ge=1, description="requests allowed in any window")
     window_s: float = Field(default=60.0, gt=0, description="window length in seconds; fractions allowed")
-    skew_margin_ms: int = Field(default=1000, ge=0, description="added to every start that waits for a slot")
-    wait_granularity_ms: int = Field(default=1, ge=1, description="waiting starts are rounded up to this")
+    skew_margin_ms: int = Field(default=1500, ge=1, description="clock offsets plus claim-to-arrival time")
+    max_queue_wait_s: float = Field(default=1800.0, gt=0, description="longest wait a run may be queued for")
+    wake_lead_ms: int = Field(default=2000, ge=0, description="a waiting run wakes this long before its turn")
+    short_wait_ms: int = Field(default=3500, ge=0, description="the longest a step waits in place for its turn")
+    abandon_after_ms: int = Field(default=30_000, ge=1, description="a run away this long past its ETA leaves")
 
     @property
     def window_ms(self) -> int:
@@ -59,139 +77,156 @@ class LimiterSettings(BaseModel):
 
     @property
     def spacing_ms(self) -> int:
-        """Minimum distance between ticket n and ticket n + limit."""
+        """A send's slot frees this long after it (as recorded)."""
         return self.window_ms + self.skew_margin_ms
 
 
 @dataclass(frozen=True)
-class LimiterState:
-    """``issued`` tickets so far; the starts and ticket ids of the last ``min(issued, limit)`` of them,
-    oldest first (``recent_starts[-1]`` belongs to ticket ``issued - 1``)."""
-
-    issued: int = 0
-    recent_starts: tuple[int, ...] = ()
-    recent_tickets: tuple[str, ...] = ()
-    released: tuple[int, ...] = ()  # starts given back by cancelled runs, free for the next caller
-
-    def __post_init__(self) -> None:
-        if len(self.recent_starts) != len(self.recent_tickets) or len(self.recent_starts) > self.issued:
-            raise ValueError(f"inconsistent limiter state: {self}")
-
-    @property
-    def first_recent_index(self) -> int:
-        return self.issued - len(self.recent_starts)
-
-    def start_of(self, ticket_index: int) -> int | None:
-        """The start of ticket ``ticket_index`` if it is among the recent ones."""
-        offset = ticket_index - self.first_recent_index
-        return self.recent_starts[offset] if 0 <= offset < len(self.recent_starts) else None
-
-    def index_of(self, ticket: str) -> int | None:
-        for offset in range(len(self.recent_tickets) - 1, -1, -1):
-            if self.recent_tickets[offset] == ticket:
-                return self.first_recent_index + offset
-        return None
-
-    def with_ticket(self, ticket: str, start_ms: int, limit: int) -> "LimiterState":
-        return LimiterState(
-            issued=self.issued + 1,
-            recent_starts=(self.recent_starts + (start_ms,))[-limit:],
-            recent_tickets=(self.recent_tickets + (ticket,))[-limit:],
-            released=self.released,
-        )
+class Send:
+    at_ms: int
+    ticket: str
+    org: str
+    interactive: bool
 
 
 @dataclass(frozen=True)
-class Reservation:
-    """The answer for one ticket: the decision to hand back, the state to store and where."""
-
-    decision: RateDecision
-    ticket_index: int
-    state: LimiterState
-    is_new: bool
-    reclaimed: int | None = None  # the given-back start this booking takes, if it takes one
+class Waiter:
+    run_id: str
+    accepted_ms: int
+    org: str
+    interactive: bool
+    eta_ms: int  # when it was last told its turn comes
 
 
-def _round_up(value: int, granularity: int) -> int:
-    return -(-value // granularity) * granularity
+@dataclass(frozen=True)
+class LimiterState:
+    sends: tuple[Send, ...] = ()  # the last ``limit`` sends, oldest first
+    queue: tuple[Waiter, ...] = ()  # the runs waiting, in no particular order
 
 
-def earliest_start(state: LimiterState, now_ms: int, settings: LimiterSettings) -> int:
-    """The earliest start for the next ticket that keeps FIFO order and the window (with its margin)."""
-    bound = now_ms
-    if state.recent_starts:
-        bound = max(bound, state.recent_starts[-1])
-    slot_owner = state.start_of(state.issued - settings.limit)
-    if slot_owner is not None:
-        bound = max(bound, slot_owner + settings.spacing_ms)
-    return bound if bound <= now_ms else _round_up(bound, settings.wait_granularity_ms)
+@dataclass(frozen=True)
+class Ask:
+    """One run asking to send now. ``run_id`` is its place in the queue (the same across its attempts);
+    ``ticket`` names this one send (a new one per attempt)."""
+
+    run_id: str
+    ticket: str
+    accepted_ms: int
+    org: str = ""
+    interactive: bool = False
+    may_refuse: bool = True  # only when joining: a run already queued is never refused
 
 
-def queue_position(state: LimiterState, ticket_index: int, now_ms: int, settings: LimiterSettings) -> int:
-    """How many tickets before ``ticket_index`` are booked to start after ``now_ms``.
-
-    The last ``limit`` starts are known. Older ones are not stored, but a start that lies in the future
-    was booked one step (the spacing, rounded up to the granule) after the start ``limit`` tickets
-    earlier, so each recent start implies how many of its predecessors in the same slot are still in the
-    future. Exact with agreeing clocks and 1 ms granules; with coarser granules it may count one extra per
-    slot during the granule after that slot's last immediate start.
-    """
-    step = _round_up(settings.spacing_ms, settings.wait_granularity_ms)
-    count = 0
-    for offset, start in enumerate(state.recent_starts):
-        index = state.first_recent_index + offset
-        if start <= now_ms:
-            continue
-        if index < ticket_index:
-            count += 1
-        # predecessors index - limit, index - 2*limit, ... (all older than the recent ones)
-        later_than_now = math.ceil((start - now_ms) / step) - 1
-        count += min(later_than_now, index // settings.limit)
-    return count
+@dataclass(frozen=True)
+class Answer:
+    granted: bool
+    start_at_ms: int  # now when granted; its ETA otherwise
+    position: int  # runs that will send before it
+    state: LimiterState  # the state to store
+    changed: bool  # whether ``state`` differs from the state asked about
+    refused: bool = False
 
 
-def reserve(state: LimiterState, ticket: str, now_ms: int, settings: LimiterSettings) -> Reservation:
-    """Book a start for ``ticket`` (or return its booking if it already holds a recent one)."""
-    if not ticket:
-        raise ValueError("a rate-limit ticket needs a non-empty id")
-    held = state.index_of(ticket)
-    if held is not None:
-        start = state.start_of(held)
-        assert start is not None
-        position = queue_position(state, held, now_ms, settings)
-        return Reservation(RateDecision(start, True, position, calls=0), held, state, is_new=False)
-    start = earliest_start(state, now_ms, settings)
-    position = queue_position(state, state.issued, now_ms, settings)
-    ahead = sorted(r for r in state.released if r >= now_ms)
-    if ahead and ahead[0] < start:
-        reclaimed = ahead[0]
-        remaining = list(state.released)
-        remaining.remove(reclaimed)
-        position = sum(1 for s in state.recent_starts if now_ms < s < reclaimed)
-        return Reservation(
-            RateDecision(start_at_ms=reclaimed, reserved=True, position=position, calls=0),
-            ticket_index=-1,
-            state=LimiterState(state.issued, state.recent_starts, state.recent_tickets, tuple(remaining)),
-            is_new=True,
-            reclaimed=reclaimed,
-        )
-    return Reservation(
-        RateDecision(start_at_ms=start, reserved=True, position=position, calls=0),
-        ticket_index=state.issued,
-        state=state.with_ticket(ticket, start, settings.limit),
-        is_new=True,
-    )
+def service_order(state: LimiterState) -> list[Waiter]:
+    """The waiting runs in the order they are served (see the module doc)."""
+    last_served: dict[tuple[bool, str], int] = {}
+    for send in state.sends:
+        key = (send.interactive, send.org)
+        last_served[key] = max(last_served.get(key, send.at_ms), send.at_ms)
+    order: list[Waiter] = []
+    for interactive in (True, False):
+        by_org: dict[str, list[Waiter]] = {}
+        for waiter in state.queue:
+            if waiter.interactive is interactive:
+                by_org.setdefault(waiter.org, []).append(waiter)
+        for runs in by_org.values():
+            runs.sort(key=lambda w: (w.accepted_ms, w.run_id))
+        orgs = sorted(by_org, key=lambda org: (last_served.get((interactive, org), -1), by_org[org][0].accepted_ms,
+                                               by_org[org][0].run_id))
+        rounds = max((len(runs) for runs in by_org.values()), default=0)
+        for turn in range(rounds):
+            order.extend(by_org[org][turn] for org in orgs if turn < len(by_org[org]))
+    return order
 
 
-def may_start(decision: RateDecision, now_ms: int, settings: LimiterSettings) -> bool:
-    """Whether a caller holding ``decision`` may send its request at ``now_ms``. Before ``start_at`` it
-    must keep waiting; later than half the margin after it, it must take a new ticket (see the module
-    doc). The other half is kept for the request's own way from this check to OpenAI's door."""
-    if not decision.reserved:
-        return False
-    return decision.start_at_ms <= now_ms <= decision.start_at_ms + settings.skew_margin_ms // 2
+def free_slots(state: LimiterState, now_ms: int, settings: LimiterSettings) -> int:
+    """How many requests may be sent at ``now_ms`` without breaking the window."""
+    busy = sum(1 for send in state.sends if send.at_ms > now_ms - settings.spacing_ms)
+    return max(0, settings.limit - busy)
 
 
-def wait_seconds(decision: RateDecision, now_ms: int) -> int:
-    """Whole seconds a Wait state must wait so the caller wakes no earlier than ``start_at``."""
-    return max(0, math.ceil((decision.start_at_ms - now_ms) / 1000))
+def planned_starts(state: LimiterState, order: list[Waiter], now_ms: int, settings: LimiterSettings) -> list[int]:
+    """When each run in ``order`` will send if every one claims at its turn: each takes the slot that frees
+    first (a slot frees ``spacing`` after its last send)."""
+    frees = [send.at_ms + settings.spacing_ms for send in state.sends[-settings.limit:]]
+    frees += [now_ms] * (settings.limit - len(frees))
+    heapq.heapify(frees)
+    starts = []
+    for _ in order:
+        start = max(now_ms, heapq.heappop(frees))
+        starts.append(start)
+        heapq.heappush(frees, start + settings.spacing_ms)
+    return starts
+
+
+def _holds_a_slot(ahead: Waiter, now_ms: int, settings: LimiterSettings) -> bool:
+    """Whether a run ahead (of another organisation or kind) keeps a slot: while it is not late past the
+    margin."""
+    return now_ms <= ahead.eta_ms + settings.skew_margin_ms
+
+
+def _delays_no_one_ahead(before: LimiterState, after: LimiterState, holders: list[Waiter], now_ms: int,
+                         settings: LimiterSettings) -> bool:
+    """Whether sending now leaves every run ahead that holds a slot a start no later than it has without
+    this send, or than the ETA it sleeps until."""
+    without = planned_starts(before, holders, now_ms, settings)
+    with_send = planned_starts(after, holders, now_ms, settings)
+    return all(late <= max(entitled, w.eta_ms) for w, entitled, late in zip(holders, without, with_send))
+
+
+def decide(state: LimiterState, ask: Ask, now_ms: int, settings: LimiterSettings) -> Answer:
+    """Grant ``ask`` its send at ``now_ms``, or queue it (or keep it queued) and say when its turn comes."""
+    if not ask.ticket or not ask.run_id:
+        raise ValueError("a rate-limit ask needs a run id and a ticket")
+    if any(send.ticket == ask.ticket for send in state.sends):
+        return Answer(True, now_ms, 0, state, changed=False)  # this very send was granted already
+    queue = tuple(w for w in state.queue
+                  if w.run_id == ask.run_id or now_ms <= w.eta_ms + settings.abandon_after_ms)
+    mine = next((w for w in queue if w.run_id == ask.run_id), None)
+    joining = mine is None
+    if mine is None:
+        mine = Waiter(ask.run_id, ask.accepted_ms, ask.org, ask.interactive, eta_ms=now_ms)
+        queue += (mine,)
+    current = replace(state, queue=queue)
+    order = service_order(current)
+    position = order.index(mine)
+    sends = (current.sends + (Send(now_ms, ask.ticket, ask.org, ask.interactive),))[-settings.limit:]
+    granted = LimiterState(sends=sends, queue=tuple(w for w in queue if w.run_id != ask.run_id))
+    ahead = order[:position]
+    line_ahead = [w for w in ahead if w.org == mine.org and w.interactive is mine.interactive]
+    # never pass a run of one's own line that is away (late, or asleep until later): FIFO
+    passes_no_one_away = all(abs(now_ms - w.eta_ms) <= settings.skew_margin_ms for w in line_ahead)
+    holders = [w for w in ahead if w in line_ahead or _holds_a_slot(w, now_ms, settings)]
+    if (passes_no_one_away and free_slots(current, now_ms, settings) > 0
+            and _delays_no_one_ahead(current, granted, holders, now_ms, settings)):
+        return Answer(True, now_ms, 0, granted, changed=True)
+    eta = planned_starts(current, order, now_ms, settings)[position]
+    if eta <= now_ms:  # its slot is free but held for a run ahead that may still come: look again soon
+        eta = now_ms + min(settings.skew_margin_ms, 250)
+    if joining and ask.may_refuse and eta - now_ms > settings.max_queue_wait_s * 1000:
+        return Answer(False, eta, position, state, changed=False, refused=True)
+    waiting = replace(mine, eta_ms=eta)
+    queue = tuple(waiting if w.run_id == ask.run_id else w for w in queue)
+    updated = LimiterState(sends=state.sends, queue=queue)
+    return Answer(False, eta, position, updated, changed=updated != state)
+
+
+def leave(state: LimiterState, run_id: str) -> LimiterState:
+    """The state without ``run_id`` in the queue (a cancelled run)."""
+    return replace(state, queue=tuple(w for w in state.queue if w.run_id != run_id))
+
+
+def wake_at_ms(eta_ms: int, settings: LimiterSettings) -> int:
+    """When the Wait state should end: ``wake_lead_ms`` before the turn, so a late wake-up is still early
+    (the step waits the rest in place)."""
+    return eta_ms - settings.wake_lead_ms

@@ -199,6 +199,8 @@ class RunRecord(CamelModel):
     status: RunStatus = RunStatus.QUEUED
     created_at_ms: int
     updated_at_ms: int
+    #: when the hub's request that (re)started this run was accepted: its place in the shared key's queue
+    accepted_at_ms: int | None = None
     execution_arn: str | None = None
     #: how many times the hub re-ran this task in this session after it failed or was cancelled
     generation: int = 0

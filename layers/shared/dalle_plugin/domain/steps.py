@@ -24,6 +24,7 @@ from dalle_plugin.domain.errors import (
     OrgQuotaReached,
     PluginError,
     PromptNotFound,
+    QueueTooLong,
     RateLimiterBusy,
     RunCancelled,
     SpendingLimitReached,
@@ -34,7 +35,7 @@ from dalle_plugin.domain.payload import HubPayload
 from dalle_plugin.domain.pricing import DEFAULT_PRICES
 from dalle_plugin.domain.prompt import build_prompt
 from dalle_plugin.domain.prompt_template import parse_template
-from dalle_plugin.domain.rate_limit import LimiterSettings, may_start, wait_seconds
+from dalle_plugin.domain.rate_limit import LimiterSettings, wake_at_ms
 from dalle_plugin.domain.run import (
     AttachResult,
     ExtractResult,
@@ -59,6 +60,7 @@ from dalle_plugin.ports import (
     ImageGenerator,
     ImageRequest,
     ImageStore,
+    RateAsk,
     RateDecision,
     RateLimiter,
     ReusableImages,
@@ -75,8 +77,8 @@ MAX_RATE_LIMITED_ANSWERS = 5
 #: the file name's extension and content type of each output format
 FILE_TYPES = {"png": ("png", "image/png"), "jpeg": ("jpg", "image/jpeg"), "webp": ("webp", "image/webp")}
 #: failures raised before the image request was sent: their grants are given back
-_FAILED_BEFORE_SENDING = {RateLimiterBusy.__name__, RunCancelled.__name__, SpendingLimitReached.__name__,
-                          OrgQuotaReached.__name__}
+_FAILED_BEFORE_SENDING = {RateLimiterBusy.__name__, QueueTooLong.__name__, RunCancelled.__name__,
+                          SpendingLimitReached.__name__, OrgQuotaReached.__name__}
 
 
 @dataclass
@@ -184,6 +186,7 @@ def _requeue(run: RunRecord, sealed: bytes, now: int) -> None:
     run.execution_arn = None
     run.sealed_secrets = sealed
     run.updated_at_ms = now
+    run.accepted_at_ms = now
     run.upstream_rate_limited = 0
     run.held = []  # the earlier generation's grants were spent or given back; this one asks afresh
     # The person re-running was told to when the hub did not confirm a change: send it again this time.
@@ -261,6 +264,7 @@ def start_session(payload: HubPayload, deps: StepDeps, today: dt.date | None = N
             cost_per_image_usd=options.cost_per_image_usd,
             sealed_secrets=sealed,
             created_at_ms=now,
+            accepted_at_ms=now,
             updated_at_ms=now,
             expires_at=now // 1000 + deps.run_ttl_days * 86_400,
             timeline=[TimelineEntry(step="queued", status=RunStatus.QUEUED.value, at_ms=now)],
@@ -389,10 +393,11 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
     if reused is not None:
         return reused
     api_key = deps.default_openai_key() if run.uses_default_key else secrets[OPENAI_KEY]
-    # Spending limits are counted before the rate slot is booked: a run refused by them takes no slot.
+    # Spending limits are counted before the queue is joined: a run refused by them takes no place in it.
     held = _hold_allowances(run, deps, hub)
     if isinstance(held, GenerateOutcome):
         return held
+    deps.generator.prepare(api_key)  # the client is built before the claim: nothing slow stands after it
     claimed = _claim_request_start(held, deps, hub)
     if isinstance(claimed, GenerateOutcome):
         return claimed
@@ -486,66 +491,70 @@ def _spend_attempt(run: RunRecord) -> None:
     run.rate_wait = None
 
 
+class _TakenByAnotherDelivery(Exception):
+    pass
+
+
+def queue_id(run: RunRecord) -> str:
+    """The run's place in the shared key's queue: the same for every attempt of this generation."""
+    return f"{run.execution_name}#g{run.generation}"
+
+
 def _claim_request_start(run: RunRecord, deps: StepDeps, hub: HubClient) -> RunRecord | GenerateOutcome:
-    """Take this run's turn to send its one image request, or the Wait outcome while its slot lies ahead.
+    """Take this run's turn to send its one image request, or the Wait outcome while its turn lies ahead.
 
-    The attempt is spent before the request (a retry of this step, whatever happens next, takes a new
-    ticket, so one slot is exactly one upstream request). On the shared key only that one write stands
-    between the booked start and the request, and the start is checked once more right before sending:
-    a request that would start later than the margin allows (a slow step under load) books again rather
-    than crowd the next window.
+    The attempt is spent first, under the run's version lock (a cancel and a send never both happen, and
+    a second delivery of this very step finds the attempt taken and sends nothing). On the shared key the
+    send is then claimed in the queue: the claim is the last thing before the request leaves, and it
+    is checked against the actual sends of the last ``limit`` requests (``domain.rate_limit``).
     """
-    message = f"Generating {_count_images(run.images_per_task)} with {run.model.actual} ({run.size}, {run.output_format})."
-    for _ in range(3):
-        booked = None
-        if run.uses_default_key:
-            run, waiting = _take_rate_slot(run, deps, hub)
-            if waiting is not None:
-                return waiting
-            booked = run.rate_wait
-        now = deps.clock.now_ms()
+    message = (f"Generating {_count_images(run.images_per_task)} with {run.model.actual} "
+               f"({run.size}, {run.output_format}).")
+    expected, joining = run.attempt, run.rate_wait is None
+    now = deps.clock.now_ms()
 
-        def spend(r: RunRecord) -> None:
-            _spend_attempt(r)
-            _mark(r, now, "generate", RunStatus.GENERATING, message)
+    def spend(r: RunRecord) -> None:
+        if r.attempt != expected:
+            raise _TakenByAnotherDelivery()
+        _spend_attempt(r)
+        _mark(r, now, "generate", RunStatus.GENERATING, message)
 
-        run = deps.runs.change(run, spend)
-        if booked is None:
-            return run
-        decision = RateDecision(start_at_ms=booked.start_at_ms, reserved=booked.reserved, position=booked.position)
-        if may_start(decision, deps.clock.now_ms(), deps.limiter_settings):
-            return run
-    raise RateLimiterBusy("Could not keep a global rate slot; the run will retry shortly.")
+    try:
+        run = deps.runs.change(run, spend)  # re-run on the current record if another write came first
+    except _TakenByAnotherDelivery:
+        # Another delivery of this step took the attempt and is sending: look again shortly (its image
+        # will be there), never send a second request.
+        return GenerateOutcome(status="WAIT", retry_at=to_rfc3339_second(now + 5_000), wait_seconds=5,
+                               reason="duplicate_delivery")
+    if not run.uses_default_key:
+        return run
+    decision = deps.limiter.acquire(RateAsk(
+        run_id=queue_id(run), ticket=f"{run.execution_name}#{run.attempt}",
+        accepted_ms=run.accepted_at_ms or run.created_at_ms, org_id=run.org_id or "",
+        interactive=not run.workflow, may_refuse=joining))
+    if decision.granted:
+        return run
+    settings = deps.limiter_settings
+    now = deps.clock.now_ms()
+    if decision.refused:
+        raise QueueTooLong(_queue_too_long(decision, now, settings))
+    wait = RateWait(ticket=queue_id(run), start_at_ms=decision.start_at_ms, reserved=False,
+                    position=decision.position)
+    eta = dt.datetime.fromtimestamp(decision.start_at_ms / 1000, tz=dt.timezone.utc).strftime("%H:%M:%S")
+    message = (f"Waiting for its turn on the shared OpenAI key ({settings.limit} images per "
+               f"{settings.window_s:g} s across the hub): position {decision.position} in the queue, "
+               f"starts at {eta} UTC, in about {max(0, math.ceil((decision.start_at_ms - now) / 1000))} s.")
+    return _wait(run, deps, wake_at_ms(decision.start_at_ms, settings), "rate_slot", message, hub, wait)
 
 
-def _take_rate_slot(run: RunRecord, deps: StepDeps, hub: HubClient) -> tuple[RunRecord, GenerateOutcome | None]:
-    """Book this attempt's start in the global limiter and return the Wait outcome while it lies ahead
-    (the booking is kept on the run, so waking up uses it without asking again); no outcome when the
-    request may start now (then the booking is only held in memory: the next write spends it)."""
-    for _ in range(2):
-        now = deps.clock.now_ms()
-        ticket = f"{run.execution_name}#{run.attempt}"
-        wait = run.rate_wait
-        refused_before = wait is not None and not wait.reserved and now >= wait.start_at_ms
-        if wait is None or wait.ticket != ticket or refused_before:
-            decision = deps.limiter.acquire(ticket, now)
-            now = deps.clock.now_ms()
-            wait = RateWait(ticket=ticket, start_at_ms=decision.start_at_ms, reserved=decision.reserved,
-                            position=decision.position)
-            run = run.model_copy(update={"rate_wait": wait})
-        decision = RateDecision(start_at_ms=wait.start_at_ms, reserved=wait.reserved, position=wait.position)
-        if now < wait.start_at_ms or not wait.reserved:
-            eta_s = wait_seconds(decision, now)
-            limit = deps.limiter_settings
-            message = (f"Waiting for a rate slot on the shared OpenAI key ({limit.limit} images per "
-                       f"{limit.window_s:g} s across the hub): position {wait.position} in the queue, "
-                       f"about {eta_s} s.")
-            return run, _wait(run, deps, wait.start_at_ms, "rate_slot", message, hub, wait)
-        if may_start(decision, now, deps.limiter_settings):
-            return run, None
-        # Woke later than the margin allows: starting now could crowd the next window. Book again.
-        run = deps.runs.change(run, _spend_attempt)
-    raise RateLimiterBusy("Could not keep a global rate slot; the run will retry shortly.")
+def _queue_too_long(decision: RateDecision, now_ms: int, settings: LimiterSettings) -> str:
+    wait_min = max(1, round((decision.start_at_ms - now_ms) / 60_000))
+    cap_min = max(1, round(settings.max_queue_wait_s / 60))
+    return (f"The shared OpenAI key is busy: this run would have waited about {wait_min} min for its turn "
+            f"({decision.position} runs ahead of it, {settings.limit} images per {settings.window_s:g} s "
+            f"across the hub), more than the {cap_min} min this deployment allows, so it was not queued. "
+            "Run it again later, or bring your own OpenAI key (the Config JSON's openai_api_key) to skip "
+            "the shared queue.")
 
 
 def _count_rate_limited(run: RunRecord) -> None:

@@ -1,0 +1,1 @@
+"""The limiters the shared key's queue is measured against (bench only)."""

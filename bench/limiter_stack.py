@@ -1,0 +1,60 @@
+"""A backlog on the shared key through the whole local stack (API, state machine, Lambdas, DynamoDB
+Local, the OpenAI emulator), at a scaled window; prints the OpenAI emulator's arrival stamps as JSON.
+
+It runs in a process of its own (a local stack owns its process), with the local AWS profile of
+``LOCAL_AWS_PROFILE`` (``aws`` by default, ``hostile`` for the unkind one):
+
+    python -m bench.limiter_stack --runs 12 --limit 5 --window 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import threading
+from typing import Any
+
+
+def run_backlog(runs: int, limit: int, window_s: float, margin_ms: int, orgs: int) -> dict[str, Any]:
+    from local_stack.hub_emulator import load_sample_runs
+    from local_stack.runner import PluginApi
+    from local_stack.stack import LocalStack, StackOptions
+
+    options = StackOptions(stack_name="bench-queue", plugin_secret="bench-limiter-stack-secret-long-enough-for-the-authorizer", parameters={
+        "RateLimit": str(limit), "RateWindowSeconds": str(window_s), "RateSkewMarginMs": str(margin_ms)})
+    with LocalStack(options) as stack:
+        stack.hub.load_samples()
+        api = PluginApi(stack.api_url, "bench-limiter-stack-secret-long-enough-for-the-authorizer")
+        template = load_sample_runs(stack.hub.base_url)[1].payload  # a text-annotation run
+        sessions = [f"queue-{i:03d}" for i in range(runs)]
+        payloads = [template | {"session": s, "orgId": f"org-{i % orgs}", "workflow": True}
+                    for i, s in enumerate(sessions)]
+        senders = [threading.Thread(target=api.run, args=(p,)) for p in payloads]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join()
+        deadline = (math.ceil(runs / limit) + 2) * (window_s + margin_ms / 1000 + 3) + 60
+        statuses = [api.wait_finished(s, timeout_s=deadline)["runs"][0]["status"] for s in sessions]
+        return {"limit": limit, "window_s": window_s, "margin_ms": margin_ms,
+                "succeeded": statuses.count("SUCCEEDED"), "arrivals_epoch_s": stack.openai.generation_starts()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.limiter_stack", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=12)
+    parser.add_argument("--limit", type=int, default=5)
+    parser.add_argument("--window", type=float, default=4.0)
+    parser.add_argument("--margin-ms", type=int, default=1500)
+    parser.add_argument("--orgs", type=int, default=2)
+    args = parser.parse_args(argv)
+    result = run_backlog(args.runs, args.limit, args.window, args.margin_ms, args.orgs)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
