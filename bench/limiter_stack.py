@@ -16,17 +16,19 @@ import sys
 import threading
 from typing import Any
 
+SECRET = "bench-limiter-stack-secret-long-enough-for-the-authorizer"
+
 
 def run_backlog(runs: int, limit: int, window_s: float, margin_ms: int, orgs: int) -> dict[str, Any]:
     from local_stack.hub_emulator import load_sample_runs
     from local_stack.runner import PluginApi
     from local_stack.stack import LocalStack, StackOptions
 
-    options = StackOptions(stack_name="bench-queue", plugin_secret="bench-limiter-stack-secret-long-enough-for-the-authorizer", parameters={
+    options = StackOptions(stack_name="bench-queue", plugin_secret=SECRET, parameters={
         "RateLimit": str(limit), "RateWindowSeconds": str(window_s), "RateSkewMarginMs": str(margin_ms)})
     with LocalStack(options) as stack:
         stack.hub.load_samples()
-        api = PluginApi(stack.api_url, "bench-limiter-stack-secret-long-enough-for-the-authorizer")
+        api = PluginApi(stack.api_url, SECRET)
         template = load_sample_runs(stack.hub.base_url)[1].payload  # a text-annotation run
         sessions = [f"queue-{i:03d}" for i in range(runs)]
         payloads = [template | {"session": s, "orgId": f"org-{i % orgs}", "workflow": True}
@@ -36,7 +38,7 @@ def run_backlog(runs: int, limit: int, window_s: float, margin_ms: int, orgs: in
             sender.start()
         for sender in senders:
             sender.join()
-        deadline = (math.ceil(runs / limit) + 2) * (window_s + margin_ms / 1000 + 3) + 60
+        deadline = (math.ceil(runs / limit) + 2) * (window_s + margin_ms / 1000 + 6) + 600  # a deadline, not a wait
         statuses = [api.wait_finished(s, timeout_s=deadline)["runs"][0]["status"] for s in sessions]
         return {"limit": limit, "window_s": window_s, "margin_ms": margin_ms,
                 "succeeded": statuses.count("SUCCEEDED"), "arrivals_epoch_s": stack.openai.generation_starts()}

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import threading
+from collections import deque
 import time
 import uuid
 from dataclasses import dataclass
@@ -163,8 +164,9 @@ class LambdaService:
         self._context = multiprocessing.get_context("forkserver")
         self._context.set_forkserver_preload(list(PRELOADED))
         self.cold_starts: list[str] = []
-        self.invocations: list[Invocation] = []  # for tests and benchmarks
-        self.environments: list[Environment] = []  # every environment started, in order
+        # For tests and benchmarks, bounded: a long `make serve` on the hostile profile starts one per invoke.
+        self.invocations: deque[Invocation] = deque(maxlen=100_000)
+        self.environments: deque[Environment] = deque(maxlen=10_000)  # environments started, in order
         self._stopped = False
 
     # ---- what callers use -------------------------------------------------------------------------

@@ -80,9 +80,9 @@ def install() -> None:
         return wrapper
 
     def acquire(original: Any) -> Any:
-        def wrapper(self, ticket, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
-            board.record("tickets", ticket.rsplit("#", 1)[0], ticket)
-            return original(self, ticket, *args, **kwargs)
+        def wrapper(self, ask, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+            board.record("tickets", ask.ticket.rsplit("#", 1)[0], ask.ticket)
+            return original(self, ask, *args, **kwargs)
         return wrapper
 
     def counted(name: str) -> Any:
