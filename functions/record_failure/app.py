@@ -11,5 +11,6 @@ def handler(event: dict, context: object) -> dict:
     failure = FailureInput.model_validate(event)
     bind_run(failure.session, failure.task_id, failure.execution_name)
     result = record_failure(failure, wiring.attach_deps())
-    record_run_failed(result["reason"])
+    if result["status"] == "FAILED":  # a run that had finished, was cancelled or is not this execution's: no
+        record_run_failed(result["reason"])
     return result

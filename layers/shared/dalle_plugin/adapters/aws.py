@@ -86,7 +86,10 @@ class StepFunctionsStarter:
             if exc.response["Error"]["Code"] != "ExecutionAlreadyExists":
                 raise
             # Same name: the same hub run was already started; its execution is the answer.
-            return self._arn.replace(":stateMachine:", ":execution:") + ":" + name
+            return self.arn_of(name)
+
+    def arn_of(self, name: str) -> str:
+        return self._arn.replace(":stateMachine:", ":execution:") + ":" + name
 
     def stop(self, execution_arn: str, cause: str) -> None:
         try:

@@ -117,6 +117,13 @@ class RunCancelled(PluginError):
     reason = "cancelled"
 
 
+class NotRunOwner(PluginError):
+    """The execution calling a step does not own the run (a duplicate start, or the run was cancelled and
+    started again under a new execution): the step does nothing, and the state machine ends that branch."""
+
+    reason = "not_run_owner"
+
+
 # ---- transient failures: the state machine retries these by name with backoff ----------------------
 
 
