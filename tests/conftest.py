@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 EVENTS = Path(__file__).resolve().parent.parent / "events"
-PLUGIN_SECRET = "test-plugin-secret"
+PLUGIN_SECRET = "test-plugin-secret-of-32-characters"
 
 
 def load_event(name: str) -> dict:

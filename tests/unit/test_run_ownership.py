@@ -148,3 +148,64 @@ def test_a_rerun_after_the_prompt_changed_generates_anew_and_the_same_prompt_doe
     deps.runs.update("s1", "a", lambda r: setattr(r.prompt, "text", "an edited prompt"))
     again = generate_image(ref, deps)
     assert deps.generator.requests == 2 and again.image_key != first.key
+
+
+# ---- the state machine's side of the contract ---------------------------------------------------------
+
+
+def _asl_states() -> dict:
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "statemachine" / "run_plugin.asl.json").read_text()
+    machine = json.loads(re.sub(r"\$\{\w+\}", "1", text))
+    return machine["States"]["Run Each Task"]["ItemProcessor"]["States"]
+
+
+def test_every_step_gets_the_calling_execution_and_a_non_owner_ends_quietly():
+    states = _asl_states()
+    for name in ("Extract Prompt", "Generate Image", "Attach Image", "Record Failure"):
+        assert states[name]["Parameters"]["execution.$"] == "$.execution"
+    for name in ("Extract Prompt", "Generate Image", "Attach Image"):
+        first = states[name]["Catch"][0]
+        assert first["ErrorEquals"] == ["NotRunOwner"] and states[first["Next"]]["Type"] == "Succeed"
+
+
+def test_a_timed_out_lambda_is_retried_only_where_running_again_cannot_pay_or_attach_twice():
+    states = _asl_states()
+
+    def retried(name: str) -> set[str]:
+        return {error for retrier in states[name]["Retry"] for error in retrier["ErrorEquals"]}
+
+    for name in ("Extract Prompt", "Attach Image", "Record Failure"):
+        assert {"Lambda.Unknown", "Sandbox.Timedout"} <= retried(name)
+    assert not {"Lambda.Unknown", "Sandbox.Timedout"} & retried("Generate Image")
+
+
+def test_a_timed_out_step_ends_the_run_with_a_sentence_a_person_can_act_on():
+    from dalle_plugin.domain.steps import describe_failure
+
+    cause = json.dumps({"errorMessage": "2026-01-01T00:00:00Z abc Task timed out after 300.00 seconds"})
+    failure = describe_failure("Lambda.Unknown", cause)
+    assert failure.reason == "step_timed_out" and "ran out of time" in failure.message
+    assert "Run the plugin again" in failure.message
+
+
+def test_secrets_are_read_again_after_their_cache_lifetime():
+    from dalle_plugin.adapters.aws import SecretsManagerReader
+
+    class Client:
+        value, reads = "v1", 0
+
+        def get_secret_value(self, SecretId: str) -> dict:
+            Client.reads += 1
+            return {"SecretString": Client.value}
+
+    now = [0.0]
+    reader = SecretsManagerReader(Client(), max_age_s=120, clock=lambda: now[0])
+    assert reader.read("s") == "v1"
+    Client.value = "v2"  # rotated
+    now[0] = 119.0
+    assert reader.read("s") == "v1" and Client.reads == 1
+    now[0] = 120.0
+    assert reader.read("s") == "v2" and Client.reads == 2

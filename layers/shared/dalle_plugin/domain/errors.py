@@ -55,6 +55,12 @@ class Unauthorized(PluginError):
 # ---- terminal failures of a run: never retried -----------------------------------------------------
 
 
+class PluginSecretTooShort(PluginError):
+    """The deployment's plugin Secret is too short to keep anyone out: every request is refused."""
+
+    reason = "plugin_secret_too_short"
+
+
 class PromptNotFound(PluginError):
     """No prompt could be built from the task: says where we looked and how to fix it."""
 

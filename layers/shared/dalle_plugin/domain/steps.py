@@ -811,6 +811,10 @@ def attach_image(ref: RunRef, deps: StepDeps) -> AttachResult:
 # ---- Record Failure --------------------------------------------------------------------------------
 
 
+#: how Step Functions names a Lambda that ran out of time (no error type: Lambda.Unknown)
+LAMBDA_TIMED_OUT = ("Lambda.Unknown", "Sandbox.Timedout")
+
+
 def describe_failure(error: str, cause: str | None) -> Failure:
     """Turn Step Functions' ``Error``/``Cause`` into a reason and a sentence a person can act on."""
     message = None
@@ -823,12 +827,17 @@ def describe_failure(error: str, cause: str | None) -> Failure:
     reason_of = {cls.__name__: cls.reason for cls in _all_subclasses(PluginError)}
     if error == "States.Timeout":
         message = "The run took longer than allowed and was stopped. Run the plugin again."
+    elif error in LAMBDA_TIMED_OUT:
+        message = ("A step of the run ran out of time (the hub or OpenAI answered too slowly) and was not "
+                   "retried, so that nothing is paid for or attached twice. Run the plugin again; if it "
+                   "keeps happening, check that Ango Hub is reachable, then tell the plugin's owner.")
     elif error not in reason_of:
         # Only the plugin's own errors are written for people; any other exception's text could quote
         # anything (a header value, a request), so it stays in the execution's history, not the session.
         message = (f"The plugin failed unexpectedly ({error}). Run it again; if it keeps failing, tell the "
                    "plugin's owner.")
-    return Failure(reason=reason_of.get(error, "internal_error"), message=(message or error)[:1000], error=error)
+    reason = "step_timed_out" if error in LAMBDA_TIMED_OUT else reason_of.get(error, "internal_error")
+    return Failure(reason=reason, message=(message or error)[:1000], error=error)
 
 
 def _all_subclasses(cls: type) -> list[type]:
