@@ -82,6 +82,7 @@ class StepFunctionsBehaviour:
             install_states_errors_from_branches(),
             install_history_limit(self.history_limit_events),
             install_cached_json_paths(),
+            install_unique_execution_names(),
         ]
 
         def uninstall() -> None:
@@ -345,6 +346,32 @@ def install_history_limit(limit: int = HISTORY_LIMIT_EVENTS) -> Undo:
         Environment.__init__ = original_init
         EventManager.add_event = original_add
         Environment.set_error = original_set_error
+
+    return uninstall
+
+
+# ---- execution names ------------------------------------------------------------------------------
+
+
+def install_unique_execution_names() -> Undo:
+    """One execution per name, however many callers start it at once: AWS answers a second StartExecution
+    of a name with the running execution (same input) or ``ExecutionAlreadyExists``. moto checks the name,
+    then spends a long time copying the state machine before recording the execution, so concurrent starts
+    of one name each ran an execution of their own (under one ARN). Starts are serialised here."""
+    from moto.stepfunctions.parser.models import StepFunctionsParserBackend
+
+    original = StepFunctionsParserBackend.start_execution
+    lock = threading.Lock()
+
+    @functools.wraps(original)
+    def start_execution(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with lock:
+            return original(self, *args, **kwargs)
+
+    StepFunctionsParserBackend.start_execution = start_execution
+
+    def uninstall() -> None:
+        StepFunctionsParserBackend.start_execution = original
 
     return uninstall
 

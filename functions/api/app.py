@@ -9,11 +9,12 @@ from __future__ import annotations
 import base64
 import hmac
 import json
+from contextvars import ContextVar
 from http import HTTPStatus
 from typing import Any, Callable
 
 from dalle_plugin import wiring
-from dalle_plugin.domain.errors import InvalidRequest, PromptNotFound, Unauthorized
+from dalle_plugin.domain.errors import InvalidRequest, PluginSecretTooShort, PromptNotFound, Unauthorized
 from dalle_plugin.domain.cancel import cancel_session
 from dalle_plugin.domain.payload import parse_payload
 from dalle_plugin.domain.refusal import tell_hub_refused
@@ -130,7 +131,8 @@ def cancel(event: dict[str, Any]) -> dict[str, Any]:
         return _error(HTTPStatus.NOT_FOUND, "No such session.")
     task_id = _cancel_task_id(_body(event))
     bind_run(session, task_id)
-    outcomes = cancel_session(session, task_id, wiring.cancel_deps())
+    outcomes = cancel_session(session, task_id, wiring.within_time(wiring.cancel_deps(), _CONTEXT.get(),
+                                                                   wiring.API_HUB_BUDGET_S))
     record_runs_cancelled(sum(1 for o in outcomes if o.cancelled))
     if not outcomes:
         which = f" with task {task_id!r}" if task_id else ""
@@ -147,9 +149,14 @@ ROUTES: dict[tuple[str, str], Callable[[dict[str, Any]], dict[str, Any]]] = {
 }
 
 
+#: the invoke's context, for the routes' hub calls (set per invoke; an environment runs one at a time)
+_CONTEXT: ContextVar[object] = ContextVar("lambda_context", default=None)
+
+
 @lambda_handler
 def handler(event: dict, context: object) -> dict:
     clear_run()
+    _CONTEXT.set(context)
     route = ROUTES.get((event.get("httpMethod", ""), event.get("resource", "")))
     if route is None:
         return _error(HTTPStatus.NOT_FOUND, "No such route.")
@@ -158,6 +165,9 @@ def handler(event: dict, context: object) -> dict:
         return route(event)
     except Unauthorized as exc:
         return _error(HTTPStatus.UNAUTHORIZED, exc.message)
+    except PluginSecretTooShort as exc:
+        logger.error(exc.message)
+        return _error(HTTPStatus.SERVICE_UNAVAILABLE, "The plugin is not configured to accept requests.")
     except InvalidRequest as exc:
         _tell_hub(route, event, exc.message)
         return _error(HTTPStatus.BAD_REQUEST, exc.message, exc.field)
@@ -168,4 +178,5 @@ def handler(event: dict, context: object) -> dict:
 
 def _tell_hub(route: Callable[..., Any], event: dict[str, Any], message: str) -> None:
     if route is run_plugin:
-        tell_hub_refused(_body(event), message, wiring.api_deps())
+        tell_hub_refused(_body(event), message, wiring.within_time(wiring.api_deps(), _CONTEXT.get(),
+                                                                   wiring.API_HUB_BUDGET_S))

@@ -10,6 +10,6 @@ from dalle_plugin.observability import bind_run, lambda_handler, record_run_succ
 def handler(event: dict, context: object) -> dict:
     ref = RunRef.model_validate(event)
     bind_run(ref.session, ref.task_id, ref.execution_name)
-    result = attach_image(ref, wiring.attach_deps())
+    result = attach_image(ref, wiring.within_time(wiring.attach_deps(), context))
     record_run_succeeded(result)
     return result.dump()

@@ -10,6 +10,6 @@ from dalle_plugin.observability import bind_run, lambda_handler, record_prompt_e
 def handler(event: dict, context: object) -> dict:
     ref = RunRef.model_validate(event)
     bind_run(ref.session, ref.task_id, ref.execution_name)
-    result = extract_prompt(ref, wiring.extract_deps())
+    result = extract_prompt(ref, wiring.within_time(wiring.extract_deps(), context))
     record_prompt_extracted(result)
     return result.dump()

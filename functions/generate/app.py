@@ -10,7 +10,7 @@ from dalle_plugin.observability import bind_run, lambda_handler, record_generati
 def handler(event: dict, context: object) -> dict:
     ref = RunRef.model_validate(event)
     bind_run(ref.session, ref.task_id, ref.execution_name)
-    deps = wiring.generate_deps()
+    deps = wiring.within_time(wiring.generate_deps(), context)
     started_ms = deps.clock.now_ms()
     outcome = generate_image(ref, deps)
     # the run as the step left it (no read: the step's own last write)

@@ -10,6 +10,7 @@ from dalle_plugin.observability import bind_run, lambda_handler, record_run_fail
 def handler(event: dict, context: object) -> dict:
     failure = FailureInput.model_validate(event)
     bind_run(failure.session, failure.task_id, failure.execution_name)
-    result = record_failure(failure, wiring.attach_deps())
-    record_run_failed(result["reason"])
+    result = record_failure(failure, wiring.within_time(wiring.attach_deps(), context))
+    if result["status"] == "FAILED":  # a run that had finished, was cancelled or is not this execution's: no
+        record_run_failed(result["reason"])
     return result

@@ -33,6 +33,9 @@ class RecordingStarter:
     def stop(self, execution_arn: str, cause: str) -> None:
         pass
 
+    def arn_of(self, name: str) -> str:
+        return f"arn:aws:states:us-east-1:123456789012:execution:test:{name}"
+
 
 def _invoke(stack, logical_id: str, event: dict):
     spec = stack.template.functions()[logical_id]

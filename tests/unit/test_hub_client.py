@@ -192,14 +192,21 @@ def test_5xx_is_retried_with_growing_backoff_then_succeeds(hub):
 
 
 def test_gives_up_with_hub_unavailable_after_the_retries(hub):
-    hub.fail_next("/v2/pluginLog", status=502, times=10)
+    hub.fail_next("/v2/pluginResponse", status=502, times=10)
     with pytest.raises(HubUnavailable) as caught:
-        make_client(hub, retries=2).plugin_log("s", "m")
+        make_client(hub, retries=2).plugin_response("s", response={})
     assert len(hub.requests) == 3
     message = str(caught.value)
     assert (
-        "POST /v2/pluginLog" in message and "3 attempt" in message and "Injected fault: HTTP 502" in message
+        "POST /v2/pluginResponse" in message and "3 attempt" in message and "Injected fault: HTTP 502" in message
     )
+
+
+def test_a_progress_line_is_tried_once(hub):
+    hub.fail_next("/v2/pluginLog", status=502, times=10)
+    with pytest.raises(HubUnavailable):
+        make_client(hub, retries=2).plugin_log("s", "m")
+    assert len(hub.requests) == 1
 
 
 def test_4xx_is_not_retried_and_carries_the_hubs_message(hub):
@@ -278,6 +285,9 @@ class _StreamingResponse:
 
     def stream(self, amount: int):
         yield from self._chunks
+
+    def read1(self, amount: int) -> bytes:
+        return self._chunks.pop(0) if self._chunks else b""
 
     def close(self) -> None:
         self.closed = True

@@ -36,7 +36,8 @@ def test_a_request_runs_its_tasks_in_a_bounded_map():
     run_each = _definition()["States"]["Run Each Task"]
     assert run_each["Type"] == "Map" and run_each["ItemsPath"] == "$.tasks"
     assert run_each["MaxConcurrency"] == 10
-    assert run_each["ItemSelector"] == {"session.$": "$.session", "taskId.$": "$$.Map.Item.Value.taskId"}
+    assert run_each["ItemSelector"] == {"session.$": "$.session", "taskId.$": "$$.Map.Item.Value.taskId",
+                                        "execution.$": "$$.Execution.Id"}
 
 
 def test_the_state_machine_retries_only_named_transient_errors():
@@ -44,10 +45,12 @@ def test_the_state_machine_retries_only_named_transient_errors():
     transient = {cls.__name__ for cls in [errors.Transient, *errors.Transient.__subclasses__()]}
     lambda_service = {"Lambda.ServiceException", "Lambda.AWSLambdaException", "Lambda.SdkClientException",
                       "Lambda.TooManyRequestsException"}
+    timed_out = {"Lambda.Unknown", "Sandbox.Timedout"}  # only where a step may safely run again
     for name, state in states.items():
         for retry in state.get("Retry", []):
             assert "States.ALL" not in retry["ErrorEquals"], name
-            unknown = set(retry["ErrorEquals"]) - transient - lambda_service
+            unknown = set(retry["ErrorEquals"]) - transient - lambda_service - (
+                timed_out if name != "Generate Image" else set())
             assert not unknown, f"{name} retries errors the code never raises: {unknown}"
             assert isinstance(retry["BackoffRate"], float)
 
@@ -56,7 +59,9 @@ def test_every_task_is_caught_into_record_failure():
     states = _task_states()
     for name, state in states.items():
         if state["Type"] == "Task" and name != "Record Failure":
-            assert state["Catch"] == [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Record Failure"}]
+            assert state["Catch"] == [
+                {"ErrorEquals": ["NotRunOwner"], "ResultPath": None, "Next": "Not This Execution's Run"},
+                {"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Record Failure"}]
     # and a failure to record a failure still ends only that task, never the batch
     assert states["Record Failure"]["Catch"][0]["Next"] == "Task Failed"
     assert states["Task Failed"] == {"Type": "Pass", "Comment": states["Task Failed"]["Comment"], "End": True}

@@ -123,6 +123,9 @@ class WorkflowStarter(Protocol):
 
     def stop(self, execution_arn: str, cause: str) -> None: ...
 
+    def arn_of(self, name: str) -> str:
+        """The id of the execution named ``name`` (started or not)."""
+
 
 @dataclass(frozen=True)
 class RateAsk:

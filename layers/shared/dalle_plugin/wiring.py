@@ -7,6 +7,7 @@ own ``AWS_ENDPOINT_URL_*`` variables.
 from __future__ import annotations
 
 import dataclasses
+import time
 from functools import lru_cache
 from typing import Any
 
@@ -17,6 +18,7 @@ from dalle_plugin.adapters.aws import KmsSecretVault, S3ImageStore, SecretsManag
 from dalle_plugin.adapters.dynamo_allowances import DynamoAllowanceLedger
 from dalle_plugin.adapters.dynamo_reusable_images import DynamoReusableImages
 from dalle_plugin.adapters.dynamo_runs import DynamoRunStore
+from dalle_plugin.domain.errors import PluginSecretTooShort
 from dalle_plugin.domain.run import RunRecord
 from dalle_plugin.domain.steps import StepDeps
 from dalle_plugin.ports import HubClient, SystemClock
@@ -64,6 +66,35 @@ def _hub_factory(settings: CommonSettings):
     return hub_for
 
 
+#: what a step keeps of its Lambda's time to record a failure after its last hub call gave up
+RECORDING_RESERVE_S = 5.0
+#: the API answers within API Gateway's 29 s and its own timeout: its hub calls (telling the hub of a
+#: refusal or a cancel) are courtesy, never worth more than this
+API_HUB_BUDGET_S = 4.0
+
+
+def within_time(deps: StepDeps, context: Any, at_most_s: float | None = None) -> StepDeps:
+    """The step's ports with every hub call, retries included, ending before the Lambda must: its remaining
+    time less ``RECORDING_RESERVE_S`` (at most a quarter of it), and at most ``at_most_s``."""
+    remaining_ms = getattr(context, "get_remaining_time_in_millis", None)
+    if remaining_ms is None:
+        return deps
+    remaining_s = remaining_ms() / 1000
+    budget_s = remaining_s - min(RECORDING_RESERVE_S, remaining_s / 4)
+    if at_most_s is not None:
+        budget_s = min(budget_s, at_most_s)
+    deadline_at = time.monotonic() + max(0.0, budget_s)
+    make_hub = deps.hub_for
+
+    def hub_for(run: Any, api_key: str) -> HubClient:
+        hub = make_hub(run, api_key)
+        if hasattr(hub, "deadline_at"):
+            hub.deadline_at = deadline_at
+        return hub
+
+    return dataclasses.replace(deps, hub_for=hub_for)
+
+
 def _common(settings: CommonSettings) -> dict[str, Any]:
     return {
         "runs": DynamoRunStore(aws_client("dynamodb"), settings.sessions_table),
@@ -98,9 +129,24 @@ def cancel_deps() -> StepDeps:
         aws_client("dynamodb"), settings.rate_limit_table, _limiter_settings(settings)))
 
 
+#: the shortest plugin Secret the API accepts: an empty or short one would let anyone in
+MIN_PLUGIN_SECRET_CHARS = 32
+
+
 @lru_cache(maxsize=None)
+def secrets_reader() -> SecretsManagerReader:
+    return SecretsManagerReader(aws_client("secretsmanager"))
+
+
 def plugin_secret() -> str:
-    return SecretsManagerReader(aws_client("secretsmanager")).read(load_settings(ApiSettings).plugin_secret_arn)
+    """The plugin Secret as stored now (re-read within ``SECRET_MAX_AGE_S`` of a rotation); one shorter than
+    ``MIN_PLUGIN_SECRET_CHARS`` is refused, so no request is ever compared with it."""
+    secret = secrets_reader().read(load_settings(ApiSettings).plugin_secret_arn)
+    if len(secret) < MIN_PLUGIN_SECRET_CHARS:
+        raise PluginSecretTooShort(
+            f"The plugin Secret is shorter than {MIN_PLUGIN_SECRET_CHARS} characters, so the plugin refuses "
+            "every request. Store a longer Secret in Secrets Manager and in the hub's plugin settings.")
+    return secret
 
 
 @lru_cache(maxsize=None)
@@ -131,7 +177,7 @@ def generate_deps() -> StepDeps:
     from dalle_plugin.adapters.dynamo_rate_limiter import DynamoRateLimiter
     from dalle_plugin.adapters.openai_images import OpenAIImageGenerator  # the heavy import, here only
     settings = load_settings(GenerateSettings)
-    secrets = SecretsManagerReader(aws_client("secretsmanager"))
+    secrets = secrets_reader()
     limiter_settings = _limiter_settings(settings)
     limiter = DynamoRateLimiter(aws_client("dynamodb"), settings.rate_limit_table, limiter_settings,
                                 clock=SystemClock().now_ms)

@@ -5,7 +5,8 @@ variables (``AWS_ENDPOINT_URL_*``), so the local stack needs no code path of its
 from __future__ import annotations
 
 import json
-from typing import Any
+import time
+from typing import Any, Callable
 
 from botocore.exceptions import ClientError
 
@@ -61,15 +62,27 @@ class KmsSecretVault:
         return json.loads(plaintext)
 
 
+#: how long a warm Lambda keeps a secret before reading it again: a rotated or revoked key or Secret is seen
+#: within this time
+SECRET_MAX_AGE_S = 120.0
+
+
 class SecretsManagerReader:
-    def __init__(self, client: Any):
+    """Secrets read once per ``max_age_s`` (not once per container: a rotation must reach warm Lambdas)."""
+
+    def __init__(self, client: Any, max_age_s: float = SECRET_MAX_AGE_S,
+                 clock: Callable[[], float] = time.monotonic):
         self._client = client
-        self._cache: dict[str, str] = {}
+        self._max_age_s = max_age_s
+        self._clock = clock
+        self._cache: dict[str, tuple[str, float]] = {}
 
     def read(self, secret_id: str) -> str:
-        if secret_id not in self._cache:
-            self._cache[secret_id] = self._client.get_secret_value(SecretId=secret_id)["SecretString"]
-        return self._cache[secret_id]
+        cached = self._cache.get(secret_id)
+        if cached is None or self._clock() - cached[1] >= self._max_age_s:
+            value = self._client.get_secret_value(SecretId=secret_id)["SecretString"]
+            self._cache[secret_id] = cached = (value, self._clock())
+        return cached[0]
 
 
 class StepFunctionsStarter:
@@ -86,7 +99,10 @@ class StepFunctionsStarter:
             if exc.response["Error"]["Code"] != "ExecutionAlreadyExists":
                 raise
             # Same name: the same hub run was already started; its execution is the answer.
-            return self._arn.replace(":stateMachine:", ":execution:") + ":" + name
+            return self.arn_of(name)
+
+    def arn_of(self, name: str) -> str:
+        return self._arn.replace(":stateMachine:", ":execution:") + ":" + name
 
     def stop(self, execution_arn: str, cause: str) -> None:
         try:

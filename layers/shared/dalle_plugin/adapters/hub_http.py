@@ -43,6 +43,10 @@ USER_AGENT = "dalle-model-plugin (urllib3)"
 MAX_BACKOFF_S = 8.0
 MAX_MESSAGE_CHARS = 300
 BODY_DEADLINE_FACTOR = 3  # a whole answer may take this many times the per-read timeout
+#: an attempt with less time than this left is not begun: it could not finish, and the time is the caller's
+MIN_ATTEMPT_S = 0.5
+#: a progress line is best effort: one attempt, never more than this, whatever the hub does
+LOG_BUDGET_S = 3.0
 _CHUNK_BYTES = 64 * 1024
 
 MAX_REDIRECTS = 3
@@ -99,7 +103,10 @@ class AngoHubClient:
         http: urllib3.PoolManager | None = None,
         url_guard: UrlGuard = allow_any_url,
         sleep: Callable[[float], None] = time.sleep,
+        deadline_at: float | None = None,
     ):
+        """``deadline_at`` (``time.monotonic()`` seconds) is when every call, retries included, must have
+        ended: the calling Lambda's end less the time it needs to record what happened."""
         if retries < 0:
             raise ValueError("retries must be >= 0")
         self.base_url = base_url.rstrip("/")
@@ -114,6 +121,14 @@ class AngoHubClient:
         self._http = http if http is not None else urllib3.PoolManager(num_pools=4, maxsize=4, retries=False)
         self._url_guard = url_guard
         self._sleep = sleep
+        self.deadline_at = deadline_at
+
+    def _time_left(self, budget_s: float | None = None) -> float | None:
+        """Seconds until this call must end (None: only the per-attempt limits hold)."""
+        ends = [at for at in (self.deadline_at,) if at is not None]
+        if budget_s is not None:
+            ends.append(time.monotonic() + budget_s)
+        return min(ends) - time.monotonic() if ends else None
 
     def __repr__(self) -> str:
         return (
@@ -248,7 +263,7 @@ class AngoHubClient:
             "session": session,
             "msg": message,
         }
-        self._hub("POST", "/v2/pluginLog", json_body=body)
+        self._hub("POST", "/v2/pluginLog", json_body=body, best_effort=True)
 
     # ---- beyond the port: used by the local tools and available to the domain if it needs them --------
 
@@ -281,6 +296,7 @@ class AngoHubClient:
         query: dict[str, str] | None = None,
         json_body: Any = None,
         at_most_once: bool = False,
+        best_effort: bool = False,
     ) -> Any:
         """One ``/v2`` call: JSON in, JSON out, the hub's error body turned into a named exception."""
         url = self.base_url + path + ("?" + urlencode(query, quote_via=quote) if query else "")
@@ -289,7 +305,8 @@ class AngoHubClient:
         if json_body is not None:
             headers["Content-Type"] = "application/json"
             body = json.dumps(json_body, allow_nan=False).encode()
-        answer = self._with_retries(method, url, path, headers=headers, body=body, at_most_once=at_most_once)
+        answer = self._with_retries(method, url, path, headers=headers, body=body, at_most_once=at_most_once,
+                                    best_effort=best_effort)
         if answer.status == 429:
             raise HubUnavailable(
                 f"Ango Hub is rate limiting {method} {path} (HTTP 429"
@@ -322,16 +339,23 @@ class AngoHubClient:
         body_cap: int | None = None,
         at_most_once: bool = False,
         address: str | None = None,
+        best_effort: bool = False,
     ) -> _Answer:
         """Send until an answer below 500 arrives or the attempts run out. ``shown`` names the call in
         messages and logs (never the full URL: a presigned query string is a credential). ``at_most_once``
         stops at the first failure after which the hub may have acted (``HubDeliveryUnknown``);
         ``address`` is the vetted IP to connect to instead of resolving the host again."""
-        attempts = self.retries + 1
+        attempts = 1 if best_effort else self.retries + 1
+        budget = self._time_left(LOG_BUDGET_S if best_effort else None)
+        ends_at = None if budget is None else time.monotonic() + budget
         problem = ""
         for attempt in range(1, attempts + 1):
+            left = None if ends_at is None else ends_at - time.monotonic()
+            if left is not None and left < MIN_ATTEMPT_S:
+                raise HubUnavailable(f"Ango Hub did not answer {method} {shown} within the time this step had "
+                                     f"left{f' ({problem})' if problem else ''}.")
             try:
-                return self._send_once(method, url, headers, body, body_cap, address)
+                return self._send_once(method, url, headers, body, body_cap, address, left)
             except _Retryable as failure:
                 problem = str(failure)
                 if at_most_once and failure.maybe_applied:
@@ -341,6 +365,8 @@ class AngoHubClient:
                     ) from None
             if attempt < attempts:
                 delay = self._backoff(attempt)
+                if ends_at is not None and time.monotonic() + delay + MIN_ATTEMPT_S > ends_at:
+                    break  # no time for another attempt: say so now, while the step can still record it
                 logger.warning(
                     "Ango Hub %s %s failed (%s); attempt %d of %d, next in %.2f s",
                     method,
@@ -363,15 +389,20 @@ class AngoHubClient:
         body: bytes | None,
         body_cap: int | None,
         address: str | None = None,
+        left_s: float | None = None,
     ) -> _Answer:
         # per-read timeouts alone would let a server that drips bytes hold the call forever
-        deadline = time.monotonic() + self.timeout_s * BODY_DEADLINE_FACTOR
+        total_s = self.timeout_s * BODY_DEADLINE_FACTOR
+        if left_s is not None:
+            total_s = min(total_s, left_s)
+        deadline = time.monotonic() + total_s
+        per_read_s = min(self.timeout_s, total_s)
         options = {
             "body": body,
             "retries": False,
             "redirect": False,
             "preload_content": False,
-            "timeout": urllib3.Timeout(connect=self.timeout_s, read=self.timeout_s),
+            "timeout": urllib3.Timeout(connect=per_read_s, read=per_read_s),
         }
         pinned: urllib3.HTTPConnectionPool | None = None
         # http.client refuses a header value with a line break or a character outside Latin-1 with an error
@@ -415,13 +446,14 @@ class AngoHubClient:
                 raise _TooLarge()
             chunks: list[bytes] = []
             size = 0
-            for chunk in response.stream(_CHUNK_BYTES):
+            # read1: whatever has arrived, so the deadline is checked as bytes drip in (read(n) waits for n)
+            while chunk := response.read1(_CHUNK_BYTES):
                 size += len(chunk)
                 if body_cap is not None and size > body_cap and response.status < 300:
                     raise _TooLarge()
                 if time.monotonic() > deadline:
                     raise _Retryable(
-                        f"the answer took longer than {self.timeout_s * BODY_DEADLINE_FACTOR:g} s to arrive",
+                        f"the answer took longer than {total_s:.3g} s to arrive",
                         maybe_applied=True,
                     )
                 chunks.append(chunk)

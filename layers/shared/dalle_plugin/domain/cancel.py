@@ -77,6 +77,11 @@ def _cancel_run(run: RunRecord, deps: StepDeps) -> CancelOutcome:
 def _stop_finished_executions(session: str, deps: StepDeps) -> None:
     """An execution whose every task has ended is stopped at once, rather than sleeping out a Wait."""
     runs = deps.runs.list_session(session)
-    for arn in {r.execution_arn for r in runs if r.execution_arn}:
-        if all(r.status.finished for r in runs if r.execution_arn == arn):
+    executions: dict[str, list[RunRecord]] = {}
+    for run in runs:
+        arn = deps.starter.arn_of(run.owner) if run.owner else run.execution_arn
+        if arn:
+            executions.setdefault(arn, []).append(run)
+    for arn, owned in executions.items():
+        if all(r.status.finished for r in owned):
             deps.starter.stop(arn, "Every task of this request was cancelled or had ended.")

@@ -55,6 +55,12 @@ class Unauthorized(PluginError):
 # ---- terminal failures of a run: never retried -----------------------------------------------------
 
 
+class PluginSecretTooShort(PluginError):
+    """The deployment's plugin Secret is too short to keep anyone out: every request is refused."""
+
+    reason = "plugin_secret_too_short"
+
+
 class PromptNotFound(PluginError):
     """No prompt could be built from the task: says where we looked and how to fix it."""
 
@@ -115,6 +121,13 @@ class OrgQuotaReached(PluginError):
 
 class RunCancelled(PluginError):
     reason = "cancelled"
+
+
+class NotRunOwner(PluginError):
+    """The execution calling a step does not own the run (a duplicate start, or the run was cancelled and
+    started again under a new execution): the step does nothing, and the state machine ends that branch."""
+
+    reason = "not_run_owner"
 
 
 # ---- transient failures: the state machine retries these by name with backoff ----------------------

@@ -41,6 +41,13 @@ class RunRef(CamelModel):
 
     session: str = Field(min_length=1, max_length=256)
     task_id: str = Field(min_length=1, max_length=256)
+    #: the calling execution's id (``$$.Execution.Id``); None outside the state machine (tests, tools)
+    execution: str | None = Field(default=None, max_length=2048)
+
+    @property
+    def caller(self) -> str | None:
+        """The calling execution's name: an execution's id (its ARN) ends with ``:<name>``."""
+        return self.execution.rsplit(":", 1)[-1] if self.execution else None
 
     @property
     def execution_name(self) -> str:
@@ -93,6 +100,8 @@ class ImageInfo(CamelModel):
     format: str = "png"
     #: its place among the images of one request (0 for the first)
     index: int = 0
+    #: what it was generated from (task, prompt, model, options): a re-run whose prompt changed makes anew
+    fingerprint: str | None = None
 
 
 class RateWait(CamelModel):
@@ -202,6 +211,9 @@ class RunRecord(CamelModel):
     #: when the hub's request that (re)started this run was accepted: its place in the shared key's queue
     accepted_at_ms: int | None = None
     execution_arn: str | None = None
+    #: the name of the one execution that may work on this generation of the run (None: not yet claimed,
+    #: or a record from before ownership existed). Set once per generation, by a conditional write.
+    owner: str | None = None
     #: how many times the hub re-ran this task in this session after it failed or was cancelled
     generation: int = 0
     attempt: int = 0

@@ -13,13 +13,14 @@ import json
 import math
 import re
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from dalle_plugin.domain.config import parse_config_json, validate_run_options
 from dalle_plugin.domain.errors import (
     HubDeliveryUnknown,
     HubOutcomeUnknown,
+    NotRunOwner,
     OpenAIRateLimitPersisted,
     OrgQuotaReached,
     PluginError,
@@ -105,11 +106,60 @@ class StepDeps:
 # ---- helpers shared by the steps ------------------------------------------------------------------
 
 
-def _load_active(ref: RunRef, deps: StepDeps) -> RunRecord:
-    """The run a step works on; a cancelled run goes no further (the Catch path ends its task)."""
+class OwnedRuns:
+    """The run store as a step sees it: every write it makes holds only while the calling execution still
+    owns the run (checked inside the write, under the run's version lock), so an execution that lost the
+    run (cancelled, then started again by a new request) can change nothing, and so pays for nothing."""
+
+    def __init__(self, runs: RunStore, caller: str | None):
+        self._runs = runs
+        self._caller = caller
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._runs, name)
+
+    def _guarded(self, mutate: Callable[[RunRecord], None]) -> Callable[[RunRecord], None]:
+        def guarded(run: RunRecord) -> None:
+            check_owner(run, self._caller)
+            mutate(run)
+
+        return guarded
+
+    def update(self, session: str, task_id: str, mutate: Callable[[RunRecord], None]) -> RunRecord:
+        return self._runs.update(session, task_id, self._guarded(mutate))
+
+    def change(self, run: RunRecord, mutate: Callable[[RunRecord], None]) -> RunRecord:
+        # the write holds under the run's version: a claim by a new owner in between fails it, and the
+        # check then runs again on the record as it is now
+        return self._runs.change(run, self._guarded(mutate))
+
+
+def check_owner(run: RunRecord, caller: str | None) -> None:
+    """Raise ``NotRunOwner`` unless ``caller`` (an execution's name) owns the run. A call from outside the
+    state machine (no caller) and a record from before ownership existed (no owner) pass."""
+    if caller is not None and run.owner is not None and run.owner != caller:
+        raise NotRunOwner(f"The run of task {run.task_id!r} belongs to another execution; this one leaves it.")
+
+
+def owned_deps(ref: RunRef, deps: StepDeps) -> StepDeps:
+    """The step's ports with the run store guarded by the caller's ownership."""
+    if ref.caller is None or isinstance(deps.runs, OwnedRuns):
+        return deps
+    return replace(deps, runs=OwnedRuns(deps.runs, ref.caller))
+
+
+def load_run(ref: RunRef, deps: StepDeps) -> RunRecord:
+    """The run a step works on, if the calling execution owns it."""
     run = deps.runs.get(ref.session, ref.task_id)
     if run is None:
         raise PluginError(f"No run for session {ref.session!r} and task {ref.task_id!r}.")
+    check_owner(run, ref.caller)
+    return run
+
+
+def _load_active(ref: RunRef, deps: StepDeps) -> RunRecord:
+    """The run a step works on; a cancelled run goes no further (the Catch path ends its task)."""
+    run = load_run(ref, deps)
     if run.status is RunStatus.CANCELLED:
         raise RunCancelled("The run was cancelled before its image was generated.")
     return run
@@ -155,7 +205,8 @@ def _hub_log(run: RunRecord, hub: HubClient | None, message: str, level: str = "
 def image_key(run: RunRecord, index: int = 0) -> str:
     """Deterministic per run and index, so a retried Generate finds the images it already paid for."""
     extension = FILE_TYPES[run.output_format][0]
-    return f"images/{run.execution_name}{f'.{index + 1}' if index else ''}.{extension}"
+    made_from = f".{image_fingerprint(run)[:16]}" if run.prompt else ""  # another prompt, another key
+    return f"images/{run.execution_name}{made_from}{f'.{index + 1}' if index else ''}.{extension}"
 
 
 def to_rfc3339_second(epoch_ms: int) -> str:
@@ -176,11 +227,13 @@ class SessionStart:
 
 
 def _requeue(run: RunRecord, sealed: bytes, now: int) -> None:
-    """A re-run of a failed or cancelled task: a new generation, the same stored image (never paid twice)."""
+    """A re-run of a failed or cancelled task: a new generation, the same stored image (never paid twice),
+    and no owner yet: the request that requeued it claims it for the execution it starts."""
     if run.status not in (RunStatus.FAILED, RunStatus.CANCELLED):
         return
     run.generation += 1
     run.status = RunStatus.QUEUED
+    run.owner = None
     run.failure = None
     run.rate_wait = None
     run.execution_arn = None
@@ -197,19 +250,54 @@ def _requeue(run: RunRecord, sealed: bytes, now: int) -> None:
                                       detail=f"Run again (attempt {run.generation + 1})."))
 
 
-def execution_name(session: str, runs: list[RunRecord]) -> str:
-    """Deterministic for the same session and the same tasks at the same generation, so duplicates of one
-    hub request start one execution, and a re-run of what failed starts a new one. Within 80 characters."""
-    identity = "\x00".join([session] + sorted(f"{r.task_id}\x00{r.generation}" for r in runs))
-    digest = hashlib.sha256(identity.encode()).hexdigest()[:24]
+#: tasks one execution runs: its history (about 40 events a task) and input stay far inside Step Functions'
+#: 25,000 events and 256 KiB (100 task ids of at most 256 characters are 30 KB)
+TASKS_PER_EXECUTION = 100
+
+
+def _name(kind: str, session: str, identity: list[str]) -> str:
+    digest = hashlib.sha256("\x00".join([kind, session] + sorted(identity)).encode()).hexdigest()[:24]
     readable = re.sub(r"[^A-Za-z0-9_-]", "-", session[:40])
-    return f"{readable}_{len(runs)}_{digest}"
+    return f"{readable}_{kind[0]}{len(identity)}_{digest}"
 
 
-def start_session(payload: HubPayload, deps: StepDeps, today: dt.date | None = None) -> SessionStart:
-    """Validate everything that can be validated before money is spent, seal the secrets, and start one
-    execution for the tasks that need running: new ones, and failed or cancelled ones of an earlier run of
-    the same session. Tasks already running or done are left alone, however often the hub sends them."""
+def execution_name(session: str, runs: list[RunRecord]) -> str:
+    """The execution that claims these requeued runs: named after each run's (task, generation), a pair
+    claimed at most once ever, so the name is never reused for other work. Within 80 characters."""
+    return _name("rerun", session, [f"{r.task_id}\x00{r.generation}" for r in runs])
+
+
+def creation_owner(session: str, task_ids: list[str]) -> str:
+    """The execution that owns the runs a request creates, written with each run as it is created:
+    deterministic, so a duplicate of the request (at once or later) names the same execution."""
+    return _name("new", session, task_ids)
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+class _Owned(Exception):
+    pass
+
+
+def _claim(owner: str) -> Callable[[RunRecord], None]:
+    def claim(run: RunRecord) -> None:
+        if run.status is not RunStatus.QUEUED or run.owner is not None:
+            raise _Owned(run.owner or "")
+        run.owner = owner
+
+    return claim
+
+
+def start_session(payload: HubPayload, deps: StepDeps, today: dt.date | None = None,
+                  tasks_per_execution: int = TASKS_PER_EXECUTION) -> SessionStart:
+    """Validate everything that can be validated before money is spent, seal the secrets, and see that
+    every task needing a run is owned by exactly one execution, and that execution started.
+
+    Ownership comes first, by conditional writes; starting comes after and is idempotent (the owner's name
+    is deterministic), so a duplicate request, a concurrent one, or one after an API that died anywhere in
+    between, starts nothing twice: at worst it starts the owner the dead request never got to start."""
     config = parse_config_json(payload.config_json)
     options = validate_run_options(config, deps.model_successors, today or dt.datetime.now(dt.timezone.utc).date(),
                                    deps.image_prices)
@@ -227,66 +315,89 @@ def start_session(payload: HubPayload, deps: StepDeps, today: dt.date | None = N
     if not config.uses_default_key:
         secrets[OPENAI_KEY] = config.openai_api_key.get_secret_value()
     sealed = deps.vault.seal(secrets, {"session": payload.session})
-    to_run: list[RunRecord] = []
     runs: list[RunRecord] = []
-    for task in tasks:
-        ref = RunRef(session=payload.session, task_id=task.task_id)
-        record = RunRecord(
-            session=ref.session,
-            task_id=ref.task_id,
-            execution_name=ref.execution_name,
-            project_id=payload.project_id,
-            asset_id=task.asset_id,
-            data_url=task.data_url,
-            workflow=payload.is_workflow_run,
-            org_id=payload.org_id,
-            run_by=payload.run_by,
-            plugin_id=payload.plugin_id,
-            prompt_class_ids=payload.prompt_class_ids,
-            prompt_source=config.get_prompt_from,
-            model=ModelInfo(
-                requested=options.model.requested,
-                actual=options.model.actual,
-                substituted=options.model.substituted,
-                note=options.model.note,
-            ),
-            size=options.image.size,
-            quality=options.image.quality,
-            max_prompt_chars=options.max_prompt_chars,
-            uses_default_key=config.uses_default_key,
-            notes=list(options.notes),
-            prompt_template=options.prompt_template,
-            images_per_task=options.output.images_per_request,
-            output_format=options.output.output_format,
-            output_compression=options.output.output_compression,
-            background=options.output.background,
-            max_cost_usd=options.max_cost_usd,
-            cost_per_image_usd=options.cost_per_image_usd,
-            sealed_secrets=sealed,
-            created_at_ms=now,
-            accepted_at_ms=now,
-            updated_at_ms=now,
-            expires_at=now // 1000 + deps.run_ttl_days * 86_400,
-            timeline=[TimelineEntry(step="queued", status=RunStatus.QUEUED.value, at_ms=now)],
-        )
-        stored, created = deps.runs.create(record)
-        if not created and stored.status in (RunStatus.FAILED, RunStatus.CANCELLED):
-            stored = deps.runs.change(stored, lambda r: _requeue(r, sealed, now))
-            created = True
-        runs.append(stored)
-        # A run stored but never started (its request died in between) is started by the next duplicate.
-        if created or (stored.status is RunStatus.QUEUED and not stored.execution_arn):
-            to_run.append(stored)
-    if not to_run:
-        return SessionStart(session=payload.session, runs=runs, started=[])
+    started: list[str] = []  # created or requeued by this request: what it, and only it, counts as accepted
+    for chunk in _chunks(tasks, tasks_per_execution):
+        owner = creation_owner(payload.session, [task.task_id for task in chunk])
+        for task in chunk:
+            record = _new_record(payload, task, config, options, sealed, now, deps, owner)
+            stored, created = deps.runs.create(record)
+            if not created and stored.status in (RunStatus.FAILED, RunStatus.CANCELLED):
+                requeued = [False]  # set by the write that counted (a concurrent request may requeue it first)
 
-    name = execution_name(payload.session, to_run)
-    arn = deps.starter.start(name, {"session": payload.session, "tasks": [{"taskId": r.task_id} for r in to_run]})
-    started = {r.task_id for r in to_run}
-    for index, run in enumerate(runs):
-        if run.task_id in started and run.execution_arn != arn:
-            runs[index] = deps.runs.change(run, lambda r: setattr(r, "execution_arn", arn))
-    return SessionStart(session=payload.session, runs=runs, started=sorted(started), execution_arn=arn)
+                def requeue(r: RunRecord) -> None:
+                    requeued[0] = r.status in (RunStatus.FAILED, RunStatus.CANCELLED)
+                    _requeue(r, sealed, now)
+
+                stored = deps.runs.update(stored.session, stored.task_id, requeue)
+                created = requeued[0]
+            if created:
+                started.append(stored.task_id)
+            runs.append(stored)
+    # Requeued runs (and any an earlier request requeued and died before claiming) get a new owner.
+    unowned = [run for run in runs if run.status is RunStatus.QUEUED and run.owner is None]
+    by_task = {run.task_id: index for index, run in enumerate(runs)}
+    for chunk in _chunks(unowned, tasks_per_execution):
+        owner = execution_name(payload.session, chunk)
+        for run in chunk:
+            try:
+                runs[by_task[run.task_id]] = deps.runs.update(run.session, run.task_id, _claim(owner))
+            except _Owned:  # a concurrent request claimed it first: its execution runs it
+                runs[by_task[run.task_id]] = deps.runs.get(run.session, run.task_id) or run
+    # Start every owner with queued runs. Its name is fixed, so starting it again is harmless: the execution
+    # exists (Step Functions answers with it, or ExecutionAlreadyExists), or a request died before starting it.
+    waiting: dict[str, list[str]] = {}
+    for run in runs:
+        if run.status is RunStatus.QUEUED and run.owner:
+            waiting.setdefault(run.owner, []).append(run.task_id)
+    arn = None
+    for owner, task_ids in waiting.items():
+        arn = deps.starter.start(owner, {"session": payload.session, "tasks": [{"taskId": t} for t in task_ids]})
+    return SessionStart(session=payload.session, runs=runs, started=started, execution_arn=arn)
+
+
+def _new_record(payload: HubPayload, task: Any, config: Any, options: Any, sealed: bytes, now: int,
+                deps: StepDeps, owner: str) -> RunRecord:
+    ref = RunRef(session=payload.session, task_id=task.task_id)
+    return RunRecord(
+        session=ref.session,
+        task_id=ref.task_id,
+        execution_name=ref.execution_name,
+        owner=owner,
+        project_id=payload.project_id,
+        asset_id=task.asset_id,
+        data_url=task.data_url,
+        workflow=payload.is_workflow_run,
+        org_id=payload.org_id,
+        run_by=payload.run_by,
+        plugin_id=payload.plugin_id,
+        prompt_class_ids=payload.prompt_class_ids,
+        prompt_source=config.get_prompt_from,
+        model=ModelInfo(
+            requested=options.model.requested,
+            actual=options.model.actual,
+            substituted=options.model.substituted,
+            note=options.model.note,
+        ),
+        size=options.image.size,
+        quality=options.image.quality,
+        max_prompt_chars=options.max_prompt_chars,
+        uses_default_key=config.uses_default_key,
+        notes=list(options.notes),
+        prompt_template=options.prompt_template,
+        images_per_task=options.output.images_per_request,
+        output_format=options.output.output_format,
+        output_compression=options.output.output_compression,
+        background=options.output.background,
+        max_cost_usd=options.max_cost_usd,
+        cost_per_image_usd=options.cost_per_image_usd,
+        sealed_secrets=sealed,
+        created_at_ms=now,
+        accepted_at_ms=now,
+        updated_at_ms=now,
+        expires_at=now // 1000 + deps.run_ttl_days * 86_400,
+        timeline=[TimelineEntry(step="queued", status=RunStatus.QUEUED.value, at_ms=now)],
+    )
 
 
 # ---- Extract Prompt --------------------------------------------------------------------------------
@@ -300,6 +411,7 @@ def _as_sentence(note: str) -> str:
 
 
 def extract_prompt(ref: RunRef, deps: StepDeps) -> ExtractResult:
+    deps = owned_deps(ref, deps)
     run = _load_active(ref, deps)
     hub = _hub(run, deps)
     notes = "".join(f" {_as_sentence(note)}." for note in run.notes)
@@ -380,9 +492,13 @@ def _done(run: RunRecord) -> GenerateOutcome:
 
 
 def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
+    deps = owned_deps(ref, deps)
     run = _load_active(ref, deps)
     if run.image is not None:
-        return _done(run)
+        if _made_for(run.image, run):
+            return _done(run)
+        # A re-run after the prompt (or an option) changed: the earlier image is not what is asked now.
+        run = deps.runs.update(run.session, run.task_id, _drop_images)
     stored = _stored_images(run, deps)
     if stored:
         return _adopt_stored_images(run, stored, deps)
@@ -449,7 +565,7 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
         deps.images.put_image(key, body, content_type, metadata)
         infos.append(ImageInfo(key=key, sha256=digest, bytes=len(body), model=image.model, size=run.size,
                                quality=run.quality, request_id=image.request_id, format=run.output_format,
-                               index=index))
+                               index=index, fingerprint=image_fingerprint(run)))
     elapsed_s = (deps.clock.now_ms() - started) / 1000
     message = f"{_images_as_subject(len(infos))} generated in {elapsed_s:.1f} s."
 
@@ -461,6 +577,16 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
     run = deps.runs.change(run, mutate)
     _hub_log(run, hub, message)
     return _done(run)
+
+
+def _made_for(image: ImageInfo, run: RunRecord) -> bool:
+    """Whether the image is what the run asks for now (an image from before fingerprints counts as such)."""
+    return image.fingerprint is None or run.prompt is None or image.fingerprint == image_fingerprint(run)
+
+
+def _drop_images(run: RunRecord) -> None:
+    if run.image is not None and not _made_for(run.image, run):
+        run.image, run.more_images = None, []
 
 
 def _count_images(count: int) -> str:
@@ -582,11 +708,12 @@ def _reuse_undelivered_image(run: RunRecord, deps: StepDeps, hub: HubClient) -> 
     message = "Reusing the image an earlier run of this task paid for and could not deliver (no new charge)."
     info = ImageInfo(key=key, sha256=hashlib.sha256(body).hexdigest(), bytes=len(body),
                      model=run.model.actual, size=run.size, quality=run.quality, reused=True,
-                     format=run.output_format)
+                     format=run.output_format, fingerprint=image_fingerprint(run))
     now = deps.clock.now_ms()
 
     def mutate(r: RunRecord) -> None:
-        r.image = r.image or info
+        if r.image is None or not _made_for(r.image, r):
+            r.image, r.more_images = info, []
         _mark(r, now, "generate", None, message)
 
     run = deps.runs.change(run, mutate)
@@ -609,7 +736,8 @@ def _stored_images(run: RunRecord, deps: StepDeps) -> list[tuple[str, bytes]]:
 def _adopt_stored_images(run: RunRecord, stored: list[tuple[str, bytes]], deps: StepDeps) -> GenerateOutcome:
     """A previous attempt paid for and stored the images but died before recording them: use them."""
     infos = [ImageInfo(key=key, sha256=hashlib.sha256(body).hexdigest(), bytes=len(body), model=run.model.actual,
-                       size=run.size, quality=run.quality, format=run.output_format, index=index)
+                       size=run.size, quality=run.quality, format=run.output_format, index=index,
+                       fingerprint=image_fingerprint(run))
              for index, (key, body) in enumerate(stored)]
 
     def adopt(r: RunRecord) -> None:
@@ -670,6 +798,7 @@ def _set_finish_sent(run: RunRecord, at_ms: int | None) -> None:
 
 
 def attach_image(ref: RunRef, deps: StepDeps) -> AttachResult:
+    deps = owned_deps(ref, deps)
     run = _load_active(ref, deps)
     if run.status is RunStatus.SUCCEEDED:
         return _finished_result(run)  # a retry of a step that finished: nothing left to do
@@ -738,6 +867,10 @@ def attach_image(ref: RunRef, deps: StepDeps) -> AttachResult:
 # ---- Record Failure --------------------------------------------------------------------------------
 
 
+#: how Step Functions names a Lambda that ran out of time (no error type: Lambda.Unknown)
+LAMBDA_TIMED_OUT = ("Lambda.Unknown", "Sandbox.Timedout")
+
+
 def describe_failure(error: str, cause: str | None) -> Failure:
     """Turn Step Functions' ``Error``/``Cause`` into a reason and a sentence a person can act on."""
     message = None
@@ -750,12 +883,17 @@ def describe_failure(error: str, cause: str | None) -> Failure:
     reason_of = {cls.__name__: cls.reason for cls in _all_subclasses(PluginError)}
     if error == "States.Timeout":
         message = "The run took longer than allowed and was stopped. Run the plugin again."
+    elif error in LAMBDA_TIMED_OUT:
+        message = ("A step of the run ran out of time (the hub or OpenAI answered too slowly) and was not "
+                   "retried, so that nothing is paid for or attached twice. Run the plugin again; if it "
+                   "keeps happening, check that Ango Hub is reachable, then tell the plugin's owner.")
     elif error not in reason_of:
         # Only the plugin's own errors are written for people; any other exception's text could quote
         # anything (a header value, a request), so it stays in the execution's history, not the session.
         message = (f"The plugin failed unexpectedly ({error}). Run it again; if it keeps failing, tell the "
                    "plugin's owner.")
-    return Failure(reason=reason_of.get(error, "internal_error"), message=(message or error)[:1000], error=error)
+    reason = "step_timed_out" if error in LAMBDA_TIMED_OUT else reason_of.get(error, "internal_error")
+    return Failure(reason=reason, message=(message or error)[:1000], error=error)
 
 
 def _all_subclasses(cls: type) -> list[type]:
@@ -768,9 +906,14 @@ def _all_subclasses(cls: type) -> list[type]:
 
 def record_failure(inp: FailureInput, deps: StepDeps) -> dict[str, Any]:
     failure = describe_failure(inp.error.error, inp.error.cause)
+    deps = owned_deps(inp, deps)
     run = deps.runs.get(inp.session, inp.task_id)
     if run is None:
         return {"status": RunStatus.FAILED.value, "reason": failure.reason}
+    try:
+        check_owner(run, inp.caller)
+    except NotRunOwner:  # another execution owns this generation: its own steps say how it ends
+        return {"status": "NOT_OWNER", "reason": None}
     if run.status is RunStatus.SUCCEEDED:
         # A crash after the run finished (its last write done) must not turn a delivered image into a failure.
         return {"status": RunStatus.SUCCEEDED.value, "reason": None}

@@ -1,0 +1,211 @@
+"""One run, one execution, one payment: the ownership rules with in-memory fakes. A run is owned by one
+execution's name, written before any execution starts; a step called by any other execution does nothing."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import pytest
+
+from dalle_plugin.domain.errors import NotRunOwner, RunCancelled
+from dalle_plugin.domain.payload import parse_payload
+from dalle_plugin.domain.run import FailureInput, RunRef, RunStatus, StepError
+from dalle_plugin.domain.steps import (
+    StepDeps,
+    attach_image,
+    extract_prompt,
+    generate_image,
+    image_fingerprint,
+    record_failure,
+    start_session,
+)
+from tests.faults.test_step_idempotency import Clock, Generator, Hub, Images, Offers, Runs, Vault
+
+TODAY = dt.date(2026, 1, 15)
+CONFIG = json.dumps({"openai_api_key": "sk-own-key-for-tests", "model_name": "gpt-image-1",
+                     "get_prompt_from": "full-text-asset", "image_size": "1024x1024"})
+MACHINE = "arn:aws:states:us-east-1:123456789012:execution:RunPlugin"
+
+
+class Starter:
+    """Step Functions' StartExecution as far as names go: a name starts one execution, ever."""
+
+    def __init__(self, fail_first: int = 0) -> None:
+        self.executions: dict[str, dict] = {}
+        self.calls = 0
+        self.fail_first = fail_first
+
+    def start(self, name: str, run_input: dict) -> str:
+        self.calls += 1
+        if self.calls <= self.fail_first:
+            raise TimeoutError("the API Lambda died here")
+        self.executions.setdefault(name, run_input)
+        return self.arn_of(name)
+
+    def stop(self, execution_arn: str, cause: str) -> None:
+        pass
+
+    def arn_of(self, name: str) -> str:
+        return f"{MACHINE}:{name}"
+
+
+def _payload(session: str, tasks: list[str]) -> object:
+    return parse_payload(json.dumps({
+        "projectId": "proj", "session": session, "apiKey": "ango-key", "workflow": True, "configJSON": CONFIG,
+        "tasks": [{"taskId": task, "dataURL": f"https://hub.example/{task}.txt"} for task in tasks],
+    }).encode())
+
+
+def _deps(starter: Starter | None = None, generator: Generator | None = None) -> StepDeps:
+    return StepDeps(runs=Runs(), clock=Clock(), vault=Vault(), hub_for=lambda run, key: Hub(), images=Images(),
+                    generator=generator or Generator(), reusable_images=Offers(), starter=starter or Starter())
+
+
+def _ref(deps: StepDeps, task: str, session: str = "s1") -> RunRef:
+    owner = deps.runs.get(session, task).owner
+    return RunRef(session=session, task_id=task, execution=deps.starter.arn_of(owner))
+
+
+def test_a_duplicate_request_starts_nothing_new_and_counts_nothing():
+    deps = _deps()
+    first = start_session(_payload("s1", ["a", "b", "c"]), deps, TODAY)
+    second = start_session(_payload("s1", ["a", "b", "c"]), deps, TODAY)
+    assert first.started == ["a", "b", "c"] and second.started == []
+    assert len(deps.starter.executions) == 1
+    assert {run.owner for run in deps.runs.items.values()} == set(deps.starter.executions)
+
+
+def test_a_request_that_died_before_starting_is_started_by_its_duplicate_under_the_same_name():
+    deps = _deps(Starter(fail_first=1))
+    with pytest.raises(TimeoutError):
+        start_session(_payload("s1", ["a", "b"]), deps, TODAY)
+    again = start_session(_payload("s1", ["a", "b"]), deps, TODAY)
+    assert again.started == []  # the dead request created them; this one only started their owner
+    [(name, run_input)] = deps.starter.executions.items()
+    assert {run.owner for run in deps.runs.items.values()} == {name}
+    assert [t["taskId"] for t in run_input["tasks"]] == ["a", "b"]
+
+
+def test_a_big_batch_is_split_into_executions_of_bounded_size_each_owning_its_chunk():
+    deps = _deps()
+    tasks = [f"t{i:04d}" for i in range(250)]
+    start_session(_payload("s1", tasks), deps, TODAY, tasks_per_execution=100)
+    sizes = sorted(len(run_input["tasks"]) for run_input in deps.starter.executions.values())
+    assert sizes == [50, 100, 100]
+    for name, run_input in deps.starter.executions.items():
+        assert all(deps.runs.get("s1", t["taskId"]).owner == name for t in run_input["tasks"])
+
+
+def test_cancel_then_resend_gives_the_run_to_a_new_execution_and_the_old_one_does_nothing():
+    from dalle_plugin.domain.cancel import cancel_session
+
+    deps = _deps()
+    start_session(_payload("s1", ["a", "b"]), deps, TODAY)
+    old = _ref(deps, "a")
+    cancel_session("s1", "a", deps)
+    resent = start_session(_payload("s1", ["a", "b"]), deps, TODAY)
+    assert resent.started == ["a"] and len(deps.starter.executions) == 2
+    new = _ref(deps, "a")
+    assert new.caller != old.caller
+    # the old execution wakes up for "a": no prompt read, no payment, no attachment, no failure recorded
+    for step in (extract_prompt, generate_image, attach_image):
+        with pytest.raises(NotRunOwner):
+            step(old, deps)
+    assert deps.generator.requests == 0
+    gone = record_failure(FailureInput(session="s1", task_id="a", execution=old.execution,
+                                       error=StepError(Error="NotRunOwner")), deps)
+    assert gone["status"] == "NOT_OWNER" and deps.runs.get("s1", "a").status is RunStatus.QUEUED
+    # the new one runs it, once
+    extract_prompt(new, deps)
+    assert generate_image(new, deps).status == "DONE" and deps.generator.requests == 1
+
+
+def test_a_write_by_an_execution_that_lost_the_run_midway_is_refused():
+    deps = _deps()
+    start_session(_payload("s1", ["a"]), deps, TODAY)
+    old = _ref(deps, "a")
+    extract_prompt(old, deps)
+    # cancelled and sent again between this execution's read and its write: the write does not happen
+    from dalle_plugin.domain.cancel import cancel_session
+
+    cancel_session("s1", "a", deps)
+    start_session(_payload("s1", ["a"]), deps, TODAY)
+    with pytest.raises((NotRunOwner, RunCancelled)):
+        generate_image(old, deps)
+    assert deps.generator.requests == 0
+
+
+def test_a_rerun_after_the_prompt_changed_generates_anew_and_the_same_prompt_does_not():
+    deps = _deps()
+    start_session(_payload("s1", ["a"]), deps, TODAY)
+    ref = _ref(deps, "a")
+    extract_prompt(ref, deps)
+    generate_image(ref, deps)
+    first = deps.runs.get("s1", "a").image
+    assert first.fingerprint == image_fingerprint(deps.runs.get("s1", "a"))
+    assert generate_image(ref, deps).image_key == first.key and deps.generator.requests == 1
+    deps.runs.update("s1", "a", lambda r: setattr(r.prompt, "text", "an edited prompt"))
+    again = generate_image(ref, deps)
+    assert deps.generator.requests == 2 and again.image_key != first.key
+
+
+# ---- the state machine's side of the contract ---------------------------------------------------------
+
+
+def _asl_states() -> dict:
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "statemachine" / "run_plugin.asl.json").read_text()
+    machine = json.loads(re.sub(r"\$\{\w+\}", "1", text))
+    return machine["States"]["Run Each Task"]["ItemProcessor"]["States"]
+
+
+def test_every_step_gets_the_calling_execution_and_a_non_owner_ends_quietly():
+    states = _asl_states()
+    for name in ("Extract Prompt", "Generate Image", "Attach Image", "Record Failure"):
+        assert states[name]["Parameters"]["execution.$"] == "$.execution"
+    for name in ("Extract Prompt", "Generate Image", "Attach Image"):
+        first = states[name]["Catch"][0]
+        assert first["ErrorEquals"] == ["NotRunOwner"] and states[first["Next"]]["Type"] == "Succeed"
+
+
+def test_a_timed_out_lambda_is_retried_only_where_running_again_cannot_pay_or_attach_twice():
+    states = _asl_states()
+
+    def retried(name: str) -> set[str]:
+        return {error for retrier in states[name]["Retry"] for error in retrier["ErrorEquals"]}
+
+    for name in ("Extract Prompt", "Attach Image", "Record Failure"):
+        assert {"Lambda.Unknown", "Sandbox.Timedout"} <= retried(name)
+    assert not {"Lambda.Unknown", "Sandbox.Timedout"} & retried("Generate Image")
+
+
+def test_a_timed_out_step_ends_the_run_with_a_sentence_a_person_can_act_on():
+    from dalle_plugin.domain.steps import describe_failure
+
+    cause = json.dumps({"errorMessage": "2026-01-01T00:00:00Z abc Task timed out after 300.00 seconds"})
+    failure = describe_failure("Lambda.Unknown", cause)
+    assert failure.reason == "step_timed_out" and "ran out of time" in failure.message
+    assert "Run the plugin again" in failure.message
+
+
+def test_secrets_are_read_again_after_their_cache_lifetime():
+    from dalle_plugin.adapters.aws import SecretsManagerReader
+
+    class Client:
+        value, reads = "v1", 0
+
+        def get_secret_value(self, SecretId: str) -> dict:
+            Client.reads += 1
+            return {"SecretString": Client.value}
+
+    now = [0.0]
+    reader = SecretsManagerReader(Client(), max_age_s=120, clock=lambda: now[0])
+    assert reader.read("s") == "v1"
+    Client.value = "v2"  # rotated
+    now[0] = 119.0
+    assert reader.read("s") == "v1" and Client.reads == 1
+    now[0] = 120.0
+    assert reader.read("s") == "v2" and Client.reads == 2
