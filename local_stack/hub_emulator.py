@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from local_stack.http_server import LocalHTTPServer, LocalServer, ServerProcess
@@ -885,43 +885,17 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
 HubEmulator.handler_class = _HubRequestHandler  # defined after the emulator, which it serves
 
 
-class HubEmulatorProcess:
+class HubEmulatorProcess(ServerProcess):
     """The hub emulator in a child process of its own, with ``HubEmulator``'s methods: each one is a
     request to the child's control API (``/_emulator/...``). What the methods return are copies."""
 
     def __init__(self, api_keys: Iterable[str] | None = None):
         options = {} if api_keys is None else {"api_keys": sorted(api_keys)}
-        self._process = ServerProcess("local_stack.hub_emulator:HubEmulator", options)
-
-    # ---- lifecycle ----------------------------------------------------------------------------------
-
-    def start(self) -> Self:
-        self._process.start()
-        return self
-
-    def stop(self) -> None:
-        self._process.stop()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    @property
-    def pid(self) -> int:
-        return self._process.pid
-
-    @property
-    def port(self) -> int:
-        return self._process.port
+        super().__init__("local_stack.hub_emulator:HubEmulator", options)
 
     @property
     def base_url(self) -> str:
-        return self._process.origin
-
-    def health(self) -> dict[str, Any]:
-        return self._process.health()
+        return self.origin
 
     # ---- seeding ------------------------------------------------------------------------------------
 
@@ -997,7 +971,7 @@ class HubEmulatorProcess:
         return self._call("GET", "state")
 
     def _call(self, method: str, path: str, body: Any = None, query: dict[str, Any] | None = None) -> Any:
-        return self._process.control.call(method, path, body, query)
+        return self.control.call(method, path, body, query)
 
 
 def load_sample_runs(hub_base_url: str, path: Path | None = None) -> list[SampleRun]:

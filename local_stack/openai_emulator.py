@@ -27,7 +27,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from http.server import BaseHTTPRequestHandler
-from typing import Any, Iterable, Literal, Mapping, Self
+from typing import Any, Iterable, Literal, Mapping
 from urllib.parse import urlsplit
 
 from PIL import Image, ImageDraw, ImageFont
@@ -1070,50 +1070,24 @@ class OpenAIEmulator(LocalServer):
             self._rules.extend(rules)
 
 
-class OpenAIEmulatorProcess:
+class OpenAIEmulatorProcess(ServerProcess):
     """The OpenAI emulator in a child process of its own, with ``OpenAIEmulator``'s scripting and reading
     methods: each one is a request to the child's control API (``/_emulator/...``)."""
 
     def __init__(self, revoked_keys: Iterable[str] = (),
                  revoked_key_prefixes: Iterable[str] = ("sk-invalid",)):
-        self._process = ServerProcess("local_stack.openai_emulator:OpenAIEmulator", {
+        super().__init__("local_stack.openai_emulator:OpenAIEmulator", {
             "revoked_keys": sorted(revoked_keys), "revoked_key_prefixes": list(revoked_key_prefixes),
         })
-
-    # -- lifecycle --
-
-    def start(self) -> Self:
-        self._process.start()
-        return self
-
-    def stop(self) -> None:
-        self._process.stop()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    @property
-    def pid(self) -> int:
-        return self._process.pid
-
-    @property
-    def port(self) -> int:
-        return self._process.port
 
     @property
     def base_url(self) -> str:
         """What ``openai.OpenAI(base_url=...)`` takes."""
-        return f"{self._process.origin}/v1"
+        return f"{self.origin}/v1"
 
     @property
     def control_url(self) -> str:
-        return f"{self._process.origin}/_emulator"
-
-    def health(self) -> dict[str, Any]:
-        return self._process.health()
+        return f"{self.origin}/_emulator"
 
     # -- scripting --
 
@@ -1150,7 +1124,7 @@ class OpenAIEmulatorProcess:
         return sorted(r.started_at for r in self.requests if r.is_generation)
 
     def _call(self, method: str, path: str, body: Any = None) -> Any:
-        return self._process.control.call(method, path, body)
+        return self.control.call(method, path, body)
 
 
 def _as_json(behaviour: BehaviourLike) -> dict[str, Any]:

@@ -69,7 +69,6 @@ HOSTILE = Profile(
     wait_lateness=Lateness(low_ms=200, mode_ms=1500, high_ms=5000),
     clock_offset_ms=500,
     cold_start_every_invoke=True,
-    reserved_concurrency=10,
     service_exception_share=0.1,
 )
 

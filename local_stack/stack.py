@@ -59,6 +59,7 @@ class StackOptions:
 
 
 class LocalStack:
+    _running: str | None = None  # the stack this process runs, if any
     def __init__(self, options: StackOptions | None = None):
         self.options = options or StackOptions()
         self.plugin_secret = self.options.plugin_secret or secrets.token_urlsafe(32)
@@ -78,6 +79,10 @@ class LocalStack:
     # ---- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> "LocalStack":
+        if LocalStack._running is not None:  # moto's backends and the runtime's patches are process-wide
+            raise RuntimeError(f"the local stack {LocalStack._running!r} already runs in this process: "
+                               "a local stack owns its process")
+        LocalStack._running = self.options.stack_name
         try:
             self._start()
         except BaseException:
@@ -137,6 +142,8 @@ class LocalStack:
             else:
                 os.environ[name] = value
         self._saved_env.clear()
+        if LocalStack._running == self.options.stack_name:
+            LocalStack._running = None
 
     def __enter__(self) -> "LocalStack":
         return self.start()

@@ -34,7 +34,36 @@ def start_stack(name: str, profile: str | None = None, environment: dict[str, st
                            parameters={"RateLimit": "1000", **(parameters or {})},
                            profile=profile_named(profile), environment={SEAMS_DIR_VARIABLE: board, **(environment or {})},
                            hook_modules=("tests.env_hooks",))
-    return LocalStack(options)
+    return _FreshPluginState(LocalStack(options))
+
+
+class _FreshPluginState:
+    """The stack, with the plugin's cached settings and clients of this process dropped when it starts and
+    stops: tests call handlers in this process too, and a cached client would still point at a stack that
+    is gone (a worker may run the fault suite's stacks beside the shared one)."""
+
+    def __init__(self, stack):
+        self._stack = stack
+
+    def __enter__(self):
+        running = self._stack.__enter__()
+        _clear_plugin_caches()
+        return running
+
+    def __exit__(self, *exc):
+        try:
+            return self._stack.__exit__(*exc)
+        finally:
+            _clear_plugin_caches()
+
+
+def _clear_plugin_caches() -> None:
+    from dalle_plugin import settings, wiring
+
+    settings.load_settings.cache_clear()
+    for value in vars(wiring).values():
+        if hasattr(value, "cache_clear"):
+            value.cache_clear()
 
 
 @pytest.fixture(scope="session")

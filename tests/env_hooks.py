@@ -56,7 +56,8 @@ def install() -> None:
     def put_image(original: Any) -> Any:
         def wrapper(self, key, body, content_type, metadata):  # noqa: ANN001
             stored = original(self, key, body, content_type, metadata)
-            spec = board.take("after_put_png", key.removeprefix("images/").rsplit(".", 1)[0])
+            # images/<execution name>.<prompt fingerprint>[.<n>].<extension>: the seam is keyed by the run
+            spec = board.take("after_put_png", key.removeprefix("images/").split(".", 1)[0])
             if spec:
                 raise_spec(spec)
             return stored

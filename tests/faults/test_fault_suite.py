@@ -453,7 +453,7 @@ def fault_stack(request):
         yield running
 
 
-@pytest.mark.xdist_group("faults")
+@pytest.mark.own_stack
 @pytest.mark.timeout(2400)
 def test_every_fault_ends_as_promised(fault_stack, caplog, capsys):
     from local_stack.runner import PluginApi
