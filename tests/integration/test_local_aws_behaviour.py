@@ -17,6 +17,17 @@ from local_stack.step_functions import HISTORY_LIMIT_EVENTS, PAYLOAD_LIMIT_BYTES
 pytestmark = pytest.mark.stack
 
 ENDED_WITHIN_S = 120  # a deadline for an execution to end, generous for a busy 2-core machine
+_created: list[str] = []  # this module's state machines, deleted after each test
+
+
+@pytest.fixture(autouse=True)
+def _delete_machines(stack):
+    """The shared stack keeps no probe machine: a 25,000-event history would make every later scan of the
+    stack's executions (the canary's) wait minutes on moto's GetExecutionHistory."""
+    yield
+    sfn = stack.client("stepfunctions")
+    while _created:
+        sfn.delete_state_machine(stateMachineArn=_created.pop())
 
 
 def _run(stack, definition: dict, payload: dict | None = None) -> tuple[str, str, dict]:
@@ -25,6 +36,7 @@ def _run(stack, definition: dict, payload: dict | None = None) -> tuple[str, str
     name = f"behaviour-{uuid.uuid4().hex[:10]}"
     role = f"arn:aws:iam::123456789012:role/{stack.options.stack_name}-execution"
     machine = sfn.create_state_machine(name=name, definition=json.dumps(definition), roleArn=role)
+    _created.append(machine["stateMachineArn"])
     arn = sfn.start_execution(stateMachineArn=machine["stateMachineArn"], name=name,
                               input=json.dumps(payload or {}))["executionArn"]
     deadline = time.monotonic() + ENDED_WITHIN_S
