@@ -32,7 +32,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from local_stack.lambda_environment import PRELOADED, EnvironmentSetup, LambdaContext, load_handler, serve
+from local_stack.lambda_environment import PRELOADED, EnvironmentSetup, load_handler, serve
 from local_stack.profiles import Profile
 from local_stack.template import FunctionSpec
 
@@ -163,7 +163,6 @@ class LambdaService:
                        for spec in functions.values()}
         self._context = multiprocessing.get_context("forkserver")
         self._context.set_forkserver_preload(list(PRELOADED))
-        self.cold_starts: list[str] = []
         # For tests and benchmarks, bounded: a long `make serve` on the hostile profile starts one per invoke.
         self.invocations: deque[Invocation] = deque(maxlen=100_000)
         self.environments: deque[Environment] = deque(maxlen=10_000)  # environments started, in order
@@ -269,7 +268,6 @@ class LambdaService:
         with self._lock:
             pool.busy.add(environment)
             self.environments.append(environment)
-            self.cold_starts.append(spec.logical_id)
         return environment, True
 
     def _release(self, spec: FunctionSpec, environment: Environment, healthy: bool) -> None:
@@ -298,15 +296,6 @@ class LambdaService:
 
 def _iso_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z"
-
-
-def direct_context(spec: FunctionSpec) -> LambdaContext:
-    """A context for a handler called directly by a test."""
-    request_id = str(uuid.uuid4())
-    return LambdaContext(function_name=spec.physical_name, invoked_function_arn=spec.arn,
-                         memory_limit_in_mb=spec.memory_mb, aws_request_id=request_id,
-                         log_group_name=f"/aws/lambda/{spec.physical_name}",
-                         log_stream_name=f"direct/{request_id}", deadline=time.monotonic() + spec.timeout_s)
 
 
 def install(service: LambdaService) -> Callable[[], None]:

@@ -16,7 +16,7 @@ from dalle_plugin import wiring
 from dalle_plugin.domain.payload import parse_payload
 from dalle_plugin.domain.steps import start_session
 from local_stack import sam_local
-from local_stack.lambda_runtime import LambdaContext
+from local_stack.lambda_environment import LambdaContext
 from tests.conftest import PLUGIN_SECRET, load_event
 
 pytestmark = pytest.mark.stack
