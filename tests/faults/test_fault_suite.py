@@ -386,7 +386,7 @@ def write_table(rows: list[tuple[Fault, dict[str, Any], bool]], seconds: float, 
         "*canary hits* counts places where the case's OpenAI key or Ango apiKey (as sent, its random core, or",
         "base64 at any alignment) was found: every CloudWatch log event, every execution's input, output and",
         "history, every DynamoDB item, every S3 object and its metadata, the emulators' records, the API's",
-        "answers, and the Python log records of the handlers.",
+        "answers, and the log records of the test process itself.",
         "",
         f"{len(rows)} faults, {sum(ok for _, _, ok in rows)} as expected on the `{profile}` profile; "
         f"the suite took {seconds:.0f} s.",
