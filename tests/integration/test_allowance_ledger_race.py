@@ -10,11 +10,10 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import boto3
 import pytest
 
 from dalle_plugin.adapters.dynamo_allowances import DynamoAllowanceLedger
-from local_stack.dynamodb_local import DynamoDBLocal
+from tests.integration.dynamodb_tables import make_client, sessions_shaped_table
 
 pytestmark = pytest.mark.stack
 
@@ -22,22 +21,10 @@ TABLE = "allowance-race"
 CALLERS = 24
 
 
-def make_client(endpoint: str):
-    return boto3.client("dynamodb", endpoint_url=endpoint, region_name="us-east-1",
-                        aws_access_key_id="local", aws_secret_access_key="local")
-
-
 @pytest.fixture(scope="module")
 def endpoint():
-    with DynamoDBLocal() as dynamodb:
-        make_client(dynamodb.endpoint_url).create_table(
-            TableName=TABLE,
-            KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
-            AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"},
-                                  {"AttributeName": "sk", "AttributeType": "S"}],
-            BillingMode="PAY_PER_REQUEST",
-        )
-        yield dynamodb.endpoint_url
+    with sessions_shaped_table(TABLE) as url:
+        yield url
 
 
 def _race(endpoint: str, counter: str, tickets: list[str], amount: int, limit: int):

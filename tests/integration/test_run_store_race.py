@@ -10,12 +10,11 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import boto3
 import pytest
 
 from dalle_plugin.adapters.dynamo_runs import DynamoRunStore
 from dalle_plugin.domain.run import ModelInfo, RunRecord, RunStatus, TimelineEntry
-from local_stack.dynamodb_local import DynamoDBLocal
+from tests.integration.dynamodb_tables import make_client, sessions_shaped_table
 
 pytestmark = pytest.mark.stack
 
@@ -23,22 +22,10 @@ TABLE = "run-store-race"
 WRITERS = 6  # far more than ever write one run at once (a step, a cancel, a redelivered step)
 
 
-def make_client(endpoint: str):
-    return boto3.client("dynamodb", endpoint_url=endpoint, region_name="us-east-1",
-                        aws_access_key_id="local", aws_secret_access_key="local")
-
-
 @pytest.fixture(scope="module")
 def endpoint():
-    with DynamoDBLocal() as dynamodb:
-        make_client(dynamodb.endpoint_url).create_table(
-            TableName=TABLE,
-            KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
-            AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"},
-                                  {"AttributeName": "sk", "AttributeType": "S"}],
-            BillingMode="PAY_PER_REQUEST",
-        )
-        yield dynamodb.endpoint_url
+    with sessions_shaped_table(TABLE) as url:
+        yield url
 
 
 def _run(task_id: str) -> RunRecord:
