@@ -6,6 +6,7 @@ import itertools
 import json
 import os
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -13,6 +14,17 @@ import pytest
 
 EVENTS = Path(__file__).resolve().parent.parent / "events"
 PLUGIN_SECRET = "test-plugin-secret-long-enough-for-the-authorizer"
+
+
+def wait_for(condition, what: str, timeout_s: float = 300, poll_s: float = 0.1):
+    """``condition()``'s first truthy value, polled until the deadline (a deadline, not a wait)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"never happened: {what}")
 
 
 def load_event(name: str) -> dict:

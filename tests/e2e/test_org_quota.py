@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import time
 
 import pytest
 
-from tests.conftest import PLUGIN_SECRET, start_stack
+from tests.conftest import PLUGIN_SECRET, start_stack, wait_for
 
 pytestmark = [pytest.mark.stack, pytest.mark.own_stack]
 
@@ -21,16 +20,6 @@ def quota_stack():
     with start_stack("dalle-quota", parameters={"OrgDailyImageQuota": "1"}) as running:
         running.hub.load_samples()
         yield running
-
-
-def _wait_for(condition, what: str, timeout_s: float = 300):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"never happened: {what}")
 
 
 def test_an_organisation_over_its_daily_quota_waits_for_the_next_day_and_is_told_when(quota_stack):
@@ -55,7 +44,7 @@ def test_an_organisation_over_its_daily_quota_waits_for_the_next_day_and_is_told
         detail = run and run["timeline"][-1].get("detail", "")
         return run if run and run["status"] == "WAITING_FOR_SLOT" and "starts by itself at" in detail else None
 
-    run = _wait_for(waiting_for_tomorrow, "the second run waits for the next UTC day")
+    run = wait_for(waiting_for_tomorrow, "the second run waits for the next UTC day", poll_s=0.5)
     tomorrow = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1)).strftime("%Y-%m-%d 00:00 UTC")
     detail = run["timeline"][-1]["detail"]
     assert "daily quota on the shared OpenAI key (1 images a day) is used up" in detail

@@ -18,6 +18,7 @@ import pytest
 from local_stack.lambda_runtime import LambdaService, ResultLost, TooManyRequests
 from local_stack.profiles import AWS
 from local_stack.template import FunctionSpec
+from tests.conftest import wait_for
 
 PROBE_DIR = Path(__file__).resolve().parent / "lambda_probe"
 
@@ -155,16 +156,6 @@ def _start(stack, machine: str, item: dict) -> str:
         stateMachineArn=machine, name=f"run-{uuid.uuid4().hex[:10]}", input=json.dumps(item))["executionArn"]
 
 
-def _wait_for(condition, what: str, timeout_s: float = 240):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"never happened: {what}")
-
-
 def _finished(stack, arns: list[str]) -> list[dict]:
     sfn = stack.client("stepfunctions")
 
@@ -172,7 +163,7 @@ def _finished(stack, arns: list[str]) -> list[dict]:
         found = [sfn.describe_execution(executionArn=arn) for arn in arns]
         return found if all(d["status"] != "RUNNING" for d in found) else None
 
-    return _wait_for(described, "the probe executions finished")
+    return wait_for(described, "the probe executions finished", timeout_s=240)
 
 
 @pytest.mark.stack
@@ -199,14 +190,14 @@ def test_a_throttled_invoke_is_retried_by_the_state_machine(stack, tmp_path):
     machine = _machine(stack, definition)
     release, holding = tmp_path / "release", tmp_path / "holding"
     first = _start(stack, machine, {"hold_until_exists": str(release), "mark": str(holding)})
-    _wait_for(holding.exists, "the first execution holds the function's only environment")
+    wait_for(holding.exists, "the first execution holds the function's only environment", timeout_s=240)
     second = _start(stack, machine, {})
 
     def throttled() -> bool:
         return any(i.function == spec.logical_id and i.outcome == "throttled" for i in stack.lambdas.invocations)
 
     try:
-        _wait_for(throttled, "the second execution's invoke was throttled")
+        wait_for(throttled, "the second execution's invoke was throttled", timeout_s=240)
     finally:
         release.touch()
     described = _finished(stack, [first, second])
