@@ -80,8 +80,15 @@ def import_only(spec: dict) -> None:
         if spec["needs_openai"]:
             importlib.import_module("dalle_plugin.adapters.openai_images")
     with open(spec["out"], "w") as handle:
-        json.dump({"import_ms": (time.perf_counter() - started) * 1000, "modules_loaded": len(sys.modules),
-                   "error": None, "status_code": None}, handle)
+        json.dump(
+            {
+                "import_ms": (time.perf_counter() - started) * 1000,
+                "modules_loaded": len(sys.modules),
+                "error": None,
+                "status_code": None,
+            },
+            handle,
+        )
 
 
 def main() -> None:

@@ -144,7 +144,9 @@ def price(counts: dict[str, Any], prices: dict[str, Any], openai_latency_s: floa
         + counts["dynamodb_write_units"] * p["dynamodb_on_demand_per_write_request_unit"],
         "S3 requests": s3_puts * p["s3_standard_per_put_request"]
         + s3_gets * p["s3_standard_per_get_request"],
-        f"S3 storage (image kept {assumptions['image_kept_months'] * 30.4:.0f} days)": assumptions["png_bytes"]
+        f"S3 storage (image kept {assumptions['image_kept_months'] * 30.4:.0f} days)": assumptions[
+            "png_bytes"
+        ]
         / GB
         * assumptions["image_kept_months"]
         * p["s3_standard_per_gb_month"],

@@ -90,7 +90,11 @@ class ColdStartBench:
     # ---- one fresh process ----------------------------------------------------------------------
 
     def child(
-        self, function: str, event: dict[str, Any] | None, eager: bool, importtime: bool = False,
+        self,
+        function: str,
+        event: dict[str, Any] | None,
+        eager: bool,
+        importtime: bool = False,
         mode: str | None = None,
     ) -> dict[str, Any]:
         spec = self.specs[FUNCTIONS[function]]
@@ -165,9 +169,12 @@ class ColdStartBench:
 
     def import_trial(self) -> dict[str, dict[str, float]]:
         """Each function's import beside its floor, in fresh processes, alternating: ours, floor, ours..."""
-        return {function: {mode: self.child(function, None, False, mode=mode)["import_ms"]
-                           for mode in ("ours", "floor")}
-                for function in FUNCTIONS}
+        return {
+            function: {
+                mode: self.child(function, None, False, mode=mode)["import_ms"] for mode in ("ours", "floor")
+            }
+            for function in FUNCTIONS
+        }
 
 
 _IMPORTTIME = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \|(\s*)(\S+)")
@@ -263,13 +270,24 @@ def main(argv: list[str] | None = None) -> int:
     for function in FUNCTIONS:
         ours_ms, floor_ms = median(imports[function]["ours"]), median(imports[function]["floor"])
         over_floor[function] = round(ours_ms / floor_ms, 3)
-        per_function[function]["import_vs_floor"] = {"ours_ms": ours_ms, "floor_ms": floor_ms,
-                                                      "samples": len(imports[function]["ours"])}
+        per_function[function]["import_vs_floor"] = {
+            "ours_ms": ours_ms,
+            "floor_ms": floor_ms,
+            "samples": len(imports[function]["ours"]),
+        }
         what = "boto3 + Logger + openai" if function == "generate" else "boto3 + Logger"
-        rows.append(Row(f"{function}: import over its floor", "ms", ours_ms, floor_ms,
-                        note=f"floor: a bare handler importing {what}; limit 1.5x"))
-        checks.append({"check": f"{function} imports within 1.5x its floor",
-                       "passed": over_floor[function] <= 1.5})
+        rows.append(
+            Row(
+                f"{function}: import over its floor",
+                "ms",
+                ours_ms,
+                floor_ms,
+                note=f"floor: a bare handler importing {what}; limit 1.5x",
+            )
+        )
+        checks.append(
+            {"check": f"{function} imports within 1.5x its floor", "passed": over_floor[function] <= 1.5}
+        )
     heaviest = {f: per_function[f]["lazy"]["imports_by_package_ms"] for f in FUNCTIONS}
     xray = median(heaviest[f].get("aws_xray_sdk", 0.0) for f in FUNCTIONS)
     findings = [

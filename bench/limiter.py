@@ -29,9 +29,10 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ("queue", "reservation", "fixed_window")
@@ -106,10 +107,15 @@ class Variant:
         from dalle_plugin.domain.rate_limit import LimiterSettings
 
         scale = self.dials.scale
-        return LimiterSettings(limit=self.dials.limit, window_s=self.dials.window_s,
-                               skew_margin_ms=self.dials.margin_ms, max_queue_wait_s=self.cap_s,
-                               wake_lead_ms=round(2000 * scale), short_wait_ms=round(3500 * scale),
-                               abandon_after_ms=round(30_000 * scale))
+        return LimiterSettings(
+            limit=self.dials.limit,
+            window_s=self.dials.window_s,
+            skew_margin_ms=self.dials.margin_ms,
+            max_queue_wait_s=self.cap_s,
+            wake_lead_ms=round(2000 * scale),
+            short_wait_ms=round(3500 * scale),
+            abandon_after_ms=round(30_000 * scale),
+        )
 
     def run(self, job: Job, send: Callable[[], None], rng: random.Random) -> None:
         getattr(self, f"_run_{self.name}")(job, send, rng)
@@ -147,9 +153,16 @@ class Variant:
                 return
             clock, offset, readings = self._clock(rng)
             limiter = DynamoRateLimiter(self.client, TABLE, settings, key=self.key, clock=clock)
-            decision = limiter.acquire(RateAsk(run_id=job.name, ticket=f"{job.name}#{attempt}",
-                                               accepted_ms=job.accepted_ms, org_id=job.org,
-                                               interactive=job.interactive, may_refuse=attempt == 1))
+            decision = limiter.acquire(
+                RateAsk(
+                    run_id=job.name,
+                    ticket=f"{job.name}#{attempt}",
+                    accepted_ms=job.accepted_ms,
+                    org_id=job.org,
+                    interactive=job.interactive,
+                    may_refuse=attempt == 1,
+                )
+            )
             job.calls += limiter.calls
             if decision.refused:
                 job.refused = True
@@ -165,9 +178,12 @@ class Variant:
     def _run_reservation(self, job: Job, send: Callable[[], None], rng: random.Random) -> None:
         from bench.baselines.reservation_limiter import DynamoRateLimiter, LimiterSettings, may_start
 
-        settings = LimiterSettings(limit=self.dials.limit, window_s=self.dials.window_s,
-                                   skew_margin_ms=self.dials.margin_ms,
-                                   wait_granularity_ms=max(1, round(1000 * self.dials.scale)))
+        settings = LimiterSettings(
+            limit=self.dials.limit,
+            window_s=self.dials.window_s,
+            skew_margin_ms=self.dials.margin_ms,
+            wait_granularity_ms=max(1, round(1000 * self.dials.scale)),
+        )
         attempt = 1
         while attempt < 1000 and not self._gave_up():
             clock, offset, readings = self._clock(rng)
@@ -188,11 +204,14 @@ class Variant:
         from bench.baselines.fixed_window import FixedWindowRateLimiter
         from bench.baselines.reservation_limiter import LimiterSettings
 
-        settings = LimiterSettings(limit=self.dials.limit, window_s=self.dials.window_s,
-                                   skew_margin_ms=self.dials.margin_ms)
+        settings = LimiterSettings(
+            limit=self.dials.limit, window_s=self.dials.window_s, skew_margin_ms=self.dials.margin_ms
+        )
         while not self._gave_up():
             clock, offset, readings = self._clock(rng)
-            decision = FixedWindowRateLimiter(self.client, TABLE, settings, key=self.key).acquire(job.name, clock())
+            decision = FixedWindowRateLimiter(self.client, TABLE, settings, key=self.key).acquire(
+                job.name, clock()
+            )
             job.calls += decision.calls
             if decision.reserved:
                 job.claimed_ms = readings[-1] - round(offset)
@@ -207,7 +226,7 @@ def item_bytes(item: dict[str, Any]) -> int:
     size = 0
     for name, value in item.items():
         size += len(name.encode())
-        (kind, raw), = value.items()
+        ((kind, raw),) = value.items()
         if kind in ("S", "N"):
             size += len(str(raw).encode())
         elif kind in ("SS", "NS"):
@@ -238,6 +257,7 @@ def play(variant: Variant, jobs: list[Job], seed: int) -> dict[str, Any]:
     from dalle_plugin.adapters.openai_images import OpenAIImageGenerator
     from dalle_plugin.domain.errors import PluginError
     from dalle_plugin.ports import ImageRequest
+
     from local_stack.openai_emulator import OpenAIEmulator
 
     stop = threading.Event()
@@ -256,19 +276,29 @@ def play(variant: Variant, jobs: list[Job], seed: int) -> dict[str, Any]:
 
             def send() -> None:
                 try:
-                    generator.generate(ImageRequest(model="gpt-image-2", prompt=f"bench {job.name}",
-                                                    size="1024x1024", quality="low"), "sk-bench")
+                    generator.generate(
+                        ImageRequest(
+                            model="gpt-image-2", prompt=f"bench {job.name}", size="1024x1024", quality="low"
+                        ),
+                        "sk-bench",
+                    )
                 except PluginError:
                     pass  # the 503 asked for
-                mine = [r.started_at for r in emulator.requests if r.is_generation and r.prompt == f"bench {job.name}"]
+                mine = [
+                    r.started_at
+                    for r in emulator.requests
+                    if r.is_generation and r.prompt == f"bench {job.name}"
+                ]
                 if mine and job.claimed_ms is not None:
                     job.arrival_s = mine[-1]
                     job.claim_to_arrival_ms = job.arrival_s * 1000 - job.claimed_ms
 
             variant.run(job, send, rng)
 
-        threads = [threading.Thread(target=one, args=(job, random.Random(seed * 1000 + i)))
-                   for i, job in enumerate(jobs)]
+        threads = [
+            threading.Thread(target=one, args=(job, random.Random(seed * 1000 + i)))
+            for i, job in enumerate(jobs)
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -303,9 +333,15 @@ def stalls(jobs: list[Job], dials: Dials) -> int:
 def fifo_violations(jobs: list[Job], tolerance_ms: int) -> int:
     """Pairs of one organisation and kind sent against their acceptance order by more than the margin."""
     sent = [j for j in jobs if j.claimed_ms is not None]
-    return sum(1 for a in sent for b in sent
-               if a.org == b.org and a.interactive == b.interactive and a.accepted_ms < b.accepted_ms
-               and a.claimed_ms > b.claimed_ms + tolerance_ms)
+    return sum(
+        1
+        for a in sent
+        for b in sent
+        if a.org == b.org
+        and a.interactive == b.interactive
+        and a.accepted_ms < b.accepted_ms
+        and a.claimed_ms > b.claimed_ms + tolerance_ms
+    )
 
 
 def figures(jobs: list[Job], arrivals: list[float], dials: Dials, state_bytes: int) -> dict[str, Any]:
@@ -330,9 +366,13 @@ def figures(jobs: list[Job], arrivals: list[float], dials: Dials, state_bytes: i
         "fifo_violations": fifo_violations(jobs, dials.margin_ms),
         "dynamodb_writes_per_grant": round(calls / len(sent), 3) if sent else None,
         "state_bytes_max": state_bytes,
-        "claim_to_arrival_ms": {"median": round(statistics.median(delays), 1), "p99": round(delays[
-            min(len(delays) - 1, math.ceil(0.99 * len(delays)) - 1)], 1), "max": round(delays[-1], 1)}
-        if delays else None,
+        "claim_to_arrival_ms": {
+            "median": round(statistics.median(delays), 1),
+            "p99": round(delays[min(len(delays) - 1, math.ceil(0.99 * len(delays)) - 1)], 1),
+            "max": round(delays[-1], 1),
+        }
+        if delays
+        else None,
     }
 
 
@@ -347,25 +387,42 @@ def editor_jobs(dials: Dials, start_ms: int) -> list[Job]:
     return batch + editors
 
 
-def scenario(name: str, variant_name: str, client: Any, dials: Dials, jobs: list[Job], seed: int,
-             cap_s: float = 1e9) -> tuple[list[Job], dict[str, Any]]:
+def scenario(
+    name: str, variant_name: str, client: Any, dials: Dials, jobs: list[Job], seed: int, cap_s: float = 1e9
+) -> tuple[list[Job], dict[str, Any]]:
     variant = Variant(variant_name, client, dials, key=f"{name}-{variant_name}-{seed}", cap_s=cap_s)
     played = play(variant, jobs, seed)
     return jobs, figures(jobs, played["arrivals"], dials, played["state_bytes_max"])
 
 
-def _play_in_process(endpoint: str, index: int, label: str, variant: str, jobs: list[Job], cap: float,
-                     dials: Dials, results: Any) -> None:
+def _play_in_process(
+    endpoint: str,
+    index: int,
+    label: str,
+    variant: str,
+    jobs: list[Job],
+    cap: float,
+    dials: Dials,
+    results: Any,
+) -> None:
     import boto3
 
-    client = boto3.client("dynamodb", endpoint_url=endpoint, region_name="us-east-1",
-                          aws_access_key_id="local", aws_secret_access_key="local")
+    client = boto3.client(
+        "dynamodb",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="local",
+        aws_secret_access_key="local",
+    )
     results.put((label, scenario(label.split("/")[0], variant, client, dials, jobs, index + 1, cap)))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.limiter", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.limiter",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--runs", type=int, default=60)
     parser.add_argument("--limit", type=int, default=5)
     parser.add_argument("--window", type=float, default=6.0, help="scaled window, seconds (real: 60)")
@@ -379,18 +436,33 @@ def main(argv: list[str] | None = None) -> int:
 
     from local_stack.dynamodb_local import DynamoDBLocal
 
-    print(f"limiter: {args.runs}-run backlog, a 40-task batch with editor runs behind it, and a backlog past "
-          f"the cap, at {args.limit} per {args.window:g} s (hostile dials scaled by {dials.scale:g}; margin "
-          f"{dials.margin_ms} ms), for the queue and both baselines at once…", flush=True)
+    print(
+        f"limiter: {args.runs}-run backlog, a 40-task batch with editor runs behind it, and a backlog past "
+        f"the cap, at {args.limit} per {args.window:g} s (hostile dials scaled by {dials.scale:g}; margin "
+        f"{dials.margin_ms} ms), for the queue and both baselines at once…",
+        flush=True,
+    )
     with DynamoDBLocal() as dynamodb:
-        client = boto3.client("dynamodb", endpoint_url=dynamodb.endpoint_url, region_name="us-east-1",
-                              aws_access_key_id="local", aws_secret_access_key="local")
-        client.create_table(TableName=TABLE, KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
-                            AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
-                            BillingMode="PAY_PER_REQUEST")
+        client = boto3.client(
+            "dynamodb",
+            endpoint_url=dynamodb.endpoint_url,
+            region_name="us-east-1",
+            aws_access_key_id="local",
+            aws_secret_access_key="local",
+        )
+        client.create_table(
+            TableName=TABLE,
+            KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
+            AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
+            BillingMode="PAY_PER_REQUEST",
+        )
         for k in range(300):  # DynamoDB Local's JVM answers its first few hundred requests slowly
-            client.update_item(TableName=TABLE, Key={"pk": {"S": f"warm-up-{k % 10}"}},
-                               UpdateExpression="ADD n :one", ExpressionAttributeValues={":one": {"N": "1"}})
+            client.update_item(
+                TableName=TABLE,
+                Key={"pk": {"S": f"warm-up-{k % 10}"}},
+                UpdateExpression="ADD n :one",
+                ExpressionAttributeValues={":one": {"N": "1"}},
+            )
         dials.deadline_ms = now_ms() + 9000 + 3 * (math.ceil(args.runs / args.limit) + 1) * args.window * 1000
         start = now_ms() + 6000  # every process has its threads waiting by then
         results: dict[str, dict[str, Any]] = {}
@@ -401,9 +473,13 @@ def main(argv: list[str] | None = None) -> int:
         # one process per scenario and variant, as Lambdas each have their own: no interpreter lock shared
         context = multiprocessing.get_context("fork")
         queue = context.Queue()
-        workers = [context.Process(target=_play_in_process,
-                                   args=(dynamodb.endpoint_url, i, label, variant, jobs, cap, dials, queue))
-                   for i, (label, variant, jobs, cap) in enumerate(plans)]
+        workers = [
+            context.Process(
+                target=_play_in_process,
+                args=(dynamodb.endpoint_url, i, label, variant, jobs, cap, dials, queue),
+            )
+            for i, (label, variant, jobs, cap) in enumerate(plans)
+        ]
         for worker in workers:
             worker.start()
         outputs = dict(queue.get(timeout=dials.deadline_ms / 1000 - time.time() + 120) for _ in workers)
@@ -418,42 +494,85 @@ def main(argv: list[str] | None = None) -> int:
             result["refused"] = sum(1 for j in jobs if j.refused)
     report = {
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "scenario": {"runs": args.runs, "limit": args.limit, "window_s": args.window,
-                     "skew_margin_ms": dials.margin_ms, "scale_of_hostile_dials": dials.scale,
-                     "how": "limiter adapters on DynamoDB Local, sends to the OpenAI emulator, steps simulated"},
+        "scenario": {
+            "runs": args.runs,
+            "limit": args.limit,
+            "window_s": args.window,
+            "skew_margin_ms": dials.margin_ms,
+            "scale_of_hostile_dials": dials.scale,
+            "how": "limiter adapters on DynamoDB Local, sends to the OpenAI emulator, steps simulated",
+        },
         "results": results,
     }
-    report["baseline"] = ("the reservation limiter this queue replaced (bench/baselines/reservation_limiter.py), "
-                          "the same scenarios at the same time; the fixed-window counter in the note")
+    report["baseline"] = (
+        "the reservation limiter this queue replaced (bench/baselines/reservation_limiter.py), "
+        "the same scenarios at the same time; the fixed-window counter in the note"
+    )
     report["rows"] = table_rows(results)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "limiter.json").write_text(json.dumps(report, indent=2) + "\n")
     write_summary(results, args, dials)
-    rows = ["max_arrivals_in_any_window", "stalls", "makespan_over_ideal", "eta_error_p95_s", "fifo_violations",
-            "dynamodb_writes_per_grant", "state_bytes_max"]
+    rows = [
+        "max_arrivals_in_any_window",
+        "stalls",
+        "makespan_over_ideal",
+        "eta_error_p95_s",
+        "fifo_violations",
+        "dynamodb_writes_per_grant",
+        "state_bytes_max",
+    ]
     print(f"{'backlog figure':<30}" + "".join(f"{v:>14}" for v in VARIANTS))
     for row in rows:
         print(f"{row:<30}" + "".join(f"{results[f'backlog/{v}'][row]!s:>14}" for v in VARIANTS))
-    print(f"{'editor_max_wait_s':<30}" + "".join(f"{results[f'editor/{v}']['editor_max_wait_s']!s:>14}"
-                                                  for v in VARIANTS))
-    print(f"refused past the cap: {results['cap/queue']['refused']} of 40; claim to arrival (queue): "
-          f"{results['backlog/queue']['claim_to_arrival_ms']}")
+    print(
+        f"{'editor_max_wait_s':<30}"
+        + "".join(f"{results[f'editor/{v}']['editor_max_wait_s']!s:>14}" for v in VARIANTS)
+    )
+    print(
+        f"refused past the cap: {results['cap/queue']['refused']} of 40; claim to arrival (queue): "
+        f"{results['backlog/queue']['claim_to_arrival_ms']}"
+    )
     return 0
 
 
 def table_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """docs/performance.md's rows: the queue, the reservation baseline, the fixed window in the note."""
     rows = []
-    for key in ("max_arrivals_in_any_window", "stalls", "makespan_over_ideal", "eta_error_p95_s", "fifo_violations",
-                "dynamodb_writes_per_grant", "state_bytes_max"):
+    for key in (
+        "max_arrivals_in_any_window",
+        "stalls",
+        "makespan_over_ideal",
+        "eta_error_p95_s",
+        "fifo_violations",
+        "dynamodb_writes_per_grant",
+        "state_bytes_max",
+    ):
         values = [results[f"backlog/{v}"][key] for v in VARIANTS]
-        rows.append({"figure": f"backlog: {key.replace('_', ' ')}", "ours": values[0], "baseline": values[1],
-                     "note": f"fixed window: {values[2]}"})
+        rows.append(
+            {
+                "figure": f"backlog: {key.replace('_', ' ')}",
+                "ours": values[0],
+                "baseline": values[1],
+                "note": f"fixed window: {values[2]}",
+            }
+        )
     values = [results[f"editor/{v}"]["editor_max_wait_s"] for v in VARIANTS]
-    rows.append({"figure": "editor runs behind a 40-task batch: max wait (s)", "ours": values[0],
-                 "baseline": values[1], "note": f"fixed window: {values[2]}"})
-    rows.append({"figure": "backlog of 40 past the cap: refused at once", "ours": results["cap/queue"]["refused"],
-                 "baseline": None, "note": "the baselines have no cap"})
+    rows.append(
+        {
+            "figure": "editor runs behind a 40-task batch: max wait (s)",
+            "ours": values[0],
+            "baseline": values[1],
+            "note": f"fixed window: {values[2]}",
+        }
+    )
+    rows.append(
+        {
+            "figure": "backlog of 40 past the cap: refused at once",
+            "ours": results["cap/queue"]["refused"],
+            "baseline": None,
+            "note": "the baselines have no cap",
+        }
+    )
     return rows
 
 
@@ -461,10 +580,20 @@ def write_summary(results: dict[str, dict[str, Any]], args: argparse.Namespace, 
     """The issue's keys, merged into bench/results/summary.json (other benchmarks write theirs too)."""
     path = RESULTS / "summary.json"
     summary = json.loads(path.read_text()) if path.exists() else {}
-    keys = ["max_arrivals_in_any_window", "stalls", "makespan_over_ideal", "eta_error_p95_s", "fifo_violations",
-            "dynamodb_writes_per_grant", "state_bytes_max"]
-    for variant, suffix in (("queue", ""), ("reservation", "_baseline_reservation"),
-                            ("fixed_window", "_baseline_fixed_window")):
+    keys = [
+        "max_arrivals_in_any_window",
+        "stalls",
+        "makespan_over_ideal",
+        "eta_error_p95_s",
+        "fifo_violations",
+        "dynamodb_writes_per_grant",
+        "state_bytes_max",
+    ]
+    for variant, suffix in (
+        ("queue", ""),
+        ("reservation", "_baseline_reservation"),
+        ("fixed_window", "_baseline_fixed_window"),
+    ):
         summary[f"limiter_limit{suffix}"] = args.limit
         summary[f"limiter_window_s{suffix}"] = args.window
         for key in keys:

@@ -24,29 +24,48 @@ def run_backlog(runs: int, limit: int, window_s: float, margin_ms: int, orgs: in
     from local_stack.runner import PluginApi
     from local_stack.stack import LocalStack, StackOptions
 
-    options = StackOptions(stack_name="bench-queue", plugin_secret=SECRET, parameters={
-        "RateLimit": str(limit), "RateWindowSeconds": str(window_s), "RateSkewMarginMs": str(margin_ms)})
+    options = StackOptions(
+        stack_name="bench-queue",
+        plugin_secret=SECRET,
+        parameters={
+            "RateLimit": str(limit),
+            "RateWindowSeconds": str(window_s),
+            "RateSkewMarginMs": str(margin_ms),
+        },
+    )
     with LocalStack(options) as stack:
         stack.hub.load_samples()
         api = PluginApi(stack.api_url, SECRET)
         template = load_sample_runs(stack.hub.base_url)[1].payload  # a text-annotation run
         sessions = [f"queue-{i:03d}" for i in range(runs)]
-        payloads = [template | {"session": s, "orgId": f"org-{i % orgs}", "workflow": True}
-                    for i, s in enumerate(sessions)]
+        payloads = [
+            template | {"session": s, "orgId": f"org-{i % orgs}", "workflow": True}
+            for i, s in enumerate(sessions)
+        ]
         senders = [threading.Thread(target=api.run, args=(p,)) for p in payloads]
         for sender in senders:
             sender.start()
         for sender in senders:
             sender.join()
-        deadline = (math.ceil(runs / limit) + 2) * (window_s + margin_ms / 1000 + 6) + 600  # a deadline, not a wait
+        deadline = (math.ceil(runs / limit) + 2) * (
+            window_s + margin_ms / 1000 + 6
+        ) + 600  # a deadline, not a wait
         statuses = [api.wait_finished(s, timeout_s=deadline)["runs"][0]["status"] for s in sessions]
-        return {"limit": limit, "window_s": window_s, "margin_ms": margin_ms,
-                "succeeded": statuses.count("SUCCEEDED"), "arrivals_epoch_s": stack.openai.generation_starts()}
+        return {
+            "limit": limit,
+            "window_s": window_s,
+            "margin_ms": margin_ms,
+            "succeeded": statuses.count("SUCCEEDED"),
+            "arrivals_epoch_s": stack.openai.generation_starts(),
+        }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.limiter_stack", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.limiter_stack",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--runs", type=int, default=12)
     parser.add_argument("--limit", type=int, default=5)
     parser.add_argument("--window", type=float, default=4.0)

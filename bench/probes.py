@@ -16,8 +16,9 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 AWS_SERVICES = ("dynamodb", "kms", "s3", "secretsmanager", "stepfunctions")
 _CAPACITY_OPERATIONS = {
@@ -84,7 +85,7 @@ class StackProbe:
 
     # ---- lifecycle --------------------------------------------------------------------------------
 
-    def install(self) -> "StackProbe":
+    def install(self) -> StackProbe:
         self._watch_hub()
         self._watch_lambdas()
         self._watch_logs()
@@ -96,7 +97,7 @@ class StackProbe:
         while self._undo:
             self._undo.pop()()
 
-    def __enter__(self) -> "StackProbe":
+    def __enter__(self) -> StackProbe:
         return self.install()
 
     def __exit__(self, *exc: object) -> None:

@@ -116,8 +116,11 @@ def section(doc: dict[str, Any]) -> str:
     if doc.get("baseline") and isinstance(doc["baseline"], str):
         lines += [f"**Baseline:** {doc['baseline']}", ""]
     elif name == "limiter":
-        lines += ["**Baseline:** the naive fixed-window counter, the same backlog, measured right after in the "
-                  "same run.", ""]
+        lines += [
+            "**Baseline:** the naive fixed-window counter, the same backlog, measured right after in the "
+            "same run.",
+            "",
+        ]
     rows = rows_of(doc)
     if rows:
         lines += ["| figure | ours | baseline | ratio | note |", "|---|---:|---:|---:|---|"]

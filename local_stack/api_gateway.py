@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import base64
 import fnmatch
-import sys
 import json
+import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlsplit
 
 from local_stack.lambda_runtime import LambdaRefused
@@ -41,12 +42,20 @@ class Lambdas(Protocol):
     def invoke(self, name_or_arn: str, body: bytes | str | None) -> tuple[bytes, bool]:
         """The function's response payload, and whether the invocation failed (a function error)."""
 
+
 # Extra pages served beside the API (the local console): path -> (content type, body factory)
 ExtraRoute = Callable[[str, dict[str, str]], tuple[int, str, bytes] | None]
 
 
-def proxy_event(method: str, path: str, route_path: str, params: dict[str, str], query: str,
-                headers: dict[str, str], body: bytes) -> dict[str, Any]:
+def proxy_event(
+    method: str,
+    path: str,
+    route_path: str,
+    params: dict[str, str],
+    query: str,
+    headers: dict[str, str],
+    body: bytes,
+) -> dict[str, Any]:
     pairs = parse_qsl(query, keep_blank_values=True)
     multi_query: dict[str, list[str]] = {}
     for key, value in pairs:
@@ -88,10 +97,15 @@ class _Server(ThreadingHTTPServer):
 
 
 class ApiGatewayServer:
-    def __init__(self, template: LocalTemplate, lambdas: Lambdas, port: int | None = None,
-                 integration_timeout_s: float = INTEGRATION_TIMEOUT_S,
-                 request_limit_bytes: int = REQUEST_LIMIT_BYTES,
-                 response_limit_bytes: int = RESPONSE_LIMIT_BYTES):
+    def __init__(
+        self,
+        template: LocalTemplate,
+        lambdas: Lambdas,
+        port: int | None = None,
+        integration_timeout_s: float = INTEGRATION_TIMEOUT_S,
+        request_limit_bytes: int = REQUEST_LIMIT_BYTES,
+        response_limit_bytes: int = RESPONSE_LIMIT_BYTES,
+    ):
         self.routes = template.routes()
         self.functions = template.functions()
         self.lambdas = lambdas
@@ -108,7 +122,7 @@ class ApiGatewayServer:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> "ApiGatewayServer":
+    def start(self) -> ApiGatewayServer:
         gateway = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -139,14 +153,17 @@ class ApiGatewayServer:
         if length > self.request_limit_bytes:
             _drain(request, length)  # read it all first, so the client sees the answer rather than a reset
             message = f"HTTP content length exceeded {self.request_limit_bytes} bytes."
-            return self._send(request, 413, {"Content-Type": "application/json"},
-                              json.dumps({"message": message}).encode())
+            return self._send(
+                request, 413, {"Content-Type": "application/json"}, json.dumps({"message": message}).encode()
+            )
         body = request.rfile.read(length) if length else b""
         headers = {k: v for k, v in request.headers.items()}
         for route in self.routes:
             params = route.match(request.command, split.path)
             if params is not None:
-                event = proxy_event(request.command, split.path, route.path, params, split.query, headers, body)
+                event = proxy_event(
+                    request.command, split.path, route.path, params, split.query, headers, body
+                )
                 refused = self._authorize(route, event)
                 if refused:
                     return self._send(request, refused[0], {"Content-Type": "application/json"}, refused[1])
@@ -160,8 +177,12 @@ class ApiGatewayServer:
         known = any(route.match(m, split.path) is not None for route in self.routes for m in ("GET", "POST"))
         status = 403 if not known else 405
         # API Gateway's own answer for a path or method no route matches
-        self._send(request, status, {"Content-Type": "application/json"},
-                   b'{"message": "Missing Authentication Token"}')
+        self._send(
+            request,
+            status,
+            {"Content-Type": "application/json"},
+            b'{"message": "Missing Authentication Token"}',
+        )
 
     def _integrate(self, function: str, event: str) -> tuple[int, dict[str, str], bytes]:
         """Invoke the function as a Lambda proxy integration: (status, headers, body) for the client."""
@@ -179,11 +200,18 @@ class ApiGatewayServer:
         threading.Thread(target=invoke, name=f"api-integration-{function}", daemon=True).start()
         json_headers = {"Content-Type": "application/json"}
         if not answered.wait(self.integration_timeout_s):
-            print(f"[api] {function} did not answer within {self.integration_timeout_s:g} s: 504",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[api] {function} did not answer within {self.integration_timeout_s:g} s: 504",
+                file=sys.stderr,
+                flush=True,
+            )
             return 504, json_headers, TIMED_OUT_BODY
         if isinstance(outcome.get("error"), LambdaRefused):  # throttled or lost: API Gateway says 500
-            print(f"[api] {function} refused by Lambda: {outcome['error'].code}: 500", file=sys.stderr, flush=True)
+            print(
+                f"[api] {function} refused by Lambda: {outcome['error'].code}: 500",
+                file=sys.stderr,
+                flush=True,
+            )
             return 500, json_headers, INTERNAL_ERROR_BODY
         if "error" in outcome:
             print(f"[api] {function} could not be invoked: {outcome['error']!r}", file=sys.stderr, flush=True)
@@ -192,14 +220,21 @@ class ApiGatewayServer:
         if failed:  # API Gateway answers 502 when the integration itself fails
             try:
                 error = json.loads(payload)
-                print(f"[api] {function} failed: {error.get('errorType', 'Lambda.Unknown')}: {error['errorMessage']}\n"
-                      + "".join(error.get("stackTrace", [])), file=sys.stderr, flush=True)
+                print(
+                    f"[api] {function} failed: {error.get('errorType', 'Lambda.Unknown')}: {error['errorMessage']}\n"
+                    + "".join(error.get("stackTrace", [])),
+                    file=sys.stderr,
+                    flush=True,
+                )
             except (ValueError, KeyError, TypeError):
                 print(f"[api] {function} failed: {payload[:200]!r}", file=sys.stderr, flush=True)
             return 502, json_headers, INTERNAL_ERROR_BODY
         if len(payload) > self.response_limit_bytes:
-            print(f"[api] {function} answered {len(payload)} bytes, above {self.response_limit_bytes}: 502",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[api] {function} answered {len(payload)} bytes, above {self.response_limit_bytes}: 502",
+                file=sys.stderr,
+                flush=True,
+            )
             return 502, json_headers, INTERNAL_ERROR_BODY
         try:
             response = json.loads(payload)
@@ -225,23 +260,33 @@ class ApiGatewayServer:
         headers = {name.lower(): value for name, value in event["headers"].items()}
         if not all(headers.get(name.lower()) for name in route.authorizer.identity_headers):
             return unauthorized
-        method_arn = (f"arn:aws:execute-api:{REGION}:{ACCOUNT_ID}:{event['requestContext']['apiId']}/{STAGE}"
-                      f"/{event['httpMethod']}{event['path']}")
-        identity = (route.authorizer.function,
-                    *(headers.get(name.lower()) for name in route.authorizer.identity_headers))
+        method_arn = (
+            f"arn:aws:execute-api:{REGION}:{ACCOUNT_ID}:{event['requestContext']['apiId']}/{STAGE}"
+            f"/{event['httpMethod']}{event['path']}"
+        )
+        identity = (
+            route.authorizer.function,
+            *(headers.get(name.lower()) for name in route.authorizer.identity_headers),
+        )
         with self._lock:
             cached = self._authorizer_cache.get(identity)
         if cached and cached[0] > time.monotonic():
             answer = cached[1]
         else:
             try:
-                payload, failed = self.lambdas.invoke(self.functions[route.authorizer.function].physical_name,
-                                                      json.dumps(dict(event, type="REQUEST", methodArn=method_arn)))
+                payload, failed = self.lambdas.invoke(
+                    self.functions[route.authorizer.function].physical_name,
+                    json.dumps(dict(event, type="REQUEST", methodArn=method_arn)),
+                )
             except LambdaRefused:
                 return 500, b'{"message":null}'
             answer = json.loads(payload)
             if failed:
-                return unauthorized if answer.get("errorMessage") == "Unauthorized" else (500, b'{"message":null}')
+                return (
+                    unauthorized
+                    if answer.get("errorMessage") == "Unauthorized"
+                    else (500, b'{"message":null}')
+                )
             with self._lock:  # API Gateway caches the policy per identity for ReauthorizeEvery seconds
                 self._authorizer_cache[identity] = (time.monotonic() + route.authorizer.ttl_s, answer)
 
@@ -253,8 +298,10 @@ class ApiGatewayServer:
         statements = [s for s in answer.get("policyDocument", {}).get("Statement", []) if covers(s)]
         if not statements or any(s.get("Effect") != "Allow" for s in statements):
             return 403, b'{"Message":"User is not authorized to access this resource with an explicit deny"}'
-        event["requestContext"]["authorizer"] = {"principalId": answer.get("principalId"),
-                                                 **(answer.get("context") or {})}
+        event["requestContext"]["authorizer"] = {
+            "principalId": answer.get("principalId"),
+            **(answer.get("context") or {}),
+        }
         return None
 
     @staticmethod

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 import requests
-
 from dalle_plugin.adapters.dynamo_runs import DynamoRunStore
 from dalle_plugin.domain.run import RunRecord
 from dalle_plugin.domain.sessions import session_view
+
 from local_stack.api_gateway import ExtraRoute
 from local_stack.hub_emulator import SampleRun, load_sample_runs
 
@@ -49,7 +49,7 @@ def _json(status: int, body: Any) -> Answer:
 
 
 class Console:
-    def __init__(self, stack: "LocalStack"):
+    def __init__(self, stack: LocalStack):
         self.stack = stack
         self.token = secrets.token_urlsafe(18)
 
@@ -66,8 +66,15 @@ class Console:
         if method == "GET" and path == "/_console/sessions":
             return _json(200, {"sessions": self.sessions()})
         if method == "GET" and path == "/_console/samples":
-            return _json(200, {"samples": [{"index": i, "title": s.title, "taskId": s.payload["taskId"]}
-                                           for i, s in enumerate(self.samples())]})
+            return _json(
+                200,
+                {
+                    "samples": [
+                        {"index": i, "title": s.title, "taskId": s.payload["taskId"]}
+                        for i, s in enumerate(self.samples())
+                    ]
+                },
+            )
         if method == "POST" and path == "/_console/runs":
             given = (query.get("token") or [""])[0]
             if not hmac.compare_digest(given.encode(), self.token.encode()):
@@ -85,11 +92,13 @@ class Console:
         client = self.stack.client("dynamodb")
         # run records only: the table also holds spending counters and images on offer for a re-run
         projection, names = DynamoRunStore.readable_attributes()
-        kwargs: dict[str, Any] = {"TableName": self.stack.table_name("SessionsTable"),
-                                  "ProjectionExpression": projection,
-                                  "FilterExpression": "begins_with(sk, :task)",
-                                  "ExpressionAttributeNames": names,
-                                  "ExpressionAttributeValues": {":task": {"S": "TASK#"}}}
+        kwargs: dict[str, Any] = {
+            "TableName": self.stack.table_name("SessionsTable"),
+            "ProjectionExpression": projection,
+            "FilterExpression": "begins_with(sk, :task)",
+            "ExpressionAttributeNames": names,
+            "ExpressionAttributeValues": {":task": {"S": "TASK#"}},
+        }
         runs = []
         while True:
             page = client.scan(**kwargs)
@@ -103,13 +112,16 @@ class Console:
         by_session: dict[str, list[RunRecord]] = {}
         for run in self._runs():
             by_session.setdefault(run.session, []).append(run)
-        newest = sorted(by_session.items(), key=lambda item: max(r.created_at_ms for r in item[1]),
-                        reverse=True)
+        newest = sorted(
+            by_session.items(), key=lambda item: max(r.created_at_ms for r in item[1]), reverse=True
+        )
         views = []
         for session, runs in newest[:MAX_SESSIONS]:
             view = session_view(session, runs)
-            view["logs"] = [{field: line.get(field) for field in LOG_FIELDS}
-                            for line in self.stack.hub.plugin_logs(session)]
+            view["logs"] = [
+                {field: line.get(field) for field in LOG_FIELDS}
+                for line in self.stack.hub.plugin_logs(session)
+            ]
             views.append(view)
         return views
 
@@ -122,8 +134,12 @@ class Console:
         payload = dict(samples[int(index)].payload)
         payload["session"] = f"console-{payload['taskId']}-{uuid.uuid4().hex[:8]}"
         # What the hub does: the real endpoint, with the plugin Secret in the header.
-        answer = requests.post(f"{self.stack.api_url}/plugin", json=payload,
-                               headers={"Secret": self.stack.plugin_secret}, timeout=30)
+        answer = requests.post(
+            f"{self.stack.api_url}/plugin",
+            json=payload,
+            headers={"Secret": self.stack.plugin_secret},
+            timeout=30,
+        )
         try:
             body = answer.json()
         except ValueError:
@@ -131,5 +147,5 @@ class Console:
         return _json(answer.status_code, {"session": payload["session"], "answer": body})
 
 
-def console_routes(stack: "LocalStack") -> ExtraRoute:
+def console_routes(stack: LocalStack) -> ExtraRoute:
     return Console(stack).route

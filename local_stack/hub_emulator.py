@@ -321,8 +321,14 @@ class HubEmulator(LocalServer):
             raise ValueError("a fault needs a status, a latency, or both")
         with self._lock:
             self._faults.append(
-                _Fault(path_prefix, status, times, float(latency_s), method.upper() if method else None,
-                       body_contains)
+                _Fault(
+                    path_prefix,
+                    status,
+                    times,
+                    float(latency_s),
+                    method.upper() if method else None,
+                    body_contains,
+                )
             )
 
     def clear_faults(self, path_prefix: str | None = None, body_contains: str | None = None) -> None:
@@ -902,22 +908,69 @@ class HubEmulatorProcess(ServerProcess):
     def add_api_key(self, api_key: str) -> None:
         self._call("POST", "api_keys", {"api_key": api_key})
 
-    def add_project(self, project_id: str, category_schema: dict[str, Any], *, name: str | None = None,
-                    workflow: tuple[str, ...] | list[str] = DEFAULT_WORKFLOW) -> dict[str, Any]:
-        return self._call("POST", "projects", {"project_id": project_id, "category_schema": category_schema,
-                                               "name": name, "workflow": list(workflow)})
+    def add_project(
+        self,
+        project_id: str,
+        category_schema: dict[str, Any],
+        *,
+        name: str | None = None,
+        workflow: tuple[str, ...] | list[str] = DEFAULT_WORKFLOW,
+    ) -> dict[str, Any]:
+        return self._call(
+            "POST",
+            "projects",
+            {
+                "project_id": project_id,
+                "category_schema": category_schema,
+                "name": name,
+                "workflow": list(workflow),
+            },
+        )
 
-    def add_asset(self, project_id: str, asset_id: str, external_id: str, filename: str, body: bytes,
-                  content_type: str = "text/plain") -> dict[str, Any]:
-        return self._call("POST", "assets", _encoded_body({
-            "project_id": project_id, "asset_id": asset_id, "external_id": external_id, "filename": filename,
-            "body": body, "content_type": content_type,
-        }))
+    def add_asset(
+        self,
+        project_id: str,
+        asset_id: str,
+        external_id: str,
+        filename: str,
+        body: bytes,
+        content_type: str = "text/plain",
+    ) -> dict[str, Any]:
+        return self._call(
+            "POST",
+            "assets",
+            _encoded_body(
+                {
+                    "project_id": project_id,
+                    "asset_id": asset_id,
+                    "external_id": external_id,
+                    "filename": filename,
+                    "body": body,
+                    "content_type": content_type,
+                }
+            ),
+        )
 
-    def add_task(self, project_id: str, task_id: str, asset_id: str, answer: dict[str, Any] | None = None, *,
-                 stage: str = "Plugin") -> dict[str, Any]:
-        return self._call("POST", "tasks", {"project_id": project_id, "task_id": task_id,
-                                            "asset_id": asset_id, "answer": answer, "stage": stage})
+    def add_task(
+        self,
+        project_id: str,
+        task_id: str,
+        asset_id: str,
+        answer: dict[str, Any] | None = None,
+        *,
+        stage: str = "Plugin",
+    ) -> dict[str, Any]:
+        return self._call(
+            "POST",
+            "tasks",
+            {
+                "project_id": project_id,
+                "task_id": task_id,
+                "asset_id": asset_id,
+                "answer": answer,
+                "stage": stage,
+            },
+        )
 
     def load_samples(self) -> None:
         """The bundled samples (``samples/hub_seed.json``), read by the child."""
@@ -925,11 +978,27 @@ class HubEmulatorProcess(ServerProcess):
 
     # ---- fault injection ----------------------------------------------------------------------------
 
-    def fail_next(self, path_prefix: str, status: int | None = 503, times: int = 1, latency_s: float = 0.0,
-                  method: str | None = None, body_contains: str | None = None) -> None:
-        self._call("POST", "faults", {"path_prefix": path_prefix, "status": status, "times": times,
-                                      "latency_s": latency_s, "method": method,
-                                      "body_contains": body_contains})
+    def fail_next(
+        self,
+        path_prefix: str,
+        status: int | None = 503,
+        times: int = 1,
+        latency_s: float = 0.0,
+        method: str | None = None,
+        body_contains: str | None = None,
+    ) -> None:
+        self._call(
+            "POST",
+            "faults",
+            {
+                "path_prefix": path_prefix,
+                "status": status,
+                "times": times,
+                "latency_s": latency_s,
+                "method": method,
+                "body_contains": body_contains,
+            },
+        )
 
     def clear_faults(self, path_prefix: str | None = None, body_contains: str | None = None) -> None:
         self._call("DELETE", "faults", query={"path_prefix": path_prefix, "body_contains": body_contains})

@@ -21,14 +21,23 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any, Callable
+from typing import Any
 
 # Imported by the forkserver before it forks any environment: what every function's cold start would
 # otherwise re-import (and hold in memory once per environment).
-PRELOADED = ("boto3", "botocore.session", "pydantic", "requests", "aws_lambda_powertools",
-             "aws_lambda_powertools.logging", "aws_lambda_powertools.metrics", "openai")
+PRELOADED = (
+    "boto3",
+    "botocore.session",
+    "pydantic",
+    "requests",
+    "aws_lambda_powertools",
+    "aws_lambda_powertools.logging",
+    "aws_lambda_powertools.metrics",
+    "openai",
+)
 
 
 @dataclass(frozen=True)
@@ -101,8 +110,12 @@ def _after_hooks(modules: list[Any]) -> list[Callable[[str, dict, Any], None]]:
 
 def error_payload(exc: BaseException, request_id: str) -> dict[str, Any]:
     """The Lambda runtime's own contract: an exception is a function error named by its class."""
-    return {"errorMessage": str(exc), "errorType": type(exc).__name__, "requestId": request_id,
-            "stackTrace": traceback.format_tb(exc.__traceback__)[-5:]}
+    return {
+        "errorMessage": str(exc),
+        "errorType": type(exc).__name__,
+        "requestId": request_id,
+        "stackTrace": traceback.format_tb(exc.__traceback__)[-5:],
+    }
 
 
 def serve(conn: Connection, setup: EnvironmentSetup) -> None:
@@ -135,9 +148,12 @@ def serve(conn: Connection, setup: EnvironmentSetup) -> None:
             return
         event = json.loads(event_json)
         context = LambdaContext(
-            function_name=setup.function_name, invoked_function_arn=setup.function_arn,
-            memory_limit_in_mb=setup.memory_mb, aws_request_id=request_id,
-            log_group_name=f"/aws/lambda/{setup.function_name}", log_stream_name=log_stream,
+            function_name=setup.function_name,
+            invoked_function_arn=setup.function_arn,
+            memory_limit_in_mb=setup.memory_mb,
+            aws_request_id=request_id,
+            log_group_name=f"/aws/lambda/{setup.function_name}",
+            log_stream_name=log_stream,
             deadline=time.monotonic() + remaining_ms / 1000,
         )
         try:

@@ -26,11 +26,12 @@ from __future__ import annotations
 import json
 import multiprocessing
 import threading
-from collections import deque
 import time
 import uuid
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from local_stack.lambda_environment import PRELOADED, EnvironmentSetup, load_handler, serve
 from local_stack.profiles import Profile
@@ -73,8 +74,9 @@ class Environment:
     def __init__(self, context: Any, setup: EnvironmentSetup):
         self.setup = setup
         self.conn, child_end = context.Pipe()
-        self.process = context.Process(target=serve, args=(child_end, setup), daemon=True,
-                                       name=f"lambda-{setup.logical_id}")
+        self.process = context.Process(
+            target=serve, args=(child_end, setup), daemon=True, name=f"lambda-{setup.logical_id}"
+        )
         self.process.start()
         child_end.close()
         self.log_stream = f"{time.strftime('%Y/%m/%d')}/[$LATEST]{uuid.uuid4().hex}"
@@ -99,16 +101,27 @@ class Environment:
         """Wait for init. Returns (ok, error payload, log lines)."""
         answer = self._receive(budget_s)
         if answer is None:
-            return False, json.dumps({"errorType": "Runtime.InitTimeout",
-                                      "errorMessage": f"Init did not finish within {budget_s:g} s"}), []
+            return (
+                False,
+                json.dumps(
+                    {
+                        "errorType": "Runtime.InitTimeout",
+                        "errorMessage": f"Init did not finish within {budget_s:g} s",
+                    }
+                ),
+                [],
+            )
         if answer[0] == "ready":
             self.init_s = answer[1]
             self.ready = True
             return True, None, answer[2]
         if answer[0] == "init_error":
             return False, answer[1], answer[2]
-        return False, json.dumps({"errorType": "Runtime.ExitError",
-                                  "errorMessage": "Runtime exited during init"}), []
+        return (
+            False,
+            json.dumps({"errorType": "Runtime.ExitError", "errorMessage": "Runtime exited during init"}),
+            [],
+        )
 
     def invoke(self, request_id: str, body: str, timeout_s: float) -> tuple[str, str, list[str]]:
         """Returns (outcome, payload, log lines); outcome is ok, error, timeout or died."""
@@ -134,8 +147,12 @@ class Environment:
 
 
 def _exit_error(request_id: str) -> str:
-    return json.dumps({"errorType": "Runtime.ExitError",
-                       "errorMessage": f"RequestId: {request_id} Error: Runtime exited with error: signal: killed"})
+    return json.dumps(
+        {
+            "errorType": "Runtime.ExitError",
+            "errorMessage": f"RequestId: {request_id} Error: Runtime exited with error: signal: killed",
+        }
+    )
 
 
 class _Pool:
@@ -148,9 +165,16 @@ class _Pool:
 
 
 class LambdaService:
-    def __init__(self, functions: dict[str, FunctionSpec], log_sink: Callable[[str, str, list[str]], None],
-                 *, profile: Profile, environ: Callable[[FunctionSpec], dict[str, str]],
-                 layer_dirs: list[Any] = (), hook_modules: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        functions: dict[str, FunctionSpec],
+        log_sink: Callable[[str, str, list[str]], None],
+        *,
+        profile: Profile,
+        environ: Callable[[FunctionSpec], dict[str, str]],
+        layer_dirs: list[Any] = (),
+        hook_modules: tuple[str, ...] = (),
+    ):
         self._by_name = {spec.physical_name: spec for spec in functions.values()}
         self._profile = profile
         self._environ = environ
@@ -159,8 +183,10 @@ class LambdaService:
         self._log_sink = log_sink
         self._lock = threading.Lock()
         self._rng = profile.rng()
-        self._pools = {spec.logical_id: _Pool(spec.reserved_concurrency or profile.reserved_concurrency)
-                       for spec in functions.values()}
+        self._pools = {
+            spec.logical_id: _Pool(spec.reserved_concurrency or profile.reserved_concurrency)
+            for spec in functions.values()
+        }
         self._context = multiprocessing.get_context("forkserver")
         self._context.set_forkserver_preload(list(PRELOADED))
         # For tests and benchmarks, bounded: a long `make serve` on the hostile profile starts one per invoke.
@@ -174,7 +200,9 @@ class LambdaService:
         """A function beside the template's (tests of the runtime itself)."""
         with self._lock:
             self._by_name[spec.physical_name] = spec
-            self._pools[spec.logical_id] = _Pool(spec.reserved_concurrency or self._profile.reserved_concurrency)
+            self._pools[spec.logical_id] = _Pool(
+                spec.reserved_concurrency or self._profile.reserved_concurrency
+            )
 
     def spec_for(self, name_or_arn: str) -> FunctionSpec:
         name = name_or_arn.split(":function:")[-1].split(":")[0]
@@ -184,15 +212,17 @@ class LambdaService:
         """The handler loaded into the calling process, for tests that call a handler directly."""
         return load_handler(str(spec.code_dir), spec.handler, f"direct_{spec.logical_id}_{uuid.uuid4().hex}")
 
-    def invoke(self, name_or_arn: str, body: bytes | str | None, *, may_lose_result: bool = False
-               ) -> tuple[bytes, bool]:
+    def invoke(
+        self, name_or_arn: str, body: bytes | str | None, *, may_lose_result: bool = False
+    ) -> tuple[bytes, bool]:
         """A synchronous invoke: (payload, function error?). Raises ``LambdaRefused`` where Lambda would
         answer with an error of its own."""
         spec = self.spec_for(name_or_arn)
         text = body.decode() if isinstance(body, bytes) else (body or "{}")
         if len(text.encode()) > PAYLOAD_LIMIT_BYTES:
-            raise RequestTooLarge(f"Request must be smaller than {PAYLOAD_LIMIT_BYTES} bytes for the "
-                                  "InvokeFunction operation")
+            raise RequestTooLarge(
+                f"Request must be smaller than {PAYLOAD_LIMIT_BYTES} bytes for the InvokeFunction operation"
+            )
         request_id = str(uuid.uuid4())
         started = time.perf_counter()
         environment, cold = self._acquire(spec)
@@ -212,17 +242,25 @@ class LambdaService:
             outcome = "error"
         if outcome == "timeout":
             lines.append(f"{_iso_now()} {request_id} Task timed out after {spec.timeout_s:.2f} seconds")
-            payload = json.dumps({"errorMessage": lines[-1]})  # no errorType: Step Functions says Lambda.Unknown
+            payload = json.dumps(
+                {"errorMessage": lines[-1]}
+            )  # no errorType: Step Functions says Lambda.Unknown
         elif outcome == "ok" and len(payload.encode()) > PAYLOAD_LIMIT_BYTES:
-            outcome, payload = "error", json.dumps({
-                "errorType": "Function.ResponseSizeTooLarge",
-                "errorMessage": f"Response payload size exceeded maximum allowed payload size "
-                                f"({PAYLOAD_LIMIT_BYTES} bytes).",
-            })
+            outcome, payload = (
+                "error",
+                json.dumps(
+                    {
+                        "errorType": "Function.ResponseSizeTooLarge",
+                        "errorMessage": f"Response payload size exceeded maximum allowed payload size "
+                        f"({PAYLOAD_LIMIT_BYTES} bytes).",
+                    }
+                ),
+            )
         self._log_sink(f"/aws/lambda/{spec.physical_name}", environment.log_stream, lines)
         lost = outcome == "ok" and may_lose_result and self._draw() < self._profile.service_exception_share
-        self.invocations.append(Invocation(spec.logical_id, time.perf_counter() - started, cold,
-                                           "lost" if lost else outcome))
+        self.invocations.append(
+            Invocation(spec.logical_id, time.perf_counter() - started, cold, "lost" if lost else outcome)
+        )
         if lost:
             raise ResultLost("simulated: the Lambda service lost the result after the function ran")
         return payload.encode(), outcome != "ok"
@@ -254,8 +292,9 @@ class LambdaService:
             environment = pool.idle.pop() if pool.idle else None
             if environment is None and len(pool.busy) >= pool.limit:
                 self.invocations.append(Invocation(spec.logical_id, 0.0, False, "throttled"))
-                raise TooManyRequests(f"Rate Exceeded. ({spec.physical_name} is at its concurrency of "
-                                      f"{pool.limit})")
+                raise TooManyRequests(
+                    f"Rate Exceeded. ({spec.physical_name} is at its concurrency of {pool.limit})"
+                )
             if environment is None:
                 offset = self._rng.uniform(-1, 1) * self._profile.clock_offset_ms / 1000
             else:
@@ -288,9 +327,16 @@ class LambdaService:
             "AWS_LAMBDA_LOG_GROUP_NAME": f"/aws/lambda/{spec.physical_name}",
         }
         return EnvironmentSetup(
-            logical_id=spec.logical_id, function_name=spec.physical_name, function_arn=spec.arn,
-            memory_mb=spec.memory_mb, code_dir=str(spec.code_dir), handler=spec.handler, environ=environ,
-            layer_dirs=self._layer_dirs, clock_offset_s=clock_offset_s, hook_modules=self._hook_modules,
+            logical_id=spec.logical_id,
+            function_name=spec.physical_name,
+            function_arn=spec.arn,
+            memory_mb=spec.memory_mb,
+            code_dir=str(spec.code_dir),
+            handler=spec.handler,
+            environ=environ,
+            layer_dirs=self._layer_dirs,
+            clock_offset_s=clock_offset_s,
+            hook_modules=self._hook_modules,
         )
 
 
@@ -301,15 +347,17 @@ def _iso_now() -> str:
 def install(service: LambdaService) -> Callable[[], None]:
     """Route moto's Lambda invocations to ``service`` and name Lambda's errors as Step Functions does;
     returns a function that undoes both."""
-    from moto.core.exceptions import JsonRESTError
     from moto.awslambda_simple.models import LambdaSimpleBackend
+    from moto.core.exceptions import JsonRESTError
     from moto.stepfunctions.parser.asl.component.state.exec.state_task import lambda_eval_utils
-    from moto.stepfunctions.parser.asl.component.state.exec.state_task.state_task_lambda import StateTaskLambda
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task.state_task_lambda import (
+        StateTaskLambda,
+    )
 
     original_invoke = LambdaSimpleBackend.invoke
     original_from_error = StateTaskLambda._from_error
 
-    def invoke(self, function_name, qualifier, body, headers, response_headers):  # noqa: ANN001
+    def invoke(self, function_name, qualifier, body, headers, response_headers):
         try:
             payload, failed = service.invoke(function_name, body, may_lose_result=True)
         except LambdaRefused as refused:
@@ -320,7 +368,7 @@ def install(service: LambdaService) -> Callable[[], None]:
             response_headers["x-amz-function-error"] = "Unhandled"
         return payload
 
-    def from_error(self, env, ex):  # noqa: ANN001
+    def from_error(self, env, ex):
         from botocore.exceptions import ClientError
 
         event = original_from_error(self, env, ex)
@@ -329,15 +377,23 @@ def install(service: LambdaService) -> Callable[[], None]:
             return event
         if isinstance(ex, ClientError):
             name = f"Lambda.{ex.response['Error']['Code']}"
-        elif isinstance(ex, lambda_eval_utils.LambdaFunctionErrorException) and '"errorType"' not in ex.payload:
+        elif (
+            isinstance(ex, lambda_eval_utils.LambdaFunctionErrorException) and '"errorType"' not in ex.payload
+        ):
             name = "Lambda.Unknown"
-            details["cause"] = ("The cause could not be determined because Lambda did not return an error "
-                                f"type. Returned payload: {ex.payload}")
+            details["cause"] = (
+                "The cause could not be determined because Lambda did not return an error "
+                f"type. Returned payload: {ex.payload}"
+            )
         else:
             return event
         details["error"] = name
-        return type(event)(env=env, error_name=_custom_error(name), event_type=event.event_type,
-                           event_details=event.event_details)
+        return type(event)(
+            env=env,
+            error_name=_custom_error(name),
+            event_type=event.event_type,
+            event_details=event.event_details,
+        )
 
     LambdaSimpleBackend.invoke = invoke
     StateTaskLambda._from_error = from_error

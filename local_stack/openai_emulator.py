@@ -24,10 +24,11 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from http.server import BaseHTTPRequestHandler
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from PIL import Image, ImageDraw, ImageFont
@@ -87,11 +88,29 @@ _AUTO_QUALITY = "medium"
 _OUTPUT_TOKENS_PER_MEGAPIXEL = {"low": 272, "medium": 1056, "high": 4160, "xhigh": 6240, "max": 8320}
 
 #: every body field the openai SDK can send to this endpoint; anything else is an unknown parameter
-_KNOWN_GENERATION_FIELDS = frozenset({
-    "model", "prompt", "n", "size", "quality", "response_format", "output_format", "output_compression",
-    "background", "moderation", "style", "user", "safety_identifier", "stream", "partial_images",
-    "complexity", "frame_count", "frame_duration_ms", "svg",
-})
+_KNOWN_GENERATION_FIELDS = frozenset(
+    {
+        "model",
+        "prompt",
+        "n",
+        "size",
+        "quality",
+        "response_format",
+        "output_format",
+        "output_compression",
+        "background",
+        "moderation",
+        "style",
+        "user",
+        "safety_identifier",
+        "stream",
+        "partial_images",
+        "complexity",
+        "frame_count",
+        "frame_duration_ms",
+        "svg",
+    }
+)
 
 #: the limit the rate-limit headers show when no cap is enforced
 _NOMINAL_REQUESTS_PER_MINUTE = 500
@@ -278,8 +297,9 @@ def _wrap(text: str, font: Any, max_width: float, max_lines: int) -> list[str]:
     return lines
 
 
-def render_prompt_image(prompt: str, width: int, height: int, variant: int = 0,
-                        transparent: bool = False) -> Image.Image:
+def render_prompt_image(
+    prompt: str, width: int, height: int, variant: int = 0, transparent: bool = False
+) -> Image.Image:
     """A gradient whose colours come from a hash of the prompt (and ``variant``), with the prompt
     written on it. ``transparent`` keeps only the lettering (RGBA)."""
     digest = hashlib.sha256(f"{variant}:{prompt}".encode()).digest()
@@ -287,8 +307,9 @@ def render_prompt_image(prompt: str, width: int, height: int, variant: int = 0,
     mask = Image.linear_gradient("L").resize((width, height), Image.Resampling.BILINEAR)
     if digest[6] % 2:  # vary the direction too, so similar colours still look different
         mask = mask.transpose(Image.Transpose.ROTATE_90).resize((width, height))
-    image = Image.composite(Image.new("RGB", (width, height), end_colour),
-                            Image.new("RGB", (width, height), start_colour), mask)
+    image = Image.composite(
+        Image.new("RGB", (width, height), end_colour), Image.new("RGB", (width, height), start_colour), mask
+    )
 
     margin = max(2, min(width, height) // 16)
     font_size = max(8, min(width, height) // 18)
@@ -330,9 +351,18 @@ def _encode(image: Image.Image, output_format: str, compression: int | None) -> 
 class _ApiError(Exception):
     """An error answer in OpenAI's shape: raised while handling a request, sent as the response."""
 
-    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, outcome: str = "invalid_request",
-                 headers: Mapping[str, str] | None = None, extra: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        outcome: str = "invalid_request",
+        headers: Mapping[str, str] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ):
         super().__init__(message)
         self.status = status
         error = {"message": message, "type": type_, "param": param, "code": code}
@@ -342,8 +372,12 @@ class _ApiError(Exception):
 
 
 def _model_not_found(model: str) -> _ApiError:
-    return _ApiError(404, f"The model '{model}' does not exist or you do not have access to it.",
-                     code="model_not_found", outcome="model_not_found")
+    return _ApiError(
+        404,
+        f"The model '{model}' does not exist or you do not have access to it.",
+        code="model_not_found",
+        outcome="model_not_found",
+    )
 
 
 def _bad_param(param: str, code: str, message: str) -> _ApiError:
@@ -367,15 +401,19 @@ def _require_type(body: Mapping[str, Any], name: str, expected: type, expected_n
     if value is None:
         return
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-        raise _bad_param(name, "invalid_type", f"Invalid type for '{name}': expected {expected_name}, "
-                                               f"but got {_json_type(value)} instead.")
+        raise _bad_param(
+            name,
+            "invalid_type",
+            f"Invalid type for '{name}': expected {expected_name}, but got {_json_type(value)} instead.",
+        )
 
 
 def _require_choice(body: Mapping[str, Any], name: str, allowed: tuple[str, ...]) -> None:
     value = body.get(name)
     if value is not None and value not in allowed:
-        raise _bad_param(name, "invalid_value",
-                         f"Invalid value: '{value}'. Supported values are: {_quoted_list(allowed)}.")
+        raise _bad_param(
+            name, "invalid_value", f"Invalid value: '{value}'. Supported values are: {_quoted_list(allowed)}."
+        )
 
 
 def _parse_size(size: str, spec: _ModelSpec) -> tuple[int, int]:
@@ -383,14 +421,20 @@ def _parse_size(size: str, spec: _ModelSpec) -> tuple[int, int]:
         return _AUTO_SIZE
     if spec.family == "gpt-image-1":
         if size not in _GPT_IMAGE_1_SIZES:
-            raise _bad_param("size", "invalid_value", f"Invalid value: '{size}'. Supported values are: "
-                                                      f"{_quoted_list(_GPT_IMAGE_1_SIZES)}.")
+            raise _bad_param(
+                "size",
+                "invalid_value",
+                f"Invalid value: '{size}'. Supported values are: {_quoted_list(_GPT_IMAGE_1_SIZES)}.",
+            )
         width, height = (int(part) for part in size.split("x"))
         return width, height
     parts = size.split("x")
     if len(parts) != 2 or not all(part.isdigit() for part in parts):
-        raise _bad_param("size", "invalid_value", f"Invalid value: '{size}'. Expected 'auto' or "
-                                                  "'WIDTHxHEIGHT', for example '1536x864'.")
+        raise _bad_param(
+            "size",
+            "invalid_value",
+            f"Invalid value: '{size}'. Expected 'auto' or 'WIDTHxHEIGHT', for example '1536x864'.",
+        )
     width, height = int(parts[0]), int(parts[1])
     long_edge, short_edge = max(width, height), min(width, height)
     problem = None
@@ -438,28 +482,48 @@ def _validate_generation(body: Mapping[str, Any]) -> _GenerationRequest:
 
     prompt = body["prompt"]
     if not prompt:
-        raise _bad_param("prompt", "empty_string", "Invalid 'prompt': empty string. Expected a string with "
-                                                   "minimum length 1, but got an empty string instead.")
+        raise _bad_param(
+            "prompt",
+            "empty_string",
+            "Invalid 'prompt': empty string. Expected a string with "
+            "minimum length 1, but got an empty string instead.",
+        )
     if len(prompt) > _PROMPT_MAX_CHARS:
-        raise _bad_param("prompt", "string_above_max_length",
-                         f"Invalid 'prompt': string too long. Expected a string with maximum length "
-                         f"{_PROMPT_MAX_CHARS}, but got a string with length {len(prompt)} instead.")
+        raise _bad_param(
+            "prompt",
+            "string_above_max_length",
+            f"Invalid 'prompt': string too long. Expected a string with maximum length "
+            f"{_PROMPT_MAX_CHARS}, but got a string with length {len(prompt)} instead.",
+        )
 
     _require_type(body, "n", int, "an integer")
     n = 1 if body.get("n") is None else body["n"]
     if n < 1:
-        raise _bad_param("n", "integer_below_min_value", "Invalid 'n': integer below minimum value. "
-                                                         f"Expected a value >= 1, but got {n} instead.")
+        raise _bad_param(
+            "n",
+            "integer_below_min_value",
+            f"Invalid 'n': integer below minimum value. Expected a value >= 1, but got {n} instead.",
+        )
     if n > 10:
-        raise _bad_param("n", "integer_above_max_value", "Invalid 'n': integer above maximum value. "
-                                                         f"Expected a value <= 10, but got {n} instead.")
+        raise _bad_param(
+            "n",
+            "integer_above_max_value",
+            f"Invalid 'n': integer above maximum value. Expected a value <= 10, but got {n} instead.",
+        )
 
     _require_type(body, "size", str, "a string")
     size = body.get("size") or "auto"
     width, height = _parse_size(size, spec)
 
-    for name in ("quality", "output_format", "background", "moderation", "response_format", "style",
-                 "complexity"):
+    for name in (
+        "quality",
+        "output_format",
+        "background",
+        "moderation",
+        "response_format",
+        "style",
+        "complexity",
+    ):
         _require_type(body, name, str, "a string")
     _require_choice(body, "quality", spec.qualities)
     _require_choice(body, "output_format", ("png", "jpeg", "webp"))
@@ -467,32 +531,49 @@ def _validate_generation(body: Mapping[str, Any]) -> _GenerationRequest:
     _require_choice(body, "moderation", ("low", "auto"))
     _require_choice(body, "complexity", ("low", "medium", "high"))
     if body.get("style") is not None:
-        raise _bad_param("style", "unsupported_parameter",
-                         f"Unsupported parameter: 'style' is not supported with the model '{model}'.")
+        raise _bad_param(
+            "style",
+            "unsupported_parameter",
+            f"Unsupported parameter: 'style' is not supported with the model '{model}'.",
+        )
     if body.get("response_format") not in (None, "b64_json"):
-        raise _bad_param("response_format", "unsupported_value",
-                         f"Unsupported value: 'response_format' does not support '{body['response_format']}' "
-                         f"with the model '{model}'. Supported values are: 'b64_json'.")
+        raise _bad_param(
+            "response_format",
+            "unsupported_value",
+            f"Unsupported value: 'response_format' does not support '{body['response_format']}' "
+            f"with the model '{model}'. Supported values are: 'b64_json'.",
+        )
     if body.get("stream"):
-        raise _bad_param("stream", "unsupported_value",
-                         "Unsupported value: 'stream' is not supported by this server; ask without "
-                         "streaming.")
+        raise _bad_param(
+            "stream",
+            "unsupported_value",
+            "Unsupported value: 'stream' is not supported by this server; ask without streaming.",
+        )
 
     output_format = body.get("output_format") or "png"
     _require_type(body, "output_compression", int, "an integer")
     compression = body.get("output_compression")
     if compression is not None:
         if output_format == "png":
-            raise _bad_param("output_compression", "unsupported_parameter",
-                             "Unsupported parameter: 'output_compression' is only supported for the 'jpeg' "
-                             "and 'webp' output formats.")
+            raise _bad_param(
+                "output_compression",
+                "unsupported_parameter",
+                "Unsupported parameter: 'output_compression' is only supported for the 'jpeg' "
+                "and 'webp' output formats.",
+            )
         if not 0 <= compression <= 100:
-            raise _bad_param("output_compression", "invalid_value",
-                             f"Invalid 'output_compression': expected 0 to 100, got {compression} instead.")
+            raise _bad_param(
+                "output_compression",
+                "invalid_value",
+                f"Invalid 'output_compression': expected 0 to 100, got {compression} instead.",
+            )
     transparent = body.get("background") == "transparent"
     if transparent and output_format == "jpeg":
-        raise _bad_param("background", "invalid_value", "Transparent background is not supported for the "
-                                                        "'jpeg' output format; use 'png' or 'webp'.")
+        raise _bad_param(
+            "background",
+            "invalid_value",
+            "Transparent background is not supported for the 'jpeg' output format; use 'png' or 'webp'.",
+        )
 
     safety_identifier = body.get("safety_identifier") or body.get("user")
     return _GenerationRequest(
@@ -514,8 +595,12 @@ def _validate_generation(body: Mapping[str, Any]) -> _GenerationRequest:
 
 
 def _invalid_key_error(masked_key: str) -> _ApiError:
-    return _ApiError(401, f"Incorrect API key provided: {masked_key}. {_KEYS_PAGE}", code="invalid_api_key",
-                     outcome="invalid_key")
+    return _ApiError(
+        401,
+        f"Incorrect API key provided: {masked_key}. {_KEYS_PAGE}",
+        code="invalid_api_key",
+        outcome="invalid_key",
+    )
 
 
 def _retry_headers(seconds: float) -> dict[str, str]:
@@ -530,12 +615,15 @@ def _retry_headers(seconds: float) -> dict[str, str]:
 
 def _rate_limited_error(model: str, limit: int, wait_s: float | None) -> _ApiError:
     wait = f" Please try again in {format_reset_duration(wait_s)}." if wait_s is not None else ""
-    message = (f"Rate limit reached for {model} in organization org-emulator on requests per min (RPM): "
-               f"Limit {limit}, Used {limit}, Requested 1.{wait} "
-               "Visit https://platform.openai.com/account/rate-limits to learn more.")
+    message = (
+        f"Rate limit reached for {model} in organization org-emulator on requests per min (RPM): "
+        f"Limit {limit}, Used {limit}, Requested 1.{wait} "
+        "Visit https://platform.openai.com/account/rate-limits to learn more."
+    )
     headers = _retry_headers(wait_s) if wait_s is not None else {"x-ratelimit-remaining-requests": "0"}
-    return _ApiError(429, message, type_="requests", code="rate_limit_exceeded", outcome="rate_limited",
-                     headers=headers)
+    return _ApiError(
+        429, message, type_="requests", code="rate_limit_exceeded", outcome="rate_limited", headers=headers
+    )
 
 
 _SERVER_ERROR_MESSAGES = {
@@ -545,37 +633,60 @@ _SERVER_ERROR_MESSAGES = {
 }
 
 
-def _scripted_error(behaviour: Behaviour, request: _GenerationRequest, request_id: str,
-                    masked_key: str) -> _ApiError:
+def _scripted_error(
+    behaviour: Behaviour, request: _GenerationRequest, request_id: str, masked_key: str
+) -> _ApiError:
     kind = behaviour.kind
     if kind == "rate_limited":
         return _rate_limited_error(request.model, _NOMINAL_REQUESTS_PER_MINUTE, behaviour.retry_after_s)
     if kind == "server_error":
-        return _ApiError(behaviour.status, _SERVER_ERROR_MESSAGES[behaviour.status], type_="server_error",
-                         outcome=kind)
+        return _ApiError(
+            behaviour.status, _SERVER_ERROR_MESSAGES[behaviour.status], type_="server_error", outcome=kind
+        )
     if kind == "moderation_blocked":
         details = {"moderation_stage": behaviour.moderation_stage, "categories": list(behaviour.categories)}
-        message = ("Your request was rejected by the safety system. If you believe this is an error, contact "
-                   f"us at help.openai.com and include the request ID {request_id}.")
-        return _ApiError(400, message,
-                         type_="image_generation_user_error", code="moderation_blocked", outcome=kind,
-                         extra={"moderation_details": details})
+        message = (
+            "Your request was rejected by the safety system. If you believe this is an error, contact "
+            f"us at help.openai.com and include the request ID {request_id}."
+        )
+        return _ApiError(
+            400,
+            message,
+            type_="image_generation_user_error",
+            code="moderation_blocked",
+            outcome=kind,
+            extra={"moderation_details": details},
+        )
     if kind == "invalid_key":
         return _invalid_key_error(masked_key)
     if kind == "permission_denied":
-        return _ApiError(403, f"Your organization must be verified to use the model `{request.model}`. Please go "
-                              "to: https://platform.openai.com/settings/organization/general and click on Verify "
-                              "Organization.", outcome=kind)
+        return _ApiError(
+            403,
+            f"Your organization must be verified to use the model `{request.model}`. Please go "
+            "to: https://platform.openai.com/settings/organization/general and click on Verify "
+            "Organization.",
+            outcome=kind,
+        )
     if kind == "model_not_found":
         return _model_not_found(request.model)
     if kind == "insufficient_quota":
-        return _ApiError(429, "You exceeded your current quota, please check your plan and billing details. "
-                              "For more information on this error, read the docs: "
-                              "https://platform.openai.com/docs/guides/error-codes/api-errors.",
-                         type_="insufficient_quota", code="insufficient_quota", outcome=kind)
+        return _ApiError(
+            429,
+            "You exceeded your current quota, please check your plan and billing details. "
+            "For more information on this error, read the docs: "
+            "https://platform.openai.com/docs/guides/error-codes/api-errors.",
+            type_="insufficient_quota",
+            code="insufficient_quota",
+            outcome=kind,
+        )
     if kind == "billing_hard_limit":
-        return _ApiError(400, "Billing hard limit has been reached", type_="billing_limit_user_error",
-                         code="billing_hard_limit_reached", outcome=kind)
+        return _ApiError(
+            400,
+            "Billing hard limit has been reached",
+            type_="billing_limit_user_error",
+            code="billing_hard_limit_reached",
+            outcome=kind,
+        )
     raise AssertionError(f"unhandled behaviour kind {kind!r}")
 
 
@@ -595,8 +706,9 @@ _BAD_JSON_MESSAGE = (
 
 
 def _control_error(status: int, message: str) -> _Reply:
-    return _Reply(status, {"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                     "code": None}})
+    return _Reply(
+        status, {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
+    )
 
 
 # ---- request parsing helpers -----------------------------------------------------------------------
@@ -635,15 +747,27 @@ def _loggable_fields(raw_body: bytes) -> dict[str, Any]:
         value = body.get(name)
         return value if isinstance(value, int) and not isinstance(value, bool) else None
 
-    return {"model": text("model"), "prompt": text("prompt"), "size": text("size"),
-            "quality": text("quality"), "n": whole("n"), "output_format": text("output_format"),
-            "output_compression": whole("output_compression"), "background": text("background")}
+    return {
+        "model": text("model"),
+        "prompt": text("prompt"),
+        "size": text("size"),
+        "quality": text("quality"),
+        "n": whole("n"),
+        "output_format": text("output_format"),
+        "output_compression": whole("output_compression"),
+        "background": text("background"),
+    }
 
 
 def _models_body(model_id: str) -> dict[str, Any]:
     def describe(name: str, spec: _ModelSpec) -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": spec.created, "owned_by": "system",
-                "shutdown_date": spec.shutdown_date}
+        return {
+            "id": name,
+            "object": "model",
+            "created": spec.created,
+            "owned_by": "system",
+            "shutdown_date": spec.shutdown_date,
+        }
 
     if not model_id:
         return {"object": "list", "data": [describe(name, spec) for name, spec in _LIVE_MODELS.items()]}
@@ -693,7 +817,7 @@ class _Handler(BaseHTTPRequestHandler):
     def version_string(self) -> str:
         return self.server_version
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
+    def log_message(self, format: str, *args: Any) -> None:
         pass  # quiet: the emulator keeps its own request log
 
     def _serve(self, method: str) -> None:
@@ -704,11 +828,16 @@ class _Handler(BaseHTTPRequestHandler):
             length = 0
         raw_body = self.rfile.read(length) if length > 0 else b""
         try:
-            reply = self.server.app._dispatch(method, self.path, self.headers, raw_body, arrived_at,
-                                              arrived_mono)
+            reply = self.server.app._dispatch(
+                method, self.path, self.headers, raw_body, arrived_at, arrived_mono
+            )
         except Exception as failure:  # an emulator bug: answer it loudly rather than leave the client hanging
-            error = {"message": f"OpenAI emulator failure: {failure!r}", "type": "server_error",
-                     "param": None, "code": "emulator_failure"}
+            error = {
+                "message": f"OpenAI emulator failure: {failure!r}",
+                "type": "server_error",
+                "param": None,
+                "code": "emulator_failure",
+            }
             reply = _Reply(500, {"error": error})
         if reply.drop:
             self.close_connection = True
@@ -742,8 +871,12 @@ class OpenAIEmulator(LocalServer):
     handler_class = _Handler
     display_name = "OpenAI emulator"
 
-    def __init__(self, port: int = 0, revoked_keys: Iterable[str] = (),
-                 revoked_key_prefixes: Iterable[str] = ("sk-invalid",)):
+    def __init__(
+        self,
+        port: int = 0,
+        revoked_keys: Iterable[str] = (),
+        revoked_key_prefixes: Iterable[str] = ("sk-invalid",),
+    ):
         super().__init__(port)
         #: keys answered 401 invalid_api_key: configuration given by the tester, never a request's key
         self.revoked_keys: set[str] = set(revoked_keys)
@@ -812,9 +945,11 @@ class OpenAIEmulator(LocalServer):
     def set_rate_cap(self, requests_per_minute: int | None, window_s: float = 60.0) -> None:
         """Enforce at most ``requests_per_minute`` generation requests per API key in any ``window_s``
         sliding window (None lifts the cap). Every key's window starts afresh."""
-        if requests_per_minute is not None and (isinstance(requests_per_minute, bool)
-                                                or not isinstance(requests_per_minute, int)
-                                                or requests_per_minute < 1):
+        if requests_per_minute is not None and (
+            isinstance(requests_per_minute, bool)
+            or not isinstance(requests_per_minute, int)
+            or requests_per_minute < 1
+        ):
             raise ValueError("requests_per_minute must be a whole number >= 1, or None for no cap")
         if window_s <= 0:
             raise ValueError("window_s must be positive")
@@ -845,7 +980,8 @@ class OpenAIEmulator(LocalServer):
                     for r in self._rules
                 ],
                 "default": self._default.model_dump(mode="json"),
-                "rate_cap": None if self._rate_cap is None
+                "rate_cap": None
+                if self._rate_cap is None
                 else {"requests_per_minute": self._rate_cap, "window_s": self._rate_window_s},
             }
 
@@ -862,8 +998,15 @@ class OpenAIEmulator(LocalServer):
 
     # -- request handling (on the server's threads) --
 
-    def _dispatch(self, method: str, raw_path: str, headers: Mapping[str, str], raw_body: bytes,
-                  arrived_at: float, arrived_mono: float) -> _Reply:
+    def _dispatch(
+        self,
+        method: str,
+        raw_path: str,
+        headers: Mapping[str, str],
+        raw_body: bytes,
+        arrived_at: float,
+        arrived_mono: float,
+    ) -> _Reply:
         path = urlsplit(raw_path).path.rstrip("/") or "/"
         if path.startswith("/_emulator"):
             reply = self._control(method, path, raw_body)
@@ -902,8 +1045,9 @@ class OpenAIEmulator(LocalServer):
             self._record(request_id, method, path, arrived_at, fingerprint, None, "timeout_hang", fields)
             return _Reply(0, None, drop=True)
 
-        reply_headers = self._common_headers(request_id, arrived_mono,
-                                             rate or self._admit(fingerprint, counts=False))
+        reply_headers = self._common_headers(
+            request_id, arrived_mono, rate or self._admit(fingerprint, counts=False)
+        )
         reply_headers.update(extra_headers)
         self._record(request_id, method, path, arrived_at, fingerprint, status, outcome, fields)
         return _Reply(status, response_body, reply_headers)
@@ -947,8 +1091,9 @@ class OpenAIEmulator(LocalServer):
                 return self._queue.popleft(), hang_release
             return self._default, hang_release
 
-    def _generate(self, request: _GenerationRequest, request_id: str,
-                  masked_key: str) -> tuple[int, dict[str, Any], str]:
+    def _generate(
+        self, request: _GenerationRequest, request_id: str, masked_key: str
+    ) -> tuple[int, dict[str, Any], str]:
         behaviour, hang_release = self._choose_behaviour(request.prompt)
         if behaviour.latency_s:
             self._stopping.wait(behaviour.latency_s)
@@ -960,8 +1105,9 @@ class OpenAIEmulator(LocalServer):
 
         images = []
         for variant in range(request.n):
-            image = render_prompt_image(request.prompt, request.width, request.height, variant,
-                                        request.transparent)
+            image = render_prompt_image(
+                request.prompt, request.width, request.height, variant, request.transparent
+            )
             encoded = _encode(image, request.output_format, request.output_compression)
             images.append({"b64_json": base64.b64encode(encoded).decode()})
         text_tokens = max(1, math.ceil(len(request.prompt) / 4))
@@ -985,29 +1131,52 @@ class OpenAIEmulator(LocalServer):
             body["safety_identifier"] = request.safety_identifier
         return 200, body, "ok"
 
-    def _common_headers(self, request_id: str, arrived_mono: float,
-                        rate: _RateState | None) -> dict[str, str]:
+    def _common_headers(
+        self, request_id: str, arrived_mono: float, rate: _RateState | None
+    ) -> dict[str, str]:
         headers = {
             "x-request-id": request_id,
             "openai-processing-ms": str(max(1, round((time.monotonic() - arrived_mono) * 1000))),
             "openai-version": "2020-10-01",
         }
         if rate is not None:
-            headers.update({
-                "x-ratelimit-limit-requests": str(rate.limit),
-                "x-ratelimit-remaining-requests": str(rate.remaining),
-                "x-ratelimit-reset-requests": format_reset_duration(rate.next_slot_in_s),
-            })
+            headers.update(
+                {
+                    "x-ratelimit-limit-requests": str(rate.limit),
+                    "x-ratelimit-remaining-requests": str(rate.remaining),
+                    "x-ratelimit-reset-requests": format_reset_duration(rate.next_slot_in_s),
+                }
+            )
         return headers
 
-    def _record(self, request_id: str, method: str, path: str, started_at: float, fingerprint: str | None,
-                status: int | None, outcome: str, fields: Mapping[str, Any]) -> None:
+    def _record(
+        self,
+        request_id: str,
+        method: str,
+        path: str,
+        started_at: float,
+        fingerprint: str | None,
+        status: int | None,
+        outcome: str,
+        fields: Mapping[str, Any],
+    ) -> None:
         record = RecordedRequest(
-            request_id=request_id, method=method, path=path, started_at=started_at, finished_at=time.time(),
-            key_fingerprint=fingerprint, status=status, outcome=outcome, model=fields.get("model"),
-            prompt=fields.get("prompt"), size=fields.get("size"), quality=fields.get("quality"),
-            n=fields.get("n"), output_format=fields.get("output_format"),
-            output_compression=fields.get("output_compression"), background=fields.get("background"),
+            request_id=request_id,
+            method=method,
+            path=path,
+            started_at=started_at,
+            finished_at=time.time(),
+            key_fingerprint=fingerprint,
+            status=status,
+            outcome=outcome,
+            model=fields.get("model"),
+            prompt=fields.get("prompt"),
+            size=fields.get("size"),
+            quality=fields.get("quality"),
+            n=fields.get("n"),
+            output_format=fields.get("output_format"),
+            output_compression=fields.get("output_compression"),
+            background=fields.get("background"),
         )
         with self._lock:
             self._log.append(record)
@@ -1057,8 +1226,10 @@ class OpenAIEmulator(LocalServer):
         rules = []
         for spec in as_list(body.get("rules", [])) + ([body["rule"]] if "rule" in body else []):
             if not isinstance(spec, dict) or not spec.get("prompt_contains") or "behaviour" not in spec:
-                raise ValueError("a rule is {'prompt_contains': <non-empty text>, 'behaviour': <behaviour>}, "
-                                 f"got {spec!r}")
+                raise ValueError(
+                    "a rule is {'prompt_contains': <non-empty text>, 'behaviour': <behaviour>}, "
+                    f"got {spec!r}"
+                )
             times = spec.get("times")
             if times is not None and (isinstance(times, bool) or not isinstance(times, int) or times < 1):
                 raise ValueError(f"a rule's times must be a whole number >= 1, got {times!r}")
@@ -1074,11 +1245,16 @@ class OpenAIEmulatorProcess(ServerProcess):
     """The OpenAI emulator in a child process of its own, with ``OpenAIEmulator``'s scripting and reading
     methods: each one is a request to the child's control API (``/_emulator/...``)."""
 
-    def __init__(self, revoked_keys: Iterable[str] = (),
-                 revoked_key_prefixes: Iterable[str] = ("sk-invalid",)):
-        super().__init__("local_stack.openai_emulator:OpenAIEmulator", {
-            "revoked_keys": sorted(revoked_keys), "revoked_key_prefixes": list(revoked_key_prefixes),
-        })
+    def __init__(
+        self, revoked_keys: Iterable[str] = (), revoked_key_prefixes: Iterable[str] = ("sk-invalid",)
+    ):
+        super().__init__(
+            "local_stack.openai_emulator:OpenAIEmulator",
+            {
+                "revoked_keys": sorted(revoked_keys),
+                "revoked_key_prefixes": list(revoked_key_prefixes),
+            },
+        )
 
     @property
     def base_url(self) -> str:
@@ -1098,8 +1274,11 @@ class OpenAIEmulatorProcess(ServerProcess):
         self._call("POST", "behaviours", {"default": _as_json(behaviour)})
 
     def rule(self, prompt_contains: str, behaviour: BehaviourLike, times: int | None = None) -> None:
-        self._call("POST", "behaviours", {"rule": {"prompt_contains": prompt_contains,
-                                                   "behaviour": _as_json(behaviour), "times": times}})
+        self._call(
+            "POST",
+            "behaviours",
+            {"rule": {"prompt_contains": prompt_contains, "behaviour": _as_json(behaviour), "times": times}},
+        )
 
     def set_rate_cap(self, requests_per_minute: int | None, window_s: float = 60.0) -> None:
         self._call("POST", "rate_cap", {"requests_per_minute": requests_per_minute, "window_s": window_s})

@@ -32,7 +32,10 @@ class Lateness(BaseModel):
         """Seconds to add to the Wait's target."""
         if self.high_ms <= self.low_ms:
             return self.low_ms / 1000
-        return rng.triangular(self.low_ms, self.high_ms, min(max(self.mode_ms, self.low_ms), self.high_ms)) / 1000
+        return (
+            rng.triangular(self.low_ms, self.high_ms, min(max(self.mode_ms, self.low_ms), self.high_ms))
+            / 1000
+        )
 
 
 class Profile(BaseModel):

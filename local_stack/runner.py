@@ -43,7 +43,9 @@ class PluginApi:
             if view and all(run["status"] in FINISHED for run in view["runs"]):
                 return view
             time.sleep(poll_s)
-        raise TimeoutError(f"session {session_id} did not finish within {timeout_s}s: {self.session(session_id)}")
+        raise TimeoutError(
+            f"session {session_id} did not finish within {timeout_s}s: {self.session(session_id)}"
+        )
 
 
 @dataclass
@@ -87,15 +89,20 @@ def _save_images(stack: LocalStack, view: dict[str, Any], session: str) -> list[
     return saved
 
 
-def run_samples(stack: LocalStack, samples: list[SampleRun], out: TextIO = sys.stdout,
-                timeout_s: float = 300) -> int:
+def run_samples(
+    stack: LocalStack, samples: list[SampleRun], out: TextIO = sys.stdout, timeout_s: float = 300
+) -> int:
     api = PluginApi(stack.api_url, stack.plugin_secret)
     progress = Progress(out, {})
     pending: dict[str, SampleRun] = {}
     refused = 0
     for sample in samples:
         answer = api.run(sample.payload)
-        print(f"→ {sample.title}\n  POST /plugin → {answer.status_code} {answer.text.strip()}", file=out, flush=True)
+        print(
+            f"→ {sample.title}\n  POST /plugin → {answer.status_code} {answer.text.strip()}",
+            file=out,
+            flush=True,
+        )
         if answer.status_code == 202:
             pending[sample.payload["session"]] = sample
         else:
@@ -124,7 +131,9 @@ def run_samples(stack: LocalStack, samples: list[SampleRun], out: TextIO = sys.s
             print(f"  model: {model['actual']}{note}", file=out)
         if run.get("prompt"):
             prompt = run["prompt"]
-            print(f"  prompt ({prompt['source']}, {prompt['length']} chars): {prompt['text'][:160]!r}", file=out)
+            print(
+                f"  prompt ({prompt['source']}, {prompt['length']} chars): {prompt['text'][:160]!r}", file=out
+            )
         if run["status"] == "SUCCEEDED":
             for path, url in _save_images(stack, view, session):
                 print(f"  image: {path} (attached on the hub as {url})", file=out)
@@ -140,9 +149,15 @@ def main_run() -> int:
     options = StackOptions.from_environment()
     with LocalStack(options) as stack:
         stack.hub.load_samples()
-        where = "the real OpenAI API" if options.openai_api_key else f"the OpenAI emulator at {stack.openai.base_url}"
-        print(f"Local stack up (API {stack.api_url}, hub emulator {stack.hub.base_url}, images from {where})\n",
-              flush=True)
+        where = (
+            "the real OpenAI API"
+            if options.openai_api_key
+            else f"the OpenAI emulator at {stack.openai.base_url}"
+        )
+        print(
+            f"Local stack up (API {stack.api_url}, hub emulator {stack.hub.base_url}, images from {where})\n",
+            flush=True,
+        )
         return run_samples(stack, load_sample_runs(stack.hub.base_url))
 
 
@@ -163,10 +178,11 @@ def main_serve(port: int = 3000) -> int:
         sample = load_sample_runs(stack.hub.base_url)[0].payload
         keys = ("projectId", "taskId", "assetId", "categorySchema", "configJSON", "apiKey")
         example = {key: sample[key] for key in keys} | {"session": "my-session-1"}
-        print(f"""Local stack up. API: {stack.api_url}
+        print(
+            f"""Local stack up. API: {stack.api_url}
   console:         {stack.api_url}/   (sessions, progress, logs and images; start a sample run)
   hub emulator:    {stack.hub.base_url}   (state: GET {stack.hub.base_url}/_emulator/state)
-  OpenAI:          {stack.openai.base_url if stack.openai else 'the real OpenAI API'}
+  OpenAI:          {stack.openai.base_url if stack.openai else "the real OpenAI API"}
   plugin Secret:   {stack.plugin_secret}
 
 Try:
@@ -177,7 +193,9 @@ Try:
 sam local invoke (where Docker runs; session sess-event-0001 is seeded for the events/ files):
   sam build && sam local invoke ExtractFunction -e events/extract.json --env-vars {env_file} --docker-network host
 
-Ctrl-C stops everything.""", flush=True)
+Ctrl-C stops everything.""",
+            flush=True,
+        )
         # SIGTERM stops as cleanly as Ctrl-C: everything the stack started goes with it
         signal.signal(signal.SIGTERM, _interrupt)
         try:

@@ -35,7 +35,7 @@ class _NoExecution:
         pass
 
 
-def seed_event_session(stack: "LocalStack", starter: Any = None) -> Any:
+def seed_event_session(stack: LocalStack, starter: Any = None) -> Any:
     """Starts the run of ``events/api_post_plugin.json`` (session sess-event-0001, task task-fox), its asset
     served by the hub emulator. The same session sent again changes nothing."""
     from dalle_plugin import wiring
@@ -48,21 +48,24 @@ def seed_event_session(stack: "LocalStack", starter: Any = None) -> Any:
     return start_session(parse_payload(body), deps)
 
 
-def env_vars(stack: "LocalStack") -> dict[str, dict[str, str]]:
+def env_vars(stack: LocalStack) -> dict[str, dict[str, str]]:
     """Per function (logical id): each variable the template declares for it, with the value the local
     stack's own in-process functions run with."""
-    return {lid: {name: os.environ.get(name, "") for name in spec.environment}
-            for lid, spec in stack.template.functions().items()}
+    return {
+        lid: {name: os.environ.get(name, "") for name in spec.environment}
+        for lid, spec in stack.template.functions().items()
+    }
 
 
-def write_env_file(stack: "LocalStack", path: Path = ENV_FILE) -> Path:
+def write_env_file(stack: LocalStack, path: Path = ENV_FILE) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(env_vars(stack), indent=2) + "\n")
     return path
 
 
-def as_sam_local_gives_it(spec: FunctionSpec, template_values: dict[str, str],
-                          env_file: dict[str, dict[str, str]]) -> dict[str, str]:
+def as_sam_local_gives_it(
+    spec: FunctionSpec, template_values: dict[str, str], env_file: dict[str, dict[str, str]]
+) -> dict[str, str]:
     """The environment ``sam local invoke <function> --env-vars <file>`` gives the function: the template's
     declared variables (``template_values``, with ``!Ref`` as SAM resolves it), each overridden by the file's
     ``Parameters`` section, then by the function's own section; a variable the template does not declare

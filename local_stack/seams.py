@@ -29,7 +29,7 @@ class SeamBoard:
         self.root = Path(root)
 
     @classmethod
-    def from_environment(cls) -> "SeamBoard | None":
+    def from_environment(cls) -> SeamBoard | None:
         root = os.environ.get(SEAMS_DIR_VARIABLE)
         return cls(root) if root else None
 
@@ -84,8 +84,13 @@ def exception_spec(exc: BaseException) -> dict[str, str]:
     """How an exception to raise in an environment is put on the board."""
     kind = type(exc)
     module = kind.__module__
-    return {"module": "" if module in ("builtins", __name__) or kind.__qualname__ != kind.__name__
-            or "." in kind.__name__ else module, "name": kind.__name__, "message": str(exc)}
+    return {
+        "module": ""
+        if module in ("builtins", __name__) or kind.__qualname__ != kind.__name__ or "." in kind.__name__
+        else module,
+        "name": kind.__name__,
+        "message": str(exc),
+    }
 
 
 def raise_spec(spec: dict[str, str]) -> None:

@@ -11,8 +11,8 @@ are created from template.yaml; boto3 reaches them through its own AWS_ENDPOINT_
 from __future__ import annotations
 
 import io
-import logging
 import json
+import logging
 import os
 import secrets
 import time
@@ -53,13 +53,16 @@ class StackOptions:
     hook_modules: tuple[str, ...] = ()
 
     @classmethod
-    def from_environment(cls) -> "StackOptions":
-        return cls(openai_api_key=os.environ.get("OPENAI_API_KEY") or None,
-                   openai_base_url=os.environ.get("OPENAI_BASE_URL") or None)
+    def from_environment(cls) -> StackOptions:
+        return cls(
+            openai_api_key=os.environ.get("OPENAI_API_KEY") or None,
+            openai_base_url=os.environ.get("OPENAI_BASE_URL") or None,
+        )
 
 
 class LocalStack:
     _running: str | None = None  # the stack this process runs, if any
+
     def __init__(self, options: StackOptions | None = None):
         self.options = options or StackOptions()
         self.plugin_secret = self.options.plugin_secret or secrets.token_urlsafe(32)
@@ -78,10 +81,12 @@ class LocalStack:
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
-    def start(self) -> "LocalStack":
+    def start(self) -> LocalStack:
         if LocalStack._running is not None:  # moto's backends and the runtime's patches are process-wide
-            raise RuntimeError(f"the local stack {LocalStack._running!r} already runs in this process: "
-                               "a local stack owns its process")
+            raise RuntimeError(
+                f"the local stack {LocalStack._running!r} already runs in this process: "
+                "a local stack owns its process"
+            )
         LocalStack._running = self.options.stack_name
         try:
             self._start()
@@ -104,23 +109,32 @@ class LocalStack:
         self._moto = ThreadedMotoServer(ip_address="127.0.0.1", port=self.moto_port, verbose=False)
         self._moto.start()
         self._undo.append(self._moto.stop)
-        self._set_env(self._runtime({
-            "AWS_ACCESS_KEY_ID": "local",
-            "AWS_SECRET_ACCESS_KEY": "local",
-            "AWS_SESSION_TOKEN": None,
-            "AWS_PROFILE": None,
-            "AWS_DEFAULT_REGION": REGION,
-            "AWS_REGION": REGION,
-            "AWS_ENDPOINT_URL": self.moto_url,
-            "AWS_ENDPOINT_URL_DYNAMODB": self.dynamodb.endpoint_url,
-            "MOTO_PORT": str(self.moto_port),
-            "POWERTOOLS_TRACE_DISABLED": "true",
-            "POWERTOOLS_DEV": "false",
-            "ALLOWED_PRIVATE_HOSTS": self._emulator_hosts(),
-        }))
-        requests.post(f"{self.moto_url}/moto-api/config", json={
-            "stepfunctions": {"execute_state_machine": True}, "lambda": {"use_docker": False},
-        }, timeout=10).raise_for_status()
+        self._set_env(
+            self._runtime(
+                {
+                    "AWS_ACCESS_KEY_ID": "local",
+                    "AWS_SECRET_ACCESS_KEY": "local",
+                    "AWS_SESSION_TOKEN": None,
+                    "AWS_PROFILE": None,
+                    "AWS_DEFAULT_REGION": REGION,
+                    "AWS_REGION": REGION,
+                    "AWS_ENDPOINT_URL": self.moto_url,
+                    "AWS_ENDPOINT_URL_DYNAMODB": self.dynamodb.endpoint_url,
+                    "MOTO_PORT": str(self.moto_port),
+                    "POWERTOOLS_TRACE_DISABLED": "true",
+                    "POWERTOOLS_DEV": "false",
+                    "ALLOWED_PRIVATE_HOSTS": self._emulator_hosts(),
+                }
+            )
+        )
+        requests.post(
+            f"{self.moto_url}/moto-api/config",
+            json={
+                "stepfunctions": {"execute_state_machine": True},
+                "lambda": {"use_docker": False},
+            },
+            timeout=10,
+        ).raise_for_status()
         self._create_resources()
         self._undo.append(self.step_functions.install())
         self._undo.append(self.lambdas.stop)
@@ -145,7 +159,7 @@ class LocalStack:
         if LocalStack._running == self.options.stack_name:
             LocalStack._running = None
 
-    def __enter__(self) -> "LocalStack":
+    def __enter__(self) -> LocalStack:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -201,7 +215,11 @@ class LocalStack:
         return ",".join(f"127.0.0.1:{emulator.port}" for emulator in emulators)
 
     def _parameters(self) -> dict[str, str]:
-        params = {"HubApiUrl": self.hub.base_url, "HubRetryIntervalSeconds": "1", "OpenAIRetryIntervalSeconds": "1"}
+        params = {
+            "HubApiUrl": self.hub.base_url,
+            "HubRetryIntervalSeconds": "1",
+            "OpenAIRetryIntervalSeconds": "1",
+        }
         if self.openai:
             params["OpenAIBaseUrl"] = self.openai.base_url
         else:
@@ -218,8 +236,12 @@ class LocalStack:
         for lid, res in t.of_type("AWS::DynamoDB::Table").items():
             props = res["Properties"]
             name = t.physical_name(lid)
-            dynamodb.create_table(TableName=name, BillingMode="PAY_PER_REQUEST",
-                                  AttributeDefinitions=props["AttributeDefinitions"], KeySchema=props["KeySchema"])
+            dynamodb.create_table(
+                TableName=name,
+                BillingMode="PAY_PER_REQUEST",
+                AttributeDefinitions=props["AttributeDefinitions"],
+                KeySchema=props["KeySchema"],
+            )
             ttl = props.get("TimeToLiveSpecification")
             if ttl:
                 dynamodb.update_time_to_live(TableName=name, TimeToLiveSpecification=ttl)
@@ -232,23 +254,42 @@ class LocalStack:
             key = kms.create_key(Description=res["Properties"].get("Description", lid))["KeyMetadata"]
             t.physical[lid], t.arns[lid] = key["KeyId"], key["Arn"]
         for lid in t.of_type("AWS::SecretsManager::Secret"):
-            arn = secretsmanager.create_secret(Name=t.physical_name(lid), SecretString=self._secret_value(lid))["ARN"]
+            arn = secretsmanager.create_secret(
+                Name=t.physical_name(lid), SecretString=self._secret_value(lid)
+            )["ARN"]
             t.physical[lid] = t.arns[lid] = arn
 
-        role = iam.create_role(RoleName=f"{t.stack_name}-execution", AssumeRolePolicyDocument=json.dumps({
-            "Version": "2012-10-17",
-            "Statement": [{"Effect": "Allow",
-                           "Principal": {"Service": ["lambda.amazonaws.com", "states.amazonaws.com"]},
-                           "Action": "sts:AssumeRole"}]}))["Role"]["Arn"]
+        role = iam.create_role(
+            RoleName=f"{t.stack_name}-execution",
+            AssumeRolePolicyDocument=json.dumps(
+                {
+                    "Version": "2012-10-17",
+                    "Statement": [
+                        {
+                            "Effect": "Allow",
+                            "Principal": {"Service": ["lambda.amazonaws.com", "states.amazonaws.com"]},
+                            "Action": "sts:AssumeRole",
+                        }
+                    ],
+                }
+            ),
+        )["Role"]["Arn"]
         functions = t.functions()
         for lid, spec in functions.items():
-            lambda_.create_function(FunctionName=spec.physical_name, Runtime="python3.11", Role=role,
-                                    Handler=spec.handler, Code={"ZipFile": _placeholder_zip()}, Timeout=spec.timeout_s)
+            lambda_.create_function(
+                FunctionName=spec.physical_name,
+                Runtime="python3.11",
+                Role=role,
+                Handler=spec.handler,
+                Code={"ZipFile": _placeholder_zip()},
+                Timeout=spec.timeout_s,
+            )
             t.physical[lid], t.arns[lid] = spec.physical_name, spec.arn
 
         sm_id, _ = t.state_machine()
-        sm_arn = sfn.create_state_machine(name=t.physical_name(sm_id), definition=t.definition(), roleArn=role,
-                                          type="STANDARD")["stateMachineArn"]
+        sm_arn = sfn.create_state_machine(
+            name=t.physical_name(sm_id), definition=t.definition(), roleArn=role, type="STANDARD"
+        )["stateMachineArn"]
         t.physical[sm_id], t.arns[sm_id] = sm_arn, sm_arn
 
         # Tests and benchmarks call handlers in this process too: give it every function's variables.
@@ -256,9 +297,14 @@ class LocalStack:
         for spec in functions.values():
             union_env.update(t.environment(spec))
         self._set_env(union_env | self.options.environment)
-        self.lambdas = LambdaService(functions, self._put_logs, profile=self.profile,
-                                     environ=self._function_environ, layer_dirs=t.layer_dirs(),
-                                     hook_modules=self.options.hook_modules)
+        self.lambdas = LambdaService(
+            functions,
+            self._put_logs,
+            profile=self.profile,
+            environ=self._function_environ,
+            layer_dirs=t.layer_dirs(),
+            hook_modules=self.options.hook_modules,
+        )
 
     def _secret_value(self, logical_id: str) -> str:
         if logical_id == "PluginSecret":
@@ -280,8 +326,11 @@ class LocalStack:
         except logs.exceptions.ResourceAlreadyExistsException:
             pass
         now = int(time.time() * 1000)
-        logs.put_log_events(logGroupName=group, logStreamName=stream,
-                            logEvents=[{"timestamp": now, "message": line} for line in lines])
+        logs.put_log_events(
+            logGroupName=group,
+            logStreamName=stream,
+            logEvents=[{"timestamp": now, "message": line} for line in lines],
+        )
 
     # ---- helpers for runs, tests and the console ------------------------------------------------
 
@@ -292,9 +341,13 @@ class LocalStack:
     def add_function(self, spec: Any) -> str:
         """A function beside the template's, invocable by Step Functions (tests of the stack itself)."""
         self.client("lambda").create_function(
-            FunctionName=spec.physical_name, Runtime="python3.11", Handler=spec.handler,
+            FunctionName=spec.physical_name,
+            Runtime="python3.11",
+            Handler=spec.handler,
             Role=f"arn:aws:iam::{ACCOUNT_ID}:role/{self.template.stack_name}-execution",
-            Code={"ZipFile": _placeholder_zip()}, Timeout=spec.timeout_s)
+            Code={"ZipFile": _placeholder_zip()},
+            Timeout=spec.timeout_s,
+        )
         self.lambdas.add_function(spec)
         return spec.arn
 
@@ -303,8 +356,17 @@ class LocalStack:
 
 
 # What an execution environment keeps of the machine's environment (Lambda sets its own basics).
-_INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONDONTWRITEBYTECODE", "SSL_CERT_FILE",
-              "REQUESTS_CA_BUNDLE", "PYTHONHASHSEED")
+_INHERITED = (
+    "PATH",
+    "HOME",
+    "LANG",
+    "LC_ALL",
+    "TMPDIR",
+    "PYTHONDONTWRITEBYTECODE",
+    "SSL_CERT_FILE",
+    "REQUESTS_CA_BUNDLE",
+    "PYTHONHASHSEED",
+)
 
 
 def _placeholder_zip() -> bytes:

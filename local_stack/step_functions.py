@@ -27,8 +27,9 @@ import json
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from local_stack.profiles import Lateness, Profile
 
@@ -64,8 +65,12 @@ class WaitRecord:
 class StepFunctionsBehaviour:
     """Every Step Functions patch for one profile. ``waits`` lists each Wait's wake-up, in order."""
 
-    def __init__(self, profile: Profile, payload_limit_bytes: int = PAYLOAD_LIMIT_BYTES,
-                 history_limit_events: int = HISTORY_LIMIT_EVENTS):
+    def __init__(
+        self,
+        profile: Profile,
+        payload_limit_bytes: int = PAYLOAD_LIMIT_BYTES,
+        history_limit_events: int = HISTORY_LIMIT_EVENTS,
+    ):
         self.profile = profile
         self.payload_limit_bytes = payload_limit_bytes
         self.history_limit_events = history_limit_events
@@ -113,7 +118,7 @@ def install_late_waits(lateness: Lateness, rng: random.Random, record: Callable[
             parsed = wait._from_timestamp_string(timestamp=raw)
             if parsed is None:
                 raise FailureEventException(wait._create_failure_event(env, raw))
-            return parsed.replace(tzinfo=dt.timezone.utc).timestamp()
+            return parsed.replace(tzinfo=dt.UTC).timestamp()
         # Seconds count from when the state began
         entered = env.states.context_object.context_object_data.get("State", {}).get("EnteredTime")
         began = dt.datetime.fromisoformat(entered).timestamp() if entered else time.time()
@@ -132,8 +137,15 @@ def install_late_waits(lateness: Lateness, rng: random.Random, record: Callable[
             return
         context = env.states.context_object.context_object_data
         state = context.get("State", {}).get("Name", "")
-        record(WaitRecord(execution=context["Execution"]["Name"], state=state, target=target, planned=planned,
-                          woke=time.time()))
+        record(
+            WaitRecord(
+                execution=context["Execution"]["Name"],
+                state=state,
+                target=target,
+                planned=planned,
+                woke=time.time(),
+            )
+        )
 
     WaitFunction._eval_body = eval_body
     return lambda: setattr(WaitFunction, "_eval_body", original)
@@ -166,14 +178,21 @@ def _data_limit_exceeded(env: Any, cause: str, lambda_task: bool = False) -> Exc
     error_type = StatesErrorNameType.StatesStatesDataLimitExceeded
     if lambda_task:
         event_type = HistoryEventType.LambdaFunctionFailed
-        details = EventDetails(lambdaFunctionFailedEventDetails=LambdaFunctionFailedEventDetails(
-            error=error_type.to_name(), cause=cause))
+        details = EventDetails(
+            lambdaFunctionFailedEventDetails=LambdaFunctionFailedEventDetails(
+                error=error_type.to_name(), cause=cause
+            )
+        )
     else:
         event_type = HistoryEventType.ExecutionFailed
-        details = EventDetails(executionFailedEventDetails=ExecutionFailedEventDetails(
-            error=error_type.to_name(), cause=cause))
-    return FailureEventException(failure_event=FailureEvent(
-        env=env, error_name=StatesErrorName(typ=error_type), event_type=event_type, event_details=details))
+        details = EventDetails(
+            executionFailedEventDetails=ExecutionFailedEventDetails(error=error_type.to_name(), cause=cause)
+        )
+    return FailureEventException(
+        failure_event=FailureEvent(
+            env=env, error_name=StatesErrorName(typ=error_type), event_type=event_type, event_details=details
+        )
+    )
 
 
 def install_payload_limit(limit_bytes: int = PAYLOAD_LIMIT_BYTES) -> Undo:
@@ -200,8 +219,11 @@ def install_payload_limit(limit_bytes: int = PAYLOAD_LIMIT_BYTES) -> Undo:
     def state_body(self: Any, env: Any) -> None:
         size = payload_size(env.states.get_input())
         if size > limit_bytes:
-            raise _data_limit_exceeded(env, f"The state '{self.name}' received an input of {size} bytes, "
-                                            f"above the maximum of {limit_bytes} bytes.")
+            raise _data_limit_exceeded(
+                env,
+                f"The state '{self.name}' received an input of {size} bytes, "
+                f"above the maximum of {limit_bytes} bytes.",
+            )
         original_state_body(self, env)
 
     StateTaskLambda = state_task_lambda.StateTaskLambda
@@ -211,9 +233,12 @@ def install_payload_limit(limit_bytes: int = PAYLOAD_LIMIT_BYTES) -> Undo:
         parameters = original_parameters(self, env)
         size = payload_size(parameters["Payload"])
         if size > limit_bytes:
-            raise _data_limit_exceeded(env, f"The task '{self.resource.resource_arn}' was given an input of "
-                                            f"{size} bytes, above the maximum of {limit_bytes} bytes.",
-                                       lambda_task=True)
+            raise _data_limit_exceeded(
+                env,
+                f"The task '{self.resource.resource_arn}' was given an input of "
+                f"{size} bytes, above the maximum of {limit_bytes} bytes.",
+                lambda_task=True,
+            )
         return parameters
 
     original_lambda_check = StateTaskLambda._verify_size_quota
@@ -296,10 +321,15 @@ def install_history_limit(limit: int = HISTORY_LIMIT_EVENTS) -> Undo:
     from moto.stepfunctions.parser.asl.eval.environment import Environment
     from moto.stepfunctions.parser.asl.eval.event.event_manager import EventManager
 
-    ending = {HistoryEventType.ExecutionSucceeded, HistoryEventType.ExecutionFailed,
-              HistoryEventType.ExecutionAborted, HistoryEventType.ExecutionTimedOut}
+    ending = {
+        HistoryEventType.ExecutionSucceeded,
+        HistoryEventType.ExecutionFailed,
+        HistoryEventType.ExecutionAborted,
+        HistoryEventType.ExecutionTimedOut,
+    }
     history_full = ExecutionFailedEventDetails(
-        error=RUNTIME, cause=f"The execution reached the maximum number of history events ({limit}).")
+        error=RUNTIME, cause=f"The execution reached the maximum number of history events ({limit})."
+    )
     original_init = Environment.__init__
     original_add = EventManager.add_event
     original_set_error = Environment.set_error

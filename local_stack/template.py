@@ -85,8 +85,12 @@ class FunctionSpec:
 class LocalTemplate:
     """The template's resources, with every intrinsic resolved to the local stack's physical values."""
 
-    def __init__(self, stack_name: str = "dalle-local", parameters: dict[str, str] | None = None,
-                 template: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        stack_name: str = "dalle-local",
+        parameters: dict[str, str] | None = None,
+        template: dict[str, Any] | None = None,
+    ):
         self.stack_name = stack_name
         self.doc = template or load_template()
         self.resources: dict[str, dict[str, Any]] = self.doc["Resources"]
@@ -137,8 +141,10 @@ class LocalTemplate:
             return None
 
     def layer_dirs(self) -> list[Path]:
-        return [PROJECT_ROOT / r["Properties"]["ContentUri"]
-                for r in self.of_type("AWS::Serverless::LayerVersion").values()]
+        return [
+            PROJECT_ROOT / r["Properties"]["ContentUri"]
+            for r in self.of_type("AWS::Serverless::LayerVersion").values()
+        ]
 
     def routes(self) -> list[Route]:
         routes = []
@@ -157,9 +163,11 @@ class LocalTemplate:
         if not name or name == "NONE":
             return None
         spec = auth["Authorizers"][name]
-        return RouteAuthorizer(function=spec["FunctionArn"]["Fn::GetAtt"][0],
-                               identity_headers=tuple(spec.get("Identity", {}).get("Headers", [])),
-                               ttl_s=int(spec.get("Identity", {}).get("ReauthorizeEvery", 300)))
+        return RouteAuthorizer(
+            function=spec["FunctionArn"]["Fn::GetAtt"][0],
+            identity_headers=tuple(spec.get("Identity", {}).get("Headers", [])),
+            ttl_s=int(spec.get("Identity", {}).get("ReauthorizeEvery", 300)),
+        )
 
     def state_machine(self) -> tuple[str, dict[str, Any]]:
         ((lid, res),) = self.of_type("AWS::Serverless::StateMachine").items()
@@ -182,8 +190,13 @@ class LocalTemplate:
         return {k: self.resolve(v) for k, v in value.items()}
 
     def _ref(self, name: str) -> str:
-        pseudo = {"AWS::Region": REGION, "AWS::AccountId": ACCOUNT_ID, "AWS::StackName": self.stack_name,
-                  "AWS::Partition": "aws", "AWS::URLSuffix": "amazonaws.com"}
+        pseudo = {
+            "AWS::Region": REGION,
+            "AWS::AccountId": ACCOUNT_ID,
+            "AWS::StackName": self.stack_name,
+            "AWS::Partition": "aws",
+            "AWS::URLSuffix": "amazonaws.com",
+        }
         if name in pseudo:
             return pseudo[name]
         if name in self.parameters:

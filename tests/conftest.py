@@ -31,8 +31,12 @@ def load_event(name: str) -> dict:
     return json.loads((EVENTS / name).read_text())
 
 
-def start_stack(name: str, profile: str | None = None, environment: dict[str, str] | None = None,
-                parameters: dict[str, str] | None = None):
+def start_stack(
+    name: str,
+    profile: str | None = None,
+    environment: dict[str, str] | None = None,
+    parameters: dict[str, str] | None = None,
+):
     """A local stack for tests: a seam board of its own, the test seams in every execution environment."""
     from local_stack.profiles import profile_named
     from local_stack.seams import SEAMS_DIR_VARIABLE
@@ -42,10 +46,14 @@ def start_stack(name: str, profile: str | None = None, environment: dict[str, st
     os.environ.pop("OPENAI_API_KEY", None)
     board = tempfile.mkdtemp(prefix=f"{name}-seams-")
     # A generous limit: tests of the global limit itself run their own scaled window.
-    options = StackOptions(plugin_secret=PLUGIN_SECRET, stack_name=name,
-                           parameters={"RateLimit": "1000", **(parameters or {})},
-                           profile=profile_named(profile), environment={SEAMS_DIR_VARIABLE: board, **(environment or {})},
-                           hook_modules=("tests.env_hooks",))
+    options = StackOptions(
+        plugin_secret=PLUGIN_SECRET,
+        stack_name=name,
+        parameters={"RateLimit": "1000", **(parameters or {})},
+        profile=profile_named(profile),
+        environment={SEAMS_DIR_VARIABLE: board, **(environment or {})},
+        hook_modules=("tests.env_hooks",),
+    )
     return _FreshPluginState(LocalStack(options))
 
 

@@ -25,7 +25,11 @@ def session_of(event: dict) -> str:
         return event["session"]
     try:  # an API Gateway event: the hub payload is the body
         return json.loads(event.get("body") or "{}").get("session") or ""
-    except (ValueError, AttributeError, RecursionError):  # whatever the fuzzer sends, the seam stays out of it
+    except (
+        ValueError,
+        AttributeError,
+        RecursionError,
+    ):  # whatever the fuzzer sends, the seam stays out of it
         return ""
 
 
@@ -47,58 +51,64 @@ def install() -> None:
     if board is None:
         return
     from botocore.client import BaseClient
-
     from dalle_plugin.adapters import aws, dynamo_rate_limiter, dynamo_runs, hub_http
 
     def wrap(owner: type, name: str, make: Any) -> None:
         setattr(owner, name, make(getattr(owner, name)))
 
     def put_image(original: Any) -> Any:
-        def wrapper(self, key, body, content_type, metadata):  # noqa: ANN001
+        def wrapper(self, key, body, content_type, metadata):
             stored = original(self, key, body, content_type, metadata)
             # images/<execution name>.<prompt fingerprint>[.<n>].<extension>: the seam is keyed by the run
             spec = board.take("after_put_png", key.removeprefix("images/").split(".", 1)[0])
             if spec:
                 raise_spec(spec)
             return stored
+
         return wrapper
 
     def attach_image(original: Any) -> Any:
-        def wrapper(self, project_id, external_id, image_url):  # noqa: ANN001
+        def wrapper(self, project_id, external_id, image_url):
             original(self, project_id, external_id, image_url)
             spec = board.take("after_attach", external_id)
             if spec:
                 raise_spec(spec)
+
         return wrapper
 
     def start(original: Any) -> Any:
-        def wrapper(self, name, run_input):  # noqa: ANN001
+        def wrapper(self, name, run_input):
             _count(board, "start")
             spec = board.take("before_start", run_input.get("session", ""))
             if spec:
                 raise_spec(spec)
             return original(self, name, run_input)
+
         return wrapper
 
     def acquire(original: Any) -> Any:
-        def wrapper(self, ask, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        def wrapper(self, ask, *args, **kwargs):
             board.record("tickets", ask.ticket.rsplit("#", 1)[0], ask.ticket)
             return original(self, ask, *args, **kwargs)
+
         return wrapper
 
     def counted(name: str) -> Any:
         def make(original: Any) -> Any:
-            def wrapper(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+            def wrapper(self, *args, **kwargs):
                 _count(board, name)
                 return original(self, *args, **kwargs)
+
             return wrapper
+
         return make
 
     def api_call(original: Any) -> Any:
-        def wrapper(self, operation_name, api_params):  # noqa: ANN001
+        def wrapper(self, operation_name, api_params):
             if _is_api():
                 _count(board, f"aws:{operation_name}")
             return original(self, operation_name, api_params)
+
         return wrapper
 
     wrap(aws.S3ImageStore, "put_image", put_image)

@@ -64,13 +64,13 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
-from pydantic import BaseModel, ConfigDict, Field
-
 from dalle_plugin.domain.errors import RateLimiterBusy, StorageUnavailable
+from pydantic import BaseModel, ConfigDict, Field
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,6 @@ class RateDecision:
     reserved: bool
     position: int = 0
     calls: int = 1
-
 
 
 class LimiterSettings(BaseModel):
@@ -131,7 +130,7 @@ class LimiterState:
                 return self.first_recent_index + offset
         return None
 
-    def with_ticket(self, ticket: str, start_ms: int, limit: int) -> "LimiterState":
+    def with_ticket(self, ticket: str, start_ms: int, limit: int) -> LimiterState:
         return LimiterState(
             issued=self.issued + 1,
             recent_starts=(self.recent_starts + (start_ms,))[-limit:],
@@ -234,8 +233,6 @@ def may_start(decision: RateDecision, now_ms: int, settings: LimiterSettings) ->
 def wait_seconds(decision: RateDecision, now_ms: int) -> int:
     """Whole seconds a Wait state must wait so the caller wakes no earlier than ``start_at``."""
     return max(0, math.ceil((decision.start_at_ms - now_ms) / 1000))
-
-
 
 
 CONDITION_FAILED = "ConditionalCheckFailedException"
@@ -353,8 +350,10 @@ class DynamoRateLimiter:
                 "UpdateExpression": "DELETE #released :start",
                 "ConditionExpression": "contains(#released, :one)",
                 "ExpressionAttributeNames": {"#released": "released"},
-                "ExpressionAttributeValues": {":start": {"NS": [str(reservation.reclaimed)]},
-                                              ":one": {"N": str(reservation.reclaimed)}},
+                "ExpressionAttributeValues": {
+                    ":start": {"NS": [str(reservation.reclaimed)]},
+                    ":one": {"N": str(reservation.reclaimed)},
+                },
                 "ReturnValues": "NONE",
                 "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
             }
@@ -399,7 +398,6 @@ class DynamoRateLimiter:
                     f"rate-limit item {self._key!r} has no {missing}: was the limit changed? use a new key"
                 ) from None
         released = tuple(sorted(int(v) for v in item.get("released", {}).get("NS", [])))
-        return LimiterState(issued=issued, recent_starts=tuple(starts), recent_tickets=tuple(tickets),
-                            released=released)
-
-
+        return LimiterState(
+            issued=issued, recent_starts=tuple(starts), recent_tickets=tuple(tickets), released=released
+        )

@@ -9,13 +9,14 @@ from __future__ import annotations
 import base64
 import hmac
 import json
+from collections.abc import Callable
 from contextvars import ContextVar
 from http import HTTPStatus
-from typing import Any, Callable
+from typing import Any
 
 from dalle_plugin import wiring
-from dalle_plugin.domain.errors import InvalidRequest, PluginSecretTooShort, PromptNotFound, Unauthorized
 from dalle_plugin.domain.cancel import cancel_session
+from dalle_plugin.domain.errors import InvalidRequest, PluginSecretTooShort, PromptNotFound, Unauthorized
 from dalle_plugin.domain.payload import parse_payload
 from dalle_plugin.domain.refusal import tell_hub_refused
 from dalle_plugin.domain.sessions import session_view
@@ -109,7 +110,9 @@ def _cancel_task_id(raw: bytes) -> str | None:
         raise InvalidRequest('The cancel body must be empty or a JSON object such as {"taskId": "..."}.')
     task_id = body.get("taskId")
     if task_id is not None and not (isinstance(task_id, str) and 0 < len(task_id) <= 256):
-        raise InvalidRequest("Field 'taskId' must be a task id (text of at most 256 characters).", field="taskId")
+        raise InvalidRequest(
+            "Field 'taskId' must be a task id (text of at most 256 characters).", field="taskId"
+        )
     return task_id
 
 
@@ -131,8 +134,9 @@ def cancel(event: dict[str, Any]) -> dict[str, Any]:
         return _error(HTTPStatus.NOT_FOUND, "No such session.")
     task_id = _cancel_task_id(_body(event))
     bind_run(session, task_id)
-    outcomes = cancel_session(session, task_id, wiring.within_time(wiring.cancel_deps(), _CONTEXT.get(),
-                                                                   wiring.API_HUB_BUDGET_S))
+    outcomes = cancel_session(
+        session, task_id, wiring.within_time(wiring.cancel_deps(), _CONTEXT.get(), wiring.API_HUB_BUDGET_S)
+    )
     record_runs_cancelled(sum(1 for o in outcomes if o.cancelled))
     if not outcomes:
         which = f" with task {task_id!r}" if task_id else ""
@@ -178,5 +182,8 @@ def handler(event: dict, context: object) -> dict:
 
 def _tell_hub(route: Callable[..., Any], event: dict[str, Any], message: str) -> None:
     if route is run_plugin:
-        tell_hub_refused(_body(event), message, wiring.within_time(wiring.api_deps(), _CONTEXT.get(),
-                                                                   wiring.API_HUB_BUDGET_S))
+        tell_hub_refused(
+            _body(event),
+            message,
+            wiring.within_time(wiring.api_deps(), _CONTEXT.get(), wiring.API_HUB_BUDGET_S),
+        )

@@ -9,8 +9,14 @@ import pytest
 
 pytestmark = pytest.mark.stack
 
-CONFIG = json.dumps({"openai_api_key": "default", "model_name": "gpt-image-2",
-                     "get_prompt_from": "full-text-asset", "image_size": "1024x1024"})
+CONFIG = json.dumps(
+    {
+        "openai_api_key": "default",
+        "model_name": "gpt-image-2",
+        "get_prompt_from": "full-text-asset",
+        "image_size": "1024x1024",
+    }
+)
 
 
 def _batch(stack, session: str) -> dict:
@@ -20,9 +26,11 @@ def _batch(stack, session: str) -> dict:
         "apiKey": "ango-local-key",
         "workflow": True,
         "configJSON": CONFIG,
-        "tasks": [{"taskId": "task-fox", "assetId": "asset-fox"},
-                  {"taskId": "task-lighthouse", "assetId": "asset-lighthouse"},
-                  {"taskId": "task-market", "assetId": "asset-market"}],
+        "tasks": [
+            {"taskId": "task-fox", "assetId": "asset-fox"},
+            {"taskId": "task-lighthouse", "assetId": "asset-lighthouse"},
+            {"taskId": "task-market", "assetId": "asset-market"},
+        ],
     }
 
 
@@ -37,7 +45,14 @@ def test_a_batch_is_one_session_and_a_rerun_does_only_what_failed(stack, api, ne
 
     view = api.wait_finished(session, timeout_s=300)
     by_task = {run["taskId"]: run for run in view["runs"]}
-    assert view["progress"] == {"total": 3, "done": 2, "failed": 1, "cancelled": 0, "waiting": 0, "running": 0}
+    assert view["progress"] == {
+        "total": 3,
+        "done": 2,
+        "failed": 1,
+        "cancelled": 0,
+        "waiting": 0,
+        "running": 0,
+    }
     assert by_task["task-lighthouse"]["failure"]["reason"] == "moderation_blocked"
     assert by_task["task-fox"]["status"] == by_task["task-market"]["status"] == "SUCCEEDED"
     requests_before = len(openai_emulator.requests)
@@ -61,7 +76,9 @@ def test_a_batch_request_sent_twice_at_once_starts_each_task_once(stack, api, ne
 
     session = new_session("batch-dup")
     answers = []
-    senders = [threading.Thread(target=lambda: answers.append(api.run(_batch(stack, session)))) for _ in range(4)]
+    senders = [
+        threading.Thread(target=lambda: answers.append(api.run(_batch(stack, session)))) for _ in range(4)
+    ]
     for sender in senders:
         sender.start()
     for sender in senders:

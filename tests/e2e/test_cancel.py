@@ -15,8 +15,12 @@ pytestmark = pytest.mark.stack
 
 
 def _cancel(api, session: str, body: dict | None = None) -> requests.Response:
-    return requests.post(f"{api.base_url}/sessions/{session}/cancel", headers={"Secret": PLUGIN_SECRET},
-                         data=json.dumps(body) if body else None, timeout=30)
+    return requests.post(
+        f"{api.base_url}/sessions/{session}/cancel",
+        headers={"Secret": PLUGIN_SECRET},
+        data=json.dumps(body) if body else None,
+        timeout=30,
+    )
 
 
 def _wait_for_status(api, session: str, status: str, timeout_s: float = 300) -> dict:
@@ -41,8 +45,9 @@ def test_cancel_stops_a_waiting_run_and_tells_the_hub(stack, api, sample_payload
 
     answer = _cancel(api, payload["session"])
     assert answer.status_code == 200, answer.text
-    assert answer.json()["tasks"] == [{"task_id": "task-lighthouse", "cancelled": True, "status": "CANCELLED",
-                                       "why": None}]
+    assert answer.json()["tasks"] == [
+        {"task_id": "task-lighthouse", "cancelled": True, "status": "CANCELLED", "why": None}
+    ]
     run = api.session(payload["session"])["runs"][0]
     assert run["status"] == "CANCELLED" and run["timeline"][-1]["step"] == "cancelled"
 
@@ -50,11 +55,17 @@ def test_cancel_stops_a_waiting_run_and_tells_the_hub(stack, api, sample_payload
     assert stack.hub.plugin_responses(payload["session"])[-1]["error"] is True
     assert any("cancelled" in line["msg"].lower() for line in stack.hub.plugin_logs(payload["session"]))
     sfn = stack.client("stepfunctions")
-    arn = [e for e in sfn.list_executions(stateMachineArn=stack.state_machine_arn)["executions"]
-           if e["name"].startswith(payload["session"][:40].replace(".", "-"))]
+    arn = [
+        e
+        for e in sfn.list_executions(stateMachineArn=stack.state_machine_arn)["executions"]
+        if e["name"].startswith(payload["session"][:40].replace(".", "-"))
+    ]
     # stopped, not left sleeping out its Wait (AWS says ABORTED; moto 5.2.5 reports a Map stopped
     # mid-iteration as FAILED)
-    assert arn and sfn.describe_execution(executionArn=arn[0]["executionArn"])["status"] in ("ABORTED", "FAILED")
+    assert arn and sfn.describe_execution(executionArn=arn[0]["executionArn"])["status"] in (
+        "ABORTED",
+        "FAILED",
+    )
     assert len(openai_emulator.requests) == 1
 
 

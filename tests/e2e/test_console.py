@@ -24,14 +24,27 @@ from local_stack.template import PROJECT_ROOT
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.stack
 needs_chromium = pytest.mark.skipif(
-    CHROMIUM is None, reason="chromium is not installed (run `make chromium` as root, or apt-get install chromium)")
+    CHROMIUM is None,
+    reason="chromium is not installed (run `make chromium` as root, or apt-get install chromium)",
+)
 
 SCREENSHOT = PROJECT_ROOT / "docs" / "console.png"
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-    "--no-first-run", "--no-default-browser-check", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--disable-extensions", "--mute-audio",
-    "--hide-scrollbars", "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-quic",
+    "--no-first-run",
+    "--no-default-browser-check",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-extensions",
+    "--mute-audio",
+    "--hide-scrollbars",
+    "--remote-debugging-address=127.0.0.1",
+    "--remote-debugging-port=0",
     # nothing but loopback, whatever the page or the browser itself would like to reach
     "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",
     "--window-size=1280,900",
@@ -69,8 +82,10 @@ class Page:
                 return value
             time.sleep(0.1)
         images = self.evaluate("[...document.images].map(i => [i.src, i.complete, i.naturalWidth])")
-        raise AssertionError(f"timed out waiting for {what}; images {images}; page text:\n"
-                             f"{self.evaluate('document.body.innerText')}")
+        raise AssertionError(
+            f"timed out waiting for {what}; images {images}; page text:\n"
+            f"{self.evaluate('document.body.innerText')}"
+        )
 
     def close(self) -> None:
         self._ws.close()
@@ -79,8 +94,11 @@ class Page:
 @pytest.fixture
 def browser(tmp_path):
     profile = tmp_path / "profile"
-    process = subprocess.Popen([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         port_file = profile / "DevToolsActivePort"
         deadline = time.monotonic() + 120
@@ -107,14 +125,16 @@ def test_a_sample_started_from_the_console_shows_its_progress_logs_and_image(sta
     browser.call("Page.navigate", url=f"{stack.api_url}/")
     browser.wait_for("document.querySelectorAll('#sample option').length > 0", 120, "the sample list")
     fox = browser.evaluate(
-        "[...document.querySelectorAll('#sample option')].findIndex(o => o.textContent.includes('fox'))")
+        "[...document.querySelectorAll('#sample option')].findIndex(o => o.textContent.includes('fox'))"
+    )
     assert fox >= 0
 
     # the user's part: pick the fox sample and press Start
     browser.evaluate(f"document.querySelector('#sample').selectedIndex = {fox}")
     browser.evaluate("document.querySelector('#start').click()")
-    session = browser.wait_for("document.querySelector('#start-status').dataset.started", 120,
-                               "the started session's id")
+    session = browser.wait_for(
+        "document.querySelector('#start-status').dataset.started", 120, "the started session's id"
+    )
     assert "POST /plugin → 202" in browser.evaluate("document.querySelector('#start-status').textContent")
 
     card = f"document.querySelector('article[data-session=\"{session}\"]')"
@@ -124,11 +144,14 @@ def test_a_sample_started_from_the_console_shows_its_progress_logs_and_image(sta
         f"(() => {{ const img = {card}.querySelector('img.thumb');"
         f" return {card}.dataset.status === 'SUCCEEDED' && img && img.complete && img.naturalWidth > 0"
         f" && img.src; }})()",
-        300, "the run to succeed and its image to load in the page")
+        300,
+        "the run to succeed and its image to load in the page",
+    )
 
     # the image beside its prompt is the one the hub stores and shows beside the asset
-    view = requests.get(f"{stack.api_url}/sessions/{session}", headers={"Secret": stack.plugin_secret},
-                        timeout=60).json()
+    view = requests.get(
+        f"{stack.api_url}/sessions/{session}", headers={"Secret": stack.plugin_secret}, timeout=60
+    ).json()
     run = view["runs"][0]
     assert run["status"] == "SUCCEEDED" and image == run["image"]["hubUrl"]
     assert browser.evaluate(f"{card}.querySelector('blockquote.prompt').textContent") == run["prompt"]["text"]
@@ -149,8 +172,9 @@ def test_a_sample_started_from_the_console_shows_its_progress_logs_and_image(sta
     for secret in (stack.plugin_secret, "ango-local-key", "sk-local-shared-default-key"):
         assert secret not in page_html and secret not in listing
 
-    browser.call("Emulation.setDeviceMetricsOverride", width=1280, height=900, deviceScaleFactor=1,
-                 mobile=False)
+    browser.call(
+        "Emulation.setDeviceMetricsOverride", width=1280, height=900, deviceScaleFactor=1, mobile=False
+    )
     browser.evaluate(f"{card}.scrollIntoView({{block: 'start'}}); window.scrollBy(0, -80)")
     png = base64.b64decode(browser.call("Page.captureScreenshot", format="png")["data"])
     assert png.startswith(b"\x89PNG") and len(png) < 500_000

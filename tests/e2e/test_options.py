@@ -13,14 +13,20 @@ pytestmark = pytest.mark.stack
 
 
 def test_two_jpeg_candidates_from_one_request_through_a_template_are_both_attached_in_order(
-        stack, api, sample_payload, openai_emulator):
+    stack, api, sample_payload, openai_emulator
+):
     payload = sample_payload("task-lighthouse", workflow=True)
     marker = payload["session"]
-    payload["configJSON"] = json.dumps({
-        "model_name": "gpt-image-2", "get_prompt_from": "text-annotation",
-        "prompt_template": f"Studio photo of {{prompt}}, soft light {{{{{marker}}}}}",
-        "images_per_task": 2, "output_format": "jpeg", "output_compression": 80,
-    })
+    payload["configJSON"] = json.dumps(
+        {
+            "model_name": "gpt-image-2",
+            "get_prompt_from": "text-annotation",
+            "prompt_template": f"Studio photo of {{prompt}}, soft light {{{{{marker}}}}}",
+            "images_per_task": 2,
+            "output_format": "jpeg",
+            "output_compression": 80,
+        }
+    )
     assert api.run(payload).status_code == 202
     view = api.wait_finished(payload["session"], timeout_s=300)
     run = view["runs"][0]
@@ -28,10 +34,17 @@ def test_two_jpeg_candidates_from_one_request_through_a_template_are_both_attach
 
     # the template framed the extracted text, literal braces kept
     prompt = run["prompt"]
-    assert prompt["text"].startswith("Studio photo of ") and prompt["text"].endswith(f"soft light {{{marker}}}")
+    assert prompt["text"].startswith("Studio photo of ") and prompt["text"].endswith(
+        f"soft light {{{marker}}}"
+    )
     assert "lighthouse" in prompt["text"].lower() and prompt["template"] is not None
-    assert run["output"] == {"imagesPerTask": 2, "format": "jpeg", "compression": 80, "background": None,
-                             "promptTemplate": prompt["template"]}
+    assert run["output"] == {
+        "imagesPerTask": 2,
+        "format": "jpeg",
+        "compression": 80,
+        "background": None,
+        "promptTemplate": prompt["template"],
+    }
 
     # ONE request to OpenAI, asking for both images in JPEG
     calls = [r for r in openai_emulator.requests if r.is_generation and r.prompt and marker in r.prompt]
@@ -58,14 +71,24 @@ def test_two_jpeg_candidates_from_one_request_through_a_template_are_both_attach
 def test_the_spending_limit_stops_the_run_that_would_pass_it(stack, api, new_session, openai_emulator):
     session = new_session("budget")
     # gpt-image-2 at 1024x1024 costs about $0.053 an image: $0.12 pays for two of the three tasks
-    config = {"model_name": "gpt-image-2", "get_prompt_from": "full-text-asset", "image_size": "1024x1024",
-              "prompt_template": f"{{prompt}} ({session})", "max_cost_usd": 0.12}
+    config = {
+        "model_name": "gpt-image-2",
+        "get_prompt_from": "full-text-asset",
+        "image_size": "1024x1024",
+        "prompt_template": f"{{prompt}} ({session})",
+        "max_cost_usd": 0.12,
+    }
     payload = {
-        "projectId": "proj-dalle-demo", "session": session, "apiKey": "ango-local-key", "workflow": True,
+        "projectId": "proj-dalle-demo",
+        "session": session,
+        "apiKey": "ango-local-key",
+        "workflow": True,
         "configJSON": json.dumps(config),
-        "tasks": [{"taskId": "task-fox", "assetId": "asset-fox"},
-                  {"taskId": "task-lighthouse", "assetId": "asset-lighthouse"},
-                  {"taskId": "task-market", "assetId": "asset-market"}],
+        "tasks": [
+            {"taskId": "task-fox", "assetId": "asset-fox"},
+            {"taskId": "task-lighthouse", "assetId": "asset-lighthouse"},
+            {"taskId": "task-market", "assetId": "asset-market"},
+        ],
     }
     assert api.run(payload).status_code == 202
     view = api.wait_finished(session, timeout_s=300)
@@ -74,7 +97,13 @@ def test_the_spending_limit_stops_the_run_that_would_pass_it(stack, api, new_ses
     (stopped,) = [run for run in view["runs"] if run["status"] == "FAILED"]
     assert stopped["failure"]["reason"] == "spending_limit_reached"
     message = stopped["failure"]["message"]
-    assert "spending limit (max_cost_usd) is $0.12" in message and "already spent or reserved about $0.106" in message
+    assert (
+        "spending limit (max_cost_usd) is $0.12" in message
+        and "already spent or reserved about $0.106" in message
+    )
     assert "image" not in stopped and stopped["estimatedCostUsd"] == 0.0
     # the stopped run was never sent: OpenAI saw two requests from this session
-    assert len([r for r in openai_emulator.requests if r.is_generation and r.prompt and session in r.prompt]) == 2
+    assert (
+        len([r for r in openai_emulator.requests if r.is_generation and r.prompt and session in r.prompt])
+        == 2
+    )

@@ -42,11 +42,17 @@ def test_each_prompt_source_ends_with_an_image_attached_to_the_asset(
     assert run["status"] == "SUCCEEDED", run
     assert run["prompt"]["source"] == source
     assert expected_in_prompt in run["prompt"]["text"].lower()
-    assert run["model"] == {"requested": "dall-e-2", "actual": "gpt-image-2", "substituted": True,
-                            "note": run["model"]["note"]}
+    assert run["model"] == {
+        "requested": "dall-e-2",
+        "actual": "gpt-image-2",
+        "substituted": True,
+        "note": run["model"]["note"],
+    }
     assert "retired" in run["model"]["note"]
     assert run["estimatedCostUsd"] > 0 and view["estimatedCostUsd"] == run["estimatedCostUsd"]
-    assert [step["step"] for step in run["timeline"]][0] == "queued" and run["timeline"][-1]["step"] == "finished"
+    assert [step["step"] for step in run["timeline"]][0] == "queued" and run["timeline"][-1][
+        "step"
+    ] == "finished"
     assert all(step["durationMs"] is not None for step in run["timeline"])
     # the hub's recommended dall-e-2 size keeps working: the session says what ran instead
     assert run["size"] == "1024x1024" and any("512x512" in note for note in run["notes"])
@@ -83,7 +89,9 @@ def test_editor_run_reports_through_plugin_response(stack, api, sample_payload, 
     assert any("started" in m for m in logs) and any("attached" in m.lower() for m in logs)
 
 
-def test_a_refused_prompt_fails_the_run_with_a_reason_and_tells_the_hub(stack, api, sample_payload, openai_emulator):
+def test_a_refused_prompt_fails_the_run_with_a_reason_and_tells_the_hub(
+    stack, api, sample_payload, openai_emulator
+):
     from local_stack.openai_emulator import Behaviour
 
     payload = sample_payload("task-lighthouse", configJSON=_config(get_prompt_from="text-annotation"))
@@ -106,8 +114,9 @@ def test_a_refused_prompt_fails_the_run_with_a_reason_and_tells_the_hub(stack, a
         ('{"get_prompt_from": "entity-annotation"}', 422, None, "map Prompt to the entity class"),
     ],
 )
-def test_bad_config_is_refused_with_a_sentence_and_told_to_the_hub(stack, api, sample_payload, config, status,
-                                                                    field, words):
+def test_bad_config_is_refused_with_a_sentence_and_told_to_the_hub(
+    stack, api, sample_payload, config, status, field, words
+):
     payload = sample_payload("task-fox", configJSON=config)
     payload.pop("workflow", None)
     if "entity-annotation" in config:

@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from local_stack.seams import SeamBoard, exception_spec
 from tests.security.canary import Canary
@@ -47,10 +48,15 @@ class Case:
     answers: list[Any] = field(default_factory=list)  # every API answer (status, body) the case got
 
     @classmethod
-    def new(cls, key: str) -> "Case":
+    def new(cls, key: str) -> Case:
         marker = f"fault{secrets.token_hex(5)}"
-        return cls(key=key, marker=marker, task_id=f"task-{marker}", asset_id=f"asset-{marker}",
-                   external_id=f"{marker}.txt")
+        return cls(
+            key=key,
+            marker=marker,
+            task_id=f"task-{marker}",
+            asset_id=f"asset-{marker}",
+            external_id=f"{marker}.txt",
+        )
 
     def new_session(self) -> str:
         session = f"{self.marker}-s{len(self.sessions)}"
@@ -67,19 +73,37 @@ class Case:
 
     def seed(self, hub: Any) -> None:
         hub.add_asset(PROJECT, self.asset_id, self.external_id, self.external_id, b"A short story.\n")
-        answer = {"classifications": [{"schemaId": PROMPT_CLASS, "tool": "text", "title": "Image description",
-                                       "answer": self.prompt, "classifications": []}]}
+        answer = {
+            "classifications": [
+                {
+                    "schemaId": PROMPT_CLASS,
+                    "tool": "text",
+                    "title": "Image description",
+                    "answer": self.prompt,
+                    "classifications": [],
+                }
+            ]
+        }
         hub.add_task(PROJECT, self.task_id, self.asset_id, answer)
         hub.add_api_key(self.canary.ango_key)
 
     def payload(self, session: str, own_key: bool = True, workflow: bool = True) -> dict[str, Any]:
-        config = {"openai_api_key": self.canary.openai_key if own_key else "default",
-                  "model_name": "gpt-image-2", "get_prompt_from": "text-annotation", "image_size": "1024x1024"}
+        config = {
+            "openai_api_key": self.canary.openai_key if own_key else "default",
+            "model_name": "gpt-image-2",
+            "get_prompt_from": "text-annotation",
+            "image_size": "1024x1024",
+        }
         payload = {
-            "projectId": PROJECT, "taskId": self.task_id, "assetId": self.asset_id,
+            "projectId": PROJECT,
+            "taskId": self.task_id,
+            "assetId": self.asset_id,
             "categorySchema": [{"schemaId": PROMPT_CLASS, "modelClass": "Prompt"}],
-            "configJSON": json.dumps(config), "apiKey": self.canary.ango_key,
-            "orgId": "org-faults", "runBy": "user-faults", "session": session,
+            "configJSON": json.dumps(config),
+            "apiKey": self.canary.ango_key,
+            "orgId": "org-faults",
+            "runBy": "user-faults",
+            "session": session,
         }
         if workflow:
             payload["workflow"] = True
@@ -102,7 +126,9 @@ class Seams:
 
     def __init__(self, board: SeamBoard) -> None:
         self._board = board
-        self.after_handler = _Armed(board, "after_handler", lambda key: f"{key[0]}|{key[1]}")  # (function, session)
+        self.after_handler = _Armed(
+            board, "after_handler", lambda key: f"{key[0]}|{key[1]}"
+        )  # (function, session)
         self.after_put_png = _Armed(board, "after_put_png")  # execution name -> raise once after storing
         self.after_attach = _Armed(board, "after_attach")  # asset externalId -> raise once after attaching
         self.before_start = _Armed(board, "before_start")  # session -> raise once before StartExecution

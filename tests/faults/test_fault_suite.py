@@ -17,17 +17,25 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import requests
 
 from tests.conftest import PLUGIN_SECRET, start_stack
 from tests.faults.harness import (
-    FAULT_ENVIRONMENT, HUB_TIMEOUT_S, OPENAI_TIMEOUT_S, Case, Seams, crash, installed, wait_until,
+    FAULT_ENVIRONMENT,
+    HUB_TIMEOUT_S,
+    OPENAI_TIMEOUT_S,
+    Case,
+    Seams,
+    crash,
+    installed,
+    wait_until,
 )
 from tests.security import canary as canaries
 
@@ -86,6 +94,7 @@ def _openai(kind: str, times: int | None = None, **options: Any) -> Callable[[Wo
         world.stack.openai.rule(case.marker, Behaviour(kind=kind, **options), times=times)
         world.run(case)
         return {}
+
     return drive
 
 
@@ -96,6 +105,7 @@ def _openai_default_key(kind: str, times: int | None, **options: Any) -> Callabl
         world.stack.openai.rule(case.marker, Behaviour(kind=kind, **options), times=times)
         world.run(case, own_key=False)
         return {}
+
     return drive
 
 
@@ -114,15 +124,29 @@ def _openai_slow_once(world: World, case: Case) -> dict:
     return {}
 
 
-def _hub_fault(prefix: Callable[[Case], str], status: int | None, times: int, latency_s: float = 0.0,
-               method: str | None = None, body: bool = False, editor: bool = False) -> Callable[[World, Case], dict]:
+def _hub_fault(
+    prefix: Callable[[Case], str],
+    status: int | None,
+    times: int,
+    latency_s: float = 0.0,
+    method: str | None = None,
+    body: bool = False,
+    editor: bool = False,
+) -> Callable[[World, Case], dict]:
     def drive(world: World, case: Case) -> dict:
-        world.stack.hub.fail_next(prefix(case), status, times=times, latency_s=latency_s, method=method,
-                                  body_contains=case.marker if body else None)
+        world.stack.hub.fail_next(
+            prefix(case),
+            status,
+            times=times,
+            latency_s=latency_s,
+            method=method,
+            body_contains=case.marker if body else None,
+        )
         world.run(case, workflow=not editor)
         if latency_s:
             time.sleep(LATE_EFFECT_S)  # let the stalled request land, so the hub's view is final
         return {}
+
     return drive
 
 
@@ -135,8 +159,12 @@ def _hub_down_at_attach_then_rerun(world: World, case: Case) -> dict:
     hub.clear_faults(path_prefix="/v2/attachments", body_contains=case.marker)
     paid_before = _openai_requests(world, case)
     second = world.run(case)  # what a person does: run the plugin again, a new hub session
-    return {"first run": _state(first), "image kept in S3": kept,
-            "re-run paid": _openai_requests(world, case) - paid_before, "status": _state(second)}
+    return {
+        "first run": _state(first),
+        "image kept in S3": kept,
+        "re-run paid": _openai_requests(world, case) - paid_before,
+        "status": _state(second),
+    }
 
 
 def _crash_after_storing_png(world: World, case: Case) -> dict:
@@ -178,6 +206,7 @@ def _after_handler(function: str, failure: Callable[[], Exception]) -> Callable[
         assert answer.status_code == 202, answer.text
         world.finished(case)
         return {}
+
     return drive
 
 
@@ -193,6 +222,7 @@ def _api_dies(where: str) -> Callable[[World, Case], dict]:
         second = world.send(case, payload)  # the hub resends what got no answer
         world.finished(case)
         return {"answers": [first.status_code, second.status_code]}
+
     return drive
 
 
@@ -217,6 +247,7 @@ def _duplicates(count: int, at_once: bool) -> Callable[[World, Case], dict]:
             "same session": all(b["session"] == case.session for b in bodies),
             "requests that started it": sum(1 for b in bodies if not b["duplicate"]),
         }
+
     return drive
 
 
@@ -224,81 +255,165 @@ OK = {"status": "SUCCEEDED", "attachments": 1, "openai requests": 1}
 
 FAULTS = [
     Fault("No fault (baseline)", {**OK, "task submissions": 1}, _run_plain),
-    Fault("OpenAI refuses the prompt (moderation_blocked)",
-          {"status": "FAILED: moderation_blocked", "attachments": 0, "openai requests": 1, "hub told": True},
-          _openai("moderation_blocked")),
-    Fault("OpenAI 401 invalid_api_key (the user's key is revoked)",
-          {"status": "FAILED: invalid_api_key", "attachments": 0, "openai requests": 1, "hub told": True},
-          _revoked_key),
-    Fault("OpenAI 403: key not entitled to the model",
-          {"status": "FAILED: model_not_available", "openai requests": 1, "hub told": True},
-          _openai("permission_denied")),
-    Fault("OpenAI 429 insufficient_quota (out of credit)",
-          {"status": "FAILED: quota_exhausted", "openai requests": 1, "hub told": True},
-          _openai("insufficient_quota")),
-    Fault("OpenAI 400 billing_hard_limit_reached",
-          {"status": "FAILED: quota_exhausted", "openai requests": 1}, _openai("billing_hard_limit")),
-    Fault("OpenAI 404 model_not_found (retired model)",
-          {"status": "FAILED: model_not_available", "openai requests": 1}, _openai("model_not_found")),
-    Fault("OpenAI 429 rate_limit_exceeded twice (retry-after 1 s)",
-          {**OK, "openai requests": 3}, _openai("rate_limited", times=2, retry_after_s=1.0)),
-    Fault("OpenAI 429 rate_limit_exceeded on every request",
-          {"status": "FAILED: openai_rate_limited", "attachments": 0, "openai requests": 5},
-          _openai("rate_limited", retry_after_s=0.5)),
-    Fault("OpenAI 500 once, shared key",
-          {**OK, "openai requests": 2, "a new global slot for each request": True},
-          _openai_default_key("server_error", times=1)),
-    Fault("OpenAI 503 on every request, shared key",
-          {"status": "FAILED: openai_unavailable", "attachments": 0, "openai requests": 4,
-           "a new global slot for each request": True},
-          _openai_default_key("server_error", times=None, status=503)),
-    Fault("OpenAI answers after the client's timeout once",
-          {**OK, "openai requests": 2}, _openai_slow_once),
+    Fault(
+        "OpenAI refuses the prompt (moderation_blocked)",
+        {"status": "FAILED: moderation_blocked", "attachments": 0, "openai requests": 1, "hub told": True},
+        _openai("moderation_blocked"),
+    ),
+    Fault(
+        "OpenAI 401 invalid_api_key (the user's key is revoked)",
+        {"status": "FAILED: invalid_api_key", "attachments": 0, "openai requests": 1, "hub told": True},
+        _revoked_key,
+    ),
+    Fault(
+        "OpenAI 403: key not entitled to the model",
+        {"status": "FAILED: model_not_available", "openai requests": 1, "hub told": True},
+        _openai("permission_denied"),
+    ),
+    Fault(
+        "OpenAI 429 insufficient_quota (out of credit)",
+        {"status": "FAILED: quota_exhausted", "openai requests": 1, "hub told": True},
+        _openai("insufficient_quota"),
+    ),
+    Fault(
+        "OpenAI 400 billing_hard_limit_reached",
+        {"status": "FAILED: quota_exhausted", "openai requests": 1},
+        _openai("billing_hard_limit"),
+    ),
+    Fault(
+        "OpenAI 404 model_not_found (retired model)",
+        {"status": "FAILED: model_not_available", "openai requests": 1},
+        _openai("model_not_found"),
+    ),
+    Fault(
+        "OpenAI 429 rate_limit_exceeded twice (retry-after 1 s)",
+        {**OK, "openai requests": 3},
+        _openai("rate_limited", times=2, retry_after_s=1.0),
+    ),
+    Fault(
+        "OpenAI 429 rate_limit_exceeded on every request",
+        {"status": "FAILED: openai_rate_limited", "attachments": 0, "openai requests": 5},
+        _openai("rate_limited", retry_after_s=0.5),
+    ),
+    Fault(
+        "OpenAI 500 once, shared key",
+        {**OK, "openai requests": 2, "a new global slot for each request": True},
+        _openai_default_key("server_error", times=1),
+    ),
+    Fault(
+        "OpenAI 503 on every request, shared key",
+        {
+            "status": "FAILED: openai_unavailable",
+            "attachments": 0,
+            "openai requests": 4,
+            "a new global slot for each request": True,
+        },
+        _openai_default_key("server_error", times=None, status=503),
+    ),
+    Fault("OpenAI answers after the client's timeout once", {**OK, "openai requests": 2}, _openai_slow_once),
     Fault("Hub 503 once on GET /v2/task", OK, _hub_fault(lambda c: f"/v2/task/{c.task_id}", 503, 1)),
-    Fault("Hub stays down (503) on GET /v2/task",
-          {"status": "FAILED: hub_unavailable", "attachments": 0, "openai requests": 0},
-          _hub_fault(lambda c: f"/v2/task/{c.task_id}", 503, 1000)),
-    Fault("Hub times out once on GET /v2/task",
-          OK, _hub_fault(lambda c: f"/v2/task/{c.task_id}", None, 1, latency_s=LATE_EFFECT_S)),
-    Fault("Hub 503 twice on POST /v2/attachments",
-          {**OK, "attach requests": 3}, _hub_fault(lambda c: "/v2/attachments", 503, 2, body=True)),
-    Fault("Hub stays down on POST /v2/attachments; then the plugin is run again",
-          {"first run": "FAILED: hub_unavailable", "image kept in S3": True, "status": "SUCCEEDED",
-           "re-run paid": 0, "openai requests": 1, "attachments": 1},
-          _hub_down_at_attach_then_rerun),
-    Fault("Hub applies POST /v2/attachments but answers after the client's timeout",
-          {"status": "FAILED: hub_outcome_unknown", "attachments": 1, "attach requests": 1, "openai requests": 1},
-          _hub_fault(lambda c: "/v2/attachments", None, 1, latency_s=LATE_EFFECT_S, body=True)),
-    Fault("Hub applies the task submission (annotate) but answers after the client's timeout",
-          {"status": "FAILED: hub_outcome_unknown", "attachments": 1, "task submissions": 1},
-          _hub_fault(lambda c: f"/v2/annotate/{c.task_id}", None, 1, latency_s=LATE_EFFECT_S)),
-    Fault("Hub 503 once on POST /v2/pluginResponse (editor run)",
-          {**OK, "plugin responses": 1},
-          _hub_fault(lambda c: "/v2/pluginResponse", 503, 1, body=True, editor=True)),
-    Fault("Generate fails after storing the PNG, before recording it",
-          {**OK, "openai requests": 1}, _crash_after_storing_png),
-    Fault("Generate dies (process killed) after storing the PNG, before recording it; then run again",
-          {"first run": "FAILED: internal_error", "status": "SUCCEEDED", "openai requests": 1, "attachments": 1},
-          _killed_after_storing_png_then_rerun),
-    Fault("Attach dies (process killed) after the hub took the attachment, before recording it",
-          {"status": "FAILED: internal_error", "attachments": 1, "says check the asset": True},
-          _crash_after_hub_attached),
-    Fault("Extract fails after its work is recorded (StorageUnavailable, retried)",
-          OK, _after_handler("ExtractFunction", lambda: _storage_unavailable())),
-    Fault("Generate fails after its work is recorded (StorageUnavailable, retried)",
-          OK, _after_handler("GenerateFunction", lambda: _storage_unavailable())),
-    Fault("Attach dies (process killed) after the run finished",
-          {**OK, "task submissions": 1}, _after_handler("AttachFunction", crash)),
-    Fault("API dies after starting the run; the hub resends",
-          {**OK, "answers": [502, 202], "executions": 1}, _api_dies("after start")),
-    Fault("API dies after storing the run, before starting it; the hub resends",
-          {**OK, "answers": [502, 202], "executions": 1}, _api_dies("before start")),
-    Fault("The same request twice",
-          {**OK, "answers": [202], "same session": True, "requests that started it": 1, "executions": 1},
-          _duplicates(2, at_once=False)),
-    Fault("The same request ten times at once",
-          {**OK, "answers": [202], "same session": True, "executions": 1},
-          _duplicates(10, at_once=True)),
+    Fault(
+        "Hub stays down (503) on GET /v2/task",
+        {"status": "FAILED: hub_unavailable", "attachments": 0, "openai requests": 0},
+        _hub_fault(lambda c: f"/v2/task/{c.task_id}", 503, 1000),
+    ),
+    Fault(
+        "Hub times out once on GET /v2/task",
+        OK,
+        _hub_fault(lambda c: f"/v2/task/{c.task_id}", None, 1, latency_s=LATE_EFFECT_S),
+    ),
+    Fault(
+        "Hub 503 twice on POST /v2/attachments",
+        {**OK, "attach requests": 3},
+        _hub_fault(lambda c: "/v2/attachments", 503, 2, body=True),
+    ),
+    Fault(
+        "Hub stays down on POST /v2/attachments; then the plugin is run again",
+        {
+            "first run": "FAILED: hub_unavailable",
+            "image kept in S3": True,
+            "status": "SUCCEEDED",
+            "re-run paid": 0,
+            "openai requests": 1,
+            "attachments": 1,
+        },
+        _hub_down_at_attach_then_rerun,
+    ),
+    Fault(
+        "Hub applies POST /v2/attachments but answers after the client's timeout",
+        {
+            "status": "FAILED: hub_outcome_unknown",
+            "attachments": 1,
+            "attach requests": 1,
+            "openai requests": 1,
+        },
+        _hub_fault(lambda c: "/v2/attachments", None, 1, latency_s=LATE_EFFECT_S, body=True),
+    ),
+    Fault(
+        "Hub applies the task submission (annotate) but answers after the client's timeout",
+        {"status": "FAILED: hub_outcome_unknown", "attachments": 1, "task submissions": 1},
+        _hub_fault(lambda c: f"/v2/annotate/{c.task_id}", None, 1, latency_s=LATE_EFFECT_S),
+    ),
+    Fault(
+        "Hub 503 once on POST /v2/pluginResponse (editor run)",
+        {**OK, "plugin responses": 1},
+        _hub_fault(lambda c: "/v2/pluginResponse", 503, 1, body=True, editor=True),
+    ),
+    Fault(
+        "Generate fails after storing the PNG, before recording it",
+        {**OK, "openai requests": 1},
+        _crash_after_storing_png,
+    ),
+    Fault(
+        "Generate dies (process killed) after storing the PNG, before recording it; then run again",
+        {
+            "first run": "FAILED: internal_error",
+            "status": "SUCCEEDED",
+            "openai requests": 1,
+            "attachments": 1,
+        },
+        _killed_after_storing_png_then_rerun,
+    ),
+    Fault(
+        "Attach dies (process killed) after the hub took the attachment, before recording it",
+        {"status": "FAILED: internal_error", "attachments": 1, "says check the asset": True},
+        _crash_after_hub_attached,
+    ),
+    Fault(
+        "Extract fails after its work is recorded (StorageUnavailable, retried)",
+        OK,
+        _after_handler("ExtractFunction", lambda: _storage_unavailable()),
+    ),
+    Fault(
+        "Generate fails after its work is recorded (StorageUnavailable, retried)",
+        OK,
+        _after_handler("GenerateFunction", lambda: _storage_unavailable()),
+    ),
+    Fault(
+        "Attach dies (process killed) after the run finished",
+        {**OK, "task submissions": 1},
+        _after_handler("AttachFunction", crash),
+    ),
+    Fault(
+        "API dies after starting the run; the hub resends",
+        {**OK, "answers": [502, 202], "executions": 1},
+        _api_dies("after start"),
+    ),
+    Fault(
+        "API dies after storing the run, before starting it; the hub resends",
+        {**OK, "answers": [502, 202], "executions": 1},
+        _api_dies("before start"),
+    ),
+    Fault(
+        "The same request twice",
+        {**OK, "answers": [202], "same session": True, "requests that started it": 1, "executions": 1},
+        _duplicates(2, at_once=False),
+    ),
+    Fault(
+        "The same request ten times at once",
+        {**OK, "answers": [202], "same session": True, "executions": 1},
+        _duplicates(10, at_once=True),
+    ),
 ]
 
 
@@ -317,7 +432,9 @@ def _state(run: dict) -> str:
 
 
 def _openai_requests(world: World, case: Case) -> int:
-    return sum(1 for r in world.stack.openai.requests if r.is_generation and r.prompt and case.marker in r.prompt)
+    return sum(
+        1 for r in world.stack.openai.requests if r.is_generation and r.prompt and case.marker in r.prompt
+    )
 
 
 def _image_in_s3(world: World, session: str, task_id: str) -> bool:
@@ -343,7 +460,8 @@ def observe(world: World, case: Case, extra: dict) -> dict[str, Any]:
     observed: dict[str, Any] = {"status": _state(view["runs"][0]) if view else "no session"}
     observed["attachments"] = len(hub.attachments(case.external_id))
     observed["attach requests"] = sum(
-        1 for r in hub.requests
+        1
+        for r in hub.requests
         if r["path"] == "/v2/attachments" and case.external_id in json.dumps(r.get("body"))
     )
     observed["task submissions"] = len(hub.annotations(case.task_id))
@@ -354,8 +472,11 @@ def observe(world: World, case: Case, extra: dict) -> dict[str, Any]:
     observed["openai requests"] = _openai_requests(world, case)
     # A slot is booked per attempt (ticket "<run>#<attempt>"); a run that woke late books again, so there
     # may be more bookings than requests, never fewer.
-    tickets = {t for s in case.sessions
-               for t in world.seams.tickets.get(RunRef(session=s, task_id=case.task_id).execution_name, [])}
+    tickets = {
+        t
+        for s in case.sessions
+        for t in world.seams.tickets.get(RunRef(session=s, task_id=case.task_id).execution_name, [])
+    }
     observed["global slots booked"] = len(tickets)
     observed["a new global slot for each request"] = 0 < observed["openai requests"] <= len(tickets)
     observed["executions"] = _executions(world, case)
@@ -395,7 +516,9 @@ def write_table(rows: list[tuple[Fault, dict[str, Any], bool]], seconds: float, 
         "|---|---|---|---|",
     ]
     for fault, observed, ok in rows:
-        shown = {name: observed.get(name) for name in fault.expected} | {"canary hits": observed["canary hits"]}
+        shown = {name: observed.get(name) for name in fault.expected} | {
+            "canary hits": observed["canary hits"]
+        }
         expected = _show(fault.expected | {"canary hits": 0})
         lines.append(f"| {fault.title} | {expected} | {_show(shown)} | {'yes' if ok else '**NO**'} |")
     lines += [
@@ -438,8 +561,11 @@ def write_table(rows: list[tuple[Fault, dict[str, Any], bool]], seconds: float, 
         "",
     ]
     # make test writes the table beside the stack's other local files; make reliability into docs/
-    target = Path(os.environ["RELIABILITY_DOC"]) if os.environ.get("RELIABILITY_DOC") and profile == "hostile" \
+    target = (
+        Path(os.environ["RELIABILITY_DOC"])
+        if os.environ.get("RELIABILITY_DOC") and profile == "hostile"
         else PROJECT_ROOT / ".local" / f"reliability-{profile}.md"
+    )
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text("\n".join(lines))
     return target
@@ -484,18 +610,26 @@ def test_every_fault_ends_as_promised(fault_stack, caplog, capsys):
 
     api_answers = [(f"api:{case.key}", case.answers) for case in cases]
     captured = capsys.readouterr()
-    logged = [("python-logging", "\n".join(f"{r.name} {r.getMessage()} {r.__dict__}" for r in caplog.records)),
-              ("stdout", captured.out), ("stderr", captured.err)]
+    logged = [
+        ("python-logging", "\n".join(f"{r.name} {r.getMessage()} {r.__dict__}" for r in caplog.records)),
+        ("stdout", captured.out),
+        ("stderr", captured.err),
+    ]
     corpus = canaries.collect(stack, api_answers + logged)
     rows = []
     for fault, case, seen in zip(FAULTS, cases, observed):
         seen["canary hits"] = sum(len(corpus.hits(secret)) for secret in case.canary.values)
-        ok = seen["canary hits"] == 0 and all(seen.get(name) == value for name, value in fault.expected.items())
+        ok = seen["canary hits"] == 0 and all(
+            seen.get(name) == value for name, value in fault.expected.items()
+        )
         rows.append((fault, seen, ok))
     table = write_table(rows, time.monotonic() - started, stack.profile.name)
 
-    wrong = [f"{fault.title}: expected {_show(fault.expected)}; observed {_show(seen)}"
-             for fault, seen, ok in rows if not ok]
+    wrong = [
+        f"{fault.title}: expected {_show(fault.expected)}; observed {_show(seen)}"
+        for fault, seen, ok in rows
+        if not ok
+    ]
     api_failures = [line for line in captured.err.splitlines() if line.startswith("[api]")]
     assert not wrong, "\n".join([f"(table: {table})"] + wrong + api_failures)
     assert len(corpus) > 100  # the scan really read the stack

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pytest
-
 from dalle_plugin.domain.errors import (
     HubDeliveryUnknown,
     HubOutcomeUnknown,
@@ -176,24 +176,42 @@ class Generator:
 def _run(session: str = SESSION, workflow: bool = True, **changes: Any) -> RunRecord:
     ref = RunRef(session=session, task_id=TASK)
     run = RunRecord(
-        session=session, task_id=TASK, execution_name=ref.execution_name, project_id="proj", asset_id="asset-1",
-        workflow=workflow, prompt_source="text-annotation",
-        model=ModelInfo(requested="gpt-image-2", actual="gpt-image-2"), size="1024x1024", max_prompt_chars=32_000,
-        uses_default_key=False, sealed_secrets=json.dumps({"ango": "ango-key", "openai": "sk-own"}).encode(),
-        created_at_ms=1, updated_at_ms=1, status=RunStatus.GENERATING,
+        session=session,
+        task_id=TASK,
+        execution_name=ref.execution_name,
+        project_id="proj",
+        asset_id="asset-1",
+        workflow=workflow,
+        prompt_source="text-annotation",
+        model=ModelInfo(requested="gpt-image-2", actual="gpt-image-2"),
+        size="1024x1024",
+        max_prompt_chars=32_000,
+        uses_default_key=False,
+        sealed_secrets=json.dumps({"ango": "ango-key", "openai": "sk-own"}).encode(),
+        created_at_ms=1,
+        updated_at_ms=1,
+        status=RunStatus.GENERATING,
         prompt=PromptInfo(text="a lighthouse", source="text-annotation", length=12, original_length=12),
     )
     return run.model_copy(update=changes)
 
 
 def _image(**changes: Any) -> ImageInfo:
-    return ImageInfo(key="images/x.png", sha256="ab" * 32, bytes=9, model="gpt-image-2",
-                     size="1024x1024").model_copy(update=changes)
+    return ImageInfo(
+        key="images/x.png", sha256="ab" * 32, bytes=9, model="gpt-image-2", size="1024x1024"
+    ).model_copy(update=changes)
 
 
 def _deps(hub: Hub, generator: Generator | None = None) -> StepDeps:
-    return StepDeps(runs=Runs(), clock=Clock(), vault=Vault(), hub_for=lambda run, key: hub, images=Images(),
-                    generator=generator or Generator(), reusable_images=Offers())
+    return StepDeps(
+        runs=Runs(),
+        clock=Clock(),
+        vault=Vault(),
+        hub_for=lambda run, key: hub,
+        images=Images(),
+        generator=generator or Generator(),
+        reusable_images=Offers(),
+    )
 
 
 def _stored(deps: StepDeps, session: str = SESSION) -> RunRecord:
@@ -256,8 +274,11 @@ def test_a_retry_after_the_run_finished_touches_nothing():
 
 
 def _failure(error: str, message: str = "boom") -> FailureInput:
-    return FailureInput(session=SESSION, task_id=TASK,
-                        error=StepError(Error=error, Cause=json.dumps({"errorMessage": message})))
+    return FailureInput(
+        session=SESSION,
+        task_id=TASK,
+        error=StepError(Error=error, Cause=json.dumps({"errorMessage": message})),
+    )
 
 
 def test_a_crash_after_the_run_finished_leaves_it_succeeded():
@@ -287,9 +308,18 @@ def test_an_undelivered_paid_image_is_offered_and_a_sent_one_is_not():
 
 
 def test_an_unexpected_exception_is_named_but_its_text_never_shown():
-    failure = describe_failure("ValueError", json.dumps({"errorMessage": "Invalid header value b'secret\\n'"}))
-    assert failure.reason == "internal_error" and "secret" not in failure.message and "ValueError" in failure.message
-    assert describe_failure("ImageRefused", json.dumps({"errorMessage": "Edit the prompt."})).message == "Edit the prompt."
+    failure = describe_failure(
+        "ValueError", json.dumps({"errorMessage": "Invalid header value b'secret\\n'"})
+    )
+    assert (
+        failure.reason == "internal_error"
+        and "secret" not in failure.message
+        and "ValueError" in failure.message
+    )
+    assert (
+        describe_failure("ImageRefused", json.dumps({"errorMessage": "Edit the prompt."})).message
+        == "Edit the prompt."
+    )
 
 
 # ---- Generate Image: never paid twice ------------------------------------------------------------

@@ -11,8 +11,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from dalle_plugin.adapters.dynamo_allowances import DynamoAllowanceLedger
+
 from tests.integration.dynamodb_tables import make_client, sessions_shaped_table
 
 pytestmark = pytest.mark.stack

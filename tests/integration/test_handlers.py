@@ -11,10 +11,10 @@ import time
 import uuid
 
 import pytest
-
 from dalle_plugin import wiring
 from dalle_plugin.domain.payload import parse_payload
 from dalle_plugin.domain.steps import start_session
+
 from local_stack import sam_local
 from local_stack.lambda_environment import LambdaContext
 from tests.conftest import PLUGIN_SECRET, load_event
@@ -39,8 +39,15 @@ class RecordingStarter:
 
 def _invoke(stack, logical_id: str, event: dict):
     spec = stack.template.functions()[logical_id]
-    context = LambdaContext(spec.physical_name, spec.arn, spec.memory_mb, str(uuid.uuid4()),
-                            f"/aws/lambda/{spec.physical_name}", "local", time.monotonic() + spec.timeout_s)
+    context = LambdaContext(
+        spec.physical_name,
+        spec.arn,
+        spec.memory_mb,
+        str(uuid.uuid4()),
+        f"/aws/lambda/{spec.physical_name}",
+        "local",
+        time.monotonic() + spec.timeout_s,
+    )
     return stack.lambdas.handler(spec)(event, context)
 
 
@@ -101,8 +108,12 @@ def test_authorizer_handler_with_its_event(stack):
     event["headers"]["Secret"] = PLUGIN_SECRET
     allowed = _invoke(stack, "AuthorizerFunction", event)
     assert allowed["policyDocument"]["Statement"] == [
-        {"Action": "execute-api:Invoke", "Effect": "Allow",
-         "Resource": "arn:aws:execute-api:us-east-1:123456789012:local/v1/*"}]
+        {
+            "Action": "execute-api:Invoke",
+            "Effect": "Allow",
+            "Resource": "arn:aws:execute-api:us-east-1:123456789012:local/v1/*",
+        }
+    ]
     event["headers"]["Secret"] = PLUGIN_SECRET[:-1]
     assert _invoke(stack, "AuthorizerFunction", event)["policyDocument"]["Statement"][0]["Effect"] == "Deny"
 
@@ -118,7 +129,9 @@ def test_the_sam_local_env_file_gives_every_function_the_local_stacks_environmen
         env = sam_local.as_sam_local_gives_it(spec, as_sam_resolves_refs, env_file)
         assert env == {name: os.environ.get(name, "") for name in spec.environment}, lid
         assert env["SESSIONS_TABLE"] == stack.table_name("SessionsTable")
-        assert env["AWS_ENDPOINT_URL"] and env["AWS_ENDPOINT_URL_DYNAMODB"], "the container must reach the stack"
+        assert env["AWS_ENDPOINT_URL"] and env["AWS_ENDPOINT_URL_DYNAMODB"], (
+            "the container must reach the stack"
+        )
         assert not set(env.values()) & set(stack.template.resources), f"{lid} keeps a logical id"
 
 

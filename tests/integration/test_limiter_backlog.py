@@ -26,9 +26,21 @@ LIMIT, WINDOW_S, RUNS = 5, 4.0, 12
 @pytest.mark.timeout(1200)
 def test_a_backlog_never_puts_more_than_the_limit_at_openais_door(profile):
     completed = subprocess.run(
-        [sys.executable, "-m", "bench.limiter_stack", "--runs", str(RUNS), "--limit", str(LIMIT),
-         "--window", str(WINDOW_S)],
-        capture_output=True, text=True, timeout=1100, cwd=PROJECT_ROOT,
+        [
+            sys.executable,
+            "-m",
+            "bench.limiter_stack",
+            "--runs",
+            str(RUNS),
+            "--limit",
+            str(LIMIT),
+            "--window",
+            str(WINDOW_S),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1100,
+        cwd=PROJECT_ROOT,
         env=os.environ | {"LOCAL_AWS_PROFILE": profile},
     )
     assert completed.returncode == 0, completed.stderr[-3000:]

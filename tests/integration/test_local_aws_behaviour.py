@@ -37,8 +37,9 @@ def _run(stack, definition: dict, payload: dict | None = None) -> tuple[str, str
     role = f"arn:aws:iam::123456789012:role/{stack.options.stack_name}-execution"
     machine = sfn.create_state_machine(name=name, definition=json.dumps(definition), roleArn=role)
     _created.append(machine["stateMachineArn"])
-    arn = sfn.start_execution(stateMachineArn=machine["stateMachineArn"], name=name,
-                              input=json.dumps(payload or {}))["executionArn"]
+    arn = sfn.start_execution(
+        stateMachineArn=machine["stateMachineArn"], name=name, input=json.dumps(payload or {})
+    )["executionArn"]
     deadline = time.monotonic() + ENDED_WITHIN_S
     while (described := sfn.describe_execution(executionArn=arn))["status"] == "RUNNING":
         assert time.monotonic() < deadline, f"{name} still running after {ENDED_WITHIN_S} s"
@@ -57,10 +58,13 @@ def _history(execution_arn: str) -> list[dict]:
 
 
 def _wait_machine() -> dict:
-    return {"StartAt": "Pause", "States": {
-        "Pause": {"Type": "Wait", "Seconds": 1, "Next": "Until"},
-        "Until": {"Type": "Wait", "TimestampPath": "$.at", "End": True},
-    }}
+    return {
+        "StartAt": "Pause",
+        "States": {
+            "Pause": {"Type": "Wait", "Seconds": 1, "Next": "Until"},
+            "Until": {"Type": "Wait", "TimestampPath": "$.at", "End": True},
+        },
+    }
 
 
 def _whole_second_from_now(seconds: int) -> tuple[int, str]:
@@ -100,8 +104,11 @@ def test_a_wait_wakes_late_by_exactly_a_configured_constant(stack):
     undo = install_late_waits(constant, stack.profile.rng(), records.append)
     try:
         target, at = _whole_second_from_now(1)
-        name, _, described = _run(stack, {"StartAt": "Until", "States": {
-            "Until": {"Type": "Wait", "TimestampPath": "$.at", "End": True}}}, {"at": at})
+        name, _, described = _run(
+            stack,
+            {"StartAt": "Until", "States": {"Until": {"Type": "Wait", "TimestampPath": "$.at", "End": True}}},
+            {"at": at},
+        )
     finally:
         undo()
     assert described["status"] == "SUCCEEDED"
@@ -123,11 +130,18 @@ def _grow_to(total_bytes: int) -> tuple[dict, dict]:
 
 
 def _caught_by_states_all(inner_state: dict) -> dict:
-    return {"StartAt": "Fan", "States": {
-        "Fan": {"Type": "Parallel", "Branches": [{"StartAt": "Grow", "States": {"Grow": inner_state}}],
-                "Catch": [{"ErrorEquals": ["States.ALL"], "Next": "Caught"}], "End": True},
-        "Caught": {"Type": "Succeed"},
-    }}
+    return {
+        "StartAt": "Fan",
+        "States": {
+            "Fan": {
+                "Type": "Parallel",
+                "Branches": [{"StartAt": "Grow", "States": {"Grow": inner_state}}],
+                "Catch": [{"ErrorEquals": ["States.ALL"], "Next": "Caught"}],
+                "End": True,
+            },
+            "Caught": {"Type": "Succeed"},
+        },
+    }
 
 
 def test_a_300_kb_state_fails_with_data_limit_exceeded_which_states_all_does_not_catch(stack):

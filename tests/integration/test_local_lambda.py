@@ -24,9 +24,15 @@ PROBE_DIR = Path(__file__).resolve().parent / "lambda_probe"
 
 
 def probe_spec(name: str, timeout_s: int = 30, concurrency: int | None = None) -> FunctionSpec:
-    return FunctionSpec(logical_id=name, physical_name=f"probe-{name}", code_dir=PROBE_DIR,
-                        handler="app.handler", timeout_s=timeout_s, memory_mb=128,
-                        reserved_concurrency=concurrency)
+    return FunctionSpec(
+        logical_id=name,
+        physical_name=f"probe-{name}",
+        code_dir=PROBE_DIR,
+        handler="app.handler",
+        timeout_s=timeout_s,
+        memory_mb=128,
+        reserved_concurrency=concurrency,
+    )
 
 
 @pytest.fixture
@@ -35,9 +41,12 @@ def runtime_of():
     started: list[LambdaService] = []
 
     def make(*specs: FunctionSpec, profile=AWS) -> LambdaService:
-        service = LambdaService({s.logical_id: s for s in specs}, lambda *_: None, profile=profile,
-                                environ=lambda spec: {"PATH": os.environ.get("PATH", ""),
-                                                      "PYTHONDONTWRITEBYTECODE": "1"})
+        service = LambdaService(
+            {s.logical_id: s for s in specs},
+            lambda *_: None,
+            profile=profile,
+            environ=lambda spec: {"PATH": os.environ.get("PATH", ""), "PYTHONDONTWRITEBYTECODE": "1"},
+        )
         started.append(service)
         return service
 
@@ -46,7 +55,9 @@ def runtime_of():
         service.stop()
 
 
-def call(service: LambdaService, spec: FunctionSpec, event: dict | None = None, **kwargs) -> tuple[dict, bool]:
+def call(
+    service: LambdaService, spec: FunctionSpec, event: dict | None = None, **kwargs
+) -> tuple[dict, bool]:
     payload, failed = service.invoke(spec.physical_name, json.dumps(event or {}), **kwargs)
     return json.loads(payload), failed
 
@@ -66,8 +77,11 @@ def test_two_environments_of_one_function_are_two_processes_that_share_no_module
     service = runtime_of(spec)
     release = tmp_path / "release"
     answers: list[dict] = []
-    busy = threading.Thread(target=lambda: answers.append(call(service, spec, {"hold_until_exists": str(release),
-                                                                              "mark": str(tmp_path / "m")})[0]))
+    busy = threading.Thread(
+        target=lambda: answers.append(
+            call(service, spec, {"hold_until_exists": str(release), "mark": str(tmp_path / "m")})[0]
+        )
+    )
     busy.start()
     deadline = time.monotonic() + 60
     while not (tmp_path / "m").exists() and time.monotonic() < deadline:  # the first one is surely busy
@@ -112,8 +126,9 @@ def test_past_its_reserved_concurrency_an_invoke_is_throttled(runtime_of, tmp_pa
     spec = probe_spec("one", concurrency=1)
     service = runtime_of(spec)
     release = tmp_path / "release"
-    busy = threading.Thread(target=call, args=(service, spec, {"hold_until_exists": str(release),
-                                                               "mark": str(tmp_path / "m")}))
+    busy = threading.Thread(
+        target=call, args=(service, spec, {"hold_until_exists": str(release), "mark": str(tmp_path / "m")})
+    )
     busy.start()
     deadline = time.monotonic() + 60
     while not (tmp_path / "m").exists() and time.monotonic() < deadline:
@@ -147,13 +162,16 @@ def test_a_lost_result_comes_after_the_work_was_done(runtime_of, tmp_path):
 
 def _machine(stack, definition: dict) -> str:
     return stack.client("stepfunctions").create_state_machine(
-        name=f"probe-{uuid.uuid4().hex[:8]}", definition=json.dumps(definition),
-        roleArn=f"arn:aws:iam::123456789012:role/{stack.template.stack_name}-execution")["stateMachineArn"]
+        name=f"probe-{uuid.uuid4().hex[:8]}",
+        definition=json.dumps(definition),
+        roleArn=f"arn:aws:iam::123456789012:role/{stack.template.stack_name}-execution",
+    )["stateMachineArn"]
 
 
 def _start(stack, machine: str, item: dict) -> str:
     return stack.client("stepfunctions").start_execution(
-        stateMachineArn=machine, name=f"run-{uuid.uuid4().hex[:10]}", input=json.dumps(item))["executionArn"]
+        stateMachineArn=machine, name=f"run-{uuid.uuid4().hex[:10]}", input=json.dumps(item)
+    )["executionArn"]
 
 
 def _finished(stack, arns: list[str]) -> list[dict]:
@@ -169,10 +187,18 @@ def _finished(stack, arns: list[str]) -> list[dict]:
 @pytest.mark.stack
 def test_the_state_machine_sees_a_timed_out_lambda_as_lambda_unknown(stack):
     arn = stack.add_function(probe_spec(f"timeout{uuid.uuid4().hex[:6]}", timeout_s=1))
-    definition = {"StartAt": "Call", "States": {"Call": {
-        "Type": "Task", "Resource": arn, "End": True,
-        "Catch": [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Caught"}]},
-        "Caught": {"Type": "Pass", "End": True}}}
+    definition = {
+        "StartAt": "Call",
+        "States": {
+            "Call": {
+                "Type": "Task",
+                "Resource": arn,
+                "End": True,
+                "Catch": [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Caught"}],
+            },
+            "Caught": {"Type": "Pass", "End": True},
+        },
+    }
     (done,) = _finished(stack, [_start(stack, _machine(stack, definition), {"sleep_s": 20})])
     error = json.loads(done["output"])["error"]
     assert error["Error"] == "Lambda.Unknown"
@@ -183,10 +209,24 @@ def test_the_state_machine_sees_a_timed_out_lambda_as_lambda_unknown(stack):
 def test_a_throttled_invoke_is_retried_by_the_state_machine(stack, tmp_path):
     spec = probe_spec(f"throttle{uuid.uuid4().hex[:6]}", concurrency=1)
     arn = stack.add_function(spec)
-    definition = {"StartAt": "Call", "States": {"Call": {
-        "Type": "Task", "Resource": arn, "End": True,
-        "Retry": [{"ErrorEquals": ["Lambda.TooManyRequestsException"], "IntervalSeconds": 1,
-                   "MaxAttempts": 30, "BackoffRate": 1.0}]}}}
+    definition = {
+        "StartAt": "Call",
+        "States": {
+            "Call": {
+                "Type": "Task",
+                "Resource": arn,
+                "End": True,
+                "Retry": [
+                    {
+                        "ErrorEquals": ["Lambda.TooManyRequestsException"],
+                        "IntervalSeconds": 1,
+                        "MaxAttempts": 30,
+                        "BackoffRate": 1.0,
+                    }
+                ],
+            }
+        },
+    }
     machine = _machine(stack, definition)
     release, holding = tmp_path / "release", tmp_path / "holding"
     first = _start(stack, machine, {"hold_until_exists": str(release), "mark": str(holding)})
@@ -194,7 +234,9 @@ def test_a_throttled_invoke_is_retried_by_the_state_machine(stack, tmp_path):
     second = _start(stack, machine, {})
 
     def throttled() -> bool:
-        return any(i.function == spec.logical_id and i.outcome == "throttled" for i in stack.lambdas.invocations)
+        return any(
+            i.function == spec.logical_id and i.outcome == "throttled" for i in stack.lambdas.invocations
+        )
 
     try:
         wait_for(throttled, "the second execution's invoke was throttled", timeout_s=240)

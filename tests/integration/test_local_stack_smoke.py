@@ -23,13 +23,20 @@ def test_a_lambda_invoked_through_moto_runs_the_real_handler_and_fails_by_except
 
 def test_a_wait_on_a_timestamp_never_wakes_early(stack):
     sfn = stack.client("stepfunctions")
-    definition = {"StartAt": "Wait", "States": {"Wait": {"Type": "Wait", "TimestampPath": "$.at", "End": True}}}
-    machine = sfn.create_state_machine(name="smoke-wait", definition=json.dumps(definition),
-                                       roleArn="arn:aws:iam::123456789012:role/dalle-test-execution")
+    definition = {
+        "StartAt": "Wait",
+        "States": {"Wait": {"Type": "Wait", "TimestampPath": "$.at", "End": True}},
+    }
+    machine = sfn.create_state_machine(
+        name="smoke-wait",
+        definition=json.dumps(definition),
+        roleArn="arn:aws:iam::123456789012:role/dalle-test-execution",
+    )
     target = int(time.time()) + 2  # a whole second, as the plugin's Wait timestamps are
     at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(target))
-    arn = sfn.start_execution(stateMachineArn=machine["stateMachineArn"], name="smoke-wait-1",
-                              input=json.dumps({"at": at}))["executionArn"]
+    arn = sfn.start_execution(
+        stateMachineArn=machine["stateMachineArn"], name="smoke-wait-1", input=json.dumps({"at": at})
+    )["executionArn"]
     while sfn.describe_execution(executionArn=arn)["status"] == "RUNNING":
         time.sleep(0.05)
     ended = sfn.describe_execution(executionArn=arn)["stopDate"].timestamp()

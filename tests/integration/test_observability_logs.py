@@ -7,8 +7,8 @@ import json
 import time
 
 import pytest
-
 from dalle_plugin.domain.run import RunRef
+
 from tests.conftest import PLUGIN_SECRET
 
 pytestmark = pytest.mark.stack
@@ -56,7 +56,8 @@ def _metrics(streams: list[tuple[str, list[dict]]]) -> list[dict]:
 
 
 def test_a_sessions_story_reads_in_order_with_every_line_carrying_the_runs_ids(
-        stack, api, sample_payload, openai_emulator):
+    stack, api, sample_payload, openai_emulator
+):
     payload = sample_payload("task-fox")
     assert api.run(payload).status_code == 202
     assert api.wait_finished(payload["session"], timeout_s=300)["runs"][0]["status"] == "SUCCEEDED"
@@ -70,8 +71,11 @@ def test_a_sessions_story_reads_in_order_with_every_line_carrying_the_runs_ids(
                 if "_aws" in line:
                     continue
                 # every line of an invocation about this run carries its ids, whatever logged it
-                assert (line.get("session"), line.get("task_id"), line.get("execution")) == \
-                    (payload["session"], "task-fox", execution), line
+                assert (line.get("session"), line.get("task_id"), line.get("execution")) == (
+                    payload["session"],
+                    "task-fox",
+                    execution,
+                ), line
                 story.append((line["timestamp"], lid, line["message"]))
     # what `filter session = ... | sort @timestamp asc` shows
     assert [(lid, message) for _, lid, message in sorted(story)] == [
@@ -94,7 +98,8 @@ def test_a_sessions_story_reads_in_order_with_every_line_carrying_the_runs_ids(
 
 
 def test_a_failed_run_logs_its_error_with_the_ids_and_counts_its_reason(
-        stack, api, sample_payload, openai_emulator):
+    stack, api, sample_payload, openai_emulator
+):
     # the fox task has no text classification: asking for one ends in prompt_not_found
     config = {"openai_api_key": "default", "model_name": "gpt-image-2", "get_prompt_from": "text-annotation"}
     payload = sample_payload("task-fox", configJSON=json.dumps(config))
@@ -108,8 +113,9 @@ def test_a_failed_run_logs_its_error_with_the_ids_and_counts_its_reason(
     assert warning["reason"] == "prompt_not_found" and "Prompt class" in warning["message"]
 
     failed = [m for m in _metrics(streams["RecordFailureFunction"]) if "RunsFailed" in m]
-    dimension_sets = sorted(sorted(dims) for m in failed
-                            for dims in m["_aws"]["CloudWatchMetrics"][0]["Dimensions"])
+    dimension_sets = sorted(
+        sorted(dims) for m in failed for dims in m["_aws"]["CloudWatchMetrics"][0]["Dimensions"]
+    )
     assert dimension_sets == [["Reason", "service"], ["service"]]
     assert [m["Reason"] for m in failed if "Reason" in m] == ["prompt_not_found"]
     assert "GenerateFunction" not in streams

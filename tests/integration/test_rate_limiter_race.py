@@ -19,11 +19,11 @@ from typing import Any
 
 import boto3
 import pytest
-
-from bench.baselines.fixed_window import FixedWindowRateLimiter
 from dalle_plugin.adapters.dynamo_rate_limiter import DynamoRateLimiter
 from dalle_plugin.domain.rate_limit import LimiterSettings
 from dalle_plugin.ports import RateAsk
+
+from bench.baselines.fixed_window import FixedWindowRateLimiter
 from local_stack.dynamodb_local import DynamoDBLocal
 
 pytestmark = pytest.mark.stack
@@ -62,14 +62,18 @@ def _caller_process(endpoint, kind, key, tickets, now_ms, accepted, ready, resul
     if kind == "fixed":
         limiters = [FixedWindowRateLimiter(client, TABLE, SETTINGS, key=key) for _ in tickets]
     else:
-        limiters = [DynamoRateLimiter(client, TABLE, SETTINGS, key=key, clock=lambda: now_ms) for _ in tickets]
+        limiters = [
+            DynamoRateLimiter(client, TABLE, SETTINGS, key=key, clock=lambda: now_ms) for _ in tickets
+        ]
     start_together = threading.Barrier(len(tickets))
 
     def call(limiter, ticket):
         start_together.wait()
         if kind == "fixed":
             return ticket, asdict(limiter.acquire(ticket, now_ms))
-        ask = RateAsk(run_id=ticket.split("#")[0], ticket=ticket, accepted_ms=accepted.get(ticket, now_ms), org_id="org")
+        ask = RateAsk(
+            run_id=ticket.split("#")[0], ticket=ticket, accepted_ms=accepted.get(ticket, now_ms), org_id="org"
+        )
         return ticket, asdict(limiter.acquire(ask))
 
     try:
@@ -80,16 +84,22 @@ def _caller_process(endpoint, kind, key, tickets, now_ms, accepted, ready, resul
         results.put(repr(error))
 
 
-def race(endpoint: str, kind: str, key: str, bursts: list[tuple[int, list[str]]],
-         accepted: dict[str, int] | None = None) -> dict[str, dict]:
+def race(
+    endpoint: str,
+    kind: str,
+    key: str,
+    bursts: list[tuple[int, list[str]]],
+    accepted: dict[str, int] | None = None,
+) -> dict[str, dict]:
     """One process per burst (its tickets on threads), all released at once; ticket -> decision."""
     context = multiprocessing.get_context("fork")
     ready = context.Barrier(len(bursts))
     results = context.Queue()
     accepted = accepted or {}
     processes = [
-        context.Process(target=_caller_process,
-                        args=(endpoint, kind, key, tickets, now_ms, accepted, ready, results))
+        context.Process(
+            target=_caller_process, args=(endpoint, kind, key, tickets, now_ms, accepted, ready, results)
+        )
         for now_ms, tickets in bursts
     ]
     for process in processes:
@@ -135,7 +145,7 @@ def test_concurrent_claimers_get_exactly_limit_sends_and_the_rest_queue_in_accep
     assert now_granted == set(expected)
     # each told position counts the runs ahead at that moment: its final rank plus those of the first
     # `limit` that had not sent yet
-    remaining = [run for run in accepted_order if f"{run}#1" in queued][SETTINGS.limit:]
+    remaining = [run for run in accepted_order if f"{run}#1" in queued][SETTINGS.limit :]
     for rank, run in enumerate(remaining):
         assert rank <= second[f"{run}#1"]["position"] <= rank + SETTINGS.limit
     state = stored_state(endpoint, "global")
@@ -146,7 +156,8 @@ def test_a_cold_container_claims_with_two_calls_and_a_redelivered_claim_is_not_g
     client = make_client(endpoint)
     ask = RateAsk(run_id="run-x", ticket="run-x#1", accepted_ms=NOW, org_id="org")
     DynamoRateLimiter(client, TABLE, SETTINGS, key="cold", clock=lambda: NOW).acquire(
-        RateAsk(run_id="first", ticket="first#1", accepted_ms=NOW, org_id="org"))
+        RateAsk(run_id="first", ticket="first#1", accepted_ms=NOW, org_id="org")
+    )
     cold = DynamoRateLimiter(client, TABLE, SETTINGS, key="cold", clock=lambda: NOW + 5)
     claimed = cold.acquire(ask)
     assert (claimed.granted, claimed.calls) == (True, 2)  # the failed first write returned the item

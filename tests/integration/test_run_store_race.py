@@ -11,9 +11,9 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from dalle_plugin.adapters.dynamo_runs import DynamoRunStore
 from dalle_plugin.domain.run import ModelInfo, RunRecord, RunStatus, TimelineEntry
+
 from tests.integration.dynamodb_tables import make_client, sessions_shaped_table
 
 pytestmark = pytest.mark.stack
@@ -29,11 +29,21 @@ def endpoint():
 
 
 def _run(task_id: str) -> RunRecord:
-    return RunRecord(session="race", task_id=task_id, execution_name=f"race_{task_id}", project_id="p",
-                     prompt_source="asset", model=ModelInfo(requested="gpt-image-2", actual="gpt-image-2"),
-                     size="1024x1024", max_prompt_chars=32000, uses_default_key=True, created_at_ms=1,
-                     updated_at_ms=1, sealed_secrets=b"sealed",
-                     timeline=[TimelineEntry(step="queued", status="QUEUED", at_ms=1)])
+    return RunRecord(
+        session="race",
+        task_id=task_id,
+        execution_name=f"race_{task_id}",
+        project_id="p",
+        prompt_source="asset",
+        model=ModelInfo(requested="gpt-image-2", actual="gpt-image-2"),
+        size="1024x1024",
+        max_prompt_chars=32000,
+        uses_default_key=True,
+        created_at_ms=1,
+        updated_at_ms=1,
+        sealed_secrets=b"sealed",
+        timeline=[TimelineEntry(step="queued", status="QUEUED", at_ms=1)],
+    )
 
 
 def test_concurrent_appends_all_land_once(endpoint):
@@ -43,8 +53,12 @@ def test_concurrent_appends_all_land_once(endpoint):
 
     def append(index: int) -> None:
         together.wait()
-        stores[index].change(created, lambda r: r.timeline.append(
-            TimelineEntry(step=f"writer-{index}", status="QUEUED", at_ms=10 + index)))
+        stores[index].change(
+            created,
+            lambda r: r.timeline.append(
+                TimelineEntry(step=f"writer-{index}", status="QUEUED", at_ms=10 + index)
+            ),
+        )
 
     with ThreadPoolExecutor(WRITERS) as pool:
         list(pool.map(append, range(WRITERS)))
@@ -76,7 +90,7 @@ def test_a_cancel_and_a_spent_attempt_never_both_win(endpoint, round_):
         run.status = RunStatus.CANCELLED
         run.sealed_secrets = None
 
-    def race(mutate) -> bool:  # noqa: ANN001
+    def race(mutate) -> bool:
         store = DynamoRunStore(make_client(endpoint), TABLE)
         together.wait()
         try:

@@ -14,8 +14,9 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -24,8 +25,10 @@ class Canary:
     ango_key: str
 
     @classmethod
-    def new(cls) -> "Canary":
-        return cls(openai_key=f"sk-canary-{secrets.token_hex(20)}", ango_key=f"ango-canary-{secrets.token_hex(20)}")
+    def new(cls) -> Canary:
+        return cls(
+            openai_key=f"sk-canary-{secrets.token_hex(20)}", ango_key=f"ango-canary-{secrets.token_hex(20)}"
+        )
 
     @property
     def values(self) -> tuple[str, str]:
@@ -41,7 +44,7 @@ def needles(secret: str) -> list[bytes]:
             encoded = encode(b"\0" * pad + raw)
             # Keep only the 4-character groups made of the secret's bytes alone: the first group holds the
             # bytes before it (when not aligned), the last one the bytes after it.
-            found.add(encoded[4 if pad else 0:-4])
+            found.add(encoded[4 if pad else 0 : -4])
     return sorted(found, key=len)
 
 
@@ -90,10 +93,14 @@ def collect(stack: Any, extra: Iterable[tuple[str, Any]] = ()) -> Corpus:
 
     sfn = stack.client("stepfunctions")
     for machine in _pages(sfn, "list_state_machines", "stateMachines"):
-        for execution in _pages(sfn, "list_executions", "executions", stateMachineArn=machine["stateMachineArn"]):
+        for execution in _pages(
+            sfn, "list_executions", "executions", stateMachineArn=machine["stateMachineArn"]
+        ):
             arn = execution["executionArn"]
             corpus.add(f"sfn:{arn}", sfn.describe_execution(executionArn=arn))
-            history = list(_pages(sfn, "get_execution_history", "events", executionArn=arn, includeExecutionData=True))
+            history = list(
+                _pages(sfn, "get_execution_history", "events", executionArn=arn, includeExecutionData=True)
+            )
             corpus.add(f"sfn-history:{arn}", history)
 
     dynamodb = stack.client("dynamodb")

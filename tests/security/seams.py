@@ -5,8 +5,9 @@ API function makes. The handlers run in execution environments of their own, so 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 from tests.env_hooks import SPENDING, SPENDING_ACTIVE
 

@@ -51,7 +51,9 @@ def _send(api, method: str, path: str, body: bytes | None, secret: str | None) -
 def test_every_endpoint_refuses_a_missing_or_wrong_secret_and_spends_nothing(stack, api, sample_payload):
     payload = sample_payload("task-lighthouse", configJSON=json.dumps({"get_prompt_from": "text-annotation"}))
     # A session that exists: a wrong secret must not see it, nor cancel it.
-    existing = sample_payload("task-lighthouse", configJSON=json.dumps({"get_prompt_from": "text-annotation"}))
+    existing = sample_payload(
+        "task-lighthouse", configJSON=json.dumps({"get_prompt_from": "text-annotation"})
+    )
     assert api.run(existing).status_code == 202
     api.wait_finished(existing["session"], timeout_s=300)
     assert api.session(existing["session"]) is not None  # warms the cached plugin secret, too

@@ -32,13 +32,25 @@ def test_refused_requests_never_echo_or_keep_the_users_keys(stack, api, sample_p
         {"openai_api_key": key, "image_size": key},
         {"openai_api_key": key, "quality": [key]},
     ]
-    bodies = [sample_payload("task-lighthouse", apiKey=canary.ango_key, configJSON=json.dumps(c)) for c in configs]
+    bodies = [
+        sample_payload("task-lighthouse", apiKey=canary.ango_key, configJSON=json.dumps(c)) for c in configs
+    ]
     bodies += [
-        sample_payload("task-lighthouse", apiKey=canary.ango_key, configJSON=json.dumps(configs[0]), taskId=None),
-        sample_payload("task-lighthouse", apiKey=canary.ango_key + "\n", configJSON=json.dumps({"openai_api_key": key})),
-        sample_payload("task-lighthouse", apiKey=canary.ango_key, categorySchema=None,
-                       configJSON=json.dumps({"openai_api_key": key, "get_prompt_from": "text-annotation"})),
-        sample_payload("task-lighthouse", apiKey=canary.ango_key, configJSON="{'openai_api_key': '%s'}" % key),
+        sample_payload(
+            "task-lighthouse", apiKey=canary.ango_key, configJSON=json.dumps(configs[0]), taskId=None
+        ),
+        sample_payload(
+            "task-lighthouse", apiKey=canary.ango_key + "\n", configJSON=json.dumps({"openai_api_key": key})
+        ),
+        sample_payload(
+            "task-lighthouse",
+            apiKey=canary.ango_key,
+            categorySchema=None,
+            configJSON=json.dumps({"openai_api_key": key, "get_prompt_from": "text-annotation"}),
+        ),
+        sample_payload(
+            "task-lighthouse", apiKey=canary.ango_key, configJSON="{'openai_api_key': '%s'}" % key
+        ),
         sample_payload("task-lighthouse", apiKey=canary.ango_key, configJSON=key),
     ]
     answers = []
@@ -48,9 +60,15 @@ def test_refused_requests_never_echo_or_keep_the_users_keys(stack, api, sample_p
         answers.append(answer.text)
 
     captured = capsys.readouterr()
-    extra = [("api-answers", answers), ("stdout", captured.out), ("stderr", captured.err),
-             ("python-logging", "\n".join(f"{r.name} {r.getMessage()} {r.__dict__}" for r in caplog.records))]
+    extra = [
+        ("api-answers", answers),
+        ("stdout", captured.out),
+        ("stderr", captured.err),
+        ("python-logging", "\n".join(f"{r.name} {r.getMessage()} {r.__dict__}" for r in caplog.records)),
+    ]
     corpus = canaries.collect(stack, extra)
     assert corpus.hits(canary.openai_key) == []
     assert corpus.hits(canary.ango_key) == []
-    assert any(canary.openai_key[-4:] in text for text in answers), "the masked form (sk-...abcd) is what is shown"
+    assert any(canary.openai_key[-4:] in text for text in answers), (
+        "the masked form (sk-...abcd) is what is shown"
+    )

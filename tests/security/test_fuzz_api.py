@@ -20,16 +20,47 @@ from tests.security.seams import spending
 
 pytestmark = pytest.mark.stack
 
-FIELDS = ["projectId", "taskId", "session", "sessionId", "apiKey", "assetId", "dataURL", "categorySchema",
-          "classMapping", "configJSON", "orgId", "runBy", "pluginId", "workflow", "overwrite", "batches", "tasks",
-          "taskIds"]
+FIELDS = [
+    "projectId",
+    "taskId",
+    "session",
+    "sessionId",
+    "apiKey",
+    "assetId",
+    "dataURL",
+    "categorySchema",
+    "classMapping",
+    "configJSON",
+    "orgId",
+    "runBy",
+    "pluginId",
+    "workflow",
+    "overwrite",
+    "batches",
+    "tasks",
+    "taskIds",
+]
 CONFIG_KEYS = ["openai_api_key", "model_name", "get_prompt_from", "image_size", "quality"]
-FUZZ = settings(max_examples=80, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=80,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
-json_scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats(allow_nan=False) | st.text(max_size=40)
-json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=4)
-                           | st.dictionaries(st.text(max_size=10), inner, max_size=4), max_leaves=12)
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=40)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=12,
+)
 odd_text = st.one_of(
     st.text(max_size=30),
     st.text(alphabet=string.whitespace, max_size=5),
@@ -42,16 +73,19 @@ odd_text = st.one_of(
 def _config_values(key: str):
     known = {
         "openai_api_key": st.sampled_from(["default", "", " ", "Bearer sk-abc", "sk-\nabc"]) | odd_text,
-        "model_name": st.sampled_from(["dall-e-2", "dall-e-3", "gpt-image-2", "", "nope", "DALL E 3"]) | odd_text,
+        "model_name": st.sampled_from(["dall-e-2", "dall-e-3", "gpt-image-2", "", "nope", "DALL E 3"])
+        | odd_text,
         "get_prompt_from": st.sampled_from(["text-annotation", "entity annotation", "asset", ""]) | odd_text,
-        "image_size": st.sampled_from(["1024x1024", "512x512", "0x0", "99999x99999", "auto", "1024*1024"]) | odd_text,
+        "image_size": st.sampled_from(["1024x1024", "512x512", "0x0", "99999x99999", "auto", "1024*1024"])
+        | odd_text,
         "quality": st.sampled_from(["low", "hd", "standard", "", "ultra"]) | odd_text,
     }
     return known.get(key, json_values) | json_values
 
 
-config_objects = st.dictionaries(st.sampled_from(CONFIG_KEYS) | st.text(max_size=12), st.just(None), max_size=5).flatmap(
-    lambda keys: st.fixed_dictionaries({key: _config_values(key) for key in keys}))
+config_objects = st.dictionaries(
+    st.sampled_from(CONFIG_KEYS) | st.text(max_size=12), st.just(None), max_size=5
+).flatmap(lambda keys: st.fixed_dictionaries({key: _config_values(key) for key in keys}))
 config_json = st.one_of(
     config_objects.map(json.dumps),
     config_objects,
@@ -83,7 +117,7 @@ def broken_payloads(draw, base: dict) -> dict:
 bodies = st.one_of(
     st.binary(max_size=64),
     json_values.map(lambda value: json.dumps(value).encode()),
-    st.integers(1, 50_000).map(lambda depth: b"{\"a\":" * depth),
+    st.integers(1, 50_000).map(lambda depth: b'{"a":' * depth),
     st.text(max_size=64).map(str.encode),
 )
 
@@ -92,14 +126,23 @@ def _check_answer(answer) -> None:
     assert answer.status_code < 500, (answer.status_code, answer.text[:500])
     if answer.status_code >= 400:
         document = answer.json()
-        assert document["error"] is True and isinstance(document["message"], str) and document["message"], document
+        assert document["error"] is True and isinstance(document["message"], str) and document["message"], (
+            document
+        )
 
 
 def test_broken_payloads_are_refused_with_a_message_and_start_nothing(stack, api, new_session):
-    base = {"projectId": "proj-dalle-demo", "taskId": "task-lighthouse", "assetId": "asset-lighthouse",
-            "apiKey": "ango-local-key", "categorySchema": [{"schemaId": "cls-desc", "modelClass": "Prompt"}],
-            "configJSON": json.dumps({"openai_api_key": "default", "get_prompt_from": "text-annotation"}),
-            "orgId": "org", "runBy": "user", "session": "SESSION"}
+    base = {
+        "projectId": "proj-dalle-demo",
+        "taskId": "task-lighthouse",
+        "assetId": "asset-lighthouse",
+        "apiKey": "ango-local-key",
+        "categorySchema": [{"schemaId": "cls-desc", "modelClass": "Prompt"}],
+        "configJSON": json.dumps({"openai_api_key": "default", "get_prompt_from": "text-annotation"}),
+        "orgId": "org",
+        "runBy": "user",
+        "session": "SESSION",
+    }
 
     @FUZZ
     @given(payload=broken_payloads(base))
@@ -129,8 +172,9 @@ def test_bodies_that_are_not_payloads_are_refused(stack, api):
 
 
 def test_session_routes_take_any_id_and_body(stack, api):
-    ids = st.text(alphabet=st.characters(blacklist_categories=["Cs"]), min_size=1, max_size=300) \
-        | st.integers(1000, 3000).map(lambda n: "s" * n)
+    ids = st.text(
+        alphabet=st.characters(blacklist_categories=["Cs"]), min_size=1, max_size=300
+    ) | st.integers(1000, 3000).map(lambda n: "s" * n)
 
     @settings(FUZZ, max_examples=40)
     @given(session=ids, body=bodies)

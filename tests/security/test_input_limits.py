@@ -6,34 +6,46 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from dalle_plugin.domain.errors import InvalidRequest
 from dalle_plugin.domain.payload import parse_payload
+
 from tests.security.seams import spending
 
 CONFIG = json.dumps({"get_prompt_from": "text-annotation"})
 
 
 def _valid(**overrides) -> dict:
-    payload = {"projectId": "p", "taskId": "t", "session": "s", "apiKey": "ango-key", "configJSON": CONFIG,
-               "categorySchema": [{"schemaId": "c", "modelClass": "Prompt"}]}
+    payload = {
+        "projectId": "p",
+        "taskId": "t",
+        "session": "s",
+        "apiKey": "ango-key",
+        "configJSON": CONFIG,
+        "categorySchema": [{"schemaId": "c", "modelClass": "Prompt"}],
+    }
     return payload | overrides
 
 
-@pytest.mark.parametrize(("field", "at_limit", "past_limit"), [
-    ("projectId", "p" * 256, "p" * 257),
-    ("taskId", "t" * 256, "t" * 257),
-    ("session", "s" * 256, "s" * 257),
-    ("assetId", "a" * 256, "a" * 257),
-    ("dataURL", "https://h/" + "d" * 4086, "https://h/" + "d" * 4087),
-    ("apiKey", "k" * 512, "k" * 513),
-    ("configJSON", json.dumps({"get_prompt_from": "text-annotation"}).ljust(16_384), "{}".ljust(16_385)),
-    ("orgId", "o" * 256, "o" * 257),
-    ("runBy", "r" * 256, "r" * 257),
-    ("batches", ["b"] * 1000, ["b"] * 1001),
-    ("categorySchema", [{"schemaId": "c", "modelClass": "Prompt"}] * 500,
-     [{"schemaId": "c", "modelClass": "Prompt"}] * 501),
-])
+@pytest.mark.parametrize(
+    ("field", "at_limit", "past_limit"),
+    [
+        ("projectId", "p" * 256, "p" * 257),
+        ("taskId", "t" * 256, "t" * 257),
+        ("session", "s" * 256, "s" * 257),
+        ("assetId", "a" * 256, "a" * 257),
+        ("dataURL", "https://h/" + "d" * 4086, "https://h/" + "d" * 4087),
+        ("apiKey", "k" * 512, "k" * 513),
+        ("configJSON", json.dumps({"get_prompt_from": "text-annotation"}).ljust(16_384), "{}".ljust(16_385)),
+        ("orgId", "o" * 256, "o" * 257),
+        ("runBy", "r" * 256, "r" * 257),
+        ("batches", ["b"] * 1000, ["b"] * 1001),
+        (
+            "categorySchema",
+            [{"schemaId": "c", "modelClass": "Prompt"}] * 500,
+            [{"schemaId": "c", "modelClass": "Prompt"}] * 501,
+        ),
+    ],
+)
 def test_each_field_is_accepted_at_its_limit_and_refused_past_it(field, at_limit, past_limit):
     assert parse_payload(json.dumps(_valid(**{field: at_limit})))
     with pytest.raises(InvalidRequest) as refused:
@@ -42,8 +54,10 @@ def test_each_field_is_accepted_at_its_limit_and_refused_past_it(field, at_limit
     assert field in refused.value.message
 
 
-@pytest.mark.parametrize("api_key", ["zq\nsecret", "zq\r\nX-Injected: 1", "zq\x00secret", "zq secret",
-                                     "zq\u00e4secret", "zq\tsecret"])
+@pytest.mark.parametrize(
+    "api_key",
+    ["zq\nsecret", "zq\r\nX-Injected: 1", "zq\x00secret", "zq secret", "zq\u00e4secret", "zq\tsecret"],
+)
 def test_an_api_key_that_cannot_be_an_http_header_is_refused_without_echoing_it(api_key):
     with pytest.raises(InvalidRequest) as refused:
         parse_payload(json.dumps(_valid(apiKey=api_key)))

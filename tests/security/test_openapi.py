@@ -32,7 +32,9 @@ def _schema(spec: dict, schema: dict) -> Draft202012Validator:
 
 def _response_schema(spec: dict, path: str, method: str, status: int) -> dict:
     operation = spec["paths"][path][method.lower()]
-    assert str(status) in operation["responses"], f"{method} {path} answered {status}, which is not documented"
+    assert str(status) in operation["responses"], (
+        f"{method} {path} answered {status}, which is not documented"
+    )
     response = operation["responses"][str(status)]
     if "$ref" in response:
         response = spec["components"]["responses"][response["$ref"].rsplit("/", 1)[-1]]
@@ -40,12 +42,18 @@ def _response_schema(spec: dict, path: str, method: str, status: int) -> dict:
 
 
 def test_the_document_has_the_routes_the_template_deploys(spec):
-    deployed = {(route.method, route.path) for route in LocalTemplate().routes() if route.function == "ApiFunction"}
+    deployed = {
+        (route.method, route.path) for route in LocalTemplate().routes() if route.function == "ApiFunction"
+    }
     documented = {(method.upper(), path) for path, item in spec["paths"].items() for method in item}
     assert documented == deployed
     assert spec["security"] == [{"pluginSecret": []}]
     assert spec["components"]["securitySchemes"]["pluginSecret"] == {
-        **spec["components"]["securitySchemes"]["pluginSecret"], "type": "apiKey", "in": "header", "name": "Secret"}
+        **spec["components"]["securitySchemes"]["pluginSecret"],
+        "type": "apiKey",
+        "in": "header",
+        "name": "Secret",
+    }
     for path, item in spec["paths"].items():
         for method, operation in item.items():
             assert "401" in operation["responses"], f"{method} {path} must document the 401"
@@ -61,8 +69,14 @@ def test_the_payload_schema_accepts_what_the_hub_sends(spec):
 
 @pytest.mark.stack
 def test_what_the_api_answers_is_what_the_document_says(spec, stack, api, sample_payload):
-    def check(method: str, path: str, template: str, body: object = None, secret: bool = True,
-              raw: bytes | None = None) -> requests.Response:
+    def check(
+        method: str,
+        path: str,
+        template: str,
+        body: object = None,
+        secret: bool = True,
+        raw: bytes | None = None,
+    ) -> requests.Response:
         headers = {"Secret": api._session.headers["Secret"]} if secret else {}
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         answer = requests.request(method, api.base_url + path, data=data, headers=headers, timeout=30)

@@ -13,7 +13,6 @@ import requests
 from local_stack.api_gateway import REQUEST_LIMIT_BYTES, RESPONSE_LIMIT_BYTES, ApiGatewayServer
 from local_stack.template import LocalTemplate
 
-
 SECRET = {"Secret": "a-secret-the-fake-authorizer-allows-0123"}
 
 
@@ -28,8 +27,20 @@ class FakeLambdas:
     def invoke(self, name_or_arn: str, body: bytes | str | None) -> tuple[bytes, bool]:
         event = json.loads(body)
         if event.get("type") == "REQUEST":  # the routes' authorizer: let the request through
-            return json.dumps({"principalId": "hub", "policyDocument": {"Statement": [
-                {"Effect": "Allow", "Action": "execute-api:Invoke", "Resource": event["methodArn"]}]}}).encode(), False
+            return json.dumps(
+                {
+                    "principalId": "hub",
+                    "policyDocument": {
+                        "Statement": [
+                            {
+                                "Effect": "Allow",
+                                "Action": "execute-api:Invoke",
+                                "Resource": event["methodArn"],
+                            }
+                        ]
+                    },
+                }
+            ).encode(), False
         self.invoked.set()
         return self.respond(event), False
 
@@ -74,7 +85,9 @@ def test_an_integration_past_its_timeout_gets_the_client_a_504_while_the_functio
 def test_a_request_above_10_mb_is_refused_with_413_before_any_function_runs(gateway):
     lambdas = FakeLambdas(lambda event: proxy_response("{}"))
     base = gateway(lambdas)
-    answer = requests.post(f"{base}/plugin", headers=SECRET, data=b"x" * (REQUEST_LIMIT_BYTES + 1), timeout=60)
+    answer = requests.post(
+        f"{base}/plugin", headers=SECRET, data=b"x" * (REQUEST_LIMIT_BYTES + 1), timeout=60
+    )
     assert answer.status_code == 413
     assert answer.json() == {"message": f"HTTP content length exceeded {REQUEST_LIMIT_BYTES} bytes."}
     assert not lambdas.invoked.is_set()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from dalle_plugin.domain.auth import (
     MIN_SECRET_CHARS,
     AuthorizerRequest,
@@ -32,8 +31,9 @@ def test_a_short_deployment_secret_refuses_everyone_and_says_so_without_quoting_
 
 def test_the_policy_covers_every_route_of_the_stage_because_api_gateway_caches_it_per_secret():
     assert api_wide_resource(METHOD_ARN) == "arn:aws:execute-api:us-east-1:123456789012:abc123/v1/*"
-    request = AuthorizerRequest.model_validate({"type": "REQUEST", "methodArn": METHOD_ARN,
-                                                "headers": {"secret": SECRET}})
+    request = AuthorizerRequest.model_validate(
+        {"type": "REQUEST", "methodArn": METHOD_ARN, "headers": {"secret": SECRET}}
+    )
     assert request.header("Secret") == SECRET
     allowed, denied = authorizer_policy(request, True), authorizer_policy(request, False)
     assert allowed["policyDocument"]["Statement"][0]["Effect"] == "Allow"

@@ -4,7 +4,6 @@ import json
 from datetime import date
 
 import pytest
-
 from dalle_plugin.domain.config import (
     ALLOWED_KEYS,
     PluginConfig,
@@ -95,8 +94,10 @@ def test_a_trailing_comma_gets_its_own_hint():
     assert "Remove the comma" in _error('{"model_name": "dall-e-3",}').message
 
 
-@pytest.mark.parametrize(("raw", "kind"), [("[1, 2]", "list"), ("42", "number"), ('"hello"', "string"),
-                                           ("true", "boolean"), (["a"], "list")])
+@pytest.mark.parametrize(
+    ("raw", "kind"),
+    [("[1, 2]", "list"), ("42", "number"), ('"hello"', "string"), ("true", "boolean"), (["a"], "list")],
+)
 def test_json_that_is_not_an_object_is_refused(raw, kind):
     problem = _error(raw)
     assert isinstance(problem, MalformedConfig)
@@ -118,9 +119,16 @@ def test_config_errors_are_invalid_requests_with_the_config_reason():
 
 @pytest.mark.parametrize(
     ("key", "meant"),
-    [("modle_name", "model_name"), ("image-size", "image_size"), ("Model_Name", "model_name"),
-     ("size", "image_size"), ("model", "model_name"), ("api_key", "openai_api_key"),
-     ("get_prompt_form", "get_prompt_from"), ("qualty", "quality")],
+    [
+        ("modle_name", "model_name"),
+        ("image-size", "image_size"),
+        ("Model_Name", "model_name"),
+        ("size", "image_size"),
+        ("model", "model_name"),
+        ("api_key", "openai_api_key"),
+        ("get_prompt_form", "get_prompt_from"),
+        ("qualty", "quality"),
+    ],
 )
 def test_an_unknown_key_is_named_with_a_suggestion_and_the_allowed_keys(key, meant):
     problem = _error({key: "x"})
@@ -138,9 +146,19 @@ def test_an_unknown_key_without_a_likely_meaning_gets_no_guess():
 
 
 def test_allowed_keys_are_exactly_the_documented_ones_plus_quality_and_the_options_beyond_them():
-    assert ALLOWED_KEYS == ("openai_api_key", "model_name", "get_prompt_from", "image_size", "quality",
-                            "prompt_template", "images_per_task", "output_format", "output_compression",
-                            "background", "max_cost_usd")
+    assert ALLOWED_KEYS == (
+        "openai_api_key",
+        "model_name",
+        "get_prompt_from",
+        "image_size",
+        "quality",
+        "prompt_template",
+        "images_per_task",
+        "output_format",
+        "output_compression",
+        "background",
+        "max_cost_usd",
+    )
 
 
 # ---- wrong types and values, field by field ------------------------------------------------------
@@ -176,8 +194,10 @@ def test_get_prompt_from_lists_the_three_sources_and_guesses():
     assert "Did you mean 'entity-annotation'?" in problem.message
 
 
-@pytest.mark.parametrize(("written", "meant"), [("Entity_Annotation", "entity-annotation"),
-                                                (" full text asset ", "full-text-asset")])
+@pytest.mark.parametrize(
+    ("written", "meant"),
+    [("Entity_Annotation", "entity-annotation"), (" full text asset ", "full-text-asset")],
+)
 def test_get_prompt_from_spelling_is_forgiven(written, meant):
     assert parse_config_json({"get_prompt_from": written}).get_prompt_from == meant
 
@@ -338,9 +358,17 @@ def test_the_new_options_have_defaults_that_change_nothing():
 
 
 def test_a_full_set_of_new_options_is_accepted():
-    options = _options({"model_name": "gpt-image-2", "prompt_template": "Studio photo of {prompt}, {{soft}} light",
-                        "images_per_task": 3, "output_format": "JPG", "output_compression": 70,
-                        "background": "opaque", "max_cost_usd": 1})
+    options = _options(
+        {
+            "model_name": "gpt-image-2",
+            "prompt_template": "Studio photo of {prompt}, {{soft}} light",
+            "images_per_task": 3,
+            "output_format": "JPG",
+            "output_compression": 70,
+            "background": "opaque",
+            "max_cost_usd": 1,
+        }
+    )
     assert options.prompt_template == "Studio photo of {prompt}, {{soft}} light"
     assert options.output.images_per_request == 3 and options.output.output_format == "jpeg"
     assert options.output.output_compression == 70 and options.output.background == "opaque"
@@ -351,7 +379,11 @@ def test_a_full_set_of_new_options_is_accepted():
     ("raw", "field", "words"),
     [
         ({"prompt_template": "A photo"}, "prompt_template", "no {prompt} placeholder"),
-        ({"prompt_template": "A {style} photo of {prompt}"}, "prompt_template", "Unknown placeholder {style}"),
+        (
+            {"prompt_template": "A {style} photo of {prompt}"},
+            "prompt_template",
+            "Unknown placeholder {style}",
+        ),
         ({"prompt_template": "A {} photo of {prompt}"}, "prompt_template", "Unknown placeholder {}"),
         ({"prompt_template": "A {prompt.upper} photo"}, "prompt_template", "Unknown placeholder"),
         ({"prompt_template": "A {prompt:>9} photo"}, "prompt_template", "Unknown placeholder"),
@@ -369,7 +401,11 @@ def test_a_full_set_of_new_options_is_accepted():
         ({"output_format": "webp"}, "output_format", "Ango Hub attaches only JPG or PNG"),
         ({"output_format": "jepg"}, "output_format", "Did you mean 'jpeg'?"),
         ({"output_compression": 50}, "output_compression", "output_format is png (the default)"),
-        ({"output_format": "png", "output_compression": 50}, "output_compression", "only with output_format jpeg"),
+        (
+            {"output_format": "png", "output_compression": 50},
+            "output_compression",
+            "only with output_format jpeg",
+        ),
         ({"output_format": "jpeg", "output_compression": 101}, "output_compression", "0 to 100"),
         ({"output_format": "jpeg", "output_compression": -1}, "output_compression", "0 to 100"),
         ({"output_format": "jpeg", "output_compression": "high"}, "output_compression", "without quotes"),
@@ -390,8 +426,12 @@ def test_each_new_option_refuses_a_wrong_value_with_a_sentence(raw, field, words
 
 
 def test_a_spending_limit_below_one_tasks_images_is_refused_at_once():
-    problem = _refusal({"model_name": "gpt-image-2", "quality": "high", "images_per_task": 2, "max_cost_usd": 0.2})
-    assert problem.field == "max_cost_usd" and "2 image(s)" in problem.message and "$0.4220" in problem.message
+    problem = _refusal(
+        {"model_name": "gpt-image-2", "quality": "high", "images_per_task": 2, "max_cost_usd": 0.2}
+    )
+    assert (
+        problem.field == "max_cost_usd" and "2 image(s)" in problem.message and "$0.4220" in problem.message
+    )
 
 
 def test_a_spending_limit_needs_a_price_for_the_model():
@@ -407,7 +447,9 @@ def test_a_template_too_long_for_the_model_is_refused():
     spec = models_catalog.CATALOG["gpt-image-2"].model_copy(update={"max_prompt_chars": 20})
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(models_catalog.CATALOG, "gpt-image-2", spec)
-        problem = _refusal({"model_name": "gpt-image-2", "prompt_template": "A much longer frame around: {prompt}"})
+        problem = _refusal(
+            {"model_name": "gpt-image-2", "prompt_template": "A much longer frame around: {prompt}"}
+        )
     assert problem.field == "prompt_template" and "leaves room for the prompt" in problem.message
 
 
@@ -415,13 +457,16 @@ def test_what_the_running_model_cannot_do_is_refused_naming_it():
     from dalle_plugin.domain import models_catalog
 
     spec = models_catalog.CATALOG["gpt-image-2"].model_copy(
-        update={"max_images_per_request": 1, "output_formats": ("png",), "backgrounds": ()})
+        update={"max_images_per_request": 1, "output_formats": ("png",), "backgrounds": ()}
+    )
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(models_catalog.CATALOG, "gpt-image-2", spec)
         many = _refusal({"model_name": "dall-e-2", "images_per_task": 2})
         webp = _refusal({"model_name": "gpt-image-2", "output_format": "jpeg"})
         background = _refusal({"model_name": "gpt-image-2", "background": "opaque"})
-    assert "gpt-image-2 makes at most 1" in many.message and "runs because dall-e-2 was retired" in many.message
+    assert (
+        "gpt-image-2 makes at most 1" in many.message and "runs because dall-e-2 was retired" in many.message
+    )
     assert webp.field == "output_format" and "gpt-image-2 cannot write jpeg" in webp.message
     assert background.field == "background" and "does not take a background" in background.message
 

@@ -8,7 +8,6 @@ from typing import Any
 import boto3
 import pytest
 from botocore.stub import Stubber
-
 from dalle_plugin.adapters.dynamo_rate_limiter import DynamoRateLimiter, encode_state
 from dalle_plugin.domain.errors import RateLimiterBusy, StorageUnavailable
 from dalle_plugin.domain.rate_limit import LimiterSettings, LimiterState, Send, Waiter
@@ -90,9 +89,15 @@ def lost(stubber: Stubber, expected: dict[str, Any], current: dict[str, Any] | N
     response: dict[str, Any] = {"Error": {"Code": "ConditionalCheckFailedException", "Message": "lost"}}
     if current is not None:
         response["Item"] = current
-    stubber.add_client_error("update_item", service_error_code="ConditionalCheckFailedException",
-                             service_message="lost", http_status_code=400, expected_params=expected,
-                             response_meta=None, modeled_fields={"Item": current} if current else None)
+    stubber.add_client_error(
+        "update_item",
+        service_error_code="ConditionalCheckFailedException",
+        service_message="lost",
+        http_status_code=400,
+        expected_params=expected,
+        response_meta=None,
+        modeled_fields={"Item": current} if current else None,
+    )
 
 
 def granted_to_a(at: int = NOW) -> LimiterState:
@@ -105,10 +110,13 @@ def test_the_first_claim_creates_the_item_with_one_write(limiter, stubber):
 
 
 def test_the_item_written_is_small_and_readable():
-    state = LimiterState(sends=(Send(NOW, "run-a#1", "org-1", True),),
-                         queue=(Waiter("run-b#g0", NOW - 1, "org-2", False, NOW + 60_250),))
-    assert encode_state(state) == ('{"s":[[1760000000000,"run-a#1","org-1",1]],'
-                                   '"q":[["run-b#g0",1759999999999,"org-2",0,1760000060250]]}')
+    state = LimiterState(
+        sends=(Send(NOW, "run-a#1", "org-1", True),),
+        queue=(Waiter("run-b#g0", NOW - 1, "org-2", False, NOW + 60_250),),
+    )
+    assert encode_state(state) == (
+        '{"s":[[1760000000000,"run-a#1","org-1",1]],"q":[["run-b#g0",1759999999999,"org-2",0,1760000060250]]}'
+    )
 
 
 def test_a_stale_view_loses_once_and_the_claim_is_made_from_the_returned_item(limiter, stubber):
@@ -120,7 +128,9 @@ def test_a_stale_view_loses_once_and_the_claim_is_made_from_the_returned_item(li
 
 
 def test_a_full_window_queues_the_run_and_says_when_its_turn_comes(limiter, stubber):
-    full = LimiterState(sends=(Send(NOW - 2_000, "x#1", "org-2", True), Send(NOW - 1_000, "y#1", "org-2", True)))
+    full = LimiterState(
+        sends=(Send(NOW - 2_000, "x#1", "org-2", True), Send(NOW - 1_000, "y#1", "org-2", True))
+    )
     lost(stubber, write(0, granted_to_a()), item(3, full))
     turn = NOW - 2_000 + 60_250
     queued = LimiterState(sends=full.sends, queue=(Waiter("run-a#g0", NOW - 5_000, "org-1", True, turn),))
@@ -129,9 +139,16 @@ def test_a_full_window_queues_the_run_and_says_when_its_turn_comes(limiter, stub
 
 
 def test_a_turn_a_short_while_away_is_waited_for_in_place_then_claimed(client, stubber, clock, naps):
-    limiter = DynamoRateLimiter(client, TABLE, SETTINGS.model_copy(update={"short_wait_ms": 3_000}), clock=clock,
-                                sleep=lambda s: (naps.append(s), setattr(clock, "now", clock.now + round(s * 1000))))
-    full = LimiterState(sends=(Send(NOW - 60_000, "x#1", "org-2", True), Send(NOW - 59_000, "y#1", "org-2", True)))
+    limiter = DynamoRateLimiter(
+        client,
+        TABLE,
+        SETTINGS.model_copy(update={"short_wait_ms": 3_000}),
+        clock=clock,
+        sleep=lambda s: (naps.append(s), setattr(clock, "now", clock.now + round(s * 1000))),
+    )
+    full = LimiterState(
+        sends=(Send(NOW - 60_000, "x#1", "org-2", True), Send(NOW - 59_000, "y#1", "org-2", True))
+    )
     lost(stubber, write(0, granted_to_a()), item(3, full))
     turn = NOW - 60_000 + 60_250
     queued = LimiterState(sends=full.sends, queue=(Waiter("run-a#g0", NOW - 5_000, "org-1", True, turn),))
@@ -150,8 +167,12 @@ def test_a_redelivered_claim_with_the_same_ticket_claims_nothing_more(limiter, s
 
 
 def test_a_run_past_the_cap_is_refused_without_joining(client, stubber, clock):
-    limiter = DynamoRateLimiter(client, TABLE, SETTINGS.model_copy(update={"max_queue_wait_s": 30}), clock=clock)
-    full = LimiterState(sends=(Send(NOW - 2_000, "x#1", "org-2", True), Send(NOW - 1_000, "y#1", "org-2", True)))
+    limiter = DynamoRateLimiter(
+        client, TABLE, SETTINGS.model_copy(update={"max_queue_wait_s": 30}), clock=clock
+    )
+    full = LimiterState(
+        sends=(Send(NOW - 2_000, "x#1", "org-2", True), Send(NOW - 1_000, "y#1", "org-2", True))
+    )
     lost(stubber, write(0, granted_to_a()), item(3, full))
     decision = limiter.acquire(ASK)  # refused on the item the lost write returned: nothing written
     assert decision.refused and not decision.granted and decision.start_at_ms == NOW - 2_000 + 60_250
@@ -159,7 +180,9 @@ def test_a_run_past_the_cap_is_refused_without_joining(client, stubber, clock):
 
 
 def test_leaving_removes_the_run_with_one_write(limiter, stubber):
-    waiting = LimiterState(sends=granted_to_a().sends, queue=(Waiter("run-b#g0", NOW, "org-2", False, NOW + 9),))
+    waiting = LimiterState(
+        sends=granted_to_a().sends, queue=(Waiter("run-b#g0", NOW, "org-2", False, NOW + 9),)
+    )
     lost(stubber, write(0, LimiterState()), item(5, waiting))
     stubber.add_response("update_item", {}, write(5, LimiterState(sends=waiting.sends)))
     limiter.leave("run-b#g0")
@@ -171,8 +194,9 @@ def test_leaving_a_queue_the_run_is_not_in_writes_nothing_more(limiter, stubber)
 
 
 def test_a_fresh_view_that_keeps_losing_backs_off_then_gives_up(client, stubber, naps):
-    limiter = DynamoRateLimiter(client, TABLE, SETTINGS, clock=lambda: NOW, sleep=naps.append,
-                                jitter=lambda: 0.5, max_attempts=3)
+    limiter = DynamoRateLimiter(
+        client, TABLE, SETTINGS, clock=lambda: NOW, sleep=naps.append, jitter=lambda: 0.5, max_attempts=3
+    )
     other = LimiterState(sends=(Send(NOW - 10, "run-x#1", "org-2", False),))
     after = LimiterState(sends=other.sends + granted_to_a().sends)
     lost(stubber, write(0, granted_to_a()), item(7, other))
@@ -184,7 +208,8 @@ def test_a_fresh_view_that_keeps_losing_backs_off_then_gives_up(client, stubber,
 
 
 def test_any_other_dynamodb_error_is_storage_unavailable(limiter, stubber):
-    stubber.add_client_error("update_item", service_error_code="ProvisionedThroughputExceededException",
-                             http_status_code=400)
+    stubber.add_client_error(
+        "update_item", service_error_code="ProvisionedThroughputExceededException", http_status_code=400
+    )
     with pytest.raises(StorageUnavailable):
         limiter.acquire(ASK)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import boto3
 import pytest
 from botocore.stub import ANY, Stubber
-
 from dalle_plugin.adapters.dynamo_runs import DynamoRunStore
 from dalle_plugin.domain.run import ModelInfo, RunRecord, RunStatus, TimelineEntry
 
@@ -17,7 +16,9 @@ KEY = {"pk": {"S": "SESSION#s1"}, "sk": {"S": "TASK#t1"}}
 
 @pytest.fixture
 def client():
-    return boto3.client("dynamodb", region_name="us-east-1", aws_access_key_id="test", aws_secret_access_key="test")
+    return boto3.client(
+        "dynamodb", region_name="us-east-1", aws_access_key_id="test", aws_secret_access_key="test"
+    )
 
 
 @pytest.fixture
@@ -28,11 +29,23 @@ def stubber(client):
 
 
 def _run(**overrides) -> RunRecord:
-    values = dict(session="s1", task_id="t1", execution_name="s1_t1_x", project_id="p1", prompt_source="asset",
-                  model=ModelInfo(requested="gpt-image-2", actual="gpt-image-2"), size="1024x1024",
-                  max_prompt_chars=32000, uses_default_key=True, created_at_ms=1000, updated_at_ms=1000,
-                  sealed_secrets=b"sealed", expires_at=99, version=3,
-                  timeline=[TimelineEntry(step="queued", status="QUEUED", at_ms=1000)])
+    values = dict(
+        session="s1",
+        task_id="t1",
+        execution_name="s1_t1_x",
+        project_id="p1",
+        prompt_source="asset",
+        model=ModelInfo(requested="gpt-image-2", actual="gpt-image-2"),
+        size="1024x1024",
+        max_prompt_chars=32000,
+        uses_default_key=True,
+        created_at_ms=1000,
+        updated_at_ms=1000,
+        sealed_secrets=b"sealed",
+        expires_at=99,
+        version=3,
+        timeline=[TimelineEntry(step="queued", status="QUEUED", at_ms=1000)],
+    )
     return RunRecord(**(values | overrides))
 
 
@@ -62,17 +75,34 @@ def test_a_progress_line_is_one_update_of_what_changed_with_no_read(client, stub
 
 
 def test_the_update_sets_only_changed_fields_and_appends_the_new_timeline_entry(client):
-    params = DynamoRunStore._changes(_run(), _run(status=RunStatus.EXTRACTING, updated_at_ms=2000, timeline=[
-        TimelineEntry(step="queued", status="QUEUED", at_ms=1000),
-        TimelineEntry(step="extract", status="EXTRACTING", at_ms=2000, detail="Run started.")]), 3)
+    params = DynamoRunStore._changes(
+        _run(),
+        _run(
+            status=RunStatus.EXTRACTING,
+            updated_at_ms=2000,
+            timeline=[
+                TimelineEntry(step="queued", status="QUEUED", at_ms=1000),
+                TimelineEntry(step="extract", status="EXTRACTING", at_ms=2000, detail="Run started."),
+            ],
+        ),
+        3,
+    )
     names, values = params["ExpressionAttributeNames"], params["ExpressionAttributeValues"]
     by_attribute = {names[token]: token for token in names}
     assert set(by_attribute) == {"version", "status", "updatedAtMs", "timeline"}
     timeline = by_attribute["timeline"]
     assert f"{timeline} = list_append(if_not_exists({timeline}, :empty), " in params["UpdateExpression"]
     appended = [v for k, v in values.items() if k not in (":version", ":next", ":empty") and "L" in v]
-    assert appended == [{"L": [{"S": '{"step":"extract","status":"EXTRACTING","at_ms":2000,"duration_ms":null,'
-                                     '"detail":"Run started."}'}]}]
+    assert appended == [
+        {
+            "L": [
+                {
+                    "S": '{"step":"extract","status":"EXTRACTING","at_ms":2000,"duration_ms":null,'
+                    '"detail":"Run started."}'
+                }
+            ]
+        }
+    ]
     assert values[":version"] == {"N": "3"} and values[":next"] == {"N": "4"}
     assert params["ConditionExpression"] == "#version = :version"
     assert "REMOVE" not in params["UpdateExpression"]
@@ -88,8 +118,14 @@ def test_ending_a_run_removes_its_sealed_secrets(client):
 def test_a_conflict_is_retried_on_the_returned_record_without_a_read(client, stubber):
     store = DynamoRunStore(client, TABLE)
     current = DynamoRunStore._to_item(_run(version=4, status=RunStatus.CANCELLED))
-    stubber.add_client_error("update_item", "ConditionalCheckFailedException", http_status_code=400,
-                             expected_params=PROGRESS, response_meta={}, modeled_fields={"Item": current})
+    stubber.add_client_error(
+        "update_item",
+        "ConditionalCheckFailedException",
+        http_status_code=400,
+        expected_params=PROGRESS,
+        response_meta={},
+        modeled_fields={"Item": current},
+    )
     seen: list[RunStatus] = []
 
     def refuse_if_cancelled(run: RunRecord) -> None:
@@ -113,7 +149,10 @@ def test_a_record_round_trips_through_its_item(client):
 
 def test_a_record_in_the_earlier_one_document_layout_is_still_read(client):
     run = _run()
-    legacy = KEY | {"status": {"S": "QUEUED"}, "version": {"N": "3"},
-                    "doc": {"S": run.model_dump_json(by_alias=True, exclude={"sealed_secrets", "version"})},
-                    "sealedSecrets": {"B": b"sealed"}}
+    legacy = KEY | {
+        "status": {"S": "QUEUED"},
+        "version": {"N": "3"},
+        "doc": {"S": run.model_dump_json(by_alias=True, exclude={"sealed_secrets", "version"})},
+        "sealedSecrets": {"B": b"sealed"},
+    }
     assert DynamoRunStore._from_item(legacy)[0] == run

@@ -6,6 +6,7 @@ import json
 
 from dalle_plugin.domain.payload import parse_payload
 from dalle_plugin.domain.run import FailureInput, RunRef
+
 from tests.conftest import load_event
 
 

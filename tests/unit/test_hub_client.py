@@ -198,7 +198,9 @@ def test_gives_up_with_hub_unavailable_after_the_retries(hub):
     assert len(hub.requests) == 3
     message = str(caught.value)
     assert (
-        "POST /v2/pluginResponse" in message and "3 attempt" in message and "Injected fault: HTTP 502" in message
+        "POST /v2/pluginResponse" in message
+        and "3 attempt" in message
+        and "Injected fault: HTTP 502" in message
     )
 
 

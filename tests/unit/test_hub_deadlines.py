@@ -6,11 +6,10 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import pytest
-
 from dalle_plugin.adapters.hub_http import LOG_BUDGET_S, AngoHubClient
 from dalle_plugin.domain.errors import HubUnavailable
 
@@ -29,7 +28,9 @@ def _hub(mode: str) -> Iterator[str]:
             try:
                 conn.recv(65536)
                 if mode == "drip":
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n\r\n")
+                    conn.sendall(
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n\r\n"
+                    )
                     while not stop.is_set():
                         conn.sendall(b" ")
                         time.sleep(0.2)
@@ -60,8 +61,9 @@ def _hub(mode: str) -> Iterator[str]:
 @pytest.mark.parametrize("mode", ["silent", "drip"])
 def test_a_call_with_retries_ends_by_the_deadline(mode):
     with _hub(mode) as url:
-        client = AngoHubClient(url, "key", timeout_s=1.0, retries=3, backoff_s=0.1,
-                               deadline_at=time.monotonic() + 2.5)
+        client = AngoHubClient(
+            url, "key", timeout_s=1.0, retries=3, backoff_s=0.1, deadline_at=time.monotonic() + 2.5
+        )
         began = time.monotonic()
         with pytest.raises(HubUnavailable):
             client.get_task("task-1")

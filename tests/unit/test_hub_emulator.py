@@ -514,8 +514,13 @@ with HubEmulatorProcess() as hub:
 
 @pytest.mark.parametrize("how", ["kill -9 the parent", "Ctrl-C"])
 def test_the_emulator_process_does_not_outlive_its_parent(how):
-    parent = subprocess.Popen([sys.executable, "-c", _PARENT], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              start_new_session=True, text=True)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _PARENT],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+        text=True,
+    )
     try:
         child = int(parent.stdout.readline())
         assert _alive(child)

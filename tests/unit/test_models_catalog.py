@@ -3,7 +3,6 @@
 from datetime import date
 
 import pytest
-
 from dalle_plugin.domain.errors import InvalidConfig
 from dalle_plugin.domain.models_catalog import (
     CATALOG,
@@ -25,8 +24,15 @@ def test_catalogue_knows_every_model_with_its_prompt_limit():
     limits = {name: spec.max_prompt_chars for name, spec in CATALOG.items()}
     assert limits["dall-e-2"] == 1000
     assert limits["dall-e-3"] == 4000
-    for name in ("gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5", "gpt-image-2", "gpt-image-2-2026-04-21",
-                 "gpt-image-2.5-sunburst", "gpt-image-2.5-flare"):
+    for name in (
+        "gpt-image-1",
+        "gpt-image-1-mini",
+        "gpt-image-1.5",
+        "gpt-image-2",
+        "gpt-image-2-2026-04-21",
+        "gpt-image-2.5-sunburst",
+        "gpt-image-2.5-flare",
+    ):
         assert limits[name] == 32000
 
 
@@ -67,7 +73,11 @@ def test_live_models_today_are_gpt_image_2_and_the_models_retiring_next_month():
 def test_a_live_model_runs_as_named():
     resolved = resolve_model("  GPT-Image-2 ", SUCCESSORS, TODAY)
     assert (resolved.requested, resolved.actual, resolved.substituted, resolved.note) == (
-        "gpt-image-2", "gpt-image-2", False, None)
+        "gpt-image-2",
+        "gpt-image-2",
+        False,
+        None,
+    )
     assert resolved.spec.family is ModelFamily.GPT_IMAGE_2
 
 
@@ -147,8 +157,21 @@ def test_an_api_key_typed_as_model_name_is_not_echoed():
 
 
 @pytest.mark.parametrize(
-    "size", ["1024x1024", "1536x1024", "1024x1536", "1792x1024", "1024x1792", "3840x2160", "2160x3840",
-             "2048x2048", "1024x3072", "2160x2160", "1024x640", "auto"],
+    "size",
+    [
+        "1024x1024",
+        "1536x1024",
+        "1024x1536",
+        "1792x1024",
+        "1024x1792",
+        "3840x2160",
+        "2160x3840",
+        "2048x2048",
+        "1024x3072",
+        "2160x2160",
+        "1024x640",
+        "auto",
+    ],
 )
 def test_gpt_image_2_accepts_sizes_within_its_rule(size):
     assert FlexibleSizes().problem(size) is None

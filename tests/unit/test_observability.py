@@ -9,9 +9,8 @@ import threading
 import warnings
 
 import pytest
-
-from dalle_plugin.domain.pricing import DEFAULT_PRICES
 from dalle_plugin.domain.errors import HubUnavailable, PromptNotFound
+from dalle_plugin.domain.pricing import DEFAULT_PRICES
 from dalle_plugin.domain.run import (
     GenerateOutcome,
     ImageInfo,
@@ -20,6 +19,7 @@ from dalle_plugin.domain.run import (
     RunRef,
     TimelineEntry,
 )
+
 from local_stack.template import load_template
 
 GLOBAL_ENV = load_template()["Globals"]["Function"]["Environment"]["Variables"]
@@ -41,12 +41,29 @@ def obs(monkeypatch):
 
 def _run(timeline: list[TimelineEntry], uses_default_key: bool = True, image: bool = True) -> RunRecord:
     return RunRecord(
-        session="sess-1", task_id="task-1", execution_name="exec-1", project_id="proj-1",
-        prompt_source="entity-annotation", model=ModelInfo(requested="dall-e-2", actual="gpt-image-2"),
-        size="1536x1024", quality="high", max_prompt_chars=32000, uses_default_key=uses_default_key,
-        created_at_ms=1_000, updated_at_ms=20_000, timeline=timeline,
-        image=ImageInfo(key="images/exec-1.png", sha256="ab", bytes=10, model="gpt-image-2",
-                        size="1536x1024", quality="high") if image else None,
+        session="sess-1",
+        task_id="task-1",
+        execution_name="exec-1",
+        project_id="proj-1",
+        prompt_source="entity-annotation",
+        model=ModelInfo(requested="dall-e-2", actual="gpt-image-2"),
+        size="1536x1024",
+        quality="high",
+        max_prompt_chars=32000,
+        uses_default_key=uses_default_key,
+        created_at_ms=1_000,
+        updated_at_ms=20_000,
+        timeline=timeline,
+        image=ImageInfo(
+            key="images/exec-1.png",
+            sha256="ab",
+            bytes=10,
+            model="gpt-image-2",
+            size="1536x1024",
+            quality="high",
+        )
+        if image
+        else None,
     )
 
 
@@ -70,12 +87,14 @@ def _published(out: str) -> list[dict]:
             continue
         (directive,) = doc["_aws"]["CloudWatchMetrics"]
         assert directive["Namespace"] == GLOBAL_ENV["POWERTOOLS_METRICS_NAMESPACE"]
-        docs.append({
-            "dimensions": [sorted(dims) for dims in directive["Dimensions"]],
-            "units": {m["Name"]: m["Unit"] for m in directive["Metrics"]},
-            "values": {m["Name"]: doc[m["Name"]] for m in directive["Metrics"]},
-            "doc": doc,
-        })
+        docs.append(
+            {
+                "dimensions": [sorted(dims) for dims in directive["Dimensions"]],
+                "units": {m["Name"]: m["Unit"] for m in directive["Metrics"]},
+                "values": {m["Name"]: doc[m["Name"]] for m in directive["Metrics"]},
+                "doc": doc,
+            }
+        )
     return docs
 
 
@@ -108,17 +127,28 @@ def test_a_run_on_its_own_key_has_no_slot_wait(obs):
 
 def test_a_new_image_publishes_count_latency_cost_and_slot_wait_in_one_document(obs, capsys):
     reads = []
-    obs.record_generation(GenerateOutcome(status="DONE", image_key="images/exec-1.png"),
-                          lambda: reads.append(1) or _run(TIMELINE), since_ms=9_900)
+    obs.record_generation(
+        GenerateOutcome(status="DONE", image_key="images/exec-1.png"),
+        lambda: reads.append(1) or _run(TIMELINE),
+        since_ms=9_900,
+    )
     _flush(obs)
     (doc,) = _published(capsys.readouterr().out)
     assert reads == [1]
     assert doc["dimensions"] == [["service"]]
     assert doc["doc"]["service"] == GLOBAL_ENV["POWERTOOLS_SERVICE_NAME"]
-    assert doc["values"] == {"ImagesGenerated": [1.0], "GenerationLatency": [1500.0],
-                             "EstimatedCost": [pytest.approx(DEFAULT_PRICES["gpt-image-2"]["high"] * 1.5, abs=0.001)], "RateSlotWaitTime": [6.5]}
-    assert doc["units"] == {"ImagesGenerated": "Count", "GenerationLatency": "Milliseconds",
-                            "EstimatedCost": "None", "RateSlotWaitTime": "Seconds"}
+    assert doc["values"] == {
+        "ImagesGenerated": [1.0],
+        "GenerationLatency": [1500.0],
+        "EstimatedCost": [pytest.approx(DEFAULT_PRICES["gpt-image-2"]["high"] * 1.5, abs=0.001)],
+        "RateSlotWaitTime": [6.5],
+    }
+    assert doc["units"] == {
+        "ImagesGenerated": "Count",
+        "GenerationLatency": "Milliseconds",
+        "EstimatedCost": "None",
+        "RateSlotWaitTime": "Seconds",
+    }
 
 
 def test_a_retried_generate_that_found_its_image_counts_nothing(obs, capsys):
@@ -132,12 +162,18 @@ def test_a_wait_never_reads_the_run_and_counts_only_openai_rate_limits(obs, caps
     def must_not_read():
         raise AssertionError("a WAIT outcome must not cost a read")
 
-    obs.record_generation(GenerateOutcome(status="WAIT", retry_at="2026-01-01T00:00:05Z", reason="rate_slot"),
-                          must_not_read, since_ms=0)
+    obs.record_generation(
+        GenerateOutcome(status="WAIT", retry_at="2026-01-01T00:00:05Z", reason="rate_slot"),
+        must_not_read,
+        since_ms=0,
+    )
     _flush(obs)
     assert _published(capsys.readouterr().out) == []
-    obs.record_generation(GenerateOutcome(status="WAIT", retry_at="2026-01-01T00:00:05Z",
-                                          reason="openai_rate_limited"), must_not_read, since_ms=0)
+    obs.record_generation(
+        GenerateOutcome(status="WAIT", retry_at="2026-01-01T00:00:05Z", reason="openai_rate_limited"),
+        must_not_read,
+        since_ms=0,
+    )
     _flush(obs)
     (doc,) = _published(capsys.readouterr().out)
     assert doc["values"] == {"OpenAIRateLimited": [1.0]}
@@ -207,6 +243,7 @@ def test_every_line_carries_the_runs_ids_and_a_new_binding_replaces_them(obs, ca
 
 def test_the_ids_are_kept_per_thread(obs, capsys):
     obs.bind_run("sess-main", "task-main")
+
     def elsewhere():
         obs.bind_run("sess-other", "task-other")
         obs.logger.info("other")
@@ -220,8 +257,10 @@ def test_the_ids_are_kept_per_thread(obs, capsys):
     assert lines["main"]["session"] == "sess-main"
 
 
-@pytest.mark.parametrize(("error", "transient"), [(PromptNotFound("No prompt in the task."), False),
-                                                   (HubUnavailable("The hub answered 503."), True)])
+@pytest.mark.parametrize(
+    ("error", "transient"),
+    [(PromptNotFound("No prompt in the task."), False), (HubUnavailable("The hub answered 503."), True)],
+)
 def test_a_named_error_is_logged_with_the_runs_ids_and_raised_unchanged(obs, capsys, error, transient):
     def handler(event, context):
         obs.bind_run("sess-err", "task-err")
@@ -273,14 +312,21 @@ def test_alarms_and_dashboard_use_the_namespace_service_and_metric_names_the_cod
                 used.add(metric["MetricName"])
     dashboard = resources["RunsDashboard"]["Properties"]["DashboardBody"]["Fn::Sub"]
     for metric_namespace, metric_name, dimension, value in re.findall(
-            r'\["(\w+)", "(\w+)", "(\w+)", "([^"]+)"', dashboard):
+        r'\["(\w+)", "(\w+)", "(\w+)", "([^"]+)"', dashboard
+    ):
         if metric_namespace == namespace:
             assert (dimension, value) == ("service", service)
             used.add(metric_name)
     used |= set(re.findall(r'MetricName=\\"(\w+)\\"', dashboard))
     assert used and used <= names, used - names
-    assert {"RunsAccepted", "RunsFailed", "RateSlotWaitTime", "GenerationLatency", "ImagesGenerated",
-            "EstimatedCost"} <= used
+    assert {
+        "RunsAccepted",
+        "RunsFailed",
+        "RateSlotWaitTime",
+        "GenerationLatency",
+        "ImagesGenerated",
+        "EstimatedCost",
+    } <= used
 
 
 def test_the_session_story_query_reads_every_functions_log_group_by_the_logged_keys():

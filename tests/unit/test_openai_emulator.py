@@ -114,7 +114,11 @@ def test_the_log_keeps_n_and_the_output_options_as_sent(client, emulator):
     generate(client, n=2, output_format="jpeg", output_compression=40, background="opaque")
     (recorded,) = [r for r in emulator.requests if r.is_generation]
     assert (recorded.n, recorded.output_format, recorded.output_compression, recorded.background) == (
-        2, "jpeg", 40, "opaque")
+        2,
+        "jpeg",
+        40,
+        "opaque",
+    )
 
 
 def test_transparent_background_gives_an_image_with_alpha(client):
@@ -160,13 +164,19 @@ def test_retired_and_unknown_models_are_not_found(client, model):
     assert caught.value.code == "model_not_found"
     assert caught.value.body == {
         "message": f"The model '{model}' does not exist or you do not have access to it.",
-        "type": "invalid_request_error", "param": None, "code": "model_not_found",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "model_not_found",
     }
 
 
 def test_a_request_without_model_falls_to_the_retired_server_default(emulator):
-    response = requests.post(f"{emulator.base_url}/images/generations", json={"prompt": "a cat"},
-                             headers={"Authorization": f"Bearer {API_KEY}"}, timeout=5)
+    response = requests.post(
+        f"{emulator.base_url}/images/generations",
+        json={"prompt": "a cat"},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=5,
+    )
     assert response.status_code == 404
     assert "dall-e-2" in response.json()["error"]["message"]
 
@@ -203,14 +213,22 @@ def test_invalid_parameters_answer_400_naming_the_param(client, emulator, overri
 
 @pytest.mark.parametrize(
     ("model", "size"),
-    [("gpt-image-2", "3840x2160"), ("gpt-image-2", "2160x3840"), ("gpt-image-2", "1536x512"),
-     ("gpt-image-2-2026-04-21", "auto"), ("gpt-image-1.5", "1536x1024")],
+    [
+        ("gpt-image-2", "3840x2160"),
+        ("gpt-image-2", "2160x3840"),
+        ("gpt-image-2", "1536x512"),
+        ("gpt-image-2-2026-04-21", "auto"),
+        ("gpt-image-1.5", "1536x1024"),
+    ],
 )
 def test_sizes_at_the_limits_are_accepted(emulator, model, size):
     # checked over raw HTTP with n=1 quality low; the big ones are drawn too, so keep this list short
-    response = requests.post(f"{emulator.base_url}/images/generations", timeout=10,
-                             headers={"Authorization": f"Bearer {API_KEY}"},
-                             json={"model": model, "prompt": "edge", "size": size, "quality": "low"})
+    response = requests.post(
+        f"{emulator.base_url}/images/generations",
+        timeout=10,
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        json={"model": model, "prompt": "edge", "size": size, "quality": "low"},
+    )
     assert response.status_code == 200, response.text
 
 
@@ -237,8 +255,9 @@ def test_unknown_route_and_bad_json(emulator):
     headers = {"Authorization": f"Bearer {API_KEY}"}
     unknown = requests.post(f"{emulator.base_url}/images/variations", headers=headers, timeout=5)
     assert unknown.status_code == 404 and unknown.json()["error"]["message"].startswith("Invalid URL")
-    bad = requests.post(f"{emulator.base_url}/images/generations", data=b"{not json", headers=headers,
-                        timeout=5)
+    bad = requests.post(
+        f"{emulator.base_url}/images/generations", data=b"{not json", headers=headers, timeout=5
+    )
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
 
 
@@ -246,8 +265,11 @@ def test_unknown_route_and_bad_json(emulator):
 
 
 def test_missing_key_is_401_with_openais_body(emulator):
-    response = requests.post(f"{emulator.base_url}/images/generations", timeout=5,
-                             json={"model": "gpt-image-2", "prompt": "a cat", "size": "64x64"})
+    response = requests.post(
+        f"{emulator.base_url}/images/generations",
+        timeout=5,
+        json={"model": "gpt-image-2", "prompt": "a cat", "size": "64x64"},
+    )
     assert response.status_code == 401
     error = response.json()["error"]
     assert error["message"].startswith("You didn't provide an API key.")
@@ -286,21 +308,51 @@ def test_the_raw_key_never_reaches_the_log(client, emulator):
 @pytest.mark.parametrize(
     ("behaviour", "exception", "status", "body"),
     [
-        (Behaviour(kind="server_error"), openai.InternalServerError, 500,
-         {"type": "server_error", "code": None, "param": None}),
-        (Behaviour(kind="server_error", status=503), openai.InternalServerError, 503,
-         {"type": "server_error", "code": None}),
-        (Behaviour(kind="rate_limited"), openai.RateLimitError, 429,
-         {"type": "requests", "code": "rate_limit_exceeded", "param": None}),
-        (Behaviour(kind="insufficient_quota"), openai.RateLimitError, 429,
-         {"type": "insufficient_quota", "code": "insufficient_quota", "param": None}),
-        (Behaviour(kind="billing_hard_limit"), openai.BadRequestError, 400,
-         {"code": "billing_hard_limit_reached", "message": "Billing hard limit has been reached"}),
-        (Behaviour(kind="invalid_key"), openai.AuthenticationError, 401,
-         {"type": "invalid_request_error", "code": "invalid_api_key"}),
-        (Behaviour(kind="model_not_found"), openai.NotFoundError, 404,
-         {"code": "model_not_found",
-          "message": "The model 'gpt-image-2' does not exist or you do not have access to it."}),
+        (
+            Behaviour(kind="server_error"),
+            openai.InternalServerError,
+            500,
+            {"type": "server_error", "code": None, "param": None},
+        ),
+        (
+            Behaviour(kind="server_error", status=503),
+            openai.InternalServerError,
+            503,
+            {"type": "server_error", "code": None},
+        ),
+        (
+            Behaviour(kind="rate_limited"),
+            openai.RateLimitError,
+            429,
+            {"type": "requests", "code": "rate_limit_exceeded", "param": None},
+        ),
+        (
+            Behaviour(kind="insufficient_quota"),
+            openai.RateLimitError,
+            429,
+            {"type": "insufficient_quota", "code": "insufficient_quota", "param": None},
+        ),
+        (
+            Behaviour(kind="billing_hard_limit"),
+            openai.BadRequestError,
+            400,
+            {"code": "billing_hard_limit_reached", "message": "Billing hard limit has been reached"},
+        ),
+        (
+            Behaviour(kind="invalid_key"),
+            openai.AuthenticationError,
+            401,
+            {"type": "invalid_request_error", "code": "invalid_api_key"},
+        ),
+        (
+            Behaviour(kind="model_not_found"),
+            openai.NotFoundError,
+            404,
+            {
+                "code": "model_not_found",
+                "message": "The model 'gpt-image-2' does not exist or you do not have access to it.",
+            },
+        ),
     ],
 )
 def test_scripted_behaviour_raises_its_openai_error(client, emulator, behaviour, exception, status, body):
@@ -352,7 +404,12 @@ def test_queue_is_fifo_then_default_and_rules_match_every_time(client, emulator)
         generate(client, prompt="forbidden again")
 
     assert [r.outcome for r in emulator.requests] == [
-        "moderation_blocked", "ok", "server_error", "insufficient_quota", "moderation_blocked"]
+        "moderation_blocked",
+        "ok",
+        "server_error",
+        "insufficient_quota",
+        "moderation_blocked",
+    ]
 
 
 def test_latency_applies_before_answering(client, emulator):
@@ -403,8 +460,9 @@ def test_rate_cap_refuses_the_request_above_the_cap_with_the_exact_wait(client, 
     assert headers["x-ratelimit-reset-requests"] == format_reset_duration(retry_after_ms / 1000)
     assert headers["x-ratelimit-remaining-requests"] == "0"
 
-    other_key = openai.OpenAI(api_key="sk-another-key-000000000000", base_url=emulator.base_url,
-                              max_retries=0)
+    other_key = openai.OpenAI(
+        api_key="sk-another-key-000000000000", base_url=emulator.base_url, max_retries=0
+    )
     generate(other_key)  # the window is per key
 
     time.sleep(retry_after_ms / 1000)
@@ -426,11 +484,15 @@ def test_lifting_the_cap(client, emulator):
 
 def test_http_control_scripts_reads_and_resets(client, emulator):
     control = emulator.control_url
-    answer = requests.post(f"{control}/behaviours", timeout=5, json={
-        "enqueue": [{"kind": "rate_limited", "retry_after_s": 2}, "server_error"],
-        "rule": {"prompt_contains": "nsfw", "behaviour": {"kind": "moderation_blocked"}},
-        "default": {"kind": "ok", "latency_s": 0},
-    })
+    answer = requests.post(
+        f"{control}/behaviours",
+        timeout=5,
+        json={
+            "enqueue": [{"kind": "rate_limited", "retry_after_s": 2}, "server_error"],
+            "rule": {"prompt_contains": "nsfw", "behaviour": {"kind": "moderation_blocked"}},
+            "default": {"kind": "ok", "latency_s": 0},
+        },
+    )
     assert answer.status_code == 200 and len(answer.json()["queued"]) == 2
 
     with pytest.raises(openai.RateLimitError) as caught:
@@ -444,14 +506,28 @@ def test_http_control_scripts_reads_and_resets(client, emulator):
 
     log = requests.get(f"{control}/requests", timeout=5).json()["data"]
     assert [entry["status"] for entry in log] == [429, 500, 400, 200]
-    assert set(log[0]) >= {"started_at", "finished_at", "model", "prompt", "size", "quality",
-                           "key_fingerprint", "status", "outcome", "request_id"}
+    assert set(log[0]) >= {
+        "started_at",
+        "finished_at",
+        "model",
+        "prompt",
+        "size",
+        "quality",
+        "key_fingerprint",
+        "status",
+        "outcome",
+        "request_id",
+    }
 
     assert requests.post(f"{control}/rate_cap", json={"requests_per_minute": 1}, timeout=5).status_code == 200
     assert requests.post(f"{control}/reset", timeout=5).status_code == 200
     assert requests.get(f"{control}/requests", timeout=5).json()["data"] == []
     assert emulator.scripting_state() == {
-        "queued": [], "rules": [], "default": Behaviour().model_dump(mode="json"), "rate_cap": None}
+        "queued": [],
+        "rules": [],
+        "default": Behaviour().model_dump(mode="json"),
+        "rate_cap": None,
+    }
 
 
 @pytest.mark.parametrize(
@@ -516,8 +592,14 @@ def test_arrival_times_are_taken_by_the_emulators_process_when_it_reads_the_requ
     """The request is sent while the emulator's process is frozen: its recorded arrival is after the thaw,
     so the time is taken by that process when it gets to the request, not by whoever sent it."""
     body = json.dumps({"model": "gpt-image-2", "prompt": "frozen", "size": "256x256"}).encode()
-    head = ["POST /v1/images/generations HTTP/1.1", "Host: 127.0.0.1", f"Authorization: Bearer {API_KEY}",
-            "Content-Type: application/json", f"Content-Length: {len(body)}", "Connection: close"]
+    head = [
+        "POST /v1/images/generations HTTP/1.1",
+        "Host: 127.0.0.1",
+        f"Authorization: Bearer {API_KEY}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+    ]
     request = "".join(f"{line}\r\n" for line in head).encode() + b"\r\n" + body
     os.kill(remote.pid, signal.SIGSTOP)
     try:
@@ -591,8 +673,16 @@ def test_lifecycle_binds_loopback_and_stops_serving():
 
 @pytest.mark.parametrize(
     ("seconds", "text"),
-    [(0, "0s"), (0.25, "250ms"), (0.0004, "1ms"), (1.5, "1.5s"), (12, "12s"), (60, "1m0s"),
-     (359.9994, "6m0s"), (3723.5, "1h2m3.5s")],
+    [
+        (0, "0s"),
+        (0.25, "250ms"),
+        (0.0004, "1ms"),
+        (1.5, "1.5s"),
+        (12, "12s"),
+        (60, "1m0s"),
+        (359.9994, "6m0s"),
+        (3723.5, "1h2m3.5s"),
+    ],
 )
 def test_reset_duration_format(seconds, text):
     assert format_reset_duration(seconds) == text

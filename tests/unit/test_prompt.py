@@ -1,7 +1,6 @@
 """build_prompt and prompt_class_ids over the answer shapes the hub really returns."""
 
 import pytest
-
 from dalle_plugin.domain.errors import AssetUnreadable, PromptNotFound
 from dalle_plugin.domain.prompt import (
     build_prompt,
@@ -35,13 +34,24 @@ def entity(object_id, start, end, selection=None, schema_id=PROMPT_ENTITY, **ext
     ner = {"start": start, "end": end}
     if selection is not None:
         ner["selection"] = selection
-    return {"schemaId": schema_id, "objectId": object_id, "title": "Prompt", "ner": ner,
-            "classifications": [], **extra}
+    return {
+        "schemaId": schema_id,
+        "objectId": object_id,
+        "title": "Prompt",
+        "ner": ner,
+        "classifications": [],
+        **extra,
+    }
 
 
 def text_classification(answer, schema_id=PROMPT_TEXT, nested=None, tool="text"):
-    return {"schemaId": schema_id, "tool": tool, "title": "Prompt", "answer": answer,
-            "classifications": nested or []}
+    return {
+        "schemaId": schema_id,
+        "tool": tool,
+        "title": "Prompt",
+        "answer": answer,
+        "classifications": nested or [],
+    }
 
 
 class CountingText:
@@ -146,15 +156,20 @@ def test_entities_are_read_in_text_order_whatever_order_the_hub_lists_them():
 
 
 def test_a_part_ending_in_punctuation_is_joined_with_a_space():
-    answer = {"tools": [entity("o1", *js_span(STORY, "a red barn.")),
-                        entity("o2", *js_span(STORY, "tiny dog"))]}
+    answer = {
+        "tools": [entity("o1", *js_span(STORY, "a red barn.")), entity("o2", *js_span(STORY, "tiny dog"))]
+    }
     assert build("entity-annotation", answer, text=STORY).text == "a red barn. tiny dog"
     assert join_parts(["Stop!", "Go"]) == "Stop! Go"
 
 
 def test_entities_of_other_classes_are_ignored():
-    answer = {"tools": [entity("o1", *js_span(STORY, "red barn")),
-                        entity("o2", *js_span(STORY, "tiny dog"), schema_id=OTHER)]}
+    answer = {
+        "tools": [
+            entity("o1", *js_span(STORY, "red barn")),
+            entity("o2", *js_span(STORY, "tiny dog"), schema_id=OTHER),
+        ]
+    }
     assert build("entity-annotation", answer, text=STORY).text == "red barn"
 
 
@@ -207,8 +222,9 @@ def test_the_occurrence_nearest_the_offsets_is_used_to_order_entities():
     text = "a dog here. a cat there. a dog again at the end"
     second_dog = js_span(text, "a dog", occurrence=1)
     cat = js_span(text, "a cat")
-    answer = {"tools": [entity("o1", second_dog[0] + 3, second_dog[1] + 3, "a dog"),
-                        entity("o2", *cat, "a cat")]}
+    answer = {
+        "tools": [entity("o1", second_dog[0] + 3, second_dog[1] + 3, "a dog"), entity("o2", *cat, "a cat")]
+    }
     prompt = build("entity-annotation", answer, text=text)
     assert prompt.parts == ["a cat", "a dog"]
 
@@ -234,8 +250,13 @@ def test_offsets_outside_the_text_without_selection_are_prompt_not_found():
 
 def test_overlapping_and_touching_entities_are_read_as_one_passage():
     text = "We see a red barn at sunset near the river."
-    answer = {"tools": [entity("o1", *js_span(text, "a red barn")), entity("o2", *js_span(text, "at sunset")),
-                        entity("o3", *js_span(text, "barn at"))]}
+    answer = {
+        "tools": [
+            entity("o1", *js_span(text, "a red barn")),
+            entity("o2", *js_span(text, "at sunset")),
+            entity("o3", *js_span(text, "barn at")),
+        ]
+    }
     prompt = build("entity-annotation", answer, text=text)
     assert prompt.text == "a red barn at sunset"
     assert prompt.notes == [
@@ -256,8 +277,10 @@ def test_offsets_sent_as_strings_are_understood():
 
 def test_the_text_is_fetched_once_for_entities_and_never_for_text_classifications():
     asset = CountingText(STORY)
-    answer = {"tools": [entity("o1", *js_span(STORY, "red barn")), entity("o2", *js_span(STORY, "tiny dog"))],
-              "classifications": [text_classification("typed prompt")]}
+    answer = {
+        "tools": [entity("o1", *js_span(STORY, "red barn")), entity("o2", *js_span(STORY, "tiny dog"))],
+        "classifications": [text_classification("typed prompt")],
+    }
     build_prompt("entity-annotation", answer, [PROMPT_ENTITY], asset, LIMIT)
     assert asset.calls == 1
     build_prompt("text-annotation", answer, [PROMPT_TEXT], asset, LIMIT)
@@ -296,7 +319,8 @@ def test_entity_prompt_without_a_mapped_class_says_how_to_map_it():
     with pytest.raises(PromptNotFound) as caught:
         build("entity-annotation", {"tools": [entity("o1", 0, 4)]}, ids=(), text=STORY)
     assert "Map the plugin's Prompt class to your entity class in the plugin settings (Class Mapping)" in (
-        caught.value.message)
+        caught.value.message
+    )
 
 
 def test_entity_prompt_mapped_but_absent_says_where_it_looked():
@@ -337,14 +361,24 @@ def test_an_entity_slice_through_an_emoji_drops_the_half_character():
 def test_typed_text_is_read_top_level_first_then_nested_in_annotations_recursively():
     answer = {
         "tools": [
-            entity("o1", 0, 4, schema_id=OTHER, classifications=[
-                text_classification("a lighthouse", nested=[text_classification("in a storm")]),
-            ]),
+            entity(
+                "o1",
+                0,
+                4,
+                schema_id=OTHER,
+                classifications=[
+                    text_classification("a lighthouse", nested=[text_classification("in a storm")]),
+                ],
+            ),
         ],
         "classifications": [
             text_classification("Oil painting"),
-            {"schemaId": OTHER, "tool": "radio", "answer": "opt-1",
-             "classifications": [text_classification("dramatic light")]},
+            {
+                "schemaId": OTHER,
+                "tool": "radio",
+                "answer": "opt-1",
+                "classifications": [text_classification("dramatic light")],
+            },
         ],
         "relations": [],
     }
@@ -362,8 +396,9 @@ def test_empty_typed_answers_are_skipped_with_a_note():
 
 
 def test_text_classifications_of_other_classes_are_ignored():
-    answer = {"classifications": [text_classification("not this", schema_id=OTHER),
-                                  text_classification("this")]}
+    answer = {
+        "classifications": [text_classification("not this", schema_id=OTHER), text_classification("this")]
+    }
     assert build("text-annotation", answer, ids=(PROMPT_TEXT,)).text == "this"
 
 
@@ -377,9 +412,10 @@ def test_text_prompt_without_a_mapped_class_says_how_to_map_it():
 
 
 def test_text_prompt_mapped_but_absent_says_where_it_looked():
-    answer = {"classifications": [text_classification("x", schema_id=OTHER)],
-              "tools": [entity("o1", 0, 4, schema_id=OTHER,
-                               classifications=[text_classification("y", OTHER)])]}
+    answer = {
+        "classifications": [text_classification("x", schema_id=OTHER)],
+        "tools": [entity("o1", 0, 4, schema_id=OTHER, classifications=[text_classification("y", OTHER)])],
+    }
     with pytest.raises(PromptNotFound) as caught:
         build("text-annotation", answer, ids=(PROMPT_TEXT,))
     message = caught.value.message
@@ -450,8 +486,9 @@ def test_slicing_follows_javascript_for_astral_characters():
 def test_the_nearest_of_many_occurrences_is_found_past_astral_characters():
     text = "😀 fox. " * 2000  # every "fox" sits 8 JavaScript units after the previous one
     target = 8 * 1234 + 3
-    answer = {"tools": [entity("o1", target + 1, target + 4, "fox"),
-                        entity("o2", 8 * 1235 + 3, 8 * 1235 + 6)]}
+    answer = {
+        "tools": [entity("o1", target + 1, target + 4, "fox"), entity("o2", 8 * 1235 + 3, 8 * 1235 + 6)]
+    }
     prompt = build("entity-annotation", answer, text=text)
     assert prompt.parts == ["fox", "fox"]
     assert f"found at {target}-{target + 3}" in prompt.notes[0]

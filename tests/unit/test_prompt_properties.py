@@ -1,9 +1,8 @@
 """Rules that must hold for every input: shortening, JavaScript offsets, entity round trips."""
 
+from dalle_plugin.domain.prompt import build_prompt, shorten_at_word_boundary, slice_utf16, utf16_length
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-
-from dalle_plugin.domain.prompt import build_prompt, shorten_at_word_boundary, slice_utf16, utf16_length
 
 # Every code point, lone surrogates included: JavaScript strings can hold those too.
 any_text = st.text(alphabet=st.characters(blacklist_categories=()), max_size=60)
@@ -55,7 +54,7 @@ def test_shortening_is_a_prefix_within_the_limit_that_cuts_no_word_when_avoidabl
     best = best_boundary_cut(text, max_chars)
     if best is not None:
         assert len(result) == best
-        assert text[len(result)].isspace() or text[len(result):].strip() == ""
+        assert text[len(result)].isspace() or text[len(result) :].strip() == ""
     else:
         assert result == text[:max_chars]
 
@@ -79,8 +78,11 @@ def test_an_entity_at_javascript_offsets_reads_back_exactly_what_was_highlighted
     assume(highlighted.strip())
     start = len(js_code_units(text[:begin]))
     end = start + len(js_code_units(highlighted))
-    answer = {"tools": [{"schemaId": "p", "objectId": "o", "ner": {"start": start, "end": end,
-                                                                  "selection": highlighted}}]}
+    answer = {
+        "tools": [
+            {"schemaId": "p", "objectId": "o", "ner": {"start": start, "end": end, "selection": highlighted}}
+        ]
+    }
     prompt = build_prompt("entity-annotation", answer, ["p"], lambda: text, 10_000)
     assert prompt.text == " ".join(highlighted.split())
     assert prompt.notes == []

@@ -13,9 +13,6 @@ import heapq
 from dataclasses import dataclass, field
 
 import pytest
-from hypothesis import given, settings as hypothesis_settings, strategies as st
-from pydantic import ValidationError
-
 from dalle_plugin.domain.rate_limit import (
     Ask,
     LimiterSettings,
@@ -25,6 +22,10 @@ from dalle_plugin.domain.rate_limit import (
     service_order,
     wake_at_ms,
 )
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
 
 MAX_OFFSET_MS = 40  # clocks of the deciding environments are off by up to this
 MAX_DELAY_MS = 20  # from the clock reading before a claim to the request's arrival
@@ -63,7 +64,9 @@ def simulate(settings: LimiterSettings, runs: list[SimRun], delay_ms: int = 0) -
     attempt = {i: 1 for i in range(len(runs))}
     wakes = {i: 0 for i in range(len(runs))}
     done: set[int] = set()
-    outcome = Outcome({i: [] for i in range(len(runs))}, {i: [] for i in range(len(runs))}, set(), set(), [], 0)
+    outcome = Outcome(
+        {i: [] for i in range(len(runs))}, {i: [] for i in range(len(runs))}, set(), set(), [], 0
+    )
     steps = 0
     while events:
         steps += 1
@@ -78,8 +81,9 @@ def simulate(settings: LimiterSettings, runs: list[SimRun], delay_ms: int = 0) -
             outcome.cancelled.add(index)
             continue
         ticket = f"run-{index}#{attempt[index]}"
-        ask = Ask(f"run-{index}", ticket, run.arrival_ms, run.org, run.interactive,
-                  may_refuse=wakes[index] == 0)
+        ask = Ask(
+            f"run-{index}", ticket, run.arrival_ms, run.org, run.interactive, may_refuse=wakes[index] == 0
+        )
         answer = decide(state, ask, now + run.offset_ms, settings)
         state = answer.state
         outcome.max_state = max(outcome.max_state, len(state.sends) + len(state.queue))
@@ -137,16 +141,20 @@ def sim_runs(draw, max_runs: int = 12) -> list[SimRun]:
     for _ in range(count):
         # distinct acceptance times: runs accepted in the same millisecond are ordered by whoever asks first
         clock += draw(st.one_of(st.just(1), st.integers(1, 50), st.integers(1, 4000)))
-        runs.append(SimRun(
-            org=draw(st.sampled_from(["org-a", "org-b", "org-c"])),
-            interactive=draw(st.booleans()),
-            arrival_ms=clock,
-            offset_ms=draw(st.integers(-MAX_OFFSET_MS, MAX_OFFSET_MS)),
-            lateness_ms=draw(st.lists(st.one_of(st.just(0), st.integers(0, 3000)), min_size=1, max_size=3)),
-            cancel_at_ms=draw(st.one_of(st.none(), st.integers(clock, clock + 8000))),
-            crash_after_claim=draw(st.booleans()),
-            duplicate=draw(st.booleans()),
-        ))
+        runs.append(
+            SimRun(
+                org=draw(st.sampled_from(["org-a", "org-b", "org-c"])),
+                interactive=draw(st.booleans()),
+                arrival_ms=clock,
+                offset_ms=draw(st.integers(-MAX_OFFSET_MS, MAX_OFFSET_MS)),
+                lateness_ms=draw(
+                    st.lists(st.one_of(st.just(0), st.integers(0, 3000)), min_size=1, max_size=3)
+                ),
+                cancel_at_ms=draw(st.one_of(st.none(), st.integers(clock, clock + 8000))),
+                crash_after_claim=draw(st.booleans()),
+                duplicate=draw(st.booleans()),
+            )
+        )
     return runs
 
 
@@ -178,7 +186,10 @@ def test_first_come_first_served_within_an_organisation_and_a_kind(settings, run
                 # never takes an earlier one's slot, nor passes it while it is away: it went at the
                 # earlier one's turn, which that one then missed by oversleeping
                 if sent_at[a] > sent_at[b] + settings.skew_margin_ms:
-                    assert outcome.told[a] and sent_at[b] >= min(outcome.told[a]) - settings.skew_margin_ms, (a, b)
+                    assert outcome.told[a] and sent_at[b] >= min(outcome.told[a]) - settings.skew_margin_ms, (
+                        a,
+                        b,
+                    )
                     assert any(runs[a].lateness_ms), (a, b)
 
 
@@ -188,15 +199,21 @@ def test_organisations_take_turns(limit, runs_per_org):
     """A backlog of several organisations, all waiting before the first slot frees (editor runs of
     another organisation fill the window first): the workflow runs are sent in rounds, each round one
     per organisation that still waits, FIFO within each."""
-    settings = LimiterSettings(limit=limit, window_s=1, skew_margin_ms=10, abandon_after_ms=600_000,
-                               max_queue_wait_s=10_000)
+    settings = LimiterSettings(
+        limit=limit, window_s=1, skew_margin_ms=10, abandon_after_ms=600_000, max_queue_wait_s=10_000
+    )
     # slots free one at a time (the editor runs sent 5 ms apart), so no two runs' turns coincide
     fillers = [SimRun(org="filler", interactive=True, arrival_ms=5 * k) for k in range(limit)]
-    runs = [SimRun(org=f"org-{o}", interactive=False, arrival_ms=30 + o * 10 + k * 100)
-            for o, count in enumerate(runs_per_org) for k in range(count)]
+    runs = [
+        SimRun(org=f"org-{o}", interactive=False, arrival_ms=30 + o * 10 + k * 100)
+        for o, count in enumerate(runs_per_org)
+        for k in range(count)
+    ]
     outcome = simulate(settings, fillers + runs)
     sent = [fillers_and_runs for fillers_and_runs in outcome.order if fillers_and_runs >= limit]
-    expected_orgs = [o for turn in range(max(runs_per_org)) for o, count in enumerate(runs_per_org) if turn < count]
+    expected_orgs = [
+        o for turn in range(max(runs_per_org)) for o, count in enumerate(runs_per_org) if turn < count
+    ]
     assert [runs[index - limit].org for index in sent] == [f"org-{o}" for o in expected_orgs]
     for o in range(len(runs_per_org)):
         mine = [index for index in sent if runs[index - limit].org == f"org-{o}"]
@@ -217,10 +234,15 @@ def test_a_run_that_wakes_late_keeps_its_place():
     """The head of the queue oversleeps by 2 s: runs of another organisation behind it use the free slot
     after the margin; it sends as soon as a slot frees once it is there, before anyone accepted after it
     in its own line."""
-    settings = LimiterSettings(limit=1, window_s=1, skew_margin_ms=50, wake_lead_ms=0, short_wait_ms=0,
-                               abandon_after_ms=600_000)
-    runs = [SimRun("org-a", False, 0), SimRun("org-a", False, 10, lateness_ms=[2000]),
-            SimRun("org-b", False, 20), SimRun("org-a", False, 30)]
+    settings = LimiterSettings(
+        limit=1, window_s=1, skew_margin_ms=50, wake_lead_ms=0, short_wait_ms=0, abandon_after_ms=600_000
+    )
+    runs = [
+        SimRun("org-a", False, 0),
+        SimRun("org-a", False, 10, lateness_ms=[2000]),
+        SimRun("org-b", False, 20),
+        SimRun("org-a", False, 30),
+    ]
     outcome = simulate(settings, runs)
     assert outcome.order.index(1) < outcome.order.index(3)
     assert outcome.order.index(2) < outcome.order.index(1)  # org-b did not idle behind the late run
@@ -228,8 +250,9 @@ def test_a_run_that_wakes_late_keeps_its_place():
 
 
 def test_the_eta_of_a_backlog_is_exact_when_everyone_is_on_time():
-    settings = LimiterSettings(limit=5, window_s=6, skew_margin_ms=100, wake_lead_ms=0, short_wait_ms=0,
-                               abandon_after_ms=600_000)
+    settings = LimiterSettings(
+        limit=5, window_s=6, skew_margin_ms=100, wake_lead_ms=0, short_wait_ms=0, abandon_after_ms=600_000
+    )
     runs = [SimRun("org-a", False, k) for k in range(30)]
     outcome = simulate(settings, runs)
     for index, told in outcome.told.items():
@@ -280,8 +303,9 @@ def test_state_stays_bounded_whatever_the_history():
     assert len(state.sends) <= 5 and len(state.queue) == 0
 
 
-@pytest.mark.parametrize("field, value", [("skew_margin_ms", 0), ("limit", 0), ("window_s", 0),
-                                          ("max_queue_wait_s", 0)])
+@pytest.mark.parametrize(
+    "field, value", [("skew_margin_ms", 0), ("limit", 0), ("window_s", 0), ("max_queue_wait_s", 0)]
+)
 def test_settings_refuse_nonsense(field, value):
     with pytest.raises(ValidationError):
         LimiterSettings(**{field: value})

@@ -11,7 +11,7 @@ README = (PROJECT_ROOT / "README.md").read_text()
 
 def _deploy_section() -> str:
     start = README.index("## Deploy to AWS")
-    return README[start:README.index("\n## ", start + 1)]
+    return README[start : README.index("\n## ", start + 1)]
 
 
 def test_every_output_and_parameter_the_deploy_walk_through_names_exists():

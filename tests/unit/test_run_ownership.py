@@ -7,7 +7,6 @@ import datetime as dt
 import json
 
 import pytest
-
 from dalle_plugin.domain.errors import NotRunOwner, RunCancelled
 from dalle_plugin.domain.payload import parse_payload
 from dalle_plugin.domain.run import FailureInput, RunRef, RunStatus, StepError
@@ -20,11 +19,18 @@ from dalle_plugin.domain.steps import (
     record_failure,
     start_session,
 )
+
 from tests.faults.test_step_idempotency import Clock, Generator, Hub, Images, Offers, Runs, Vault
 
 TODAY = dt.date(2026, 1, 15)
-CONFIG = json.dumps({"openai_api_key": "sk-own-key-for-tests", "model_name": "gpt-image-1",
-                     "get_prompt_from": "full-text-asset", "image_size": "1024x1024"})
+CONFIG = json.dumps(
+    {
+        "openai_api_key": "sk-own-key-for-tests",
+        "model_name": "gpt-image-1",
+        "get_prompt_from": "full-text-asset",
+        "image_size": "1024x1024",
+    }
+)
 MACHINE = "arn:aws:states:us-east-1:123456789012:execution:RunPlugin"
 
 
@@ -51,15 +57,31 @@ class Starter:
 
 
 def _payload(session: str, tasks: list[str]) -> object:
-    return parse_payload(json.dumps({
-        "projectId": "proj", "session": session, "apiKey": "ango-key", "workflow": True, "configJSON": CONFIG,
-        "tasks": [{"taskId": task, "dataURL": f"https://hub.example/{task}.txt"} for task in tasks],
-    }).encode())
+    return parse_payload(
+        json.dumps(
+            {
+                "projectId": "proj",
+                "session": session,
+                "apiKey": "ango-key",
+                "workflow": True,
+                "configJSON": CONFIG,
+                "tasks": [{"taskId": task, "dataURL": f"https://hub.example/{task}.txt"} for task in tasks],
+            }
+        ).encode()
+    )
 
 
 def _deps(starter: Starter | None = None, generator: Generator | None = None) -> StepDeps:
-    return StepDeps(runs=Runs(), clock=Clock(), vault=Vault(), hub_for=lambda run, key: Hub(), images=Images(),
-                    generator=generator or Generator(), reusable_images=Offers(), starter=starter or Starter())
+    return StepDeps(
+        runs=Runs(),
+        clock=Clock(),
+        vault=Vault(),
+        hub_for=lambda run, key: Hub(),
+        images=Images(),
+        generator=generator or Generator(),
+        reusable_images=Offers(),
+        starter=starter or Starter(),
+    )
 
 
 def _ref(deps: StepDeps, task: str, session: str = "s1") -> RunRef:
@@ -113,8 +135,12 @@ def test_cancel_then_resend_gives_the_run_to_a_new_execution_and_the_old_one_doe
         with pytest.raises(NotRunOwner):
             step(old, deps)
     assert deps.generator.requests == 0
-    gone = record_failure(FailureInput(session="s1", task_id="a", execution=old.execution,
-                                       error=StepError(Error="NotRunOwner")), deps)
+    gone = record_failure(
+        FailureInput(
+            session="s1", task_id="a", execution=old.execution, error=StepError(Error="NotRunOwner")
+        ),
+        deps,
+    )
     assert gone["status"] == "NOT_OWNER" and deps.runs.get("s1", "a").status is RunStatus.QUEUED
     # the new one runs it, once
     extract_prompt(new, deps)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-
 from dalle_plugin.domain.errors import OrgQuotaReached, SpendingLimitReached
 from dalle_plugin.domain.run import HeldAllowance, ModelInfo, RunRecord
 from dalle_plugin.domain.spending import (
@@ -19,7 +18,7 @@ from dalle_plugin.domain.spending import (
 )
 from dalle_plugin.ports import AllowanceAnswer
 
-NOW = int(dt.datetime(2026, 11, 20, 15, 30, tzinfo=dt.timezone.utc).timestamp() * 1000)
+NOW = int(dt.datetime(2026, 11, 20, 15, 30, tzinfo=dt.UTC).timestamp() * 1000)
 
 
 class MemoryLedger:
@@ -47,10 +46,22 @@ class MemoryLedger:
 
 
 def _run(task: str = "t1", **fields) -> RunRecord:
-    base = dict(session="s1", task_id=task, execution_name=f"s1_{task}", project_id="p", prompt_source="text-annotation",
-                model=ModelInfo(requested="gpt-image-2", actual="gpt-image-2"), size="1024x1024", quality="medium",
-                max_prompt_chars=32000, uses_default_key=True, created_at_ms=NOW, updated_at_ms=NOW,
-                org_id="org-1", cost_per_image_usd=0.042)
+    base = dict(
+        session="s1",
+        task_id=task,
+        execution_name=f"s1_{task}",
+        project_id="p",
+        prompt_source="text-annotation",
+        model=ModelInfo(requested="gpt-image-2", actual="gpt-image-2"),
+        size="1024x1024",
+        quality="medium",
+        max_prompt_chars=32000,
+        uses_default_key=True,
+        created_at_ms=NOW,
+        updated_at_ms=NOW,
+        org_id="org-1",
+        cost_per_image_usd=0.042,
+    )
     return RunRecord(**(base | fields))
 
 
@@ -97,8 +108,11 @@ def test_the_org_quota_counts_images_per_utc_day_and_waits_for_the_next_day():
     assert take_allowances(_run("t1", images_per_task=2), ledger, quota, NOW)[0].amount == 2
     waiting = take_allowances(_run("t2", images_per_task=2), ledger, quota, NOW)
     assert isinstance(waiting, QuotaWait)
-    assert waiting.until_ms == next_utc_midnight_ms(NOW) == int(dt.datetime(2026, 11, 21, tzinfo=dt.timezone.utc)
-                                                                  .timestamp() * 1000)
+    assert (
+        waiting.until_ms
+        == next_utc_midnight_ms(NOW)
+        == int(dt.datetime(2026, 11, 21, tzinfo=dt.UTC).timestamp() * 1000)
+    )
     assert "3 images a day" in waiting.message and "2026-11-21 00:00 UTC" in waiting.message
     assert "waits" in waiting.message
     # the next day has its own counter
@@ -112,7 +126,10 @@ def test_the_org_quota_can_end_the_run_instead_and_says_when_to_try_again():
     take_allowances(_run("t1"), ledger, quota, NOW)
     with pytest.raises(OrgQuotaReached) as refused:
         take_allowances(_run("t2"), ledger, quota, NOW)
-    assert "used up for 2026-11-20" in refused.value.message and "after 2026-11-21 00:00 UTC" in refused.value.message
+    assert (
+        "used up for 2026-11-20" in refused.value.message
+        and "after 2026-11-21 00:00 UTC" in refused.value.message
+    )
 
 
 def test_organisations_are_counted_apart_and_own_keys_are_not_counted():

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from dalle_plugin.domain import errors
+
 from local_stack.template import PROJECT_ROOT, LocalTemplate
 
 CFN_LINT = Path(sys.executable).parent / "cfn-lint"
@@ -23,7 +23,9 @@ def _definition() -> dict:
 
 
 def test_cfn_lint_passes_on_the_template():
-    result = subprocess.run([str(CFN_LINT), str(PROJECT_ROOT / "template.yaml")], capture_output=True, text=True)
+    result = subprocess.run(
+        [str(CFN_LINT), str(PROJECT_ROOT / "template.yaml")], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -36,21 +38,32 @@ def test_a_request_runs_its_tasks_in_a_bounded_map():
     run_each = _definition()["States"]["Run Each Task"]
     assert run_each["Type"] == "Map" and run_each["ItemsPath"] == "$.tasks"
     assert run_each["MaxConcurrency"] == 10
-    assert run_each["ItemSelector"] == {"session.$": "$.session", "taskId.$": "$$.Map.Item.Value.taskId",
-                                        "execution.$": "$$.Execution.Id"}
+    assert run_each["ItemSelector"] == {
+        "session.$": "$.session",
+        "taskId.$": "$$.Map.Item.Value.taskId",
+        "execution.$": "$$.Execution.Id",
+    }
 
 
 def test_the_state_machine_retries_only_named_transient_errors():
     states = _task_states()
     transient = {cls.__name__ for cls in [errors.Transient, *errors.Transient.__subclasses__()]}
-    lambda_service = {"Lambda.ServiceException", "Lambda.AWSLambdaException", "Lambda.SdkClientException",
-                      "Lambda.TooManyRequestsException"}
+    lambda_service = {
+        "Lambda.ServiceException",
+        "Lambda.AWSLambdaException",
+        "Lambda.SdkClientException",
+        "Lambda.TooManyRequestsException",
+    }
     timed_out = {"Lambda.Unknown", "Sandbox.Timedout"}  # only where a step may safely run again
     for name, state in states.items():
         for retry in state.get("Retry", []):
             assert "States.ALL" not in retry["ErrorEquals"], name
-            unknown = set(retry["ErrorEquals"]) - transient - lambda_service - (
-                timed_out if name != "Generate Image" else set())
+            unknown = (
+                set(retry["ErrorEquals"])
+                - transient
+                - lambda_service
+                - (timed_out if name != "Generate Image" else set())
+            )
             assert not unknown, f"{name} retries errors the code never raises: {unknown}"
             assert isinstance(retry["BackoffRate"], float)
 
@@ -61,7 +74,8 @@ def test_every_task_is_caught_into_record_failure():
         if state["Type"] == "Task" and name != "Record Failure":
             assert state["Catch"] == [
                 {"ErrorEquals": ["NotRunOwner"], "ResultPath": None, "Next": "Not This Execution's Run"},
-                {"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Record Failure"}]
+                {"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Record Failure"},
+            ]
     # and a failure to record a failure still ends only that task, never the batch
     assert states["Record Failure"]["Catch"][0]["Next"] == "Task Failed"
     assert states["Task Failed"] == {"Type": "Pass", "Comment": states["Task Failed"]["Comment"], "End": True}
@@ -70,8 +84,12 @@ def test_every_task_is_caught_into_record_failure():
 def test_the_rate_wait_uses_the_exact_timestamp_from_generate():
     states = _task_states()
     wait = states["Wait For Rate Slot"]
-    assert wait == {"Comment": wait["Comment"], "Type": "Wait", "TimestampPath": "$.generation.retryAt",
-                    "Next": "Generate Image"}
+    assert wait == {
+        "Comment": wait["Comment"],
+        "Type": "Wait",
+        "TimestampPath": "$.generation.retryAt",
+        "Next": "Generate Image",
+    }
     assert states["Image Ready?"]["Choices"][0]["Next"] == "Wait For Rate Slot"
 
 
@@ -81,8 +99,10 @@ def test_every_substitution_in_the_asl_is_defined_in_the_template():
     assert _task_states()["Extract Prompt"]["Next"] == "Generate Image"
 
 
-@pytest.mark.parametrize("logical_id", ["ExtractFunction", "GenerateFunction", "AttachFunction",
-                                        "RecordFailureFunction", "ApiFunction"])
+@pytest.mark.parametrize(
+    "logical_id",
+    ["ExtractFunction", "GenerateFunction", "AttachFunction", "RecordFailureFunction", "ApiFunction"],
+)
 def test_each_function_has_its_code_and_handler(logical_id):
     spec = LocalTemplate().functions()[logical_id]
     module, function = spec.handler.split(".")

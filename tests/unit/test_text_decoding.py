@@ -3,7 +3,6 @@
 import codecs
 
 import pytest
-
 from dalle_plugin.domain.errors import AssetUnreadable
 from dalle_plugin.domain.prompt import slice_utf16
 from dalle_plugin.domain.text_decoding import decode_text
@@ -26,7 +25,7 @@ def test_utf8_with_emoji_and_cjk():
 
 
 def test_utf8_bom_is_dropped_so_offset_zero_is_the_first_visible_character():
-    text = decode_text(codecs.BOM_UTF8 + "Sunset over hills".encode("utf-8"))
+    text = decode_text(codecs.BOM_UTF8 + b"Sunset over hills")
     assert text == "Sunset over hills"
     assert slice_utf16(text, 0, 6) == "Sunset"
 
@@ -82,7 +81,7 @@ def test_crlf_newlines_are_kept_so_offsets_after_them_do_not_shift():
 
 
 def test_a_utf8_character_cut_off_by_the_size_cap_is_dropped_not_misread():
-    raw = "Ünïcödé text ends with é".encode("utf-8")[:-1]
+    raw = "Ünïcödé text ends with é".encode()[:-1]
     assert decode_text(raw) == "Ünïcödé text ends with "
 
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 import functools
 import io
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit, single_metric
@@ -54,7 +55,6 @@ ESTIMATED_COST = "EstimatedCost"
 PROMPTS_TRUNCATED = "PromptsTruncated"
 
 
-
 # ---- logs ------------------------------------------------------------------------------------------
 
 
@@ -87,8 +87,10 @@ def log_errors(handler: Handler) -> Handler:
             return handler(event, context)
         except PluginError as exc:
             transient = " (transient)" if isinstance(exc, Transient) else ""
-            logger.warning(f"{type(exc).__name__}: {exc.message}{transient}",
-                           extra={"error": type(exc).__name__, "reason": exc.reason})
+            logger.warning(
+                f"{type(exc).__name__}: {exc.message}{transient}",
+                extra={"error": type(exc).__name__, "reason": exc.reason},
+            )
             raise
         except Exception:
             logger.exception("unexpected error")
@@ -160,8 +162,9 @@ def record_run_failed(reason: str) -> None:
     one is its own EMF document, so the ``Reason`` dimension never leaks onto another metric."""
     logger.info("run failed", extra={"reason": reason})
     metrics.add_metric(name=RUNS_FAILED, unit=MetricUnit.Count, value=1)
-    with single_metric(name=RUNS_FAILED, unit=MetricUnit.Count, value=1,
-                       namespace=metrics.namespace) as metric:
+    with single_metric(
+        name=RUNS_FAILED, unit=MetricUnit.Count, value=1, namespace=metrics.namespace
+    ) as metric:
         metric.add_dimension(name="Reason", value=reason or "unknown")
 
 
@@ -197,8 +200,9 @@ def generation_facts(run: RunRecord, since_ms: int) -> GenerationFacts | None:
     )
 
 
-def record_generation(outcome: GenerateOutcome, read_run: Callable[[], RunRecord | None],
-                      since_ms: int) -> None:
+def record_generation(
+    outcome: GenerateOutcome, read_run: Callable[[], RunRecord | None], since_ms: int
+) -> None:
     """Generate Image. A wait on OpenAI's own limit is counted when it happens; an image is counted (with
     its latency, estimated cost and the run's whole rate-slot wait) only by the invocation that made it,
     so a retried Generate that finds its image never counts it twice. ``read_run`` is only called for a
@@ -213,8 +217,14 @@ def record_generation(outcome: GenerateOutcome, read_run: Callable[[], RunRecord
     if facts is None:
         logger.info("image already stored: nothing generated", extra={"outcome": outcome.dump()})
         return
-    logger.info("image generated", extra={"outcome": outcome.dump(), "generation_ms": facts.latency_ms,
-                                          "slot_wait_s": facts.slot_wait_s})
+    logger.info(
+        "image generated",
+        extra={
+            "outcome": outcome.dump(),
+            "generation_ms": facts.latency_ms,
+            "slot_wait_s": facts.slot_wait_s,
+        },
+    )
     metrics.add_metric(name=IMAGES_GENERATED, unit=MetricUnit.Count, value=1)
     metrics.add_metric(name=GENERATION_LATENCY, unit=MetricUnit.Milliseconds, value=facts.latency_ms)
     if facts.estimated_cost_usd is not None:

@@ -7,8 +7,9 @@ point the real adapters at the local stack.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from dalle_plugin.domain.run import RunRecord
@@ -101,7 +102,9 @@ class StoredObject:
 
 
 class ImageStore(Protocol):
-    def put_image(self, key: str, body: bytes, content_type: str, metadata: dict[str, str]) -> StoredObject: ...
+    def put_image(
+        self, key: str, body: bytes, content_type: str, metadata: dict[str, str]
+    ) -> StoredObject: ...
 
     def get(self, key: str) -> bytes | None:
         """The object's bytes, or None when it does not exist."""
@@ -204,22 +207,22 @@ class RunStore(Protocol):
     a cancel and a step never overwrite each other; ``mutate`` may raise to refuse a change, and runs again
     on the current record when another writer came first."""
 
-    def create(self, run: "RunRecord") -> tuple["RunRecord", bool]:
+    def create(self, run: RunRecord) -> tuple[RunRecord, bool]:
         """Store the run unless one exists for (session, task); returns (the stored run, created?)."""
 
-    def get(self, session: str, task_id: str) -> "RunRecord | None": ...
+    def get(self, session: str, task_id: str) -> RunRecord | None: ...
 
-    def update(self, session: str, task_id: str, mutate: "Callable[[RunRecord], None]") -> "RunRecord":
+    def update(self, session: str, task_id: str, mutate: Callable[[RunRecord], None]) -> RunRecord:
         """Read the record, then ``change`` it."""
 
-    def change(self, run: "RunRecord", mutate: "Callable[[RunRecord], None]") -> "RunRecord":
+    def change(self, run: RunRecord, mutate: Callable[[RunRecord], None]) -> RunRecord:
         """Change a record the caller holds (as read or written at its ``version``) without reading it again:
         only what ``mutate`` changed is written."""
 
-    def recent(self, session: str, task_id: str) -> "RunRecord | None":
+    def recent(self, session: str, task_id: str) -> RunRecord | None:
         """The record as this store last read or wrote it, or read when it has not seen it."""
 
-    def list_session(self, session: str) -> "list[RunRecord]": ...
+    def list_session(self, session: str) -> list[RunRecord]: ...
 
 
 class ReusableImages(Protocol):

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-from functools import lru_cache
+from functools import cache
 from typing import Literal, TypeVar
 
-from dalle_plugin.domain.pricing import DEFAULT_PRICES
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from dalle_plugin.domain.pricing import DEFAULT_PRICES
 
 DEFAULT_SUCCESSORS = {"dall-e-2": "gpt-image-2", "dall-e-3": "gpt-image-2", "gpt-image-1": "gpt-image-2"}
 
@@ -55,11 +56,14 @@ class RateLimitSettings(CommonSettings):
 class ApiSettings(RateLimitSettings):
     state_machine_arn: str = Field(alias="STATE_MACHINE_ARN", min_length=1)
     plugin_secret_arn: str = Field(alias="PLUGIN_SECRET_ARN", min_length=1)
-    model_successors: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_SUCCESSORS), alias="MODEL_SUCCESSORS")
+    model_successors: dict[str, str] = Field(
+        default_factory=lambda: dict(DEFAULT_SUCCESSORS), alias="MODEL_SUCCESSORS"
+    )
     max_body_bytes: int = Field(default=262_144, alias="MAX_BODY_BYTES", gt=0)
     # USD per 1024x1024 image by model and quality, for the session's cost estimate; empty: built-in table
-    image_prices: dict[str, dict[str, float]] = Field(default_factory=lambda: dict(DEFAULT_PRICES),
-                                                      alias="IMAGE_PRICES")
+    image_prices: dict[str, dict[str, float]] = Field(
+        default_factory=lambda: dict(DEFAULT_PRICES), alias="IMAGE_PRICES"
+    )
 
     @field_validator("model_successors", "image_prices", mode="before")
     @classmethod
@@ -107,7 +111,7 @@ def read_settings(model: type[SettingsT], environ: dict[str, str] | None = None)
         raise SettingsError(f"{model.__name__} is misconfigured: {problems}") from None
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_settings(model: type[SettingsT]) -> SettingsT:
     """Read once per cold start."""
     return read_settings(model)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import boto3
@@ -38,7 +38,7 @@ from dalle_plugin.settings import (
 _BOTO_CONFIG = Config(retries={"mode": "standard", "max_attempts": 4}, connect_timeout=5, read_timeout=20)
 
 
-@lru_cache(maxsize=None)
+@cache
 def aws_client(service: str) -> Any:
     # A session per client: creating clients from the shared default session is not thread-safe.
     return boto3.session.Session().client(service, config=_BOTO_CONFIG)
@@ -108,7 +108,7 @@ def _common(settings: CommonSettings) -> dict[str, Any]:
     }
 
 
-@lru_cache(maxsize=None)
+@cache
 def api_deps() -> StepDeps:
     settings = load_settings(ApiSettings)
     return StepDeps(
@@ -119,21 +119,25 @@ def api_deps() -> StepDeps:
     )
 
 
-@lru_cache(maxsize=None)
+@cache
 def cancel_deps() -> StepDeps:
     """What a cancel needs: the API's ports plus the shared key's queue, to leave it."""
     from dalle_plugin.adapters.dynamo_rate_limiter import DynamoRateLimiter
 
     settings = load_settings(ApiSettings)
-    return dataclasses.replace(api_deps(), limiter=DynamoRateLimiter(
-        aws_client("dynamodb"), settings.rate_limit_table, _limiter_settings(settings)))
+    return dataclasses.replace(
+        api_deps(),
+        limiter=DynamoRateLimiter(
+            aws_client("dynamodb"), settings.rate_limit_table, _limiter_settings(settings)
+        ),
+    )
 
 
 #: the shortest plugin Secret the API accepts: an empty or short one would let anyone in
 MIN_PLUGIN_SECRET_CHARS = 32
 
 
-@lru_cache(maxsize=None)
+@cache
 def secrets_reader() -> SecretsManagerReader:
     return SecretsManagerReader(aws_client("secretsmanager"))
 
@@ -145,18 +149,19 @@ def plugin_secret() -> str:
     if len(secret) < MIN_PLUGIN_SECRET_CHARS:
         raise PluginSecretTooShort(
             f"The plugin Secret is shorter than {MIN_PLUGIN_SECRET_CHARS} characters, so the plugin refuses "
-            "every request. Store a longer Secret in Secrets Manager and in the hub's plugin settings.")
+            "every request. Store a longer Secret in Secrets Manager and in the hub's plugin settings."
+        )
     return secret
 
 
-@lru_cache(maxsize=None)
+@cache
 def authorizer_secret() -> str:
     """The Secret the authorizer compares with, read once per cold start (as the API's own check does)."""
     secret_arn = load_settings(AuthorizerSettings).plugin_secret_arn
     return SecretsManagerReader(aws_client("secretsmanager")).read(secret_arn)
 
 
-@lru_cache(maxsize=None)
+@cache
 def extract_deps() -> StepDeps:
     return StepDeps(**_common(load_settings(ExtractSettings)))
 
@@ -172,19 +177,24 @@ def _limiter_settings(settings: RateLimitSettings) -> Any:
     )
 
 
-@lru_cache(maxsize=None)
+@cache
 def generate_deps() -> StepDeps:
     from dalle_plugin.adapters.dynamo_rate_limiter import DynamoRateLimiter
     from dalle_plugin.adapters.openai_images import OpenAIImageGenerator  # the heavy import, here only
+
     settings = load_settings(GenerateSettings)
     secrets = secrets_reader()
     limiter_settings = _limiter_settings(settings)
-    limiter = DynamoRateLimiter(aws_client("dynamodb"), settings.rate_limit_table, limiter_settings,
-                                clock=SystemClock().now_ms)
+    limiter = DynamoRateLimiter(
+        aws_client("dynamodb"), settings.rate_limit_table, limiter_settings, clock=SystemClock().now_ms
+    )
     from dalle_plugin.domain.spending import OrgQuota
 
-    quota = (OrgQuota(settings.org_daily_image_quota, settings.org_quota_reached)
-             if settings.org_daily_image_quota > 0 else None)
+    quota = (
+        OrgQuota(settings.org_daily_image_quota, settings.org_quota_reached)
+        if settings.org_daily_image_quota > 0
+        else None
+    )
     return StepDeps(
         **_common(settings),
         org_quota=quota,
@@ -195,6 +205,6 @@ def generate_deps() -> StepDeps:
     )
 
 
-@lru_cache(maxsize=None)
+@cache
 def attach_deps() -> StepDeps:
     return StepDeps(**_common(load_settings(AttachSettings)))

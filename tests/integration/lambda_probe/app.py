@@ -19,8 +19,12 @@ def handler(event, context):
             time.sleep(0.02)
     if event.get("sleep_s"):
         time.sleep(event["sleep_s"])
-    answer = {"pid": os.getpid(), "invokes": INVOKES, "time": time.time(),
-              "function": os.environ.get("AWS_LAMBDA_FUNCTION_NAME")}
+    answer = {
+        "pid": os.getpid(),
+        "invokes": INVOKES,
+        "time": time.time(),
+        "function": os.environ.get("AWS_LAMBDA_FUNCTION_NAME"),
+    }
     if event.get("answer_bytes"):
         answer["padding"] = "x" * event["answer_bytes"]
     return answer

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from botocore.exceptions import ClientError
 
@@ -25,7 +26,9 @@ class S3ImageStore:
                 Bucket=self._bucket, Key=key, Body=body, ContentType=content_type, Metadata=metadata
             )
         except ClientError as exc:
-            raise StorageUnavailable(f"Could not store the image in S3: {exc.response['Error']['Code']}") from None
+            raise StorageUnavailable(
+                f"Could not store the image in S3: {exc.response['Error']['Code']}"
+            ) from None
         return StoredObject(bucket=self._bucket, key=key)
 
     def get(self, key: str) -> bytes | None:
@@ -34,7 +37,9 @@ class S3ImageStore:
         except ClientError as exc:
             if exc.response["Error"]["Code"] in ("NoSuchKey", "404"):
                 return None
-            raise StorageUnavailable(f"Could not read the image from S3: {exc.response['Error']['Code']}") from None
+            raise StorageUnavailable(
+                f"Could not read the image from S3: {exc.response['Error']['Code']}"
+            ) from None
 
     def presigned_url(self, key: str, expires_s: int = 3600) -> str:
         return self._client.generate_presigned_url(
@@ -56,9 +61,9 @@ class KmsSecretVault:
         ]
 
     def open(self, sealed: bytes, context: dict[str, str]) -> dict[str, str]:
-        plaintext = self._client.decrypt(CiphertextBlob=sealed, KeyId=self._key_id, EncryptionContext=context)[
-            "Plaintext"
-        ]
+        plaintext = self._client.decrypt(
+            CiphertextBlob=sealed, KeyId=self._key_id, EncryptionContext=context
+        )["Plaintext"]
         return json.loads(plaintext)
 
 
@@ -70,8 +75,9 @@ SECRET_MAX_AGE_S = 120.0
 class SecretsManagerReader:
     """Secrets read once per ``max_age_s`` (not once per container: a rotation must reach warm Lambdas)."""
 
-    def __init__(self, client: Any, max_age_s: float = SECRET_MAX_AGE_S,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, client: Any, max_age_s: float = SECRET_MAX_AGE_S, clock: Callable[[], float] = time.monotonic
+    ):
         self._client = client
         self._max_age_s = max_age_s
         self._clock = clock

@@ -49,7 +49,9 @@ class DynamoAllowanceLedger:
             )
         except ClientError as exc:
             if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
-                raise StorageUnavailable(f"Could not count against a limit: {exc.response['Error']['Code']}") from None
+                raise StorageUnavailable(
+                    f"Could not count against a limit: {exc.response['Error']['Code']}"
+                ) from None
             old = exc.response.get("Item") or {}
             used = int(old.get("used", {}).get("N", "0"))
             return AllowanceAnswer(granted=ticket in old.get("tickets", {}).get("SS", []), used=used)
@@ -70,9 +72,14 @@ class DynamoAllowanceLedger:
             )
         except ClientError as exc:
             if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":  # already given back
-                raise StorageUnavailable(f"Could not give back a reservation: {exc.response['Error']['Code']}") from None
+                raise StorageUnavailable(
+                    f"Could not give back a reservation: {exc.response['Error']['Code']}"
+                ) from None
 
     def used(self, counter: str) -> int:
         """The counter's total (0 when nothing was ever counted)."""
-        item = self._client.get_item(TableName=self._table, Key=_key(counter), ConsistentRead=True).get("Item") or {}
+        item = (
+            self._client.get_item(TableName=self._table, Key=_key(counter), ConsistentRead=True).get("Item")
+            or {}
+        )
         return int(item.get("used", {}).get("N", "0"))

@@ -23,7 +23,8 @@ from __future__ import annotations
 import json
 import random
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -62,7 +63,9 @@ def decode_state(text: str) -> LimiterState:
     raw = json.loads(text)
     return LimiterState(
         sends=tuple(Send(int(at), ticket, org, bool(i)) for at, ticket, org, i in raw.get("s", [])),
-        queue=tuple(Waiter(run_id, int(acc), org, bool(i), int(eta)) for run_id, acc, org, i, eta in raw.get("q", [])),
+        queue=tuple(
+            Waiter(run_id, int(acc), org, bool(i), int(eta)) for run_id, acc, org, i, eta in raw.get("q", [])
+        ),
     )
 
 
@@ -99,7 +102,9 @@ class DynamoRateLimiter:
         self.calls = 0
 
     def acquire(self, ask: RateAsk) -> RateDecision:
-        rule_ask = Ask(ask.run_id, ask.ticket, ask.accepted_ms, ask.org_id or "", ask.interactive, ask.may_refuse)
+        rule_ask = Ask(
+            ask.run_id, ask.ticket, ask.accepted_ms, ask.org_id or "", ask.interactive, ask.may_refuse
+        )
         calls = contended = 0
         fresh = False  # whether the state in hand was confirmed by this call
         waited_ms = 0
@@ -107,7 +112,10 @@ class DynamoRateLimiter:
         for _ in range(self._max_attempts):
             now = self._clock()
             answer = decide(self._state, rule_ask, now, self._settings)
-            short = not (answer.granted or answer.refused) and answer.start_at_ms - now <= self._settings.short_wait_ms
+            short = (
+                not (answer.granted or answer.refused)
+                and answer.start_at_ms - now <= self._settings.short_wait_ms
+            )
             joined = joined or (fresh and any(w.run_id == ask.run_id for w in self._state.queue))
             # A grant is always written (it is the claim). A short wait in place needs no write once the run
             # is in the stored queue: it decides again after it. A long wait or a refusal is only given
@@ -124,7 +132,9 @@ class DynamoRateLimiter:
                     continue
                 fresh = True
             if answer.granted or answer.refused:
-                return RateDecision(answer.granted, answer.start_at_ms, answer.position, answer.refused, calls)
+                return RateDecision(
+                    answer.granted, answer.start_at_ms, answer.position, answer.refused, calls
+                )
             wait_ms = answer.start_at_ms - now
             if short and waited_ms < 2 * self._settings.short_wait_ms:
                 self._sleep(wait_ms / 1000)  # the turn is close: wait for it here rather than in a Wait state
@@ -198,4 +208,3 @@ class DynamoRateLimiter:
 def item_bytes(state: LimiterState, key: str = "global") -> int:
     """Roughly what DynamoDB bills for the item: attribute names and values."""
     return len("pk") + len(key) + len("v") + 8 + len("state") + len(encode_state(state).encode())
-

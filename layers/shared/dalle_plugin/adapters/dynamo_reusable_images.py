@@ -34,8 +34,12 @@ class DynamoReusableImages:
 
     def claim(self, fingerprint: str) -> str | None:
         try:
-            old = self._client.delete_item(TableName=self._table, Key=_key(fingerprint), ReturnValues="ALL_OLD")
+            old = self._client.delete_item(
+                TableName=self._table, Key=_key(fingerprint), ReturnValues="ALL_OLD"
+            )
         except ClientError as exc:
-            raise StorageUnavailable(f"Could not look for a reusable image: {exc.response['Error']['Code']}") from None
+            raise StorageUnavailable(
+                f"Could not look for a reusable image: {exc.response['Error']['Code']}"
+            ) from None
         attributes = old.get("Attributes") or {}
         return attributes["imageKey"]["S"] if "imageKey" in attributes else None

@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 import random
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from botocore.exceptions import ClientError
 
@@ -102,8 +103,10 @@ class DynamoRunStore:
                 values["sealedSecrets"] = item["sealedSecrets"]["B"]
             values["version"] = int(item["version"]["N"])
         else:
-            values = {"session": item["pk"]["S"].removeprefix("SESSION#"),
-                      "taskId": item["sk"]["S"].removeprefix("TASK#")}
+            values = {
+                "session": item["pk"]["S"].removeprefix("SESSION#"),
+                "taskId": item["sk"]["S"].removeprefix("TASK#"),
+            }
             for name, attribute in item.items():
                 field = _FIELD_OF_ALIAS.get(name)
                 if field is not None and field not in _KEY_FIELDS:
@@ -115,8 +118,11 @@ class DynamoRunStore:
     @staticmethod
     def readable_attributes() -> tuple[str, dict[str, str]]:
         """A projection of everything but the sealed secrets (for listings that must not even read them)."""
-        names = {f"#a{i}": name for i, name in enumerate(["pk", "sk", "doc", *_FIELD_OF_ALIAS])
-                 if name != _alias("sealed_secrets")}
+        names = {
+            f"#a{i}": name
+            for i, name in enumerate(["pk", "sk", "doc", *_FIELD_OF_ALIAS])
+            if name != _alias("sealed_secrets")
+        }
         return ", ".join(names), names
 
     @staticmethod
@@ -136,7 +142,7 @@ class DynamoRunStore:
                 removes.append(name)
             elif isinstance(value, list) and isinstance(was, list) and value[: len(was)] == was:
                 # only new entries are sent; if_not_exists covers a field the stored item lacks
-                values[f":f{index}"] = _encode(field, value[len(was):])
+                values[f":f{index}"] = _encode(field, value[len(was) :])
                 values[":empty"] = {"L": []}
                 sets.append(f"{name} = list_append(if_not_exists({name}, :empty), :f{index})")
             else:
@@ -144,8 +150,12 @@ class DynamoRunStore:
                 sets.append(f"{name} = :f{index}")
         sets.append("#version = :next")
         expression = "SET " + ", ".join(sets) + (" REMOVE " + ", ".join(removes) if removes else "")
-        return {"UpdateExpression": expression, "ConditionExpression": "#version = :version",
-                "ExpressionAttributeNames": names, "ExpressionAttributeValues": values}
+        return {
+            "UpdateExpression": expression,
+            "ConditionExpression": "#version = :version",
+            "ExpressionAttributeNames": names,
+            "ExpressionAttributeValues": values,
+        }
 
     # ---- RunStore ---------------------------------------------------------------------------------
 
@@ -161,7 +171,9 @@ class DynamoRunStore:
             return self._remember(run), True
         except ClientError as exc:
             if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
-                raise StorageUnavailable(f"Could not store the run: {exc.response['Error']['Code']}") from None
+                raise StorageUnavailable(
+                    f"Could not store the run: {exc.response['Error']['Code']}"
+                ) from None
             old = exc.response.get("Item")
             if old:
                 return self._read(old), False
@@ -170,7 +182,9 @@ class DynamoRunStore:
             return existing, False
 
     def get(self, session: str, task_id: str) -> RunRecord | None:
-        item = self._client.get_item(TableName=self._table, Key=_key(session, task_id), ConsistentRead=True).get("Item")
+        item = self._client.get_item(
+            TableName=self._table, Key=_key(session, task_id), ConsistentRead=True
+        ).get("Item")
         return self._read(item) if item else None
 
     def recent(self, session: str, task_id: str) -> RunRecord | None:
@@ -202,15 +216,21 @@ class DynamoRunStore:
             stored = known if known is not None and known.version == run.version else run
             try:
                 if key in self._legacy:
-                    self._client.put_item(TableName=self._table, Item=self._to_item(after),
-                                          ConditionExpression="version = :v",
-                                          ExpressionAttributeValues={":v": {"N": str(run.version)}},
-                                          ReturnValuesOnConditionCheckFailure="ALL_OLD")
+                    self._client.put_item(
+                        TableName=self._table,
+                        Item=self._to_item(after),
+                        ConditionExpression="version = :v",
+                        ExpressionAttributeValues={":v": {"N": str(run.version)}},
+                        ReturnValuesOnConditionCheckFailure="ALL_OLD",
+                    )
                     self._legacy.discard(key)
                 else:
-                    self._client.update_item(TableName=self._table, Key=_key(*key),
-                                             ReturnValuesOnConditionCheckFailure="ALL_OLD",
-                                             **self._changes(stored, after, run.version))
+                    self._client.update_item(
+                        TableName=self._table,
+                        Key=_key(*key),
+                        ReturnValuesOnConditionCheckFailure="ALL_OLD",
+                        **self._changes(stored, after, run.version),
+                    )
             except ClientError as exc:
                 if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
                     raise

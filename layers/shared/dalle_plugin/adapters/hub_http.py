@@ -171,7 +171,11 @@ class AngoHubClient:
             shown = _without_query(url)
             try:
                 answer = self._with_retries(
-                    "GET", url, shown, headers={"User-Agent": USER_AGENT}, body_cap=self.max_text_bytes,
+                    "GET",
+                    url,
+                    shown,
+                    headers={"User-Agent": USER_AGENT},
+                    body_cap=self.max_text_bytes,
                     address=address,
                 )
             except _TooLarge:
@@ -305,8 +309,9 @@ class AngoHubClient:
         if json_body is not None:
             headers["Content-Type"] = "application/json"
             body = json.dumps(json_body, allow_nan=False).encode()
-        answer = self._with_retries(method, url, path, headers=headers, body=body, at_most_once=at_most_once,
-                                    best_effort=best_effort)
+        answer = self._with_retries(
+            method, url, path, headers=headers, body=body, at_most_once=at_most_once, best_effort=best_effort
+        )
         if answer.status == 429:
             raise HubUnavailable(
                 f"Ango Hub is rate limiting {method} {path} (HTTP 429"
@@ -352,8 +357,10 @@ class AngoHubClient:
         for attempt in range(1, attempts + 1):
             left = None if ends_at is None else ends_at - time.monotonic()
             if left is not None and left < MIN_ATTEMPT_S:
-                raise HubUnavailable(f"Ango Hub did not answer {method} {shown} within the time this step had "
-                                     f"left{f' ({problem})' if problem else ''}.")
+                raise HubUnavailable(
+                    f"Ango Hub did not answer {method} {shown} within the time this step had "
+                    f"left{f' ({problem})' if problem else ''}."
+                )
             try:
                 return self._send_once(method, url, headers, body, body_cap, address, left)
             except _Retryable as failure:
@@ -421,7 +428,9 @@ class AngoHubClient:
         except (ValueError, UnicodeError) as exc:
             if isinstance(exc, urllib3.exceptions.HTTPError):
                 raise _Retryable(f"connection failed ({type(exc).__name__})", maybe_applied=False) from None
-            unsendable = True  # raised below, outside this block, so the error quoting the value is not chained
+            unsendable = (
+                True  # raised below, outside this block, so the error quoting the value is not chained
+            )
         # NewConnectionError first: urllib3 derives it from its TimeoutError, but it means "refused"
         except urllib3.exceptions.NewConnectionError as exc:
             raise _Retryable(f"connection failed ({type(exc).__name__})", maybe_applied=False) from None
@@ -498,8 +507,12 @@ def _pinned_pool(url: str, address: str) -> tuple[urllib3.HTTPConnectionPool, st
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     if parts.scheme == "https":
         pool: urllib3.HTTPConnectionPool = urllib3.HTTPSConnectionPool(
-            address, parts.port or 443, maxsize=1, retries=False,
-            server_hostname=parts.hostname, assert_hostname=parts.hostname,
+            address,
+            parts.port or 443,
+            maxsize=1,
+            retries=False,
+            server_hostname=parts.hostname,
+            assert_hostname=parts.hostname,
         )
     else:
         pool = urllib3.HTTPConnectionPool(address, parts.port or 80, maxsize=1, retries=False)

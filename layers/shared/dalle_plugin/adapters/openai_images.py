@@ -10,7 +10,8 @@ from __future__ import annotations
 import base64
 import math
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import openai
 
@@ -67,7 +68,11 @@ def _error_fields(exc: openai.APIStatusError) -> tuple[str, str, str]:
     error = body.get("error", body) if isinstance(body, dict) else {}
     if not isinstance(error, dict):
         error = {}
-    return str(error.get("code") or exc.code or ""), str(error.get("type") or ""), str(error.get("message") or "")
+    return (
+        str(error.get("code") or exc.code or ""),
+        str(error.get("type") or ""),
+        str(error.get("message") or ""),
+    )
 
 
 def _safe(message: str) -> str:
@@ -88,7 +93,11 @@ def classify(exc: Exception, model: str) -> PluginError:
     status = exc.status_code
     request = f" (OpenAI request id {exc.request_id})" if exc.request_id else ""
     if code in ("moderation_blocked", "content_policy_violation") or kind == "image_generation_user_error":
-        details = (exc.body or {}).get("error", {}).get("moderation_details", {}) if isinstance(exc.body, dict) else {}
+        details = (
+            (exc.body or {}).get("error", {}).get("moderation_details", {})
+            if isinstance(exc.body, dict)
+            else {}
+        )
         stage = details.get("moderation_stage", "input")
         what = "the generated image" if stage == "output" else "the prompt"
         return ImageRefused(
@@ -97,7 +106,7 @@ def classify(exc: Exception, model: str) -> PluginError:
     if status == 401:
         return OpenAIKeyInvalid(
             "OpenAI rejected the API key (invalid or revoked). Check openai_api_key in the Config JSON, "
-            f"or use \"default\"{request}."
+            f'or use "default"{request}.'
         )
     if status == 403:
         return ModelNotAvailable(
@@ -109,19 +118,25 @@ def classify(exc: Exception, model: str) -> PluginError:
             f"Pick a model the key can use in model_name{request}."
         )
     if status == 429 and (code == "insufficient_quota" or kind == "insufficient_quota"):
-        return QuotaExhausted(f"The OpenAI account behind this key is out of credit (insufficient_quota){request}.")
+        return QuotaExhausted(
+            f"The OpenAI account behind this key is out of credit (insufficient_quota){request}."
+        )
     if code == "billing_hard_limit_reached":
         return QuotaExhausted(f"The OpenAI account behind this key reached its spend limit{request}.")
     if status == 429:
         wait_ms = retry_after_ms(exc.response.headers if exc.response is not None else None)
-        return UpstreamRateLimited(f"OpenAI rate limit reached; retrying in {wait_ms / 1000:.1f} s{request}.", wait_ms)
+        return UpstreamRateLimited(
+            f"OpenAI rate limit reached; retrying in {wait_ms / 1000:.1f} s{request}.", wait_ms
+        )
     if status >= 500 or status in (408, 409):
         return OpenAIUnavailable(f"OpenAI answered {status}; the run will retry{request}.")
     return ImageRequestRejected(f"OpenAI refused the request: {_safe(message) or status}{request}.")
 
 
 class OpenAIImageGenerator:
-    def __init__(self, base_url: str | None, timeout_s: float, client_factory: Callable[..., Any] | None = None):
+    def __init__(
+        self, base_url: str | None, timeout_s: float, client_factory: Callable[..., Any] | None = None
+    ):
         self._base_url = base_url
         self._timeout_s = timeout_s
         self._client_factory = client_factory or openai.OpenAI
@@ -141,10 +156,18 @@ class OpenAIImageGenerator:
         self._client(api_key)
 
     def generate(self, request: ImageRequest, api_key: str) -> GeneratedImage:
-        params: dict[str, Any] = {"model": request.model, "prompt": request.prompt, "size": request.size,
-                                  "n": request.n}
-        optional = {"quality": request.quality, "output_format": request.output_format,
-                    "output_compression": request.output_compression, "background": request.background}
+        params: dict[str, Any] = {
+            "model": request.model,
+            "prompt": request.prompt,
+            "size": request.size,
+            "n": request.n,
+        }
+        optional = {
+            "quality": request.quality,
+            "output_format": request.output_format,
+            "output_compression": request.output_compression,
+            "background": request.background,
+        }
         params.update({name: value for name, value in optional.items() if value is not None})
         try:
             raw = self._client(api_key).images.with_raw_response.generate(**params)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 from urllib.parse import urlsplit
 
 from dalle_plugin.domain.errors import AssetUnreadable
@@ -45,7 +45,9 @@ class UrlGuard:
             raise AssetUnreadable("Refusing to fetch a malformed URL (bad host or port).") from None
         allow_listed = bool(parts.hostname) and self._allow_listed(parts.hostname, port)
         if parts.scheme != "https" and not (allow_listed and parts.scheme == "http"):
-            raise AssetUnreadable(f"Refusing to fetch {parts.scheme or 'a relative'} URL: only https is allowed.")
+            raise AssetUnreadable(
+                f"Refusing to fetch {parts.scheme or 'a relative'} URL: only https is allowed."
+            )
         if not parts.hostname:
             raise AssetUnreadable("Refusing to fetch a URL without a host.")
         if parts.username or parts.password:

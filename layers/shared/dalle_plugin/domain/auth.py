@@ -60,10 +60,12 @@ def authorizer_policy(request: AuthorizerRequest, allowed: bool) -> dict[str, An
         "principalId": "ango-hub" if allowed else "unknown",
         "policyDocument": {
             "Version": "2012-10-17",
-            "Statement": [{
-                "Action": "execute-api:Invoke",
-                "Effect": "Allow" if allowed else "Deny",
-                "Resource": api_wide_resource(request.method_arn),
-            }],
+            "Statement": [
+                {
+                    "Action": "execute-api:Invoke",
+                    "Effect": "Allow" if allowed else "Deny",
+                    "Resource": api_wide_resource(request.method_arn),
+                }
+            ],
         },
     }

@@ -65,7 +65,9 @@ def _cancel_run(run: RunRecord, deps: StepDeps) -> CancelOutcome:
         release(cancelled.held, deps.allowances)  # counted for a request that will never be sent
     if run.uses_default_key and run.rate_wait is not None and deps.limiter is not None:
         deps.limiter.leave(queue_id(run))  # the runs behind it in the shared key's queue move up
-    _hub_log(cancelled, hub, "Run cancelled before the image was generated; nothing was paid for.", level="WARNING")
+    _hub_log(
+        cancelled, hub, "Run cancelled before the image was generated; nothing was paid for.", level="WARNING"
+    )
     if hub is not None and not cancelled.workflow:
         try:
             hub.plugin_response(cancelled.session, error=True)

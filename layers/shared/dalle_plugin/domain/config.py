@@ -125,7 +125,9 @@ def _require_whole_number(field: str, value: Any, allowed: str) -> int:
     return int(value)
 
 
-def _require_choice(field: str, value: Any, choices: tuple[str, ...], aliases: Mapping[str, str] | None = None) -> str:
+def _require_choice(
+    field: str, value: Any, choices: tuple[str, ...], aliases: Mapping[str, str] | None = None
+) -> str:
     allowed = ", ".join(choices)
     text = _require_string(field, value, allowed).strip().lower()
     text = (aliases or {}).get(text, text)
@@ -214,7 +216,7 @@ class PluginConfig(BaseModel):
         allowed = "WIDTHxHEIGHT such as 1024x1024 (which sizes depends on the model), or auto"
         size = normalize_size(_require_string("image_size", value, allowed))
         if size != AUTO_SIZE and parse_size(size) is None:
-            raise InvalidConfig("image_size", _mask_key_like(value), allowed, "Write it like \"512x512\".")
+            raise InvalidConfig("image_size", _mask_key_like(value), allowed, 'Write it like "512x512".')
         return size
 
     @field_validator("quality", mode="before")
@@ -233,7 +235,7 @@ class PluginConfig(BaseModel):
     def _check_template(cls, value: Any) -> str | None:
         if value is None:
             return None
-        allowed = "a text with a {prompt} placeholder, e.g. \"Studio photo of {prompt}, soft light\""
+        allowed = 'a text with a {prompt} placeholder, e.g. "Studio photo of {prompt}, soft light"'
         text = _require_string("prompt_template", value, allowed)
         try:
             parse_template(text)
@@ -248,8 +250,9 @@ class PluginConfig(BaseModel):
         allowed = f"a whole number from 1 to {MAX_IMAGES_PER_TASK}"
         count = _require_whole_number("images_per_task", value, allowed)
         if not 1 <= count <= MAX_IMAGES_PER_TASK:
-            raise InvalidConfig("images_per_task", count, allowed,
-                                "Each image is paid for; leave it out for one image.")
+            raise InvalidConfig(
+                "images_per_task", count, allowed, "Each image is paid for; leave it out for one image."
+            )
         return count
 
     @field_validator("output_format", mode="before")
@@ -259,8 +262,12 @@ class PluginConfig(BaseModel):
             return None
         chosen = _require_choice("output_format", value, OUTPUT_FORMATS, {"jpg": "jpeg"})
         if chosen not in HUB_IMAGE_FORMATS:
-            raise InvalidConfig("output_format", chosen, ", ".join(HUB_IMAGE_FORMATS),
-                                f"OpenAI can write {chosen}, but Ango Hub attaches only JPG or PNG images to an asset.")
+            raise InvalidConfig(
+                "output_format",
+                chosen,
+                ", ".join(HUB_IMAGE_FORMATS),
+                f"OpenAI can write {chosen}, but Ango Hub attaches only JPG or PNG images to an asset.",
+            )
         return chosen
 
     @field_validator("output_compression", mode="before")
@@ -289,22 +296,32 @@ class PluginConfig(BaseModel):
             hint = "Write it as a number without quotes or currency sign." if isinstance(value, str) else ""
             raise InvalidConfig("max_cost_usd", _mask_key_like(value), allowed, hint)
         if not math.isfinite(value) or not 0 < value <= MAX_COST_LIMIT_USD:
-            raise InvalidConfig("max_cost_usd", value if math.isfinite(value) else str(value), allowed,
-                                "Leave it out for no limit.")
+            raise InvalidConfig(
+                "max_cost_usd",
+                value if math.isfinite(value) else str(value),
+                allowed,
+                "Leave it out for no limit.",
+            )
         return float(value)
 
     @model_validator(mode="after")
-    def _check_format_combinations(self) -> "PluginConfig":
+    def _check_format_combinations(self) -> PluginConfig:
         output_format = self.output_format or "png"
         if self.output_compression is not None and output_format not in COMPRESSIBLE_FORMATS:
             raise InvalidConfig(
-                "output_compression", self.output_compression, "only with output_format jpeg",
+                "output_compression",
+                self.output_compression,
+                "only with output_format jpeg",
                 f"output_format is {output_format}{'' if self.output_format else ' (the default)'}, which "
-                "is not compressed: set \"output_format\" to \"jpeg\", or leave out \"output_compression\".")
+                'is not compressed: set "output_format" to "jpeg", or leave out "output_compression".',
+            )
         if self.background == "transparent" and output_format not in FORMATS_WITH_ALPHA:
             raise InvalidConfig(
-                "background", "transparent", "transparent only with output_format png",
-                f"{output_format} has no transparency: set \"output_format\" to \"png\".")
+                "background",
+                "transparent",
+                "transparent only with output_format png",
+                f'{output_format} has no transparency: set "output_format" to "png".',
+            )
         return self
 
     @property
@@ -368,8 +385,10 @@ def _loads(text: str) -> Any:
     except json.JSONDecodeError as exc:
         raise _not_json(text, exc) from None
     except RecursionError:
-        raise MalformedConfig("Config JSON is nested too deeply: write it as one flat JSON object, e.g. "
-                              f"{_EXAMPLE}.", allowed="a JSON object") from None
+        raise MalformedConfig(
+            f"Config JSON is nested too deeply: write it as one flat JSON object, e.g. {_EXAMPLE}.",
+            allowed="a JSON object",
+        ) from None
 
 
 def _not_json(text: str, exc: json.JSONDecodeError) -> MalformedConfig:
@@ -433,34 +452,47 @@ class RunOptions(BaseModel):
     notes: tuple[str, ...] = Field(default=())
 
 
-def validate_run_options(config: PluginConfig, successors: Mapping[str, str], today: date,
-                         prices: Mapping[str, Mapping[str, float]] = DEFAULT_PRICES) -> RunOptions:
+def validate_run_options(
+    config: PluginConfig,
+    successors: Mapping[str, str],
+    today: date,
+    prices: Mapping[str, Mapping[str, float]] = DEFAULT_PRICES,
+) -> RunOptions:
     """Resolve the model that runs and check size, quality, output options, the prompt template's length
     and the spending limit against it."""
     resolved = resolve_model(config.model_name, successors, today)
     image = check_image_options(resolved, config.image_size, config.quality)
-    output = check_output_options(resolved, config.images_per_task, config.output_format,
-                                  config.output_compression, config.background)
+    output = check_output_options(
+        resolved, config.images_per_task, config.output_format, config.output_compression, config.background
+    )
     max_chars = resolved.spec.max_prompt_chars
     if config.prompt_template is not None:
         template = parse_template(config.prompt_template)
         if template.room_for_prompt(max_chars) < 1:
             raise InvalidConfig(
-                "prompt_template", f"a text of {len(config.prompt_template)} characters",
+                "prompt_template",
+                f"a text of {len(config.prompt_template)} characters",
                 f"a template that leaves room for the prompt within {resolved.actual}'s {max_chars:,} characters",
-                "Shorten the template.")
+                "Shorten the template.",
+            )
     cost = estimate_cost_usd(resolved.actual, image.size, image.quality, prices)
     if config.max_cost_usd is not None:
         if cost is None:
             raise InvalidConfig(
-                "max_cost_usd", config.max_cost_usd, "no limit for this model (leave it out)",
-                f"This deployment has no price for {resolved.actual}, so it cannot count spending against a limit.")
+                "max_cost_usd",
+                config.max_cost_usd,
+                "no limit for this model (leave it out)",
+                f"This deployment has no price for {resolved.actual}, so it cannot count spending against a limit.",
+            )
         per_task = cost * output.images_per_request
         if per_task > config.max_cost_usd:
             raise InvalidConfig(
-                "max_cost_usd", config.max_cost_usd, f"at least ${per_task:.4f} for these settings",
+                "max_cost_usd",
+                config.max_cost_usd,
+                f"at least ${per_task:.4f} for these settings",
                 f"One task's {output.images_per_request} image(s) at {image.size}, quality {image.quality} with "
-                f"{resolved.actual} cost about ${per_task:.4f}: raise the limit, or ask for fewer or cheaper images.")
+                f"{resolved.actual} cost about ${per_task:.4f}: raise the limit, or ask for fewer or cheaper images.",
+            )
     notes = ((resolved.note,) if resolved.note else ()) + image.notes
     return RunOptions(
         model=resolved,

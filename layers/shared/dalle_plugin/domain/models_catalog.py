@@ -338,7 +338,7 @@ def resolve_model(requested: str, successors: Mapping[str, str], today: date) ->
             hint = f"{retired.name} was retired by OpenAI on {retired.shutdown_date.isoformat()}."
             if successor is not None and successor not in CATALOG:
                 hint += f" This deployment maps {current.name} to '{successor}', which is not an image model."
-            hint += " Set \"model_name\" to one of the live models."
+            hint += ' Set "model_name" to one of the live models.'
             raise InvalidConfig("model_name", name, ", ".join(live), hint)
         seen.add(successor)
         current = CATALOG[successor]
@@ -409,7 +409,7 @@ def _check_quality(spec: ModelSpec, quality: str | None, notes: list[str]) -> st
         notes.append(f"quality '{wanted}' is a DALL-E setting; {spec.name} used '{translated}' instead")
         return translated
     guess = suggest(wanted, spec.qualities)
-    hint = f"Did you mean '{guess}'?" if guess else "Leave \"quality\" out to use the model's default."
+    hint = f"Did you mean '{guess}'?" if guess else 'Leave "quality" out to use the model\'s default.'
     allowed = ", ".join(spec.qualities)
     raise InvalidConfig("quality", quality, allowed, f"{spec.name} does not offer it. {hint}")
 
@@ -425,20 +425,38 @@ class OutputOptions(BaseModel):
     background: str | None = None
 
 
-def check_output_options(resolved: ResolvedModel, images: int, output_format: str | None,
-                         compression: int | None, background: str | None) -> OutputOptions:
+def check_output_options(
+    resolved: ResolvedModel,
+    images: int,
+    output_format: str | None,
+    compression: int | None,
+    background: str | None,
+) -> OutputOptions:
     """What the model that runs cannot do is refused, naming that model (as for sizes)."""
     spec = resolved.spec
     because = f" ({spec.name} runs because {resolved.note}.)" if resolved.substituted else ""
     if images > spec.max_images_per_request:
-        raise InvalidConfig("images_per_task", images, f"1 to {spec.max_images_per_request} for {spec.name}",
-                            f"{spec.name} makes at most {spec.max_images_per_request} image(s) per request.{because}")
+        raise InvalidConfig(
+            "images_per_task",
+            images,
+            f"1 to {spec.max_images_per_request} for {spec.name}",
+            f"{spec.name} makes at most {spec.max_images_per_request} image(s) per request.{because}",
+        )
     if output_format is not None and output_format not in spec.output_formats:
-        raise InvalidConfig("output_format", output_format, ", ".join(spec.output_formats),
-                            f"{spec.name} cannot write {output_format}.{because}")
+        raise InvalidConfig(
+            "output_format",
+            output_format,
+            ", ".join(spec.output_formats),
+            f"{spec.name} cannot write {output_format}.{because}",
+        )
     if background is not None and background not in spec.backgrounds:
         allowed = ", ".join(spec.backgrounds) or "nothing: leave it out"
-        raise InvalidConfig("background", background, allowed,
-                            f"{spec.name} does not take a background setting.{because}")
-    return OutputOptions(images_per_request=images, output_format=output_format or "png",
-                         output_compression=compression, background=background)
+        raise InvalidConfig(
+            "background", background, allowed, f"{spec.name} does not take a background setting.{because}"
+        )
+    return OutputOptions(
+        images_per_request=images,
+        output_format=output_format or "png",
+        output_compression=compression,
+        background=background,
+    )

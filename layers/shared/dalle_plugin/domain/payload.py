@@ -99,8 +99,9 @@ class HubPayload(BaseModel):
         for task in named:
             unique.setdefault(task.task_id, task)
         if not unique:
-            raise InvalidRequest("Payload field 'taskId' is required (or 'tasks' / 'taskIds' for a batch).",
-                                 field="taskId")
+            raise InvalidRequest(
+                "Payload field 'taskId' is required (or 'tasks' / 'taskIds' for a batch).", field="taskId"
+            )
         return list(unique.values())
 
     @property
@@ -133,5 +134,9 @@ def parse_payload(body: str | bytes | dict[str, Any] | None) -> HubPayload:
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(part) for part in first["loc"]) or "body"
-        reason = "is required" if first["type"] == "missing" else first["msg"].removeprefix("Value error, ").lower()
+        reason = (
+            "is required"
+            if first["type"] == "missing"
+            else first["msg"].removeprefix("Value error, ").lower()
+        )
         raise InvalidRequest(f"Payload field '{field}' {reason}.", field=field) from None

@@ -7,7 +7,7 @@ session, not a bill: the table is the operator's to keep current (``ImagePriceTa
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 # List prices per 1024x1024 image (USD). Each figure, with its source and date, is also in bench/prices.json
 # ("openai_per_image_1024"), and a test keeps the two equal.
@@ -26,12 +26,17 @@ PRICED_AREA = 1024 * 1024
 
 def _family(model: str, prices: Mapping[str, Mapping[str, float]]) -> Mapping[str, float] | None:
     """The longest price-table name the model starts with (snapshots and variants share their family's)."""
-    matches = [name for name in prices if model == name or model.startswith(name + "-") or model.startswith(name + ".")]
+    matches = [
+        name
+        for name in prices
+        if model == name or model.startswith(name + "-") or model.startswith(name + ".")
+    ]
     return prices[max(matches, key=len)] if matches else None
 
 
-def estimate_cost_usd(model: str, size: str, quality: str | None,
-                      prices: Mapping[str, Mapping[str, float]] = DEFAULT_PRICES) -> float | None:
+def estimate_cost_usd(
+    model: str, size: str, quality: str | None, prices: Mapping[str, Mapping[str, float]] = DEFAULT_PRICES
+) -> float | None:
     """None when the table has no price for the model (the session then shows no estimate)."""
     table = _family(model, prices)
     if table is None:

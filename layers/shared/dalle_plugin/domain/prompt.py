@@ -250,7 +250,7 @@ def shorten_at_word_boundary(text: str, max_chars: int) -> str:
 
 def _from_full_text(asset_text: Callable[[], str] | None) -> list[str]:
     if asset_text is None:
-        raise AssetUnreadable("The asset's text is not available, so \"full-text-asset\" cannot be used.")
+        raise AssetUnreadable('The asset\'s text is not available, so "full-text-asset" cannot be used.')
     text = asset_text()
     if not text.strip():
         raise PromptNotFound(

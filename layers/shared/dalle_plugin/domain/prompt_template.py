@@ -43,9 +43,13 @@ class PromptTemplate:
 
 def parse_template(text: str) -> PromptTemplate:
     if not text.strip():
-        raise TemplateProblem("The template is empty: leave \"prompt_template\" out to send the prompt as it is.")
+        raise TemplateProblem(
+            'The template is empty: leave "prompt_template" out to send the prompt as it is.'
+        )
     if len(text) > MAX_TEMPLATE_CHARS:
-        raise TemplateProblem(f"The template is {len(text)} characters; at most {MAX_TEMPLATE_CHARS} are allowed.")
+        raise TemplateProblem(
+            f"The template is {len(text)} characters; at most {MAX_TEMPLATE_CHARS} are allowed."
+        )
     try:
         parsed = list(string.Formatter().parse(text))
     except ValueError:

@@ -68,8 +68,12 @@ class LimiterSettings(BaseModel):
     skew_margin_ms: int = Field(default=1500, ge=1, description="clock offsets plus claim-to-arrival time")
     max_queue_wait_s: float = Field(default=1800.0, gt=0, description="longest wait a run may be queued for")
     wake_lead_ms: int = Field(default=2000, ge=0, description="a waiting run wakes this long before its turn")
-    short_wait_ms: int = Field(default=3500, ge=0, description="the longest a step waits in place for its turn")
-    abandon_after_ms: int = Field(default=30_000, ge=1, description="a run away this long past its ETA leaves")
+    short_wait_ms: int = Field(
+        default=3500, ge=0, description="the longest a step waits in place for its turn"
+    )
+    abandon_after_ms: int = Field(
+        default=30_000, ge=1, description="a run away this long past its ETA leaves"
+    )
 
     @property
     def window_ms(self) -> int:
@@ -141,8 +145,14 @@ def service_order(state: LimiterState) -> list[Waiter]:
                 by_org.setdefault(waiter.org, []).append(waiter)
         for runs in by_org.values():
             runs.sort(key=lambda w: (w.accepted_ms, w.run_id))
-        orgs = sorted(by_org, key=lambda org: (last_served.get((interactive, org), -1), by_org[org][0].accepted_ms,
-                                               by_org[org][0].run_id))
+        orgs = sorted(
+            by_org,
+            key=lambda org: (
+                last_served.get((interactive, org), -1),
+                by_org[org][0].accepted_ms,
+                by_org[org][0].run_id,
+            ),
+        )
         rounds = max((len(runs) for runs in by_org.values()), default=0)
         for turn in range(rounds):
             order.extend(by_org[org][turn] for org in orgs if turn < len(by_org[org]))
@@ -155,10 +165,12 @@ def free_slots(state: LimiterState, now_ms: int, settings: LimiterSettings) -> i
     return max(0, settings.limit - busy)
 
 
-def planned_starts(state: LimiterState, order: list[Waiter], now_ms: int, settings: LimiterSettings) -> list[int]:
+def planned_starts(
+    state: LimiterState, order: list[Waiter], now_ms: int, settings: LimiterSettings
+) -> list[int]:
     """When each run in ``order`` will send if every one claims at its turn: each takes the slot that frees
     first (a slot frees ``spacing`` after its last send)."""
-    frees = [send.at_ms + settings.spacing_ms for send in state.sends[-settings.limit:]]
+    frees = [send.at_ms + settings.spacing_ms for send in state.sends[-settings.limit :]]
     frees += [now_ms] * (settings.limit - len(frees))
     heapq.heapify(frees)
     starts = []
@@ -175,8 +187,9 @@ def _holds_a_slot(ahead: Waiter, now_ms: int, settings: LimiterSettings) -> bool
     return now_ms <= ahead.eta_ms + settings.skew_margin_ms
 
 
-def _delays_no_one_ahead(before: LimiterState, after: LimiterState, holders: list[Waiter], now_ms: int,
-                         settings: LimiterSettings) -> bool:
+def _delays_no_one_ahead(
+    before: LimiterState, after: LimiterState, holders: list[Waiter], now_ms: int, settings: LimiterSettings
+) -> bool:
     """Whether sending now leaves every run ahead that holds a slot a start no later than it has without
     this send, or than the ETA it sleeps until."""
     without = planned_starts(before, holders, now_ms, settings)
@@ -190,8 +203,9 @@ def decide(state: LimiterState, ask: Ask, now_ms: int, settings: LimiterSettings
         raise ValueError("a rate-limit ask needs a run id and a ticket")
     if any(send.ticket == ask.ticket for send in state.sends):
         return Answer(True, now_ms, 0, state, changed=False)  # this very send was granted already
-    queue = tuple(w for w in state.queue
-                  if w.run_id == ask.run_id or now_ms <= w.eta_ms + settings.abandon_after_ms)
+    queue = tuple(
+        w for w in state.queue if w.run_id == ask.run_id or now_ms <= w.eta_ms + settings.abandon_after_ms
+    )
     mine = next((w for w in queue if w.run_id == ask.run_id), None)
     joining = mine is None
     if mine is None:
@@ -200,15 +214,18 @@ def decide(state: LimiterState, ask: Ask, now_ms: int, settings: LimiterSettings
     current = replace(state, queue=queue)
     order = service_order(current)
     position = order.index(mine)
-    sends = (current.sends + (Send(now_ms, ask.ticket, ask.org, ask.interactive),))[-settings.limit:]
+    sends = (current.sends + (Send(now_ms, ask.ticket, ask.org, ask.interactive),))[-settings.limit :]
     granted = LimiterState(sends=sends, queue=tuple(w for w in queue if w.run_id != ask.run_id))
     ahead = order[:position]
     line_ahead = [w for w in ahead if w.org == mine.org and w.interactive is mine.interactive]
     # never pass a run of one's own line that is away (late, or asleep until later): FIFO
     passes_no_one_away = all(abs(now_ms - w.eta_ms) <= settings.skew_margin_ms for w in line_ahead)
     holders = [w for w in ahead if w in line_ahead or _holds_a_slot(w, now_ms, settings)]
-    if (passes_no_one_away and free_slots(current, now_ms, settings) > 0
-            and _delays_no_one_ahead(current, granted, holders, now_ms, settings)):
+    if (
+        passes_no_one_away
+        and free_slots(current, now_ms, settings) > 0
+        and _delays_no_one_ahead(current, granted, holders, now_ms, settings)
+    ):
         return Answer(True, now_ms, 0, granted, changed=True)
     eta = planned_starts(current, order, now_ms, settings)[position]
     if eta <= now_ms:  # its slot is free but held for a run ahead that may still come: look again soon

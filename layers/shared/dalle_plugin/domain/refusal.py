@@ -23,8 +23,11 @@ def tell_hub_refused(raw_body: bytes, message: str, deps: StepDeps) -> bool:
     api_key = body.get("apiKey")
     if not (isinstance(session, str) and session and isinstance(api_key, str) and api_key):
         return False
-    caller = SimpleNamespace(plugin_id=_text(body.get("pluginId")), org_id=_text(body.get("orgId")),
-                             run_by=_text(body.get("runBy")))
+    caller = SimpleNamespace(
+        plugin_id=_text(body.get("pluginId")),
+        org_id=_text(body.get("orgId")),
+        run_by=_text(body.get("runBy")),
+    )
     try:
         hub = deps.hub_for(caller, api_key)
         hub.plugin_log(session, f"Run refused: {message}", level="ERROR")

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from dalle_plugin.domain.pricing import DEFAULT_PRICES, estimate_cost_usd
 from dalle_plugin.domain.run import ImageInfo, RunRecord, RunStatus
 from dalle_plugin.ports import ImageStore
 
 
-def run_view(run: RunRecord, images: ImageStore | None = None,
-             prices: Mapping[str, Mapping[str, float]] = DEFAULT_PRICES) -> dict[str, Any]:
+def run_view(
+    run: RunRecord,
+    images: ImageStore | None = None,
+    prices: Mapping[str, Mapping[str, float]] = DEFAULT_PRICES,
+) -> dict[str, Any]:
     view: dict[str, Any] = {
         "taskId": run.task_id,
         "status": run.status.value,
@@ -43,8 +47,9 @@ def run_view(run: RunRecord, images: ImageStore | None = None,
         view["failure"] = run.failure.dump()
     # paid once the images exist (a cancelled or refused run costs nothing); every image of the request counts
     per_image = estimate_cost_usd(run.model.actual, run.size, run.quality, prices)
-    view["estimatedCostUsd"] = (None if per_image is None else round(per_image * len(run.images), 4)) \
-        if run.images else 0.0
+    view["estimatedCostUsd"] = (
+        (None if per_image is None else round(per_image * len(run.images), 4)) if run.images else 0.0
+    )
     return view
 
 
@@ -62,8 +67,12 @@ def _image_view(image: ImageInfo, store: ImageStore | None) -> dict[str, Any]:
     return shown
 
 
-def session_view(session: str, runs: list[RunRecord], images: ImageStore | None = None,
-                 prices: Mapping[str, Mapping[str, float]] = DEFAULT_PRICES) -> dict[str, Any]:
+def session_view(
+    session: str,
+    runs: list[RunRecord],
+    images: ImageStore | None = None,
+    prices: Mapping[str, Mapping[str, float]] = DEFAULT_PRICES,
+) -> dict[str, Any]:
     counts: dict[str, int] = {}
     for run in runs:
         counts[run.status.value] = counts.get(run.status.value, 0) + 1
@@ -74,7 +83,9 @@ def session_view(session: str, runs: list[RunRecord], images: ImageStore | None 
         status = (RunStatus.FAILED if any_failed else RunStatus.CANCELLED).value
     else:
         status = "RUNNING" if len(runs) > 1 else runs[0].status.value
-    views = [run_view(run, images, prices) for run in sorted(runs, key=lambda r: (r.created_at_ms, r.task_id))]
+    views = [
+        run_view(run, images, prices) for run in sorted(runs, key=lambda r: (r.created_at_ms, r.task_id))
+    ]
     waiting = sum(1 for run in runs if run.status in (RunStatus.QUEUED, RunStatus.WAITING_FOR_SLOT))
     return {
         "session": session,

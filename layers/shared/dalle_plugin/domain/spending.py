@@ -39,7 +39,7 @@ def org_day_counter(org_id: str | None, day: dt.date) -> str:
 
 
 def utc_day(now_ms: int) -> dt.date:
-    return dt.datetime.fromtimestamp(now_ms / 1000, tz=dt.timezone.utc).date()
+    return dt.datetime.fromtimestamp(now_ms / 1000, tz=dt.UTC).date()
 
 
 def next_utc_midnight_ms(now_ms: int) -> int:
@@ -67,8 +67,9 @@ class QuotaWait:
     message: str
 
 
-def take_allowances(run: RunRecord, ledger: AllowanceLedger, quota: OrgQuota | None,
-                    now_ms: int) -> list[HeldAllowance] | QuotaWait:
+def take_allowances(
+    run: RunRecord, ledger: AllowanceLedger, quota: OrgQuota | None, now_ms: int
+) -> list[HeldAllowance] | QuotaWait:
     """The grants this run's next request needs (those it already holds are not asked again).
 
     Returns what was newly granted (to record on the run), or the wait when the organisation's quota is
@@ -89,39 +90,49 @@ def take_allowances(run: RunRecord, ledger: AllowanceLedger, quota: OrgQuota | N
     if run.max_cost_usd is not None and counter not in held:
         amount = request_cost_micros(run)
         limit = math.floor(run.max_cost_usd * MICROS_PER_USD)
-        answer = ledger.reserve(counter, ticket, amount, limit, run.expires_at or now_ms // 1000 + 30 * 86_400)
+        answer = ledger.reserve(
+            counter, ticket, amount, limit, run.expires_at or now_ms // 1000 + 30 * 86_400
+        )
         if not answer.granted:
             release(granted, ledger)
             raise SpendingLimitReached(
                 f"This session's spending limit (max_cost_usd) is {usd(limit)}; its runs have already spent "
                 f"or reserved about {usd(answer.used)}, and this task's {_images(run)} would cost about "
                 f"{usd(amount)} more, so {'they were' if run.images_per_task > 1 else 'it was'} not requested. "
-                "Raise max_cost_usd and run the plugin again to generate it.")
+                "Raise max_cost_usd and run the plugin again to generate it."
+            )
         granted.append(HeldAllowance(counter=counter, ticket=ticket, amount=amount))
     return granted
 
 
-def _take_org_images(run: RunRecord, ledger: AllowanceLedger, quota: OrgQuota, ticket: str,
-                     now_ms: int) -> HeldAllowance | QuotaWait:
+def _take_org_images(
+    run: RunRecord, ledger: AllowanceLedger, quota: OrgQuota, ticket: str, now_ms: int
+) -> HeldAllowance | QuotaWait:
     day = utc_day(now_ms)
     counter = org_day_counter(run.org_id, day)
     amount = run.images_per_task
     midnight_ms = next_utc_midnight_ms(now_ms)
-    tomorrow = dt.datetime.fromtimestamp(midnight_ms / 1000, tz=dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    tomorrow = dt.datetime.fromtimestamp(midnight_ms / 1000, tz=dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     if amount > quota.images_per_day:
         raise OrgQuotaReached(
             f"This task asks for {_images(run)}, more than the organisation's daily quota of "
-            f"{quota.images_per_day} on the shared OpenAI key. Lower images_per_task, or use your own OpenAI key.")
+            f"{quota.images_per_day} on the shared OpenAI key. Lower images_per_task, or use your own OpenAI key."
+        )
     answer = ledger.reserve(counter, ticket, amount, quota.images_per_day, midnight_ms // 1000 + 2 * 86_400)
     if answer.granted:
         return HeldAllowance(counter=counter, ticket=ticket, amount=amount)
-    used = (f"The organisation's daily quota on the shared OpenAI key ({quota.images_per_day} images a day) is "
-            f"used up for {day.isoformat()} ({answer.used} generated or reserved).")
+    used = (
+        f"The organisation's daily quota on the shared OpenAI key ({quota.images_per_day} images a day) is "
+        f"used up for {day.isoformat()} ({answer.used} generated or reserved)."
+    )
     if quota.when_reached == "fail":
-        raise OrgQuotaReached(f"{used} This deployment ends such runs: run the plugin again after {tomorrow}, "
-                              "or use your own OpenAI key.")
-    return QuotaWait(until_ms=midnight_ms,
-                     message=f"{used} This run waits and starts by itself at {tomorrow}.")
+        raise OrgQuotaReached(
+            f"{used} This deployment ends such runs: run the plugin again after {tomorrow}, "
+            "or use your own OpenAI key."
+        )
+    return QuotaWait(
+        until_ms=midnight_ms, message=f"{used} This run waits and starts by itself at {tomorrow}."
+    )
 
 
 def release(held: list[HeldAllowance], ledger: AllowanceLedger) -> None:

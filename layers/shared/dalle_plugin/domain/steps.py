@@ -13,8 +13,9 @@ import json
 import math
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 from dalle_plugin.domain.config import parse_config_json, validate_run_options
 from dalle_plugin.domain.errors import (
@@ -78,8 +79,13 @@ MAX_RATE_LIMITED_ANSWERS = 5
 #: the file name's extension and content type of each output format
 FILE_TYPES = {"png": ("png", "image/png"), "jpeg": ("jpg", "image/jpeg"), "webp": ("webp", "image/webp")}
 #: failures raised before the image request was sent: their grants are given back
-_FAILED_BEFORE_SENDING = {RateLimiterBusy.__name__, QueueTooLong.__name__, RunCancelled.__name__,
-                          SpendingLimitReached.__name__, OrgQuotaReached.__name__}
+_FAILED_BEFORE_SENDING = {
+    RateLimiterBusy.__name__,
+    QueueTooLong.__name__,
+    RunCancelled.__name__,
+    SpendingLimitReached.__name__,
+    OrgQuotaReached.__name__,
+}
 
 
 @dataclass
@@ -138,7 +144,9 @@ def check_owner(run: RunRecord, caller: str | None) -> None:
     """Raise ``NotRunOwner`` unless ``caller`` (an execution's name) owns the run. A call from outside the
     state machine (no caller) and a record from before ownership existed (no owner) pass."""
     if caller is not None and run.owner is not None and run.owner != caller:
-        raise NotRunOwner(f"The run of task {run.task_id!r} belongs to another execution; this one leaves it.")
+        raise NotRunOwner(
+            f"The run of task {run.task_id!r} belongs to another execution; this one leaves it."
+        )
 
 
 def owned_deps(ref: RunRef, deps: StepDeps) -> StepDeps:
@@ -175,17 +183,28 @@ def _hub(run: RunRecord, deps: StepDeps) -> HubClient:
     return deps.hub_for(run, _secrets(run, deps)[ANGO_KEY])
 
 
-def _mark(run: RunRecord, now_ms: int, step: str, status: RunStatus | None, detail: str | None = None) -> None:
+def _mark(
+    run: RunRecord, now_ms: int, step: str, status: RunStatus | None, detail: str | None = None
+) -> None:
     """Append to the timeline (the previous entry's duration is derived from this one's start when read:
     the store appends the new entry without rewriting the others)."""
-    run.timeline.append(TimelineEntry(step=step, status=(status or run.status).value, at_ms=now_ms, detail=detail))
+    run.timeline.append(
+        TimelineEntry(step=step, status=(status or run.status).value, at_ms=now_ms, detail=detail)
+    )
     if status is not None:
         run.status = status
     run.updated_at_ms = now_ms
 
 
-def _progress(run: RunRecord, deps: StepDeps, step: str, status: RunStatus | None, message: str,
-              hub: HubClient | None = None, level: str = "INFO") -> RunRecord:
+def _progress(
+    run: RunRecord,
+    deps: StepDeps,
+    step: str,
+    status: RunStatus | None,
+    message: str,
+    hub: HubClient | None = None,
+    level: str = "INFO",
+) -> RunRecord:
     now = deps.clock.now_ms()
     run = deps.runs.change(run, lambda r: _mark(r, now, step, status, message))
     _hub_log(run, hub, message, level)
@@ -212,7 +231,7 @@ def image_key(run: RunRecord, index: int = 0) -> str:
 def to_rfc3339_second(epoch_ms: int) -> str:
     """Rounded UP to the whole second: Step Functions truncates Wait timestamps, and must never wake early."""
     seconds = math.ceil(epoch_ms / 1000)
-    return dt.datetime.fromtimestamp(seconds, tz=dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return dt.datetime.fromtimestamp(seconds, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # ---- API: start a run ------------------------------------------------------------------------------
@@ -246,8 +265,14 @@ def _requeue(run: RunRecord, sealed: bytes, now: int) -> None:
     run.finish_sent_at_ms = None
     if run.image is not None and not run.image.attached:
         run.image.attach_sent_at_ms = None
-    run.timeline.append(TimelineEntry(step="queued", status=RunStatus.QUEUED.value, at_ms=now,
-                                      detail=f"Run again (attempt {run.generation + 1})."))
+    run.timeline.append(
+        TimelineEntry(
+            step="queued",
+            status=RunStatus.QUEUED.value,
+            at_ms=now,
+            detail=f"Run again (attempt {run.generation + 1}).",
+        )
+    )
 
 
 #: tasks one execution runs: its history (about 40 events a task) and input stay far inside Step Functions'
@@ -274,7 +299,7 @@ def creation_owner(session: str, task_ids: list[str]) -> str:
 
 
 def _chunks(items: list, size: int) -> list[list]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 class _Owned(Exception):
@@ -290,8 +315,12 @@ def _claim(owner: str) -> Callable[[RunRecord], None]:
     return claim
 
 
-def start_session(payload: HubPayload, deps: StepDeps, today: dt.date | None = None,
-                  tasks_per_execution: int = TASKS_PER_EXECUTION) -> SessionStart:
+def start_session(
+    payload: HubPayload,
+    deps: StepDeps,
+    today: dt.date | None = None,
+    tasks_per_execution: int = TASKS_PER_EXECUTION,
+) -> SessionStart:
     """Validate everything that can be validated before money is spent, seal the secrets, and see that
     every task needing a run is owned by exactly one execution, and that execution started.
 
@@ -299,8 +328,9 @@ def start_session(payload: HubPayload, deps: StepDeps, today: dt.date | None = N
     is deterministic), so a duplicate request, a concurrent one, or one after an API that died anywhere in
     between, starts nothing twice: at worst it starts the owner the dead request never got to start."""
     config = parse_config_json(payload.config_json)
-    options = validate_run_options(config, deps.model_successors, today or dt.datetime.now(dt.timezone.utc).date(),
-                                   deps.image_prices)
+    options = validate_run_options(
+        config, deps.model_successors, today or dt.datetime.now(dt.UTC).date(), deps.image_prices
+    )
     tasks = payload.batch_tasks()
     needs_class = config.get_prompt_from in ("entity-annotation", "text-annotation")
     if needs_class and not payload.prompt_class_ids:
@@ -323,7 +353,9 @@ def start_session(payload: HubPayload, deps: StepDeps, today: dt.date | None = N
             record = _new_record(payload, task, config, options, sealed, now, deps, owner)
             stored, created = deps.runs.create(record)
             if not created and stored.status in (RunStatus.FAILED, RunStatus.CANCELLED):
-                requeued = [False]  # set by the write that counted (a concurrent request may requeue it first)
+                requeued = [
+                    False
+                ]  # set by the write that counted (a concurrent request may requeue it first)
 
                 def requeue(r: RunRecord) -> None:
                     requeued[0] = r.status in (RunStatus.FAILED, RunStatus.CANCELLED)
@@ -352,12 +384,22 @@ def start_session(payload: HubPayload, deps: StepDeps, today: dt.date | None = N
             waiting.setdefault(run.owner, []).append(run.task_id)
     arn = None
     for owner, task_ids in waiting.items():
-        arn = deps.starter.start(owner, {"session": payload.session, "tasks": [{"taskId": t} for t in task_ids]})
+        arn = deps.starter.start(
+            owner, {"session": payload.session, "tasks": [{"taskId": t} for t in task_ids]}
+        )
     return SessionStart(session=payload.session, runs=runs, started=started, execution_arn=arn)
 
 
-def _new_record(payload: HubPayload, task: Any, config: Any, options: Any, sealed: bytes, now: int,
-                deps: StepDeps, owner: str) -> RunRecord:
+def _new_record(
+    payload: HubPayload,
+    task: Any,
+    config: Any,
+    options: Any,
+    sealed: bytes,
+    now: int,
+    deps: StepDeps,
+    owner: str,
+) -> RunRecord:
     ref = RunRef(session=payload.session, task_id=task.task_id)
     return RunRecord(
         session=ref.session,
@@ -415,18 +457,24 @@ def extract_prompt(ref: RunRef, deps: StepDeps) -> ExtractResult:
     run = _load_active(ref, deps)
     hub = _hub(run, deps)
     notes = "".join(f" {_as_sentence(note)}." for note in run.notes)
-    started = f"Run started: prompt from {run.prompt_source}, model {run.model.actual}, size {run.size}.{notes}"
+    started = (
+        f"Run started: prompt from {run.prompt_source}, model {run.model.actual}, size {run.size}.{notes}"
+    )
     started_ms = deps.clock.now_ms()
     _hub_log(run, hub, started)
     try:
-        return _extract(run, deps, hub, lambda r: _mark(r, started_ms, "extract", RunStatus.EXTRACTING, started))
+        return _extract(
+            run, deps, hub, lambda r: _mark(r, started_ms, "extract", RunStatus.EXTRACTING, started)
+        )
     except PluginError:
         # The step's one write is its result; a step that fails still leaves its start on the timeline.
         deps.runs.change(run, lambda r: _mark(r, started_ms, "extract", RunStatus.EXTRACTING, started))
         raise
 
 
-def _extract(run: RunRecord, deps: StepDeps, hub: HubClient, mark_started: Callable[[RunRecord], None]) -> ExtractResult:
+def _extract(
+    run: RunRecord, deps: StepDeps, hub: HubClient, mark_started: Callable[[RunRecord], None]
+) -> ExtractResult:
     task = hub.get_task(run.task_id)
 
     def asset_text() -> str:
@@ -450,8 +498,11 @@ def _extract(run: RunRecord, deps: StepDeps, hub: HubClient, mark_started: Calla
     )
     shortened = ""
     if info.truncated:
-        why = (f" so that with the template it fits {run.model.actual}'s {run.max_prompt_chars} characters"
-               if template else "")
+        why = (
+            f" so that with the template it fits {run.model.actual}'s {run.max_prompt_chars} characters"
+            if template
+            else ""
+        )
         shortened = f" (shortened from {info.original_length} to {len(prompt.text)} at a word boundary{why})"
     templated = f", {info.length} with the prompt template" if template else ""
     message = f"Prompt from {info.source}: {len(prompt.text)} characters{shortened}{templated}."
@@ -470,8 +521,16 @@ def _extract(run: RunRecord, deps: StepDeps, hub: HubClient, mark_started: Calla
 # ---- Generate Image --------------------------------------------------------------------------------
 
 
-def _wait(run: RunRecord, deps: StepDeps, start_at_ms: int, reason: str, message: str, hub: HubClient | None,
-          rate_wait: RateWait | None, also: Callable[[RunRecord], None] | None = None) -> GenerateOutcome:
+def _wait(
+    run: RunRecord,
+    deps: StepDeps,
+    start_at_ms: int,
+    reason: str,
+    message: str,
+    hub: HubClient | None,
+    rate_wait: RateWait | None,
+    also: Callable[[RunRecord], None] | None = None,
+) -> GenerateOutcome:
     now = deps.clock.now_ms()
 
     def mutate(r: RunRecord) -> None:
@@ -519,9 +578,14 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
         return claimed
     run = claimed
     request = ImageRequest(
-        model=run.model.actual, prompt=run.prompt.text, size=run.size, quality=run.quality, n=run.images_per_task,
+        model=run.model.actual,
+        prompt=run.prompt.text,
+        size=run.size,
+        quality=run.quality,
+        n=run.images_per_task,
         output_format=None if run.output_format == "png" else run.output_format,
-        output_compression=run.output_compression, background=run.background,
+        output_compression=run.output_compression,
+        background=run.background,
     )
     started = deps.clock.now_ms()
     # The hub hears "generating" while the request is on its way: a hub call before it would stand
@@ -548,10 +612,20 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
                 "plugin again later, or raise the key's limits on platform.openai.com."
             ) from None
         # counted in the same write that starts the wait
-        return _wait(run, deps, deps.clock.now_ms() + exc.retry_after_ms, "openai_rate_limited", exc.message, hub, None,
-                     also=count)
+        return _wait(
+            run,
+            deps,
+            deps.clock.now_ms() + exc.retry_after_ms,
+            "openai_rate_limited",
+            exc.message,
+            hub,
+            None,
+            also=count,
+        )
     except PluginError as exc:
-        if run.held and not getattr(exc, "maybe_billed", False):  # an error answer carries no image to pay for
+        if run.held and not getattr(
+            exc, "maybe_billed", False
+        ):  # an error answer carries no image to pay for
             release(run.held, deps.allowances)
             deps.runs.change(run, lambda r: setattr(r, "held", []))
         raise
@@ -561,11 +635,27 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
     for index, body in enumerate(image.bodies[: run.images_per_task]):
         key = image_key(run, index)
         digest = hashlib.sha256(body).hexdigest()
-        metadata = {"model": image.model, "size": run.size, "sha256": digest, "request-id": image.request_id or ""}
+        metadata = {
+            "model": image.model,
+            "size": run.size,
+            "sha256": digest,
+            "request-id": image.request_id or "",
+        }
         deps.images.put_image(key, body, content_type, metadata)
-        infos.append(ImageInfo(key=key, sha256=digest, bytes=len(body), model=image.model, size=run.size,
-                               quality=run.quality, request_id=image.request_id, format=run.output_format,
-                               index=index, fingerprint=image_fingerprint(run)))
+        infos.append(
+            ImageInfo(
+                key=key,
+                sha256=digest,
+                bytes=len(body),
+                model=image.model,
+                size=run.size,
+                quality=run.quality,
+                request_id=image.request_id,
+                format=run.output_format,
+                index=index,
+                fingerprint=image_fingerprint(run),
+            )
+        )
     elapsed_s = (deps.clock.now_ms() - started) / 1000
     message = f"{_images_as_subject(len(infos))} generated in {elapsed_s:.1f} s."
 
@@ -634,8 +724,10 @@ def _claim_request_start(run: RunRecord, deps: StepDeps, hub: HubClient) -> RunR
     send is then claimed in the queue: the claim is the last thing before the request leaves, and it
     is checked against the actual sends of the last ``limit`` requests (``domain.rate_limit``).
     """
-    message = (f"Generating {_count_images(run.images_per_task)} with {run.model.actual} "
-               f"({run.size}, {run.output_format}).")
+    message = (
+        f"Generating {_count_images(run.images_per_task)} with {run.model.actual} "
+        f"({run.size}, {run.output_format})."
+    )
     expected, joining = run.attempt, run.rate_wait is None
     now = deps.clock.now_ms()
 
@@ -650,37 +742,52 @@ def _claim_request_start(run: RunRecord, deps: StepDeps, hub: HubClient) -> RunR
     except _TakenByAnotherDelivery:
         # Another delivery of this step took the attempt and is sending: look again shortly (its image
         # will be there), never send a second request.
-        return GenerateOutcome(status="WAIT", retry_at=to_rfc3339_second(now + 5_000), wait_seconds=5,
-                               reason="duplicate_delivery")
+        return GenerateOutcome(
+            status="WAIT",
+            retry_at=to_rfc3339_second(now + 5_000),
+            wait_seconds=5,
+            reason="duplicate_delivery",
+        )
     if not run.uses_default_key:
         return run
-    decision = deps.limiter.acquire(RateAsk(
-        run_id=queue_id(run), ticket=f"{run.execution_name}#{run.attempt}",
-        accepted_ms=run.accepted_at_ms or run.created_at_ms, org_id=run.org_id or "",
-        interactive=not run.workflow, may_refuse=joining))
+    decision = deps.limiter.acquire(
+        RateAsk(
+            run_id=queue_id(run),
+            ticket=f"{run.execution_name}#{run.attempt}",
+            accepted_ms=run.accepted_at_ms or run.created_at_ms,
+            org_id=run.org_id or "",
+            interactive=not run.workflow,
+            may_refuse=joining,
+        )
+    )
     if decision.granted:
         return run
     settings = deps.limiter_settings
     now = deps.clock.now_ms()
     if decision.refused:
         raise QueueTooLong(_queue_too_long(decision, now, settings))
-    wait = RateWait(ticket=queue_id(run), start_at_ms=decision.start_at_ms, reserved=False,
-                    position=decision.position)
-    eta = dt.datetime.fromtimestamp(decision.start_at_ms / 1000, tz=dt.timezone.utc).strftime("%H:%M:%S")
-    message = (f"Waiting for its turn on the shared OpenAI key ({settings.limit} images per "
-               f"{settings.window_s:g} s across the hub): position {decision.position} in the queue, "
-               f"starts at {eta} UTC, in about {max(0, math.ceil((decision.start_at_ms - now) / 1000))} s.")
+    wait = RateWait(
+        ticket=queue_id(run), start_at_ms=decision.start_at_ms, reserved=False, position=decision.position
+    )
+    eta = dt.datetime.fromtimestamp(decision.start_at_ms / 1000, tz=dt.UTC).strftime("%H:%M:%S")
+    message = (
+        f"Waiting for its turn on the shared OpenAI key ({settings.limit} images per "
+        f"{settings.window_s:g} s across the hub): position {decision.position} in the queue, "
+        f"starts at {eta} UTC, in about {max(0, math.ceil((decision.start_at_ms - now) / 1000))} s."
+    )
     return _wait(run, deps, wake_at_ms(decision.start_at_ms, settings), "rate_slot", message, hub, wait)
 
 
 def _queue_too_long(decision: RateDecision, now_ms: int, settings: LimiterSettings) -> str:
     wait_min = max(1, round((decision.start_at_ms - now_ms) / 60_000))
     cap_min = max(1, round(settings.max_queue_wait_s / 60))
-    return (f"The shared OpenAI key is busy: this run would have waited about {wait_min} min for its turn "
-            f"({decision.position} runs ahead of it, {settings.limit} images per {settings.window_s:g} s "
-            f"across the hub), more than the {cap_min} min this deployment allows, so it was not queued. "
-            "Run it again later, or bring your own OpenAI key (the Config JSON's openai_api_key) to skip "
-            "the shared queue.")
+    return (
+        f"The shared OpenAI key is busy: this run would have waited about {wait_min} min for its turn "
+        f"({decision.position} runs ahead of it, {settings.limit} images per {settings.window_s:g} s "
+        f"across the hub), more than the {cap_min} min this deployment allows, so it was not queued. "
+        "Run it again later, or bring your own OpenAI key (the Config JSON's openai_api_key) to skip "
+        "the shared queue."
+    )
 
 
 def _count_rate_limited(run: RunRecord) -> None:
@@ -689,8 +796,15 @@ def _count_rate_limited(run: RunRecord) -> None:
 
 def image_fingerprint(run: RunRecord) -> str:
     """What makes two runs ask OpenAI for the same image: the same task, prompt, model and options."""
-    basis = [run.project_id, run.task_id, run.asset_id, run.model.actual, run.size, run.quality,
-             run.prompt.text if run.prompt else None]
+    basis = [
+        run.project_id,
+        run.task_id,
+        run.asset_id,
+        run.model.actual,
+        run.size,
+        run.quality,
+        run.prompt.text if run.prompt else None,
+    ]
     if (run.output_format, run.output_compression, run.background) != ("png", None, None):
         basis += [run.output_format, run.output_compression, run.background]
     return hashlib.sha256(json.dumps(basis).encode()).hexdigest()
@@ -706,9 +820,17 @@ def _reuse_undelivered_image(run: RunRecord, deps: StepDeps, hub: HubClient) -> 
     if body is None:  # none on offer, or the bucket's lifecycle rule already removed it
         return None
     message = "Reusing the image an earlier run of this task paid for and could not deliver (no new charge)."
-    info = ImageInfo(key=key, sha256=hashlib.sha256(body).hexdigest(), bytes=len(body),
-                     model=run.model.actual, size=run.size, quality=run.quality, reused=True,
-                     format=run.output_format, fingerprint=image_fingerprint(run))
+    info = ImageInfo(
+        key=key,
+        sha256=hashlib.sha256(body).hexdigest(),
+        bytes=len(body),
+        model=run.model.actual,
+        size=run.size,
+        quality=run.quality,
+        reused=True,
+        format=run.output_format,
+        fingerprint=image_fingerprint(run),
+    )
     now = deps.clock.now_ms()
 
     def mutate(r: RunRecord) -> None:
@@ -735,10 +857,20 @@ def _stored_images(run: RunRecord, deps: StepDeps) -> list[tuple[str, bytes]]:
 
 def _adopt_stored_images(run: RunRecord, stored: list[tuple[str, bytes]], deps: StepDeps) -> GenerateOutcome:
     """A previous attempt paid for and stored the images but died before recording them: use them."""
-    infos = [ImageInfo(key=key, sha256=hashlib.sha256(body).hexdigest(), bytes=len(body), model=run.model.actual,
-                       size=run.size, quality=run.quality, format=run.output_format, index=index,
-                       fingerprint=image_fingerprint(run))
-             for index, (key, body) in enumerate(stored)]
+    infos = [
+        ImageInfo(
+            key=key,
+            sha256=hashlib.sha256(body).hexdigest(),
+            bytes=len(body),
+            model=run.model.actual,
+            size=run.size,
+            quality=run.quality,
+            format=run.output_format,
+            index=index,
+            fingerprint=image_fingerprint(run),
+        )
+        for index, (key, body) in enumerate(stored)
+    ]
 
     def adopt(r: RunRecord) -> None:
         if r.image is None:
@@ -755,8 +887,14 @@ def _finished_result(run: RunRecord) -> AttachResult:
     return AttachResult(image_url=run.image.hub_url, finished_as="workflow" if run.workflow else "editor")
 
 
-def _send_once(run: RunRecord, deps: StepDeps, mark: Callable[[RunRecord, int | None], None],
-               send: Callable[[], None], unconfirmed: str, pending: list[Callable[[RunRecord], None]]) -> RunRecord:
+def _send_once(
+    run: RunRecord,
+    deps: StepDeps,
+    mark: Callable[[RunRecord, int | None], None],
+    send: Callable[[], None],
+    unconfirmed: str,
+    pending: list[Callable[[RunRecord], None]],
+) -> RunRecord:
     """Send a change the hub must not get twice: note the intent first, then send. If the hub surely did
     not take it, the note is cleared so a retry sends it again; if it may have, the run stops with
     ``unconfirmed`` (sending again could make it twice, and the hub cannot be asked). The step's progress
@@ -775,15 +913,19 @@ def _send_once(run: RunRecord, deps: StepDeps, mark: Callable[[RunRecord, int | 
 
 
 def _unconfirmed_attachment(image: ImageInfo) -> str:
-    return (f"Ango Hub did not confirm the attachment of the generated image ({image.hub_url}), so the "
-            "plugin did not send it again, to never attach it twice. Check the asset's attachments: if the "
-            "image is missing, attach that link by hand or run the plugin again.")
+    return (
+        f"Ango Hub did not confirm the attachment of the generated image ({image.hub_url}), so the "
+        "plugin did not send it again, to never attach it twice. Check the asset's attachments: if the "
+        "image is missing, attach that link by hand or run the plugin again."
+    )
 
 
 def _unconfirmed_submission(run: RunRecord) -> str:
-    return ("The image is attached, but Ango Hub did not confirm the task's submission, so the plugin did "
-            "not submit it again, to never move the task on twice. If the task is still in the plugin "
-            "stage, submit it by hand.")
+    return (
+        "The image is attached, but Ango Hub did not confirm the task's submission, so the plugin did "
+        "not submit it again, to never move the task on twice. If the task is still in the plugin "
+        "stage, submit it by hand."
+    )
 
 
 def _attach_sent_setter(index: int) -> Callable[[RunRecord, int | None], None]:
@@ -809,14 +951,17 @@ def attach_image(ref: RunRef, deps: StepDeps) -> AttachResult:
     _hub_log(run, hub, uploading)
     # What the step has done and not yet written: written with the next intent (or the finish), one write each.
     pending: list[Callable[[RunRecord], None]] = [
-        lambda r: _mark(r, uploading_ms, "attach", RunStatus.ATTACHING, uploading)]
+        lambda r: _mark(r, uploading_ms, "attach", RunStatus.ATTACHING, uploading)
+    ]
     for index in range(count):
         image = run.image_at(index)
         if not image.hub_url:
             body = deps.images.get(image.key)
             extension, content_type = FILE_TYPES[image.format]
             name = f"dalle-{run.task_id}-{image.sha256[:12]}.{extension}"
-            url = hub.upload_file(run.project_id, name, body, content_type)  # a repeat only leaves a spare file
+            url = hub.upload_file(
+                run.project_id, name, body, content_type
+            )  # a repeat only leaves a spare file
             run = run.model_copy(deep=True)  # the URL is only in memory until the next write takes it
             pending.append(lambda r, i=index, u=url: setattr(r.image_at(i), "hub_url", u))
             pending[-1](run)
@@ -829,9 +974,14 @@ def attach_image(ref: RunRef, deps: StepDeps) -> AttachResult:
                 continue
             if image.attach_sent_at_ms is not None:  # an earlier attempt sent it and never heard back
                 raise HubOutcomeUnknown(_unconfirmed_attachment(image))
-            run = _send_once(run, deps, _attach_sent_setter(index),
-                             lambda u=image.hub_url: hub.attach_image(run.project_id, external_id, u),
-                             _unconfirmed_attachment(image), pending)
+            run = _send_once(
+                run,
+                deps,
+                _attach_sent_setter(index),
+                lambda u=image.hub_url: hub.attach_image(run.project_id, external_id, u),
+                _unconfirmed_attachment(image),
+                pending,
+            )
             pending.append(lambda r, i=index: setattr(r.image_at(i), "attached", True))
         # Delivered: a later re-run wants a new image. Only a re-run can find its own image still on offer
         # (Generate claimed any offer before paying); an offer another session makes in between stays.
@@ -843,8 +993,14 @@ def attach_image(ref: RunRef, deps: StepDeps) -> AttachResult:
     if run.workflow:
         if run.finish_sent_at_ms is not None:
             raise HubOutcomeUnknown(_unconfirmed_submission(run))
-        run = _send_once(run, deps, _set_finish_sent, lambda: hub.annotate(run.task_id, answer),
-                         _unconfirmed_submission(run), pending)
+        run = _send_once(
+            run,
+            deps,
+            _set_finish_sent,
+            lambda: hub.annotate(run.task_id, answer),
+            _unconfirmed_submission(run),
+            pending,
+        )
     else:
         hub.plugin_response(run.session, response=answer)  # a repeat is harmless: the same answer again
     elapsed_s = (deps.clock.now_ms() - run.created_at_ms) / 1000
@@ -884,14 +1040,18 @@ def describe_failure(error: str, cause: str | None) -> Failure:
     if error == "States.Timeout":
         message = "The run took longer than allowed and was stopped. Run the plugin again."
     elif error in LAMBDA_TIMED_OUT:
-        message = ("A step of the run ran out of time (the hub or OpenAI answered too slowly) and was not "
-                   "retried, so that nothing is paid for or attached twice. Run the plugin again; if it "
-                   "keeps happening, check that Ango Hub is reachable, then tell the plugin's owner.")
+        message = (
+            "A step of the run ran out of time (the hub or OpenAI answered too slowly) and was not "
+            "retried, so that nothing is paid for or attached twice. Run the plugin again; if it "
+            "keeps happening, check that Ango Hub is reachable, then tell the plugin's owner."
+        )
     elif error not in reason_of:
         # Only the plugin's own errors are written for people; any other exception's text could quote
         # anything (a header value, a request), so it stays in the execution's history, not the session.
-        message = (f"The plugin failed unexpectedly ({error}). Run it again; if it keeps failing, tell the "
-                   "plugin's owner.")
+        message = (
+            f"The plugin failed unexpectedly ({error}). Run it again; if it keeps failing, tell the "
+            "plugin's owner."
+        )
     reason = "step_timed_out" if error in LAMBDA_TIMED_OUT else reason_of.get(error, "internal_error")
     return Failure(reason=reason, message=(message or error)[:1000], error=error)
 
@@ -924,8 +1084,10 @@ def record_failure(inp: FailureInput, deps: StepDeps) -> dict[str, Any]:
     unconfirmed = [i for i in run.images if not i.attached and i.attach_sent_at_ms is not None]
     if unconfirmed and failure.error != HubOutcomeUnknown.__name__:
         # The step died between sending the attachment and hearing back: say what to check.
-        failure.message = (f"{failure.message} The image ({unconfirmed[0].hub_url}) was sent to the asset but the "
-                           "hub never confirmed it: check the asset's attachments before running again.")[:1000]
+        failure.message = (
+            f"{failure.message} The image ({unconfirmed[0].hub_url}) was sent to the asset but the "
+            "hub never confirmed it: check the asset's attachments before running again."
+        )[:1000]
     give_back = run.held if run.image is None and failure.error in _FAILED_BEFORE_SENDING else []
     if give_back and deps.allowances is not None:
         release(give_back, deps.allowances)
@@ -956,8 +1118,11 @@ def record_failure(inp: FailureInput, deps: StepDeps) -> dict[str, Any]:
         deps.reusable_images.offer(image_fingerprint(run), key, run.expires_at or now // 1000 + 86_400)
     kept_what = "image is" if len(run.images) == 1 else "images are"
     kept_it = "it" if len(run.images) == 1 else "them"
-    kept = (f" The generated {kept_what} kept, so running again will not pay for {kept_it} twice."
-            if undelivered else "")
+    kept = (
+        f" The generated {kept_what} kept, so running again will not pay for {kept_it} twice."
+        if undelivered
+        else ""
+    )
     _hub_log(run, hub, f"Run failed: {failure.message}{kept}", level="ERROR")
     if hub is not None and not run.workflow:
         try:

@@ -84,7 +84,7 @@ def _refuse_known_binary(raw: bytes) -> None:
         if raw.startswith(signature):
             raise AssetUnreadable(
                 f"The asset's file is {what}, not plain text. The plugin reads .txt assets; "
-                "use \"full-text-asset\" or entity prompts only on text assets."
+                'use "full-text-asset" or entity prompts only on text assets.'
             )
 
 
