@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             "429s although the key still has capacity for it."
         )
     findings.append(
-        "Proposal (domain/steps.py and a new adapter; not changed here): pace requests per own key instead "
+        "Proposal (domain/steps/generate.py and a new adapter; not changed here): pace requests per own key instead "
         "of retrying blind. Keep, per key fingerprint, a reservation limiter like the global one "
         "(adapters/dynamo_rate_limiter.py) whose limit and window are learned from OpenAI's own headers "
         "(x-ratelimit-limit-requests, x-ratelimit-remaining-requests, x-ratelimit-reset-requests on every "

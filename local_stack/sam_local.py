@@ -40,7 +40,7 @@ def seed_event_session(stack: LocalStack, starter: Any = None) -> Any:
     served by the hub emulator. The same session sent again changes nothing."""
     from dalle_plugin import wiring
     from dalle_plugin.domain.payload import parse_payload
-    from dalle_plugin.domain.steps import start_session
+    from dalle_plugin.domain.steps.start import start_session
 
     body = json.loads(json.loads((EVENTS_DIR / "api_post_plugin.json").read_text())["body"])
     body["dataURL"] = f"{stack.hub.base_url}/files/proj-dalle-demo/fox-in-snow.txt"

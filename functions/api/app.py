@@ -20,7 +20,7 @@ from dalle_plugin.domain.errors import InvalidRequest, PluginSecretTooShort, Pro
 from dalle_plugin.domain.payload import parse_payload
 from dalle_plugin.domain.refusal import tell_hub_refused
 from dalle_plugin.domain.sessions import session_view
-from dalle_plugin.domain.steps import start_session
+from dalle_plugin.domain.steps.start import start_session
 from dalle_plugin.observability import (
     bind_run,
     clear_run,

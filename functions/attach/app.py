@@ -2,7 +2,7 @@
 
 from dalle_plugin import wiring
 from dalle_plugin.domain.run import RunRef
-from dalle_plugin.domain.steps import attach_image
+from dalle_plugin.domain.steps.attach import attach_image
 from dalle_plugin.observability import bind_run, lambda_handler, record_run_succeeded
 
 

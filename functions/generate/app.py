@@ -2,7 +2,7 @@
 
 from dalle_plugin import wiring
 from dalle_plugin.domain.run import RunRef
-from dalle_plugin.domain.steps import generate_image
+from dalle_plugin.domain.steps.generate import generate_image
 from dalle_plugin.observability import bind_run, lambda_handler, record_generation
 
 

@@ -2,7 +2,7 @@
 
 from dalle_plugin import wiring
 from dalle_plugin.domain.run import FailureInput
-from dalle_plugin.domain.steps import record_failure
+from dalle_plugin.domain.steps.failure import record_failure
 from dalle_plugin.observability import bind_run, lambda_handler, record_run_failed
 
 

@@ -29,15 +29,10 @@ from dalle_plugin.domain.run import (
     RunStatus,
     StepError,
 )
-from dalle_plugin.domain.steps import (
-    StepDeps,
-    attach_image,
-    describe_failure,
-    generate_image,
-    image_fingerprint,
-    image_key,
-    record_failure,
-)
+from dalle_plugin.domain.steps.attach import attach_image
+from dalle_plugin.domain.steps.failure import describe_failure, record_failure
+from dalle_plugin.domain.steps.generate import generate_image
+from dalle_plugin.domain.steps.machinery import StepDeps, image_fingerprint, image_key
 from dalle_plugin.ports import GeneratedImage, HubAsset, StoredObject
 
 SESSION, TASK = "sess-1", "task-1"

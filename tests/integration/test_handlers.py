@@ -13,7 +13,7 @@ import uuid
 import pytest
 from dalle_plugin import wiring
 from dalle_plugin.domain.payload import parse_payload
-from dalle_plugin.domain.steps import start_session
+from dalle_plugin.domain.steps.start import start_session
 
 from local_stack import sam_local
 from local_stack.lambda_environment import LambdaContext

@@ -10,15 +10,12 @@ import pytest
 from dalle_plugin.domain.errors import NotRunOwner, RunCancelled
 from dalle_plugin.domain.payload import parse_payload
 from dalle_plugin.domain.run import FailureInput, RunRef, RunStatus, StepError
-from dalle_plugin.domain.steps import (
-    StepDeps,
-    attach_image,
-    extract_prompt,
-    generate_image,
-    image_fingerprint,
-    record_failure,
-    start_session,
-)
+from dalle_plugin.domain.steps.attach import attach_image
+from dalle_plugin.domain.steps.extract import extract_prompt
+from dalle_plugin.domain.steps.failure import record_failure
+from dalle_plugin.domain.steps.generate import generate_image
+from dalle_plugin.domain.steps.machinery import StepDeps, image_fingerprint
+from dalle_plugin.domain.steps.start import start_session
 
 from tests.faults.test_step_idempotency import Clock, Generator, Hub, Images, Offers, Runs, Vault
 
@@ -209,7 +206,7 @@ def test_a_timed_out_lambda_is_retried_only_where_running_again_cannot_pay_or_at
 
 
 def test_a_timed_out_step_ends_the_run_with_a_sentence_a_person_can_act_on():
-    from dalle_plugin.domain.steps import describe_failure
+    from dalle_plugin.domain.steps.failure import describe_failure
 
     cause = json.dumps({"errorMessage": "2026-01-01T00:00:00Z abc Task timed out after 300.00 seconds"})
     failure = describe_failure("Lambda.Unknown", cause)

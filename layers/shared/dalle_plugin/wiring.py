@@ -20,7 +20,7 @@ from dalle_plugin.adapters.dynamo_reusable_images import DynamoReusableImages
 from dalle_plugin.adapters.dynamo_runs import DynamoRunStore
 from dalle_plugin.domain.errors import PluginSecretTooShort
 from dalle_plugin.domain.run import RunRecord
-from dalle_plugin.domain.steps import StepDeps
+from dalle_plugin.domain.steps.machinery import StepDeps
 from dalle_plugin.ports import HubClient, SystemClock
 from dalle_plugin.settings import (
     ApiSettings,

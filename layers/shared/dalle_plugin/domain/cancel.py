@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from dalle_plugin.domain.errors import PluginError
 from dalle_plugin.domain.run import RunRecord, RunStatus
 from dalle_plugin.domain.spending import release
-from dalle_plugin.domain.steps import StepDeps, _hub, _hub_log, _mark, queue_id
+from dalle_plugin.domain.steps.machinery import StepDeps, hub_log, mark, open_hub, queue_id
 
 CANCELLABLE = (RunStatus.QUEUED, RunStatus.EXTRACTING, RunStatus.WAITING_FOR_SLOT)
 
@@ -45,7 +45,7 @@ def _cancel_run(run: RunRecord, deps: StepDeps) -> CancelOutcome:
         return CancelOutcome(run.task_id, False, run.status.value, f"Not cancelled: {why}.")
     hub = None
     try:
-        hub = _hub(run, deps)  # opened before the secrets are purged, to tell the hub
+        hub = open_hub(run, deps)  # opened before the secrets are purged, to tell the hub
     except PluginError:
         pass
     now = deps.clock.now_ms()
@@ -53,7 +53,7 @@ def _cancel_run(run: RunRecord, deps: StepDeps) -> CancelOutcome:
     def cancel(r: RunRecord) -> None:
         if r.status not in CANCELLABLE or r.image is not None:
             raise _NotCancellable(r.status.value)
-        _mark(r, now, "cancelled", RunStatus.CANCELLED, "Cancelled before the image was generated.")
+        mark(r, now, "cancelled", RunStatus.CANCELLED, "Cancelled before the image was generated.")
         r.timeline[-1].duration_ms = 0
         r.sealed_secrets = None
 
@@ -65,7 +65,7 @@ def _cancel_run(run: RunRecord, deps: StepDeps) -> CancelOutcome:
         release(cancelled.held, deps.allowances)  # counted for a request that will never be sent
     if run.uses_default_key and run.rate_wait is not None and deps.limiter is not None:
         deps.limiter.leave(queue_id(run))  # the runs behind it in the shared key's queue move up
-    _hub_log(
+    hub_log(
         cancelled, hub, "Run cancelled before the image was generated; nothing was paid for.", level="WARNING"
     )
     if hub is not None and not cancelled.workflow:

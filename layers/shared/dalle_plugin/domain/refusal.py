@@ -8,7 +8,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from dalle_plugin.domain.errors import PluginError
-from dalle_plugin.domain.steps import StepDeps
+from dalle_plugin.domain.steps.machinery import StepDeps
 
 
 def tell_hub_refused(raw_body: bytes, message: str, deps: StepDeps) -> bool:

@@ -1,0 +1,158 @@
+"""Attach Image: upload the images to the hub, attach them and finish the task, each change sent once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from dalle_plugin.domain.errors import HubDeliveryUnknown, HubOutcomeUnknown, PluginError
+from dalle_plugin.domain.hub_answer import answer_to_write_format
+from dalle_plugin.domain.run import AttachResult, ImageInfo, RunRecord, RunRef, RunStatus
+from dalle_plugin.domain.steps.machinery import (
+    FILE_TYPES,
+    StepDeps,
+    count_images,
+    hub_log,
+    image_fingerprint,
+    images_as_subject,
+    load_active,
+    mark,
+    open_hub,
+    owned_deps,
+)
+
+
+def _finished_result(run: RunRecord) -> AttachResult:
+    return AttachResult(image_url=run.image.hub_url, finished_as="workflow" if run.workflow else "editor")
+
+
+def _send_once(
+    run: RunRecord,
+    deps: StepDeps,
+    mark: Callable[[RunRecord, int | None], None],
+    send: Callable[[], None],
+    unconfirmed: str,
+    pending: list[Callable[[RunRecord], None]],
+) -> RunRecord:
+    """Send a change the hub must not get twice: note the intent first, then send. If the hub surely did
+    not take it, the note is cleared so a retry sends it again; if it may have, the run stops with
+    ``unconfirmed`` (sending again could make it twice, and the hub cannot be asked). The step's progress
+    not yet written (``pending``) goes in the same write as the intent."""
+    now = deps.clock.now_ms()
+    run = deps.runs.change(run, lambda r: [*(apply(r) for apply in pending), mark(r, now)])
+    pending.clear()
+    try:
+        send()
+    except HubDeliveryUnknown:
+        raise HubOutcomeUnknown(unconfirmed) from None
+    except PluginError:
+        deps.runs.change(run, lambda r: mark(r, None))
+        raise
+    return run
+
+
+def _unconfirmed_attachment(image: ImageInfo) -> str:
+    return (
+        f"Ango Hub did not confirm the attachment of the generated image ({image.hub_url}), so the "
+        "plugin did not send it again, to never attach it twice. Check the asset's attachments: if the "
+        "image is missing, attach that link by hand or run the plugin again."
+    )
+
+
+def _unconfirmed_submission(run: RunRecord) -> str:
+    return (
+        "The image is attached, but Ango Hub did not confirm the task's submission, so the plugin did "
+        "not submit it again, to never move the task on twice. If the task is still in the plugin "
+        "stage, submit it by hand."
+    )
+
+
+def _attach_sent_setter(index: int) -> Callable[[RunRecord, int | None], None]:
+    def mark(run: RunRecord, at_ms: int | None) -> None:
+        run.image_at(index).attach_sent_at_ms = at_ms
+
+    return mark
+
+
+def _set_finish_sent(run: RunRecord, at_ms: int | None) -> None:
+    run.finish_sent_at_ms = at_ms
+
+
+def attach_image(ref: RunRef, deps: StepDeps) -> AttachResult:
+    deps = owned_deps(ref, deps)
+    run = load_active(ref, deps)
+    if run.status is RunStatus.SUCCEEDED:
+        return _finished_result(run)  # a retry of a step that finished: nothing left to do
+    hub = open_hub(run, deps)
+    count = len(run.images)
+    uploading = f"Uploading {count_images(count)} to the hub."
+    uploading_ms = deps.clock.now_ms()
+    hub_log(run, hub, uploading)
+    # What the step has done and not yet written: written with the next intent (or the finish), one write each.
+    pending: list[Callable[[RunRecord], None]] = [
+        lambda r: mark(r, uploading_ms, "attach", RunStatus.ATTACHING, uploading)
+    ]
+    for index in range(count):
+        image = run.image_at(index)
+        if not image.hub_url:
+            body = deps.images.get(image.key)
+            extension, content_type = FILE_TYPES[image.format]
+            name = f"dalle-{run.task_id}-{image.sha256[:12]}.{extension}"
+            url = hub.upload_file(
+                run.project_id, name, body, content_type
+            )  # a repeat only leaves a spare file
+            run = run.model_copy(deep=True)  # the URL is only in memory until the next write takes it
+            pending.append(lambda r, i=index, u=url: setattr(r.image_at(i), "hub_url", u))
+            pending[-1](run)
+    if not all(image.attached for image in run.images):
+        asset = hub.get_asset(run.project_id, run.asset_id) if run.asset_id else None
+        external_id = asset.external_id if asset else run.task_id
+        for index in range(count):  # in order: the hub lists attachments as they came
+            image = run.image_at(index)
+            if image.attached:
+                continue
+            if image.attach_sent_at_ms is not None:  # an earlier attempt sent it and never heard back
+                raise HubOutcomeUnknown(_unconfirmed_attachment(image))
+            run = _send_once(
+                run,
+                deps,
+                _attach_sent_setter(index),
+                lambda u=image.hub_url: hub.attach_image(run.project_id, external_id, u),
+                _unconfirmed_attachment(image),
+                pending,
+            )
+            pending.append(lambda r, i=index: setattr(r.image_at(i), "attached", True))
+        # Delivered: a later re-run wants a new image. Only a re-run can find its own image still on offer
+        # (Generate claimed any offer before paying); an offer another session makes in between stays.
+        if deps.reusable_images is not None and run.prompt is not None and run.generation > 0:
+            deps.reusable_images.claim(image_fingerprint(run))
+
+    # The answer handed back is the task's current one, unchanged, so no annotation is ever wiped.
+    answer = answer_to_write_format(hub.get_task(run.task_id).get("answer") or {})
+    if run.workflow:
+        if run.finish_sent_at_ms is not None:
+            raise HubOutcomeUnknown(_unconfirmed_submission(run))
+        run = _send_once(
+            run,
+            deps,
+            _set_finish_sent,
+            lambda: hub.annotate(run.task_id, answer),
+            _unconfirmed_submission(run),
+            pending,
+        )
+    else:
+        hub.plugin_response(run.session, response=answer)  # a repeat is harmless: the same answer again
+    elapsed_s = (deps.clock.now_ms() - run.created_at_ms) / 1000
+    message = f"{images_as_subject(count)} attached to the asset. Finished in {elapsed_s:.1f} s."
+    now = deps.clock.now_ms()
+
+    def finish(r: RunRecord) -> None:
+        for apply in pending:
+            apply(r)
+        mark(r, now, "finished", RunStatus.SUCCEEDED, message)
+        r.timeline[-1].duration_ms = 0
+        r.sealed_secrets = None
+
+    # The hub's log has the whole story by the time the session says SUCCEEDED (a retried step may say it twice).
+    hub_log(run, hub, message)
+    run = deps.runs.change(run, finish)
+    return _finished_result(run)

@@ -1,0 +1,86 @@
+"""Extract Prompt: read the task (and its asset when needed) from the hub and record the prompt to send."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from dalle_plugin.domain.errors import PluginError
+from dalle_plugin.domain.prompt import build_prompt
+from dalle_plugin.domain.prompt_template import parse_template
+from dalle_plugin.domain.run import ExtractResult, PromptInfo, RunRecord, RunRef, RunStatus
+from dalle_plugin.domain.steps.machinery import StepDeps, hub_log, load_active, mark, open_hub, owned_deps
+from dalle_plugin.domain.text_decoding import decode_text
+from dalle_plugin.ports import HubClient
+
+
+def _as_sentence(note: str) -> str:
+    """Capitalised, unless it starts with a model id: OpenAI spells those in lower case (dall-e-2)."""
+    if note.startswith(("dall-e", "gpt-image")):
+        return note
+    return note[:1].upper() + note[1:]
+
+
+def extract_prompt(ref: RunRef, deps: StepDeps) -> ExtractResult:
+    deps = owned_deps(ref, deps)
+    run = load_active(ref, deps)
+    hub = open_hub(run, deps)
+    notes = "".join(f" {_as_sentence(note)}." for note in run.notes)
+    started = (
+        f"Run started: prompt from {run.prompt_source}, model {run.model.actual}, size {run.size}.{notes}"
+    )
+    started_ms = deps.clock.now_ms()
+    hub_log(run, hub, started)
+    try:
+        return _extract(
+            run, deps, hub, lambda r: mark(r, started_ms, "extract", RunStatus.EXTRACTING, started)
+        )
+    except PluginError:
+        # The step's one write is its result; a step that fails still leaves its start on the timeline.
+        deps.runs.change(run, lambda r: mark(r, started_ms, "extract", RunStatus.EXTRACTING, started))
+        raise
+
+
+def _extract(
+    run: RunRecord, deps: StepDeps, hub: HubClient, mark_started: Callable[[RunRecord], None]
+) -> ExtractResult:
+    task = hub.get_task(run.task_id)
+
+    def asset_text() -> str:
+        url = run.data_url or hub.get_asset(run.project_id, run.asset_id).data_url
+        return decode_text(hub.fetch_text(url))
+
+    template = parse_template(run.prompt_template) if run.prompt_template else None
+    # The model's limit holds for the prompt as sent: the template's own text leaves less room for the task's.
+    room = template.room_for_prompt(run.max_prompt_chars) if template else run.max_prompt_chars
+    prompt = build_prompt(run.prompt_source, task.get("answer"), run.prompt_class_ids, asset_text, room)
+    text = template.render(prompt.text) if template else prompt.text
+    info = PromptInfo(
+        text=text,
+        source=prompt.source,
+        length=len(text),
+        original_length=prompt.original_length,
+        truncated=prompt.truncated,
+        notes=list(prompt.notes),
+        template=run.prompt_template,
+        extracted_length=len(prompt.text) if template else None,
+    )
+    shortened = ""
+    if info.truncated:
+        why = (
+            f" so that with the template it fits {run.model.actual}'s {run.max_prompt_chars} characters"
+            if template
+            else ""
+        )
+        shortened = f" (shortened from {info.original_length} to {len(prompt.text)} at a word boundary{why})"
+    templated = f", {info.length} with the prompt template" if template else ""
+    message = f"Prompt from {info.source}: {len(prompt.text)} characters{shortened}{templated}."
+    now = deps.clock.now_ms()
+
+    def extracted(r: RunRecord) -> None:
+        mark_started(r)
+        r.prompt = info
+        mark(r, now, "extract", None, message)
+
+    run = deps.runs.change(run, extracted)
+    hub_log(run, hub, message)
+    return ExtractResult(prompt_source=info.source, prompt_length=info.length, truncated=info.truncated)

@@ -1,0 +1,148 @@
+"""Record Failure: turn the state machine's error into a sentence a person can act on, give back what was
+not spent, keep a paid-for image for a re-run, and end the run."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from dalle_plugin.domain.errors import (
+    HubOutcomeUnknown,
+    NotRunOwner,
+    OrgQuotaReached,
+    PluginError,
+    QueueTooLong,
+    RateLimiterBusy,
+    RunCancelled,
+    SpendingLimitReached,
+)
+from dalle_plugin.domain.run import Failure, FailureInput, RunRecord, RunStatus
+from dalle_plugin.domain.spending import release
+from dalle_plugin.domain.steps.machinery import (
+    StepDeps,
+    check_owner,
+    hub_log,
+    image_fingerprint,
+    image_key,
+    mark,
+    open_hub,
+    owned_deps,
+)
+
+#: failures raised before the image request was sent: their grants are given back
+_FAILED_BEFORE_SENDING = {
+    RateLimiterBusy.__name__,
+    QueueTooLong.__name__,
+    RunCancelled.__name__,
+    SpendingLimitReached.__name__,
+    OrgQuotaReached.__name__,
+}
+
+
+#: how Step Functions names a Lambda that ran out of time (no error type: Lambda.Unknown)
+LAMBDA_TIMED_OUT = ("Lambda.Unknown", "Sandbox.Timedout")
+
+
+def describe_failure(error: str, cause: str | None) -> Failure:
+    """Turn Step Functions' ``Error``/``Cause`` into a reason and a sentence a person can act on."""
+    message = None
+    if cause:
+        try:
+            parsed = json.loads(cause)
+            message = parsed.get("errorMessage") if isinstance(parsed, dict) else None
+        except ValueError:
+            message = cause
+    reason_of = {cls.__name__: cls.reason for cls in _all_subclasses(PluginError)}
+    if error == "States.Timeout":
+        message = "The run took longer than allowed and was stopped. Run the plugin again."
+    elif error in LAMBDA_TIMED_OUT:
+        message = (
+            "A step of the run ran out of time (the hub or OpenAI answered too slowly) and was not "
+            "retried, so that nothing is paid for or attached twice. Run the plugin again; if it "
+            "keeps happening, check that Ango Hub is reachable, then tell the plugin's owner."
+        )
+    elif error not in reason_of:
+        # Only the plugin's own errors are written for people; any other exception's text could quote
+        # anything (a header value, a request), so it stays in the execution's history, not the session.
+        message = (
+            f"The plugin failed unexpectedly ({error}). Run it again; if it keeps failing, tell the "
+            "plugin's owner."
+        )
+    reason = "step_timed_out" if error in LAMBDA_TIMED_OUT else reason_of.get(error, "internal_error")
+    return Failure(reason=reason, message=(message or error)[:1000], error=error)
+
+
+def _all_subclasses(cls: type) -> list[type]:
+    found = []
+    for sub in cls.__subclasses__():
+        found.append(sub)
+        found.extend(_all_subclasses(sub))
+    return found
+
+
+def record_failure(inp: FailureInput, deps: StepDeps) -> dict[str, Any]:
+    failure = describe_failure(inp.error.error, inp.error.cause)
+    deps = owned_deps(inp, deps)
+    run = deps.runs.get(inp.session, inp.task_id)
+    if run is None:
+        return {"status": RunStatus.FAILED.value, "reason": failure.reason}
+    try:
+        check_owner(run, inp.caller)
+    except NotRunOwner:  # another execution owns this generation: its own steps say how it ends
+        return {"status": "NOT_OWNER", "reason": None}
+    if run.status is RunStatus.SUCCEEDED:
+        # A crash after the run finished (its last write done) must not turn a delivered image into a failure.
+        return {"status": RunStatus.SUCCEEDED.value, "reason": None}
+    if run.status is RunStatus.CANCELLED:  # the cancel already told the hub and purged the secrets
+        if run.image is None and run.held and deps.allowances is not None:
+            release(run.held, deps.allowances)  # counted by a Generate that raced the cancel, never sent
+        return {"status": RunStatus.CANCELLED.value, "reason": RunCancelled.reason}
+    unconfirmed = [i for i in run.images if not i.attached and i.attach_sent_at_ms is not None]
+    if unconfirmed and failure.error != HubOutcomeUnknown.__name__:
+        # The step died between sending the attachment and hearing back: say what to check.
+        failure.message = (
+            f"{failure.message} The image ({unconfirmed[0].hub_url}) was sent to the asset but the "
+            "hub never confirmed it: check the asset's attachments before running again."
+        )[:1000]
+    give_back = run.held if run.image is None and failure.error in _FAILED_BEFORE_SENDING else []
+    if give_back and deps.allowances is not None:
+        release(give_back, deps.allowances)
+    hub = None
+    try:
+        hub = open_hub(run, deps)
+    except PluginError:
+        pass
+    now = deps.clock.now_ms()
+
+    def fail(r: RunRecord) -> None:
+        if give_back:
+            r.held = []
+        r.failure = failure
+        mark(r, now, "failed", RunStatus.FAILED, failure.message)
+        r.timeline[-1].duration_ms = 0
+        r.sealed_secrets = None
+
+    run = deps.runs.change(run, fail)
+    # Paid for and surely not on the hub: a re-run of the task (in a new session too) takes it, not a new one.
+    undelivered = any(not i.attached and i.attach_sent_at_ms is None for i in run.images)
+    # A step that died between storing its PNG and recording it leaves the image at its key, unrecorded:
+    # offered too (a re-run checks that the object exists before it takes it).
+    unrecorded = run.image is None and run.attempt > 0
+    reusable = deps.reusable_images is not None and run.prompt is not None and run.images_per_task == 1
+    if (undelivered or unrecorded) and reusable:
+        key = run.image.key if run.image else image_key(run)
+        deps.reusable_images.offer(image_fingerprint(run), key, run.expires_at or now // 1000 + 86_400)
+    kept_what = "image is" if len(run.images) == 1 else "images are"
+    kept_it = "it" if len(run.images) == 1 else "them"
+    kept = (
+        f" The generated {kept_what} kept, so running again will not pay for {kept_it} twice."
+        if undelivered
+        else ""
+    )
+    hub_log(run, hub, f"Run failed: {failure.message}{kept}", level="ERROR")
+    if hub is not None and not run.workflow:
+        try:
+            hub.plugin_response(run.session, error=True)
+        except PluginError:
+            pass
+    return {"status": RunStatus.FAILED.value, "reason": failure.reason}

@@ -1,0 +1,373 @@
+"""Generate Image: pay for each image once. A stored image is never generated again; spending limits and the
+shared key's queue are honoured before the one request is sent; a wait is returned to the state machine."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import math
+import threading
+from collections.abc import Callable
+
+from dalle_plugin.domain.errors import (
+    OpenAIRateLimitPersisted,
+    PluginError,
+    QueueTooLong,
+    RunCancelled,
+    UpstreamRateLimited,
+)
+from dalle_plugin.domain.rate_limit import LimiterSettings, wake_at_ms
+from dalle_plugin.domain.run import GenerateOutcome, ImageInfo, RateWait, RunRecord, RunRef, RunStatus
+from dalle_plugin.domain.spending import QuotaWait, release, take_allowances
+from dalle_plugin.domain.steps.machinery import (
+    ANGO_KEY,
+    FILE_TYPES,
+    OPENAI_KEY,
+    StepDeps,
+    count_images,
+    hub_log,
+    image_fingerprint,
+    image_key,
+    images_as_subject,
+    load_active,
+    mark,
+    open_secrets,
+    owned_deps,
+    queue_id,
+    to_rfc3339_second,
+)
+from dalle_plugin.ports import HubClient, ImageRequest, RateAsk, RateDecision
+
+#: 429 rate_limit_exceeded answers a run takes in a row (waiting the time OpenAI asks each time) before it
+#: gives up: a key whose limit stays used up must end the run, not loop it for days
+MAX_RATE_LIMITED_ANSWERS = 5
+
+
+def _wait(
+    run: RunRecord,
+    deps: StepDeps,
+    start_at_ms: int,
+    reason: str,
+    message: str,
+    hub: HubClient | None,
+    rate_wait: RateWait | None,
+    also: Callable[[RunRecord], None] | None = None,
+) -> GenerateOutcome:
+    now = deps.clock.now_ms()
+
+    def mutate(r: RunRecord) -> None:
+        if also is not None:
+            also(r)
+        r.rate_wait = rate_wait
+        mark(r, now, "wait", RunStatus.WAITING_FOR_SLOT, message)
+
+    run = deps.runs.change(run, mutate)
+    hub_log(run, hub, message)
+    retry_at = to_rfc3339_second(start_at_ms)
+    wait_s = max(0, math.ceil(start_at_ms / 1000) - now // 1000)
+    return GenerateOutcome(status="WAIT", retry_at=retry_at, wait_seconds=wait_s, reason=reason)
+
+
+def _done(run: RunRecord) -> GenerateOutcome:
+    return GenerateOutcome(status="DONE", image_key=run.image.key, image_count=len(run.images))
+
+
+def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
+    deps = owned_deps(ref, deps)
+    run = load_active(ref, deps)
+    if run.image is not None:
+        if _made_for(run.image, run):
+            return _done(run)
+        # A re-run after the prompt (or an option) changed: the earlier image is not what is asked now.
+        run = deps.runs.update(run.session, run.task_id, _drop_images)
+    stored = _stored_images(run, deps)
+    if stored:
+        return _adopt_stored_images(run, stored, deps)
+
+    secrets = open_secrets(run, deps)  # opened once: every call before the request delays a booked start
+    hub = deps.hub_for(run, secrets[ANGO_KEY])
+    reused = _reuse_undelivered_image(run, deps, hub)
+    if reused is not None:
+        return reused
+    api_key = deps.default_openai_key() if run.uses_default_key else secrets[OPENAI_KEY]
+    # Spending limits are counted before the queue is joined: a run refused by them takes no place in it.
+    held = _hold_allowances(run, deps, hub)
+    if isinstance(held, GenerateOutcome):
+        return held
+    deps.generator.prepare(api_key)  # the client is built before the claim: nothing slow stands after it
+    claimed = _claim_request_start(held, deps, hub)
+    if isinstance(claimed, GenerateOutcome):
+        return claimed
+    run = claimed
+    request = ImageRequest(
+        model=run.model.actual,
+        prompt=run.prompt.text,
+        size=run.size,
+        quality=run.quality,
+        n=run.images_per_task,
+        output_format=None if run.output_format == "png" else run.output_format,
+        output_compression=run.output_compression,
+        background=run.background,
+    )
+    started = deps.clock.now_ms()
+    # The hub hears "generating" while the request is on its way: a hub call before it would stand
+    # between the booked start and the request.
+    telling_hub = threading.Thread(target=hub_log, args=(run, hub, run.timeline[-1].detail), daemon=True)
+    telling_hub.start()
+    try:
+        try:
+            image = deps.generator.generate(request, api_key)
+        finally:
+            telling_hub.join()
+    except UpstreamRateLimited as exc:
+        release(run.held, deps.allowances)  # a 429 is not billed
+
+        def count(r: RunRecord) -> None:
+            _count_rate_limited(r)
+            r.held = []
+
+        if run.upstream_rate_limited + 1 >= MAX_RATE_LIMITED_ANSWERS:
+            run = deps.runs.change(run, count)
+            raise OpenAIRateLimitPersisted(
+                f"OpenAI answered 429 rate_limit_exceeded {run.upstream_rate_limited} times in a row, each "
+                "time after waiting as long as it asked: the key's rate limit is used up by other work. Run the "
+                "plugin again later, or raise the key's limits on platform.openai.com."
+            ) from None
+        # counted in the same write that starts the wait
+        return _wait(
+            run,
+            deps,
+            deps.clock.now_ms() + exc.retry_after_ms,
+            "openai_rate_limited",
+            exc.message,
+            hub,
+            None,
+            also=count,
+        )
+    except PluginError as exc:
+        if run.held and not getattr(
+            exc, "maybe_billed", False
+        ):  # an error answer carries no image to pay for
+            release(run.held, deps.allowances)
+            deps.runs.change(run, lambda r: setattr(r, "held", []))
+        raise
+    # Every image is stored before any is recorded: a step that dies in between finds them at their keys.
+    content_type = FILE_TYPES[run.output_format][1]
+    infos = []
+    for index, body in enumerate(image.bodies[: run.images_per_task]):
+        key = image_key(run, index)
+        digest = hashlib.sha256(body).hexdigest()
+        metadata = {
+            "model": image.model,
+            "size": run.size,
+            "sha256": digest,
+            "request-id": image.request_id or "",
+        }
+        deps.images.put_image(key, body, content_type, metadata)
+        infos.append(
+            ImageInfo(
+                key=key,
+                sha256=digest,
+                bytes=len(body),
+                model=image.model,
+                size=run.size,
+                quality=run.quality,
+                request_id=image.request_id,
+                format=run.output_format,
+                index=index,
+                fingerprint=image_fingerprint(run),
+            )
+        )
+    elapsed_s = (deps.clock.now_ms() - started) / 1000
+    message = f"{images_as_subject(len(infos))} generated in {elapsed_s:.1f} s."
+
+    def mutate(r: RunRecord) -> None:
+        r.image, r.more_images = infos[0], infos[1:]
+        r.held = []  # paid for: the grants stay counted
+        mark(r, deps.clock.now_ms(), "generate", None, message)
+
+    run = deps.runs.change(run, mutate)
+    hub_log(run, hub, message)
+    return _done(run)
+
+
+def _made_for(image: ImageInfo, run: RunRecord) -> bool:
+    """Whether the image is what the run asks for now (an image from before fingerprints counts as such)."""
+    return image.fingerprint is None or run.prompt is None or image.fingerprint == image_fingerprint(run)
+
+
+def _drop_images(run: RunRecord) -> None:
+    if run.image is not None and not _made_for(run.image, run):
+        run.image, run.more_images = None, []
+
+
+def _hold_allowances(run: RunRecord, deps: StepDeps, hub: HubClient) -> RunRecord | GenerateOutcome:
+    """Count this run's next request against the session's spending limit and the organisation's daily
+    quota (shared key), or the Wait outcome until the next UTC day when the quota is used up."""
+    if deps.allowances is None:
+        return run
+    outcome = take_allowances(run, deps.allowances, deps.org_quota, deps.clock.now_ms())
+    if isinstance(outcome, QuotaWait):
+        return _wait(run, deps, outcome.until_ms, "org_quota", outcome.message, hub, None)
+    if not outcome:
+        return run
+    return deps.runs.change(run, lambda r: r.held.extend(outcome))
+
+
+def _spend_attempt(run: RunRecord) -> None:
+    if run.status is RunStatus.CANCELLED:  # decided under the run's version lock: cancel or pay, never both
+        raise RunCancelled("The run was cancelled before its image was generated.")
+    run.attempt += 1
+    run.rate_wait = None
+
+
+class _TakenByAnotherDelivery(Exception):
+    pass
+
+
+def _claim_request_start(run: RunRecord, deps: StepDeps, hub: HubClient) -> RunRecord | GenerateOutcome:
+    """Take this run's turn to send its one image request, or the Wait outcome while its turn lies ahead.
+
+    The attempt is spent first, under the run's version lock (a cancel and a send never both happen, and
+    a second delivery of this very step finds the attempt taken and sends nothing). On the shared key the
+    send is then claimed in the queue: the claim is the last thing before the request leaves, and it
+    is checked against the actual sends of the last ``limit`` requests (``domain.rate_limit``).
+    """
+    message = (
+        f"Generating {count_images(run.images_per_task)} with {run.model.actual} "
+        f"({run.size}, {run.output_format})."
+    )
+    expected, joining = run.attempt, run.rate_wait is None
+    now = deps.clock.now_ms()
+
+    def spend(r: RunRecord) -> None:
+        if r.attempt != expected:
+            raise _TakenByAnotherDelivery()
+        _spend_attempt(r)
+        mark(r, now, "generate", RunStatus.GENERATING, message)
+
+    try:
+        run = deps.runs.change(run, spend)  # re-run on the current record if another write came first
+    except _TakenByAnotherDelivery:
+        # Another delivery of this step took the attempt and is sending: look again shortly (its image
+        # will be there), never send a second request.
+        return GenerateOutcome(
+            status="WAIT",
+            retry_at=to_rfc3339_second(now + 5_000),
+            wait_seconds=5,
+            reason="duplicate_delivery",
+        )
+    if not run.uses_default_key:
+        return run
+    decision = deps.limiter.acquire(
+        RateAsk(
+            run_id=queue_id(run),
+            ticket=f"{run.execution_name}#{run.attempt}",
+            accepted_ms=run.accepted_at_ms or run.created_at_ms,
+            org_id=run.org_id or "",
+            interactive=not run.workflow,
+            may_refuse=joining,
+        )
+    )
+    if decision.granted:
+        return run
+    settings = deps.limiter_settings
+    now = deps.clock.now_ms()
+    if decision.refused:
+        raise QueueTooLong(_queue_too_long(decision, now, settings))
+    wait = RateWait(
+        ticket=queue_id(run), start_at_ms=decision.start_at_ms, reserved=False, position=decision.position
+    )
+    eta = dt.datetime.fromtimestamp(decision.start_at_ms / 1000, tz=dt.UTC).strftime("%H:%M:%S")
+    message = (
+        f"Waiting for its turn on the shared OpenAI key ({settings.limit} images per "
+        f"{settings.window_s:g} s across the hub): position {decision.position} in the queue, "
+        f"starts at {eta} UTC, in about {max(0, math.ceil((decision.start_at_ms - now) / 1000))} s."
+    )
+    return _wait(run, deps, wake_at_ms(decision.start_at_ms, settings), "rate_slot", message, hub, wait)
+
+
+def _queue_too_long(decision: RateDecision, now_ms: int, settings: LimiterSettings) -> str:
+    wait_min = max(1, round((decision.start_at_ms - now_ms) / 60_000))
+    cap_min = max(1, round(settings.max_queue_wait_s / 60))
+    return (
+        f"The shared OpenAI key is busy: this run would have waited about {wait_min} min for its turn "
+        f"({decision.position} runs ahead of it, {settings.limit} images per {settings.window_s:g} s "
+        f"across the hub), more than the {cap_min} min this deployment allows, so it was not queued. "
+        "Run it again later, or bring your own OpenAI key (the Config JSON's openai_api_key) to skip "
+        "the shared queue."
+    )
+
+
+def _count_rate_limited(run: RunRecord) -> None:
+    run.upstream_rate_limited += 1
+
+
+def _reuse_undelivered_image(run: RunRecord, deps: StepDeps, hub: HubClient) -> GenerateOutcome | None:
+    """A run of the same task that paid for this very image and then failed to deliver it (a hub that
+    stayed down) left it on offer: take it instead of paying again. Single-image runs only."""
+    if deps.reusable_images is None or run.prompt is None or run.images_per_task != 1:
+        return None
+    key = deps.reusable_images.claim(image_fingerprint(run))
+    body = deps.images.get(key) if key else None
+    if body is None:  # none on offer, or the bucket's lifecycle rule already removed it
+        return None
+    message = "Reusing the image an earlier run of this task paid for and could not deliver (no new charge)."
+    info = ImageInfo(
+        key=key,
+        sha256=hashlib.sha256(body).hexdigest(),
+        bytes=len(body),
+        model=run.model.actual,
+        size=run.size,
+        quality=run.quality,
+        reused=True,
+        format=run.output_format,
+        fingerprint=image_fingerprint(run),
+    )
+    now = deps.clock.now_ms()
+
+    def mutate(r: RunRecord) -> None:
+        if r.image is None or not _made_for(r.image, r):
+            r.image, r.more_images = info, []
+        mark(r, now, "generate", None, message)
+
+    run = deps.runs.change(run, mutate)
+    hub_log(run, hub, message)
+    return GenerateOutcome(status="DONE", image_key=run.image.key)
+
+
+def _stored_images(run: RunRecord, deps: StepDeps) -> list[tuple[str, bytes]]:
+    """The images an earlier attempt stored at this run's keys, in order (they are stored first to last)."""
+    found = []
+    for index in range(run.images_per_task):
+        key = image_key(run, index)
+        body = deps.images.get(key)
+        if body is None:
+            break
+        found.append((key, body))
+    return found
+
+
+def _adopt_stored_images(run: RunRecord, stored: list[tuple[str, bytes]], deps: StepDeps) -> GenerateOutcome:
+    """A previous attempt paid for and stored the images but died before recording them: use them."""
+    infos = [
+        ImageInfo(
+            key=key,
+            sha256=hashlib.sha256(body).hexdigest(),
+            bytes=len(body),
+            model=run.model.actual,
+            size=run.size,
+            quality=run.quality,
+            format=run.output_format,
+            index=index,
+            fingerprint=image_fingerprint(run),
+        )
+        for index, (key, body) in enumerate(stored)
+    ]
+
+    def adopt(r: RunRecord) -> None:
+        if r.image is None:
+            r.image, r.more_images = infos[0], infos[1:]
+        r.held = []
+
+    return _done(deps.runs.change(run, adopt))

@@ -1,0 +1,208 @@
+"""What every step shares: its ports (``StepDeps``), the ownership guard that keeps an execution off a run
+it does not own, loading the run, opening its secrets and hub client, and writing its progress."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from dalle_plugin.domain.errors import NotRunOwner, PluginError, RunCancelled
+from dalle_plugin.domain.pricing import DEFAULT_PRICES
+from dalle_plugin.domain.rate_limit import LimiterSettings
+from dalle_plugin.domain.run import RunRecord, RunRef, RunStatus, TimelineEntry
+from dalle_plugin.domain.spending import OrgQuota
+from dalle_plugin.ports import (
+    AllowanceLedger,
+    Clock,
+    HubClient,
+    ImageGenerator,
+    ImageStore,
+    RateLimiter,
+    ReusableImages,
+    RunStore,
+    SecretVault,
+    WorkflowStarter,
+)
+
+ANGO_KEY = "ango"
+OPENAI_KEY = "openai"
+#: the file name's extension and content type of each output format
+FILE_TYPES = {"png": ("png", "image/png"), "jpeg": ("jpg", "image/jpeg"), "webp": ("webp", "image/webp")}
+
+
+@dataclass
+class StepDeps:
+    runs: RunStore
+    clock: Clock
+    vault: SecretVault
+    hub_for: Callable[[RunRecord, str], HubClient] = None  # (run, ango api key) -> client
+    starter: WorkflowStarter | None = None
+    images: ImageStore | None = None
+    generator: ImageGenerator | None = None
+    limiter: RateLimiter | None = None
+    default_openai_key: Callable[[], str] | None = None
+    model_successors: dict[str, str] = field(default_factory=dict)
+    run_ttl_days: int = 30
+    limiter_settings: LimiterSettings | None = None
+    reusable_images: ReusableImages | None = None
+    allowances: AllowanceLedger | None = None
+    #: the deployment's daily image quota per organisation on the shared key (None: off)
+    org_quota: OrgQuota | None = None
+    image_prices: dict[str, dict[str, float]] = field(default_factory=lambda: dict(DEFAULT_PRICES))
+
+
+# ---- helpers shared by the steps ------------------------------------------------------------------
+
+
+class OwnedRuns:
+    """The run store as a step sees it: every write it makes holds only while the calling execution still
+    owns the run (checked inside the write, under the run's version lock), so an execution that lost the
+    run (cancelled, then started again by a new request) can change nothing, and so pays for nothing."""
+
+    def __init__(self, runs: RunStore, caller: str | None):
+        self._runs = runs
+        self._caller = caller
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._runs, name)
+
+    def _guarded(self, mutate: Callable[[RunRecord], None]) -> Callable[[RunRecord], None]:
+        def guarded(run: RunRecord) -> None:
+            check_owner(run, self._caller)
+            mutate(run)
+
+        return guarded
+
+    def update(self, session: str, task_id: str, mutate: Callable[[RunRecord], None]) -> RunRecord:
+        return self._runs.update(session, task_id, self._guarded(mutate))
+
+    def change(self, run: RunRecord, mutate: Callable[[RunRecord], None]) -> RunRecord:
+        # the write holds under the run's version: a claim by a new owner in between fails it, and the
+        # check then runs again on the record as it is now
+        return self._runs.change(run, self._guarded(mutate))
+
+
+def check_owner(run: RunRecord, caller: str | None) -> None:
+    """Raise ``NotRunOwner`` unless ``caller`` (an execution's name) owns the run. A call from outside the
+    state machine (no caller) and a record from before ownership existed (no owner) pass."""
+    if caller is not None and run.owner is not None and run.owner != caller:
+        raise NotRunOwner(
+            f"The run of task {run.task_id!r} belongs to another execution; this one leaves it."
+        )
+
+
+def owned_deps(ref: RunRef, deps: StepDeps) -> StepDeps:
+    """The step's ports with the run store guarded by the caller's ownership."""
+    if ref.caller is None or isinstance(deps.runs, OwnedRuns):
+        return deps
+    return replace(deps, runs=OwnedRuns(deps.runs, ref.caller))
+
+
+def load_run(ref: RunRef, deps: StepDeps) -> RunRecord:
+    """The run a step works on, if the calling execution owns it."""
+    run = deps.runs.get(ref.session, ref.task_id)
+    if run is None:
+        raise PluginError(f"No run for session {ref.session!r} and task {ref.task_id!r}.")
+    check_owner(run, ref.caller)
+    return run
+
+
+def load_active(ref: RunRef, deps: StepDeps) -> RunRecord:
+    """The run a step works on; a cancelled run goes no further (the Catch path ends its task)."""
+    run = load_run(ref, deps)
+    if run.status is RunStatus.CANCELLED:
+        raise RunCancelled("The run was cancelled before its image was generated.")
+    return run
+
+
+def open_secrets(run: RunRecord, deps: StepDeps) -> dict[str, str]:
+    if not run.sealed_secrets:
+        raise PluginError("This run's credentials were already removed (the run has ended).")
+    return deps.vault.open(run.sealed_secrets, run.encryption_context)
+
+
+def open_hub(run: RunRecord, deps: StepDeps) -> HubClient:
+    return deps.hub_for(run, open_secrets(run, deps)[ANGO_KEY])
+
+
+def mark(run: RunRecord, now_ms: int, step: str, status: RunStatus | None, detail: str | None = None) -> None:
+    """Append to the timeline (the previous entry's duration is derived from this one's start when read:
+    the store appends the new entry without rewriting the others)."""
+    run.timeline.append(
+        TimelineEntry(step=step, status=(status or run.status).value, at_ms=now_ms, detail=detail)
+    )
+    if status is not None:
+        run.status = status
+    run.updated_at_ms = now_ms
+
+
+def progress(
+    run: RunRecord,
+    deps: StepDeps,
+    step: str,
+    status: RunStatus | None,
+    message: str,
+    hub: HubClient | None = None,
+    level: str = "INFO",
+) -> RunRecord:
+    now = deps.clock.now_ms()
+    run = deps.runs.change(run, lambda r: mark(r, now, step, status, message))
+    hub_log(run, hub, message, level)
+    return run
+
+
+def hub_log(run: RunRecord, hub: HubClient | None, message: str, level: str = "INFO") -> None:
+    """Progress lines are best effort: a hub that drops a log line must not fail the run."""
+    if hub is None:
+        return
+    try:
+        hub.plugin_log(run.session, message, level=level, taskId=run.task_id)
+    except PluginError:
+        pass
+
+
+def image_key(run: RunRecord, index: int = 0) -> str:
+    """Deterministic per run and index, so a retried Generate finds the images it already paid for."""
+    extension = FILE_TYPES[run.output_format][0]
+    made_from = f".{image_fingerprint(run)[:16]}" if run.prompt else ""  # another prompt, another key
+    return f"images/{run.execution_name}{made_from}{f'.{index + 1}' if index else ''}.{extension}"
+
+
+def to_rfc3339_second(epoch_ms: int) -> str:
+    """Rounded UP to the whole second: Step Functions truncates Wait timestamps, and must never wake early."""
+    seconds = math.ceil(epoch_ms / 1000)
+    return dt.datetime.fromtimestamp(seconds, tz=dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def queue_id(run: RunRecord) -> str:
+    """The run's place in the shared key's queue: the same for every attempt of this generation."""
+    return f"{run.execution_name}#g{run.generation}"
+
+
+def image_fingerprint(run: RunRecord) -> str:
+    """What makes two runs ask OpenAI for the same image: the same task, prompt, model and options."""
+    basis = [
+        run.project_id,
+        run.task_id,
+        run.asset_id,
+        run.model.actual,
+        run.size,
+        run.quality,
+        run.prompt.text if run.prompt else None,
+    ]
+    if (run.output_format, run.output_compression, run.background) != ("png", None, None):
+        basis += [run.output_format, run.output_compression, run.background]
+    return hashlib.sha256(json.dumps(basis).encode()).hexdigest()
+
+
+def count_images(count: int) -> str:
+    return "the image" if count == 1 else f"{count} images"
+
+
+def images_as_subject(count: int) -> str:
+    return "Image" if count == 1 else f"{count} images"

@@ -1,0 +1,222 @@
+"""The API's step: validate a hub request, create (or requeue) its runs, and start the execution that owns
+them, exactly once however often the request arrives."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from dalle_plugin.domain.config import parse_config_json, validate_run_options
+from dalle_plugin.domain.errors import PromptNotFound
+from dalle_plugin.domain.payload import HubPayload
+from dalle_plugin.domain.run import ModelInfo, RunRecord, RunRef, RunStatus, TimelineEntry
+from dalle_plugin.domain.steps.machinery import ANGO_KEY, OPENAI_KEY, StepDeps
+
+
+@dataclass
+class SessionStart:
+    session: str
+    runs: list[RunRecord]
+    started: list[str]  # task ids this request started (empty for a duplicate of a running request)
+    execution_arn: str | None = None
+
+
+def _requeue(run: RunRecord, sealed: bytes, now: int) -> None:
+    """A re-run of a failed or cancelled task: a new generation, the same stored image (never paid twice),
+    and no owner yet: the request that requeued it claims it for the execution it starts."""
+    if run.status not in (RunStatus.FAILED, RunStatus.CANCELLED):
+        return
+    run.generation += 1
+    run.status = RunStatus.QUEUED
+    run.owner = None
+    run.failure = None
+    run.rate_wait = None
+    run.execution_arn = None
+    run.sealed_secrets = sealed
+    run.updated_at_ms = now
+    run.accepted_at_ms = now
+    run.upstream_rate_limited = 0
+    run.held = []  # the earlier generation's grants were spent or given back; this one asks afresh
+    # The person re-running was told to when the hub did not confirm a change: send it again this time.
+    run.finish_sent_at_ms = None
+    if run.image is not None and not run.image.attached:
+        run.image.attach_sent_at_ms = None
+    run.timeline.append(
+        TimelineEntry(
+            step="queued",
+            status=RunStatus.QUEUED.value,
+            at_ms=now,
+            detail=f"Run again (attempt {run.generation + 1}).",
+        )
+    )
+
+
+#: tasks one execution runs: its history (about 40 events a task) and input stay far inside Step Functions'
+#: 25,000 events and 256 KiB (100 task ids of at most 256 characters are 30 KB)
+TASKS_PER_EXECUTION = 100
+
+
+def _name(kind: str, session: str, identity: list[str]) -> str:
+    digest = hashlib.sha256("\x00".join([kind, session] + sorted(identity)).encode()).hexdigest()[:24]
+    readable = re.sub(r"[^A-Za-z0-9_-]", "-", session[:40])
+    return f"{readable}_{kind[0]}{len(identity)}_{digest}"
+
+
+def execution_name(session: str, runs: list[RunRecord]) -> str:
+    """The execution that claims these requeued runs: named after each run's (task, generation), a pair
+    claimed at most once ever, so the name is never reused for other work. Within 80 characters."""
+    return _name("rerun", session, [f"{r.task_id}\x00{r.generation}" for r in runs])
+
+
+def creation_owner(session: str, task_ids: list[str]) -> str:
+    """The execution that owns the runs a request creates, written with each run as it is created:
+    deterministic, so a duplicate of the request (at once or later) names the same execution."""
+    return _name("new", session, task_ids)
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+class _Owned(Exception):
+    pass
+
+
+def _claim(owner: str) -> Callable[[RunRecord], None]:
+    def claim(run: RunRecord) -> None:
+        if run.status is not RunStatus.QUEUED or run.owner is not None:
+            raise _Owned(run.owner or "")
+        run.owner = owner
+
+    return claim
+
+
+def start_session(
+    payload: HubPayload,
+    deps: StepDeps,
+    today: dt.date | None = None,
+    tasks_per_execution: int = TASKS_PER_EXECUTION,
+) -> SessionStart:
+    """Validate everything that can be validated before money is spent, seal the secrets, and see that
+    every task needing a run is owned by exactly one execution, and that execution started.
+
+    Ownership comes first, by conditional writes; starting comes after and is idempotent (the owner's name
+    is deterministic), so a duplicate request, a concurrent one, or one after an API that died anywhere in
+    between, starts nothing twice: at worst it starts the owner the dead request never got to start."""
+    config = parse_config_json(payload.config_json)
+    options = validate_run_options(
+        config, deps.model_successors, today or dt.datetime.now(dt.UTC).date(), deps.image_prices
+    )
+    tasks = payload.batch_tasks()
+    needs_class = config.get_prompt_from in ("entity-annotation", "text-annotation")
+    if needs_class and not payload.prompt_class_ids:
+        kind = "entity" if config.get_prompt_from == "entity-annotation" else "text classification"
+        raise PromptNotFound(
+            f"get_prompt_from is '{config.get_prompt_from}' but no class is mapped to the plugin's Prompt class. "
+            f"In the plugin settings, map Prompt to the {kind} class that holds the prompt."
+        )
+
+    now = deps.clock.now_ms()
+    secrets = {ANGO_KEY: payload.api_key.get_secret_value()}
+    if not config.uses_default_key:
+        secrets[OPENAI_KEY] = config.openai_api_key.get_secret_value()
+    sealed = deps.vault.seal(secrets, {"session": payload.session})
+    runs: list[RunRecord] = []
+    started: list[str] = []  # created or requeued by this request: what it, and only it, counts as accepted
+    for chunk in _chunks(tasks, tasks_per_execution):
+        owner = creation_owner(payload.session, [task.task_id for task in chunk])
+        for task in chunk:
+            record = _new_record(payload, task, config, options, sealed, now, deps, owner)
+            stored, created = deps.runs.create(record)
+            if not created and stored.status in (RunStatus.FAILED, RunStatus.CANCELLED):
+                requeued = [
+                    False
+                ]  # set by the write that counted (a concurrent request may requeue it first)
+
+                def requeue(r: RunRecord) -> None:
+                    requeued[0] = r.status in (RunStatus.FAILED, RunStatus.CANCELLED)
+                    _requeue(r, sealed, now)
+
+                stored = deps.runs.update(stored.session, stored.task_id, requeue)
+                created = requeued[0]
+            if created:
+                started.append(stored.task_id)
+            runs.append(stored)
+    # Requeued runs (and any an earlier request requeued and died before claiming) get a new owner.
+    unowned = [run for run in runs if run.status is RunStatus.QUEUED and run.owner is None]
+    by_task = {run.task_id: index for index, run in enumerate(runs)}
+    for chunk in _chunks(unowned, tasks_per_execution):
+        owner = execution_name(payload.session, chunk)
+        for run in chunk:
+            try:
+                runs[by_task[run.task_id]] = deps.runs.update(run.session, run.task_id, _claim(owner))
+            except _Owned:  # a concurrent request claimed it first: its execution runs it
+                runs[by_task[run.task_id]] = deps.runs.get(run.session, run.task_id) or run
+    # Start every owner with queued runs. Its name is fixed, so starting it again is harmless: the execution
+    # exists (Step Functions answers with it, or ExecutionAlreadyExists), or a request died before starting it.
+    waiting: dict[str, list[str]] = {}
+    for run in runs:
+        if run.status is RunStatus.QUEUED and run.owner:
+            waiting.setdefault(run.owner, []).append(run.task_id)
+    arn = None
+    for owner, task_ids in waiting.items():
+        arn = deps.starter.start(
+            owner, {"session": payload.session, "tasks": [{"taskId": t} for t in task_ids]}
+        )
+    return SessionStart(session=payload.session, runs=runs, started=started, execution_arn=arn)
+
+
+def _new_record(
+    payload: HubPayload,
+    task: Any,
+    config: Any,
+    options: Any,
+    sealed: bytes,
+    now: int,
+    deps: StepDeps,
+    owner: str,
+) -> RunRecord:
+    ref = RunRef(session=payload.session, task_id=task.task_id)
+    return RunRecord(
+        session=ref.session,
+        task_id=ref.task_id,
+        execution_name=ref.execution_name,
+        owner=owner,
+        project_id=payload.project_id,
+        asset_id=task.asset_id,
+        data_url=task.data_url,
+        workflow=payload.is_workflow_run,
+        org_id=payload.org_id,
+        run_by=payload.run_by,
+        plugin_id=payload.plugin_id,
+        prompt_class_ids=payload.prompt_class_ids,
+        prompt_source=config.get_prompt_from,
+        model=ModelInfo(
+            requested=options.model.requested,
+            actual=options.model.actual,
+            substituted=options.model.substituted,
+            note=options.model.note,
+        ),
+        size=options.image.size,
+        quality=options.image.quality,
+        max_prompt_chars=options.max_prompt_chars,
+        uses_default_key=config.uses_default_key,
+        notes=list(options.notes),
+        prompt_template=options.prompt_template,
+        images_per_task=options.output.images_per_request,
+        output_format=options.output.output_format,
+        output_compression=options.output.output_compression,
+        background=options.output.background,
+        max_cost_usd=options.max_cost_usd,
+        cost_per_image_usd=options.cost_per_image_usd,
+        sealed_secrets=sealed,
+        created_at_ms=now,
+        accepted_at_ms=now,
+        updated_at_ms=now,
+        expires_at=now // 1000 + deps.run_ttl_days * 86_400,
+        timeline=[TimelineEntry(step="queued", status=RunStatus.QUEUED.value, at_ms=now)],
+    )
