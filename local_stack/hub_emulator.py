@@ -227,6 +227,8 @@ class HubEmulator(LocalServer):
         filename: str,
         body: bytes,
         content_type: str = "text/plain",
+        *,
+        batches: tuple[str, ...] | list[str] = (),
     ) -> dict[str, Any]:
         file_path = f"/files/{quote(project_id, safe='')}/{quote(filename, safe='')}"
         with self._lock:
@@ -237,7 +239,7 @@ class HubEmulator(LocalServer):
                 "externalId": external_id,
                 "project": project_id,
                 "file_path": file_path,
-                "batches": [],
+                "batches": list(batches),
                 "isPreLabeled": False,
             }
             return self._render_asset(self._assets[asset_id])
@@ -506,6 +508,7 @@ class HubEmulator(LocalServer):
         return [
             ("GET", re.compile(r"/v2/task/([^/]+)"), self._get_task),
             ("GET", re.compile(r"/v2/project/([^/]+)/assets"), self._get_assets),
+            ("GET", re.compile(r"/v2/project/([^/]+)/tasks"), self._get_tasks),
             ("GET", re.compile(r"/v2/project/([^/]+)"), self._get_project),
             ("GET", re.compile(r"/v2/getUploadUrl"), self._get_upload_url),
             ("GET", re.compile(r"/v2/getSignedUrl"), self._get_signed_url),
@@ -552,6 +555,35 @@ class HubEmulator(LocalServer):
             ]
             shown = [self._render_asset(a) for a in matching[(page - 1) * limit : page * limit]]
         return _success({"assets": shown, "total": len(matching)})
+
+    def _get_tasks(self, exchange: _Exchange, project_id: str) -> _Reply:
+        """The SDK's ``get_tasks(project_id, page, limit, batches=[...])``: a project's tasks, a page at a
+        time, those of assets in any of ``batches`` (a JSON list) when it is given."""
+        try:
+            page = int(exchange.query.get("page", "1"))
+            limit = int(exchange.query.get("limit", "10"))
+            batches = json.loads(exchange.query["batches"]) if "batches" in exchange.query else None
+        except ValueError:
+            raise _HubFailure(400, "page and limit must be integers, batches a JSON list") from None
+        if page < 1 or not 1 <= limit <= 1000:
+            raise _HubFailure(400, "page must be at least 1 and limit between 1 and 1000")
+        if batches is not None and not (
+            isinstance(batches, list) and all(isinstance(b, str) for b in batches)
+        ):
+            raise _HubFailure(400, "batches must be a JSON list of batch ids")
+        with self._lock:
+            self._require_project(project_id)
+            matching = [
+                t
+                for t in self._tasks.values()
+                if t["project"] == project_id
+                and (batches is None or set(batches) & set(self._assets[t["asset"]]["batches"]))
+            ]
+            shown = [copy.deepcopy(t) for t in matching[(page - 1) * limit : page * limit]]
+        if not _is_true(exchange.query.get("includeAnswer")):
+            for task in shown:
+                task.pop("answer", None)
+        return _success({"tasks": shown, "total": len(matching)})
 
     def _get_project(self, exchange: _Exchange, project_id: str) -> _Reply:
         with self._lock:

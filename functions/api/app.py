@@ -76,7 +76,10 @@ def run_plugin(event: dict[str, Any]) -> dict[str, Any]:
     bind_run(payload.session, payload.task_id)
     # The keys that arrived (never their values): a payload spelled differently by a hub shows at once.
     logger.info("run requested", extra={"payload_keys": sorted(json.loads(raw).keys())})
-    started = start_session(payload, wiring.api_deps())
+    # the hub is called only to list a payload's batches: within the API's hub budget
+    started = start_session(
+        payload, wiring.within_time(wiring.api_deps(), _CONTEXT.get(), wiring.API_HUB_BUDGET_S)
+    )
     record_run_accepted(len(started.started))
     body: dict[str, Any] = {
         "session": started.session,

@@ -8,6 +8,8 @@ import json
 import pytest
 from PIL import Image
 
+from tests.conftest import wait_for
+
 pytestmark = pytest.mark.stack
 
 
@@ -102,7 +104,9 @@ def test_a_refused_prompt_fails_the_run_with_a_reason_and_tells_the_hub(
     assert run["status"] == "FAILED"
     assert run["failure"]["reason"] == "moderation_blocked"
     assert "safety system" in run["failure"]["message"]
-    assert stack.hub.plugin_responses(payload["session"])[-1]["error"] is True
+    # the run is FAILED before Record Failure tells the hub: wait for that
+    told = wait_for(lambda: stack.hub.plugin_responses(payload["session"]), "the hub told of the failure")
+    assert told[-1]["error"] is True
     assert any(line["level"] == "ERROR" for line in stack.hub.plugin_logs(payload["session"]))
 
 

@@ -49,6 +49,9 @@ class Runs:
         self.items[key] = copy.deepcopy(run)
         return copy.deepcopy(run), True
 
+    def create_many(self, runs: list[RunRecord]) -> list[tuple[RunRecord, bool]]:
+        return [self.create(run) for run in runs]
+
     def get(self, session: str, task_id: str) -> RunRecord | None:
         found = self.items.get((session, task_id))
         return copy.deepcopy(found) if found else None

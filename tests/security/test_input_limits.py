@@ -70,7 +70,7 @@ def test_the_api_refuses_past_the_limits_before_spending_anything(stack, api, sa
     base = sample_payload("task-lighthouse", configJSON=CONFIG)
     long_key = "sk-" + "x" * 5000  # longer than KMS can seal: refused as config, not a 5xx
     cases = [
-        (413, None, json.dumps(base | {"padding": "x" * 300_000})),
+        (413, None, json.dumps(base | {"padding": "x" * 4_300_000})),
         (400, "taskId", json.dumps(base | {"taskId": "t" * 257})),
         (400, "apiKey", json.dumps(base | {"apiKey": "ango\nkey"})),
         (400, "openai_api_key", json.dumps(base | {"configJSON": json.dumps({"openai_api_key": long_key})})),

@@ -95,7 +95,7 @@ def test_what_the_api_answers_is_what_the_document_says(spec, stack, api, sample
         ("POST", "/plugin", "/plugin", ok | {"taskId": ""}, 400),
         ("POST", "/plugin", "/plugin", ok | {"configJSON": "{nope"}, 400),
         ("POST", "/plugin", "/plugin", ok | {"categorySchema": None}, 422),
-        ("POST", "/plugin", "/plugin", ok | {"pad": "x" * 300_000}, 413),
+        ("POST", "/plugin", "/plugin", ok | {"pad": "x" * 4_300_000}, 413),
         ("GET", "/sessions/no-such-session", "/sessions/{session}", None, 404),
         ("POST", "/sessions/no-such-session/cancel", "/sessions/{session}/cancel", {}, 404),
         ("POST", f"/sessions/{session}/cancel", "/sessions/{session}/cancel", None, 400),

@@ -105,6 +105,22 @@ def test_get_asset_by_id(hub, sdk, client):
     assert (our_result.external_id, our_result.data_url) == (asset["externalId"], asset["data"])
 
 
+def test_list_tasks_of_batches(hub, sdk, client):
+    for index in range(3):
+        hub.add_asset(PROJECT, f"asset-b{index}", f"b{index}.txt", f"b{index}.txt", b"x", batches=["batch-1"])
+        hub.add_task(PROJECT, f"task-b{index}", f"asset-b{index}")
+    sdk_result, sdk_sent = sent_by(
+        hub,
+        lambda: sdk.get_tasks(
+            PROJECT, page=1, limit=1000, batches=["batch-1"], include_answer=False
+        ),  # the form the SDK still sends
+    )
+    our_result, our_sent = sent_by(hub, lambda: client.list_batch_tasks(PROJECT, ["batch-1"], 10_000))
+    assert our_sent == sdk_sent
+    listed = [(t["_id"], t["asset"]) for t in sdk_result["data"]["tasks"]]
+    assert [(t.task_id, t.asset_id) for t in our_result] == listed and len(listed) == 3
+
+
 def test_get_project(hub, sdk, client):
     sdk_result, sdk_sent = sent_by(hub, lambda: sdk.get_project(PROJECT))
     our_result, our_sent = sent_by(hub, lambda: client.get_project(PROJECT))

@@ -78,7 +78,19 @@ def test_every_task_is_caught_into_record_failure():
             ]
     # and a failure to record a failure still ends only that task, never the batch
     assert states["Record Failure"]["Catch"][0]["Next"] == "Task Failed"
-    assert states["Task Failed"] == {"Type": "Pass", "Comment": states["Task Failed"]["Comment"], "End": True}
+    assert states["Task Failed"] == {
+        "Type": "Pass",
+        "Comment": states["Task Failed"]["Comment"],
+        "OutputPath": None,
+        "End": True,
+    }
+
+
+def test_every_iteration_ends_with_an_empty_output_and_executions_can_time_out():
+    states = _task_states()
+    ends = [name for name, state in states.items() if state["Type"] == "Succeed" or state.get("End")]
+    assert all(states[name]["OutputPath"] is None for name in ends) and len(ends) == 3
+    assert _definition()["TimeoutSeconds"] >= 36 * 3600  # docs/batches.md: the longest legitimate run
 
 
 def test_the_rate_wait_uses_the_exact_timestamp_from_generate():

@@ -25,6 +25,14 @@ class HubAsset:
     data_url: str
 
 
+@dataclass(frozen=True)
+class HubTaskRef:
+    """A task as the hub lists it: its id, and its asset's when the listing names it."""
+
+    task_id: str
+    asset_id: str | None = None
+
+
 class HubClient(Protocol):
     """Ango Hub's REST API as the plugin uses it (``/v2/...``), authenticated as the user who ran it."""
 
@@ -32,6 +40,9 @@ class HubClient(Protocol):
         """``GET /v2/task/{id}?includeAnswer=true`` -> ``data.task`` (with ``answer`` in read format)."""
 
     def get_asset(self, project_id: str, asset_id: str) -> HubAsset: ...
+
+    def list_batch_tasks(self, project_id: str, batches: list[str], at_most: int) -> list[HubTaskRef]:
+        """The project's tasks in any of ``batches``, at most ``at_most`` of them."""
 
     def fetch_text(self, url: str) -> bytes:
         """The raw bytes of a text asset (size-capped, with a timeout); decoding is the domain's job."""
@@ -209,6 +220,10 @@ class RunStore(Protocol):
 
     def create(self, run: RunRecord) -> tuple[RunRecord, bool]:
         """Store the run unless one exists for (session, task); returns (the stored run, created?)."""
+
+    def create_many(self, runs: list[RunRecord]) -> list[tuple[RunRecord, bool]]:
+        """``create`` for each run, in order, in a bounded number of calls (a batch of thousands is stored
+        in seconds)."""
 
     def get(self, session: str, task_id: str) -> RunRecord | None: ...
 

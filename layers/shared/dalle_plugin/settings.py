@@ -59,7 +59,8 @@ class ApiSettings(RateLimitSettings):
     model_successors: dict[str, str] = Field(
         default_factory=lambda: dict(DEFAULT_SUCCESSORS), alias="MODEL_SUCCESSORS"
     )
-    max_body_bytes: int = Field(default=262_144, alias="MAX_BODY_BYTES", gt=0)
+    # 10,000 tasks with their asset ids fit (about 60 bytes each), and stay under Lambda's 6 MB request
+    max_body_bytes: int = Field(default=4_194_304, alias="MAX_BODY_BYTES", gt=0)
     # USD per 1024x1024 image by model and quality, for the session's cost estimate; empty: built-in table
     image_prices: dict[str, dict[str, float]] = Field(
         default_factory=lambda: dict(DEFAULT_PRICES), alias="IMAGE_PRICES"

@@ -26,6 +26,8 @@ from dalle_plugin.domain.errors import StorageUnavailable
 from dalle_plugin.domain.run import RunRecord
 
 MAX_OPTIMISTIC_RETRIES = 8
+#: puts in one TransactWriteItems (DynamoDB's cap)
+TRANSACTION_ITEMS = 100
 _KEY_FIELDS = ("session", "task_id")
 
 
@@ -180,6 +182,64 @@ class DynamoRunStore:
             existing = self.get(run.session, run.task_id)
             assert existing is not None
             return existing, False
+
+    def create_many(self, runs: list[RunRecord]) -> list[tuple[RunRecord, bool]]:
+        """Conditional puts, a hundred to a transaction: the transaction either stores them all, or names
+        the ones that exist (with their items), and is sent again without them. A batch of 10,000 new runs
+        takes 100 calls; a duplicate of it, 100 refused calls and no more."""
+        found: dict[str, tuple[RunRecord, bool]] = {}
+        for start in range(0, len(runs), TRANSACTION_ITEMS):
+            pending = [
+                run.model_copy(update={"version": 1}) for run in runs[start : start + TRANSACTION_ITEMS]
+            ]
+            for attempt in range(MAX_OPTIMISTIC_RETRIES * 2):
+                if not pending:
+                    break
+                if attempt:
+                    time.sleep(random.uniform(0.005, 0.02) * 2 ** min(attempt, 5))
+                existing = self._put_all_or_find_existing(pending)
+                if existing is None:  # a concurrent request's writes collided with these: again
+                    continue
+                if not existing:
+                    found.update({run.task_id: (self._remember(run), True) for run in pending})
+                    break
+                found.update({run.task_id: (run, False) for run in existing.values()})
+                pending = [run for run in pending if run.task_id not in existing]
+            else:
+                raise StorageUnavailable("Could not store the runs: other writes kept colliding; try again.")
+        return [found[run.task_id] for run in runs]
+
+    def _put_all_or_find_existing(self, runs: list[RunRecord]) -> dict[str, RunRecord] | None:
+        """Store every run in one transaction ({}), or store none and return those already stored (None
+        when the transaction was cancelled by a conflicting write in flight instead)."""
+        puts = [
+            {
+                "Put": {
+                    "TableName": self._table,
+                    "Item": self._to_item(run),
+                    "ConditionExpression": "attribute_not_exists(pk)",
+                    "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+                }
+            }
+            for run in runs
+        ]
+        try:
+            self._client.transact_write_items(TransactItems=puts)
+            return {}
+        except ClientError as exc:
+            code = exc.response["Error"]["Code"]
+            reasons = exc.response.get("CancellationReasons") or []
+            if code != "TransactionCanceledException" or not reasons:
+                raise StorageUnavailable(f"Could not store the runs: {code}") from None
+        existing: dict[str, RunRecord] = {}
+        for run, reason in zip(runs, reasons):
+            if reason.get("Code") == "ConditionalCheckFailed":
+                stored = (
+                    self._read(reason["Item"]) if reason.get("Item") else self.get(run.session, run.task_id)
+                )
+                if stored is not None:
+                    existing[run.task_id] = stored
+        return existing or None
 
     def get(self, session: str, task_id: str) -> RunRecord | None:
         item = self._client.get_item(

@@ -35,7 +35,7 @@ import urllib3
 
 from dalle_plugin.domain.errors import AssetUnreadable, HubDeliveryUnknown, HubRequestRejected, HubUnavailable
 from dalle_plugin.domain.hub_answer import answer_to_write_format
-from dalle_plugin.ports import HubAsset
+from dalle_plugin.ports import HubAsset, HubTaskRef
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ LOG_BUDGET_S = 3.0
 _CHUNK_BYTES = 64 * 1024
 
 MAX_REDIRECTS = 3
+#: tasks asked for per page of a batch listing: 10,000 tasks are 10 pages
+TASKS_PER_PAGE = 1000
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 #: answers after which the hub surely did not apply a request (a gateway's 502/504 may hide one that it did)
 _NOT_APPLIED_STATUSES = frozenset({500, 503})
@@ -144,6 +146,36 @@ class AngoHubClient:
         if not isinstance(task, dict):
             raise HubRequestRejected(f"Ango Hub's answer to GET /v2/task/{task_id} has no data.task.")
         return task
+
+    def list_batch_tasks(self, project_id: str, batches: list[str], at_most: int) -> list[HubTaskRef]:
+        """The SDK's ``get_tasks(project_id, page, limit, batches=[...])`` query, a page at a time, until the
+        hub has no more or ``at_most`` are listed."""
+        found: list[HubTaskRef] = []
+        for page in range(1, at_most // TASKS_PER_PAGE + 2):
+            document = self._hub(
+                "GET",
+                f"/v2/project/{_segment(project_id)}/tasks",
+                query={
+                    "page": str(page),
+                    "limit": str(TASKS_PER_PAGE),
+                    "includeAnswer": "false",
+                    "batches": json.dumps(batches),
+                },
+            )
+            tasks = _dig(document, "data", "tasks")
+            if not isinstance(tasks, list):
+                raise HubRequestRejected(
+                    f"Ango Hub's answer to GET /v2/project/{project_id}/tasks has no data.tasks."
+                )
+            for task in tasks:
+                asset = task.get("asset") if isinstance(task, dict) else None
+                asset_id = asset.get("_id") if isinstance(asset, dict) else asset
+                if isinstance(task, dict) and isinstance(task.get("_id"), str):
+                    found.append(HubTaskRef(task["_id"], asset_id if isinstance(asset_id, str) else None))
+            total = _dig(document, "data", "total")
+            if len(tasks) < TASKS_PER_PAGE or (isinstance(total, int) and page * TASKS_PER_PAGE >= total):
+                break
+        return found[:at_most]
 
     def get_asset(self, project_id: str, asset_id: str) -> HubAsset:
         # the SDK's get_assets(project_id, filters={"_id": asset_id}) query, json.dumps spacing included

@@ -37,7 +37,8 @@ class BatchTask(BaseModel):
     data_url: str | None = Field(default=None, alias="dataURL", max_length=4096)
 
 
-MAX_BATCH_TASKS = 1000
+#: tasks one request may run (docs/batches.md: what it costs in AWS calls and executions)
+MAX_BATCH_TASKS = 10_000
 
 
 class HubPayload(BaseModel):
@@ -89,18 +90,26 @@ class HubPayload(BaseModel):
             raise ValueError("is longer than 16384 characters")
         return value
 
-    def batch_tasks(self) -> list[BatchTask]:
-        """Every task the request names, once each, in the order given."""
+    def batch_tasks(self, listed: list[BatchTask] = ()) -> list[BatchTask]:
+        """Every task the request names, then those ``listed`` for its ``batches``, once each, in order."""
         named = list(self.tasks or [])
         named += [BatchTask(taskId=task_id) for task_id in self.task_ids or []]
         if self.task_id:
             named.insert(0, BatchTask(taskId=self.task_id, assetId=self.asset_id, dataURL=self.data_url))
+        named += listed
         unique: dict[str, BatchTask] = {}
         for task in named:
             unique.setdefault(task.task_id, task)
         if not unique:
             raise InvalidRequest(
-                "Payload field 'taskId' is required (or 'tasks' / 'taskIds' for a batch).", field="taskId"
+                "Payload field 'taskId' is required (or 'tasks' / 'taskIds' / 'batches' with tasks in them "
+                "for a batch).",
+                field="taskId",
+            )
+        if len(unique) > MAX_BATCH_TASKS:
+            raise InvalidRequest(
+                f"The request names {len(unique)} tasks; one run takes at most {MAX_BATCH_TASKS}.",
+                field="tasks",
             )
         return list(unique.values())
 

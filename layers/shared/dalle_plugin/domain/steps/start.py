@@ -7,12 +7,14 @@ import datetime as dt
 import hashlib
 import re
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 from dalle_plugin.domain.config import parse_config_json, validate_run_options
-from dalle_plugin.domain.errors import PromptNotFound
-from dalle_plugin.domain.payload import HubPayload
+from dalle_plugin.domain.errors import InvalidRequest, PluginError, PromptNotFound
+from dalle_plugin.domain.payload import MAX_BATCH_TASKS, BatchTask, HubPayload
 from dalle_plugin.domain.run import ModelInfo, RunRecord, RunRef, RunStatus, TimelineEntry
 from dalle_plugin.domain.steps.machinery import ANGO_KEY, OPENAI_KEY, StepDeps
 
@@ -56,8 +58,11 @@ def _requeue(run: RunRecord, sealed: bytes, now: int) -> None:
 
 
 #: tasks one execution runs: its history (about 40 events a task) and input stay far inside Step Functions'
-#: 25,000 events and 256 KiB (100 task ids of at most 256 characters are 30 KB)
+#: 25,000 events and 256 KiB (100 task ids of at most 256 characters are 30 KB); docs/batches.md
 TASKS_PER_EXECUTION = 100
+#: AWS calls a request has in flight at once: a 10,000-task batch is 100 writes and 100 starts, so about
+#: 13 round trips each way instead of 200
+PARALLEL_CALLS = 8
 
 
 def _name(kind: str, session: str, identity: list[str]) -> str:
@@ -80,6 +85,37 @@ def creation_owner(session: str, task_ids: list[str]) -> str:
 
 def _chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _in_parallel(call: Callable[[Any], Any], items: list) -> list:
+    """``call`` over ``items``, a few at a time, results in order (the first error is raised)."""
+    if len(items) <= 1:
+        return [call(item) for item in items]
+    with ThreadPoolExecutor(max_workers=min(PARALLEL_CALLS, len(items))) as pool:
+        return list(pool.map(call, items))
+
+
+def _listed_tasks(payload: HubPayload, deps: StepDeps) -> list[BatchTask]:
+    """The tasks of the payload's ``batches``, as the hub lists them (none when it names no batch)."""
+    if not payload.batches:
+        return []
+    caller = SimpleNamespace(plugin_id=payload.plugin_id, org_id=payload.org_id, run_by=payload.run_by)
+    hub = deps.hub_for(caller, payload.api_key.get_secret_value())
+    try:
+        listed = hub.list_batch_tasks(payload.project_id, payload.batches, MAX_BATCH_TASKS + 1)
+    except PluginError as exc:
+        raise InvalidRequest(
+            f"Could not list the tasks of the batches {', '.join(payload.batches)}: {exc.message}",
+            field="batches",
+        ) from None
+    if len(listed) > MAX_BATCH_TASKS:
+        raise InvalidRequest(
+            f"The batches {', '.join(payload.batches)} hold more than {MAX_BATCH_TASKS} tasks, more than one "
+            "run may take: run the plugin on fewer batches at a time.",
+            field="batches",
+        )
+    # in task id order: a duplicate of the request forms the same chunks, so names the same executions
+    return sorted((BatchTask(taskId=t.task_id, assetId=t.asset_id) for t in listed), key=lambda t: t.task_id)
 
 
 class _Owned(Exception):
@@ -111,7 +147,6 @@ def start_session(
     options = validate_run_options(
         config, deps.model_successors, today or dt.datetime.now(dt.UTC).date(), deps.image_prices
     )
-    tasks = payload.batch_tasks()
     needs_class = config.get_prompt_from in ("entity-annotation", "text-annotation")
     if needs_class and not payload.prompt_class_ids:
         kind = "entity" if config.get_prompt_from == "entity-annotation" else "text classification"
@@ -120,6 +155,7 @@ def start_session(
             f"In the plugin settings, map Prompt to the {kind} class that holds the prompt."
         )
 
+    tasks = payload.batch_tasks(_listed_tasks(payload, deps))
     now = deps.clock.now_ms()
     secrets = {ANGO_KEY: payload.api_key.get_secret_value()}
     if not config.uses_default_key:
@@ -127,11 +163,15 @@ def start_session(
     sealed = deps.vault.seal(secrets, {"session": payload.session})
     runs: list[RunRecord] = []
     started: list[str] = []  # created or requeued by this request: what it, and only it, counts as accepted
-    for chunk in _chunks(tasks, tasks_per_execution):
+
+    def create(chunk: list[BatchTask]) -> list[tuple[RunRecord, bool]]:
         owner = creation_owner(payload.session, [task.task_id for task in chunk])
-        for task in chunk:
-            record = _new_record(payload, task, config, options, sealed, now, deps, owner)
-            stored, created = deps.runs.create(record)
+        return deps.runs.create_many(
+            [_new_record(payload, task, config, options, sealed, now, deps, owner) for task in chunk]
+        )
+
+    for created_chunk in _in_parallel(create, _chunks(tasks, tasks_per_execution)):
+        for stored, created in created_chunk:
             if not created and stored.status in (RunStatus.FAILED, RunStatus.CANCELLED):
                 requeued = [
                     False
@@ -162,12 +202,17 @@ def start_session(
     for run in runs:
         if run.status is RunStatus.QUEUED and run.owner:
             waiting.setdefault(run.owner, []).append(run.task_id)
-    arn = None
-    for owner, task_ids in waiting.items():
-        arn = deps.starter.start(
+
+    def start(owner_and_tasks: tuple[str, list[str]]) -> str:
+        owner, task_ids = owner_and_tasks
+        return deps.starter.start(
             owner, {"session": payload.session, "tasks": [{"taskId": t} for t in task_ids]}
         )
-    return SessionStart(session=payload.session, runs=runs, started=started, execution_arn=arn)
+
+    arns = _in_parallel(start, list(waiting.items()))
+    return SessionStart(
+        session=payload.session, runs=runs, started=started, execution_arn=arns[-1] if arns else None
+    )
 
 
 def _new_record(
