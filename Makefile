@@ -15,7 +15,7 @@ CHECKOV_VENV := .venv-checkov
 # pip prints one line per package it fetches or installs: slow, but never silent
 PIP_SHOW_PROGRESS := --progress-bar off --no-color
 
-.PHONY: run serve test bench lint install clean chromium deploy-check reliability
+.PHONY: run serve test bench lint install clean chromium deploy-check reliability openapi
 
 $(VENV)/.installed: requirements-dev.txt layers/shared/requirements.txt functions/generate/requirements.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -66,6 +66,10 @@ reliability: install
 
 bench: install
 	$(PY) -m bench
+
+## docs/openapi.yaml from the API function's routes (tests/security/test_openapi.py fails when it is stale).
+openapi: install
+	PYTHONPATH=layers/shared:. $(PY) -m tools.openapi
 
 lint: install
 	$(VENV)/bin/cfn-lint template.yaml

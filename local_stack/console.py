@@ -1,8 +1,8 @@
 """The local console: a page at the local API's root that shows every session as it runs.
 
 Served by the API Gateway stand-in beside the real routes (``ApiGatewayServer.extra_routes``), on 127.0.0.1
-only. It lists the sessions from the sessions table (the same view ``GET /sessions/{id}`` gives: never a
-secret), the hub's Plugin Sessions log lines for each, and the generated images from the hub's storage,
+only. It lists the sessions from the sessions table (the same summary and first page of runs that
+``GET /sessions/{id}`` gives: never a secret), the hub's Plugin Sessions log lines for each, and the generated images from the hub's storage,
 and it can start a bundled sample run through the real ``POST /plugin`` (the Secret is added here, on the
 server: the page never sees it).
 
@@ -23,8 +23,7 @@ from urllib.parse import parse_qs
 
 import requests
 from dalle_plugin.adapters.dynamo_runs import DynamoRunStore
-from dalle_plugin.domain.run import RunRecord
-from dalle_plugin.domain.sessions import session_view
+from dalle_plugin.domain.sessions import session_page
 
 from local_stack.api_gateway import ExtraRoute
 from local_stack.hub_emulator import SampleRun, load_sample_runs
@@ -38,6 +37,7 @@ STATIC_FILES = {
     "/_console/console.css": ("console.css", "text/css; charset=utf-8"),
 }
 MAX_SESSIONS = 30
+RUNS_SHOWN = 50  # runs shown per session: the first page of GET /sessions/{id}
 # What a hub log line may show: the message and where it belongs, not who ran it or the plugin's ids.
 LOG_FIELDS = ("level", "msg", "taskId")
 
@@ -87,37 +87,42 @@ class Console:
     def samples(self) -> list[SampleRun]:
         return load_sample_runs(self.stack.hub.base_url)
 
-    def _runs(self) -> list[RunRecord]:
-        """Every run in the sessions table. The sealed secrets are not even read."""
+    def _newest_sessions(self) -> list[str]:
+        """The sessions with the newest runs, from two small attributes of every run record (the table also
+        holds spending counters and images on offer for a re-run: only run records are read)."""
         client = self.stack.client("dynamodb")
-        # run records only: the table also holds spending counters and images on offer for a re-run
-        projection, names = DynamoRunStore.readable_attributes()
         kwargs: dict[str, Any] = {
             "TableName": self.stack.table_name("SessionsTable"),
-            "ProjectionExpression": projection,
+            "ProjectionExpression": "#pk, #created, #doc",
             "FilterExpression": "begins_with(sk, :task)",
-            "ExpressionAttributeNames": names,
+            "ExpressionAttributeNames": {"#pk": "pk", "#created": "createdAtMs", "#doc": "doc"},
             "ExpressionAttributeValues": {":task": {"S": "TASK#"}},
         }
-        runs = []
+        newest: dict[str, int] = {}
         while True:
             page = client.scan(**kwargs)
-            runs.extend(DynamoRunStore._from_item(item)[0] for item in page.get("Items", []))
+            for item in page.get("Items", []):
+                session = item["pk"]["S"].removeprefix("SESSION#")
+                created = (
+                    json.loads(item["doc"]["S"])["createdAtMs"]
+                    if "doc" in item
+                    else json.loads(item["createdAtMs"]["S"])
+                )
+                newest[session] = max(newest.get(session, 0), int(created))
             if "LastEvaluatedKey" not in page:
-                return runs
+                break
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+        return sorted(newest, key=lambda session: newest[session], reverse=True)[:MAX_SESSIONS]
 
     def sessions(self) -> list[dict[str, Any]]:
-        """The newest sessions first, each as ``GET /sessions/{id}`` shows it plus the hub's log lines."""
-        by_session: dict[str, list[RunRecord]] = {}
-        for run in self._runs():
-            by_session.setdefault(run.session, []).append(run)
-        newest = sorted(
-            by_session.items(), key=lambda item: max(r.created_at_ms for r in item[1]), reverse=True
-        )
+        """The newest sessions first, each as ``GET /sessions/{id}``'s first page shows it plus the hub's
+        log lines."""
+        store = DynamoRunStore(self.stack.client("dynamodb"), self.stack.table_name("SessionsTable"))
         views = []
-        for session, runs in newest[:MAX_SESSIONS]:
-            view = session_view(session, runs)
+        for session in self._newest_sessions():
+            view = session_page(session, store, limit=RUNS_SHOWN)
+            if view is None:
+                continue
             view["logs"] = [
                 {field: line.get(field) for field in LOG_FIELDS}
                 for line in self.stack.hub.plugin_logs(session)

@@ -32,16 +32,35 @@ class PluginApi:
     def run(self, payload: dict[str, Any]) -> requests.Response:
         return self._session.post(f"{self.base_url}/plugin", json=payload, timeout=self._timeout)
 
-    def session(self, session_id: str) -> dict[str, Any] | None:
-        response = self._session.get(f"{self.base_url}/sessions/{session_id}", timeout=self._timeout)
+    def session_page(
+        self, session_id: str, page: str | None = None, limit: int | None = None
+    ) -> dict[str, Any] | None:
+        """One page of ``GET /sessions/{id}``: the first carries the summary, each one ``next``."""
+        params = {key: value for key, value in (("page", page), ("limit", limit)) if value is not None}
+        response = self._session.get(
+            f"{self.base_url}/sessions/{session_id}", params=params, timeout=self._timeout
+        )
         return response.json() if response.status_code == 200 else None
+
+    def session(self, session_id: str) -> dict[str, Any] | None:
+        """The summary with every run: the pages followed to the end."""
+        view = self.session_page(session_id)
+        following = view
+        while following and following.get("next"):
+            following = self.session_page(session_id, page=following["next"])
+            if following is None:
+                return None
+            view["runs"] += following["runs"]
+        return view
 
     def wait_finished(self, session_id: str, timeout_s: float = 120, poll_s: float = 0.2) -> dict[str, Any]:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            view = self.session(session_id)
-            if view and all(run["status"] in FINISHED for run in view["runs"]):
-                return view
+            summary = self.session_page(session_id, limit=1)  # the summary says whether every run ended
+            if summary and summary["status"] in FINISHED:
+                view = self.session(session_id)
+                if view is not None:
+                    return view
             time.sleep(poll_s)
         raise TimeoutError(
             f"session {session_id} did not finish within {timeout_s}s: {self.session(session_id)}"
@@ -113,9 +132,9 @@ def run_samples(
         for session, sample in pending.items():
             if session in finished:
                 continue
-            view = api.session(session)
+            view = api.session_page(session)
             progress.show(sample.title, view)
-            if view and all(run["status"] in FINISHED for run in view["runs"]):
+            if view and view["status"] in FINISHED:
                 finished[session] = view
         time.sleep(0.2)
 

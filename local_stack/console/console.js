@@ -79,7 +79,8 @@ function drawSession(view) {
     el("div", { className: "session-head" },
       el("span", { className: "session-id" }, view.session),
       el("span", { className: `badge ${view.status}` }, view.status),
-      el("span", { className: "counts" }, `${view.runs.length} run${view.runs.length === 1 ? "" : "s"}: ${counts}`)),
+      el("span", { className: "counts" }, `${view.progress.total} run${view.progress.total === 1 ? "" : "s"}: ${counts}`
+        + (view.next ? ` (the first ${view.runs.length} shown)` : ""))),
     view.runs.map(drawRun),
     view.logs.length
       ? el("ol", { className: "logs" }, view.logs.map(

@@ -15,6 +15,7 @@ from openapi_spec_validator import validate
 
 from local_stack.hub_emulator import load_sample_runs
 from local_stack.template import LocalTemplate
+from tools import openapi as openapi_tool
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"
 
@@ -39,6 +40,13 @@ def _response_schema(spec: dict, path: str, method: str, status: int) -> dict:
     if "$ref" in response:
         response = spec["components"]["responses"][response["$ref"].rsplit("/", 1)[-1]]
     return response["content"]["application/json"]["schema"]
+
+
+def test_the_committed_document_is_what_the_code_generates(spec):
+    """Compared as parsed documents: formatting does not count, content does (`make openapi` rewrites it)."""
+    assert openapi_tool.committed() == openapi_tool.generated(), (
+        "docs/openapi.yaml is stale: run `make openapi`"
+    )
 
 
 def test_the_document_has_the_routes_the_template_deploys(spec):
@@ -88,7 +96,9 @@ def test_what_the_api_answers_is_what_the_document_says(spec, stack, api, sample
     assert check("POST", "/plugin", "/plugin", ok).status_code == 202
     assert check("POST", "/plugin", "/plugin", ok).json()["duplicate"] is True
     api.wait_finished(session, timeout_s=300)
-    assert check("GET", f"/sessions/{session}", "/sessions/{session}").status_code == 200
+    first = check("GET", f"/sessions/{session}", "/sessions/{session}")
+    assert first.status_code == 200 and first.json()["progress"]["total"] == 1
+    assert check("GET", f"/sessions/{session}?limit=1", "/sessions/{session}").json()["next"] is None
     assert check("POST", f"/sessions/{session}/cancel", "/sessions/{session}/cancel", {}).status_code == 409
 
     refusals = [
@@ -97,6 +107,8 @@ def test_what_the_api_answers_is_what_the_document_says(spec, stack, api, sample
         ("POST", "/plugin", "/plugin", ok | {"categorySchema": None}, 422),
         ("POST", "/plugin", "/plugin", ok | {"pad": "x" * 4_300_000}, 413),
         ("GET", "/sessions/no-such-session", "/sessions/{session}", None, 404),
+        ("GET", f"/sessions/{session}?limit=0", "/sessions/{session}", None, 400),
+        ("GET", f"/sessions/{session}?page=not-a-token", "/sessions/{session}", None, 400),
         ("POST", "/sessions/no-such-session/cancel", "/sessions/{session}/cancel", {}, 404),
         ("POST", f"/sessions/{session}/cancel", "/sessions/{session}/cancel", None, 400),
     ]

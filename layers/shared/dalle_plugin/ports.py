@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from dalle_plugin.domain.run import RunRecord
+    from dalle_plugin.domain.run import RunRecord, RunTally
 
 
 # ---- the hub -------------------------------------------------------------------------------------
@@ -238,6 +238,17 @@ class RunStore(Protocol):
         """The record as this store last read or wrote it, or read when it has not seen it."""
 
     def list_session(self, session: str) -> list[RunRecord]: ...
+
+
+class SessionPages(Protocol):
+    """A session read in parts, so one answer stays small whatever the session's size."""
+
+    def tallies(self, session: str) -> list[RunTally]:
+        """Every run of the session, as little of each as its summary needs."""
+
+    def page(self, session: str, limit: int, after: str | None) -> tuple[list[RunRecord], str | None]:
+        """At most ``limit`` runs in task-id order after task ``after`` (one storage read), and the last
+        task id read when more may follow (else None)."""
 
 
 class ReusableImages(Protocol):

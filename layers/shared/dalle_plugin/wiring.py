@@ -14,14 +14,14 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
-from dalle_plugin.adapters.aws import KmsSecretVault, S3ImageStore, SecretsManagerReader, StepFunctionsStarter
+from dalle_plugin.adapters.aws import CachedSecrets, KmsSecretVault, S3ImageStore, StepFunctionsStarter
 from dalle_plugin.adapters.dynamo_allowances import DynamoAllowanceLedger
 from dalle_plugin.adapters.dynamo_reusable_images import DynamoReusableImages
 from dalle_plugin.adapters.dynamo_runs import DynamoRunStore
 from dalle_plugin.domain.errors import PluginSecretTooShort
 from dalle_plugin.domain.run import RunRecord
 from dalle_plugin.domain.steps.machinery import StepDeps
-from dalle_plugin.ports import HubClient, SystemClock
+from dalle_plugin.ports import HubClient, SessionPages, SystemClock
 from dalle_plugin.settings import (
     ApiSettings,
     AttachSettings,
@@ -138,8 +138,8 @@ MIN_PLUGIN_SECRET_CHARS = 32
 
 
 @cache
-def secrets_reader() -> SecretsManagerReader:
-    return SecretsManagerReader(aws_client("secretsmanager"))
+def secrets_reader() -> CachedSecrets:
+    return CachedSecrets(aws_client("secretsmanager"))
 
 
 def plugin_secret() -> str:
@@ -154,11 +154,15 @@ def plugin_secret() -> str:
     return secret
 
 
-@cache
 def authorizer_secret() -> str:
-    """The Secret the authorizer compares with, read once per cold start (as the API's own check does)."""
-    secret_arn = load_settings(AuthorizerSettings).plugin_secret_arn
-    return SecretsManagerReader(aws_client("secretsmanager")).read(secret_arn)
+    """The Secret the authorizer compares with, as stored now (re-read within ``SECRET_MAX_AGE_S``)."""
+    return secrets_reader().read(load_settings(AuthorizerSettings).plugin_secret_arn)
+
+
+@cache
+def session_pages() -> SessionPages:
+    """The sessions table read a page at a time, for ``GET /sessions/{id}``."""
+    return DynamoRunStore(aws_client("dynamodb"), load_settings(ApiSettings).sessions_table)
 
 
 @cache

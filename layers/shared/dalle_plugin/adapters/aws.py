@@ -5,8 +5,6 @@ variables (``AWS_ENDPOINT_URL_*``), so the local stack needs no code path of its
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable
 from typing import Any
 
 from botocore.exceptions import ClientError
@@ -69,26 +67,23 @@ class KmsSecretVault:
 
 #: how long a warm Lambda keeps a secret before reading it again: a rotated or revoked key or Secret is seen
 #: within this time
-SECRET_MAX_AGE_S = 120.0
+SECRET_MAX_AGE_S = 120
 
 
-class SecretsManagerReader:
-    """Secrets read once per ``max_age_s`` (not once per container: a rotation must reach warm Lambdas)."""
+class CachedSecrets:
+    """Secrets through Powertools Parameters (``SecretsProvider``), each kept ``max_age_s`` and then read
+    again, so a rotation reaches warm Lambdas. The client is injected (its endpoint is boto3's own, as for
+    every adapter); Parameters never logs a value, and neither does this."""
 
-    def __init__(
-        self, client: Any, max_age_s: float = SECRET_MAX_AGE_S, clock: Callable[[], float] = time.monotonic
-    ):
-        self._client = client
+    def __init__(self, client: Any, max_age_s: int = SECRET_MAX_AGE_S):
+        from aws_lambda_powertools.utilities.parameters import SecretsProvider
+
+        self._provider = SecretsProvider(boto3_client=client)
         self._max_age_s = max_age_s
-        self._clock = clock
-        self._cache: dict[str, tuple[str, float]] = {}
 
     def read(self, secret_id: str) -> str:
-        cached = self._cache.get(secret_id)
-        if cached is None or self._clock() - cached[1] >= self._max_age_s:
-            value = self._client.get_secret_value(SecretId=secret_id)["SecretString"]
-            self._cache[secret_id] = cached = (value, self._clock())
-        return cached[0]
+        value = self._provider.get(secret_id, max_age=self._max_age_s)
+        return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class StepFunctionsStarter:

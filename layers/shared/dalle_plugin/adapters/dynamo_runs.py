@@ -23,7 +23,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from dalle_plugin.domain.errors import StorageUnavailable
-from dalle_plugin.domain.run import RunRecord
+from dalle_plugin.domain.run import RunRecord, RunTally
 
 MAX_OPTIMISTIC_RETRIES = 8
 #: puts in one TransactWriteItems (DynamoDB's cap)
@@ -305,18 +305,69 @@ class DynamoRunStore:
 
     def list_session(self, session: str) -> list[RunRecord]:
         runs: list[RunRecord] = []
-        kwargs: dict[str, Any] = {
-            "TableName": self._table,
-            "KeyConditionExpression": "pk = :pk AND begins_with(sk, :task)",
-            "ExpressionAttributeValues": {":pk": {"S": f"SESSION#{session}"}, ":task": {"S": "TASK#"}},
-            "ConsistentRead": True,
-        }
+        kwargs = self._session_query(session)
         while True:
             page = self._client.query(**kwargs)
             runs.extend(self._from_item(item)[0] for item in page.get("Items", []))
             if "LastEvaluatedKey" not in page:
                 return runs
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    # ---- SessionPages -----------------------------------------------------------------------------
+
+    def _session_query(self, session: str) -> dict[str, Any]:
+        return {
+            "TableName": self._table,
+            "KeyConditionExpression": "pk = :pk AND begins_with(sk, :task)",
+            "ExpressionAttributeValues": {":pk": {"S": f"SESSION#{session}"}, ":task": {"S": "TASK#"}},
+            "ConsistentRead": True,
+        }
+
+    def tallies(self, session: str) -> list[RunTally]:
+        """Only the attributes a summary counts (a Query reads whole items, but answers with these: a page
+        of the summary's reads carries about 1 MB of records and returns a few KB)."""
+        fields = ["status", "model", "size", "quality", "image", "more_images", "max_cost_usd"]
+        fields += ["created_at_ms", "updated_at_ms"]
+        names = {f"#a{i}": name for i, name in enumerate(["sk", "doc", *map(_alias, fields)])}
+        kwargs = self._session_query(session) | {
+            "ProjectionExpression": ", ".join(names),
+            "ExpressionAttributeNames": names,
+        }
+        tallies: list[RunTally] = []
+        while True:
+            page = self._client.query(**kwargs)
+            tallies.extend(self._tally(item) for item in page.get("Items", []))
+            if "LastEvaluatedKey" not in page:
+                return tallies
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    @staticmethod
+    def _tally(item: dict[str, Any]) -> RunTally:
+        if "doc" in item:  # the earlier layout: the whole record in one document
+            values = json.loads(item["doc"]["S"])
+        else:
+            values = {
+                name: _decode(_FIELD_OF_ALIAS[name], value) for name, value in item.items() if name != "sk"
+            }
+        images = ([values["image"]] if values.get("image") else []) + (values.get("moreImages") or [])
+        return RunTally.model_validate(
+            values | {"taskId": item["sk"]["S"].removeprefix("TASK#"), "imageCount": len(images)}
+        )
+
+    def page(self, session: str, limit: int, after: str | None) -> tuple[list[RunRecord], str | None]:
+        """One Query (so at most 1 MB of records, whatever ``limit``), without the sealed secrets."""
+        projection, names = self.readable_attributes()
+        kwargs = self._session_query(session) | {
+            "Limit": limit,
+            "ProjectionExpression": projection,
+            "ExpressionAttributeNames": names,
+        }
+        if after is not None:
+            kwargs["ExclusiveStartKey"] = _key(session, after)
+        page = self._client.query(**kwargs)
+        runs = [self._from_item(item)[0] for item in page.get("Items", [])]
+        last = page.get("LastEvaluatedKey")
+        return runs, (last["sk"]["S"].removeprefix("TASK#") if last else None)
 
     def _remember(self, run: RunRecord) -> RunRecord:
         self._recent[(run.session, run.task_id)] = run.model_copy(deep=True)  # the caller's copy may change

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Annotated, Any
 
 from pydantic import (
@@ -141,11 +142,11 @@ def parse_payload(body: str | bytes | dict[str, Any] | None) -> HubPayload:
     try:
         return HubPayload.model_validate(body)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or "body"
-        reason = (
-            "is required"
-            if first["type"] == "missing"
-            else first["msg"].removeprefix("Value error, ").lower()
-        )
-        raise InvalidRequest(f"Payload field '{field}' {reason}.", field=field) from None
+        raise field_refusal(exc.errors()[0]) from None
+
+
+def field_refusal(error: Mapping[str, Any], what: str = "Payload field") -> InvalidRequest:
+    """One validation error (pydantic's shape, ``loc`` inside the body) as one sentence naming the field."""
+    field = ".".join(str(part) for part in error["loc"]) or "body"
+    reason = "is required" if error["type"] == "missing" else str(error["msg"]).removeprefix("Value error, ")
+    return InvalidRequest(f"{what} '{field}' {reason.lower()}.", field=field)

@@ -255,3 +255,31 @@ class RunRecord(CamelModel):
     def encryption_context(self) -> dict[str, str]:
         """The sealed secrets belong to the session (one KMS call seals them for every task of a batch)."""
         return {"session": self.session}
+
+
+class RunTally(CamelModel):
+    """What the session's summary needs of one run: its state and what its images cost."""
+
+    task_id: str
+    status: RunStatus
+    model: ModelInfo | None = None
+    size: str = ""
+    quality: str | None = None
+    image_count: int = 0
+    max_cost_usd: float | None = None
+    created_at_ms: int = 0
+    updated_at_ms: int = 0
+
+    @classmethod
+    def of(cls, run: RunRecord) -> RunTally:
+        return cls(
+            task_id=run.task_id,
+            status=run.status,
+            model=run.model,
+            size=run.size,
+            quality=run.quality,
+            image_count=len(run.images),
+            max_cost_usd=run.max_cost_usd,
+            created_at_ms=run.created_at_ms,
+            updated_at_ms=run.updated_at_ms,
+        )

@@ -1,0 +1,51 @@
+"""``make openapi``: writes docs/openapi.yaml from the API function's routes (``python -m tools.openapi``).
+
+``--check`` exits 1 when the committed document differs from what the code generates (as parsed documents,
+so formatting does not count)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+API_APP = ROOT / "functions" / "api" / "app.py"
+DOC = ROOT / "docs" / "openapi.yaml"
+HEADER = "# Generated from functions/api/app.py by `make openapi`: change the code, not this file.\n"
+
+
+def generated() -> dict[str, Any]:
+    """The document the API function's code describes."""
+    spec = importlib.util.spec_from_file_location("api_function_app", API_APP)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.openapi_document()
+
+
+def committed() -> dict[str, Any]:
+    return yaml.safe_load(DOC.read_text(encoding="utf-8"))
+
+
+def write() -> None:
+    text = yaml.safe_dump(generated(), sort_keys=False, allow_unicode=True, width=110)
+    DOC.write_text(HEADER + text, encoding="utf-8")
+
+
+def main(argv: list[str]) -> int:
+    if "--check" in argv:
+        if committed() != generated():
+            print(f"{DOC.relative_to(ROOT)} is not current: run `make openapi`", file=sys.stderr)
+            return 1
+        return 0
+    write()
+    print(f"wrote {DOC.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
