@@ -156,3 +156,38 @@ def test_a_record_in_the_earlier_one_document_layout_is_still_read(client):
         "sealedSecrets": {"B": b"sealed"},
     }
     assert DynamoRunStore._from_item(legacy)[0] == run
+
+
+def test_a_page_of_a_session_is_one_query_after_the_last_task_without_the_sealed_secrets(client, stubber):
+    store = DynamoRunStore(client, TABLE)
+    items = [DynamoRunStore._to_item(_run(task_id=f"t{i}")) for i in (3, 4, 5)]
+    expected = {
+        "TableName": TABLE,
+        "KeyConditionExpression": "pk = :pk AND begins_with(sk, :task)",
+        "ExpressionAttributeValues": {":pk": {"S": "SESSION#s1"}, ":task": {"S": "TASK#"}},
+        "ConsistentRead": True,
+        "Limit": 3,  # one more than asked: the last page knows it is the last
+        "ProjectionExpression": ANY,
+        "ExpressionAttributeNames": ANY,
+        "ExclusiveStartKey": {"pk": {"S": "SESSION#s1"}, "sk": {"S": "TASK#t2"}},
+    }
+    stubber.add_response("query", {"Items": items, "LastEvaluatedKey": items[-1]}, expected)
+    stubber.add_response("query", {"Items": items[:1]}, {**expected, "ExclusiveStartKey": ANY})
+    runs, last = store.page("s1", 2, "t2")
+    assert [run.task_id for run in runs] == ["t3", "t4"] and last == "t4"
+    runs, last = store.page("s1", 2, "t4")  # fewer than asked and no LastEvaluatedKey: the end
+    assert [run.task_id for run in runs] == ["t3"] and last is None
+    assert "sealedSecrets" not in DynamoRunStore.readable_attributes()[1].values()
+
+
+def test_a_summary_reads_only_what_it_counts(client, stubber):
+    store = DynamoRunStore(client, TABLE)
+    item = DynamoRunStore._to_item(_run(task_id="t1"))
+    kept = {
+        name: value
+        for name, value in item.items()
+        if name in ("sk", "status", "model", "size", "createdAtMs")
+    }
+    stubber.add_response("query", {"Items": [kept]})
+    (tally,) = store.tallies("s1")
+    assert tally.task_id == "t1" and tally.image_count == 0 and tally.model is not None

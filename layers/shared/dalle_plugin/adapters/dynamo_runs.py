@@ -355,10 +355,11 @@ class DynamoRunStore:
         )
 
     def page(self, session: str, limit: int, after: str | None) -> tuple[list[RunRecord], str | None]:
-        """One Query (so at most 1 MB of records, whatever ``limit``), without the sealed secrets."""
+        """One Query (so at most 1 MB of records, whatever ``limit``), without the sealed secrets. It asks for
+        one run more than ``limit``, so the last page says it is the last."""
         projection, names = self.readable_attributes()
         kwargs = self._session_query(session) | {
-            "Limit": limit,
+            "Limit": limit + 1,
             "ProjectionExpression": projection,
             "ExpressionAttributeNames": names,
         }
@@ -366,8 +367,9 @@ class DynamoRunStore:
             kwargs["ExclusiveStartKey"] = _key(session, after)
         page = self._client.query(**kwargs)
         runs = [self._from_item(item)[0] for item in page.get("Items", [])]
-        last = page.get("LastEvaluatedKey")
-        return runs, (last["sk"]["S"].removeprefix("TASK#") if last else None)
+        if len(runs) > limit:
+            return runs[:limit], runs[limit - 1].task_id
+        return runs, (runs[-1].task_id if runs and "LastEvaluatedKey" in page else None)
 
     def _remember(self, run: RunRecord) -> RunRecord:
         self._recent[(run.session, run.task_id)] = run.model_copy(deep=True)  # the caller's copy may change
