@@ -153,7 +153,7 @@ def heartbeat() -> Response[Any]:
         "Answers at once with 202; the image is generated and attached in the background, and the session's "
         "state is at `statusUrl`. The same session and tasks sent again (or many times at once) start one "
         "execution: later copies answer `duplicate: true` once it is running. Tasks of the session that "
-        "failed or were cancelled are run again. The body is limited to 256 KiB."
+        "failed or were cancelled are run again. The body is limited to 4 MiB (`MAX_BODY_BYTES`)."
     ),
     responses={
         202: _doc("Accepted; the run is queued (or was already).", RunAccepted),
