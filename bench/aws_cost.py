@@ -244,14 +244,18 @@ def main(argv: list[str] | None = None) -> int:
         f"images cost at ${image}/image; the largest parts: "
         + ", ".join(f"{k} ${v * 1000:.3f}" for k, v in ranked[:4])
         + ".",
-        f"Per image: {counts['state_transitions']:.1f} state transitions, "
-        f"{sum(counts['lambda_invocations'].values()):.0f} Lambda invocations, "
-        f"{counts['dynamodb_read_units']:.0f} DynamoDB read units and {counts['dynamodb_write_units']:.0f} "
-        f"write units ({sum(v for k, v in counts['aws_calls'].items() if k.startswith('dynamodb.')):.0f} "
-        "DynamoDB calls: each step writes its progress as one UpdateItem of what changed, with no read first).",
-        f"The sessions' built-in price for {prices['openai']['model']} {prices['openai']['quality']} "
-        f"(dalle_plugin/domain/pricing.py) and this file's agree at ${image}/image (tests/unit/test_pricing.py "
-        "keeps them equal; each figure cites its source and date in bench/prices.json).",
+        (
+            f"Per image: {counts['state_transitions']:.1f} state transitions, "
+            f"{sum(counts['lambda_invocations'].values()):.0f} Lambda invocations, "
+            f"{counts['dynamodb_read_units']:.0f} DynamoDB read units and {counts['dynamodb_write_units']:.0f} "
+            f"write units ({sum(v for k, v in counts['aws_calls'].items() if k.startswith('dynamodb.')):.0f} "
+            "DynamoDB calls: each step writes its progress as one UpdateItem of what changed, with no read first)."
+        ),
+        (
+            f"The sessions' built-in price for {prices['openai']['model']} {prices['openai']['quality']} "
+            f"(dalle_plugin/domain/pricing.py) and this file's agree at ${image}/image (tests/unit/test_pricing.py "
+            "keeps them equal; each figure cites its source and date in bench/prices.json)."
+        ),
     ]
     if own is not None:
         findings.append(

@@ -137,6 +137,7 @@ class ColdStartBench:
             stderr=subprocess.PIPE,
             text=True,
             timeout=120,
+            check=False,  # a failure is raised below with the child's stderr
         )
         wall_ms = (time.perf_counter() - started) * 1000
         if completed.returncode or not out.exists():
@@ -291,8 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     heaviest = {f: per_function[f]["lazy"]["imports_by_package_ms"] for f in FUNCTIONS}
     xray = median(heaviest[f].get("aws_xray_sdk", 0.0) for f in FUNCTIONS)
     findings = [
-        f"The import path keeps openai out of {', '.join(WITHOUT_OPENAI)}; generate loads it on its first "
-        "event (wiring.generate_deps), not at init.",
+        (
+            f"The import path keeps openai out of {', '.join(WITHOUT_OPENAI)}; generate loads it on its first "
+            "event (wiring.generate_deps), not at init."
+        ),
         "Import over the floor (median, fresh processes alternating with the floor's): "
         + ", ".join(f"{f} {ratio:.2f}x" for f, ratio in over_floor.items())
         + ". The X-Ray SDK is gone from the layer (tracing is Lambda's own active tracing), and with it the "

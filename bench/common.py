@@ -70,7 +70,7 @@ def _rounded(value: Any) -> Any:
     if isinstance(value, float):
         if value == 0 or not math.isfinite(value):
             return value
-        digits = max(0, 3 - int(math.floor(math.log10(abs(value)))))  # about four significant figures
+        digits = max(0, 3 - math.floor(math.log10(abs(value))))  # about four significant figures
         return round(value, digits)
     return value
 

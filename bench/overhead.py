@@ -156,7 +156,7 @@ class OverheadBench:
         results = [{"ours": [], "naive": []} for _ in nagle_settings]
         try:
             for _ in range(runs):
-                for setting, result in zip(nagle_settings, results):
+                for setting, result in zip(nagle_settings, results, strict=True):
                     # applies to connections accepted from now on; each run opens its own
                     _set_nagle(self.stack, setting)
                     result["ours"].append(self.pipeline_run())

@@ -316,11 +316,13 @@ def main(argv: list[str] | None = None) -> int:
     ]
     share = ours["share_429"] or 0.0
     findings = [
-        f"With {map_concurrency} tasks in flight and a cap of {args.limit} per {args.window:g} s, "
-        f"{share:.0%} of our image requests were refused with 429 and each image took "
-        f"{generate_calls / images:.1f} Generate invocations: every refused task waits for OpenAI's retry "
-        "time rounded up to the whole second, so the waiting tasks wake together and all but the first few "
-        "are refused again.",
+        (
+            f"With {map_concurrency} tasks in flight and a cap of {args.limit} per {args.window:g} s, "
+            f"{share:.0%} of our image requests were refused with 429 and each image took "
+            f"{generate_calls / images:.1f} Generate invocations: every refused task waits for OpenAI's retry "
+            "time rounded up to the whole second, so the waiting tasks wake together and all but the first few "
+            "are refused again."
+        ),
     ]
     if ours["tasks_failed"]:
         findings.append(

@@ -69,7 +69,7 @@ def install(requirements: list[Path]) -> Path:
         str(CACHE_DIR / "pip-cache"),
         *arguments,
     ]
-    completed = subprocess.run(command, capture_output=True, text=True)
+    completed = subprocess.run(command, capture_output=True, text=True, check=False)
     if completed.returncode:
         raise RuntimeError(
             f"pip install for {[str(p) for p in requirements]} failed:\n{completed.stderr[-3000:]}"
@@ -85,7 +85,7 @@ def _files(root: Path, prefix: str = "") -> list[tuple[Path, str]]:
         if (
             path.is_dir()
             or SKIPPED_PARTS & set(relative.parts)
-            or relative.parts[0] in ("bin",)
+            or relative.parts[0] == "bin"
             or path.name in (".complete", "requirements.txt")
         ):
             continue

@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 AWS_SERVICES = ("dynamodb", "kms", "s3", "secretsmanager", "stepfunctions")
 _CAPACITY_OPERATIONS = {
@@ -97,7 +97,7 @@ class StackProbe:
         while self._undo:
             self._undo.pop()()
 
-    def __enter__(self) -> StackProbe:
+    def __enter__(self) -> Self:
         return self.install()
 
     def __exit__(self, *exc: object) -> None:

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Self
 
 from local_stack.ports import free_port
 
@@ -66,7 +67,7 @@ class DynamoDBLocal:
             cwd=self.jar.parent,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            preexec_fn=_die_with_parent,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - prctl only, async-signal-safe; nothing else runs
         )
         deadline = time.monotonic() + ready_timeout_s
         while time.monotonic() < deadline:
@@ -90,7 +91,7 @@ class DynamoDBLocal:
                 self._process.wait()
         self._process = None
 
-    def __enter__(self) -> DynamoDBLocal:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -17,6 +17,7 @@ process that runs it, and, for the stack, run in a child process of its own and 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -70,10 +71,8 @@ class LocalHTTPServer(ThreadingHTTPServer):
         with self._connections_lock:
             connections = list(self._open_connections)
         for connection in connections:
-            try:
+            with contextlib.suppress(OSError):
                 connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
 
 class LocalServer:

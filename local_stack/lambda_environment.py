@@ -136,7 +136,7 @@ def serve(conn: Connection, setup: EnvironmentSetup) -> None:
     after = _after_hooks(hooks)
     try:
         handler = load_handler(setup.code_dir, setup.handler, f"lambda_{setup.logical_id}")
-    except BaseException as exc:  # an init error: reported on the first invoke, as Lambda does
+    except BaseException as exc:  # noqa: BLE001 - an init error: reported on the first invoke, as Lambda does
         conn.send(("init_error", json.dumps(error_payload(exc, "init")), stdout.drain()))
         return
     conn.send(("ready", time.perf_counter() - started, stdout.drain()))

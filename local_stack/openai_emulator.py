@@ -16,6 +16,7 @@ API keys are never stored: each request is recorded with a short sha256 fingerpr
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -52,7 +53,7 @@ __all__ = [
 _GPT_IMAGE_1_SIZES = ("1024x1024", "1536x1024", "1024x1536", "auto")
 _BASE_QUALITIES = ("auto", "low", "medium", "high")
 #: the 2.5 variants also take the two extra quality levels the SDK documents for them
-_GPT_IMAGE_25_QUALITIES = _BASE_QUALITIES + ("xhigh", "max")
+_GPT_IMAGE_25_QUALITIES = (*_BASE_QUALITIES, "xhigh", "max")
 
 
 @dataclass(frozen=True)
@@ -277,11 +278,12 @@ def _wrap(text: str, font: Any, max_width: float, max_lines: int) -> list[str]:
             continue
         if current:
             lines.append(current)
-        while len(lines) < max_lines and len(word) > 1 and font.getlength(word) > max_width:
-            cut = _longest_fitting_prefix(word, font, max_width)  # a word wider than the box is cut
-            lines.append(word[:cut])
-            word = word[cut:]
-        current = word
+        rest = word
+        while len(lines) < max_lines and len(rest) > 1 and font.getlength(rest) > max_width:
+            cut = _longest_fitting_prefix(rest, font, max_width)  # a word wider than the box is cut
+            lines.append(rest[:cut])
+            rest = rest[cut:]
+        current = rest
         if len(lines) >= max_lines:
             truncated = True
             break
@@ -831,7 +833,7 @@ class _Handler(BaseHTTPRequestHandler):
             reply = self.server.app._dispatch(
                 method, self.path, self.headers, raw_body, arrived_at, arrived_mono
             )
-        except Exception as failure:  # an emulator bug: answer it loudly rather than leave the client hanging
+        except Exception as failure:  # noqa: BLE001 - an emulator bug is answered loudly, not left hanging
             error = {
                 "message": f"OpenAI emulator failure: {failure!r}",
                 "type": "server_error",
@@ -1319,10 +1321,8 @@ def main() -> None:
     args = parser.parse_args()
     with OpenAIEmulator(port=args.port) as emulator:
         print(f"OpenAI images emulator: {emulator.base_url} (control: {emulator.control_url})", flush=True)
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             threading.Event().wait()
-        except KeyboardInterrupt:
-            pass
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ are created from template.yaml; boto3 reaches them through its own AWS_ENDPOINT_
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -18,7 +19,7 @@ import secrets
 import time
 import zipfile
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import boto3
 import requests
@@ -146,10 +147,9 @@ class LocalStack:
     def stop(self) -> None:
         while self._undo:
             undo = self._undo.pop()
-            try:
+            # keep stopping the rest, even on a second Ctrl-C: no orphans
+            with contextlib.suppress(BaseException):
                 undo()
-            except BaseException:  # keep stopping the rest, even on a second Ctrl-C: no orphans
-                pass
         for name, value in self._saved_env.items():
             if value is None:
                 os.environ.pop(name, None)
@@ -159,7 +159,7 @@ class LocalStack:
         if LocalStack._running == self.options.stack_name:
             LocalStack._running = None
 
-    def __enter__(self) -> LocalStack:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -317,14 +317,11 @@ class LocalStack:
         if not lines:
             return
         logs = self.client("logs")
-        try:
+        with contextlib.suppress(logs.exceptions.ResourceAlreadyExistsException):
             logs.create_log_group(logGroupName=group)
-        except logs.exceptions.ResourceAlreadyExistsException:
-            pass
-        try:  # one stream per execution environment, as Lambda writes them
+        # one stream per execution environment, as Lambda writes them
+        with contextlib.suppress(logs.exceptions.ResourceAlreadyExistsException):
             logs.create_log_stream(logGroupName=group, logStreamName=stream)
-        except logs.exceptions.ResourceAlreadyExistsException:
-            pass
         now = int(time.time() * 1000)
         logs.put_log_events(
             logGroupName=group,

@@ -256,7 +256,7 @@ def install_payload_limit(limit_bytes: int = PAYLOAD_LIMIT_BYTES) -> Undo:
         State._eval_body = original_state_body
         StateTaskLambda._eval_parameters = original_parameters
         StateTaskLambda._verify_size_quota = original_lambda_check
-        for module, check in zip(checkers, original_checks):
+        for module, check in zip(checkers, original_checks, strict=True):
             module.is_within_size_quota = check
 
     return uninstall
@@ -417,11 +417,11 @@ def install_cached_json_paths() -> Undo:
 
     modules = (result_path, json_path)
     originals = [module.parse for module in modules]
-    for module, parse in zip(modules, originals):
+    for module, parse in zip(modules, originals, strict=True):
         module.parse = functools.lru_cache(maxsize=1024)(parse)
 
     def uninstall() -> None:
-        for module, parse in zip(modules, originals):
+        for module, parse in zip(modules, originals, strict=True):
             module.parse = parse
 
     return uninstall

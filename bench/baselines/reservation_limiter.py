@@ -133,8 +133,8 @@ class LimiterState:
     def with_ticket(self, ticket: str, start_ms: int, limit: int) -> LimiterState:
         return LimiterState(
             issued=self.issued + 1,
-            recent_starts=(self.recent_starts + (start_ms,))[-limit:],
-            recent_tickets=(self.recent_tickets + (ticket,))[-limit:],
+            recent_starts=(*self.recent_starts, start_ms)[-limit:],
+            recent_tickets=(*self.recent_tickets, ticket)[-limit:],
             released=self.released,
         )
 

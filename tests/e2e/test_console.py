@@ -164,7 +164,7 @@ def test_a_sample_started_from_the_console_shows_its_progress_logs_and_image(sta
             break
         time.sleep(0.2)
     assert len(hub_logs) >= 3 and len(shown_logs) == len(hub_logs)
-    assert all(msg in shown for msg, shown in zip(hub_logs, shown_logs))
+    assert all(msg in shown for msg, shown in zip(hub_logs, shown_logs, strict=True))
 
     # never a secret on the page or in what it reads
     page_html = browser.evaluate("document.documentElement.outerHTML")

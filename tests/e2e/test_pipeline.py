@@ -52,9 +52,7 @@ def test_each_prompt_source_ends_with_an_image_attached_to_the_asset(
     }
     assert "retired" in run["model"]["note"]
     assert run["estimatedCostUsd"] > 0 and view["estimatedCostUsd"] == run["estimatedCostUsd"]
-    assert [step["step"] for step in run["timeline"]][0] == "queued" and run["timeline"][-1][
-        "step"
-    ] == "finished"
+    assert run["timeline"][0]["step"] == "queued" and run["timeline"][-1]["step"] == "finished"
     assert all(step["durationMs"] is not None for step in run["timeline"])
     # the hub's recommended dall-e-2 size keeps working: the session says what ran instead
     assert run["size"] == "1024x1024" and any("512x512" in note for note in run["notes"])
@@ -70,7 +68,7 @@ def test_each_prompt_source_ends_with_an_image_attached_to_the_asset(
 
     # A workflow run moves the task on with its answer unchanged (read `tools` written as `objects`)
     before = stack.hub.task(task_id)["answer"]
-    submitted = [a for a in stack.hub.annotations(task_id)]
+    submitted = list(stack.hub.annotations(task_id))
     assert submitted, "the workflow task was not moved to the next stage"
     assert submitted[-1]["answer"]["objects"] == before["tools"]
 

@@ -210,6 +210,12 @@ def _after_handler(function: str, failure: Callable[[], Exception]) -> Callable[
     return drive
 
 
+def _storage_unavailable() -> Exception:
+    from dalle_plugin.domain.errors import StorageUnavailable
+
+    return StorageUnavailable("simulated: the step's last write failed")
+
+
 def _api_dies(where: str) -> Callable[[World, Case], dict]:
     def drive(world: World, case: Case) -> dict:
         session = case.new_session()
@@ -382,12 +388,12 @@ FAULTS = [
     Fault(
         "Extract fails after its work is recorded (StorageUnavailable, retried)",
         OK,
-        _after_handler("ExtractFunction", lambda: _storage_unavailable()),
+        _after_handler("ExtractFunction", _storage_unavailable),
     ),
     Fault(
         "Generate fails after its work is recorded (StorageUnavailable, retried)",
         OK,
-        _after_handler("GenerateFunction", lambda: _storage_unavailable()),
+        _after_handler("GenerateFunction", _storage_unavailable),
     ),
     Fault(
         "Attach dies (process killed) after the run finished",
@@ -415,12 +421,6 @@ FAULTS = [
         _duplicates(10, at_once=True),
     ),
 ]
-
-
-def _storage_unavailable() -> Exception:
-    from dalle_plugin.domain.errors import StorageUnavailable
-
-    return StorageUnavailable("simulated: the step's last write failed")
 
 
 # ---- observations ----------------------------------------------------------------------------------
@@ -499,8 +499,10 @@ def write_table(rows: list[tuple[Fault, dict[str, Any], bool]], seconds: float, 
         "profile: Wait states seconds late, clock offsets of +-500 ms, a cold start on every invoke, a share of",
         "Lambda results lost after the work) from what the local stack did; do not edit by hand. Each fault",
         f"ran on its own hub task and session, {CASES_AT_ONCE} at a time, with the local stack's 1 s retry intervals",
-        f"and, for the suite, a {HUB_TIMEOUT_S} s hub timeout and a "
-        f"{OPENAI_TIMEOUT_S} s OpenAI timeout (the stalls below last {LATE_EFFECT_S:g} s and 8 s).",
+        (
+            f"and, for the suite, a {HUB_TIMEOUT_S} s hub timeout and a "
+            f"{OPENAI_TIMEOUT_S} s OpenAI timeout (the stalls below last {LATE_EFFECT_S:g} s and 8 s)."
+        ),
         "*Observed* lists what the row promises, read back from the hub emulator (attachments, task",
         "submissions, plugin responses, error log lines), the OpenAI emulator (requests with the case's prompt),",
         "the global limiter (slots taken), Step Functions (executions) and the session (`GET /sessions/{id}`).",
@@ -509,8 +511,10 @@ def write_table(rows: list[tuple[Fault, dict[str, Any], bool]], seconds: float, 
         "history, every DynamoDB item, every S3 object and its metadata, the emulators' records, the API's",
         "answers, and the log records of the test process itself.",
         "",
-        f"{len(rows)} faults, {sum(ok for _, _, ok in rows)} as expected on the `{profile}` profile; "
-        f"the suite took {seconds:.0f} s.",
+        (
+            f"{len(rows)} faults, {sum(ok for _, _, ok in rows)} as expected on the `{profile}` profile; "
+            f"the suite took {seconds:.0f} s."
+        ),
         "",
         "| Fault | Expected | Observed | As expected |",
         "|---|---|---|---|",
@@ -597,14 +601,16 @@ def test_every_fault_ends_as_promised(fault_stack, caplog, capsys):
         with installed(stack) as seams:
             world = World(stack, api, seams)
             with ThreadPoolExecutor(CASES_AT_ONCE) as pool:
-                futures = [pool.submit(fault.drive, world, case) for fault, case in zip(FAULTS, cases)]
+                futures = [
+                    pool.submit(fault.drive, world, case) for fault, case in zip(FAULTS, cases, strict=True)
+                ]
                 extras = []
-                for fault, future in zip(FAULTS, futures):
+                for future in futures:
                     try:
                         extras.append(future.result())
                     except Exception as exc:  # noqa: BLE001 - a broken case is a row that is not as expected
                         extras.append({"status": f"driver error: {type(exc).__name__}: {exc}"[:300]})
-            observed = [observe(world, case, extra) for case, extra in zip(cases, extras)]
+            observed = [observe(world, case, extra) for case, extra in zip(cases, extras, strict=True)]
     finally:
         stack.hub.clear_faults()
 
@@ -617,7 +623,7 @@ def test_every_fault_ends_as_promised(fault_stack, caplog, capsys):
     ]
     corpus = canaries.collect(stack, api_answers + logged)
     rows = []
-    for fault, case, seen in zip(FAULTS, cases, observed):
+    for fault, case, seen in zip(FAULTS, cases, observed, strict=True):
         seen["canary hits"] = sum(len(corpus.hits(secret)) for secret in case.canary.values)
         ok = seen["canary hits"] == 0 and all(
             seen.get(name) == value for name, value in fault.expected.items()
@@ -631,5 +637,5 @@ def test_every_fault_ends_as_promised(fault_stack, caplog, capsys):
         if not ok
     ]
     api_failures = [line for line in captured.err.splitlines() if line.startswith("[api]")]
-    assert not wrong, "\n".join([f"(table: {table})"] + wrong + api_failures)
+    assert not wrong, "\n".join([f"(table: {table})", *wrong, *api_failures])
     assert len(corpus) > 100  # the scan really read the stack

@@ -92,7 +92,7 @@ def test_waits_wake_late_by_the_profiles_amount_and_never_early(stack):
     events = stack.client("stepfunctions").get_execution_history(executionArn=arn, maxResults=1000)["events"]
     exits = [e["timestamp"].timestamp() for e in events if e["type"] == "WaitStateExited"]
     assert len(exits) == 2
-    for record, exited in zip(records, exits):
+    for record, exited in zip(records, exits, strict=True):
         assert exited >= record.target + lateness.low_ms / 1000 - 0.001  # history times are to the ms
 
 

@@ -80,7 +80,7 @@ def _caller_process(endpoint, kind, key, tickets, now_ms, accepted, ready, resul
         ready.wait(timeout=30)  # every process has its client and limiters: go
         with ThreadPoolExecutor(len(tickets)) as threads:
             results.put(list(threads.map(call, limiters, tickets)))
-    except BaseException as error:  # surface the failure in the parent instead of hanging it
+    except BaseException as error:  # noqa: BLE001 - surface the failure in the parent instead of hanging it
         results.put(repr(error))
 
 

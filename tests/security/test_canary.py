@@ -49,7 +49,7 @@ def test_refused_requests_never_echo_or_keep_the_users_keys(stack, api, sample_p
             configJSON=json.dumps({"openai_api_key": key, "get_prompt_from": "text-annotation"}),
         ),
         sample_payload(
-            "task-lighthouse", apiKey=canary.ango_key, configJSON="{'openai_api_key': '%s'}" % key
+            "task-lighthouse", apiKey=canary.ango_key, configJSON=f"{{'openai_api_key': '{key}'}}"
         ),
         sample_payload("task-lighthouse", apiKey=canary.ango_key, configJSON=key),
     ]

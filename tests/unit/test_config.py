@@ -250,9 +250,11 @@ def test_mask_secret_shows_at_most_the_prefix_and_last_four():
     ],
 )
 def test_no_message_ever_carries_the_key(raw):
+    def parse_and_validate() -> None:
+        validate_run_options(parse_config_json(raw), SUCCESSORS, TODAY)
+
     with pytest.raises(InvalidConfig) as caught:
-        config = parse_config_json(raw)
-        validate_run_options(config, SUCCESSORS, TODAY)
+        parse_and_validate()
     problem = caught.value
     assert KEY_SECRET_PART not in problem.message
     assert KEY_SECRET_PART not in str(problem)

@@ -29,23 +29,23 @@ def stubber(client):
 
 
 def _run(**overrides) -> RunRecord:
-    values = dict(
-        session="s1",
-        task_id="t1",
-        execution_name="s1_t1_x",
-        project_id="p1",
-        prompt_source="asset",
-        model=ModelInfo(requested="gpt-image-2", actual="gpt-image-2"),
-        size="1024x1024",
-        max_prompt_chars=32000,
-        uses_default_key=True,
-        created_at_ms=1000,
-        updated_at_ms=1000,
-        sealed_secrets=b"sealed",
-        expires_at=99,
-        version=3,
-        timeline=[TimelineEntry(step="queued", status="QUEUED", at_ms=1000)],
-    )
+    values = {
+        "session": "s1",
+        "task_id": "t1",
+        "execution_name": "s1_t1_x",
+        "project_id": "p1",
+        "prompt_source": "asset",
+        "model": ModelInfo(requested="gpt-image-2", actual="gpt-image-2"),
+        "size": "1024x1024",
+        "max_prompt_chars": 32000,
+        "uses_default_key": True,
+        "created_at_ms": 1000,
+        "updated_at_ms": 1000,
+        "sealed_secrets": b"sealed",
+        "expires_at": 99,
+        "version": 3,
+        "timeline": [TimelineEntry(step="queued", status="QUEUED", at_ms=1000)],
+    }
     return RunRecord(**(values | overrides))
 
 

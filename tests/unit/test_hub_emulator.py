@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -497,7 +498,7 @@ def test_the_process_client_seeds_scripts_and_reads_like_the_emulator(remote_hub
 
 def _alive(pid: int) -> bool:
     try:
-        stat = open(f"/proc/{pid}/stat").read()  # a zombie nobody reaps has stopped running all the same
+        stat = Path(f"/proc/{pid}/stat").read_text()  # a zombie nobody reaps has stopped running all the same
     except FileNotFoundError:
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"

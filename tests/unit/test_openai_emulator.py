@@ -649,7 +649,7 @@ def test_the_process_client_scripts_like_the_emulator(remote, remote_client):
             remote.revoke_key(key)  # stays revoked for the module: a key no other test uses
         with pytest.raises(openai.AuthenticationError):
             generate(keyed)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="kind"):
         remote.enqueue("explode")  # refused before anything is sent
     with pytest.raises(ValueError, match="requests_per_minute"):
         remote.set_rate_cap(0)
@@ -661,7 +661,7 @@ def test_the_process_client_scripts_like_the_emulator(remote, remote_client):
 def test_lifecycle_binds_loopback_and_stops_serving():
     emulator = OpenAIEmulator()
     with pytest.raises(RuntimeError):
-        emulator.base_url  # nothing listens before start()
+        _ = emulator.base_url  # nothing listens before start()
     with emulator:
         assert re.fullmatch(r"http://127\.0\.0\.1:\d+/v1", emulator.base_url)
         url = emulator.base_url
@@ -690,7 +690,7 @@ def test_reset_duration_format(seconds, text):
 
 def test_behaviour_accepts_kind_names_and_rejects_nonsense():
     assert Behaviour.model_validate(json.loads('{"kind": "timeout_hang", "latency_s": 1}')).latency_s == 1
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="status"):
         Behaviour(kind="server_error", status=418)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="kind"):
         OpenAIEmulator().enqueue("explode")

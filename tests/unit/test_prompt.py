@@ -213,8 +213,10 @@ def test_offsets_shifted_by_crlf_line_ends_are_corrected_by_the_selection():
     prompt = build("entity-annotation", {"tools": [entity("o1", *shifted, "a castle")]}, text=text)
     assert prompt.text == "a castle"
     assert prompt.notes == [
-        f"Entity o1: offsets {shifted[0]}-{shifted[1]} did not match its highlighted text; used the "
-        f"highlighted text found at {start}-{end}."
+        (
+            f"Entity o1: offsets {shifted[0]}-{shifted[1]} did not match its highlighted text; used the "
+            f"highlighted text found at {start}-{end}."
+        )
     ]
 
 
@@ -449,7 +451,7 @@ def test_a_long_typed_prompt_is_shortened_to_the_limit():
 
 
 def test_an_unknown_source_is_a_programming_error():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown prompt source"):
         build("everything", {}, text="x")
 
 

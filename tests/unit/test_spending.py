@@ -46,22 +46,22 @@ class MemoryLedger:
 
 
 def _run(task: str = "t1", **fields) -> RunRecord:
-    base = dict(
-        session="s1",
-        task_id=task,
-        execution_name=f"s1_{task}",
-        project_id="p",
-        prompt_source="text-annotation",
-        model=ModelInfo(requested="gpt-image-2", actual="gpt-image-2"),
-        size="1024x1024",
-        quality="medium",
-        max_prompt_chars=32000,
-        uses_default_key=True,
-        created_at_ms=NOW,
-        updated_at_ms=NOW,
-        org_id="org-1",
-        cost_per_image_usd=0.042,
-    )
+    base = {
+        "session": "s1",
+        "task_id": task,
+        "execution_name": f"s1_{task}",
+        "project_id": "p",
+        "prompt_source": "text-annotation",
+        "model": ModelInfo(requested="gpt-image-2", actual="gpt-image-2"),
+        "size": "1024x1024",
+        "quality": "medium",
+        "max_prompt_chars": 32000,
+        "uses_default_key": True,
+        "created_at_ms": NOW,
+        "updated_at_ms": NOW,
+        "org_id": "org-1",
+        "cost_per_image_usd": 0.042,
+    }
     return RunRecord(**(base | fields))
 
 

@@ -116,7 +116,7 @@ def test_known_binary_formats_are_refused_by_name(raw, kind):
 
 def test_bytes_full_of_nuls_are_refused():
     raw = bytes(range(256)) * 8
-    with pytest.raises(AssetUnreadable, match="not plain text|does not look like text"):
+    with pytest.raises(AssetUnreadable, match=r"not plain text|does not look like text"):
         decode_text(raw)
 
 

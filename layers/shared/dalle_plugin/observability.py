@@ -13,7 +13,7 @@ import io
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar, cast
 
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit, single_metric
@@ -34,7 +34,8 @@ class _CurrentStdout(io.TextIOBase):
         sys.stdout.flush()
 
 
-logger = Logger(stream=_CurrentStdout())
+# a TextIOBase is the text stream Logger wants; typeshed types TextIOBase apart from IO[str]
+logger = Logger(stream=cast(IO[str], _CurrentStdout()))
 metrics = Metrics()
 # Tracing is Lambda's own active tracing (template.yaml: Tracing: Active), which records each invocation's
 # segment (init, invocation, overhead) within the execution's trace from Step Functions. No X-Ray SDK: it
@@ -88,7 +89,10 @@ def log_errors(handler: Handler) -> Handler:
         except PluginError as exc:
             transient = " (transient)" if isinstance(exc, Transient) else ""
             logger.warning(
-                f"{type(exc).__name__}: {exc.message}{transient}",
+                "%s: %s%s",
+                type(exc).__name__,
+                exc.message,
+                transient,
                 extra={"error": type(exc).__name__, "reason": exc.reason},
             )
             raise

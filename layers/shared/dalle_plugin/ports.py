@@ -90,7 +90,7 @@ class GeneratedImage:
 
     @property
     def bodies(self) -> tuple[bytes, ...]:
-        return (self.png,) + self.more
+        return (self.png, *self.more)
 
 
 class ImageGenerator(Protocol):

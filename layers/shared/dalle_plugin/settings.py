@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from functools import cache
 from typing import Literal, TypeVar
 
@@ -35,7 +36,14 @@ class CommonSettings(BaseModel):
     @field_validator("allowed_private_hosts", mode="before")
     @classmethod
     def _parse_host_list(cls, value: object) -> object:
-        entries = [e.strip() for e in value.split(",")] if isinstance(value, str) else list(value or [])
+        if isinstance(value, str):
+            entries: list[object] = [e.strip() for e in value.split(",")]
+        elif isinstance(value, Iterable):
+            entries = list(value)
+        elif value is None:
+            entries = []
+        else:
+            raise ValueError("must be comma-separated host:port pairs or a list of them")
         for entry in entries:
             host, _, port = str(entry).rpartition(":")
             if entry and (not host or not port.isdigit()):

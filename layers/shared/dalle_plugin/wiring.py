@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from functools import cache
 from typing import Any
 
@@ -44,7 +45,7 @@ def aws_client(service: str) -> Any:
     return boto3.session.Session().client(service, config=_BOTO_CONFIG)
 
 
-def _hub_factory(settings: CommonSettings):
+def _hub_factory(settings: CommonSettings) -> Callable[[RunRecord, str], HubClient]:
     from dalle_plugin.adapters.hub_http import AngoHubClient
     from dalle_plugin.adapters.url_guard import UrlGuard
 

@@ -109,5 +109,5 @@ class StepFunctionsStarter:
         try:
             self._client.stop_execution(executionArn=execution_arn, error="RunCancelled", cause=cause)
         except ClientError as exc:
-            if exc.response["Error"]["Code"] not in ("ExecutionDoesNotExist",):
+            if exc.response["Error"]["Code"] != "ExecutionDoesNotExist":
                 raise

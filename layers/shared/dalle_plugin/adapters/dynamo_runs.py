@@ -180,7 +180,8 @@ class DynamoRunStore:
             if old:
                 return self._read(old), False
             existing = self.get(run.session, run.task_id)
-            assert existing is not None
+            if existing is None:  # the run that refused ours is gone again (expired): the step retries
+                raise StorageUnavailable("The run was there and then gone; retrying") from None
             return existing, False
 
     def create_many(self, runs: list[RunRecord]) -> list[tuple[RunRecord, bool]]:

@@ -436,7 +436,7 @@ class AngoHubClient:
             total_s = min(total_s, left_s)
         deadline = time.monotonic() + total_s
         per_read_s = min(self.timeout_s, total_s)
-        options = {
+        options: dict[str, Any] = {  # urllib3's keyword arguments, the same for both pools
             "body": body,
             "retries": False,
             "redirect": False,
@@ -448,7 +448,7 @@ class AngoHubClient:
         # that quotes the value; the Ango API key is a header, so such a value never gets that far.
         if not all(_sendable_header(value) for value in headers.values()):
             raise _unsendable_header()
-        unsendable = False
+        response: urllib3.BaseHTTPResponse | None = None
         try:
             if address is None:
                 response = self._http.urlopen(method, url, headers=headers, **options)
@@ -460,9 +460,7 @@ class AngoHubClient:
         except (ValueError, UnicodeError) as exc:
             if isinstance(exc, urllib3.exceptions.HTTPError):
                 raise _Retryable(f"connection failed ({type(exc).__name__})", maybe_applied=False) from None
-            unsendable = (
-                True  # raised below, outside this block, so the error quoting the value is not chained
-            )
+            # raised below (response is None), outside this block, so the error quoting the value is not chained
         # NewConnectionError first: urllib3 derives it from its TimeoutError, but it means "refused"
         except urllib3.exceptions.NewConnectionError as exc:
             raise _Retryable(f"connection failed ({type(exc).__name__})", maybe_applied=False) from None
@@ -472,7 +470,7 @@ class AngoHubClient:
             raise _Retryable(f"timed out after {self.timeout_s:g} s", maybe_applied=True) from None
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise _Retryable(f"connection failed ({type(exc).__name__})", maybe_applied=True) from None
-        if unsendable:
+        if response is None:
             raise _unsendable_header()
         complete = False
         try:
@@ -525,7 +523,7 @@ class AngoHubClient:
         return answer
 
     def _backoff(self, attempt: int) -> float:
-        ceiling = min(MAX_BACKOFF_S, self.backoff_s * 2 ** (attempt - 1))
+        ceiling = min(MAX_BACKOFF_S, self.backoff_s * 2.0 ** (attempt - 1))
         return ceiling / 2 + random.uniform(0, ceiling / 2)  # jitter spreads retries of parallel runs
 
 

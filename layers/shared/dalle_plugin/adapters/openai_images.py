@@ -65,7 +65,7 @@ def retry_after_ms(headers: Any) -> int:
 
 def _error_fields(exc: openai.APIStatusError) -> tuple[str, str, str]:
     body = exc.body if isinstance(exc.body, dict) else {}
-    error = body.get("error", body) if isinstance(body, dict) else {}
+    error = body.get("error", body)
     if not isinstance(error, dict):
         error = {}
     return (
@@ -124,7 +124,7 @@ def classify(exc: Exception, model: str) -> PluginError:
     if code == "billing_hard_limit_reached":
         return QuotaExhausted(f"The OpenAI account behind this key reached its spend limit{request}.")
     if status == 429:
-        wait_ms = retry_after_ms(exc.response.headers if exc.response is not None else None)
+        wait_ms = retry_after_ms(exc.response.headers)
         return UpstreamRateLimited(
             f"OpenAI rate limit reached; retrying in {wait_ms / 1000:.1f} s{request}.", wait_ms
         )

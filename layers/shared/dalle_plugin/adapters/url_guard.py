@@ -20,7 +20,7 @@ _DEFAULT_PORTS = {"https": 443, "http": 80}
 
 
 def _resolve(host: str, port: int) -> list[str]:
-    return sorted({info[4][0] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)})
+    return sorted({str(info[4][0]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)})
 
 
 def _is_public(address: str) -> bool:
@@ -43,7 +43,8 @@ class UrlGuard:
             port = parts.port or _DEFAULT_PORTS.get(parts.scheme, 443)
         except ValueError:
             raise AssetUnreadable("Refusing to fetch a malformed URL (bad host or port).") from None
-        allow_listed = bool(parts.hostname) and self._allow_listed(parts.hostname, port)
+        host = parts.hostname or ""
+        allow_listed = bool(host) and self._allow_listed(host, port)
         if parts.scheme != "https" and not (allow_listed and parts.scheme == "http"):
             raise AssetUnreadable(
                 f"Refusing to fetch {parts.scheme or 'a relative'} URL: only https is allowed."

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dalle_plugin.domain.errors import PluginError
 
-SECRET_HEADER = "Secret"
+SECRET_HEADER = "Secret"  # noqa: S105 - the header's name, not a secret
 #: a Secret shorter than this is guessable; the plugin refuses every caller until it is replaced
 MIN_SECRET_CHARS = 32
 

@@ -143,6 +143,8 @@ class OpenAIUnavailable(Transient):
     """5xx, timeout or connection error from OpenAI."""
 
     reason = "openai_unavailable"
+    #: the request may have been served (and billed) all the same: its spending grant is kept
+    maybe_billed: bool = False
 
 
 class UpstreamRateLimited(Transient):

@@ -84,7 +84,7 @@ class FixedSizes(BaseModel):
         wanted = parse_size(size)
         if wanted is None or not all(wanted):
             return self.sizes[0]
-        sized = [(parse_size(s), s) for s in self.sizes]
+        sized = [(parsed, s) for s in self.sizes if (parsed := parse_size(s)) is not None]
         return min(sized, key=lambda pair: _closeness(pair[0], wanted))[1]
 
 
@@ -163,7 +163,7 @@ class FlexibleSizes(BaseModel):
         wanted = parse_size(size)
         if wanted is None or not all(wanted):
             return self.examples[0]
-        sized = [(parse_size(s), s) for s in self.examples]
+        sized = [(parsed, s) for s in self.examples if (parsed := parse_size(s)) is not None]
         return min(sized, key=lambda pair: _closeness(pair[0], wanted))[1]
 
 
@@ -326,8 +326,9 @@ def resolve_model(requested: str, successors: Mapping[str, str], today: date) ->
         guess = suggest(name, list(CATALOG))
         hint = f"Did you mean '{guess}'?" if guess else "Use one of the names OpenAI's image API accepts."
         raise InvalidConfig("model_name", _shown_model_name(requested), ", ".join(usable), hint)
-    if spec.is_live(today):
+    if spec.shutdown_date is None or spec.is_live(today):
         return ResolvedModel(requested=name, actual=name, spec=spec, substituted=False)
+    retired_on = spec.shutdown_date.isoformat()
 
     retired = spec
     current = spec
@@ -335,17 +336,14 @@ def resolve_model(requested: str, successors: Mapping[str, str], today: date) ->
     while not current.is_live(today):
         successor = mapping.get(current.name)
         if successor is None or successor in seen or successor not in CATALOG:
-            hint = f"{retired.name} was retired by OpenAI on {retired.shutdown_date.isoformat()}."
+            hint = f"{retired.name} was retired by OpenAI on {retired_on}."
             if successor is not None and successor not in CATALOG:
                 hint += f" This deployment maps {current.name} to '{successor}', which is not an image model."
             hint += ' Set "model_name" to one of the live models.'
             raise InvalidConfig("model_name", name, ", ".join(live), hint)
         seen.add(successor)
         current = CATALOG[successor]
-    note = (
-        f"{retired.name} was retired by OpenAI on {retired.shutdown_date.isoformat()}; "
-        f"{current.name} ran instead"
-    )
+    note = f"{retired.name} was retired by OpenAI on {retired_on}; {current.name} ran instead"
     return ResolvedModel(requested=name, actual=current.name, spec=current, substituted=True, note=note)
 
 

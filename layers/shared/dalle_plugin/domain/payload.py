@@ -94,9 +94,9 @@ class HubPayload(BaseModel):
     def batch_tasks(self, listed: list[BatchTask] = ()) -> list[BatchTask]:
         """Every task the request names, then those ``listed`` for its ``batches``, once each, in order."""
         named = list(self.tasks or [])
-        named += [BatchTask(taskId=task_id) for task_id in self.task_ids or []]
+        named += [BatchTask(task_id=task_id) for task_id in self.task_ids or []]
         if self.task_id:
-            named.insert(0, BatchTask(taskId=self.task_id, assetId=self.asset_id, dataURL=self.data_url))
+            named.insert(0, BatchTask(task_id=self.task_id, asset_id=self.asset_id, data_url=self.data_url))
         named += listed
         unique: dict[str, BatchTask] = {}
         for task in named:

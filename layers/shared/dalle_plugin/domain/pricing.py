@@ -26,11 +26,7 @@ PRICED_AREA = 1024 * 1024
 
 def _family(model: str, prices: Mapping[str, Mapping[str, float]]) -> Mapping[str, float] | None:
     """The longest price-table name the model starts with (snapshots and variants share their family's)."""
-    matches = [
-        name
-        for name in prices
-        if model == name or model.startswith(name + "-") or model.startswith(name + ".")
-    ]
+    matches = [name for name in prices if model == name or model.startswith((name + "-", name + "."))]
     return prices[max(matches, key=len)] if matches else None
 
 

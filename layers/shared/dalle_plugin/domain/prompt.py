@@ -132,17 +132,18 @@ def prompt_class_ids(category_schema: list[Any] | dict[str, Any] | str | None) -
     else:
         return []
     ids: list[str] = []
-    for entry in entries:
-        if isinstance(entry, BaseModel):  # an already-parsed mapping entry
-            entry = entry.model_dump(by_alias=True)
+    for raw in entries:
+        entry = raw.model_dump(by_alias=True) if isinstance(raw, BaseModel) else raw  # already parsed
         if not isinstance(entry, dict):
             continue
         schema_id, model_class = entry.get("schemaId"), entry.get("modelClass")
         if not isinstance(model_class, str) or model_class.strip().casefold() != PROMPT_CLASS:
             continue
-        if isinstance(schema_id, (str, int)) and not isinstance(schema_id, bool) and str(schema_id).strip():
-            if str(schema_id).strip() not in ids:
-                ids.append(str(schema_id).strip())
+        if not isinstance(schema_id, (str, int)) or isinstance(schema_id, bool):
+            continue
+        cleaned = str(schema_id).strip()
+        if cleaned and cleaned not in ids:
+            ids.append(cleaned)
     return ids
 
 
@@ -152,8 +153,8 @@ def _entries_from_mapping(mapping: dict[str, Any]) -> list[dict[str, Any]]:
         if isinstance(value, str) and value.strip().casefold() == PROMPT_CLASS:
             entries.append({"schemaId": key, "modelClass": value})
         elif str(key).strip().casefold() == PROMPT_CLASS:
-            for schema_id in value if isinstance(value, list) else [value]:
-                entries.append({"schemaId": schema_id, "modelClass": key})
+            schema_ids = value if isinstance(value, list) else [value]
+            entries.extend({"schemaId": schema_id, "modelClass": key} for schema_id in schema_ids)
     return entries
 
 
@@ -394,15 +395,20 @@ def _locate(entity: _EntityRef, doc: _Utf16Text | None, notes: list[str]) -> _Sp
         return _Span(selection or "", order)
 
     label = f"Entity {entity.object_id}"
-    in_text = start is not None and end is not None and 0 <= start <= end <= len(doc)
-    if in_text:
+    if start is not None and end is not None and 0 <= start <= end <= len(doc):
         sliced = doc.slice(start, end)
         if selection is None or _same(sliced, selection):
             return _Span(sliced, order, start, end)
         if end + 1 <= len(doc) and _same(doc.slice(start, end + 1), selection):
             notes.append(f"{label}: its end offset counts the last character (end inclusive); read it so.")
             return _Span(doc.slice(start, end + 1), order, start, end + 1)
-    found = doc.nearest_occurrence(selection, start or 0) if selection is not None else None
+    if selection is None:
+        raise PromptNotFound(
+            f"{label} has offsets {start}-{end}, which do not fit the asset's text ({len(doc)} characters), "
+            "and the hub recorded no highlighted text for it. The asset may have changed since it was "
+            "annotated: highlight the prompt again and run the plugin again."
+        )
+    found = doc.nearest_occurrence(selection, start or 0)
     if found is not None:
         found_end = found + utf16_length(selection)
         where = f"offsets {start}-{end}" if start is not None else "no usable offsets"
@@ -411,17 +417,11 @@ def _locate(entity: _EntityRef, doc: _Utf16Text | None, notes: list[str]) -> _Sp
             f"{found}-{found_end}."
         )
         return _Span(doc.slice(found, found_end), float(found), found, found_end)
-    if selection is not None:
-        notes.append(
-            f"{label}: offsets {start}-{end} do not match the asset's text and its highlighted text does not "
-            "occur in it; used the highlighted text the hub recorded."
-        )
-        return _Span(selection, order)
-    raise PromptNotFound(
-        f"{label} has offsets {start}-{end}, which do not fit the asset's text ({len(doc)} characters), "
-        "and the hub recorded no highlighted text for it. The asset may have changed since it was "
-        "annotated: highlight the prompt again and run the plugin again."
+    notes.append(
+        f"{label}: offsets {start}-{end} do not match the asset's text and its highlighted text does not "
+        "occur in it; used the highlighted text the hub recorded."
     )
+    return _Span(selection, order)
 
 
 def _merge_touching(spans: list[_Span], doc: _Utf16Text, notes: list[str]) -> list[_Span]:

@@ -194,7 +194,9 @@ def _delays_no_one_ahead(
     this send, or than the ETA it sleeps until."""
     without = planned_starts(before, holders, now_ms, settings)
     with_send = planned_starts(after, holders, now_ms, settings)
-    return all(late <= max(entitled, w.eta_ms) for w, entitled, late in zip(holders, without, with_send))
+    return all(
+        late <= max(entitled, w.eta_ms) for w, entitled, late in zip(holders, without, with_send, strict=True)
+    )
 
 
 def decide(state: LimiterState, ask: Ask, now_ms: int, settings: LimiterSettings) -> Answer:
@@ -214,7 +216,7 @@ def decide(state: LimiterState, ask: Ask, now_ms: int, settings: LimiterSettings
     current = replace(state, queue=queue)
     order = service_order(current)
     position = order.index(mine)
-    sends = (current.sends + (Send(now_ms, ask.ticket, ask.org, ask.interactive),))[-settings.limit :]
+    sends = (*current.sends, Send(now_ms, ask.ticket, ask.org, ask.interactive))[-settings.limit :]
     granted = LimiterState(sends=sends, queue=tuple(w for w in queue if w.run_id != ask.run_id))
     ahead = order[:position]
     line_ahead = [w for w in ahead if w.org == mine.org and w.interactive is mine.interactive]

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from enum import Enum
+from enum import StrEnum
+from itertools import pairwise
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,7 +22,7 @@ class CamelModel(BaseModel):
         return self.model_dump(by_alias=True, mode="json", exclude_none=True)
 
 
-class RunStatus(str, Enum):
+class RunStatus(StrEnum):
     QUEUED = "QUEUED"
     EXTRACTING = "EXTRACTING"
     WAITING_FOR_SLOT = "WAITING_FOR_SLOT"
@@ -236,7 +237,7 @@ class RunRecord(CamelModel):
     def fill_durations(self) -> None:
         """An entry lasts until the next one begins: its duration is derived, not written (a step appends
         its entry without rewriting the one before)."""
-        for entry, following in zip(self.timeline, self.timeline[1:]):
+        for entry, following in pairwise(self.timeline):
             if entry.duration_ms is None:
                 entry.duration_ms = max(0, following.at_ms - entry.at_ms)
 
