@@ -53,7 +53,7 @@ chromium:
 	  else echo "chromium is missing (not root or no apt-get): the console test will be skipped"; fi; }
 
 ## The test suite (unit, handlers, the state machine on the local stack, the console in Chromium).
-test: install chromium
+test: install lint chromium
 	$(PY) -m pytest -n 2 --dist loadgroup -m "not own_stack" $(PYTEST_ARGS)
 	@# A local stack owns its process (moto's backends and patches are process-wide): the suites that bring
 	@# up stacks of their own run in pytest processes of their own, one stack at a time in each.
@@ -71,7 +71,12 @@ bench: install
 openapi: install
 	PYTHONPATH=layers/shared:. $(PY) -m tools.openapi
 
+## The linters CI runs before the tests: ruff's rule set, the formatter, mypy on the layer and the
+## functions (each function's app.py as a module of its own folder), cfn-lint on the template.
 lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy layers/shared/dalle_plugin functions
 	$(VENV)/bin/cfn-lint template.yaml
 
 $(SAM_VENV)/.installed-$(SAM_CLI_VERSION):
