@@ -200,13 +200,20 @@ def _image(**changes: Any) -> ImageInfo:
     ).model_copy(update=changes)
 
 
+def _bucket_with_the_image() -> Images:
+    """The bucket as Generate leaves it: the image ``_image()`` records is stored at its key."""
+    images = Images()
+    images.objects[_image().key] = b"\x89PNG-bytes"
+    return images
+
+
 def _deps(hub: Hub, generator: Generator | None = None) -> StepDeps:
     return StepDeps(
         runs=Runs(),
         clock=Clock(),
         vault=Vault(),
         hub_for=lambda run, key: hub,
-        images=Images(),
+        images=_bucket_with_the_image(),
         generator=generator or Generator(),
         reusable_images=Offers(),
     )

@@ -93,6 +93,17 @@ class GeneratedImage:
         return (self.png, *self.more)
 
 
+class HubCaller(Protocol):
+    """Whom a hub client speaks for: the plugin, the organisation and the user who started the run."""
+
+    @property
+    def plugin_id(self) -> str | None: ...
+    @property
+    def org_id(self) -> str | None: ...
+    @property
+    def run_by(self) -> str | None: ...
+
+
 class ImageGenerator(Protocol):
     def generate(self, request: ImageRequest, api_key: str) -> GeneratedImage:
         """Exactly one upstream request. Raises the named errors of ``domain.errors`` (and

@@ -20,9 +20,8 @@ from dalle_plugin.adapters.dynamo_allowances import DynamoAllowanceLedger
 from dalle_plugin.adapters.dynamo_reusable_images import DynamoReusableImages
 from dalle_plugin.adapters.dynamo_runs import DynamoRunStore
 from dalle_plugin.domain.errors import PluginSecretTooShort
-from dalle_plugin.domain.run import RunRecord
 from dalle_plugin.domain.steps.machinery import StepDeps
-from dalle_plugin.ports import HubClient, SessionPages, SystemClock
+from dalle_plugin.ports import HubCaller, HubClient, SessionPages, SystemClock
 from dalle_plugin.settings import (
     ApiSettings,
     AttachSettings,
@@ -45,13 +44,13 @@ def aws_client(service: str) -> Any:
     return boto3.session.Session().client(service, config=_BOTO_CONFIG)
 
 
-def _hub_factory(settings: CommonSettings) -> Callable[[RunRecord, str], HubClient]:
+def _hub_factory(settings: CommonSettings) -> Callable[[HubCaller, str], HubClient]:
     from dalle_plugin.adapters.hub_http import AngoHubClient
     from dalle_plugin.adapters.url_guard import UrlGuard
 
     guard = UrlGuard(allowed_private_hosts=settings.allowed_private_hosts)
 
-    def hub_for(run: RunRecord, api_key: str) -> HubClient:
+    def hub_for(run: HubCaller, api_key: str) -> HubClient:
         return AngoHubClient(
             settings.hub_api_url,
             api_key,

@@ -7,12 +7,13 @@ check the Generate step makes before it pays, so a run is either cancelled or pa
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 from dalle_plugin.domain.errors import PluginError
 from dalle_plugin.domain.run import RunRecord, RunStatus
 from dalle_plugin.domain.spending import release
-from dalle_plugin.domain.steps.machinery import StepDeps, hub_log, mark, open_hub, queue_id
+from dalle_plugin.domain.steps.machinery import StepDeps, hub_log, mark, queue_id, required, try_open_hub
 
 CANCELLABLE = (RunStatus.QUEUED, RunStatus.EXTRACTING, RunStatus.WAITING_FOR_SLOT)
 
@@ -43,11 +44,7 @@ def _cancel_run(run: RunRecord, deps: StepDeps) -> CancelOutcome:
         else:
             why = "its image was already generated (and paid for), so it will be delivered"
         return CancelOutcome(run.task_id, False, run.status.value, f"Not cancelled: {why}.")
-    hub = None
-    try:
-        hub = open_hub(run, deps)  # opened before the secrets are purged, to tell the hub
-    except PluginError:
-        pass
+    hub = try_open_hub(run, deps)  # opened before the secrets are purged, to tell the hub
     now = deps.clock.now_ms()
 
     def cancel(r: RunRecord) -> None:
@@ -69,21 +66,20 @@ def _cancel_run(run: RunRecord, deps: StepDeps) -> CancelOutcome:
         cancelled, hub, "Run cancelled before the image was generated; nothing was paid for.", level="WARNING"
     )
     if hub is not None and not cancelled.workflow:
-        try:
+        with contextlib.suppress(PluginError):  # best effort: the run is cancelled either way
             hub.plugin_response(cancelled.session, error=True)
-        except PluginError:
-            pass
     return CancelOutcome(run.task_id, True, RunStatus.CANCELLED.value)
 
 
 def _stop_finished_executions(session: str, deps: StepDeps) -> None:
     """An execution whose every task has ended is stopped at once, rather than sleeping out a Wait."""
+    starter = required(deps.starter, "StepDeps.starter")
     runs = deps.runs.list_session(session)
     executions: dict[str, list[RunRecord]] = {}
     for run in runs:
-        arn = deps.starter.arn_of(run.owner) if run.owner else run.execution_arn
+        arn = starter.arn_of(run.owner) if run.owner else run.execution_arn
         if arn:
             executions.setdefault(arn, []).append(run)
     for arn, owned in executions.items():
         if all(r.status.finished for r in owned):
-            deps.starter.stop(arn, "Every task of this request was cancelled or had ended.")
+            starter.stop(arn, "Every task of this request was cancelled or had ended.")

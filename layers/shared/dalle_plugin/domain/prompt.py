@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel
 
@@ -159,6 +159,17 @@ def _entries_from_mapping(mapping: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 # ---- building the prompt -------------------------------------------------------------------------
+
+
+_PROMPT_SOURCES: dict[str, PromptSource] = {source: source for source in get_args(PromptSource)}
+
+
+def as_prompt_source(value: str) -> PromptSource:
+    """A prompt source read back as a plain string (a run record's), checked to be one the plugin knows."""
+    try:
+        return _PROMPT_SOURCES[value]
+    except KeyError:
+        raise ValueError(f"unknown prompt source {value!r}") from None
 
 
 def build_prompt(

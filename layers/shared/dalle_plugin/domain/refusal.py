@@ -4,11 +4,20 @@ hub's Plugin Sessions dialog, where the user looks, not only in the HTTP answer 
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
+from dataclasses import dataclass
 from typing import Any
 
 from dalle_plugin.domain.errors import PluginError
 from dalle_plugin.domain.steps.machinery import StepDeps
+
+
+@dataclass(frozen=True)
+class _Caller:
+    """Whom the hub is told for (a ``HubCaller``), read from a request that never became a run."""
+
+    plugin_id: str | None
+    org_id: str | None
+    run_by: str | None
 
 
 def tell_hub_refused(raw_body: bytes, message: str, deps: StepDeps) -> bool:
@@ -23,7 +32,7 @@ def tell_hub_refused(raw_body: bytes, message: str, deps: StepDeps) -> bool:
     api_key = body.get("apiKey")
     if not (isinstance(session, str) and session and isinstance(api_key, str) and api_key):
         return False
-    caller = SimpleNamespace(
+    caller = _Caller(
         plugin_id=_text(body.get("pluginId")),
         org_id=_text(body.get("orgId")),
         run_by=_text(body.get("runBy")),

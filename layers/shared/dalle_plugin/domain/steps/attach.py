@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
-from dalle_plugin.domain.errors import HubDeliveryUnknown, HubOutcomeUnknown, PluginError
+from dalle_plugin.domain.errors import HubDeliveryUnknown, HubOutcomeUnknown, PluginError, StorageUnavailable
 from dalle_plugin.domain.hub_answer import answer_to_write_format
 from dalle_plugin.domain.run import AttachResult, ImageInfo, RunRecord, RunRef, RunStatus
 from dalle_plugin.domain.steps.machinery import (
@@ -18,18 +19,20 @@ from dalle_plugin.domain.steps.machinery import (
     mark,
     open_hub,
     owned_deps,
+    required,
 )
 
 
 def _finished_result(run: RunRecord) -> AttachResult:
-    return AttachResult(image_url=run.image.hub_url, finished_as="workflow" if run.workflow else "editor")
+    image_url = required(required(run.image, "the run's image").hub_url, "the image's hub URL")
+    return AttachResult(image_url=image_url, finished_as="workflow" if run.workflow else "editor")
 
 
 def _send_once(
     run: RunRecord,
     deps: StepDeps,
     mark: Callable[[RunRecord, int | None], None],
-    send: Callable[[], None],
+    send: Callable[[], object],
     unconfirmed: str,
     pending: list[Callable[[RunRecord], None]],
 ) -> RunRecord:
@@ -38,7 +41,13 @@ def _send_once(
     ``unconfirmed`` (sending again could make it twice, and the hub cannot be asked). The step's progress
     not yet written (``pending``) goes in the same write as the intent."""
     now = deps.clock.now_ms()
-    run = deps.runs.change(run, lambda r: [*(apply(r) for apply in pending), mark(r, now)])
+
+    def note_intent(r: RunRecord) -> None:
+        for apply in pending:
+            apply(r)
+        mark(r, now)
+
+    run = deps.runs.change(run, note_intent)
     pending.clear()
     try:
         send()
@@ -64,6 +73,20 @@ def _unconfirmed_submission(run: RunRecord) -> str:
         "not submit it again, to never move the task on twice. If the task is still in the plugin "
         "stage, submit it by hand."
     )
+
+
+def _hub_url_setter(index: int, url: str) -> Callable[[RunRecord], None]:
+    def note(run: RunRecord) -> None:
+        run.image_at(index).hub_url = url
+
+    return note
+
+
+def _attached_setter(index: int) -> Callable[[RunRecord], None]:
+    def note(run: RunRecord) -> None:
+        run.image_at(index).attached = True
+
+    return note
 
 
 def _attach_sent_setter(index: int) -> Callable[[RunRecord, int | None], None]:
@@ -94,14 +117,16 @@ def attach_image(ref: RunRef, deps: StepDeps) -> AttachResult:
     for index in range(count):
         image = run.image_at(index)
         if not image.hub_url:
-            body = deps.images.get(image.key)
+            body = required(deps.images, "StepDeps.images").get(image.key)
+            if body is None:  # stored by Generate, so gone only if the bucket lost it: a retry may find it
+                raise StorageUnavailable(f"The generated image {image.key} is not in the bucket.")
             extension, content_type = FILE_TYPES[image.format]
             name = f"dalle-{run.task_id}-{image.sha256[:12]}.{extension}"
             url = hub.upload_file(
                 run.project_id, name, body, content_type
             )  # a repeat only leaves a spare file
             run = run.model_copy(deep=True)  # the URL is only in memory until the next write takes it
-            pending.append(lambda r, i=index, u=url: setattr(r.image_at(i), "hub_url", u))
+            pending.append(_hub_url_setter(index, url))
             pending[-1](run)
     if not all(image.attached for image in run.images):
         asset = hub.get_asset(run.project_id, run.asset_id) if run.asset_id else None
@@ -116,11 +141,16 @@ def attach_image(ref: RunRef, deps: StepDeps) -> AttachResult:
                 run,
                 deps,
                 _attach_sent_setter(index),
-                lambda u=image.hub_url: hub.attach_image(run.project_id, external_id, u),
+                partial(
+                    hub.attach_image,
+                    run.project_id,
+                    external_id,
+                    required(image.hub_url, "the image's hub URL"),
+                ),
                 _unconfirmed_attachment(image),
                 pending,
             )
-            pending.append(lambda r, i=index: setattr(r.image_at(i), "attached", True))
+            pending.append(_attached_setter(index))
         # Delivered: a later re-run wants a new image. Only a re-run can find its own image still on offer
         # (Generate claimed any offer before paying); an offer another session makes in between stays.
         if deps.reusable_images is not None and run.prompt is not None and run.generation > 0:

@@ -5,10 +5,18 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from dalle_plugin.domain.errors import PluginError
-from dalle_plugin.domain.prompt import build_prompt
+from dalle_plugin.domain.prompt import as_prompt_source, build_prompt
 from dalle_plugin.domain.prompt_template import parse_template
 from dalle_plugin.domain.run import ExtractResult, PromptInfo, RunRecord, RunRef, RunStatus
-from dalle_plugin.domain.steps.machinery import StepDeps, hub_log, load_active, mark, open_hub, owned_deps
+from dalle_plugin.domain.steps.machinery import (
+    StepDeps,
+    hub_log,
+    load_active,
+    mark,
+    open_hub,
+    owned_deps,
+    required,
+)
 from dalle_plugin.domain.text_decoding import decode_text
 from dalle_plugin.ports import HubClient
 
@@ -46,13 +54,15 @@ def _extract(
     task = hub.get_task(run.task_id)
 
     def asset_text() -> str:
-        url = run.data_url or hub.get_asset(run.project_id, run.asset_id).data_url
+        url = run.data_url or hub.get_asset(run.project_id, required(run.asset_id, "the asset id")).data_url
         return decode_text(hub.fetch_text(url))
 
     template = parse_template(run.prompt_template) if run.prompt_template else None
     # The model's limit holds for the prompt as sent: the template's own text leaves less room for the task's.
     room = template.room_for_prompt(run.max_prompt_chars) if template else run.max_prompt_chars
-    prompt = build_prompt(run.prompt_source, task.get("answer"), run.prompt_class_ids, asset_text, room)
+    prompt = build_prompt(
+        as_prompt_source(run.prompt_source), task.get("answer"), run.prompt_class_ids, asset_text, room
+    )
     text = template.render(prompt.text) if template else prompt.text
     info = PromptInfo(
         text=text,

@@ -3,6 +3,7 @@ not spent, keep a paid-for image for a re-run, and end the run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
@@ -25,8 +26,8 @@ from dalle_plugin.domain.steps.machinery import (
     image_fingerprint,
     image_key,
     mark,
-    open_hub,
     owned_deps,
+    try_open_hub,
 )
 
 #: failures raised before the image request was sent: their grants are given back
@@ -72,8 +73,8 @@ def describe_failure(error: str, cause: str | None) -> Failure:
     return Failure(reason=reason, message=(message or error)[:1000], error=error)
 
 
-def _all_subclasses(cls: type) -> list[type]:
-    found = []
+def _all_subclasses(cls: type[PluginError]) -> list[type[PluginError]]:
+    found: list[type[PluginError]] = []
     for sub in cls.__subclasses__():
         found.append(sub)
         found.extend(_all_subclasses(sub))
@@ -107,11 +108,7 @@ def record_failure(inp: FailureInput, deps: StepDeps) -> dict[str, Any]:
     give_back = run.held if run.image is None and failure.error in _FAILED_BEFORE_SENDING else []
     if give_back and deps.allowances is not None:
         release(give_back, deps.allowances)
-    hub = None
-    try:
-        hub = open_hub(run, deps)
-    except PluginError:
-        pass
+    hub = try_open_hub(run, deps)
     now = deps.clock.now_ms()
 
     def fail(r: RunRecord) -> None:
@@ -128,10 +125,11 @@ def record_failure(inp: FailureInput, deps: StepDeps) -> dict[str, Any]:
     # A step that died between storing its PNG and recording it leaves the image at its key, unrecorded:
     # offered too (a re-run checks that the object exists before it takes it).
     unrecorded = run.image is None and run.attempt > 0
-    reusable = deps.reusable_images is not None and run.prompt is not None and run.images_per_task == 1
-    if (undelivered or unrecorded) and reusable:
+    offers = deps.reusable_images
+    reusable = run.prompt is not None and run.images_per_task == 1
+    if (undelivered or unrecorded) and reusable and offers is not None:
         key = run.image.key if run.image else image_key(run)
-        deps.reusable_images.offer(image_fingerprint(run), key, run.expires_at or now // 1000 + 86_400)
+        offers.offer(image_fingerprint(run), key, run.expires_at or now // 1000 + 86_400)
     kept_what = "image is" if len(run.images) == 1 else "images are"
     kept_it = "it" if len(run.images) == 1 else "them"
     kept = (
@@ -141,8 +139,6 @@ def record_failure(inp: FailureInput, deps: StepDeps) -> dict[str, Any]:
     )
     hub_log(run, hub, f"Run failed: {failure.message}{kept}", level="ERROR")
     if hub is not None and not run.workflow:
-        try:
+        with contextlib.suppress(PluginError):  # best effort, as every hub call of a failing run
             hub.plugin_response(run.session, error=True)
-        except PluginError:
-            pass
     return {"status": RunStatus.FAILED.value, "reason": failure.reason}

@@ -34,6 +34,7 @@ from dalle_plugin.domain.steps.machinery import (
     open_secrets,
     owned_deps,
     queue_id,
+    required,
     to_rfc3339_second,
 )
 from dalle_plugin.ports import HubClient, ImageRequest, RateAsk, RateDecision
@@ -69,7 +70,8 @@ def _wait(
 
 
 def _done(run: RunRecord) -> GenerateOutcome:
-    return GenerateOutcome(status="DONE", image_key=run.image.key, image_count=len(run.images))
+    image = required(run.image, "the run's image")
+    return GenerateOutcome(status="DONE", image_key=image.key, image_count=len(run.images))
 
 
 def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
@@ -89,19 +91,24 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
     reused = _reuse_undelivered_image(run, deps, hub)
     if reused is not None:
         return reused
-    api_key = deps.default_openai_key() if run.uses_default_key else secrets[OPENAI_KEY]
+    api_key = (
+        required(deps.default_openai_key, "StepDeps.default_openai_key")()
+        if run.uses_default_key
+        else secrets[OPENAI_KEY]
+    )
     # Spending limits are counted before the queue is joined: a run refused by them takes no place in it.
     held = _hold_allowances(run, deps, hub)
     if isinstance(held, GenerateOutcome):
         return held
-    deps.generator.prepare(api_key)  # the client is built before the claim: nothing slow stands after it
+    generator = required(deps.generator, "StepDeps.generator")
+    generator.prepare(api_key)  # the client is built before the claim: nothing slow stands after it
     claimed = _claim_request_start(held, deps, hub)
     if isinstance(claimed, GenerateOutcome):
         return claimed
     run = claimed
     request = ImageRequest(
         model=run.model.actual,
-        prompt=run.prompt.text,
+        prompt=required(run.prompt, "the run's prompt").text,
         size=run.size,
         quality=run.quality,
         n=run.images_per_task,
@@ -116,11 +123,12 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
     telling_hub.start()
     try:
         try:
-            image = deps.generator.generate(request, api_key)
+            image = generator.generate(request, api_key)
         finally:
             telling_hub.join()
     except UpstreamRateLimited as exc:
-        release(run.held, deps.allowances)  # a 429 is not billed
+        if run.held:  # a 429 is not billed
+            release(run.held, required(deps.allowances, "StepDeps.allowances"))
 
         def count(r: RunRecord) -> None:
             _count_rate_limited(r)
@@ -148,7 +156,7 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
         if run.held and not getattr(
             exc, "maybe_billed", False
         ):  # an error answer carries no image to pay for
-            release(run.held, deps.allowances)
+            release(run.held, required(deps.allowances, "StepDeps.allowances"))
             deps.runs.change(run, lambda r: setattr(r, "held", []))
         raise
     # Every image is stored before any is recorded: a step that dies in between finds them at their keys.
@@ -163,7 +171,7 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
             "sha256": digest,
             "request-id": image.request_id or "",
         }
-        deps.images.put_image(key, body, content_type, metadata)
+        required(deps.images, "StepDeps.images").put_image(key, body, content_type, metadata)
         infos.append(
             ImageInfo(
                 key=key,
@@ -259,7 +267,7 @@ def _claim_request_start(run: RunRecord, deps: StepDeps, hub: HubClient) -> RunR
         )
     if not run.uses_default_key:
         return run
-    decision = deps.limiter.acquire(
+    decision = required(deps.limiter, "StepDeps.limiter").acquire(
         RateAsk(
             run_id=queue_id(run),
             ticket=f"{run.execution_name}#{run.attempt}",
@@ -271,7 +279,7 @@ def _claim_request_start(run: RunRecord, deps: StepDeps, hub: HubClient) -> RunR
     )
     if decision.granted:
         return run
-    settings = deps.limiter_settings
+    settings = required(deps.limiter_settings, "StepDeps.limiter_settings")
     now = deps.clock.now_ms()
     if decision.refused:
         raise QueueTooLong(_queue_too_long(decision, now, settings))
@@ -309,8 +317,8 @@ def _reuse_undelivered_image(run: RunRecord, deps: StepDeps, hub: HubClient) -> 
     if deps.reusable_images is None or run.prompt is None or run.images_per_task != 1:
         return None
     key = deps.reusable_images.claim(image_fingerprint(run))
-    body = deps.images.get(key) if key else None
-    if body is None:  # none on offer, or the bucket's lifecycle rule already removed it
+    body = required(deps.images, "StepDeps.images").get(key) if key else None
+    if key is None or body is None:  # none on offer, or the bucket's lifecycle rule already removed it
         return None
     message = "Reusing the image an earlier run of this task paid for and could not deliver (no new charge)."
     info = ImageInfo(
@@ -333,7 +341,7 @@ def _reuse_undelivered_image(run: RunRecord, deps: StepDeps, hub: HubClient) -> 
 
     run = deps.runs.change(run, mutate)
     hub_log(run, hub, message)
-    return GenerateOutcome(status="DONE", image_key=run.image.key)
+    return GenerateOutcome(status="DONE", image_key=required(run.image, "the run's image").key)
 
 
 def _stored_images(run: RunRecord, deps: StepDeps) -> list[tuple[str, bytes]]:
@@ -341,7 +349,7 @@ def _stored_images(run: RunRecord, deps: StepDeps) -> list[tuple[str, bytes]]:
     found = []
     for index in range(run.images_per_task):
         key = image_key(run, index)
-        body = deps.images.get(key)
+        body = required(deps.images, "StepDeps.images").get(key)
         if body is None:
             break
         found.append((key, body))

@@ -3,13 +3,14 @@ it does not own, loading the run, opening its secrets and hub client, and writin
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from dalle_plugin.domain.errors import NotRunOwner, PluginError, RunCancelled
 from dalle_plugin.domain.pricing import DEFAULT_PRICES
@@ -19,6 +20,7 @@ from dalle_plugin.domain.spending import OrgQuota
 from dalle_plugin.ports import (
     AllowanceLedger,
     Clock,
+    HubCaller,
     HubClient,
     ImageGenerator,
     ImageStore,
@@ -40,7 +42,7 @@ class StepDeps:
     runs: RunStore
     clock: Clock
     vault: SecretVault
-    hub_for: Callable[[RunRecord, str], HubClient] = None  # (run, ango api key) -> client
+    hub_for: Callable[[HubCaller, str], HubClient]  # (run, ango api key) -> client
     starter: WorkflowStarter | None = None
     images: ImageStore | None = None
     generator: ImageGenerator | None = None
@@ -57,6 +59,16 @@ class StepDeps:
 
 
 # ---- helpers shared by the steps ------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+def required(value: T | None, what: str) -> T:
+    """What a step cannot do without: a port its wiring must give it, or a part of the run an earlier step
+    wrote. None here is a bug (wiring or step order), named rather than met later as an AttributeError."""
+    if value is None:
+        raise RuntimeError(f"{what} is missing: a bug in the step's wiring or in the order of the steps")
+    return value
 
 
 class OwnedRuns:
@@ -130,6 +142,15 @@ def open_hub(run: RunRecord, deps: StepDeps) -> HubClient:
     return deps.hub_for(run, open_secrets(run, deps)[ANGO_KEY])
 
 
+def try_open_hub(run: RunRecord, deps: StepDeps) -> HubClient | None:
+    """The hub client where the run's secrets can still be opened; None where they cannot (already purged,
+    or the vault is down): telling the hub is then skipped, never a reason to fail."""
+    try:
+        return open_hub(run, deps)
+    except PluginError:
+        return None
+
+
 def mark(run: RunRecord, now_ms: int, step: str, status: RunStatus | None, detail: str | None = None) -> None:
     """Append to the timeline (the previous entry's duration is derived from this one's start when read:
     the store appends the new entry without rewriting the others)."""
@@ -160,10 +181,8 @@ def hub_log(run: RunRecord, hub: HubClient | None, message: str, level: str = "I
     """Progress lines are best effort: a hub that drops a log line must not fail the run."""
     if hub is None:
         return
-    try:
+    with contextlib.suppress(PluginError):
         hub.plugin_log(run.session, message, level=level, taskId=run.task_id)
-    except PluginError:
-        pass
 
 
 def image_key(run: RunRecord, index: int = 0) -> str:
@@ -186,7 +205,7 @@ def queue_id(run: RunRecord) -> str:
 
 def image_fingerprint(run: RunRecord) -> str:
     """What makes two runs ask OpenAI for the same image: the same task, prompt, model and options."""
-    basis = [
+    basis: list[str | int | None] = [
         run.project_id,
         run.task_id,
         run.asset_id,

@@ -16,7 +16,7 @@ from dalle_plugin.domain.config import parse_config_json, validate_run_options
 from dalle_plugin.domain.errors import InvalidRequest, PluginError, PromptNotFound
 from dalle_plugin.domain.payload import MAX_BATCH_TASKS, BatchTask, HubPayload
 from dalle_plugin.domain.run import ModelInfo, RunRecord, RunRef, RunStatus, TimelineEntry
-from dalle_plugin.domain.steps.machinery import ANGO_KEY, OPENAI_KEY, StepDeps
+from dalle_plugin.domain.steps.machinery import ANGO_KEY, OPENAI_KEY, StepDeps, required
 
 
 @dataclass
@@ -25,6 +25,19 @@ class SessionStart:
     runs: list[RunRecord]
     started: list[str]  # task ids this request started (empty for a duplicate of a running request)
     execution_arn: str | None = None
+
+
+class _Requeue:
+    """The change that requeues a run, remembering whether it did: the write that counts it is the one
+    whose change found the run failed or cancelled (a concurrent request may requeue it first)."""
+
+    def __init__(self, sealed: bytes, now: int) -> None:
+        self.sealed, self.now = sealed, now
+        self.requeued = False
+
+    def __call__(self, run: RunRecord) -> None:
+        self.requeued = run.status in (RunStatus.FAILED, RunStatus.CANCELLED)
+        _requeue(run, self.sealed, self.now)
 
 
 def _requeue(run: RunRecord, sealed: bytes, now: int) -> None:
@@ -66,7 +79,7 @@ PARALLEL_CALLS = 8
 
 
 def _name(kind: str, session: str, identity: list[str]) -> str:
-    digest = hashlib.sha256("\x00".join([kind, session] + sorted(identity)).encode()).hexdigest()[:24]
+    digest = hashlib.sha256("\x00".join([kind, session, *sorted(identity)]).encode()).hexdigest()[:24]
     readable = re.sub(r"[^A-Za-z0-9_-]", "-", session[:40])
     return f"{readable}_{kind[0]}{len(identity)}_{digest}"
 
@@ -173,16 +186,9 @@ def start_session(
     for created_chunk in _in_parallel(create, _chunks(tasks, tasks_per_execution)):
         for stored, created in created_chunk:
             if not created and stored.status in (RunStatus.FAILED, RunStatus.CANCELLED):
-                requeued = [
-                    False
-                ]  # set by the write that counted (a concurrent request may requeue it first)
-
-                def requeue(r: RunRecord) -> None:
-                    requeued[0] = r.status in (RunStatus.FAILED, RunStatus.CANCELLED)
-                    _requeue(r, sealed, now)
-
+                requeue = _Requeue(sealed, now)
                 stored = deps.runs.update(stored.session, stored.task_id, requeue)
-                created = requeued[0]
+                created = requeue.requeued
             if created:
                 started.append(stored.task_id)
             runs.append(stored)
@@ -205,7 +211,7 @@ def start_session(
 
     def start(owner_and_tasks: tuple[str, list[str]]) -> str:
         owner, task_ids = owner_and_tasks
-        return deps.starter.start(
+        return required(deps.starter, "StepDeps.starter").start(
             owner, {"session": payload.session, "tasks": [{"taskId": t} for t in task_ids]}
         )
 
