@@ -23,7 +23,8 @@ HEADER = "# Generated from functions/api/app.py by `make openapi`: change the co
 
 def _from_the_code() -> dict[str, Any]:
     spec = importlib.util.spec_from_file_location("api_function_app", API_APP)
-    assert spec is not None and spec.loader is not None
+    if spec is None or spec.loader is None:
+        raise RuntimeError(f"cannot load {API_APP}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.openapi_document()

@@ -23,6 +23,8 @@ from aws_lambda_powertools.event_handler.openapi.exceptions import (
 )
 from aws_lambda_powertools.event_handler.openapi.models import APIKey, APIKeyIn, Server, ServerVariable
 from aws_lambda_powertools.event_handler.openapi.params import Body, Path, Query
+from aws_lambda_powertools.event_handler.openapi.types import OpenAPIResponse
+from aws_lambda_powertools.utilities.typing import LambdaContext
 from dalle_plugin import wiring
 from dalle_plugin.domain.api_contract import (
     CancelOutcome,
@@ -49,7 +51,7 @@ from dalle_plugin.observability import (
 )
 from dalle_plugin.settings import ApiSettings, load_settings
 
-SECRET_HEADER = "Secret"
+SECRET_HEADER = "Secret"  # noqa: S105 - the header's name, not a secret
 MAX_SESSION_CHARS = 256  # what a payload may name; a longer id cannot exist (nor be a DynamoDB key)
 RUN_PAYLOAD_RESOURCE = "/plugin"
 EMPTY_BODY = "The request body is empty: expected the hub's run payload as a JSON object."
@@ -90,12 +92,12 @@ app.configure_openapi(
 )
 
 
-def _doc(description: str, model: Any = None) -> dict[str, Any]:
+def _doc(description: str, model: Any = None) -> OpenAPIResponse:
     return {"description": description, "content": {"application/json": {"model": model or ErrorBody}}}
 
 
 #: what API Gateway answers for every route before the function runs
-GATEWAY_REFUSALS: dict[int, dict[str, Any]] = {
+GATEWAY_REFUSALS: dict[int, OpenAPIResponse] = {
     401: _doc(
         "The Secret header is missing (API Gateway's answer), or the API function found it wrong. Nothing is "
         "read, stored or started.",
@@ -363,7 +365,7 @@ def _refused_before_routing(event: Mapping[str, Any]) -> Response | None:
 
 
 @lambda_handler
-def handler(event: dict, context: object) -> dict:
+def handler(event: dict, context: LambdaContext) -> dict:
     clear_run()
     refused = _refused_before_routing(event)
     if refused is not None:

@@ -233,7 +233,7 @@ class DynamoRunStore:
             if code != "TransactionCanceledException" or not reasons:
                 raise StorageUnavailable(f"Could not store the runs: {code}") from None
         existing: dict[str, RunRecord] = {}
-        for run, reason in zip(runs, reasons):
+        for run, reason in zip(runs, reasons, strict=True):  # one reason per item of the transaction
             if reason.get("Code") == "ConditionalCheckFailed":
                 stored = (
                     self._read(reason["Item"]) if reason.get("Item") else self.get(run.session, run.task_id)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any
 
 from pydantic import (
@@ -91,7 +91,7 @@ class HubPayload(BaseModel):
             raise ValueError("is longer than 16384 characters")
         return value
 
-    def batch_tasks(self, listed: list[BatchTask] = ()) -> list[BatchTask]:
+    def batch_tasks(self, listed: Sequence[BatchTask] = ()) -> list[BatchTask]:
         """Every task the request names, then those ``listed`` for its ``batches``, once each, in order."""
         named = list(self.tasks or [])
         named += [BatchTask(task_id=task_id) for task_id in self.task_ids or []]

@@ -40,6 +40,17 @@ class _Requeue:
         _requeue(run, self.sealed, self.now)
 
 
+def _requeued_if_ended(
+    stored: RunRecord, created: bool, deps: StepDeps, sealed: bytes, now: int
+) -> tuple[RunRecord, bool]:
+    """A run that was there already and failed or was cancelled runs again: it counts as started by this
+    request only if this request's write requeued it (a concurrent request may requeue it first)."""
+    if created or stored.status not in (RunStatus.FAILED, RunStatus.CANCELLED):
+        return stored, created
+    requeue = _Requeue(sealed, now)
+    return deps.runs.update(stored.session, stored.task_id, requeue), requeue.requeued
+
+
 def _requeue(run: RunRecord, sealed: bytes, now: int) -> None:
     """A re-run of a failed or cancelled task: a new generation, the same stored image (never paid twice),
     and no owner yet: the request that requeued it claims it for the execution it starts."""
@@ -128,7 +139,9 @@ def _listed_tasks(payload: HubPayload, deps: StepDeps) -> list[BatchTask]:
             field="batches",
         )
     # in task id order: a duplicate of the request forms the same chunks, so names the same executions
-    return sorted((BatchTask(taskId=t.task_id, assetId=t.asset_id) for t in listed), key=lambda t: t.task_id)
+    return sorted(
+        (BatchTask(task_id=t.task_id, asset_id=t.asset_id) for t in listed), key=lambda t: t.task_id
+    )
 
 
 class _Owned(Exception):
@@ -184,11 +197,8 @@ def start_session(
         )
 
     for created_chunk in _in_parallel(create, _chunks(tasks, tasks_per_execution)):
-        for stored, created in created_chunk:
-            if not created and stored.status in (RunStatus.FAILED, RunStatus.CANCELLED):
-                requeue = _Requeue(sealed, now)
-                stored = deps.runs.update(stored.session, stored.task_id, requeue)
-                created = requeue.requeued
+        for record, is_new in created_chunk:
+            stored, created = _requeued_if_ended(record, is_new, deps, sealed, now)
             if created:
                 started.append(stored.task_id)
             runs.append(stored)
