@@ -22,8 +22,8 @@ import uuid
 from collections import Counter
 from typing import Any
 
-from bench.common import BENCH_DIR, RESULTS_DIR, Row, document, median, publish, say
-from bench.probes import StackProbe, billed_transitions, execution_histories
+from bench.common import BENCH_DIR, RESULTS_DIR, Row, document, median, publish, say, update_summary
+from bench.probes import StackProbe, bench_stack_options, billed_transitions, execution_histories
 
 NAME = "aws_cost"
 SECRET = "bench-aws-cost-secret-long-enough-for-the-authorizer"
@@ -36,10 +36,10 @@ def count_runs(runs: int) -> dict[str, Any]:
     from bench.naive import NaiveScript, NaiveTask
     from local_stack.hub_emulator import load_sample_runs
     from local_stack.runner import PluginApi
-    from local_stack.stack import LocalStack, StackOptions
+    from local_stack.stack import LocalStack
 
     os.environ.pop("OPENAI_API_KEY", None)
-    options = StackOptions(stack_name="bench-cost", plugin_secret=SECRET, parameters={"RateLimit": "1000"})
+    options = bench_stack_options("bench-cost", plugin_secret=SECRET, parameters={"RateLimit": "1000"})
     with LocalStack(options) as stack:
         stack.hub.load_samples()
         memory_mb = {spec.logical_id: spec.memory_mb for spec in stack.template.functions().values()}
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [Row(f"{item}", "USD", usd * 1000, None) for item, usd in realistic.items()]
     rows[2].note = (
         f"{sum(counts['lambda_gb_s'].values()):.3f} GB-s measured per image + {latency} s of OpenAI latency "
-        "at 512 MB in Generate"
+        f"at Generate's {counts['lambda_memory_mb']['GenerateFunction']} MB"
     )
     total, total_measured = sum(realistic.values()), sum(measured.values())
     rows.append(
@@ -293,6 +293,14 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
     publish(doc, rows, findings)
+    dynamodb_calls = sum(v for k, v in counts["aws_calls"].items() if k.startswith("dynamodb."))
+    update_summary(
+        {
+            "aws_usd_per_1000_images": round(total * 1000, 4),
+            "dynamodb_calls_per_image": round(dynamodb_calls, 2),
+        },
+        quick=args.quick,
+    )
     return 0
 
 

@@ -27,7 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from bench.common import PROJECT_ROOT, Row, document, median, print_rows, say, write_result
+from bench.common import PROJECT_ROOT, Row, document, median, print_rows, say, update_summary, write_result
 
 NAME = "cold_start"
 EVENTS = PROJECT_ROOT / "events"
@@ -169,10 +169,12 @@ class ColdStartBench:
         return result
 
     def import_trial(self) -> dict[str, dict[str, float]]:
-        """Each function's import beside its floor, in fresh processes, alternating: ours, floor, ours..."""
+        """Each function's import beside its floor and the eager baseline, in fresh processes, alternating:
+        ours, floor, eager, ours..."""
         return {
             function: {
-                mode: self.child(function, None, False, mode=mode)["import_ms"] for mode in ("ours", "floor")
+                mode: self.child(function, None, False, mode=mode)["import_ms"]
+                for mode in ("ours", "floor", "eager")
             }
             for function in FUNCTIONS
         }
@@ -219,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         stack.hub.load_samples()
         bench = ColdStartBench(stack)
         say(f"cold start: {trials} fresh processes per function and variant, first event on the local stack")
-        imports: dict[str, dict[str, list[float]]] = {f: {"ours": [], "floor": []} for f in FUNCTIONS}
+        imports: dict[str, dict[str, list[float]]] = {
+            f: {"ours": [], "floor": [], "eager": []} for f in FUNCTIONS
+        }
         for index in range(trials):
             for variant in ("lazy", "eager"):  # interleaved, so drift in the machine's load hits both alike
                 for function, measured in bench.trial(eager=variant == "eager").items():
@@ -244,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                 "process_wall_ms": summarise(group, "process_wall_ms"),
                 "openai_imported": any(s["openai_imported"] for s in group),
                 "modules_loaded": summarise(group, "modules_loaded"),
+                "peak_rss_mb": max(s["peak_rss_mb"] for s in group),
                 "samples": len(group),
             }
             for variant, group in (("lazy", lazy), ("eager", eager))
@@ -267,13 +272,16 @@ def main(argv: list[str] | None = None) -> int:
                 {"check": f"{function} never imports openai", "passed": not ours["openai_imported"]}
             )
 
-    over_floor = {}
+    over_floor, eager_over_floor = {}, {}
     for function in FUNCTIONS:
         ours_ms, floor_ms = median(imports[function]["ours"]), median(imports[function]["floor"])
+        eager_ms = median(imports[function]["eager"])
         over_floor[function] = round(ours_ms / floor_ms, 3)
+        eager_over_floor[function] = round(eager_ms / floor_ms, 3)
         per_function[function]["import_vs_floor"] = {
             "ours_ms": ours_ms,
             "floor_ms": floor_ms,
+            "eager_ms": eager_ms,
             "samples": len(imports[function]["ours"]),
         }
         what = "boto3 + Logger + openai" if function == "generate" else "boto3 + Logger"
@@ -288,6 +296,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         checks.append(
             {"check": f"{function} imports within 1.5x its floor", "passed": over_floor[function] <= 1.5}
+        )
+        rows.append(
+            Row(
+                f"{function}: peak resident memory after the first event",
+                "MB",
+                per_function[function]["lazy"]["peak_rss_mb"],
+                per_function[function]["eager"]["peak_rss_mb"],
+                note=f"MemorySize {bench.specs[FUNCTIONS[function]].memory_mb} MB",
+            )
         )
     heaviest = {f: per_function[f]["lazy"]["imports_by_package_ms"] for f in FUNCTIONS}
     xray = median(heaviest[f].get("aws_xray_sdk", 0.0) for f in FUNCTIONS)
@@ -332,12 +349,24 @@ def main(argv: list[str] | None = None) -> int:
             "per_function": per_function,
             "checks": checks,
             "import_over_floor": over_floor,
+            "eager_import_over_floor": eager_over_floor,
             "first_event_against": "local stack",
             "trials": trials,
         },
     )
     doc["checks"] = checks
     path = write_result(doc)
+    update_summary(
+        {
+            f"cold_start_import_over_floor_{f}": over_floor[f]
+            for f in ("api", "extract", "generate", "attach")
+        },
+        baselines={
+            f"cold_start_import_over_floor_{f}": eager_over_floor[f]
+            for f in ("api", "extract", "generate", "attach")
+        },
+        quick=args.quick,
+    )
     print_rows(doc["title"], rows)
     for function, packages in heaviest.items():
         say(f"  {function} import by package (ms): {packages}")

@@ -171,3 +171,36 @@ def _shown(value: Any, unit: str) -> str:
 
 def say(message: str) -> None:
     print(message, flush=True)
+
+
+SUMMARY_PATH = RESULTS_DIR / "summary.json"
+#: the figures before issue 13's changes, each with where it comes from: ``<key>_baseline`` in the summary
+BASELINES_PATH = BENCH_DIR / "baselines" / "before_issue_13.json"
+
+
+def update_summary(
+    figures: dict[str, Any], baselines: dict[str, Any] | None = None, quick: bool = False
+) -> Path:
+    """Merge a benchmark's headline figures into bench/results/summary.json, each with ``<key>_baseline``
+    beside it: the one given (measured in the same run) or else the recorded figure from before issue 13.
+    Every other key in the file (the other benchmarks') stays as it is."""
+    recorded = json.loads(BASELINES_PATH.read_text())["figures"] if BASELINES_PATH.exists() else {}
+    summary = json.loads(SUMMARY_PATH.read_text()) if SUMMARY_PATH.exists() else {}
+    for key, value in figures.items():
+        summary[key] = _rounded(value)
+        baseline = (baselines or {}).get(key, (recorded.get(key) or {}).get("value"))
+        if baseline is not None:
+            summary[f"{key}_baseline"] = _rounded(baseline)
+        if quick:
+            summary.setdefault("quick_keys", [])
+            if key not in summary["quick_keys"]:
+                summary["quick_keys"].append(key)
+        elif key in summary.get("quick_keys", []):
+            summary["quick_keys"].remove(key)
+    if not summary.get("quick_keys"):
+        summary.pop("quick_keys", None)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    scratch = SUMMARY_PATH.with_suffix(".json.tmp")
+    scratch.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    scratch.replace(SUMMARY_PATH)
+    return SUMMARY_PATH

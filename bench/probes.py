@@ -1,38 +1,52 @@
 """Instruments a running local stack from the bench process, without touching product code.
 
-The Lambdas run in-process (local_stack/lambda_runtime.py), so the bench can see everything they do:
+Every Lambda execution environment is an OS process of its own (local_stack/lambda_runtime.py), so what the
+handlers do is seen from inside them: ``bench_stack_options`` starts every environment with the hook module
+bench/env_probe.py, which journals each AWS API call, hub request, OpenAI generation and handler run to
+files under .local/bench/probe/. From the bench's own process the probe sees
 
 * when the hub emulator received each request (its own process stamps each one: ``received_at``);
-* when each Lambda invocation started and ended;
-* every AWS API call the handlers made through ``dalle_plugin.wiring.aws_client`` (botocore event hooks on
-  the cached clients: count, time, DynamoDB consumed capacity, error code);
-* the time spent in hub HTTP calls and in the OpenAI request, by wrapping the two adapters' methods.
+* when each Lambda invocation started and ended, as the runtime saw it (the pipe and the event included);
+* what the environments journalled: AWS calls (count, time, DynamoDB consumed capacity, error code), the
+  time in hub HTTP calls and in the OpenAI request, and each handler's own start and end.
 
 Everything is undone by ``uninstall`` (or leaving the ``with`` block).
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Self
+from pathlib import Path
+from typing import Any
 
-AWS_SERVICES = ("dynamodb", "kms", "s3", "secretsmanager", "stepfunctions")
-_CAPACITY_OPERATIONS = {
-    "GetItem",
-    "PutItem",
-    "UpdateItem",
-    "DeleteItem",
-    "Query",
-    "Scan",
-    "BatchGetItem",
-    "BatchWriteItem",
-    "TransactGetItems",
-    "TransactWriteItems",
-}
+from bench.common import CACHE_DIR
+from bench.env_probe import PROBE_DIR_VARIABLE
+
+PROBE_ROOT = CACHE_DIR / "probe"
+
+
+def bench_stack_options(name: str, **options: Any) -> Any:
+    """StackOptions for a bench stack: the probe's hook in every execution environment, journalling into a
+    directory of its own (emptied first)."""
+    from local_stack.stack import StackOptions
+
+    journal = PROBE_ROOT / f"{name}-{uuid.uuid4().hex[:8]}"
+    shutil.rmtree(PROBE_ROOT, ignore_errors=True)  # earlier runs' journals: never read again
+    journal.mkdir(parents=True)
+    environment = {PROBE_DIR_VARIABLE: str(journal), **options.pop("environment", {})}
+    return StackOptions(
+        stack_name=name,
+        environment=environment,
+        hook_modules=("bench.env_probe", *options.pop("hook_modules", ())),
+        **options,
+    )
 
 
 @dataclass(frozen=True)
@@ -72,16 +86,28 @@ class Span:
     ended: float
 
 
+@dataclass(frozen=True)
+class HandlerRun:
+    """A handler's own run inside its environment: the invocation less the runtime's part."""
+
+    function: str  # logical id
+    started: float
+    ended: float
+    session: str
+
+
 @dataclass
 class StackProbe:
     stack: Any
     hub_requests: list[HubRequest] = field(default_factory=list)
     invocations: list[Invocation] = field(default_factory=list)
-    aws_calls: list[AwsCall] = field(default_factory=list)
-    spans: list[Span] = field(default_factory=list)
+    _aws_calls: list[AwsCall] = field(default_factory=list)
+    _spans: list[Span] = field(default_factory=list)
+    _handler_runs: list[HandlerRun] = field(default_factory=list)
     log_bytes: int = 0
     _undo: list[Callable[[], None]] = field(default_factory=list)
-    _changed: threading.Condition = field(default_factory=threading.Condition)
+    _changed: threading.Condition = field(default_factory=threading.Condition)  # an RLock inside
+    _read_up_to: dict[str, int] = field(default_factory=dict)
 
     # ---- lifecycle --------------------------------------------------------------------------------
 
@@ -89,15 +115,14 @@ class StackProbe:
         self._watch_hub()
         self._watch_lambdas()
         self._watch_logs()
-        self._watch_aws()
-        self._watch_adapters()
+        self._journal_dir()  # fails now, not at the first figure, when the stack has no probe hook
         return self
 
     def uninstall(self) -> None:
         while self._undo:
             self._undo.pop()()
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> StackProbe:
         return self.install()
 
     def __exit__(self, *exc: object) -> None:
@@ -105,10 +130,12 @@ class StackProbe:
 
     def clear(self) -> None:
         with self._changed:
+            self.refresh()  # what is journalled so far is skipped, not counted later
             self.hub_requests.clear()
             self.invocations.clear()
-            self.aws_calls.clear()
-            self.spans.clear()
+            self._aws_calls.clear()
+            self._spans.clear()
+            self._handler_runs.clear()
             self.log_bytes = 0
 
     # ---- waiting ----------------------------------------------------------------------------------
@@ -150,8 +177,66 @@ class StackProbe:
 
     # ---- views ------------------------------------------------------------------------------------
 
+    @property
+    def aws_calls(self) -> list[AwsCall]:
+        self.refresh()
+        return self._aws_calls
+
+    @property
+    def spans(self) -> list[Span]:
+        self.refresh()
+        return self._spans
+
+    @property
+    def handler_runs(self) -> list[HandlerRun]:
+        self.refresh()
+        return self._handler_runs
+
     def aws_counts(self) -> Counter:
         return Counter(f"{c.service}.{c.operation}" for c in self.aws_calls)
+
+    # ---- the environments' journals ----------------------------------------------------------------
+
+    def _journal_dir(self) -> Path:
+        directory = self.stack.options.environment.get(PROBE_DIR_VARIABLE)
+        if not directory:
+            raise RuntimeError("the stack has no probe hook: start it with bench.probes.bench_stack_options")
+        return Path(directory)
+
+    def refresh(self) -> None:
+        """Read what the environments appended since the last read (whole lines only). An environment
+        writes its records before its handler returns, so after an invocation ended they are all here."""
+        with self._changed:
+            for path in sorted(self._journal_dir().glob("*.jsonl")):
+                offset = self._read_up_to.get(path.name, 0)
+                with open(path, "rb") as journal:
+                    journal.seek(offset)
+                    chunk = journal.read()
+                complete = chunk[: chunk.rfind(b"\n") + 1]
+                self._read_up_to[path.name] = offset + len(complete)
+                for line in complete.splitlines():
+                    self._take(json.loads(line))
+
+    def _take(self, record: dict[str, Any]) -> None:
+        kind = record["kind"]
+        if kind == "aws":
+            self._aws_calls.append(
+                AwsCall(
+                    record["service"],
+                    record["operation"],
+                    record["started"],
+                    record["ended"],
+                    record["error"],
+                    record["read_units"],
+                    record["write_units"],
+                )
+            )
+        elif kind == "span":
+            self._spans.append(Span(record["span"], record["started"], record["ended"]))
+        elif kind == "handler":
+            self._handler_runs.append(
+                HandlerRun(record["function"], record["started"], record["ended"], record["session"])
+            )
 
     # ---- the hooks --------------------------------------------------------------------------------
 
@@ -212,79 +297,6 @@ class StackProbe:
 
         lambdas._log_sink = sink
         self._undo.append(lambda: setattr(lambdas, "_log_sink", original))
-
-    def _watch_aws(self) -> None:
-        from dalle_plugin import wiring
-
-        for service in AWS_SERVICES:
-            events = wiring.aws_client(service).meta.events
-            events.register("before-parameter-build", self._ask_for_capacity)
-            events.register("before-call", self._before_call)
-            events.register("after-call", self._after_call)
-
-            def unregister(events: Any = events) -> None:
-                events.unregister("before-parameter-build", self._ask_for_capacity)
-                events.unregister("before-call", self._before_call)
-                events.unregister("after-call", self._after_call)
-
-            self._undo.append(unregister)
-
-    @staticmethod
-    def _ask_for_capacity(params: dict[str, Any], model: Any, **_: Any) -> None:
-        # DynamoDB reports the request units a call consumed only when asked; asking changes nothing else.
-        if model.name in _CAPACITY_OPERATIONS and "ReturnConsumedCapacity" in model.input_shape.members:
-            params.setdefault("ReturnConsumedCapacity", "TOTAL")
-
-    @staticmethod
-    def _before_call(context: dict[str, Any], **_: Any) -> None:
-        context["bench_started"] = time.perf_counter()
-
-    def _after_call(self, model: Any, parsed: dict[str, Any], context: dict[str, Any], **_: Any) -> None:
-        started = context.get("bench_started", time.perf_counter())
-        error = (parsed.get("Error") or {}).get("Code") if isinstance(parsed, dict) else None
-        read_units = write_units = 0.0
-        capacity = parsed.get("ConsumedCapacity") if isinstance(parsed, dict) else None
-        for entry in capacity if isinstance(capacity, list) else [capacity] if capacity else []:
-            read_units += float(entry.get("ReadCapacityUnits") or 0)
-            write_units += float(entry.get("WriteCapacityUnits") or 0)
-            if not entry.get("ReadCapacityUnits") and not entry.get("WriteCapacityUnits"):
-                units = float(entry.get("CapacityUnits") or 0)
-                if model.name in ("GetItem", "Query", "Scan", "BatchGetItem", "TransactGetItems"):
-                    read_units += units
-                else:
-                    write_units += units
-        call = AwsCall(
-            model.service_model.service_name,
-            model.name,
-            started,
-            time.perf_counter(),
-            error,
-            read_units,
-            write_units,
-        )
-        with self._changed:
-            self.aws_calls.append(call)
-
-    def _watch_adapters(self) -> None:
-        from dalle_plugin.adapters import hub_http, openai_images
-
-        self._wrap(hub_http.AngoHubClient, "_send_once", "hub")
-        self._wrap(openai_images.OpenAIImageGenerator, "generate", "openai")
-
-    def _wrap(self, cls: type, name: str, kind: str) -> None:
-        original = cls.__dict__[name]
-        probe = self
-
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                with probe._changed:
-                    probe.spans.append(Span(kind, started, time.perf_counter()))
-
-        setattr(cls, name, timed)
-        self._undo.append(lambda: setattr(cls, name, original))
 
 
 def execution_histories(stack: Any, since_epoch_s: float, name_prefix: str = "") -> list[dict[str, Any]]:

@@ -25,6 +25,8 @@ TITLES = {"limiter": "Global limit under a backlog (shared key)"}
 def load_results(results_dir: Path = RESULTS_DIR) -> list[dict[str, Any]]:
     found = []
     for path in sorted(results_dir.glob("*.json")):
+        if path.name == "summary.json":  # the headline figures, rendered by headline_section
+            continue
         try:
             doc = json.loads(path.read_text())
         except ValueError:
@@ -117,10 +119,8 @@ def section(doc: dict[str, Any]) -> str:
         lines += [f"**Baseline:** {doc['baseline']}", ""]
     elif name == "limiter":
         lines += [
-            (
-                "**Baseline:** the naive fixed-window counter, the same backlog, measured right after in the "
-                "same run."
-            ),
+            "**Baseline:** the naive fixed-window counter, the same backlog, measured right after in the "
+            "same run.",
             "",
         ]
     rows = rows_of(doc)
@@ -145,20 +145,112 @@ def section(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: issue 13's figures (bench/results/summary.json), in order: what each is, its target, what changed it
+HEADLINES = {
+    "overhead_product_ratio_p50": (
+        "product's own time per image / naive script, p50",
+        "at most 1.5",
+        "new figure: a run's end to end less the local engine's time (bench/env_probe.py journals each "
+        "handler's run inside its environment). The run record's one UpdateItem per step removed most of the "
+        "DynamoDB round trips; what remains is mostly AWS SDK calls on the loaded local stack",
+    ),
+    "overhead_end_to_end_ratio_p50": (
+        "end to end per image / naive script, p50",
+        "–",
+        "the plain ratio, local engine included (API Gateway stand-in, the Lambda runtime's pipe to each "
+        "environment process, moto's Step Functions)",
+    ),
+    "overhead_engine_ms_p50": (
+        "local engine's own time per run, p50 (ms)",
+        "–",
+        "measured apart so the product's figure does not carry it; nothing of it runs on AWS",
+    ),
+    "dynamodb_calls_per_image": (
+        "DynamoDB calls per image, shared key",
+        "at most 8",
+        "the run record is written with one UpdateItem per progress write and no read first (was a "
+        "consistent GetItem and a whole-item PutItem per progress line); the shared key's queue adds its own",
+    ),
+    "aws_usd_per_1000_images": (
+        "AWS cost per 1,000 images (USD)",
+        "at most 0.30",
+        "images kept 7 days instead of 90, Lambda's own tracing instead of the X-Ray SDK, Generate sized "
+        "to its measured peak memory (it waits ~20 s on OpenAI), two Succeed states fewer per task",
+    ),
+    "cold_start_import_over_floor_api": ("api: import / floor", "at most 1.5", "baseline: an eager module"),
+    "cold_start_import_over_floor_extract": (
+        "extract: import / floor",
+        "at most 1.5",
+        "baseline: an eager module",
+    ),
+    "cold_start_import_over_floor_generate": (
+        "generate: import / floor",
+        "at most 1.5",
+        "baseline: an eager module; the floor includes openai",
+    ),
+    "cold_start_import_over_floor_attach": (
+        "attach: import / floor",
+        "at most 1.5",
+        "baseline: an eager module",
+    ),
+    "package_mb_total": (
+        "every function + the layer, zipped (MB)",
+        "–",
+        "aws-xray-sdk and the botocore it pulled into the layer are gone",
+    ),
+    "own_key_rate_over_cap": ("own key: rate reached / key's cap", "at least 0.95", "own keys' pacing"),
+    "own_key_429_share": ("own key: share of requests refused (429)", "at most 0.05", "own keys' pacing"),
+    "own_key_tasks_lost": ("own key: tasks lost", "0", "own keys' pacing"),
+}
+
+
+def headline_section(results_dir: Path = RESULTS_DIR) -> list[str]:
+    """Issue 13's figures from summary.json, each beside its baseline (measured in the same run where the
+    summary's ``<key>_baseline`` came from one, else the recorded figure from before the issue)."""
+    path = results_dir / "summary.json"
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    found = [key for key in HEADLINES if key in summary]
+    if not found:
+        return []
+    lines = [
+        "## Headline figures (bench/results/summary.json)",
+        "",
+        "Each figure beside its baseline: measured in the same run where one can be (the eager import; the "
+        "naive script), else the figure before issue 13's changes (bench/baselines/before_issue_13.json, "
+        "each with its source).",
+        "",
+        "| figure | ours | baseline | target | what changed it |",
+        "|---|---:|---:|---|---|",
+    ]
+    for key in found:
+        what, target, why = HEADLINES[key]
+        lines.append(
+            f"| {_cell(what)} (`{key}`) | {fmt(summary[key])} | {fmt(summary.get(f'{key}_baseline'))} | "
+            f"{target} | {_cell(why)} |"
+        )
+    missing = [key for key in HEADLINES if key not in summary]
+    if missing:
+        lines += ["", "Not measured yet: " + ", ".join(f"`{key}`" for key in missing) + "."]
+    if summary.get("quick_keys"):
+        lines += ["", "From a quick (smoke) run: " + ", ".join(f"`{k}`" for k in summary["quick_keys"]) + "."]
+    return lines + [""]
+
+
 def render(results_dir: Path = RESULTS_DIR) -> str:
     docs = load_results(results_dir)
     head = [
         "# Performance",
         "",
-        (
-            "Generated by `make bench` (`python -m bench`; `bench/report.py` rewrites this file from "
-            "`bench/results/*.json`, so do not edit it by hand). Every figure stands next to a baseline "
-            "measured in the same run; **ratio = ours / baseline**. The local stack runs everything in one "
-            "process on the bench machine, so absolute times are the local stack's; the ratios and counts are "
-            "what carry over."
-        ),
+        "Generated by `make bench` (`python -m bench`; `bench/report.py` rewrites this file from "
+        "`bench/results/*.json`, so do not edit it by hand). Every figure stands next to a baseline "
+        "measured in the same run; **ratio = ours / baseline**. The local stack runs on the bench machine "
+        "(2 cores shared with other work): DynamoDB Local, moto, the hub and OpenAI emulators each in a "
+        "process of their own, and every Lambda execution environment an OS process of its own, whose AWS "
+        "calls, hub and OpenAI requests and handler runs bench/env_probe.py journals for the bench. "
+        "Absolute times are the local stack's; the ratios and counts are what carry over.",
         "",
     ]
+    head += headline_section()
     if not docs:
         head.append("No results yet: run `make bench`.")
         return "\n".join(head) + "\n"
