@@ -1,8 +1,9 @@
 """``python -m bench [name ...] [--quick]``: run the benchmarks, then regenerate docs/performance.md.
 
 Every benchmark is a module ``bench/<name>.py`` with ``main(argv) -> int`` that accepts ``--quick`` and
-writes ``bench/results/<name>.json``; adding one is adding its name to ``MODULES``. Each runs in a process
-of its own: a local stack's moto backends, in-process Lambdas and cached AWS clients are process-wide.
+writes ``bench/results/<name>.json`` (and its headline figures into ``bench/results/summary.json``, through
+``bench.common.update_summary``); adding one is adding its name to ``MODULES``. Each runs in a process of its
+own: a local stack owns its process (moto's backends and the Lambda runtime's patches are process-wide).
 ``python -m bench report`` only regenerates the document.
 """
 

@@ -179,13 +179,18 @@ BASELINES_PATH = BENCH_DIR / "baselines" / "before_issue_13.json"
 
 
 def update_summary(
-    figures: dict[str, Any], baselines: dict[str, Any] | None = None, quick: bool = False
+    figures: dict[str, Any],
+    baselines: dict[str, Any] | None = None,
+    quick: bool = False,
+    path: Path | None = None,
+    recorded_baselines: Path = BASELINES_PATH,
 ) -> Path:
     """Merge a benchmark's headline figures into bench/results/summary.json, each with ``<key>_baseline``
     beside it: the one given (measured in the same run) or else the recorded figure from before issue 13.
     Every other key in the file (the other benchmarks') stays as it is."""
-    recorded = json.loads(BASELINES_PATH.read_text())["figures"] if BASELINES_PATH.exists() else {}
-    summary = json.loads(SUMMARY_PATH.read_text()) if SUMMARY_PATH.exists() else {}
+    path = path or SUMMARY_PATH
+    recorded = json.loads(recorded_baselines.read_text())["figures"] if recorded_baselines.exists() else {}
+    summary = json.loads(path.read_text()) if path.exists() else {}
     for key, value in figures.items():
         summary[key] = _rounded(value)
         baseline = (baselines or {}).get(key, (recorded.get(key) or {}).get("value"))
@@ -199,8 +204,8 @@ def update_summary(
             summary["quick_keys"].remove(key)
     if not summary.get("quick_keys"):
         summary.pop("quick_keys", None)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    scratch = SUMMARY_PATH.with_suffix(".json.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_suffix(".json.tmp")
     scratch.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    scratch.replace(SUMMARY_PATH)
-    return SUMMARY_PATH
+    scratch.replace(path)
+    return path

@@ -250,7 +250,7 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
         "Absolute times are the local stack's; the ratios and counts are what carry over.",
         "",
     ]
-    head += headline_section()
+    head += headline_section(results_dir)
     if not docs:
         head.append("No results yet: run `make bench`.")
         return "\n".join(head) + "\n"

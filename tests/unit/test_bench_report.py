@@ -108,3 +108,43 @@ def test_percentile_is_nearest_rank():
     assert percentile(values, 95) == 19
     assert percentile([7.0], 95) == 7.0
     assert percentile([], 50) is None
+
+
+def test_summary_keeps_other_benchmarks_keys_and_puts_a_baseline_beside_each_figure(tmp_path):
+    from bench.common import update_summary
+
+    summary = tmp_path / "summary.json"
+    summary.write_text(json.dumps({"limiter_limit": 5}))
+    recorded = tmp_path.parent / f"{tmp_path.name}-before.json"
+    recorded.write_text(json.dumps({"figures": {"dynamodb_calls_per_image": {"value": 29, "source": "x"}}}))
+    update_summary(
+        {"dynamodb_calls_per_image": 12.0, "cold_start_import_over_floor_api": 1.3},
+        baselines={"cold_start_import_over_floor_api": 3.1},
+        path=summary,
+        recorded_baselines=recorded,
+    )
+    merged = json.loads(summary.read_text())
+    assert merged == {
+        "limiter_limit": 5,
+        "dynamodb_calls_per_image": 12.0,
+        "dynamodb_calls_per_image_baseline": 29,
+        "cold_start_import_over_floor_api": 1.3,
+        "cold_start_import_over_floor_api_baseline": 3.1,
+    }
+    text = render(tmp_path)
+    assert (
+        "| DynamoDB calls per image, shared key (`dynamodb_calls_per_image`) | 12.0 | 29 | at most 8 |"
+        in text
+    )
+    assert "`own_key_429_share`" in text  # a slot for the figures not measured yet
+    assert "## Summary" not in text  # the summary is the headline table, not a section of its own
+
+
+def test_the_environment_probe_reads_dynamodb_units_either_way_they_are_reported():
+    from bench.env_probe import consumed_units
+
+    assert consumed_units("GetItem", {"ConsumedCapacity": {"CapacityUnits": 0.5}}) == (0.5, 0.0)
+    assert consumed_units("UpdateItem", {"ConsumedCapacity": {"CapacityUnits": 2.0}}) == (0.0, 2.0)
+    both = {"ConsumedCapacity": [{"ReadCapacityUnits": 1.0, "WriteCapacityUnits": 3.0}]}
+    assert consumed_units("TransactWriteItems", both) == (1.0, 3.0)
+    assert consumed_units("PutItem", None) == (0.0, 0.0)
