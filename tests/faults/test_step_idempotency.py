@@ -357,3 +357,18 @@ def test_a_key_whose_rate_limit_stays_used_up_ends_the_run_after_five_answers():
     with pytest.raises(OpenAIRateLimitPersisted, match="5 times in a row"):
         generate_image(REF, deps)
     assert generator.requests == 5
+
+
+def test_a_first_attempt_does_not_look_for_images_no_request_could_have_stored():
+    deps = _deps(Hub(), Generator())
+    looked: list[str] = []
+    get = deps.images.get
+    deps.images.get = lambda key: looked.append(key) or get(key)
+    deps.runs.create(_run())
+    generate_image(RunRef(session=SESSION, task_id=TASK), deps)
+    assert looked == []  # attempt 0: nothing sent yet in any generation, so nothing at the run's keys
+
+    stored = _stored(deps)
+    deps.runs.update(SESSION, TASK, lambda r: setattr(r, "image", None))  # a step died before recording it
+    outcome = generate_image(RunRef(session=SESSION, task_id=TASK), deps)
+    assert looked == [stored.image.key] and outcome.status == "DONE"  # a later attempt finds and adopts it

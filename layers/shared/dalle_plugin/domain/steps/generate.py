@@ -346,6 +346,8 @@ def _reuse_undelivered_image(run: RunRecord, deps: StepDeps, hub: HubClient) -> 
 
 def _stored_images(run: RunRecord, deps: StepDeps) -> list[tuple[str, bytes]]:
     """The images an earlier attempt stored at this run's keys, in order (they are stored first to last)."""
+    if run.attempt == 0:  # no attempt spent in any generation: no request was sent, nothing can be stored
+        return []
     found = []
     for index in range(run.images_per_task):
         key = image_key(run, index)
