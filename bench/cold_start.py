@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -234,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
                         imports[function][mode].append(ms)
             say(f"  trial {index + 1}/{trials} done")
         profile = bench.trial(eager=False, importtime=True)
+        shutil.rmtree(bench.scratch, ignore_errors=True)  # the children's specs and answers
 
     rows: list[Row] = []
     per_function: dict[str, Any] = {}
