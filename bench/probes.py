@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import threading
 import time
 import uuid
@@ -115,7 +116,13 @@ class StackProbe:
         self._watch_hub()
         self._watch_lambdas()
         self._watch_logs()
-        self._journal_dir()  # fails now, not at the first figure, when the stack has no probe hook
+        if self._journal_dir() is None:
+            print(
+                "bench probe: this stack has no bench.env_probe hook (build its options with "
+                "bench.probes.bench_stack_options): no AWS calls, hub or OpenAI spans will be seen",
+                file=sys.stderr,
+                flush=True,
+            )
         return self
 
     def uninstall(self) -> None:
@@ -197,17 +204,18 @@ class StackProbe:
 
     # ---- the environments' journals ----------------------------------------------------------------
 
-    def _journal_dir(self) -> Path:
+    def _journal_dir(self) -> Path | None:
         directory = self.stack.options.environment.get(PROBE_DIR_VARIABLE)
-        if not directory:
-            raise RuntimeError("the stack has no probe hook: start it with bench.probes.bench_stack_options")
-        return Path(directory)
+        return Path(directory) if directory else None
 
     def refresh(self) -> None:
         """Read what the environments appended since the last read (whole lines only). An environment
         writes its records before its handler returns, so after an invocation ended they are all here."""
+        directory = self._journal_dir()
+        if directory is None:
+            return
         with self._changed:
-            for path in sorted(self._journal_dir().glob("*.jsonl")):
+            for path in sorted(directory.glob("*.jsonl")):
                 offset = self._read_up_to.get(path.name, 0)
                 with open(path, "rb") as journal:
                     journal.seek(offset)
