@@ -106,6 +106,11 @@ def section(doc: dict[str, Any]) -> str:
         meta.append("**quick mode (smoke run, not for comparison)**")
     if doc.get("duration_s") is not None:
         meta.append(f"took {doc['duration_s']:.0f} s")
+    machine = doc.get("environment") or {}
+    if machine.get("load_average_1m_at_end") is not None:
+        meta.append(
+            f"machine load {machine['load_average_1m_at_end']:g} on {machine.get('cpus', '?')} cores at the end"
+        )
     lines += [" · ".join(meta), ""]
     if doc.get("method"):
         lines += [doc["method"], ""]
