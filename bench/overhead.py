@@ -267,11 +267,15 @@ def main(argv: list[str] | None = None) -> int:
     per_run = {name: count / len(ours) for name, count in aws.most_common()}
     dynamodb_calls = sum(v for k, v in per_run.items() if k.startswith("dynamodb."))
     findings = [
-        f"The product's own time is {product_ratio:.2f}x the naive script's end to end (p50 "
-        f"{product['p50']:.0f} against {base['p50']:.0f} ms; target 1.5x); end to end, with the local "
-        f"engine's {engine['p50']:.0f} ms, it is {end_to_end_ratio:.2f}x.",
-        f"Where the product's time goes (median ms): {where(breakdown)}. The local engine's: "
-        f"{where(engine_parts)}.",
+        (
+            f"The product's own time is {product_ratio:.2f}x the naive script's end to end (p50 "
+            f"{product['p50']:.0f} against {base['p50']:.0f} ms; target 1.5x); end to end, with the local "
+            f"engine's {engine['p50']:.0f} ms, it is {end_to_end_ratio:.2f}x."
+        ),
+        (
+            f"Where the product's time goes (median ms): {where(breakdown)}. The local engine's: "
+            f"{where(engine_parts)}."
+        ),
         "AWS calls per run: " + ", ".join(f"{name} {count:g}" for name, count in per_run.items()) + f" "
         f"({dynamodb_calls:g} DynamoDB calls).",
     ]

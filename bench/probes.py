@@ -25,7 +25,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from bench.common import CACHE_DIR
 from bench.env_probe import PROBE_DIR_VARIABLE
@@ -129,7 +129,7 @@ class StackProbe:
         while self._undo:
             self._undo.pop()()
 
-    def __enter__(self) -> StackProbe:
+    def __enter__(self) -> Self:
         return self.install()
 
     def __exit__(self, *exc: object) -> None:

@@ -124,8 +124,10 @@ def section(doc: dict[str, Any]) -> str:
         lines += [f"**Baseline:** {doc['baseline']}", ""]
     elif name == "limiter":
         lines += [
-            "**Baseline:** the naive fixed-window counter, the same backlog, measured right after in the "
-            "same run.",
+            (
+                "**Baseline:** the naive fixed-window counter, the same backlog, measured right after in the "
+                "same run."
+            ),
             "",
         ]
     rows = rows_of(doc)
@@ -155,16 +157,20 @@ HEADLINES = {
     "overhead_product_ratio_p50": (
         "product's own time per image / naive script, p50",
         "at most 1.5",
-        "new figure: end to end less the local engine's time, the handlers' runs as their environments "
-        "journal them (bench/env_probe.py). Most of it is the ~20 AWS calls a run makes (the naive script "
-        "makes none); the run record's one UpdateItem per step and Generate's skipped S3 look-up on a first "
-        "attempt took calls out",
+        (
+            "new figure: end to end less the local engine's time, the handlers' runs as their environments "
+            "journal them (bench/env_probe.py). Most of it is the ~20 AWS calls a run makes (the naive script "
+            "makes none); the run record's one UpdateItem per step and Generate's skipped S3 look-up on a first "
+            "attempt took calls out"
+        ),
     ),
     "overhead_end_to_end_ratio_p50": (
         "end to end per image / naive script, p50",
         "–",
-        "the plain ratio, local engine included (API Gateway stand-in, the Lambda runtime's pipe to each "
-        "environment process, moto's Step Functions)",
+        (
+            "the plain ratio, local engine included (API Gateway stand-in, the Lambda runtime's pipe to each "
+            "environment process, moto's Step Functions)"
+        ),
     ),
     "overhead_engine_ms_p50": (
         "local engine's own time per run, p50 (ms)",
@@ -174,17 +180,21 @@ HEADLINES = {
     "dynamodb_calls_per_image": (
         "DynamoDB calls per image, shared key",
         "at most 8",
-        "run record written with one UpdateItem per step's write, no read first (was a consistent GetItem "
-        "and a whole-item PutItem per progress line). What is left, by step: API 1 (create), Extract 2 "
-        "(read, progress), Generate 5 (read, offer claim, attempt, queue claim, image), Attach 4 (read, "
-        "attach intent, submit intent, finish); each write left is a promise (send once, never pay twice)",
+        (
+            "run record written with one UpdateItem per step's write, no read first (was a consistent GetItem "
+            "and a whole-item PutItem per progress line). What is left, by step: API 1 (create), Extract 2 "
+            "(read, progress), Generate 5 (read, offer claim, attempt, queue claim, image), Attach 4 (read, "
+            "attach intent, submit intent, finish); each write left is a promise (send once, never pay twice)"
+        ),
     ),
     "aws_usd_per_1000_images": (
         "AWS cost per 1,000 images (USD)",
         "at most 0.30",
-        "images kept 7 days instead of 90, Lambda's own tracing instead of the X-Ray SDK, Generate at 256 MB "
-        "(decided by its peak memory, ~111 MB, while it waits ~20 s on OpenAI), 5 state transitions per "
-        "image instead of 7 (the Succeed states Task Done and Session Done are gone)",
+        (
+            "images kept 7 days instead of 90, Lambda's own tracing instead of the X-Ray SDK, Generate at 256 MB "
+            "(decided by its peak memory, ~111 MB, while it waits ~20 s on OpenAI), 6 state transitions per "
+            "image instead of 7 (the Map ends the execution: no Session Done state)"
+        ),
     ),
     "cold_start_import_over_floor_api": ("api: import / floor", "at most 1.5", "baseline: an eager module"),
     "cold_start_import_over_floor_extract": (
@@ -200,8 +210,10 @@ HEADLINES = {
     "cold_start_import_over_floor_attach": (
         "attach: import / floor",
         "at most 1.5",
-        "baseline: an eager module; above the floor: pydantic (~45%), building the run record's models "
-        "(~25%), compiling the plugin's own code (no .pyc on Lambda's read-only code directory)",
+        (
+            "baseline: an eager module; above the floor: pydantic (~45%), building the run record's models "
+            "(~25%), compiling the plugin's own code (no .pyc on Lambda's read-only code directory)"
+        ),
     ),
     "package_mb_total": (
         "every function + the layer, zipped (MB)",
@@ -225,9 +237,11 @@ def headline_section(results_dir: Path = RESULTS_DIR) -> list[str]:
     lines = [
         "## Headline figures (bench/results/summary.json)",
         "",
-        "Each figure beside its baseline: measured in the same run where one can be (the eager import; the "
-        "naive script), else the figure before issue 13's changes (bench/baselines/before_issue_13.json, "
-        "each with its source).",
+        (
+            "Each figure beside its baseline: measured in the same run where one can be (the eager import; the "
+            "naive script), else the figure before issue 13's changes (bench/baselines/before_issue_13.json, "
+            "each with its source)."
+        ),
         "",
         "| figure | ours | baseline | target | what changed it |",
         "|---|---:|---:|---|---|",
@@ -243,7 +257,7 @@ def headline_section(results_dir: Path = RESULTS_DIR) -> list[str]:
         lines += ["", "Not measured yet: " + ", ".join(f"`{key}`" for key in missing) + "."]
     if summary.get("quick_keys"):
         lines += ["", "From a quick (smoke) run: " + ", ".join(f"`{k}`" for k in summary["quick_keys"]) + "."]
-    return lines + [""]
+    return [*lines, ""]
 
 
 def render(results_dir: Path = RESULTS_DIR) -> str:
@@ -251,13 +265,15 @@ def render(results_dir: Path = RESULTS_DIR) -> str:
     head = [
         "# Performance",
         "",
-        "Generated by `make bench` (`python -m bench`; `bench/report.py` rewrites this file from "
-        "`bench/results/*.json`, so do not edit it by hand). Every figure stands next to a baseline "
-        "measured in the same run; **ratio = ours / baseline**. The local stack runs on the bench machine "
-        "(2 cores shared with other work): DynamoDB Local, moto, the hub and OpenAI emulators each in a "
-        "process of their own, and every Lambda execution environment an OS process of its own, whose AWS "
-        "calls, hub and OpenAI requests and handler runs bench/env_probe.py journals for the bench. "
-        "Absolute times are the local stack's; the ratios and counts are what carry over.",
+        (
+            "Generated by `make bench` (`python -m bench`; `bench/report.py` rewrites this file from "
+            "`bench/results/*.json`, so do not edit it by hand). Every figure stands next to a baseline "
+            "measured in the same run; **ratio = ours / baseline**. The local stack runs on the bench machine "
+            "(2 cores shared with other work): DynamoDB Local, moto, the hub and OpenAI emulators each in a "
+            "process of their own, and every Lambda execution environment an OS process of its own, whose AWS "
+            "calls, hub and OpenAI requests and handler runs bench/env_probe.py journals for the bench. "
+            "Absolute times are the local stack's; the ratios and counts are what carry over."
+        ),
         "",
     ]
     head += headline_section(results_dir)
