@@ -47,7 +47,8 @@ class DynamoDBLocal:
     def endpoint_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, ready_timeout_s: float = 30.0) -> DynamoDBLocal:
+    # A JVM starting on a loaded 2-core machine took over 30 s; the process dying is caught at once anyway.
+    def start(self, ready_timeout_s: float = 180.0) -> DynamoDBLocal:
         java = shutil.which("java")
         if not java:
             raise RuntimeError("DynamoDB Local needs Java (OpenJDK 17+) on PATH")
