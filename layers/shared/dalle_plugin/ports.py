@@ -78,6 +78,15 @@ class ImageRequest:
 
 
 @dataclass(frozen=True)
+class KeyLimits:
+    """What an OpenAI answer's ``x-ratelimit-*-requests`` headers said about the key (None: not sent)."""
+
+    limit_requests: int | None = None
+    remaining_requests: int | None = None
+    reset_requests_ms: int | None = None
+
+
+@dataclass(frozen=True)
 class GeneratedImage:
     #: the first image's bytes, in the requested format (png unless asked otherwise)
     png: bytes
@@ -87,6 +96,8 @@ class GeneratedImage:
     usage: dict[str, Any] | None = None
     #: the further images of a request with n > 1, in OpenAI's order
     more: tuple[bytes, ...] = ()
+    #: the answer's rate-limit headers (what an own key is paced by)
+    limits: KeyLimits | None = None
 
     @property
     def bodies(self) -> tuple[bytes, ...]:
@@ -213,6 +224,27 @@ class AllowanceLedger(Protocol):
 
     def release(self, counter: str, ticket: str, amount: int) -> None:
         """Give a ticket's amount back (its request was not billed); a second release does nothing."""
+
+
+@dataclass(frozen=True)
+class PaceDecision:
+    """An own key's answer to a claim: ``granted`` (the request may leave now; its send is recorded), or
+    the earliest time a send may be possible (``start_at_ms``, epoch ms). ``calls`` counts DynamoDB calls."""
+
+    granted: bool
+    start_at_ms: int
+    calls: int = 1
+
+
+class KeyPacer(Protocol):
+    """Paces the runs of one own OpenAI key to the key's limit, learned from OpenAI's answers
+    (``domain.key_pacing``). ``key_id`` is the key's fingerprint, never the key."""
+
+    def claim(self, key_id: str, ticket: str) -> PaceDecision:
+        """Claim this send now, waiting in place for a slot at most a short while away."""
+
+    def learn(self, key_id: str, ticket: str, observation: Any) -> None:
+        """Take in what OpenAI answered to the send of ``ticket`` (a ``domain.key_pacing.Observation``)."""
 
 
 class Clock(Protocol):

@@ -181,6 +181,22 @@ def _limiter_settings(settings: RateLimitSettings) -> Any:
     )
 
 
+def _key_pacing(settings: GenerateSettings) -> tuple[Any, Any]:
+    """Own keys' pacer and its settings, or (None, None) when pacing is off."""
+    if settings.own_key_pacing == "off":
+        return None, None
+    from dalle_plugin.adapters.dynamo_key_pacer import DynamoKeyPacer
+    from dalle_plugin.domain.key_pacing import KeyPaceSettings
+
+    pace_settings = KeyPaceSettings(
+        window_s=settings.own_key_window_s, margin_ms=settings.own_key_pace_margin_ms
+    )
+    pacer = DynamoKeyPacer(
+        aws_client("dynamodb"), settings.rate_limit_table, pace_settings, clock=SystemClock().now_ms
+    )
+    return pacer, pace_settings
+
+
 @cache
 def generate_deps() -> StepDeps:
     from dalle_plugin.adapters.dynamo_rate_limiter import DynamoRateLimiter
@@ -199,8 +215,11 @@ def generate_deps() -> StepDeps:
         if settings.org_daily_image_quota > 0
         else None
     )
+    key_pacer, key_pace_settings = _key_pacing(settings)
     return StepDeps(
         **_common(settings),
+        key_pacer=key_pacer,
+        key_pace_settings=key_pace_settings,
         org_quota=quota,
         generator=OpenAIImageGenerator(settings.openai_base_url, settings.openai_timeout_s),
         limiter=limiter,

@@ -25,7 +25,7 @@ from dalle_plugin.domain.errors import (
     QuotaExhausted,
     UpstreamRateLimited,
 )
-from dalle_plugin.ports import GeneratedImage, ImageRequest
+from dalle_plugin.ports import GeneratedImage, ImageRequest, KeyLimits
 
 DEFAULT_RATE_LIMIT_WAIT_MS = 20_000
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
@@ -61,6 +61,24 @@ def retry_after_ms(headers: Any) -> int:
         if reset is not None:
             return reset
     return DEFAULT_RATE_LIMIT_WAIT_MS
+
+
+def _header_int(headers: Any, name: str) -> int | None:
+    raw = headers.get(name) if headers is not None else None
+    try:
+        return int(raw) if raw is not None else None
+    except ValueError:
+        return None
+
+
+def key_limits(headers: Any) -> KeyLimits:
+    """The ``x-ratelimit-*-requests`` headers of an answer (what an own key is paced by)."""
+    reset = headers.get("x-ratelimit-reset-requests") if headers is not None else None
+    return KeyLimits(
+        limit_requests=_header_int(headers, "x-ratelimit-limit-requests"),
+        remaining_requests=_header_int(headers, "x-ratelimit-remaining-requests"),
+        reset_requests_ms=parse_reset_duration_ms(reset),
+    )
 
 
 def _error_fields(exc: openai.APIStatusError) -> tuple[str, str, str]:
@@ -124,9 +142,12 @@ def classify(exc: Exception, model: str) -> PluginError:
     if code == "billing_hard_limit_reached":
         return QuotaExhausted(f"The OpenAI account behind this key reached its spend limit{request}.")
     if status == 429:
-        wait_ms = retry_after_ms(exc.response.headers)
+        headers = exc.response.headers
+        wait_ms = retry_after_ms(headers)
         return UpstreamRateLimited(
-            f"OpenAI rate limit reached; retrying in {wait_ms / 1000:.1f} s{request}.", wait_ms
+            f"OpenAI rate limit reached; retrying in {wait_ms / 1000:.1f} s{request}.",
+            wait_ms,
+            key_limits(headers).limit_requests,
         )
     if status >= 500 or status in (408, 409):
         return OpenAIUnavailable(f"OpenAI answered {status}; the run will retry{request}.")
@@ -187,4 +208,5 @@ class OpenAIImageGenerator:
             request_id=raw.headers.get("x-request-id"),
             revised_prompt=getattr(result.data[0], "revised_prompt", None),
             usage=usage,
+            limits=key_limits(raw.headers),
         )

@@ -152,9 +152,11 @@ class UpstreamRateLimited(Transient):
 
     reason = "openai_rate_limited"
 
-    def __init__(self, message: str, retry_after_ms: int):
+    def __init__(self, message: str, retry_after_ms: int, limit_requests: int | None = None):
         super().__init__(message)
         self.retry_after_ms = retry_after_ms
+        #: the key's request limit, when the answer said it (what an own key's pacing learns)
+        self.limit_requests = limit_requests
 
 
 class HubUnavailable(Transient):

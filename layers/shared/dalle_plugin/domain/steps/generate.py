@@ -16,6 +16,7 @@ from dalle_plugin.domain.errors import (
     RunCancelled,
     UpstreamRateLimited,
 )
+from dalle_plugin.domain.key_pacing import Observation
 from dalle_plugin.domain.rate_limit import LimiterSettings, wake_at_ms
 from dalle_plugin.domain.run import GenerateOutcome, ImageInfo, RateWait, RunRecord, RunRef, RunStatus
 from dalle_plugin.domain.spending import QuotaWait, release, take_allowances
@@ -37,6 +38,7 @@ from dalle_plugin.domain.steps.machinery import (
     required,
     to_rfc3339_second,
 )
+from dalle_plugin.domain.steps.own_key import claim_own_key_send, learn_key_limits
 from dalle_plugin.ports import HubClient, ImageRequest, RateAsk, RateDecision
 
 #: 429 rate_limit_exceeded answers a run takes in a row (waiting the time OpenAI asks each time) before it
@@ -102,7 +104,7 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
         return held
     generator = required(deps.generator, "StepDeps.generator")
     generator.prepare(api_key)  # the client is built before the claim: nothing slow stands after it
-    claimed = _claim_request_start(held, deps, hub)
+    claimed = _claim_request_start(held, deps, hub, api_key)
     if isinstance(claimed, GenerateOutcome):
         return claimed
     run = claimed
@@ -159,6 +161,9 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
             release(run.held, required(deps.allowances, "StepDeps.allowances"))
             deps.runs.change(run, lambda r: setattr(r, "held", []))
         raise
+    if image.limits is not None:
+        observed = Observation(False, image.limits.limit_requests, image.limits.remaining_requests)
+        learn_key_limits(run, deps, api_key, observed)
     # Every image is stored before any is recorded: a step that dies in between finds them at their keys.
     content_type = FILE_TYPES[run.output_format][1]
     infos = []
@@ -233,7 +238,9 @@ class _TakenByAnotherDelivery(Exception):
     pass
 
 
-def _claim_request_start(run: RunRecord, deps: StepDeps, hub: HubClient) -> RunRecord | GenerateOutcome:
+def _claim_request_start(
+    run: RunRecord, deps: StepDeps, hub: HubClient, api_key: str
+) -> RunRecord | GenerateOutcome:
     """Take this run's turn to send its one image request, or the Wait outcome while its turn lies ahead.
 
     The attempt is spent first, under the run's version lock (a cancel and a send never both happen, and

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from dalle_plugin.domain.errors import NotRunOwner, PluginError, RunCancelled
+from dalle_plugin.domain.key_pacing import KeyPaceSettings
 from dalle_plugin.domain.pricing import DEFAULT_PRICES
 from dalle_plugin.domain.rate_limit import LimiterSettings
 from dalle_plugin.domain.run import RunRecord, RunRef, RunStatus, TimelineEntry
@@ -24,6 +25,7 @@ from dalle_plugin.ports import (
     HubClient,
     ImageGenerator,
     ImageStore,
+    KeyPacer,
     RateLimiter,
     ReusableImages,
     RunStore,
@@ -56,6 +58,9 @@ class StepDeps:
     #: the deployment's daily image quota per organisation on the shared key (None: off)
     org_quota: OrgQuota | None = None
     image_prices: dict[str, dict[str, float]] = field(default_factory=lambda: dict(DEFAULT_PRICES))
+    #: own keys paced to their learned limit (None: off, each run sends at once and waits out a 429)
+    key_pacer: KeyPacer | None = None
+    key_pace_settings: KeyPaceSettings | None = None
 
 
 # ---- helpers shared by the steps ------------------------------------------------------------------
