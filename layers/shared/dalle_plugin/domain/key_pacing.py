@@ -39,8 +39,10 @@ class KeyPaceSettings(BaseModel):
 
     window_s: float = Field(default=60.0, gt=0, description="the window OpenAI's request limit is per")
     margin_ms: int = Field(default=1000, ge=0, description="clock offsets plus claim-to-arrival time")
-    short_wait_ms: int = Field(default=3500, ge=0, description="the longest a step waits in place")
-    wake_lead_ms: int = Field(default=2000, ge=0, description="a waiting run wakes this long before its turn")
+    # A run woken from a Wait state must be back in the step before its slot frees (whichever run is there
+    # takes it): Wait states wake up to 1.5 s late, and Generate's work before the claim takes a while more.
+    short_wait_ms: int = Field(default=6000, ge=0, description="the longest a step waits in place")
+    wake_lead_ms: int = Field(default=4000, ge=0, description="a waiting run wakes this long before its turn")
     max_tracked_sends: int = Field(
         default=200, ge=1, description="the most sends kept per key (Generate's concurrency is far below)"
     )
