@@ -156,3 +156,18 @@ def test_the_answers_rate_limit_headers_are_read_as_openai_sends_them() -> None:
     assert (limits.limit_requests, limits.remaining_requests, limits.reset_requests_ms) == (50, 49, 1200)
     assert key_limits({}).limit_requests is None
     assert key_limits({"x-ratelimit-limit-requests": "lots"}).limit_requests is None
+
+
+def test_the_pacing_item_is_named_by_the_fingerprint_and_written_under_its_version() -> None:
+    from dalle_plugin.adapters.dynamo_key_pacer import DynamoKeyPacer, decode_pace, encode_pace
+
+    pacer = DynamoKeyPacer(client=None, table_name="rate", settings=SETTINGS)
+    state = KeyPace(limit=3, sends=((5, "abc"),), blocked_until_ms=9)
+    first = pacer.write_request("f1", 0, state)
+    assert first["Key"] == {"pk": {"S": "key#f1"}}
+    assert first["ConditionExpression"] == "attribute_not_exists(#pk)"
+    assert first["ReturnValuesOnConditionCheckFailure"] == "ALL_OLD"
+    later = pacer.write_request("f1", 4, state)
+    assert later["ConditionExpression"] == "#v = :version"
+    assert later["ExpressionAttributeValues"][":version"] == {"N": "4"}
+    assert decode_pace(encode_pace(state)) == state
