@@ -109,7 +109,7 @@ def claim(state: KeyPace, ticket: str, now_ms: int, settings: KeyPaceSettings) -
     if len(busy) < limit:
         kept = max(limit, PROBE_LIMIT)
         sends = tuple(s for s in state.sends if s[0] > now_ms - settings.spacing_ms)
-        granted = replace(state, sends=(sends + ((now_ms, tag),))[-kept:])
+        granted = replace(state, sends=(*sends, (now_ms, tag))[-kept:])
         return PaceAnswer(True, now_ms, granted, changed=True)
     # the slot that frees first: the oldest of the ``limit`` newest sends, one spacing later
     frees_at = busy[-limit] + settings.spacing_ms

@@ -129,6 +129,8 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
         finally:
             telling_hub.join()
     except UpstreamRateLimited as exc:
+        observed = Observation(True, limit_requests=exc.limit_requests, retry_after_ms=exc.retry_after_ms)
+        learn_key_limits(run, deps, api_key, observed)
         if run.held:  # a 429 is not billed
             release(run.held, required(deps.allowances, "StepDeps.allowances"))
 
@@ -273,7 +275,10 @@ def _claim_request_start(
             reason="duplicate_delivery",
         )
     if not run.uses_default_key:
-        return run
+        key_wait = claim_own_key_send(run, deps, api_key)
+        if key_wait is None:
+            return run
+        return _wait(run, deps, key_wait.wake_at_ms, "key_pace", key_wait.message, hub, None)
     decision = required(deps.limiter, "StepDeps.limiter").acquire(
         RateAsk(
             run_id=queue_id(run),

@@ -6,6 +6,7 @@ answers (its rate-limit headers, a 429's retry time) is handed back to the key's
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import math
 from dataclasses import dataclass
@@ -50,7 +51,5 @@ def learn_key_limits(run: RunRecord, deps: StepDeps, api_key: str, observation: 
     next answer teaches the same."""
     if deps.key_pacer is None or run.uses_default_key:
         return
-    try:
+    with contextlib.suppress(PluginError):
         deps.key_pacer.learn(key_fingerprint(api_key), send_ticket(run), observation)
-    except PluginError:
-        pass
