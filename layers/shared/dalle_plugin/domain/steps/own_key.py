@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from dalle_plugin.domain.errors import PluginError
 from dalle_plugin.domain.key_pacing import Observation, key_fingerprint, wake_at_ms
 from dalle_plugin.domain.run import RunRecord
-from dalle_plugin.domain.steps.machinery import StepDeps
+from dalle_plugin.domain.steps.machinery import StepDeps, required
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,10 @@ def claim_own_key_send(run: RunRecord, deps: StepDeps, api_key: str) -> KeyWait 
         "Waiting for a free request on this OpenAI key (paced to the key's own rate limit): starts at "
         f"{eta} UTC, in about {max(0, math.ceil((decision.start_at_ms - now) / 1000))} s."
     )
-    return KeyWait(max(now, wake_at_ms(decision.start_at_ms, deps.key_pace_settings)), message)
+    return KeyWait(
+        max(now, wake_at_ms(decision.start_at_ms, required(deps.key_pace_settings, "key pace settings"))),
+        message,
+    )
 
 
 def learn_key_limits(run: RunRecord, deps: StepDeps, api_key: str, observation: Observation) -> None:
