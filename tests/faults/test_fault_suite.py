@@ -509,7 +509,7 @@ def _short_plugin_secret(world: World, case: Case) -> dict:
     return {
         "refused at start": stack_refuses,
         "deployed Secret length": deploy,
-        "answers": sorted(answers),
+        "answers": sorted(answers, key=str),  # status codes and the name of a refusal
         "status": "no session" if world.api.session(case.session) is None else "started",
     }
 

@@ -53,14 +53,14 @@ class Starter:
         return f"{MACHINE}:{name}"
 
 
-def _payload(session: str, tasks: list[str]) -> object:
+def _payload(session: str, tasks: list[str], workflow: bool = True) -> object:
     return parse_payload(
         json.dumps(
             {
                 "projectId": "proj",
                 "session": session,
                 "apiKey": "ango-key",
-                "workflow": True,
+                "workflow": workflow,
                 "configJSON": CONFIG,
                 "tasks": [{"taskId": task, "dataURL": f"https://hub.example/{task}.txt"} for task in tasks],
             }
@@ -228,6 +228,22 @@ def test_a_hub_that_cannot_be_read_leaves_a_succeeded_task_as_it_is():
     deps.hub_for = lambda run, key: silent
     assert start_session(_payload("s1", ["a"]), deps, TODAY).started == []
     assert deps.runs.get("s1", "a").status is RunStatus.SUCCEEDED and len(deps.starter.executions) == 1
+
+
+def test_an_attachment_confirmed_before_the_hub_stopped_answering_is_not_taken_for_unconfirmed():
+    hub = Hub(failures={"plugin_response": [HubUnavailable("The hub did not answer.")]})
+    deps = _deps()
+    deps.hub_for = lambda run, key: hub
+    start_session(_payload("s1", ["a"], workflow=False), deps, TODAY)
+    ref = _ref(deps, "a")
+    extract_prompt(ref, deps)
+    generate_image(ref, deps)
+    with pytest.raises(HubUnavailable):  # attached, then the plugin response got no answer
+        attach_image(ref, deps)
+    assert deps.runs.get("s1", "a").image.attached
+    attach_image(ref, deps)  # the state machine's retry: only the response is sent again
+    assert hub.calls.count("attach_image") == 1 and hub.calls.count("plugin_response") == 2
+    assert deps.runs.get("s1", "a").status is RunStatus.SUCCEEDED
 
 
 # ---- the state machine's side of the contract ---------------------------------------------------------
