@@ -10,7 +10,7 @@ stall the next matching requests. Everything it answers follows the wire format 
 The local stack runs it in a process of its own through ``HubEmulatorProcess``, whose methods are requests
 to these control endpoints (no auth, JSON): ``GET /_emulator/health`` (pid, port), ``GET /_emulator/state``,
 ``POST /_emulator/reset``, ``POST /_emulator/faults`` (``{"path_prefix", "status", "times", "latency_s",
-"method", "body_contains"}``, or a list of them), ``DELETE /_emulator/faults[?path_prefix=&body_contains=]``,
+"method", "body_contains", "drip_s"}``, or a list of them), ``DELETE /_emulator/faults[?path_prefix=&body_contains=]``,
 ``POST /_emulator/{api_keys,samples,projects,assets,tasks,nagle}`` and ``GET /_emulator/{requests[?since=N],
 attachments,annotations,plugin_responses,plugin_logs,stored_files,task}``.
 
@@ -72,6 +72,7 @@ class _Reply:
     body: bytes = b""
     content_type: str = "application/json; charset=utf-8"
     headers: dict[str, str] = field(default_factory=dict)
+    drip_s: float = 0.0  # > 0: the body goes out one byte at a time, this long apart
 
 
 @dataclass
@@ -100,12 +101,17 @@ class _Fault:
     latency_s: float
     method: str | None
     body_contains: str | None = None
+    drip_s: float = 0.0
 
-    def matches(self, method: str, path: str, body: bytes = b"") -> bool:
+    def matches(self, method: str, path: str, body: bytes = b"", query: str = "") -> bool:
+        # ``body_contains`` looks at the whole request: a GET carries its ids in the path or the query
         return (
             path.startswith(self.path_prefix)
             and (self.method is None or self.method == method)
-            and (self.body_contains is None or self.body_contains.encode() in body)
+            and (
+                self.body_contains is None
+                or any(self.body_contains.encode() in part for part in (body, path.encode(), query.encode()))
+            )
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -116,6 +122,7 @@ class _Fault:
             "latency_s": self.latency_s,
             "method": self.method,
             "body_contains": self.body_contains,
+            "drip_s": self.drip_s,
         }
 
 
@@ -313,14 +320,17 @@ class HubEmulator(LocalServer):
         latency_s: float = 0.0,
         method: str | None = None,
         body_contains: str | None = None,
+        drip_s: float = 0.0,
     ) -> None:
         """The next ``times`` requests whose path starts with ``path_prefix`` (and whose body contains
         ``body_contains``, if given) wait ``latency_s`` and then answer ``status`` with the hub's error body
-        (``status=None``: answered normally after the wait)."""
+        (``status=None``: answered normally after the wait). ``drip_s`` > 0 sends the answer's body one byte
+        every ``drip_s`` seconds: each read gets a byte before any per-read timeout, so only a deadline on
+        the whole answer ends the call."""
         if times < 1:
             raise ValueError("times must be at least 1")
-        if status is None and latency_s <= 0:
-            raise ValueError("a fault needs a status, a latency, or both")
+        if status is None and latency_s <= 0 and drip_s <= 0:
+            raise ValueError("a fault needs a status, a latency, a drip, or a mix")
         with self._lock:
             self._faults.append(
                 _Fault(
@@ -330,6 +340,7 @@ class HubEmulator(LocalServer):
                     float(latency_s),
                     method.upper() if method else None,
                     body_contains,
+                    float(drip_s),
                 )
             )
 
@@ -432,7 +443,7 @@ class HubEmulator(LocalServer):
         if exchange.path.startswith("/_emulator/"):
             return self._control(exchange)
         record = self._record(exchange)
-        fault = self._take_fault(exchange.method, exchange.path, exchange.body)
+        fault = self._take_fault(exchange.method, exchange.path, exchange.body, json.dumps(exchange.query))
         if fault is not None:
             if fault.latency_s > 0:
                 self._stopping.wait(fault.latency_s)
@@ -440,6 +451,14 @@ class HubEmulator(LocalServer):
                 with self._lock:
                     record["fault"] = fault.status
                 return _hub_error(fault.status, f"Injected fault: HTTP {fault.status}")
+        reply = self._answer(exchange)
+        if fault is not None and fault.drip_s > 0:
+            with self._lock:
+                record["fault"] = f"drip {fault.drip_s:g} s/byte"
+            reply.drip_s = fault.drip_s
+        return reply
+
+    def _answer(self, exchange: _Exchange) -> _Reply:
         try:
             if exchange.path.startswith("/v2/"):
                 self._authenticate(exchange)
@@ -478,10 +497,10 @@ class HubEmulator(LocalServer):
             self._requests.append(record)
         return record
 
-    def _take_fault(self, method: str, path: str, body: bytes = b"") -> _Fault | None:
+    def _take_fault(self, method: str, path: str, body: bytes = b"", query: str = "") -> _Fault | None:
         with self._lock:
             for fault in self._faults:
-                if fault.matches(method, path, body):
+                if fault.matches(method, path, body, query):
                     fault.remaining -= 1
                     if fault.remaining <= 0:
                         self._faults.remove(fault)
@@ -819,6 +838,7 @@ class HubEmulator(LocalServer):
                 float(fault.get("latency_s", 0.0)),
                 fault.get("method"),
                 fault.get("body_contains"),
+                float(fault.get("drip_s", 0.0)),
             )
         return {"status": "success", "faults": self.state()["faults"]}
 
@@ -902,9 +922,20 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
             for name, value in reply.headers.items():
                 self.send_header(name, value)
             self.end_headers()
-            self.wfile.write(reply.body)
+            if reply.drip_s > 0:
+                self._drip(reply)
+            else:
+                self.wfile.write(reply.body)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the client gave up (timeout test): nothing to answer
+
+    def _drip(self, reply: _Reply) -> None:
+        for index in range(len(reply.body)):
+            self.wfile.write(reply.body[index : index + 1])
+            self.wfile.flush()
+            if self.server.app._stopping.wait(reply.drip_s):
+                self.close_connection = True
+                return
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
@@ -1018,6 +1049,7 @@ class HubEmulatorProcess(ServerProcess):
         latency_s: float = 0.0,
         method: str | None = None,
         body_contains: str | None = None,
+        drip_s: float = 0.0,
     ) -> None:
         self._call(
             "POST",
@@ -1029,6 +1061,7 @@ class HubEmulatorProcess(ServerProcess):
                 "latency_s": latency_s,
                 "method": method,
                 "body_contains": body_contains,
+                "drip_s": drip_s,
             },
         )
 

@@ -93,9 +93,20 @@ def exception_spec(exc: BaseException) -> dict[str, str]:
     }
 
 
+#: armed instead of an exception: the environment that takes it never returns (a call that hangs), so the
+#: runtime kills it at the function's Timeout, as Lambda does
+HANG = {"hang": "true"}
+
+
 def raise_spec(spec: dict[str, str]) -> None:
     """Raise the exception ``exception_spec`` described: the class itself where it can be imported, else a
-    class of that name (``Runtime.ExitError``, as the Lambda runtime names a process that died)."""
+    class of that name (``Runtime.ExitError``, as the Lambda runtime names a process that died).
+    ``HANG`` blocks until the runtime kills the environment."""
+    if spec.get("hang"):
+        import time
+
+        while True:
+            time.sleep(60)
     kind: type = type(spec["name"], (Exception,), {})
     if spec.get("module"):
         import importlib

@@ -23,6 +23,7 @@ from typing import Any, Self
 
 import boto3
 import requests
+from dalle_plugin.domain.auth import MIN_SECRET_CHARS
 
 from local_stack.api_gateway import ApiGatewayServer
 from local_stack.console import console_routes
@@ -66,6 +67,12 @@ class LocalStack:
 
     def __init__(self, options: StackOptions | None = None):
         self.options = options or StackOptions()
+        if self.options.plugin_secret is not None and len(self.options.plugin_secret) < MIN_SECRET_CHARS:
+            # as a deployment's would be: a short Secret is refused before anything starts
+            raise ValueError(
+                f"The plugin Secret must be at least {MIN_SECRET_CHARS} characters long "
+                f"(got {len(self.options.plugin_secret)})."
+            )
         self.plugin_secret = self.options.plugin_secret or secrets.token_urlsafe(32)
         self.dynamodb = DynamoDBLocal()
         self.hub = HubEmulatorProcess()

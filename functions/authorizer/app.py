@@ -1,13 +1,8 @@
 """API Gateway's REQUEST authorizer: lets a request through only with the plugin's Secret header."""
 
 from dalle_plugin import wiring
-from dalle_plugin.domain.auth import (
-    SECRET_HEADER,
-    AuthorizerRequest,
-    PluginSecretTooShort,
-    authorizer_policy,
-    secret_matches,
-)
+from dalle_plugin.domain.auth import SECRET_HEADER, AuthorizerRequest, authorizer_policy, secret_matches
+from dalle_plugin.domain.errors import PluginSecretTooShort
 from dalle_plugin.observability import lambda_handler, logger
 
 

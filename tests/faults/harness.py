@@ -18,15 +18,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from local_stack.seams import SeamBoard, exception_spec
+from local_stack.seams import HANG, SeamBoard, exception_spec
 from tests.security.canary import Canary
 
 PROJECT = "proj-dalle-demo"
 PROMPT_CLASS = "cls-desc"
 HUB_TIMEOUT_S = "3"  # the suite's hub faults stall 6 s: past this, well short of the default 10 s
 OPENAI_TIMEOUT_S = "5"
+SECRET_MAX_AGE_S = "3"  # a rotated Secret or key reaches warm environments this soon (deployed: 120 s)
 # What the fault suite's stack sets on every function.
-FAULT_ENVIRONMENT = {"HUB_TIMEOUT_S": HUB_TIMEOUT_S, "OPENAI_TIMEOUT_S": OPENAI_TIMEOUT_S}
+FAULT_ENVIRONMENT = {
+    "HUB_TIMEOUT_S": HUB_TIMEOUT_S,
+    "OPENAI_TIMEOUT_S": OPENAI_TIMEOUT_S,
+    "SECRET_MAX_AGE_S": SECRET_MAX_AGE_S,
+}
 
 
 def crash(name: str = "Runtime.ExitError", message: str = "simulated: the process died") -> Exception:
@@ -46,6 +51,8 @@ class Case:
     canary: Canary = field(default_factory=Canary.new)
     sessions: list[str] = field(default_factory=list)
     answers: list[Any] = field(default_factory=list)  # every API answer (status, body) the case got
+    siblings: list[Case] = field(default_factory=list)  # the other tasks of a batch this case sends
+    edits: int = 0  # times the prompt was edited on the hub
 
     @classmethod
     def new(cls, key: str) -> Case:
@@ -69,7 +76,22 @@ class Case:
 
     @property
     def prompt(self) -> str:
-        return f"A lighthouse on a cliff in a storm, painted in oils ({self.marker})"
+        edited = f", edit {self.edits}" if self.edits else ""
+        return f"A lighthouse on a cliff in a storm, painted in oils ({self.marker}{edited})"
+
+    def batch_of(self, count: int, hub: Any) -> list[Case]:
+        """This case and ``count - 1`` more tasks of its own, seeded: one batch (``batch_payload``)."""
+        self.siblings = [Case.new(f"{self.key}-task{index}") for index in range(1, count)]
+        for sibling in self.siblings:
+            sibling.canary = self.canary  # one hub user runs the whole batch
+            sibling.seed(hub)
+        return [self, *self.siblings]
+
+    def batch_payload(self, session: str) -> dict[str, Any]:
+        payload = self.payload(session)
+        del payload["taskId"], payload["assetId"]
+        payload["tasks"] = [{"taskId": c.task_id, "assetId": c.asset_id} for c in [self, *self.siblings]]
+        return payload
 
     def seed(self, hub: Any) -> None:
         hub.add_asset(PROJECT, self.asset_id, self.external_id, self.external_id, b"A short story.\n")
@@ -110,14 +132,21 @@ class Case:
         return payload
 
 
+class Hang:
+    """Armed instead of an exception: the environment that takes it never returns, and the runtime kills it
+    at the function's Timeout (``Sandbox.Timedout``)."""
+
+
 class _Armed:
-    """``table[key] = exception``: armed on the seam board, raised once by the environment that gets there."""
+    """``table[key] = exception``: armed on the seam board, raised once by the environment that gets there
+    (``Hang()``: it hangs there instead)."""
 
     def __init__(self, board: SeamBoard, table: str, key_of: Callable[[Any], str] = str):
         self._board, self._table, self._key_of = board, table, key_of
 
-    def __setitem__(self, key: Any, failure: Exception) -> None:
-        self._board.arm(self._table, self._key_of(key), exception_spec(failure))
+    def __setitem__(self, key: Any, failure: Exception | Hang) -> None:
+        spec = HANG if isinstance(failure, Hang) else exception_spec(failure)
+        self._board.arm(self._table, self._key_of(key), spec)
 
 
 class Seams:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -23,15 +24,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import botocore.exceptions
 import pytest
 import requests
 
+from local_stack.runner import PluginApi
 from tests.conftest import PLUGIN_SECRET, start_stack
 from tests.faults.harness import (
     FAULT_ENVIRONMENT,
     HUB_TIMEOUT_S,
     OPENAI_TIMEOUT_S,
+    SECRET_MAX_AGE_S,
     Case,
+    Hang,
     Seams,
     crash,
     installed,
@@ -46,7 +51,10 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # under other load still answers each within its budget (concurrency is not what this suite tests).
 CASES_AT_ONCE = 4
 FINISHED = {"SUCCEEDED", "FAILED", "CANCELLED"}
+HUB_SENDS = 3  # a run's POST and the hub's resends of it after a 5xx
 LATE_EFFECT_S = 6.0  # the hub faults below stall this long, then apply the request anyway
+# a rotation is seen within the secrets' lifetime; the rest is room for a loaded machine
+SECRET_SEEN_WITHIN_S = float(SECRET_MAX_AGE_S) + 60
 
 
 @dataclass
@@ -64,8 +72,19 @@ class World:
         case.answers.append((answer.status_code, body))
         return answer
 
+    def start(self, case: Case, payload: dict) -> requests.Response:
+        """POST a run as the hub does: what got a 5xx is sent again (the product promises that a resend
+        is safe). A cold API on a loaded machine can outlast its 15 s (or its authorizer its 10 s) in the
+        suite's first minute; rows about the API's own answers use ``send`` and see every 5xx."""
+        for _ in range(HUB_SENDS):
+            answer = self.send(case, payload)
+            if answer.status_code < 500:
+                return answer
+            print(f"[suite] {case.key}: the API answered {answer.status_code}; sent again", flush=True)
+        return answer
+
     def run(self, case: Case, own_key: bool = True, workflow: bool = True, timeout_s: float = 600) -> dict:
-        answer = self.send(case, case.payload(case.new_session(), own_key=own_key, workflow=workflow))
+        answer = self.start(case, case.payload(case.new_session(), own_key=own_key, workflow=workflow))
         assert answer.status_code == 202, answer.text
         return self.finished(case, timeout_s)
 
@@ -80,6 +99,7 @@ class Fault:
     expected: dict[str, Any]
     drive: Callable[[World, Case], dict]  # returns the extra observations this fault is about
     key: str = ""
+    alone: bool = False  # changes what every case relies on (the Secret, the shared key): runs after the rest
 
 
 def _run_plain(world: World, case: Case) -> dict:
@@ -174,7 +194,7 @@ def _crash_after_storing_png(world: World, case: Case) -> dict:
     session = case.new_session()
     name = RunRef(session=session, task_id=case.task_id).execution_name
     world.seams.after_put_png[name] = StorageUnavailable("simulated: the run record could not be written")
-    answer = world.send(case, case.payload(session))
+    answer = world.start(case, case.payload(session))
     assert answer.status_code == 202, answer.text
     world.finished(case)
     return {}
@@ -185,7 +205,7 @@ def _killed_after_storing_png_then_rerun(world: World, case: Case) -> dict:
 
     session = case.new_session()
     world.seams.after_put_png[RunRef(session=session, task_id=case.task_id).execution_name] = crash()
-    assert world.send(case, case.payload(session)).status_code == 202
+    assert world.start(case, case.payload(session)).status_code == 202
     first = world.finished(case)
     second = world.run(case)  # a person runs the plugin again: a new hub session
     return {"first run": _state(first), "status": _state(second)}
@@ -197,23 +217,23 @@ def _crash_after_hub_attached(world: World, case: Case) -> dict:
     return {"says check the asset": "check the asset" in (run.get("failure") or {}).get("message", "")}
 
 
+def _storage_unavailable() -> Exception:
+    from dalle_plugin.domain.errors import StorageUnavailable
+
+    return StorageUnavailable("simulated: the step's last write failed")
+
+
 def _after_handler(function: str, failure: Callable[[], Exception]) -> Callable[[World, Case], dict]:
     def drive(world: World, case: Case) -> dict:
         session = case.new_session()
 
         world.seams.after_handler[(function, session)] = failure()
-        answer = world.send(case, case.payload(session))
+        answer = world.start(case, case.payload(session))
         assert answer.status_code == 202, answer.text
         world.finished(case)
         return {}
 
     return drive
-
-
-def _storage_unavailable() -> Exception:
-    from dalle_plugin.domain.errors import StorageUnavailable
-
-    return StorageUnavailable("simulated: the step's last write failed")
 
 
 def _api_dies(where: str) -> Callable[[World, Case], dict]:
@@ -255,6 +275,255 @@ def _duplicates(count: int, at_once: bool) -> Callable[[World, Case], dict]:
         }
 
     return drive
+
+
+# ---- time budgets: Lambdas that time out, a hub that hangs or drips, an API that must not 502 ----------
+
+HANG_S = 3600.0  # a hub that never answers: far past every budget of the run
+DRIP_S = 0.5  # a byte every half second: every read gets something, so no per-read timeout ever fires
+
+
+def _step_times_out(function: str, where: str) -> Callable[[World, Case], dict]:
+    """The step's environment hangs at ``where`` (after its work is recorded, or after the outside system
+    took the call) until the runtime kills it at the function's Timeout."""
+
+    def drive(world: World, case: Case) -> dict:
+        from dalle_plugin.domain.run import RunRef
+
+        session = case.new_session()
+        if where == "after storing the PNG":
+            world.seams.after_put_png[RunRef(session=session, task_id=case.task_id).execution_name] = Hang()
+        elif where == "after the hub took the attachment":
+            world.seams.after_attach[case.external_id] = Hang()
+        else:
+            world.seams.after_handler[(function, session)] = Hang()
+        if function == "RecordFailureFunction":
+            from local_stack.openai_emulator import Behaviour
+
+            world.stack.openai.rule(case.marker, Behaviour(kind="moderation_blocked"))
+        assert world.start(case, case.payload(session)).status_code == 202
+        first = world.finished(case, timeout_s=900)
+        if function != "GenerateFunction":
+            return {}
+        second = world.run(case)  # a person runs the plugin again: a new hub session
+        return {"first run": _state(first), "status": _state(second)}
+
+    return drive
+
+
+def _hub_hangs(prefix: str, editor: bool = False) -> Callable[[World, Case], dict]:
+    def drive(world: World, case: Case) -> dict:
+        world.stack.hub.fail_next(prefix, None, times=1000, latency_s=HANG_S, body_contains=case.marker)
+        world.run(case, workflow=not editor)
+        return {}
+
+    return drive
+
+
+def _hub_drips(prefix: str, times: int) -> Callable[[World, Case], dict]:
+    def drive(world: World, case: Case) -> dict:
+        world.stack.hub.fail_next(prefix, None, times=times, drip_s=DRIP_S, body_contains=case.marker)
+        started = time.monotonic()
+        world.run(case)
+        return {"took (s)": round(time.monotonic() - started)}
+
+    return drive
+
+
+def _api_while_hub_hangs(what: str) -> Callable[[World, Case], dict]:
+    """The API's own hub calls (telling the hub of a refusal or a cancel) against a hub that never answers:
+    the API must still answer within API Gateway's 29 s, with its own status, never a 502/504."""
+
+    def drive(world: World, case: Case) -> dict:
+        hub = world.stack.hub
+        for path in ("/v2/pluginLog", "/v2/pluginResponse"):
+            hub.fail_next(path, None, times=1000, latency_s=HANG_S, body_contains=case.marker)
+        session = case.new_session()
+        if what == "refusal":
+            payload = case.payload(session, workflow=False)
+            payload["configJSON"] = "{not json"
+            return {"answer": world.send(case, payload).status_code}
+        # a run held in Extract (the hub 503s its task a few times) is cancelled while it waits
+        hub.fail_next(f"/v2/task/{case.task_id}", 503, times=3)
+        assert world.start(case, case.payload(session)).status_code == 202
+        answer = requests.post(
+            f"{world.api.base_url}/sessions/{session}/cancel",
+            headers={"Secret": PLUGIN_SECRET},
+            timeout=60,
+        )
+        case.answers.append((answer.status_code, answer.text))
+        world.finished(case)
+        return {"answer": answer.status_code}
+
+    return drive
+
+
+# ---- batches ---------------------------------------------------------------------------------------
+
+
+def _at_once(world: World, case: Case, payload: dict, count: int) -> list[requests.Response]:
+    barrier = threading.Barrier(count)
+
+    def send() -> requests.Response:
+        barrier.wait()
+        return world.send(case, payload)
+
+    with ThreadPoolExecutor(count) as pool:
+        return [future.result() for future in [pool.submit(send) for _ in range(count)]]
+
+
+def _per_task(world: World, tasks: list[Case]) -> dict:
+    return {
+        "openai requests per task": sorted({_openai_requests(world, c) for c in tasks}),
+        "attachments per task": sorted({len(world.stack.hub.attachments(c.external_id)) for c in tasks}),
+    }
+
+
+def _batch_posts_at_once(world: World, case: Case) -> dict:
+    tasks = case.batch_of(3, world.stack.hub)
+    answers = _at_once(world, case, case.batch_payload(case.new_session()), 4)
+    view = world.api.wait_finished(case.session, timeout_s=600, poll_s=1.0)
+    return {
+        "answers": sorted({a.status_code for a in answers}),
+        "every task": sorted({r["status"] for r in view["runs"]}),
+        **_per_task(world, tasks),
+    }
+
+
+def _cancel_one_then_resend(world: World, case: Case) -> dict:
+    from local_stack.openai_emulator import Behaviour
+
+    tasks = case.batch_of(3, world.stack.hub)
+    held, others = tasks[-1], tasks[:-1]
+    world.stack.hub.fail_next(f"/v2/task/{held.task_id}", 503, times=3)  # held in Extract's retries
+    for other in others:  # still generating when the batch is sent again
+        world.stack.openai.rule(other.marker, Behaviour(latency_s=3.0), times=1)
+    payload = case.batch_payload(case.new_session())
+    assert world.start(case, payload).status_code == 202
+    cancel = requests.post(
+        f"{world.api.base_url}/sessions/{case.session}/cancel",
+        headers={"Secret": PLUGIN_SECRET},
+        data=json.dumps({"taskId": held.task_id}),
+        timeout=60,
+    )
+    resent = world.send(case, payload)
+    view = world.api.wait_finished(case.session, timeout_s=600, poll_s=1.0)
+    status = {r["taskId"]: r["status"] for r in view["runs"]}
+    return {
+        "answers": [cancel.status_code, resent.status_code],
+        "other tasks": sorted({status[c.task_id] for c in others}),
+        **_per_task(world, others),
+        "cancelled task paid": _openai_requests(world, held),
+    }
+
+
+# ---- re-runs and secrets -----------------------------------------------------------------------------
+
+
+def _prompt_edited_then_rerun(world: World, case: Case) -> dict:
+    first = world.run(case, workflow=False)
+    payload = case.payload(case.session, workflow=False)
+    case.edits += 1
+    case.seed(world.stack.hub)  # the person edits the prompt on the hub, then runs the plugin again
+    assert world.start(case, payload).status_code == 202
+    wait_until(lambda: _openai_requests(world, case) >= 2 and world.finished(case)["status"] in FINISHED, 300)
+    images = world.stack.hub.attachments(case.external_id)
+    return {
+        "first run": _state(first),
+        "images attached": len({_image_of(a) for a in images}),
+    }
+
+
+def _secret_arn(world: World, logical_id: str) -> str:
+    return world.stack.template.arns[logical_id]
+
+
+def _heartbeat(world: World, secret: str) -> int:
+    return requests.get(f"{world.api.base_url}/heartbeat", headers={"Secret": secret}, timeout=60).status_code
+
+
+def _put_plugin_secret(world: World, secret: str) -> None:
+    world.stack.client("secretsmanager").put_secret_value(
+        SecretId=_secret_arn(world, "PluginSecret"), SecretString=secret
+    )
+
+
+def _switch_plugin_secret(world: World, secret: str) -> bool:
+    """Store ``secret`` and wait until the API lets it in; the world's API client sends it from then on.
+    (API Gateway caches a denial per Secret value for 300 s, so a suite never goes back to a value it saw
+    refused: it moves on to a new one.)"""
+    _put_plugin_secret(world, secret)
+    seen = wait_until(lambda: _heartbeat(world, secret) == 200, SECRET_SEEN_WITHIN_S, poll_s=1.0)
+    world.api = PluginApi(world.api.base_url, secret)
+    return seen
+
+
+def _rotated_plugin_secret(world: World, case: Case) -> dict:
+    old = world.api._session.headers["Secret"]
+    seen = _switch_plugin_secret(world, "rotated-" + secrets.token_urlsafe(36))
+    old_refused = wait_until(lambda: _heartbeat(world, old) in (401, 403), SECRET_SEEN_WITHIN_S, poll_s=1.0)
+    world.run(case)
+    return {"new Secret let in": seen, "old Secret refused": old_refused}
+
+
+def _rotated_shared_key(world: World, case: Case) -> dict:
+    from local_stack.openai_emulator import key_fingerprint
+
+    arn = _secret_arn(world, "DefaultOpenAIKeySecret")
+    client = world.stack.client("secretsmanager")
+    old = client.get_secret_value(SecretId=arn)["SecretString"]
+    new = "sk-rotated-" + secrets.token_urlsafe(24)
+    client.put_secret_value(SecretId=arn, SecretString=new)
+    world.stack.openai.revoke_key(old)
+    rotated_at = time.monotonic()
+    # the promise is a lifetime: a warm Generate may keep the old key until it ends
+    wait_until(lambda: time.monotonic() - rotated_at > float(SECRET_MAX_AGE_S), 60)
+    world.run(case, own_key=False)
+    keys = {r.key_fingerprint for r in world.stack.openai.requests if r.prompt and case.marker in r.prompt}
+    return {"new key used": keys == {key_fingerprint(new)}}
+
+
+def _short_plugin_secret(world: World, case: Case) -> dict:
+    from local_stack.stack import LocalStack, StackOptions
+
+    try:
+        LocalStack(StackOptions(plugin_secret="short"))
+        stack_refuses = False
+    except ValueError:
+        stack_refuses = True
+    answers: set = set()
+    working = world.api._session.headers["Secret"]
+    try:
+        for short in ("", "short"):
+            try:
+                _put_plugin_secret(world, short)
+            except (botocore.exceptions.ClientError, botocore.exceptions.ParamValidationError) as exc:
+                answers.add(type(exc).__name__)  # Secrets Manager itself refuses an empty value
+                continue
+            # once the short Secret is read (within its lifetime), even the very same value is refused
+            wait_until(lambda: _heartbeat(world, working) != 200, SECRET_SEEN_WITHIN_S, poll_s=1.0)
+            payload = case.payload(case.new_session())
+            answers |= {_heartbeat(world, short), _heartbeat(world, working)}
+            answers.add(
+                requests.post(
+                    f"{world.api.base_url}/plugin", json=payload, headers={"Secret": short}, timeout=60
+                ).status_code
+            )
+    finally:
+        _switch_plugin_secret(world, "restored-" + secrets.token_urlsafe(36))
+    deploy = _template_secret_length(world)
+    return {
+        "refused at start": stack_refuses,
+        "deployed Secret length": deploy,
+        "answers": sorted(answers, key=str),  # status codes and the name of a refusal
+        "status": "no session" if world.api.session(case.session) is None else "started",
+    }
+
+
+def _template_secret_length(world: World) -> int:
+    """The length of the Secret a deployment generates (template.yaml)."""
+    secret = world.stack.template.resources["PluginSecret"]["Properties"]
+    return int(secret["GenerateSecretString"]["PasswordLength"])
 
 
 OK = {"status": "SUCCEEDED", "attachments": 1, "openai requests": 1}
@@ -423,6 +692,173 @@ FAULTS = [
 ]
 
 
+TIMED_OUT = "FAILED: step_timed_out"
+# First: the cases that wait out a Lambda's Timeout (Generate's is 300 s) overlap everything after them.
+SLOW_FAULTS = [
+    Fault(
+        "Generate times out (hangs after storing the PNG, killed at its 300 s Timeout); then run again",
+        {
+            "first run": TIMED_OUT,
+            "status": "SUCCEEDED",
+            "openai requests": 1,
+            "attachments": 1,
+            "says 'unexpectedly'": False,
+        },
+        _step_times_out("GenerateFunction", "after storing the PNG"),
+    ),
+    Fault(
+        "Attach times out (hangs after the hub took the attachment, killed at its 60 s Timeout)",
+        {
+            "status": "FAILED: hub_outcome_unknown",
+            "attachments": 1,
+            "attach requests": 1,
+            "says 'unexpectedly'": False,
+        },
+        _step_times_out("AttachFunction", "after the hub took the attachment"),
+    ),
+    Fault(
+        "Extract times out (hangs after its work is recorded, killed at its 30 s Timeout; retried)",
+        {**OK, "says 'unexpectedly'": False},
+        _step_times_out("ExtractFunction", "after its work"),
+    ),
+    Fault(
+        "Record Failure times out (hangs after recording a refused prompt, killed at 30 s; retried)",
+        {
+            "status": "FAILED: moderation_blocked",
+            "openai requests": 1,
+            "attachments": 0,
+            "hub told": True,
+            "says 'unexpectedly'": False,
+        },
+        _step_times_out("RecordFailureFunction", "after its work"),
+    ),
+]
+HUB_DOWN = {"status": "FAILED: hub_unavailable", "attachments": 0, "says 'unexpectedly'": False}
+BUDGET_FAULTS = [
+    Fault(
+        "Hub never answers GET /v2/task",
+        {**HUB_DOWN, "openai requests": 0, "hub told": True},
+        _hub_hangs("/v2/task/"),
+    ),
+    Fault(
+        "Hub never answers GET /v2/project/{id}/assets (Attach looks up the asset)",
+        {**HUB_DOWN, "openai requests": 1},
+        _hub_hangs("/v2/project/"),
+    ),
+    Fault(
+        "Hub never answers GET /v2/getUploadUrl",
+        {**HUB_DOWN, "openai requests": 1},
+        _hub_hangs("/v2/getUploadUrl"),
+    ),
+    Fault(
+        "Hub storage never answers the image upload (PUT)",
+        {**HUB_DOWN, "openai requests": 1},
+        _hub_hangs("/storage/"),
+    ),
+    Fault(
+        "Hub never answers POST /v2/attachments",
+        {
+            "status": "FAILED: hub_outcome_unknown",
+            "attach requests": 1,
+            "openai requests": 1,
+            "says 'unexpectedly'": False,
+        },
+        _hub_hangs("/v2/attachments"),
+    ),
+    Fault(
+        "Hub never answers POST /v2/annotate",
+        {"status": "FAILED: hub_outcome_unknown", "attachments": 1, "says 'unexpectedly'": False},
+        _hub_hangs("/v2/annotate/"),
+    ),
+    Fault(
+        "Hub never answers POST /v2/pluginResponse (editor run)",
+        {"status": "FAILED: hub_unavailable", "attachments": 1, "says 'unexpectedly'": False},
+        _hub_hangs("/v2/pluginResponse", editor=True),
+    ),
+    Fault(
+        "Hub never answers POST /v2/pluginLog (progress lines are best effort)",
+        {**OK, "task submissions": 1},
+        _hub_hangs("/v2/pluginLog"),
+    ),
+    Fault(
+        f"Hub drips every answer to GET /v2/task (a byte every {DRIP_S:g} s: no read ever times out)",
+        {**HUB_DOWN, "openai requests": 0},
+        _hub_drips("/v2/task/", times=1000),
+    ),
+    Fault(
+        f"Hub drips its answer to POST /v2/attachments once (a byte every {DRIP_S:g} s)",
+        {"status": "FAILED: hub_outcome_unknown", "attachments": 1, "attach requests": 1},
+        _hub_drips("/v2/attachments", times=1),
+    ),
+    Fault(
+        "API refuses a request (bad Config JSON) while the hub never answers",
+        {"answer": 400, "status": "no session"},
+        _api_while_hub_hangs("refusal"),
+    ),
+    Fault(
+        "API cancels a waiting run while the hub never answers",
+        {"answer": 200, "status": "CANCELLED", "openai requests": 0, "attachments": 0},
+        _api_while_hub_hangs("cancel"),
+    ),
+    Fault(
+        "A batch of 3 tasks POSTed 4 times at once",
+        {
+            "answers": [202],
+            "every task": ["SUCCEEDED"],
+            "executions": 1,
+            "openai requests per task": [1],
+            "attachments per task": [1],
+        },
+        _batch_posts_at_once,
+    ),
+    Fault(
+        "One task of a running batch cancelled, then the batch sent again",
+        {
+            "answers": [200, 202],
+            "other tasks": ["SUCCEEDED"],
+            "openai requests per task": [1],
+            "attachments per task": [1],
+        },
+        _cancel_one_then_resend,
+    ),
+    Fault(
+        "The prompt edited on the hub, then the plugin run again in the same session (editor)",
+        {
+            "first run": "SUCCEEDED",
+            "status": "SUCCEEDED",
+            "openai requests": 2,
+            "images attached": 2,
+            "plugin responses": 2,
+        },
+        _prompt_edited_then_rerun,
+    ),
+    Fault(
+        "The plugin Secret rotated in Secrets Manager",
+        {**OK, "new Secret let in": True, "old Secret refused": True},
+        _rotated_plugin_secret,
+        alone=True,
+    ),
+    Fault(
+        "The shared OpenAI key rotated (the old one revoked)",
+        {**OK, "new key used": True},
+        _rotated_shared_key,
+        alone=True,
+    ),
+    Fault(
+        "An empty or short plugin Secret",
+        {
+            "refused at start": True,
+            "deployed Secret length": 48,
+            "answers": [401, 403, "ParamValidationError"],
+            "status": "no session",
+        },
+        _short_plugin_secret,
+        alone=True,
+    ),
+]
+FAULTS = SLOW_FAULTS + FAULTS + BUDGET_FAULTS
+
+
 # ---- observations ----------------------------------------------------------------------------------
 
 
@@ -456,7 +892,7 @@ def observe(world: World, case: Case, extra: dict) -> dict[str, Any]:
     from dalle_plugin.domain.run import RunRef
 
     hub = world.stack.hub
-    view = world.api.session(case.session)
+    view = world.api.session(case.session) if case.sessions else None
     observed: dict[str, Any] = {"status": _state(view["runs"][0]) if view else "no session"}
     observed["attachments"] = len(hub.attachments(case.external_id))
     observed["attach requests"] = sum(
@@ -480,8 +916,39 @@ def observe(world: World, case: Case, extra: dict) -> dict[str, Any]:
     observed["global slots booked"] = len(tickets)
     observed["a new global slot for each request"] = 0 < observed["openai requests"] <= len(tickets)
     observed["executions"] = _executions(world, case)
+    messages = [
+        (run.get("failure") or {}).get("message") or ""
+        for session in case.sessions
+        for run in (world.api.session(session) or {}).get("runs", [])
+    ]
+    observed["says 'unexpectedly'"] = any("unexpectedly" in m for m in messages)
     observed.update(extra)
     return observed
+
+
+def _image_of(attachment: dict) -> str:
+    """Which image an attachment shows: hub storage names each upload ``<random>-dalle-<task>-<sha>.<ext>``,
+    so two uploads of one image differ only in the random part."""
+    return attachment["value"].rsplit("/", 1)[-1].split("-", 1)[-1]
+
+
+def double_effects(world: World, case: Case) -> dict[str, int]:
+    """Payments and attachments made twice for this case's tasks (a batch's too): an image generated (200)
+    more than once for the same prompt, other than one OpenAI answered after the plugin had given up on it
+    (a residual risk of the docs), and the same image attached to an asset more than once."""
+    payments = attachments = 0
+    for task in [case, *case.siblings]:
+        paid: dict[str, int] = {}
+        for r in world.stack.openai.requests:
+            abandoned = r.finished_at - r.started_at > float(OPENAI_TIMEOUT_S)
+            if r.is_generation and r.prompt and task.marker in r.prompt and r.status == 200 and not abandoned:
+                paid[r.prompt] = paid.get(r.prompt, 0) + 1
+        payments += sum(count - 1 for count in paid.values())
+        seen: dict[str, int] = {}
+        for attachment in world.stack.hub.attachments(task.external_id):
+            seen[_image_of(attachment)] = seen.get(_image_of(attachment), 0) + 1
+        attachments += sum(count - 1 for count in seen.values())
+    return {"double payments": payments, "double attachments": attachments}
 
 
 # ---- the table ---------------------------------------------------------------------------------------
@@ -491,7 +958,9 @@ def _show(values: dict[str, Any]) -> str:
     return "; ".join(f"{name} {value}" for name, value in values.items())
 
 
-def write_table(rows: list[tuple[Fault, dict[str, Any], bool]], seconds: float, profile: str) -> Path:
+def write_table(
+    rows: list[tuple[Fault, dict[str, Any], bool]], seconds: float, profile: str, doubled: dict[str, int]
+) -> Path:
     lines = [
         "# Reliability: faults tried and what was observed",
         "",
@@ -513,7 +982,9 @@ def write_table(rows: list[tuple[Fault, dict[str, Any], bool]], seconds: float, 
         "",
         (
             f"{len(rows)} faults, {sum(ok for _, _, ok in rows)} as expected on the `{profile}` profile; "
-            f"the suite took {seconds:.0f} s."
+            f"the suite took {seconds:.0f} s. Across the whole suite: {doubled['double payments']} double "
+            f"payments (an image paid for twice: OpenAI answered 200 twice to one prompt of one task) and "
+            f"{doubled['double attachments']} double attachments (one image attached to an asset twice)."
         ),
         "",
         "| Fault | Expected | Observed | As expected |",
@@ -545,6 +1016,16 @@ def write_table(rows: list[tuple[Fault, dict[str, Any], bool]], seconds: float, 
         "  outages with backoff; a 429 waits the time OpenAI asks, at most 5 times in a row); the rest fail the",
         "  run at once with a message a person can act on. Record Failure never turns a finished run into a",
         "  failure, and any exception that is not the plugin's own is shown only by its name.",
+        "- **Every time budget fits.** Each step gives its hub client a deadline: the Lambda's remaining time",
+        "  less 5 s to record a failure, retries included; an answer that drips in is cut at its own deadline",
+        "  too, and a progress line gets one try of at most 3 s. The API spends at most 4 s on the hub, far",
+        "  inside API Gateway's 29 s. A step killed at its Timeout anyway is retried where that cannot pay or",
+        "  attach twice (Extract, Attach with its sending note, Record Failure); a timed-out Generate ends the",
+        "  run with `step_timed_out` and a sentence saying to run it again, which takes the stored image.",
+        "  The arithmetic per function is in docs/time-budgets.md.",
+        "- **A rotated Secret or key is seen.** Secrets are re-read once older than `SECRET_MAX_AGE_S` (120 s",
+        "  deployed, 3 s in this suite), by the authorizer too; a plugin Secret under 32 characters is never",
+        "  compared with, and the local stack refuses to start with one.",
         "",
         "## Residual risks",
         "",
@@ -594,23 +1075,33 @@ def test_every_fault_ends_as_promised(fault_stack, caplog, capsys):
     caplog.set_level(logging.INFO)
     caplog.set_level(logging.DEBUG, logger="dalle_plugin")
     started = time.monotonic()
-    cases = [Case.new(f"fault-{index}") for index in range(len(FAULTS))]
+    # FAULTS_ONLY=<words>: only the faults whose title contains one of them (comma-separated), to iterate
+    only = [word.strip().lower() for word in os.environ.get("FAULTS_ONLY", "").split(",") if word.strip()]
+    faults = [f for f in FAULTS if not only or any(word in f.title.lower() for word in only)]
+    cases = [Case.new(f"fault-{index}") for index in range(len(faults))]
     for case in cases:
         case.seed(stack.hub)
+    extras: dict[int, dict] = {}
+
+    def drive(index: int) -> None:
+        try:
+            extras[index] = faults[index].drive(world, cases[index])
+        except Exception as exc:  # noqa: BLE001 - a broken case is a row that is not as expected
+            extras[index] = {"status": f"driver error: {type(exc).__name__}: {exc}"[:300]}
+
     try:
         with installed(stack) as seams:
             world = World(stack, api, seams)
+            by_index: dict[int, dict] = {}
             with ThreadPoolExecutor(CASES_AT_ONCE) as pool:
-                futures = [
-                    pool.submit(fault.drive, world, case) for fault, case in zip(FAULTS, cases, strict=True)
-                ]
-                extras = []
-                for future in futures:
-                    try:
-                        extras.append(future.result())
-                    except Exception as exc:  # noqa: BLE001 - a broken case is a row that is not as expected
-                        extras.append({"status": f"driver error: {type(exc).__name__}: {exc}"[:300]})
-            observed = [observe(world, case, extra) for case, extra in zip(cases, extras, strict=True)]
+                list(pool.map(drive, [i for i, f in enumerate(faults) if not f.alone]))
+            for index in [i for i, f in enumerate(faults) if not f.alone]:
+                by_index[index] = observe(world, cases[index], extras[index])
+            for index in [i for i, f in enumerate(faults) if f.alone]:  # each changes what all cases rely on
+                drive(index)
+                by_index[index] = observe(world, cases[index], extras[index])
+            observed = [by_index[index] for index in range(len(cases))]
+            doubled = [double_effects(world, case) for case in cases]
     finally:
         stack.hub.clear_faults()
 
@@ -623,13 +1114,14 @@ def test_every_fault_ends_as_promised(fault_stack, caplog, capsys):
     ]
     corpus = canaries.collect(stack, api_answers + logged)
     rows = []
-    for fault, case, seen in zip(FAULTS, cases, observed, strict=True):
+    for fault, case, seen in zip(faults, cases, observed, strict=True):
         seen["canary hits"] = sum(len(corpus.hits(secret)) for secret in case.canary.values)
         ok = seen["canary hits"] == 0 and all(
             seen.get(name) == value for name, value in fault.expected.items()
         )
         rows.append((fault, seen, ok))
-    table = write_table(rows, time.monotonic() - started, stack.profile.name)
+    totals = {name: sum(d[name] for d in doubled) for name in ("double payments", "double attachments")}
+    table = write_table(rows, time.monotonic() - started, stack.profile.name, totals)
 
     wrong = [
         f"{fault.title}: expected {_show(fault.expected)}; observed {_show(seen)}"
@@ -638,4 +1130,6 @@ def test_every_fault_ends_as_promised(fault_stack, caplog, capsys):
     ]
     api_failures = [line for line in captured.err.splitlines() if line.startswith("[api]")]
     assert not wrong, "\n".join([f"(table: {table})", *wrong, *api_failures])
+    twice = [f"{f.title}: {d}" for f, d in zip(faults, doubled, strict=True) if any(d.values())]
+    assert not any(totals.values()), f"paid or attached twice: {twice}"
     assert len(corpus) > 100  # the scan really read the stack

@@ -7,7 +7,7 @@ import datetime as dt
 import json
 
 import pytest
-from dalle_plugin.domain.errors import NotRunOwner, RunCancelled
+from dalle_plugin.domain.errors import HubUnavailable, NotRunOwner, RunCancelled
 from dalle_plugin.domain.payload import parse_payload
 from dalle_plugin.domain.run import FailureInput, RunRef, RunStatus, StepError
 from dalle_plugin.domain.steps.attach import attach_image
@@ -53,14 +53,14 @@ class Starter:
         return f"{MACHINE}:{name}"
 
 
-def _payload(session: str, tasks: list[str]) -> object:
+def _payload(session: str, tasks: list[str], workflow: bool = True) -> object:
     return parse_payload(
         json.dumps(
             {
                 "projectId": "proj",
                 "session": session,
                 "apiKey": "ango-key",
-                "workflow": True,
+                "workflow": workflow,
                 "configJSON": CONFIG,
                 "tasks": [{"taskId": task, "dataURL": f"https://hub.example/{task}.txt"} for task in tasks],
             }
@@ -171,6 +171,79 @@ def test_a_rerun_after_the_prompt_changed_generates_anew_and_the_same_prompt_doe
     deps.runs.update("s1", "a", lambda r: setattr(r.prompt, "text", "an edited prompt"))
     again = generate_image(ref, deps)
     assert deps.generator.requests == 2 and again.image_key != first.key
+
+
+class EditableHub(Hub):
+    """The hub fake whose asset text (the prompt, with ``full-text-asset``) a person can edit."""
+
+    text = b"A lighthouse in a storm"
+
+    def fetch_text(self, url: str) -> bytes:
+        return EditableHub.text
+
+
+def _run_to_the_end(deps: StepDeps, session: str, task: str) -> None:
+    ref = _ref(deps, task, session)
+    extract_prompt(ref, deps)
+    assert generate_image(ref, deps).status == "DONE"
+    attach_image(ref, deps)
+    assert deps.runs.get(session, task).status is RunStatus.SUCCEEDED
+
+
+def test_a_succeeded_task_sent_again_runs_again_only_when_its_prompt_was_edited_on_the_hub(monkeypatch):
+    monkeypatch.setattr(EditableHub, "text", b"A lighthouse in a storm")
+    deps = _deps()
+    deps.hub_for = lambda run, key: EditableHub()
+    start_session(_payload("s1", ["a", "b"]), deps, TODAY)
+    for task in ("a", "b"):
+        _run_to_the_end(deps, "s1", task)
+    first_owner = deps.runs.get("s1", "a").owner
+
+    unchanged = start_session(_payload("s1", ["a", "b"]), deps, TODAY)
+    assert unchanged.started == [] and len(deps.starter.executions) == 1  # a duplicate starts nothing
+
+    EditableHub.text = b"A lighthouse in a storm, at night"  # the person edits the prompt, then runs again
+    edited = start_session(_payload("s1", ["a"]), deps, TODAY)
+    again = start_session(_payload("s1", ["a"]), deps, TODAY)  # and the hub resends that request
+    assert edited.started == ["a"] and again.started == []
+    assert len(deps.starter.executions) == 2  # one new execution, owning the run alone
+    new_owner = deps.runs.get("s1", "a").owner
+    assert new_owner != first_owner and [
+        t["taskId"] for t in deps.starter.executions[new_owner]["tasks"]
+    ] == ["a"]
+    with pytest.raises(NotRunOwner):  # the first execution can no longer touch it
+        extract_prompt(RunRef(session="s1", task_id="a", execution=deps.starter.arn_of(first_owner)), deps)
+    _run_to_the_end(deps, "s1", "a")
+    run = deps.runs.get("s1", "a")
+    assert deps.generator.requests == 3 and run.prompt.text.endswith("at night")
+    assert run.image.fingerprint == image_fingerprint(run)
+    assert deps.runs.get("s1", "b").generation == 0  # sent in the same session, but not edited
+
+
+def test_a_hub_that_cannot_be_read_leaves_a_succeeded_task_as_it_is():
+    deps = _deps()
+    start_session(_payload("s1", ["a"]), deps, TODAY)
+    _run_to_the_end(deps, "s1", "a")
+    silent = Hub(failures={"get_task": [HubUnavailable("The hub did not answer.")]})
+    deps.hub_for = lambda run, key: silent
+    assert start_session(_payload("s1", ["a"]), deps, TODAY).started == []
+    assert deps.runs.get("s1", "a").status is RunStatus.SUCCEEDED and len(deps.starter.executions) == 1
+
+
+def test_an_attachment_confirmed_before_the_hub_stopped_answering_is_not_taken_for_unconfirmed():
+    hub = Hub(failures={"plugin_response": [HubUnavailable("The hub did not answer.")]})
+    deps = _deps()
+    deps.hub_for = lambda run, key: hub
+    start_session(_payload("s1", ["a"], workflow=False), deps, TODAY)
+    ref = _ref(deps, "a")
+    extract_prompt(ref, deps)
+    generate_image(ref, deps)
+    with pytest.raises(HubUnavailable):  # attached, then the plugin response got no answer
+        attach_image(ref, deps)
+    assert deps.runs.get("s1", "a").image.attached
+    attach_image(ref, deps)  # the state machine's retry: only the response is sent again
+    assert hub.calls.count("attach_image") == 1 and hub.calls.count("plugin_response") == 2
+    assert deps.runs.get("s1", "a").status is RunStatus.SUCCEEDED
 
 
 # ---- the state machine's side of the contract ---------------------------------------------------------

@@ -29,6 +29,9 @@ class CommonSettings(BaseModel):
     hub_timeout_s: float = Field(default=10.0, alias="HUB_TIMEOUT_S", gt=0)
     hub_retries: int = Field(default=3, alias="HUB_RETRIES", ge=0)
     run_ttl_days: int = Field(default=30, alias="RUN_TTL_DAYS", ge=1)
+    # How long a warm environment keeps a secret it read (the plugin Secret, the shared OpenAI key) before
+    # reading it again: a rotation reaches every warm Lambda within this.
+    secret_max_age_s: int = Field(default=120, alias="SECRET_MAX_AGE_S", gt=0)
     # Exact "host:port" pairs the URL guard lets through although private, over http too: the local stack
     # lists the emulators it starts on 127.0.0.1. Deployed it stays empty: every URL must be public https.
     allowed_private_hosts: frozenset[str] = Field(default=frozenset(), alias="ALLOWED_PRIVATE_HOSTS")

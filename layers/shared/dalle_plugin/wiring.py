@@ -19,6 +19,7 @@ from dalle_plugin.adapters.aws import CachedSecrets, KmsSecretVault, S3ImageStor
 from dalle_plugin.adapters.dynamo_allowances import DynamoAllowanceLedger
 from dalle_plugin.adapters.dynamo_reusable_images import DynamoReusableImages
 from dalle_plugin.adapters.dynamo_runs import DynamoRunStore
+from dalle_plugin.domain.auth import MIN_SECRET_CHARS
 from dalle_plugin.domain.errors import PluginSecretTooShort
 from dalle_plugin.domain.steps.machinery import StepDeps
 from dalle_plugin.ports import HubCaller, HubClient, SessionPages, SystemClock
@@ -75,7 +76,8 @@ API_HUB_BUDGET_S = 4.0
 
 def within_time(deps: StepDeps, context: Any, at_most_s: float | None = None) -> StepDeps:
     """The step's ports with every hub call, retries included, ending before the Lambda must: its remaining
-    time less ``RECORDING_RESERVE_S`` (at most a quarter of it), and at most ``at_most_s``."""
+    time less ``RECORDING_RESERVE_S`` (at most a quarter of it), and at most ``at_most_s``. The arithmetic
+    per function is in docs/time-budgets.md."""
     remaining_ms = getattr(context, "get_remaining_time_in_millis", None)
     if remaining_ms is None:
         return deps
@@ -134,16 +136,20 @@ def cancel_deps() -> StepDeps:
 
 
 #: the shortest plugin Secret the API accepts: an empty or short one would let anyone in
-MIN_PLUGIN_SECRET_CHARS = 32
+MIN_PLUGIN_SECRET_CHARS = MIN_SECRET_CHARS
 
 
 @cache
 def secrets_reader() -> CachedSecrets:
-    return CachedSecrets(aws_client("secretsmanager"))
+    """Secrets as stored now: each re-read once older than ``secret_max_age_s`` (a setting, so a test can
+    see a rotation reach warm environments quickly)."""
+    return CachedSecrets(
+        aws_client("secretsmanager"), max_age_s=load_settings(CommonSettings).secret_max_age_s
+    )
 
 
 def plugin_secret() -> str:
-    """The plugin Secret as stored now (re-read within ``SECRET_MAX_AGE_S`` of a rotation); one shorter than
+    """The plugin Secret as stored now (re-read within ``secret_max_age_s`` of a rotation); one shorter than
     ``MIN_PLUGIN_SECRET_CHARS`` is refused, so no request is ever compared with it."""
     secret = secrets_reader().read(load_settings(ApiSettings).plugin_secret_arn)
     if len(secret) < MIN_PLUGIN_SECRET_CHARS:

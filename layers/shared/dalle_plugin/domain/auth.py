@@ -8,17 +8,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from dalle_plugin.domain.errors import PluginError
+from dalle_plugin.domain.errors import PluginSecretTooShort
 
 SECRET_HEADER = "Secret"  # noqa: S105 - the header's name, not a secret
 #: a Secret shorter than this is guessable; the plugin refuses every caller until it is replaced
 MIN_SECRET_CHARS = 32
-
-
-class PluginSecretTooShort(PluginError):
-    """The deployment's plugin Secret is too short to protect the API: an operator's error, not a caller's."""
-
-    reason = "plugin_secret_too_short"
 
 
 class AuthorizerRequest(BaseModel):

@@ -156,21 +156,33 @@ def attach_image(ref: RunRef, deps: StepDeps) -> AttachResult:
         if deps.reusable_images is not None and run.prompt is not None and run.generation > 0:
             deps.reusable_images.claim(image_fingerprint(run))
 
-    # The answer handed back is the task's current one, unchanged, so no annotation is ever wiped.
-    answer = answer_to_write_format(hub.get_task(run.task_id).get("answer") or {})
-    if run.workflow:
-        if run.finish_sent_at_ms is not None:
-            raise HubOutcomeUnknown(_unconfirmed_submission(run))
-        run = _send_once(
-            run,
-            deps,
-            _set_finish_sent,
-            lambda: hub.annotate(run.task_id, answer),
-            _unconfirmed_submission(run),
-            pending,
-        )
-    else:
-        hub.plugin_response(run.session, response=answer)  # a repeat is harmless: the same answer again
+    try:
+        # The answer handed back is the task's current one, unchanged, so no annotation is ever wiped.
+        answer = answer_to_write_format(hub.get_task(run.task_id).get("answer") or {})
+        if run.workflow:
+            if run.finish_sent_at_ms is not None:
+                raise HubOutcomeUnknown(_unconfirmed_submission(run))
+            run = _send_once(
+                run,
+                deps,
+                _set_finish_sent,
+                lambda: hub.annotate(run.task_id, answer),
+                _unconfirmed_submission(run),
+                pending,
+            )
+        else:
+            hub.plugin_response(run.session, response=answer)  # a repeat is harmless: the same answer again
+    except PluginError:
+        # What was delivered is recorded before the step gives up: a retry then sends only what is left,
+        # and an attachment the hub confirmed never looks unconfirmed to it.
+        if pending:
+
+            def record_delivered(r: RunRecord) -> None:
+                for apply in pending:
+                    apply(r)
+
+            deps.runs.change(run, record_delivered)
+        raise
     elapsed_s = (deps.clock.now_ms() - run.created_at_ms) / 1000
     message = f"{images_as_subject(count)} attached to the asset. Finished in {elapsed_s:.1f} s."
     now = deps.clock.now_ms()

@@ -48,9 +48,8 @@ def extract_prompt(ref: RunRef, deps: StepDeps) -> ExtractResult:
         raise
 
 
-def _extract(
-    run: RunRecord, deps: StepDeps, hub: HubClient, mark_started: Callable[[RunRecord], None]
-) -> ExtractResult:
+def read_prompt(run: RunRecord, hub: HubClient) -> PromptInfo:
+    """The prompt the run would send now, read from the task (and its asset) as the hub holds them."""
     task = hub.get_task(run.task_id)
 
     def asset_text() -> str:
@@ -64,7 +63,7 @@ def _extract(
         as_prompt_source(run.prompt_source), task.get("answer"), run.prompt_class_ids, asset_text, room
     )
     text = template.render(prompt.text) if template else prompt.text
-    info = PromptInfo(
+    return PromptInfo(
         text=text,
         source=prompt.source,
         length=len(text),
@@ -74,6 +73,14 @@ def _extract(
         template=run.prompt_template,
         extracted_length=len(prompt.text) if template else None,
     )
+
+
+def _extract(
+    run: RunRecord, deps: StepDeps, hub: HubClient, mark_started: Callable[[RunRecord], None]
+) -> ExtractResult:
+    info = read_prompt(run, hub)
+    template = run.prompt_template
+    extracted = info.extracted_length if info.extracted_length is not None else info.length
     shortened = ""
     if info.truncated:
         why = (
@@ -81,16 +88,16 @@ def _extract(
             if template
             else ""
         )
-        shortened = f" (shortened from {info.original_length} to {len(prompt.text)} at a word boundary{why})"
+        shortened = f" (shortened from {info.original_length} to {extracted} at a word boundary{why})"
     templated = f", {info.length} with the prompt template" if template else ""
-    message = f"Prompt from {info.source}: {len(prompt.text)} characters{shortened}{templated}."
+    message = f"Prompt from {info.source}: {extracted} characters{shortened}{templated}."
     now = deps.clock.now_ms()
 
-    def extracted(r: RunRecord) -> None:
+    def record(r: RunRecord) -> None:
         mark_started(r)
         r.prompt = info
         mark(r, now, "extract", None, message)
 
-    run = deps.runs.change(run, extracted)
+    run = deps.runs.change(run, record)
     hub_log(run, hub, message)
     return ExtractResult(prompt_source=info.source, prompt_length=info.length, truncated=info.truncated)

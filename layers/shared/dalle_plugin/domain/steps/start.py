@@ -16,7 +16,8 @@ from dalle_plugin.domain.config import parse_config_json, validate_run_options
 from dalle_plugin.domain.errors import InvalidRequest, PluginError, PromptNotFound
 from dalle_plugin.domain.payload import MAX_BATCH_TASKS, BatchTask, HubPayload
 from dalle_plugin.domain.run import ModelInfo, RunRecord, RunRef, RunStatus, TimelineEntry
-from dalle_plugin.domain.steps.machinery import ANGO_KEY, OPENAI_KEY, StepDeps, required
+from dalle_plugin.domain.steps.extract import read_prompt
+from dalle_plugin.domain.steps.machinery import ANGO_KEY, OPENAI_KEY, StepDeps, image_fingerprint, required
 
 
 @dataclass
@@ -28,34 +29,27 @@ class SessionStart:
 
 
 class _Requeue:
-    """The change that requeues a run, remembering whether it did: the write that counts it is the one
-    whose change found the run failed or cancelled (a concurrent request may requeue it first)."""
+    """The write that runs a task again, if it still may be (a concurrent request may have done it first);
+    ``done`` says whether this write was the one that did, so that only one request counts it."""
 
-    def __init__(self, sealed: bytes, now: int) -> None:
-        self.sealed, self.now = sealed, now
-        self.requeued = False
+    def __init__(self, may_rerun: Callable[[RunRecord], bool], sealed: bytes, now: int, why: str = ""):
+        self.may_rerun, self.sealed, self.now, self.why = may_rerun, sealed, now, why
+        self.done = False
 
     def __call__(self, run: RunRecord) -> None:
-        self.requeued = run.status in (RunStatus.FAILED, RunStatus.CANCELLED)
-        _requeue(run, self.sealed, self.now)
+        self.done = self.may_rerun(run)
+        if self.done:
+            _requeue(run, self.sealed, self.now, self.why)
 
 
-def _requeued_if_ended(
-    stored: RunRecord, created: bool, deps: StepDeps, sealed: bytes, now: int
-) -> tuple[RunRecord, bool]:
-    """A run that was there already and failed or was cancelled runs again: it counts as started by this
-    request only if this request's write requeued it (a concurrent request may requeue it first)."""
-    if created or stored.status not in (RunStatus.FAILED, RunStatus.CANCELLED):
-        return stored, created
-    requeue = _Requeue(sealed, now)
-    return deps.runs.update(stored.session, stored.task_id, requeue), requeue.requeued
+def _ended_unsuccessfully(run: RunRecord) -> bool:
+    return run.status in (RunStatus.FAILED, RunStatus.CANCELLED)
 
 
-def _requeue(run: RunRecord, sealed: bytes, now: int) -> None:
-    """A re-run of a failed or cancelled task: a new generation, the same stored image (never paid twice),
-    and no owner yet: the request that requeued it claims it for the execution it starts."""
-    if run.status not in (RunStatus.FAILED, RunStatus.CANCELLED):
-        return
+def _requeue(run: RunRecord, sealed: bytes, now: int, why: str) -> None:
+    """A re-run of a task: a new generation, the same stored image (never paid twice, and kept when the
+    prompt turns out unchanged), and no owner yet: the request that requeued it claims it for the execution
+    it starts."""
     run.generation += 1
     run.status = RunStatus.QUEUED
     run.owner = None
@@ -76,7 +70,7 @@ def _requeue(run: RunRecord, sealed: bytes, now: int) -> None:
             step="queued",
             status=RunStatus.QUEUED.value,
             at_ms=now,
-            detail=f"Run again (attempt {run.generation + 1}).",
+            detail=f"Run again (attempt {run.generation + 1}){why}.",
         )
     )
 
@@ -144,6 +138,23 @@ def _listed_tasks(payload: HubPayload, deps: StepDeps) -> list[BatchTask]:
     )
 
 
+#: finished runs a request re-reads the prompt of: a same-session re-run is a person's, of a few tasks;
+#: the reads stay within the API's hub budget (a larger batch is re-run in a new session)
+MAX_PROMPT_CHECKS = 100
+
+
+def _prompt_changed(run: RunRecord, api_key: str, deps: StepDeps) -> bool:
+    """Whether the task's prompt on the hub now asks for another image than the one the run delivered.
+    A hub that cannot be read in the API's budget leaves the run as it is: the person can run it again."""
+    if run.image is None or run.image.fingerprint is None:
+        return False
+    try:
+        prompt = read_prompt(run, deps.hub_for(run, api_key))
+    except PluginError:
+        return False
+    return image_fingerprint(run.model_copy(update={"prompt": prompt})) != run.image.fingerprint
+
+
 class _Owned(Exception):
     pass
 
@@ -198,13 +209,37 @@ def start_session(
 
     for created_chunk in _in_parallel(create, _chunks(tasks, tasks_per_execution)):
         for record, is_new in created_chunk:
-            stored, created = _requeued_if_ended(record, is_new, deps, sealed, now)
+            stored, created = record, is_new
+            if not is_new and _ended_unsuccessfully(record):
+                requeue = _Requeue(_ended_unsuccessfully, sealed, now)
+                stored = deps.runs.update(record.session, record.task_id, requeue)
+                created = requeue.done
             if created:
                 started.append(stored.task_id)
             runs.append(stored)
+    # A task sent again in the same session after it succeeded runs again only if its prompt was edited:
+    # the same prompt is a duplicate (its image is delivered), so nothing is started for it.
+    delivered = [run for run in runs if run.status is RunStatus.SUCCEEDED][:MAX_PROMPT_CHECKS]
+    api_key = payload.api_key.get_secret_value()
+    changed = _in_parallel(lambda run: _prompt_changed(run, api_key, deps), delivered)
+    by_task = {run.task_id: index for index, run in enumerate(runs)}
+    for run in (run for run, edited in zip(delivered, changed, strict=True) if edited):
+
+        def unchanged_since_read(r: RunRecord, read: RunRecord = run) -> bool:
+            """Unless the run moved on since it was read (a concurrent request requeued it first)."""
+            return r.status is RunStatus.SUCCEEDED and r.generation == read.generation
+
+        requeue = _Requeue(
+            unchanged_since_read,
+            sealed,
+            now,
+            ": the prompt changed on the hub",
+        )
+        runs[by_task[run.task_id]] = deps.runs.update(run.session, run.task_id, requeue)
+        if requeue.done:
+            started.append(run.task_id)
     # Requeued runs (and any an earlier request requeued and died before claiming) get a new owner.
     unowned = [run for run in runs if run.status is RunStatus.QUEUED and run.owner is None]
-    by_task = {run.task_id: index for index, run in enumerate(runs)}
     for chunk in _chunks(unowned, tasks_per_execution):
         owner = execution_name(payload.session, chunk)
         for run in chunk:
