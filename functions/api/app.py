@@ -78,7 +78,9 @@ def run_plugin(event: dict[str, Any]) -> dict[str, Any]:
     logger.info("run requested", extra={"payload_keys": sorted(json.loads(raw).keys())})
     # the hub is called only to list a payload's batches: within the API's hub budget
     started = start_session(
-        payload, wiring.within_time(wiring.api_deps(), _CONTEXT.get(), wiring.API_HUB_BUDGET_S)
+        payload,
+        wiring.within_time(wiring.api_deps(), _CONTEXT.get(), wiring.API_HUB_BUDGET_S),
+        tasks_per_execution=load_settings(ApiSettings).tasks_per_execution,
     )
     record_run_accepted(len(started.started))
     body: dict[str, Any] = {
