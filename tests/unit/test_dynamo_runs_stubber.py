@@ -156,3 +156,24 @@ def test_a_record_in_the_earlier_one_document_layout_is_still_read(client):
         "sealedSecrets": {"B": b"sealed"},
     }
     assert DynamoRunStore._from_item(legacy)[0] == run
+
+
+def test_a_call_that_times_out_after_the_sdks_retries_is_a_transient_storage_error():
+    """The state machine retries StorageUnavailable; the SDK's own exception would fail the run."""
+    from botocore.exceptions import EndpointConnectionError, ReadTimeoutError
+    from dalle_plugin.adapters.dynamo_runs import DynamoRunStore
+    from dalle_plugin.domain.errors import StorageUnavailable
+
+    class Unreachable:
+        def __init__(self, error: Exception) -> None:
+            self.error = error
+
+        def get_item(self, **_: object) -> dict:
+            raise self.error
+
+    for error in (
+        ReadTimeoutError(endpoint_url="http://d"),
+        EndpointConnectionError(endpoint_url="http://d"),
+    ):
+        with pytest.raises(StorageUnavailable):
+            DynamoRunStore(Unreachable(error), "sessions").get("s", "t")
