@@ -171,7 +171,9 @@ def run_plugin(payload: Annotated[HubPayload, Body(description="The hub's run pa
     logger.info("run requested", extra={"payload_keys": sorted(app.current_event.json_body.keys())})
     # the hub is called only to list a payload's batches: within the API's hub budget
     started = start_session(
-        payload, wiring.within_time(wiring.api_deps(), app.lambda_context, wiring.API_HUB_BUDGET_S)
+        payload,
+        wiring.within_time(wiring.api_deps(), app.lambda_context, wiring.API_HUB_BUDGET_S),
+        tasks_per_execution=load_settings(ApiSettings).tasks_per_execution,
     )
     record_run_accepted(len(started.started))
     body: dict[str, Any] = {

@@ -3,9 +3,11 @@ well inside Step Functions' history and payload limits (docs/batches.md has the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 from dalle_plugin.domain.payload import MAX_BATCH_TASKS, parse_payload
+from dalle_plugin.domain.run import RunStatus
 from dalle_plugin.domain.steps.start import TASKS_PER_EXECUTION, start_session
 from dalle_plugin.ports import HubTaskRef
 
@@ -100,3 +102,35 @@ def test_batches_holding_more_tasks_than_a_run_takes_are_refused_with_a_sentence
     with pytest.raises(InvalidRequest) as refused:
         start_session(_batches_payload("s1", ["huge"]), deps, TODAY)
     assert refused.value.field == "batches" and "fewer batches" in refused.value.message
+
+
+def test_a_resend_naming_only_some_of_a_dead_requests_chunk_starts_the_chunk_whole():
+    from tests.unit.test_run_ownership import Starter
+
+    deps = _deps(Starter(fail_first=1))  # the first request stores its runs and dies before starting
+    tasks = [f"t{i}" for i in range(5)]
+    with contextlib.suppress(TimeoutError):
+        start_session(_payload("s1", tasks), deps, TODAY, tasks_per_execution=5)
+    assert deps.starter.executions == {}
+
+    start_session(_payload("s1", tasks[:2]), deps, TODAY, tasks_per_execution=5)
+    [(name, run_input)] = deps.starter.executions.items()
+    assert [t["taskId"] for t in run_input["tasks"]] == tasks  # not only the two this request named
+    assert {deps.runs.get("s1", t).owner for t in tasks} == {name}
+
+
+def test_a_resend_naming_only_some_of_a_dead_requests_reruns_starts_them_all():
+    from tests.unit.test_run_ownership import Starter
+
+    deps = _deps()
+    tasks = [f"t{i}" for i in range(4)]
+    start_session(_payload("s1", tasks), deps, TODAY)
+    for task in tasks:  # every run failed: the hub sends the batch again to re-run them
+        deps.runs.update("s1", task, lambda r: setattr(r, "status", RunStatus.FAILED))
+    deps.starter = Starter(fail_first=1)
+    with contextlib.suppress(TimeoutError):
+        start_session(_payload("s1", tasks), deps, TODAY)
+    start_session(_payload("s1", tasks[:1]), deps, TODAY)
+    [(name, run_input)] = deps.starter.executions.items()
+    assert [t["taskId"] for t in run_input["tasks"]] == tasks
+    assert {deps.runs.get("s1", t).owner for t in tasks} == {name}

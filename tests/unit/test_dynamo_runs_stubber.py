@@ -191,3 +191,24 @@ def test_a_summary_reads_only_what_it_counts(client, stubber):
     stubber.add_response("query", {"Items": [kept]})
     (tally,) = store.tallies("s1")
     assert tally.task_id == "t1" and tally.image_count == 0 and tally.model is not None
+
+
+def test_a_call_that_times_out_after_the_sdks_retries_is_a_transient_storage_error():
+    """The state machine retries StorageUnavailable; the SDK's own exception would fail the run."""
+    from botocore.exceptions import EndpointConnectionError, ReadTimeoutError
+    from dalle_plugin.adapters.dynamo_runs import DynamoRunStore
+    from dalle_plugin.domain.errors import StorageUnavailable
+
+    class Unreachable:
+        def __init__(self, error: Exception) -> None:
+            self.error = error
+
+        def get_item(self, **_: object) -> dict:
+            raise self.error
+
+    for error in (
+        ReadTimeoutError(endpoint_url="http://d"),
+        EndpointConnectionError(endpoint_url="http://d"),
+    ):
+        with pytest.raises(StorageUnavailable):
+            DynamoRunStore(Unreachable(error), "sessions").get("s", "t")

@@ -72,6 +72,8 @@ class ApiSettings(RateLimitSettings):
     )
     # 10,000 tasks with their asset ids fit (about 60 bytes each), and stay under Lambda's 6 MB request
     max_body_bytes: int = Field(default=4_194_304, alias="MAX_BODY_BYTES", gt=0)
+    # Tasks an execution runs (docs/batches.md); smaller only to see many executions with few tasks (tests)
+    tasks_per_execution: int = Field(default=100, alias="TASKS_PER_EXECUTION", ge=1, le=100)
     # USD per 1024x1024 image by model and quality, for the session's cost estimate; empty: built-in table
     image_prices: dict[str, dict[str, float]] = Field(
         default_factory=lambda: dict(DEFAULT_PRICES), alias="IMAGE_PRICES"

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
 
 from dalle_plugin.domain.errors import StorageUnavailable
 from dalle_plugin.domain.run import RunRecord, RunTally
@@ -29,6 +29,28 @@ MAX_OPTIMISTIC_RETRIES = 8
 #: puts in one TransactWriteItems (DynamoDB's cap)
 TRANSACTION_ITEMS = 100
 _KEY_FIELDS = ("session", "task_id")
+
+
+class _TransientOnConnectionErrors:
+    """The DynamoDB client, with a call that could not reach DynamoDB or timed out after the SDK's own
+    retries raised as ``StorageUnavailable``: the state machine retries that step, where the SDK's bare
+    exception would have failed the run as unexpected."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        call = getattr(self._client, name)
+        if not callable(call) or name.startswith("get_paginator"):
+            return call
+
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return call(*args, **kwargs)
+            except (ConnectionError, HTTPClientError) as exc:
+                raise StorageUnavailable(f"Could not reach the run store: {type(exc).__name__}") from exc
+
+        return guarded
 
 
 def _key(session: str, task_id: str) -> dict[str, Any]:
@@ -74,7 +96,7 @@ _FIELD_OF_ALIAS = {_alias(name): name for name in RunRecord.model_fields}
 
 class DynamoRunStore:
     def __init__(self, client: Any, table_name: str):
-        self._client = client
+        self._client = _TransientOnConnectionErrors(client)
         self._table = table_name
         #: the record as this environment last read or wrote it, per (session, task): a step's own result
         self._recent: dict[tuple[str, str], RunRecord] = {}

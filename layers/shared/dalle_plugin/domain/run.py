@@ -215,6 +215,9 @@ class RunRecord(CamelModel):
     #: the name of the one execution that may work on this generation of the run (None: not yet claimed,
     #: or a record from before ownership existed). Set once per generation, by a conditional write.
     owner: str | None = None
+    #: the task ids of the owner's execution (its input), written with ``owner``: whichever request starts
+    #: the owner starts it with all of them, even one that names only some (docs/batches.md)
+    chunk: list[str] = Field(default_factory=list)
     #: how many times the hub re-ran this task in this session after it failed or was cancelled
     generation: int = 0
     attempt: int = 0

@@ -53,6 +53,7 @@ def _requeue(run: RunRecord, sealed: bytes, now: int, why: str) -> None:
     run.generation += 1
     run.status = RunStatus.QUEUED
     run.owner = None
+    run.chunk = []
     run.failure = None
     run.rate_wait = None
     run.execution_arn = None
@@ -159,11 +160,12 @@ class _Owned(Exception):
     pass
 
 
-def _claim(owner: str) -> Callable[[RunRecord], None]:
+def _claim(owner: str, chunk: list[str]) -> Callable[[RunRecord], None]:
     def claim(run: RunRecord) -> None:
         if run.status is not RunStatus.QUEUED or run.owner is not None:
             raise _Owned(run.owner or "")
         run.owner = owner
+        run.chunk = chunk
 
     return claim
 
@@ -202,9 +204,10 @@ def start_session(
     started: list[str] = []  # created or requeued by this request: what it, and only it, counts as accepted
 
     def create(chunk: list[BatchTask]) -> list[tuple[RunRecord, bool]]:
-        owner = creation_owner(payload.session, [task.task_id for task in chunk])
+        members = [task.task_id for task in chunk]
+        owner = creation_owner(payload.session, members)
         return deps.runs.create_many(
-            [_new_record(payload, task, config, options, sealed, now, deps, owner) for task in chunk]
+            [_new_record(payload, task, config, options, sealed, now, deps, owner, members) for task in chunk]
         )
 
     for created_chunk in _in_parallel(create, _chunks(tasks, tasks_per_execution)):
@@ -242,17 +245,25 @@ def start_session(
     unowned = [run for run in runs if run.status is RunStatus.QUEUED and run.owner is None]
     for chunk in _chunks(unowned, tasks_per_execution):
         owner = execution_name(payload.session, chunk)
+        members = [run.task_id for run in chunk]
         for run in chunk:
             try:
-                runs[by_task[run.task_id]] = deps.runs.update(run.session, run.task_id, _claim(owner))
+                runs[by_task[run.task_id]] = deps.runs.update(
+                    run.session, run.task_id, _claim(owner, members)
+                )
             except _Owned:  # a concurrent request claimed it first: its execution runs it
                 runs[by_task[run.task_id]] = deps.runs.get(run.session, run.task_id) or run
     # Start every owner with queued runs. Its name is fixed, so starting it again is harmless: the execution
     # exists (Step Functions answers with it, or ExecutionAlreadyExists), or a request died before starting it.
+    # It starts with the members stored with its runs, not with this request's tasks: a request that names
+    # only some of them (after one that died before starting it) must not leave the others queued for ever.
     waiting: dict[str, list[str]] = {}
     for run in runs:
         if run.status is RunStatus.QUEUED and run.owner:
-            waiting.setdefault(run.owner, []).append(run.task_id)
+            if run.chunk:
+                waiting[run.owner] = run.chunk
+            else:  # stored before runs recorded their owner's members
+                waiting.setdefault(run.owner, []).append(run.task_id)
 
     def start(owner_and_tasks: tuple[str, list[str]]) -> str:
         owner, task_ids = owner_and_tasks
@@ -275,6 +286,7 @@ def _new_record(
     now: int,
     deps: StepDeps,
     owner: str,
+    chunk: list[str],
 ) -> RunRecord:
     ref = RunRef(session=payload.session, task_id=task.task_id)
     return RunRecord(
@@ -282,6 +294,7 @@ def _new_record(
         task_id=ref.task_id,
         execution_name=ref.execution_name,
         owner=owner,
+        chunk=chunk,
         project_id=payload.project_id,
         asset_id=task.asset_id,
         data_url=task.data_url,
