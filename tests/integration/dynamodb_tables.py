@@ -1,8 +1,9 @@
-"""A DynamoDB Local of a test module's own, with one table shaped as the sessions table (pk, sk), for the
-race tests of the adapters that write to it."""
+"""A DynamoDB Local of a test module's own, with one table shaped as the sessions table (pk, sk) or the
+rate-limit table (pk), for the race tests of the adapters that write to them."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -22,19 +23,24 @@ def make_client(endpoint: str):
 
 
 @contextmanager
-def sessions_shaped_table(name: str) -> Iterator[str]:
-    """DynamoDB Local with the table ``name``; yields its endpoint."""
+def table_on_dynamodb_local(name: str, keys: tuple[str, ...] = ("pk", "sk")) -> Iterator[str]:
+    """DynamoDB Local with the table ``name`` keyed by ``keys`` (hash, then range); yields its endpoint."""
     with DynamoDBLocal() as dynamodb:
         make_client(dynamodb.endpoint_url).create_table(
             TableName=name,
             KeySchema=[
-                {"AttributeName": "pk", "KeyType": "HASH"},
-                {"AttributeName": "sk", "KeyType": "RANGE"},
+                {"AttributeName": key, "KeyType": kind}
+                for key, kind in zip(keys, ("HASH", "RANGE"), strict=False)
             ],
-            AttributeDefinitions=[
-                {"AttributeName": "pk", "AttributeType": "S"},
-                {"AttributeName": "sk", "AttributeType": "S"},
-            ],
+            AttributeDefinitions=[{"AttributeName": key, "AttributeType": "S"} for key in keys],
             BillingMode="PAY_PER_REQUEST",
         )
         yield dynamodb.endpoint_url
+
+
+def sessions_shaped_table(name: str) -> contextlib.AbstractContextManager[str]:
+    return table_on_dynamodb_local(name, ("pk", "sk"))
+
+
+def limiter_shaped_table(name: str) -> contextlib.AbstractContextManager[str]:
+    return table_on_dynamodb_local(name, ("pk",))

@@ -12,8 +12,7 @@ import pytest
 from dalle_plugin.adapters.dynamo_key_pacer import DynamoKeyPacer
 from dalle_plugin.domain.key_pacing import KeyPaceSettings, Observation, key_fingerprint
 
-from local_stack.dynamodb_local import DynamoDBLocal
-from tests.integration.dynamodb_tables import make_client
+from tests.integration.dynamodb_tables import limiter_shaped_table, make_client
 
 pytestmark = pytest.mark.stack
 
@@ -26,14 +25,8 @@ LIMIT = 5
 
 @pytest.fixture(scope="module")
 def endpoint():
-    with DynamoDBLocal() as dynamodb:
-        make_client(dynamodb.endpoint_url).create_table(
-            TableName=TABLE,
-            KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],
-            AttributeDefinitions=[{"AttributeName": "pk", "AttributeType": "S"}],
-            BillingMode="PAY_PER_REQUEST",
-        )
-        yield dynamodb.endpoint_url
+    with limiter_shaped_table(TABLE) as url:
+        yield url
 
 
 def _pacer(endpoint: str, now_ms: int) -> DynamoKeyPacer:
