@@ -306,3 +306,34 @@ def test_secrets_are_read_again_after_their_cache_lifetime():
     assert reader.read("s") in ("v1", "v2")  # within the lifetime: no read, unless a slow machine passed it
     wait_for(lambda: reader.read("s") == "v2", timeout_s=30, what="the rotated secret")
     assert Client.reads >= 2
+
+
+@pytest.mark.parametrize("hub_answers", [True, False], ids=["hub answers late", "hub gives up"])
+def test_a_cancel_while_extract_waits_on_the_hub_ends_the_run_cancelled(hub_answers):
+    """The cancel lands while Extract waits for the task (a hub that is slow or never answers): Extract's
+    write after the wait, its result or its start on the timeline, must not make the run EXTRACTING again,
+    or the cancelled (and stopped) execution leaves it unfinished for ever."""
+    from dalle_plugin.domain.cancel import cancel_session
+
+    deps = _deps()
+    start_session(_payload("s1", ["a"]), deps, TODAY)
+    ref = _ref(deps, "a")
+
+    class CancelledWhileWaiting(Hub):
+        def get_task(self, task_id: str) -> dict:
+            assert cancel_session("s1", "a", deps)[0].cancelled
+            if not hub_answers:
+                raise HubUnavailable("The hub did not answer in time.")
+            return super().get_task(task_id)
+
+    deps.hub_for = lambda run, key: CancelledWhileWaiting()
+    with pytest.raises(RunCancelled):
+        extract_prompt(ref, deps)
+    assert deps.runs.get("s1", "a").status is RunStatus.CANCELLED
+    ended = record_failure(
+        FailureInput(
+            session="s1", task_id="a", execution=ref.execution, error=StepError(Error="RunCancelled")
+        ),
+        deps,
+    )
+    assert ended["status"] == "CANCELLED" and deps.runs.get("s1", "a").status is RunStatus.CANCELLED

@@ -119,7 +119,10 @@ def record_failure(inp: FailureInput, deps: StepDeps) -> dict[str, Any]:
         r.timeline[-1].duration_ms = 0
         r.sealed_secrets = None
 
-    run = deps.runs.change(run, fail)
+    try:
+        run = deps.runs.change(run, fail)
+    except RunCancelled:  # cancelled since it was read: the cancel has told the hub and purged the secrets
+        return {"status": RunStatus.CANCELLED.value, "reason": RunCancelled.reason}
     # Paid for and surely not on the hub: a re-run of the task (in a new session too) takes it, not a new one.
     undelivered = any(not i.attached and i.attach_sent_at_ms is None for i in run.images)
     # A step that died between storing its PNG and recording it leaves the image at its key, unrecorded:

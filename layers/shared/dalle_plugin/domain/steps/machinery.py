@@ -158,7 +158,11 @@ def try_open_hub(run: RunRecord, deps: StepDeps) -> HubClient | None:
 
 def mark(run: RunRecord, now_ms: int, step: str, status: RunStatus | None, detail: str | None = None) -> None:
     """Append to the timeline (the previous entry's duration is derived from this one's start when read:
-    the store appends the new entry without rewriting the others)."""
+    the store appends the new entry without rewriting the others). A cancelled run stays cancelled: a step
+    whose write comes after the cancel (it read the run before, then waited on the hub) is refused under the
+    run's version lock, or it would reopen a run whose execution the cancel has already stopped."""
+    if status not in (None, RunStatus.CANCELLED) and run.status is RunStatus.CANCELLED:
+        raise RunCancelled("The run was cancelled before its image was generated.")
     run.timeline.append(
         TimelineEntry(step=step, status=(status or run.status).value, at_ms=now_ms, detail=detail)
     )
