@@ -1140,4 +1140,5 @@ def test_every_fault_ends_as_promised(fault_stack, caplog, capsys):
     assert not wrong, "\n".join([f"(table: {table})", *wrong, *api_failures])
     twice = [f"{f.title}: {d}" for f, d in zip(faults, doubled, strict=True) if any(d.values())]
     assert not any(totals.values()), f"paid or attached twice: {twice}"
-    assert len(corpus) > 100  # the scan really read the stack
+    # the scan really read the stack (fewer log streams when FAULTS_ONLY picks a few rows)
+    assert len(corpus) > min(100, 5 * len(faults))
