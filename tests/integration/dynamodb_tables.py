@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import boto3
+from dalle_plugin.domain.run import ModelInfo, RunRecord, TimelineEntry
 
 from local_stack.dynamodb_local import DynamoDBLocal
 
@@ -44,3 +45,23 @@ def sessions_shaped_table(name: str) -> contextlib.AbstractContextManager[str]:
 
 def limiter_shaped_table(name: str) -> contextlib.AbstractContextManager[str]:
     return table_on_dynamodb_local(name, ("pk",))
+
+
+def queued_run(session: str, task_id: str, owner: str | None = None) -> RunRecord:
+    """A freshly queued shared-key run of ``session``, as the API stores it, for the run-store tests."""
+    return RunRecord(
+        session=session,
+        task_id=task_id,
+        execution_name=f"{session}_{task_id}",
+        owner=owner,
+        project_id="p",
+        prompt_source="asset",
+        model=ModelInfo(requested="gpt-image-2", actual="gpt-image-2"),
+        size="1024x1024",
+        max_prompt_chars=32000,
+        uses_default_key=True,
+        created_at_ms=1,
+        updated_at_ms=1,
+        sealed_secrets=b"sealed",
+        timeline=[TimelineEntry(step="queued", status="QUEUED", at_ms=1)],
+    )

@@ -10,9 +10,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from dalle_plugin.adapters.dynamo_runs import DynamoRunStore
-from dalle_plugin.domain.run import ModelInfo, RunRecord, TimelineEntry
+from dalle_plugin.domain.run import RunRecord
 
-from tests.integration.dynamodb_tables import make_client, sessions_shaped_table
+from tests.integration.dynamodb_tables import make_client, queued_run, sessions_shaped_table
 
 pytestmark = pytest.mark.stack
 
@@ -26,22 +26,7 @@ def endpoint():
 
 
 def _run(session: str, task_id: str, owner: str) -> RunRecord:
-    return RunRecord(
-        session=session,
-        task_id=task_id,
-        execution_name=f"{session}_{task_id}",
-        owner=owner,
-        project_id="p",
-        prompt_source="asset",
-        model=ModelInfo(requested="gpt-image-2", actual="gpt-image-2"),
-        size="1024x1024",
-        max_prompt_chars=32000,
-        uses_default_key=True,
-        created_at_ms=1,
-        updated_at_ms=1,
-        sealed_secrets=b"sealed",
-        timeline=[TimelineEntry(step="queued", status="QUEUED", at_ms=1)],
-    )
+    return queued_run(session, task_id, owner)
 
 
 def _runs(session: str, task_ids: list[str], owner: str) -> list[RunRecord]:

@@ -12,9 +12,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from dalle_plugin.adapters.dynamo_runs import DynamoRunStore
-from dalle_plugin.domain.run import ModelInfo, RunRecord, RunStatus, TimelineEntry
+from dalle_plugin.domain.run import RunRecord, RunStatus, TimelineEntry
 
-from tests.integration.dynamodb_tables import make_client, sessions_shaped_table
+from tests.integration.dynamodb_tables import make_client, queued_run, sessions_shaped_table
 
 pytestmark = pytest.mark.stack
 
@@ -29,21 +29,7 @@ def endpoint():
 
 
 def _run(task_id: str) -> RunRecord:
-    return RunRecord(
-        session="race",
-        task_id=task_id,
-        execution_name=f"race_{task_id}",
-        project_id="p",
-        prompt_source="asset",
-        model=ModelInfo(requested="gpt-image-2", actual="gpt-image-2"),
-        size="1024x1024",
-        max_prompt_chars=32000,
-        uses_default_key=True,
-        created_at_ms=1,
-        updated_at_ms=1,
-        sealed_secrets=b"sealed",
-        timeline=[TimelineEntry(step="queued", status="QUEUED", at_ms=1)],
-    )
+    return queued_run("race", task_id)
 
 
 def test_concurrent_appends_all_land_once(endpoint):
