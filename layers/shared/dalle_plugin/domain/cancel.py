@@ -11,7 +11,7 @@ import contextlib
 from dataclasses import dataclass
 
 from dalle_plugin.domain.errors import PluginError
-from dalle_plugin.domain.run import RunRecord, RunStatus
+from dalle_plugin.domain.run import HeldAllowance, RunRecord, RunStatus
 from dalle_plugin.domain.spending import release
 from dalle_plugin.domain.steps.machinery import StepDeps, hub_log, mark, queue_id, required, try_open_hub
 
@@ -27,7 +27,20 @@ class CancelOutcome:
 
 
 class _NotCancellable(Exception):
-    pass
+    def __init__(self, run: RunRecord):
+        super().__init__(run.status.value)
+        self.status = run.status.value
+        self.why = f"Not cancelled: {_why_not(run)}."
+
+
+def _why_not(run: RunRecord) -> str:
+    if run.status is RunStatus.CANCELLED:
+        return "it was already cancelled"
+    if run.status.finished:
+        return f"it has already ended ({run.status.value.lower()})"
+    if run.image is not None:
+        return "its image was already generated (and paid for), so it will be delivered"
+    return "its image request has started (and is paid for), so it will be delivered"
 
 
 def cancel_session(session: str, task_id: str | None, deps: StepDeps) -> list[CancelOutcome]:
@@ -39,27 +52,28 @@ def cancel_session(session: str, task_id: str | None, deps: StepDeps) -> list[Ca
 
 def _cancel_run(run: RunRecord, deps: StepDeps) -> CancelOutcome:
     if run.status not in CANCELLABLE or run.image is not None:
-        if run.status.finished:
-            why = f"it has already ended ({run.status.value.lower()})"
-        else:
-            why = "its image was already generated (and paid for), so it will be delivered"
-        return CancelOutcome(run.task_id, False, run.status.value, f"Not cancelled: {why}.")
+        return CancelOutcome(run.task_id, False, run.status.value, f"Not cancelled: {_why_not(run)}.")
     hub = try_open_hub(run, deps)  # opened before the secrets are purged, to tell the hub
     now = deps.clock.now_ms()
+    given_back: list[HeldAllowance] = []
 
     def cancel(r: RunRecord) -> None:
         if r.status not in CANCELLABLE or r.image is not None:
-            raise _NotCancellable(r.status.value)
+            raise _NotCancellable(r)
         mark(r, now, "cancelled", RunStatus.CANCELLED, "Cancelled before the image was generated.")
         r.timeline[-1].duration_ms = 0
         r.sealed_secrets = None
+        # The grants leave the record in the write that cancels: only the writer that removed them gives
+        # them back, so a Record Failure or a second cancel racing this one cannot give them back again.
+        given_back[:] = r.held
+        r.held = []
 
     try:
         cancelled = deps.runs.update(run.session, run.task_id, cancel)
     except _NotCancellable as exc:
-        return CancelOutcome(run.task_id, False, str(exc), "Not cancelled: its image request has started.")
-    if cancelled.held and deps.allowances is not None:
-        release(cancelled.held, deps.allowances)  # counted for a request that will never be sent
+        return CancelOutcome(run.task_id, False, exc.status, exc.why)
+    if given_back and deps.allowances is not None:
+        release(given_back, deps.allowances)  # counted for a request that will never be sent
     if run.uses_default_key and run.rate_wait is not None and deps.limiter is not None:
         deps.limiter.leave(queue_id(run))  # the runs behind it in the shared key's queue move up
     hub_log(

@@ -17,7 +17,7 @@ from dalle_plugin.domain.errors import (
     RunCancelled,
     SpendingLimitReached,
 )
-from dalle_plugin.domain.run import Failure, FailureInput, RunRecord, RunStatus
+from dalle_plugin.domain.run import Failure, FailureInput, HeldAllowance, RunRecord, RunStatus
 from dalle_plugin.domain.spending import release
 from dalle_plugin.domain.steps.machinery import (
     StepDeps,
@@ -27,6 +27,7 @@ from dalle_plugin.domain.steps.machinery import (
     image_key,
     mark,
     owned_deps,
+    required,
     try_open_hub,
 )
 
@@ -42,6 +43,40 @@ _FAILED_BEFORE_SENDING = {
 
 #: how Step Functions names a Lambda that ran out of time (no error type: Lambda.Unknown)
 LAMBDA_TIMED_OUT = ("Lambda.Unknown", "Sandbox.Timedout")
+
+_AGAIN = "Run the plugin again; if it keeps happening, tell the plugin's owner."
+
+#: errors from AWS rather than from the plugin whose cause is known: (reason, sentence)
+_KNOWN_CAUSES = {
+    "Lambda.TooManyRequestsException": (
+        "lambda_throttled",
+        (
+            "The plugin was too busy to run a step of this run (AWS Lambda refused it for lack of "
+            "concurrency), even after waiting and trying again. Run the plugin again in a few minutes; if it "
+            "keeps happening, tell the plugin's owner (the account's Lambda concurrency may be too small)."
+        ),
+    ),
+    "Lambda.ServiceException": ("lambda_unavailable", None),
+    "Lambda.AWSLambdaException": ("lambda_unavailable", None),
+    "Lambda.SdkClientException": ("lambda_unavailable", None),
+    "States.DataLimitExceeded": (
+        "internal_error",
+        "A step's result was too large for the workflow to carry, so the run stopped. Tell the plugin's owner.",
+    ),
+}
+_LAMBDA_UNAVAILABLE = f"AWS Lambda could not run a step of this run, even after trying again (a problem on AWS's side). {_AGAIN}"
+#: the process running a step ended before the step did (killed, out of memory): kept as internal_error
+_STEP_CRASHED = (
+    "A step of the run stopped before it finished (its process ended: out of memory or a crash), and was "
+    f"not tried again, so that nothing is paid for or attached twice. {_AGAIN}"
+)
+#: a plugin error that came without its message (an empty Cause): what each transient one means
+_WITHOUT_MESSAGE = {
+    "hub_unavailable": f"Ango Hub did not answer, even after several tries. {_AGAIN}",
+    "openai_unavailable": f"OpenAI did not answer, even after several tries. {_AGAIN}",
+    "storage_unavailable": f"The plugin's storage did not answer, even after several tries. {_AGAIN}",
+    "rate_limiter_busy": f"The shared OpenAI key's queue stayed too busy to take this run. {_AGAIN}",
+}
 
 
 def describe_failure(error: str, cause: str | None) -> Failure:
@@ -62,6 +97,11 @@ def describe_failure(error: str, cause: str | None) -> Failure:
             "retried, so that nothing is paid for or attached twice. Run the plugin again; if it "
             "keeps happening, check that Ango Hub is reachable, then tell the plugin's owner."
         )
+    elif error in _KNOWN_CAUSES:
+        reason, sentence = _KNOWN_CAUSES[error]
+        return Failure(reason=reason, message=sentence or _LAMBDA_UNAVAILABLE, error=error)
+    elif error.startswith("Runtime."):  # Runtime.ExitError, Runtime.OutOfMemory: the text is the runtime's
+        message = _STEP_CRASHED
     elif error not in reason_of:
         # Only the plugin's own errors are written for people; any other exception's text could quote
         # anything (a header value, a request), so it stays in the execution's history, not the session.
@@ -70,7 +110,9 @@ def describe_failure(error: str, cause: str | None) -> Failure:
             "plugin's owner."
         )
     reason = "step_timed_out" if error in LAMBDA_TIMED_OUT else reason_of.get(error, "internal_error")
-    return Failure(reason=reason, message=(message or error)[:1000], error=error)
+    if not message:
+        message = _WITHOUT_MESSAGE.get(reason, f"The run stopped ({reason.replace('_', ' ')}). {_AGAIN}")
+    return Failure(reason=reason, message=message[:1000], error=error)
 
 
 def _all_subclasses(cls: type[PluginError]) -> list[type[PluginError]]:
@@ -79,6 +121,22 @@ def _all_subclasses(cls: type[PluginError]) -> list[type[PluginError]]:
         found.append(sub)
         found.extend(_all_subclasses(sub))
     return found
+
+
+def _ended_by_cancel(run: RunRecord, deps: StepDeps) -> dict[str, Any]:
+    """A cancelled run's grants are given back by the write that takes them off its record: the cancel's
+    own, or here, for a run cancelled before its cancel did so."""
+    given_back: list[HeldAllowance] = []
+
+    def take_off(r: RunRecord) -> None:
+        given_back[:] = r.held if r.image is None else []  # a paid request's grants stay counted
+        r.held = [] if given_back else r.held
+
+    if run.held and run.image is None:
+        deps.runs.change(run, take_off)
+    if given_back and deps.allowances is not None:
+        release(given_back, deps.allowances)
+    return {"status": RunStatus.CANCELLED.value, "reason": RunCancelled.reason}
 
 
 def record_failure(inp: FailureInput, deps: StepDeps) -> dict[str, Any]:
@@ -95,9 +153,7 @@ def record_failure(inp: FailureInput, deps: StepDeps) -> dict[str, Any]:
         # A crash after the run finished (its last write done) must not turn a delivered image into a failure.
         return {"status": RunStatus.SUCCEEDED.value, "reason": None}
     if run.status is RunStatus.CANCELLED:  # the cancel already told the hub and purged the secrets
-        if run.image is None and run.held and deps.allowances is not None:
-            release(run.held, deps.allowances)  # counted by a Generate that raced the cancel, never sent
-        return {"status": RunStatus.CANCELLED.value, "reason": RunCancelled.reason}
+        return _ended_by_cancel(run, deps)
     unconfirmed = [i for i in run.images if not i.attached and i.attach_sent_at_ms is not None]
     if unconfirmed and failure.error != HubOutcomeUnknown.__name__:
         # The step died between sending the attachment and hearing back: say what to check.
@@ -105,24 +161,27 @@ def record_failure(inp: FailureInput, deps: StepDeps) -> dict[str, Any]:
             f"{failure.message} The image ({unconfirmed[0].hub_url}) was sent to the asset but the "
             "hub never confirmed it: check the asset's attachments before running again."
         )[:1000]
-    give_back = run.held if run.image is None and failure.error in _FAILED_BEFORE_SENDING else []
-    if give_back and deps.allowances is not None:
-        release(give_back, deps.allowances)
     hub = try_open_hub(run, deps)
     now = deps.clock.now_ms()
+    given_back: list[HeldAllowance] = []
 
     def fail(r: RunRecord) -> None:
-        if give_back:
-            r.held = []
         r.failure = failure
         mark(r, now, "failed", RunStatus.FAILED, failure.message)
         r.timeline[-1].duration_ms = 0
         r.sealed_secrets = None
+        # Decided on the record this write replaces, not the one read: a cancel in between has taken the
+        # grants off it (and given them back) already.
+        given_back[:] = r.held if r.image is None and failure.error in _FAILED_BEFORE_SENDING else []
+        if given_back:
+            r.held = []
 
     try:
         run = deps.runs.change(run, fail)
     except RunCancelled:  # cancelled since it was read: the cancel has told the hub and purged the secrets
-        return {"status": RunStatus.CANCELLED.value, "reason": RunCancelled.reason}
+        return _ended_by_cancel(required(deps.runs.get(run.session, run.task_id), "the run"), deps)
+    if given_back and deps.allowances is not None:
+        release(given_back, deps.allowances)
     # Paid for and surely not on the hub: a re-run of the task (in a new session too) takes it, not a new one.
     undelivered = any(not i.attached and i.attach_sent_at_ms is None for i in run.images)
     # A step that died between storing its PNG and recording it leaves the image at its key, unrecorded:

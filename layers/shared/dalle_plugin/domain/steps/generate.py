@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable
 
 from dalle_plugin.domain.errors import (
+    NotRunOwner,
     OpenAIRateLimitPersisted,
     PluginError,
     QueueTooLong,
@@ -18,7 +19,15 @@ from dalle_plugin.domain.errors import (
 )
 from dalle_plugin.domain.key_pacing import Observation
 from dalle_plugin.domain.rate_limit import LimiterSettings, wake_at_ms
-from dalle_plugin.domain.run import GenerateOutcome, ImageInfo, RateWait, RunRecord, RunRef, RunStatus
+from dalle_plugin.domain.run import (
+    GenerateOutcome,
+    HeldAllowance,
+    ImageInfo,
+    RateWait,
+    RunRecord,
+    RunRef,
+    RunStatus,
+)
 from dalle_plugin.domain.spending import QuotaWait, release, take_allowances
 from dalle_plugin.domain.steps.machinery import (
     ANGO_KEY,
@@ -131,22 +140,22 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
     except UpstreamRateLimited as exc:
         observed = Observation(True, limit_requests=exc.limit_requests, retry_after_ms=exc.retry_after_ms)
         learn_key_limits(run, deps, api_key, observed)
-        if run.held:  # a 429 is not billed
-            release(run.held, required(deps.allowances, "StepDeps.allowances"))
+        given_back: list[HeldAllowance] = []
 
         def count(r: RunRecord) -> None:
             _count_rate_limited(r)
-            r.held = []
+            given_back[:], r.held = r.held, []  # a 429 is not billed: given back once written
 
         if run.upstream_rate_limited + 1 >= MAX_RATE_LIMITED_ANSWERS:
             run = deps.runs.change(run, count)
+            _give_back(given_back, deps)
             raise OpenAIRateLimitPersisted(
                 f"OpenAI answered 429 rate_limit_exceeded {run.upstream_rate_limited} times in a row, each "
                 "time after waiting as long as it asked: the key's rate limit is used up by other work. Run the "
                 "plugin again later, or raise the key's limits on platform.openai.com."
             ) from None
         # counted in the same write that starts the wait
-        return _wait(
+        waiting = _wait(
             run,
             deps,
             deps.clock.now_ms() + exc.retry_after_ms,
@@ -156,12 +165,19 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
             None,
             also=count,
         )
+        _give_back(given_back, deps)
+        return waiting
     except PluginError as exc:
         if run.held and not getattr(
             exc, "maybe_billed", False
         ):  # an error answer carries no image to pay for
-            release(run.held, required(deps.allowances, "StepDeps.allowances"))
-            deps.runs.change(run, lambda r: setattr(r, "held", []))
+            taken_off: list[HeldAllowance] = []
+
+            def take_off(r: RunRecord) -> None:
+                taken_off[:], r.held = r.held, []
+
+            deps.runs.change(run, take_off)
+            _give_back(taken_off, deps)
         raise
     if image.limits is not None:
         observed = Observation(False, image.limits.limit_requests, image.limits.remaining_requests)
@@ -226,7 +242,25 @@ def _hold_allowances(run: RunRecord, deps: StepDeps, hub: HubClient) -> RunRecor
         return _wait(run, deps, outcome.until_ms, "org_quota", outcome.message, hub, None)
     if not outcome:
         return run
-    return deps.runs.change(run, lambda r: r.held.extend(outcome))
+
+    def hold(r: RunRecord) -> None:
+        if r.status is RunStatus.CANCELLED:  # its cancel has given back what the record held, not these
+            raise RunCancelled("The run was cancelled before its image was generated.")
+        r.held.extend(outcome)
+
+    try:
+        return deps.runs.change(run, hold)
+    except (RunCancelled, NotRunOwner):
+        # never on the record, so no one else will give them back (the execution may be stopped)
+        _give_back(outcome, deps)
+        raise
+
+
+def _give_back(grants: list[HeldAllowance], deps: StepDeps) -> None:
+    """Give back grants this step took off the run record (or never wrote to it): only the writer that
+    removed them does, so each is given back once however the step races a cancel or a failure."""
+    if grants:
+        release(grants, required(deps.allowances, "StepDeps.allowances"))
 
 
 def _spend_attempt(run: RunRecord) -> None:
@@ -347,11 +381,17 @@ def _reuse_undelivered_image(run: RunRecord, deps: StepDeps, hub: HubClient) -> 
     now = deps.clock.now_ms()
 
     def mutate(r: RunRecord) -> None:
+        if r.status is RunStatus.CANCELLED:
+            raise RunCancelled("The run was cancelled before its image was generated.")
         if r.image is None or not _made_for(r.image, r):
             r.image, r.more_images = info, []
         mark(r, now, "generate", None, message)
 
-    run = deps.runs.change(run, mutate)
+    try:
+        run = deps.runs.change(run, mutate)
+    except (RunCancelled, NotRunOwner):  # it stays on offer for the next run of the task: paid, never lost
+        deps.reusable_images.offer(image_fingerprint(run), key, run.expires_at or now // 1000 + 86_400)
+        raise
     hub_log(run, hub, message)
     return GenerateOutcome(status="DONE", image_key=required(run.image, "the run's image").key)
 
