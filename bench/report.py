@@ -182,9 +182,14 @@ HEADLINES = {
         "at most 8",
         (
             "run record written with one UpdateItem per step's write, no read first (was a consistent GetItem "
-            "and a whole-item PutItem per progress line). What is left, by step: API 1 (create), Extract 2 "
-            "(read, progress), Generate 5 (read, offer claim, attempt, queue claim, image), Attach 4 (read, "
-            "attach intent, submit intent, finish); each write left is a promise (send once, never pay twice)"
+            "and a whole-item PutItem per progress line); Generate reads the run and any offered image in one "
+            "BatchGetItem (Extract hands it the image's fingerprint) and claims an offer only when there is "
+            "one; Attach notes the attachment and the submission in one write. What is left, by step: API 1 "
+            "(create: TransactWriteItems), Extract 2 (GetItem: the run and its sealed hub key; UpdateItem: "
+            "prompt and progress), Generate 4 (BatchGetItem: run + offer; UpdateItem: attempt spent under the "
+            "run's version, the cancel-or-pay lock; UpdateItem: the limiter's queue claim; UpdateItem: images "
+            "recorded), Attach 3 (GetItem: run and hub key; UpdateItem: intents before the first send, "
+            "never twice; UpdateItem: finish, secrets removed). Run record and others 9, limiter 1"
         ),
     ),
     "aws_usd_per_1000_images": (

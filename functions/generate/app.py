@@ -1,14 +1,14 @@
 """Generate Image: take a global rate slot (shared key only), call OpenAI once, keep the PNG in S3."""
 
 from dalle_plugin import wiring
-from dalle_plugin.domain.run import RunRef
+from dalle_plugin.domain.run import GenerateInput
 from dalle_plugin.domain.steps.generate import generate_image
 from dalle_plugin.observability import bind_run, lambda_handler, record_generation
 
 
 @lambda_handler
 def handler(event: dict, context: object) -> dict:
-    ref = RunRef.model_validate(event)
+    ref = GenerateInput.model_validate(event)
     bind_run(ref.session, ref.task_id, ref.execution_name)
     deps = wiring.within_time(wiring.generate_deps(), context)
     started_ms = deps.clock.now_ms()

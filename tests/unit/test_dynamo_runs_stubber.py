@@ -212,3 +212,36 @@ def test_a_call_that_times_out_after_the_sdks_retries_is_a_transient_storage_err
     ):
         with pytest.raises(StorageUnavailable):
             DynamoRunStore(Unreachable(error), "sessions").get("s", "t")
+
+
+OFFER_KEY = {"pk": {"S": "IMAGE#fp1"}, "sk": {"S": "REUSABLE"}}
+
+
+@pytest.mark.parametrize("offered", [False, True])
+def test_generate_reads_the_run_and_any_offered_image_in_one_consistent_batch(client, stubber, offered):
+    store = DynamoRunStore(client, TABLE)
+    items = [DynamoRunStore._to_item(_run())]
+    if offered:
+        items.append(OFFER_KEY | {"imageKey": {"S": "images/x.png"}, "expiresAt": {"N": "99"}})
+    stubber.add_response(
+        "batch_get_item",
+        {"Responses": {TABLE: items}},
+        {"RequestItems": {TABLE: {"Keys": [KEY, OFFER_KEY], "ConsistentRead": True}}},
+    )
+    run, on_offer = store.get_with_offer("s1", "t1", "fp1")
+    assert run is not None and run.version == 3 and on_offer is offered
+
+
+def test_keys_left_unprocessed_are_asked_for_again(client, stubber):
+    store = DynamoRunStore(client, TABLE)
+    stubber.add_response(
+        "batch_get_item",
+        {"Responses": {TABLE: []}, "UnprocessedKeys": {TABLE: {"Keys": [KEY], "ConsistentRead": True}}},
+    )
+    stubber.add_response(
+        "batch_get_item",
+        {"Responses": {TABLE: [DynamoRunStore._to_item(_run())]}},
+        {"RequestItems": {TABLE: {"Keys": [KEY], "ConsistentRead": True}}},
+    )
+    run, on_offer = store.get_with_offer("s1", "t1", "fp1")
+    assert run is not None and not on_offer

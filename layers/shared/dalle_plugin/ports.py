@@ -270,6 +270,10 @@ class RunStore(Protocol):
 
     def get(self, session: str, task_id: str) -> RunRecord | None: ...
 
+    def get_with_offer(self, session: str, task_id: str, fingerprint: str) -> tuple[RunRecord | None, bool]:
+        """The run and, in the same read, whether an undelivered image is on offer for ``fingerprint``
+        (``ReusableImages``: the offers live in the same table)."""
+
     def update(self, session: str, task_id: str, mutate: Callable[[RunRecord], None]) -> RunRecord:
         """Read the record, then ``change`` it."""
 

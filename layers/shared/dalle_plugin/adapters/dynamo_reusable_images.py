@@ -15,7 +15,7 @@ from botocore.exceptions import ClientError
 from dalle_plugin.domain.errors import StorageUnavailable
 
 
-def _key(fingerprint: str) -> dict[str, Any]:
+def offered_image_key(fingerprint: str) -> dict[str, Any]:
     return {"pk": {"S": f"IMAGE#{fingerprint}"}, "sk": {"S": "REUSABLE"}}
 
 
@@ -25,7 +25,7 @@ class DynamoReusableImages:
         self._table = table_name
 
     def offer(self, fingerprint: str, key: str, expires_at: int) -> None:
-        item = _key(fingerprint) | {"imageKey": {"S": key}, "expiresAt": {"N": str(expires_at)}}
+        item = offered_image_key(fingerprint) | {"imageKey": {"S": key}, "expiresAt": {"N": str(expires_at)}}
         try:
             self._client.put_item(TableName=self._table, Item=item)
         except ClientError as exc:
@@ -35,7 +35,7 @@ class DynamoReusableImages:
     def claim(self, fingerprint: str) -> str | None:
         try:
             old = self._client.delete_item(
-                TableName=self._table, Key=_key(fingerprint), ReturnValues="ALL_OLD"
+                TableName=self._table, Key=offered_image_key(fingerprint), ReturnValues="ALL_OLD"
             )
         except ClientError as exc:
             raise StorageUnavailable(

@@ -22,6 +22,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
 
+from dalle_plugin.adapters.dynamo_reusable_images import offered_image_key
 from dalle_plugin.domain.errors import StorageUnavailable
 from dalle_plugin.domain.run import RunRecord, RunTally
 
@@ -269,6 +270,27 @@ class DynamoRunStore:
             TableName=self._table, Key=_key(session, task_id), ConsistentRead=True
         ).get("Item")
         return self._read(item) if item else None
+
+    def get_with_offer(self, session: str, task_id: str, fingerprint: str) -> tuple[RunRecord | None, bool]:
+        """The run and the offered-image item (``DynamoReusableImages``, same table) in one consistent
+        BatchGetItem: Generate then claims an offer (a write) only when there is one."""
+        run_key, offer_key = _key(session, task_id), offered_image_key(fingerprint)
+        keys, found = [run_key, offer_key], []
+        for attempt in range(MAX_OPTIMISTIC_RETRIES):
+            if attempt:  # keys DynamoDB left unprocessed (throttled): asked again, after a pause
+                time.sleep(random.uniform(0.005, 0.02) * 2**attempt)
+            answer = self._client.batch_get_item(
+                RequestItems={self._table: {"Keys": keys, "ConsistentRead": True}}
+            )
+            found += answer.get("Responses", {}).get(self._table, [])
+            keys = answer.get("UnprocessedKeys", {}).get(self._table, {}).get("Keys", [])
+            if not keys:
+                break
+        else:
+            raise StorageUnavailable("Could not read the run: DynamoDB kept leaving it unprocessed.")
+        run_item = next((item for item in found if item["pk"] == run_key["pk"]), None)
+        on_offer = any(item["pk"] == offer_key["pk"] for item in found)
+        return (self._read(run_item) if run_item else None), on_offer
 
     def recent(self, session: str, task_id: str) -> RunRecord | None:
         """The record as this store last read or wrote it (no call); read when it has not seen it."""

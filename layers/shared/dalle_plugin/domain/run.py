@@ -142,6 +142,15 @@ class ExtractResult(CamelModel):
     prompt_source: str
     prompt_length: int
     truncated: bool
+    #: what makes the image (a hash, no prompt text): Generate reads an offered image of it with the run
+    image_fingerprint: str | None = None
+
+
+class GenerateInput(RunRef):
+    """Generate's input: the run, and the fingerprint Extract recorded, so the step learns whether an
+    undelivered image is on offer in the same read as the run (and claims it only then)."""
+
+    image_fingerprint: str | None = Field(default=None, max_length=128)
 
 
 class GenerateOutcome(CamelModel):

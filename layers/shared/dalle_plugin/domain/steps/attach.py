@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
 
 from dalle_plugin.domain.errors import HubDeliveryUnknown, HubOutcomeUnknown, PluginError, StorageUnavailable
 from dalle_plugin.domain.hub_answer import answer_to_write_format
@@ -26,37 +25,6 @@ from dalle_plugin.domain.steps.machinery import (
 def _finished_result(run: RunRecord) -> AttachResult:
     image_url = required(required(run.image, "the run's image").hub_url, "the image's hub URL")
     return AttachResult(image_url=image_url, finished_as="workflow" if run.workflow else "editor")
-
-
-def _send_once(
-    run: RunRecord,
-    deps: StepDeps,
-    mark: Callable[[RunRecord, int | None], None],
-    send: Callable[[], object],
-    unconfirmed: str,
-    pending: list[Callable[[RunRecord], None]],
-) -> RunRecord:
-    """Send a change the hub must not get twice: note the intent first, then send. If the hub surely did
-    not take it, the note is cleared so a retry sends it again; if it may have, the run stops with
-    ``unconfirmed`` (sending again could make it twice, and the hub cannot be asked). The step's progress
-    not yet written (``pending``) goes in the same write as the intent."""
-    now = deps.clock.now_ms()
-
-    def note_intent(r: RunRecord) -> None:
-        for apply in pending:
-            apply(r)
-        mark(r, now)
-
-    run = deps.runs.change(run, note_intent)
-    pending.clear()
-    try:
-        send()
-    except HubDeliveryUnknown:
-        raise HubOutcomeUnknown(unconfirmed) from None
-    except PluginError:
-        deps.runs.change(run, lambda r: mark(r, None))
-        raise
-    return run
 
 
 def _unconfirmed_attachment(image: ImageInfo) -> str:
@@ -82,22 +50,34 @@ def _hub_url_setter(index: int, url: str) -> Callable[[RunRecord], None]:
     return note
 
 
-def _attached_setter(index: int) -> Callable[[RunRecord], None]:
+def _apply(changes: list[Callable[[RunRecord], None]]) -> Callable[[RunRecord], None]:
+    def apply(run: RunRecord) -> None:
+        for change in changes:
+            change(run)
+
+    return apply
+
+
+def _note_intents(to_attach: list[int], submit: bool, at_ms: int | None) -> Callable[[RunRecord], None]:
+    """Note (``at_ms``) or clear (None) the intent to send each attachment and the submission: every change
+    the hub must not get twice is noted in one write before the first is sent. A retry that finds one noted
+    and not confirmed stops with HubOutcomeUnknown rather than send it again."""
+
     def note(run: RunRecord) -> None:
-        run.image_at(index).attached = True
+        for index in to_attach:
+            run.image_at(index).attach_sent_at_ms = at_ms
+        if submit:
+            run.finish_sent_at_ms = at_ms
 
     return note
 
 
-def _attach_sent_setter(index: int) -> Callable[[RunRecord, int | None], None]:
-    def mark(run: RunRecord, at_ms: int | None) -> None:
-        run.image_at(index).attach_sent_at_ms = at_ms
+def _confirm_attached(indexes: list[int]) -> Callable[[RunRecord], None]:
+    def note(run: RunRecord) -> None:
+        for index in indexes:
+            run.image_at(index).attached = True
 
-    return mark
-
-
-def _set_finish_sent(run: RunRecord, at_ms: int | None) -> None:
-    run.finish_sent_at_ms = at_ms
+    return note
 
 
 def attach_image(ref: RunRef, deps: StepDeps) -> AttachResult:
@@ -128,60 +108,61 @@ def attach_image(ref: RunRef, deps: StepDeps) -> AttachResult:
             run = run.model_copy(deep=True)  # the URL is only in memory until the next write takes it
             pending.append(_hub_url_setter(index, url))
             pending[-1](run)
-    if not all(image.attached for image in run.images):
+    to_attach = [index for index in range(count) if not run.image_at(index).attached]
+    for index in to_attach:  # an earlier attempt sent it and never heard back
+        if run.image_at(index).attach_sent_at_ms is not None:
+            raise HubOutcomeUnknown(_unconfirmed_attachment(run.image_at(index)))
+    if run.workflow and run.finish_sent_at_ms is not None:
+        raise HubOutcomeUnknown(_unconfirmed_submission(run))
+    # One write notes every send still to come (with the progress not yet written); each outcome is then
+    # written with the finish, or with the failure that stops the step.
+    if to_attach or run.workflow:
+        intents = _note_intents(to_attach, run.workflow, deps.clock.now_ms())
+        run = deps.runs.change(run, _apply([*pending, intents]))
+        pending = []
+    confirmed: list[int] = []
+    if to_attach:
         asset = hub.get_asset(run.project_id, run.asset_id) if run.asset_id else None
         external_id = asset.external_id if asset else run.task_id
-        for index in range(count):  # in order: the hub lists attachments as they came
+        for position, index in enumerate(to_attach):  # in order: the hub lists attachments as they came
             image = run.image_at(index)
-            if image.attached:
-                continue
-            if image.attach_sent_at_ms is not None:  # an earlier attempt sent it and never heard back
-                raise HubOutcomeUnknown(_unconfirmed_attachment(image))
-            run = _send_once(
-                run,
-                deps,
-                _attach_sent_setter(index),
-                partial(
-                    hub.attach_image,
-                    run.project_id,
-                    external_id,
-                    required(image.hub_url, "the image's hub URL"),
-                ),
-                _unconfirmed_attachment(image),
-                pending,
-            )
-            pending.append(_attached_setter(index))
+            try:
+                hub.attach_image(run.project_id, external_id, required(image.hub_url, "the image's hub URL"))
+            except HubDeliveryUnknown:
+                raise HubOutcomeUnknown(_unconfirmed_attachment(image)) from None
+            except PluginError:
+                # surely not taken: the sends that did not happen are cleared, so a retry makes them
+                not_sent = _note_intents(to_attach[position:], run.workflow, None)
+                deps.runs.change(run, _apply([_confirm_attached(confirmed), not_sent]))
+                raise
+            confirmed.append(index)
         # Delivered: a later re-run wants a new image. Only a re-run can find its own image still on offer
         # (Generate claimed any offer before paying); an offer another session makes in between stays.
         if deps.reusable_images is not None and run.prompt is not None and run.generation > 0:
             deps.reusable_images.claim(image_fingerprint(run))
+    pending.append(_confirm_attached(confirmed))
 
+    submitted = False
     try:
         # The answer handed back is the task's current one, unchanged, so no annotation is ever wiped.
         answer = answer_to_write_format(hub.get_task(run.task_id).get("answer") or {})
         if run.workflow:
-            if run.finish_sent_at_ms is not None:
-                raise HubOutcomeUnknown(_unconfirmed_submission(run))
-            run = _send_once(
-                run,
-                deps,
-                _set_finish_sent,
-                lambda: hub.annotate(run.task_id, answer),
-                _unconfirmed_submission(run),
-                pending,
-            )
+            submitted = True  # from here on the hub may have taken it
+            try:
+                hub.annotate(run.task_id, answer)
+            except HubDeliveryUnknown:
+                raise HubOutcomeUnknown(_unconfirmed_submission(run)) from None
+            except PluginError:
+                submitted = False
+                raise
         else:
             hub.plugin_response(run.session, response=answer)  # a repeat is harmless: the same answer again
     except PluginError:
         # What was delivered is recorded before the step gives up: a retry then sends only what is left,
         # and an attachment the hub confirmed never looks unconfirmed to it.
-        if pending:
-
-            def record_delivered(r: RunRecord) -> None:
-                for apply in pending:
-                    apply(r)
-
-            deps.runs.change(run, record_delivered)
+        if not submitted and run.workflow:
+            pending.append(_note_intents([], True, None))
+        deps.runs.change(run, _apply(pending))
         raise
     elapsed_s = (deps.clock.now_ms() - run.created_at_ms) / 1000
     message = f"{images_as_subject(count)} attached to the asset. Finished in {elapsed_s:.1f} s."

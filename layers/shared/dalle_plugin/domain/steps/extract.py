@@ -11,6 +11,7 @@ from dalle_plugin.domain.run import ExtractResult, PromptInfo, RunRecord, RunRef
 from dalle_plugin.domain.steps.machinery import (
     StepDeps,
     hub_log,
+    image_fingerprint,
     load_active,
     mark,
     open_hub,
@@ -100,4 +101,9 @@ def _extract(
 
     run = deps.runs.change(run, record)
     hub_log(run, hub, message)
-    return ExtractResult(prompt_source=info.source, prompt_length=info.length, truncated=info.truncated)
+    return ExtractResult(
+        prompt_source=info.source,
+        prompt_length=info.length,
+        truncated=info.truncated,
+        image_fingerprint=image_fingerprint(run),
+    )

@@ -20,6 +20,7 @@ from dalle_plugin.domain.errors import (
 from dalle_plugin.domain.key_pacing import Observation
 from dalle_plugin.domain.rate_limit import LimiterSettings, wake_at_ms
 from dalle_plugin.domain.run import (
+    GenerateInput,
     GenerateOutcome,
     HeldAllowance,
     ImageInfo,
@@ -40,6 +41,7 @@ from dalle_plugin.domain.steps.machinery import (
     image_key,
     images_as_subject,
     load_active,
+    load_active_with_offer,
     mark,
     open_secrets,
     owned_deps,
@@ -87,7 +89,14 @@ def _done(run: RunRecord) -> GenerateOutcome:
 
 def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
     deps = owned_deps(ref, deps)
-    run = load_active(ref, deps)
+    fingerprint = ref.image_fingerprint if isinstance(ref, GenerateInput) else None
+    on_offer: bool | None = None  # not looked at: claim to find out
+    if fingerprint is not None and deps.reusable_images is not None:
+        run, on_offer = load_active_with_offer(ref, deps, fingerprint)
+        if fingerprint != image_fingerprint(run):  # the prompt changed since: the look was at another image
+            on_offer = None
+    else:
+        run = load_active(ref, deps)
     if run.image is not None:
         if _made_for(run.image, run):
             return _done(run)
@@ -99,7 +108,7 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
 
     secrets = open_secrets(run, deps)  # opened once: every call before the request delays a booked start
     hub = deps.hub_for(run, secrets[ANGO_KEY])
-    reused = _reuse_undelivered_image(run, deps, hub)
+    reused = _reuse_undelivered_image(run, deps, hub, on_offer)
     if reused is not None:
         return reused
     api_key = (
@@ -357,10 +366,13 @@ def _count_rate_limited(run: RunRecord) -> None:
     run.upstream_rate_limited += 1
 
 
-def _reuse_undelivered_image(run: RunRecord, deps: StepDeps, hub: HubClient) -> GenerateOutcome | None:
+def _reuse_undelivered_image(
+    run: RunRecord, deps: StepDeps, hub: HubClient, on_offer: bool | None
+) -> GenerateOutcome | None:
     """A run of the same task that paid for this very image and then failed to deliver it (a hub that
-    stayed down) left it on offer: take it instead of paying again. Single-image runs only."""
-    if deps.reusable_images is None or run.prompt is None or run.images_per_task != 1:
+    stayed down) left it on offer: take it instead of paying again. Single-image runs only. The claim (a
+    write) is made only when the step's read saw an offer, or did not look (``on_offer`` None)."""
+    if deps.reusable_images is None or run.prompt is None or run.images_per_task != 1 or on_offer is False:
         return None
     key = deps.reusable_images.claim(image_fingerprint(run))
     body = required(deps.images, "StepDeps.images").get(key) if key else None

@@ -131,7 +131,19 @@ def load_run(ref: RunRef, deps: StepDeps) -> RunRecord:
 
 def load_active(ref: RunRef, deps: StepDeps) -> RunRecord:
     """The run a step works on; a cancelled run goes no further (the Catch path ends its task)."""
-    run = load_run(ref, deps)
+    return _active(load_run(ref, deps), ref)
+
+
+def load_active_with_offer(ref: RunRef, deps: StepDeps, fingerprint: str) -> tuple[RunRecord, bool]:
+    """``load_active``, and whether an image is on offer for ``fingerprint``, in one read."""
+    run, on_offer = deps.runs.get_with_offer(ref.session, ref.task_id, fingerprint)
+    if run is None:
+        raise PluginError(f"No run for session {ref.session!r} and task {ref.task_id!r}.")
+    return _active(run, ref), on_offer
+
+
+def _active(run: RunRecord, ref: RunRef) -> RunRecord:
+    check_owner(run, ref.caller)
     if run.status is RunStatus.CANCELLED:
         raise RunCancelled("The run was cancelled before its image was generated.")
     return run
