@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 
 from dalle_plugin.domain.errors import HubDeliveryUnknown, HubOutcomeUnknown, PluginError, StorageUnavailable
@@ -13,6 +14,7 @@ from dalle_plugin.domain.steps.machinery import (
     StepDeps,
     count_images,
     hub_log,
+    hub_log_meanwhile,
     image_fingerprint,
     images_as_subject,
     load_active,
@@ -21,6 +23,7 @@ from dalle_plugin.domain.steps.machinery import (
     owned_deps,
     required,
 )
+from dalle_plugin.ports import HubClient
 
 
 def _finished_result(run: RunRecord) -> AttachResult:
@@ -105,57 +108,104 @@ def attach_image(ref: RunRef, deps: StepDeps) -> AttachResult:
     run = load_active(ref, deps)
     if run.status is RunStatus.SUCCEEDED:
         return _finished_result(run)  # a retry of a step that finished: nothing left to do
-    hub = open_hub(run, deps)
+    with ThreadPoolExecutor(max_workers=2) as meanwhile:
+        # Reads only, each needing nothing but the run: side by side with the steps that need the secrets.
+        first = next((i for i, image in enumerate(run.images) if not image.hub_url), None)
+        first_body = None if first is None else meanwhile.submit(_stored_body, run, deps, first)
+        hub = open_hub(run, deps)
+        asset = (
+            meanwhile.submit(hub.get_asset, run.project_id, run.asset_id)
+            if run.asset_id and not all(image.attached for image in run.images)
+            else None
+        )
+        run, pending = _upload(run, deps, hub, first, first_body)
+        if not all(image.attached for image in run.images):
+            external_id = asset.result().external_id if asset else run.task_id
+            run = _attach(run, deps, hub, external_id, pending)
+    return _finish(run, deps, hub, pending)
+
+
+def _stored_body(run: RunRecord, deps: StepDeps, index: int) -> bytes:
+    image = run.image_at(index)
+    body = required(deps.images, "StepDeps.images").get(image.key)
+    if body is None:  # stored by Generate, so gone only if the bucket lost it: a retry may find it
+        raise StorageUnavailable(f"The generated image {image.key} is not in the bucket.")
+    return body
+
+
+def _upload(
+    run: RunRecord, deps: StepDeps, hub: HubClient, first: int | None, first_body: Future[bytes] | None
+) -> tuple[RunRecord, list[Callable[[RunRecord], None]]]:
+    """Upload each image the hub does not have yet; returns the run with their URLs (in memory) and the
+    step's progress not yet written."""
     count = len(run.images)
     uploading = f"Uploading {count_images(count)} to the hub."
     uploading_ms = deps.clock.now_ms()
-    hub_log(run, hub, uploading)
+    told_hub = hub_log_meanwhile(run, hub, uploading)  # while the first image is read and uploaded
     # What the step has done and not yet written: written with the next intent (or the finish), one write each.
     pending: list[Callable[[RunRecord], None]] = [
         lambda r: mark(r, uploading_ms, "attach", RunStatus.ATTACHING, uploading)
     ]
-    for index in range(count):
-        image = run.image_at(index)
-        if not image.hub_url:
-            body = required(deps.images, "StepDeps.images").get(image.key)
-            if body is None:  # stored by Generate, so gone only if the bucket lost it: a retry may find it
-                raise StorageUnavailable(f"The generated image {image.key} is not in the bucket.")
-            extension, content_type = FILE_TYPES[image.format]
-            name = f"dalle-{run.task_id}-{image.sha256[:12]}.{extension}"
-            url = hub.upload_file(
-                run.project_id, name, body, content_type
-            )  # a repeat only leaves a spare file
-            run = run.model_copy(deep=True)  # the URL is only in memory until the next write takes it
-            pending.append(_hub_url_setter(index, url))
-            pending[-1](run)
-    if not all(image.attached for image in run.images):
-        asset = hub.get_asset(run.project_id, run.asset_id) if run.asset_id else None
-        external_id = asset.external_id if asset else run.task_id
-        for index in range(count):  # in order: the hub lists attachments as they came
+    try:
+        for index in range(count):
             image = run.image_at(index)
-            if image.attached:
-                continue
-            if image.attach_sent_at_ms is not None:  # an earlier attempt sent it and never heard back
-                raise HubOutcomeUnknown(_unconfirmed_attachment(image))
-            run = _send_once(
-                run,
-                deps,
-                _attach_sent_setter(index),
-                partial(
-                    hub.attach_image,
-                    run.project_id,
-                    external_id,
-                    required(image.hub_url, "the image's hub URL"),
-                ),
-                _unconfirmed_attachment(image),
-                pending,
-            )
-            pending.append(_attached_setter(index))
-        # Delivered: a later re-run wants a new image. Only a re-run can find its own image still on offer
-        # (Generate claimed any offer before paying); an offer another session makes in between stays.
-        if deps.reusable_images is not None and run.prompt is not None and run.generation > 0:
-            deps.reusable_images.claim(image_fingerprint(run))
+            if not image.hub_url:
+                body = (
+                    first_body.result() if first_body and index == first else _stored_body(run, deps, index)
+                )
+                extension, content_type = FILE_TYPES[image.format]
+                name = f"dalle-{run.task_id}-{image.sha256[:12]}.{extension}"
+                url = hub.upload_file(
+                    run.project_id, name, body, content_type
+                )  # a repeat only leaves a spare file
+                run = run.model_copy(deep=True)  # the URL is only in memory until the next write takes it
+                pending.append(_hub_url_setter(index, url))
+                pending[-1](run)
+    finally:
+        told_hub()
+    return run, pending
 
+
+def _attach(
+    run: RunRecord,
+    deps: StepDeps,
+    hub: HubClient,
+    external_id: str,
+    pending: list[Callable[[RunRecord], None]],
+) -> RunRecord:
+    """Attach each image not yet attached, in order, each sent once."""
+    for index in range(len(run.images)):  # in order: the hub lists attachments as they came
+        image = run.image_at(index)
+        if image.attached:
+            continue
+        if image.attach_sent_at_ms is not None:  # an earlier attempt sent it and never heard back
+            raise HubOutcomeUnknown(_unconfirmed_attachment(image))
+        run = _send_once(
+            run,
+            deps,
+            _attach_sent_setter(index),
+            partial(
+                hub.attach_image,
+                run.project_id,
+                external_id,
+                required(image.hub_url, "the image's hub URL"),
+            ),
+            _unconfirmed_attachment(image),
+            pending,
+        )
+        pending.append(_attached_setter(index))
+    # Delivered: a later re-run wants a new image. Only a re-run can find its own image still on offer
+    # (Generate claimed any offer before paying); an offer another session makes in between stays.
+    if deps.reusable_images is not None and run.prompt is not None and run.generation > 0:
+        deps.reusable_images.claim(image_fingerprint(run))
+    return run
+
+
+def _finish(
+    run: RunRecord, deps: StepDeps, hub: HubClient, pending: list[Callable[[RunRecord], None]]
+) -> AttachResult:
+    """Hand the task's answer back (submitting it in a workflow), then record the run as finished."""
+    count = len(run.images)
     try:
         # The answer handed back is the task's current one, unchanged, so no annotation is ever wiped.
         answer = answer_to_write_format(hub.get_task(run.task_id).get("answer") or {})
