@@ -8,7 +8,8 @@ appends one JSON line per event to ``$BENCH_PROBE_DIR/<pid>.jsonl``:
 * ``aws``: every AWS API call (service, operation, start and end, error code, the DynamoDB request units
   it consumed, which DynamoDB reports when asked and asking changes nothing else);
 * ``span``: each hub HTTP request and each OpenAI generation, timed around the adapters' methods;
-* ``handler``: each invocation of the handler itself, start to end.
+* ``handler``: each invocation of the handler itself, start to end, and whether it was the environment's
+  first (its cold start's invocation, which builds the environment's clients and wiring).
 
 Times are ``time.perf_counter()``, which on Linux is the machine's monotonic clock, one for every process
 (an environment's offset wall clock does not touch it). Dormant when ``$BENCH_PROBE_DIR`` is unset.
@@ -145,8 +146,11 @@ def _watch_handler(journal: _Journal) -> None:
 
     def load_handler(code_dir: str, handler: str, module_name: str) -> Any:
         function = load(code_dir, handler, module_name)
+        served = 0
 
         def timed(event: dict, context: Any) -> Any:
+            nonlocal served
+            served += 1
             started = time.perf_counter()
             failed = True
             try:
@@ -160,6 +164,7 @@ def _watch_handler(journal: _Journal) -> None:
                         "started": started,
                         "ended": time.perf_counter(),
                         "failed": failed,
+                        "first": served == 1,
                         "session": _session_of(event),
                     }
                 )

@@ -1,8 +1,11 @@
 """The baseline for the overhead figure: one process doing a run's hub and OpenAI calls in a row.
 
-No API, no state machine, no DynamoDB, no KMS, no S3, no progress lines: get the task, fetch the asset
-text, generate the image with the openai client, upload it to hub storage, attach it to the asset and
-submit the task, the same requests the pipeline sends for the same run, against the same emulators.
+No API, no state machine, no DynamoDB, no KMS, no S3: the same hub and OpenAI requests the pipeline sends
+for the same run, against the same emulators, one after the other: a progress line, get the task (and
+fetch the asset's text where the prompt comes from it), a progress line, one while the image is generated
+with the openai client, one after, a progress line, upload the image to hub storage, look up the asset,
+attach the image, read the task again and submit it with its answer, a last progress line. The overhead
+bench checks that the hub saw the same requests from both.
 """
 
 from __future__ import annotations
@@ -26,15 +29,27 @@ class NaiveTask:
     model: str
     size: str
     quality: str | None
+    fetch_text: bool = False  # the prompt comes from the asset's text: the pipeline downloads it
 
 
 class NaiveScript:
-    def __init__(self, hub_base_url: str, hub_api_key: str, openai_base_url: str, openai_api_key: str):
+    def __init__(
+        self,
+        hub_base_url: str,
+        hub_api_key: str,
+        openai_base_url: str,
+        openai_api_key: str,
+        session: str = "naive-session",
+    ):
         import openai
 
+        self.session = session
         self.hub = hub_base_url.rstrip("/")
         self.hub_api_key = hub_api_key
+        # one session for the script's life, as a warm Lambda environment keeps its connection pool
         self.http = requests.Session()
+        self.http.headers["apikey"] = hub_api_key
+        self.storage = requests.Session()  # hub storage is another host: the apikey never goes there
         self.openai = openai.OpenAI(api_key=openai_api_key, base_url=openai_base_url)
         self.timings: dict[str, float] = {}
 
@@ -54,20 +69,30 @@ class NaiveScript:
     def _hub(self, method: str, path: str, **kwargs: Any) -> Any:
         return self._http(method, self.hub + path, **kwargs).json()
 
+    def _log(self, task: NaiveTask, message: str) -> None:
+        """A progress line in the hub's Plugin Sessions dialog, as the pipeline sends each of its own."""
+        self._hub(
+            "POST",
+            "/v2/pluginLog",
+            json={"taskId": task.task_id, "level": "INFO", "session": self.session, "msg": message},
+        )
+
     def run(self, task: NaiveTask) -> dict[str, float]:
         """One run; returns the seconds spent in hub calls and in the OpenAI call, and how many of each."""
         self.timings = {"hub": 0.0, "openai": 0.0}
-        self.http = requests.Session()  # a connection per run, as each of the pipeline's steps opens its own
-        self.http.headers["apikey"] = self.hub_api_key
-        answer = self._hub("GET", f"/v2/task/{task.task_id}", params={"includeAnswer": "true"})["data"][
-            "task"
-        ]
-        self._http("GET", task.data_url)
+        self._log(task, f"Run started: model {task.model}, size {task.size}.")
+        self._hub("GET", f"/v2/task/{task.task_id}", params={"includeAnswer": "true"})
+        if task.fetch_text:
+            self._http("GET", task.data_url)
+        self._log(task, f"Prompt: {len(task.prompt)} characters.")
+        self._log(task, f"Generating the image with {task.model}.")
         params: dict[str, Any] = {"model": task.model, "prompt": task.prompt, "size": task.size, "n": 1}
         if task.quality:
             params["quality"] = task.quality
         image = self._timed("openai", self.openai.images.generate, **params)
         png = base64.b64decode(image.data[0].b64_json)
+        self._log(task, "Image generated.")
+        self._log(task, "Uploading the image to the hub.")
         upload = self._hub(
             "GET",
             "/v2/getUploadUrl",
@@ -76,7 +101,7 @@ class NaiveScript:
         upload_url = upload["data"]["uploadUrl"]
         # a presigned storage URL: no apikey header, as the pipeline sends it
         self._timed(
-            "hub", requests.put, upload_url, data=png, headers={"Content-Type": "image/png"}, timeout=30
+            "hub", self.storage.put, upload_url, data=png, headers={"Content-Type": "image/png"}, timeout=30
         ).raise_for_status()
         assets = self._hub(
             "GET",
@@ -97,6 +122,9 @@ class NaiveScript:
                 ],
             },
         )
+        answer = self._hub("GET", f"/v2/task/{task.task_id}", params={"includeAnswer": "true"})["data"][
+            "task"
+        ]
         objects = answer["answer"].get("tools", [])
         self._hub(
             "POST",
@@ -113,4 +141,5 @@ class NaiveScript:
                 "duration": 0,
             },
         )
+        self._log(task, "Image attached to the asset.")
         return dict(self.timings)

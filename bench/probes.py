@@ -95,6 +95,7 @@ class HandlerRun:
     started: float
     ended: float
     session: str
+    first: bool = False  # the environment's first invocation: its clients and wiring are built in it
 
 
 @dataclass
@@ -243,7 +244,13 @@ class StackProbe:
             self._spans.append(Span(record["span"], record["started"], record["ended"]))
         elif kind == "handler":
             self._handler_runs.append(
-                HandlerRun(record["function"], record["started"], record["ended"], record["session"])
+                HandlerRun(
+                    record["function"],
+                    record["started"],
+                    record["ended"],
+                    record["session"],
+                    record.get("first", False),
+                )
             )
 
     # ---- the hooks --------------------------------------------------------------------------------

@@ -59,7 +59,13 @@ def test_step_handlers_with_their_events(stack, openai_emulator):
     assert starter.started[0][1] == {"session": "sess-event-0001", "tasks": [{"taskId": "task-fox"}]}
 
     extracted = _invoke(stack, "ExtractFunction", load_event("extract.json"))
-    assert extracted == {"promptSource": "entity-annotation", "promptLength": 57, "truncated": False}
+    # Generate's event carries the fingerprint Extract hands it, so `sam local invoke` takes the usual path
+    assert extracted == {
+        "promptSource": "entity-annotation",
+        "promptLength": 57,
+        "truncated": False,
+        "imageFingerprint": load_event("generate.json")["imageFingerprint"],
+    }
 
     generated = _invoke(stack, "GenerateFunction", load_event("generate.json"))
     assert generated["status"] == "DONE" and generated["imageKey"].endswith(".png")

@@ -10,7 +10,7 @@ from dalle_plugin.domain.prompt_template import parse_template
 from dalle_plugin.domain.run import ExtractResult, PromptInfo, RunRecord, RunRef, RunStatus
 from dalle_plugin.domain.steps.machinery import (
     StepDeps,
-    hub_log,
+    hub_log_meanwhile,
     image_fingerprint,
     load_active,
     mark,
@@ -38,15 +38,21 @@ def extract_prompt(ref: RunRef, deps: StepDeps) -> ExtractResult:
         f"Run started: prompt from {run.prompt_source}, model {run.model.actual}, size {run.size}.{notes}"
     )
     started_ms = deps.clock.now_ms()
-    hub_log(run, hub, started)
+    told_hub = hub_log_meanwhile(run, hub, started)  # while the task is read
     try:
         return _extract(
-            run, deps, hub, lambda r: mark(r, started_ms, "extract", RunStatus.EXTRACTING, started)
+            run,
+            deps,
+            hub,
+            lambda r: mark(r, started_ms, "extract", RunStatus.EXTRACTING, started),
+            told_hub,
         )
     except PluginError:
         # The step's one write is its result; a step that fails still leaves its start on the timeline.
         deps.runs.change(run, lambda r: mark(r, started_ms, "extract", RunStatus.EXTRACTING, started))
         raise
+    finally:
+        told_hub()
 
 
 def read_prompt(run: RunRecord, hub: HubClient) -> PromptInfo:
@@ -77,7 +83,11 @@ def read_prompt(run: RunRecord, hub: HubClient) -> PromptInfo:
 
 
 def _extract(
-    run: RunRecord, deps: StepDeps, hub: HubClient, mark_started: Callable[[RunRecord], None]
+    run: RunRecord,
+    deps: StepDeps,
+    hub: HubClient,
+    mark_started: Callable[[RunRecord], None],
+    told_hub: Callable[[], None],
 ) -> ExtractResult:
     info = read_prompt(run, hub)
     template = run.prompt_template
@@ -99,8 +109,13 @@ def _extract(
         r.prompt = info
         mark(r, now, "extract", None, message)
 
-    run = deps.runs.change(run, record)
-    hub_log(run, hub, message)
+    told_hub()
+    # The line goes out while the prompt is recorded: it says what was extracted, whatever the write meets.
+    told_hub = hub_log_meanwhile(run, hub, message)
+    try:
+        run = deps.runs.change(run, record)
+    finally:
+        told_hub()
     return ExtractResult(
         prompt_source=info.source,
         prompt_length=info.length,

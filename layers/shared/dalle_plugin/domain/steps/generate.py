@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import math
-import threading
 from collections.abc import Callable
 
 from dalle_plugin.domain.errors import (
@@ -37,6 +36,7 @@ from dalle_plugin.domain.steps.machinery import (
     StepDeps,
     count_images,
     hub_log,
+    hub_log_meanwhile,
     image_fingerprint,
     image_key,
     images_as_subject,
@@ -50,7 +50,7 @@ from dalle_plugin.domain.steps.machinery import (
     to_rfc3339_second,
 )
 from dalle_plugin.domain.steps.own_key import claim_own_key_send, learn_key_limits
-from dalle_plugin.ports import HubClient, ImageRequest, RateAsk, RateDecision
+from dalle_plugin.ports import GeneratedImage, HubClient, ImageRequest, RateAsk, RateDecision
 
 #: 429 rate_limit_exceeded answers a run takes in a row (waiting the time OpenAI asks each time) before it
 #: gives up: a key whose limit stays used up must end the run, not loop it for days
@@ -139,13 +139,12 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
     started = deps.clock.now_ms()
     # The hub hears "generating" while the request is on its way: a hub call before it would stand
     # between the booked start and the request.
-    telling_hub = threading.Thread(target=hub_log, args=(run, hub, run.timeline[-1].detail), daemon=True)
-    telling_hub.start()
+    told_hub = hub_log_meanwhile(run, hub, run.timeline[-1].detail or "")
     try:
         try:
             image = generator.generate(request, api_key)
         finally:
-            telling_hub.join()
+            told_hub()
     except UpstreamRateLimited as exc:
         observed = Observation(True, limit_requests=exc.limit_requests, retry_after_ms=exc.retry_after_ms)
         learn_key_limits(run, deps, api_key, observed)
@@ -188,6 +187,21 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
             deps.runs.change(run, take_off)
             _give_back(taken_off, deps)
         raise
+    elapsed_s = (deps.clock.now_ms() - started) / 1000
+    message = f"{images_as_subject(len(image.bodies[: run.images_per_task]))} generated in {elapsed_s:.1f} s."
+    # The line goes out while the images are stored and recorded: it says they were generated (and paid
+    # for), which holds whatever the storing meets.
+    told_hub = hub_log_meanwhile(run, hub, message)
+    try:
+        return _keep_images(run, deps, api_key, image, message)
+    finally:
+        told_hub()
+
+
+def _keep_images(
+    run: RunRecord, deps: StepDeps, api_key: str, image: GeneratedImage, message: str
+) -> GenerateOutcome:
+    """Store the images a request returned, then record them on the run."""
     if image.limits is not None:
         observed = Observation(False, image.limits.limit_requests, image.limits.remaining_requests)
         learn_key_limits(run, deps, api_key, observed)
@@ -218,8 +232,6 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
                 fingerprint=image_fingerprint(run),
             )
         )
-    elapsed_s = (deps.clock.now_ms() - started) / 1000
-    message = f"{images_as_subject(len(infos))} generated in {elapsed_s:.1f} s."
 
     def mutate(r: RunRecord) -> None:
         r.image, r.more_images = infos[0], infos[1:]
@@ -227,7 +239,6 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
         mark(r, deps.clock.now_ms(), "generate", None, message)
 
     run = deps.runs.change(run, mutate)
-    hub_log(run, hub, message)
     return _done(run)
 
 

@@ -8,6 +8,7 @@ import datetime as dt
 import hashlib
 import json
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -204,6 +205,19 @@ def hub_log(run: RunRecord, hub: HubClient | None, message: str, level: str = "I
         return
     with contextlib.suppress(PluginError):
         hub.plugin_log(run.session, message, level=level, taskId=run.task_id)
+
+
+def hub_log_meanwhile(
+    run: RunRecord, hub: HubClient | None, message: str, level: str = "INFO"
+) -> Callable[[], None]:
+    """Send a progress line while the step goes on with its work, and return what waits for it. A line is
+    best effort, so it need not hold up the step's next call; the caller waits for it before its next
+    line (the hub keeps them in order) and before the step returns (a Lambda's threads stop with it)."""
+    if hub is None:
+        return lambda: None
+    sending = threading.Thread(target=hub_log, args=(run, hub, message, level), daemon=True)
+    sending.start()
+    return sending.join
 
 
 def image_key(run: RunRecord, index: int = 0) -> str:
