@@ -86,6 +86,18 @@ def test_a_429_on_a_claim_granted_within_the_stated_limit_widens_that_keys_margi
     assert SETTINGS.spacing_for(refused) == SPACING + SETTINGS.max_learned_margin_ms
 
 
+def test_a_served_send_is_dated_by_when_it_reached_openai_so_its_slot_frees_a_window_after_that() -> None:
+    state = learn(KeyPace(), "x", Observation(False, limit_requests=2), 0, SETTINGS)
+    state = claim(state, "a", 100, SETTINGS).state
+    state = claim(state, "b", 200, SETTINGS).state
+    # "a" left a loaded sender late: OpenAI had it by 900 at the latest (answered at 1_000 after 100 ms)
+    state = learn(state, "a", Observation(False, limit_requests=2, arrived_by_ms=900), 1_000, SETTINGS)
+    assert state.sends == ((200, ticket_tag("b")), (900, ticket_tag("a")))
+    assert claim(state, "c", 1_100, SETTINGS).start_at_ms == 200 + SPACING
+    # a timing that says less than the claim never dates a send earlier
+    assert learn(state, "b", Observation(False, 2, arrived_by_ms=50), 1_000, SETTINGS).sends == state.sends
+
+
 def test_a_429_while_the_limit_is_unknown_or_changes_teaches_no_margin() -> None:
     probe = claim(KeyPace(), "a", 0, SETTINGS).state
     assert (
@@ -189,6 +201,9 @@ def test_the_answers_rate_limit_headers_are_read_as_openai_sends_them() -> None:
     }
     limits = key_limits(headers)
     assert (limits.limit_requests, limits.remaining_requests, limits.reset_requests_ms) == (50, 49, 1200)
+    assert limits.arrived_by_ms is None  # no timing without the time the answer was in hand
+    timed = key_limits(headers | {"openai-processing-ms": "250"}, answered_at_ms=10_000)
+    assert timed.arrived_by_ms == 9_750
     assert key_limits({}).limit_requests is None
     assert key_limits({"x-ratelimit-limit-requests": "lots"}).limit_requests is None
 

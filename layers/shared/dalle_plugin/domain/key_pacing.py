@@ -7,7 +7,9 @@ key), and applies these rules with one conditional write per decision.
 (``retry-after-ms`` / ``retry-after``). The limit is adopted from the latest answer that carried it; a 429
 blocks the key's sends until the time it names (every run of the key waits for it, instead of each run
 retrying into further 429s), and the refused send stops counting (OpenAI did not count it either). A 429
-without a limit header lowers the limit to the sends that did get through in the window. Until a first
+without a limit header lowers the limit to the sends that did get through in the window. A 200 dates its
+send by when it reached OpenAI at the latest (the answer's arrival less ``openai-processing-ms``), since
+OpenAI's window runs from there and not from the claim. Until a first
 answer has taught the limit, one send per window probes it, and the other runs look again every
 ``probe_look_ms`` (the answer lands within seconds; a run that slept a whole short wait would leave the
 learned slots idle).
@@ -98,6 +100,7 @@ class Observation:
     limit_requests: int | None = None
     remaining_requests: int | None = None
     retry_after_ms: int | None = None
+    arrived_by_ms: int | None = None  # the latest the send can have reached OpenAI (a 200's timing)
 
 
 def effective_limit(state: KeyPace, settings: KeyPaceSettings) -> int:
@@ -139,7 +142,7 @@ def learn(
     if observation.limit_requests is not None and observation.limit_requests > 0:
         limit = min(observation.limit_requests, settings.max_tracked_sends)
     if not observation.refused:
-        return replace(state, limit=limit)
+        return replace(state, limit=limit, sends=_arrived(state.sends, ticket, observation.arrived_by_ms))
     tag = ticket_tag(ticket)
     others = tuple(s for s in state.sends if s[1] != tag)  # the refused send did not count
     if observation.limit_requests is None:
@@ -153,6 +156,19 @@ def learn(
         # retry time (OpenAI's window counts from arrival), so this key's slots free that much later
         extra = min(settings.max_learned_margin_ms, extra + retry_after_ms + settings.learned_margin_step_ms)
     return KeyPace(limit=limit, sends=others, blocked_until_ms=blocked, extra_margin_ms=extra)
+
+
+def _arrived(
+    sends: tuple[tuple[int, str], ...], ticket: str, arrived_by_ms: int | None
+) -> tuple[tuple[int, str], ...]:
+    """The sends with this one dated when it reached OpenAI at the latest, rather than when it was claimed:
+    OpenAI's window runs from the arrival, which on a loaded sender comes a second or more after the
+    claim, so a slot dated by its claim alone frees too early (and the send in it is refused)."""
+    tag = ticket_tag(ticket)
+    if arrived_by_ms is None:
+        return sends
+    moved = [(max(at, arrived_by_ms), t) if t == tag else (at, t) for at, t in sends]
+    return tuple(sorted(moved))
 
 
 def wake_at_ms(start_at_ms: int, settings: KeyPaceSettings) -> int:

@@ -164,7 +164,12 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
             deps.runs.change(run, lambda r: setattr(r, "held", []))
         raise
     if image.limits is not None:
-        observed = Observation(False, image.limits.limit_requests, image.limits.remaining_requests)
+        observed = Observation(
+            False,
+            image.limits.limit_requests,
+            image.limits.remaining_requests,
+            arrived_by_ms=image.limits.arrived_by_ms,
+        )
         learn_key_limits(run, deps, api_key, observed)
     # Every image is stored before any is recorded: a step that dies in between finds them at their keys.
     content_type = FILE_TYPES[run.output_format][1]
