@@ -27,7 +27,8 @@ def test_an_unknown_limit_lets_one_probe_through_and_the_others_look_again_soon(
     assert first.granted and first.state.sends == ((1_000, ticket_tag("run-a#1")),)
     second = claim(first.state, "run-b#1", 1_010, SETTINGS)
     assert not second.granted
-    assert second.start_at_ms <= 1_010 + SETTINGS.short_wait_ms  # the probe's answer will teach the limit
+    # the probe's answer will teach the limit within moments: look again then, not a whole short wait later
+    assert second.start_at_ms == 1_010 + SETTINGS.probe_look_ms
 
 
 def test_the_limit_is_adopted_from_the_answer_and_then_fills_the_window() -> None:
@@ -62,6 +63,52 @@ def test_a_429_blocks_every_run_of_the_key_until_its_retry_time_and_frees_the_re
     assert not claim(refused, "c", 1_099, SETTINGS).granted
     assert claim(refused, "c", 1_099, SETTINGS).start_at_ms == 1_100
     assert claim(refused, "c", 1_100, SETTINGS).granted
+
+
+def test_a_429_on_a_claim_granted_within_the_stated_limit_widens_that_keys_margin_by_its_lateness() -> None:
+    state = learn(KeyPace(), "x", Observation(False, limit_requests=1), 0, SETTINGS)
+    state = claim(state, "a", 100, SETTINGS).state
+    state = claim(
+        state, "b", 100 + SPACING, SETTINGS
+    ).state  # OpenAI saw "a" arrive later than it was claimed
+    refused = learn(
+        state, "b", Observation(True, limit_requests=1, retry_after_ms=80), 150 + SPACING, SETTINGS
+    )
+    assert refused.extra_margin_ms == 80 + SETTINGS.learned_margin_step_ms
+    assert SETTINGS.spacing_for(refused) == SPACING + 180
+    # the refused send is retried when OpenAI said; the slot it then takes frees one widened spacing later
+    retried = claim(refused, "b2", 230 + SPACING, SETTINGS)
+    assert retried.granted
+    assert claim(retried.state, "c", 240 + SPACING, SETTINGS).start_at_ms == 230 + 2 * SPACING + 180
+    # however many such 429s, the margin stays bounded
+    for n in range(100):
+        refused = learn(refused, "a", Observation(True, limit_requests=1, retry_after_ms=900), n, SETTINGS)
+    assert SETTINGS.spacing_for(refused) == SPACING + SETTINGS.max_learned_margin_ms
+
+
+def test_a_served_send_is_dated_by_when_it_reached_openai_so_its_slot_frees_a_window_after_that() -> None:
+    state = learn(KeyPace(), "x", Observation(False, limit_requests=2), 0, SETTINGS)
+    state = claim(state, "a", 100, SETTINGS).state
+    state = claim(state, "b", 200, SETTINGS).state
+    # "a" left a loaded sender late: OpenAI had it by 900 at the latest (answered at 1_000 after 100 ms)
+    state = learn(state, "a", Observation(False, limit_requests=2, arrived_by_ms=900), 1_000, SETTINGS)
+    assert state.sends == ((200, ticket_tag("b")), (900, ticket_tag("a")))
+    assert claim(state, "c", 1_100, SETTINGS).start_at_ms == 200 + SPACING
+    # a timing that says less than the claim never dates a send earlier
+    assert learn(state, "b", Observation(False, 2, arrived_by_ms=50), 1_000, SETTINGS).sends == state.sends
+
+
+def test_a_429_while_the_limit_is_unknown_or_changes_teaches_no_margin() -> None:
+    probe = claim(KeyPace(), "a", 0, SETTINGS).state
+    assert (
+        learn(
+            probe, "a", Observation(True, limit_requests=2, retry_after_ms=500), 10, SETTINGS
+        ).extra_margin_ms
+        == 0
+    )
+    known = learn(KeyPace(), "x", Observation(False, limit_requests=3), 0, SETTINGS)
+    lowered = learn(known, "x", Observation(True, limit_requests=2, retry_after_ms=500), 10, SETTINGS)
+    assert lowered.extra_margin_ms == 0
 
 
 def test_a_429_without_a_limit_lowers_the_limit_to_what_got_through() -> None:
@@ -154,6 +201,9 @@ def test_the_answers_rate_limit_headers_are_read_as_openai_sends_them() -> None:
     }
     limits = key_limits(headers)
     assert (limits.limit_requests, limits.remaining_requests, limits.reset_requests_ms) == (50, 49, 1200)
+    assert limits.arrived_by_ms is None  # no timing without the time the answer was in hand
+    timed = key_limits(headers | {"openai-processing-ms": "250"}, answered_at_ms=10_000)
+    assert timed.arrived_by_ms == 9_750
     assert key_limits({}).limit_requests is None
     assert key_limits({"x-ratelimit-limit-requests": "lots"}).limit_requests is None
 
@@ -162,7 +212,7 @@ def test_the_pacing_item_is_named_by_the_fingerprint_and_written_under_its_versi
     from dalle_plugin.adapters.dynamo_key_pacer import DynamoKeyPacer, decode_pace, encode_pace
 
     pacer = DynamoKeyPacer(client=None, table_name="rate", settings=SETTINGS)
-    state = KeyPace(limit=3, sends=((5, "abc"),), blocked_until_ms=9)
+    state = KeyPace(limit=3, sends=((5, "abc"),), blocked_until_ms=9, extra_margin_ms=120)
     first = pacer.write_request("f1", 0, state)
     assert first["Key"] == {"pk": {"S": "key#f1"}}
     assert first["ConditionExpression"] == "attribute_not_exists(#pk)"

@@ -84,6 +84,8 @@ class KeyLimits:
     limit_requests: int | None = None
     remaining_requests: int | None = None
     reset_requests_ms: int | None = None
+    #: the latest the request can have reached OpenAI (answer in hand less openai-processing-ms), epoch ms
+    arrived_by_ms: int | None = None
 
 
 @dataclass(frozen=True)

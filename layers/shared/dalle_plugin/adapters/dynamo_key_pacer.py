@@ -2,8 +2,8 @@
 
 Item ``{pk: "key#<fingerprint>", v: N, pace: S}``: the fingerprint is ``domain.key_pacing.key_fingerprint``
 (one-way; the key itself is never stored or logged), ``v`` counts the writes and ``pace`` is the compact
-JSON of ``domain.key_pacing.KeyPace`` (the limit, the last ``limit`` sends, a block time): small and bounded
-whatever the history.
+JSON of ``domain.key_pacing.KeyPace`` (the limit, the last ``limit`` sends, a block time, a learned margin):
+small and bounded whatever the history.
 
 As for the shared key's queue (``adapters/dynamo_rate_limiter.py``), every decision is one conditional
 UpdateItem (``SET`` only if ``v`` is still the version it was computed from) and never a read: the last
@@ -34,7 +34,12 @@ _KEYS_KEPT = 8
 
 
 def encode_pace(state: KeyPace) -> str:
-    raw = {"l": state.limit, "b": state.blocked_until_ms, "s": [[at, tag] for at, tag in state.sends]}
+    raw = {
+        "l": state.limit,
+        "b": state.blocked_until_ms,
+        "m": state.extra_margin_ms,
+        "s": [[at, tag] for at, tag in state.sends],
+    }
     return json.dumps(raw, separators=(",", ":"))
 
 
@@ -44,6 +49,7 @@ def decode_pace(text: str) -> KeyPace:
         limit=raw.get("l"),
         sends=tuple((int(at), str(tag)) for at, tag in raw.get("s", [])),
         blocked_until_ms=int(raw.get("b", 0)),
+        extra_margin_ms=int(raw.get("m", 0)),
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import math
 import re
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -71,13 +72,18 @@ def _header_int(headers: Any, name: str) -> int | None:
         return None
 
 
-def key_limits(headers: Any) -> KeyLimits:
-    """The ``x-ratelimit-*-requests`` headers of an answer (what an own key is paced by)."""
+def key_limits(headers: Any, answered_at_ms: int | None = None) -> KeyLimits:
+    """The ``x-ratelimit-*-requests`` headers of an answer (what an own key is paced by) and, given when the
+    answer was in hand, the latest the request can have reached OpenAI (less ``openai-processing-ms``)."""
     reset = headers.get("x-ratelimit-reset-requests") if headers is not None else None
+    processing_ms = _header_int(headers, "openai-processing-ms")
     return KeyLimits(
         limit_requests=_header_int(headers, "x-ratelimit-limit-requests"),
         remaining_requests=_header_int(headers, "x-ratelimit-remaining-requests"),
         reset_requests_ms=parse_reset_duration_ms(reset),
+        arrived_by_ms=answered_at_ms - processing_ms
+        if answered_at_ms is not None and processing_ms is not None
+        else None,
     )
 
 
@@ -192,6 +198,7 @@ class OpenAIImageGenerator:
         params.update({name: value for name, value in optional.items() if value is not None})
         try:
             raw = self._client(api_key).images.with_raw_response.generate(**params)
+            answered_at_ms = time.time_ns() // 1_000_000
             result = raw.parse()
         except openai.OpenAIError as exc:
             raise classify(exc, request.model) from None
@@ -208,5 +215,5 @@ class OpenAIImageGenerator:
             request_id=raw.headers.get("x-request-id"),
             revised_prompt=getattr(result.data[0], "revised_prompt", None),
             usage=usage,
-            limits=key_limits(raw.headers),
+            limits=key_limits(raw.headers, answered_at_ms),
         )

@@ -7,8 +7,12 @@ key), and applies these rules with one conditional write per decision.
 (``retry-after-ms`` / ``retry-after``). The limit is adopted from the latest answer that carried it; a 429
 blocks the key's sends until the time it names (every run of the key waits for it, instead of each run
 retrying into further 429s), and the refused send stops counting (OpenAI did not count it either). A 429
-without a limit header lowers the limit to the sends that did get through in the window. Until a first
-answer has taught the limit, one send per window probes it.
+without a limit header lowers the limit to the sends that did get through in the window. A 200 dates its
+send by when it reached OpenAI at the latest (the answer's arrival less ``openai-processing-ms``), since
+OpenAI's window runs from there and not from the claim. Until a first
+answer has taught the limit, one send per window probes it, and the other runs look again every
+``probe_look_ms`` (the answer lands within seconds; a run that slept a whole short wait would leave the
+learned slots idle).
 
 **Strict at the door** (the shared key's rule in ``domain/rate_limit.py``, without its queue): a run may
 send only by claiming its send right before the request leaves; the claim is granted at ``now`` only if
@@ -20,7 +24,10 @@ a run that is late.
 **The window** is OpenAI's: limits are stated per minute. A deployment may state another (the local
 stack's emulator scales a minute down to seconds). **The margin** covers the clock offsets between
 execution environments plus the time from the claim to the request's arrival; each slot is reused one
-``window + margin`` after its send, so a backlog reaches ``window / (window + margin)`` of the cap.
+``window + margin`` after its send, so a backlog reaches ``window / (window + margin)`` of the cap. A 429
+that a granted claim met says the margin was too short for this key's path (a loaded sender, a slow
+network): its retry time is how early the send arrived, and that much more (plus ``learned_margin_step_ms``)
+is added to the key's margin, at most ``max_learned_margin_ms``, so a key is refused a few times at most.
 
 **Bounded state**: the last ``limit`` sends (at most ``max_tracked_sends``), each a time and a short tag of
 its ticket, and one block time.
@@ -46,11 +53,18 @@ class KeyPaceSettings(BaseModel):
     max_tracked_sends: int = Field(
         default=200, ge=1, description="the most sends kept per key (Generate's concurrency is far below)"
     )
+    probe_look_ms: int = Field(default=500, ge=1, description="how often runs look for the probe's answer")
+    learned_margin_step_ms: int = Field(default=100, ge=0, description="added to the margin past a 429's")
+    max_learned_margin_ms: int = Field(default=2000, ge=0, description="the most margin 429s may add")
 
     @property
     def spacing_ms(self) -> int:
-        """A send's slot frees this long after it (as recorded)."""
+        """A send's slot frees this long after it (as recorded), on a key that was never refused."""
         return max(1, round(self.window_s * 1000)) + self.margin_ms
+
+    def spacing_for(self, state: KeyPace) -> int:
+        """A send's slot frees this long after it on this key: the margin plus what its 429s taught."""
+        return self.spacing_ms + min(state.extra_margin_ms, self.max_learned_margin_ms)
 
 
 #: sends allowed per window while a key's limit is unknown: the first answer teaches it
@@ -67,6 +81,7 @@ class KeyPace:
     limit: int | None = None  # requests per window, as OpenAI last said; None: not learned yet
     sends: tuple[tuple[int, str], ...] = ()  # (claimed at ms, ticket tag), oldest first
     blocked_until_ms: int = 0  # no send before this (a 429's retry time)
+    extra_margin_ms: int = 0  # margin learned from 429s that granted claims met
 
 
 @dataclass(frozen=True)
@@ -85,6 +100,7 @@ class Observation:
     limit_requests: int | None = None
     remaining_requests: int | None = None
     retry_after_ms: int | None = None
+    arrived_by_ms: int | None = None  # the latest the send can have reached OpenAI (a 200's timing)
 
 
 def effective_limit(state: KeyPace, settings: KeyPaceSettings) -> int:
@@ -94,7 +110,7 @@ def effective_limit(state: KeyPace, settings: KeyPaceSettings) -> int:
 
 
 def _in_window(state: KeyPace, now_ms: int, settings: KeyPaceSettings) -> list[int]:
-    return sorted(at for at, _ in state.sends if at > now_ms - settings.spacing_ms)
+    return sorted(at for at, _ in state.sends if at > now_ms - settings.spacing_for(state))
 
 
 def claim(state: KeyPace, ticket: str, now_ms: int, settings: KeyPaceSettings) -> PaceAnswer:
@@ -108,13 +124,13 @@ def claim(state: KeyPace, ticket: str, now_ms: int, settings: KeyPaceSettings) -
     busy = _in_window(state, now_ms, settings)
     if len(busy) < limit:
         kept = max(limit, PROBE_LIMIT)
-        sends = tuple(s for s in state.sends if s[0] > now_ms - settings.spacing_ms)
+        sends = tuple(s for s in state.sends if s[0] > now_ms - settings.spacing_for(state))
         granted = replace(state, sends=(*sends, (now_ms, tag))[-kept:])
         return PaceAnswer(True, now_ms, granted, changed=True)
     # the slot that frees first: the oldest of the ``limit`` newest sends, one spacing later
-    frees_at = busy[-limit] + settings.spacing_ms
+    frees_at = busy[-limit] + settings.spacing_for(state)
     if state.limit is None:  # the probe's answer will teach the limit long before its slot frees: look again
-        frees_at = min(frees_at, now_ms + max(1, settings.short_wait_ms))
+        frees_at = min(frees_at, now_ms + min(settings.probe_look_ms, max(1, settings.short_wait_ms)))
     return PaceAnswer(False, max(frees_at, now_ms + 1), state, changed=False)
 
 
@@ -126,15 +142,33 @@ def learn(
     if observation.limit_requests is not None and observation.limit_requests > 0:
         limit = min(observation.limit_requests, settings.max_tracked_sends)
     if not observation.refused:
-        return replace(state, limit=limit)
+        return replace(state, limit=limit, sends=_arrived(state.sends, ticket, observation.arrived_by_ms))
     tag = ticket_tag(ticket)
     others = tuple(s for s in state.sends if s[1] != tag)  # the refused send did not count
     if observation.limit_requests is None:
         # no word on the limit: the key holds no more than what got through in the window
-        limit = max(1, len([at for at, _ in others if at > now_ms - settings.spacing_ms]))
+        limit = max(1, len([at for at, _ in others if at > now_ms - settings.spacing_for(state)]))
     retry_after_ms = observation.retry_after_ms if observation.retry_after_ms is not None else 0
     blocked = max(state.blocked_until_ms, now_ms + retry_after_ms)
-    return KeyPace(limit=limit, sends=others, blocked_until_ms=blocked)
+    extra = state.extra_margin_ms
+    if state.limit is not None and state.limit == limit:
+        # the claim was granted on the limit OpenAI states, yet refused: the send arrived early by about the
+        # retry time (OpenAI's window counts from arrival), so this key's slots free that much later
+        extra = min(settings.max_learned_margin_ms, extra + retry_after_ms + settings.learned_margin_step_ms)
+    return KeyPace(limit=limit, sends=others, blocked_until_ms=blocked, extra_margin_ms=extra)
+
+
+def _arrived(
+    sends: tuple[tuple[int, str], ...], ticket: str, arrived_by_ms: int | None
+) -> tuple[tuple[int, str], ...]:
+    """The sends with this one dated when it reached OpenAI at the latest, rather than when it was claimed:
+    OpenAI's window runs from the arrival, which on a loaded sender comes a second or more after the
+    claim, so a slot dated by its claim alone frees too early (and the send in it is refused)."""
+    tag = ticket_tag(ticket)
+    if arrived_by_ms is None:
+        return sends
+    moved = [(max(at, arrived_by_ms), t) if t == tag else (at, t) for at, t in sends]
+    return tuple(sorted(moved))
 
 
 def wake_at_ms(start_at_ms: int, settings: KeyPaceSettings) -> int:

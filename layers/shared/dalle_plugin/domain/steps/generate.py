@@ -203,7 +203,12 @@ def _keep_images(
 ) -> GenerateOutcome:
     """Store the images a request returned, then record them on the run."""
     if image.limits is not None:
-        observed = Observation(False, image.limits.limit_requests, image.limits.remaining_requests)
+        observed = Observation(
+            False,
+            image.limits.limit_requests,
+            image.limits.remaining_requests,
+            arrived_by_ms=image.limits.arrived_by_ms,
+        )
         learn_key_limits(run, deps, api_key, observed)
     # Every image is stored before any is recorded: a step that dies in between finds them at their keys.
     content_type = FILE_TYPES[run.output_format][1]
