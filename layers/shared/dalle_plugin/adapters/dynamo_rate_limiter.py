@@ -40,6 +40,7 @@ from dalle_plugin.domain.rate_limit import (
     join,
     leave,
     line_of,
+    planned_starts,
     state_at_turn,
 )
 from dalle_plugin.ports import RateClaim, RateDecision, RateJoin
@@ -65,13 +66,23 @@ def encode_lines(state: LimiterState) -> str:
     return json.dumps(lines, separators=(",", ":"))
 
 
-def encode_state(state: LimiterState) -> str:
-    """The whole state as a compact string (what a run keeps as its view)."""
+def encode_state(state: LimiterState, seen_ms: int = 0) -> str:
+    """The whole state as a compact string (what a run keeps as its view), with when it was seen."""
     slots = [[s.at_ms, s.send, s.line] if s else None for s in state.slots]
     return json.dumps(
-        {"g": state.grants, "c": state.changes, "s": slots, "q": json.loads(encode_lines(state))},
+        {
+            "g": state.grants,
+            "c": state.changes,
+            "s": slots,
+            "q": json.loads(encode_lines(state)),
+            "at": seen_ms,
+        },
         separators=(",", ":"),
     )
+
+
+def view_seen_ms(text: str) -> int:
+    return int(json.loads(text).get("at", 0)) if text else 0
 
 
 def _lines(raw: list) -> tuple[tuple[str, Line], ...]:
@@ -145,7 +156,7 @@ class DynamoRateLimiter:
             joined.admitted,
             joined.starts_at_ms,
             joined.positions,
-            encode_state(joined.state),
+            encode_state(joined.state, self._clock()),
             calls,
         )
 
@@ -156,9 +167,16 @@ class DynamoRateLimiter:
         view = decode_state(ask.view) if ask.view else self._state
         predicted = state_at_turn(view, line, ticket, self._settings.limit)
         if predicted is not None and predicted.grants > view.grants:
-            # the runs ahead in the view have sent by now, as far as this run knows: claim as if they had
+            # the runs ahead in the view send no earlier than the view plans: wait for that, then claim as
+            # if they had sent
+            ahead = predicted.grants - view.grants
+            turn = planned_starts(view, view_seen_ms(ask.view), self._settings, ahead + 1)[ahead]
+            early_ms = turn - self._clock()
+            if 0 < early_ms <= self._settings.short_wait_ms:
+                self._sleep(early_ms / 1000)
+                waited_ms += early_ms
             answer = claim(predicted, line, ticket, ask.send, self._clock(), self._settings)
-            if answer.granted:
+            if answer.granted and early_ms <= self._settings.short_wait_ms:
                 calls += 1
                 if self._write(predicted, answer.state):
                     self._state = LimiterState()  # the slots of the grants before it are not known here
@@ -184,7 +202,9 @@ class DynamoRateLimiter:
                     continue
                 confirmed = True
             if answer.granted:
-                return RateDecision(True, answer.start_at_ms, 0, ticket, encode_state(answer.state), calls)
+                return RateDecision(
+                    True, answer.start_at_ms, 0, ticket, encode_state(answer.state, self._clock()), calls
+                )
             wait_ms = answer.start_at_ms - now
             if (
                 not answer.gone
@@ -194,13 +214,15 @@ class DynamoRateLimiter:
                 self._sleep(max(0, wait_ms) / 1000)  # the turn is close: wait for it here
                 waited_ms += max(1, wait_ms)
                 continue
-            if not confirmed:  # never send a run to sleep (or away) on a view no write of this call saw
+            # never send a run to sleep on a view older than a short wait (a run ahead may have left since)
+            if not confirmed and now - view_seen_ms(ask.view) > self._settings.short_wait_ms:
                 calls += 1
                 self._learn()
                 confirmed = True
                 continue
+            seen = now if confirmed else view_seen_ms(ask.view)
             return RateDecision(
-                False, answer.start_at_ms, answer.position, ticket, encode_state(answer.state), calls
+                False, answer.start_at_ms, answer.position, ticket, encode_state(answer.state, seen), calls
             )
         raise RateLimiterBusy(
             "Too many runs asked for the shared key at the same moment; the run will try again shortly."
