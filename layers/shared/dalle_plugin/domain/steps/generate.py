@@ -45,12 +45,11 @@ from dalle_plugin.domain.steps.machinery import (
     mark,
     open_secrets,
     owned_deps,
-    queue_id,
     required,
     to_rfc3339_second,
 )
 from dalle_plugin.domain.steps.own_key import claim_own_key_send, learn_key_limits
-from dalle_plugin.ports import HubClient, ImageRequest, RateAsk, RateDecision
+from dalle_plugin.ports import HubClient, ImageRequest, RateClaim
 
 #: 429 rate_limit_exceeded answers a run takes in a row (waiting the time OpenAI asks each time) before it
 #: gives up: a key whose limit stays used up must end the run, not loop it for days
@@ -297,7 +296,7 @@ def _claim_request_start(
         f"Generating {count_images(run.images_per_task)} with {run.model.actual} "
         f"({run.size}, {run.output_format})."
     )
-    expected, joining = run.attempt, run.rate_wait is None
+    expected = run.attempt
     now = deps.clock.now_ms()
 
     def spend(r: RunRecord) -> None:
@@ -322,43 +321,67 @@ def _claim_request_start(
         if key_wait is None:
             return run
         return _wait(run, deps, key_wait.wake_at_ms, "key_pace", key_wait.message, hub, None)
-    decision = required(deps.limiter, "StepDeps.limiter").acquire(
-        RateAsk(
-            run_id=queue_id(run),
-            ticket=f"{run.execution_name}#{run.attempt}",
-            accepted_ms=run.accepted_at_ms or run.created_at_ms,
-            org_id=run.org_id or "",
-            interactive=not run.workflow,
-            may_refuse=joining,
-        )
-    )
+    return _claim_shared_key_send(run, deps, hub)
+
+
+def _claim_shared_key_send(run: RunRecord, deps: StepDeps, hub: HubClient) -> RunRecord | GenerateOutcome:
+    """The shared key's queue (``domain.rate_limit``): the run claims its send with the ticket it took at
+    acceptance; told its turn lies ahead, it sleeps until then (its session and the hub say where it
+    stands), and claims again when it wakes."""
+    settings = required(deps.limiter_settings, "StepDeps.limiter_settings")
+    limiter = required(deps.limiter, "StepDeps.limiter")
+    org, interactive = run.org_id or "", not run.workflow
+    if run.rate_refused_ms is not None:
+        raise QueueTooLong(_queue_too_long(run.rate_refused_ms, None, settings))
+    ticket, view = run.rate_ticket, run.rate_view
+    if ticket is None:  # accepted before the queue took tickets at acceptance: join now
+        joined = limiter.join(org, interactive, 1)
+        if not joined.admitted:
+            raise QueueTooLong(
+                _queue_too_long(joined.starts_at_ms[0] - deps.clock.now_ms(), joined.positions[0], settings)
+            )
+        ticket, view = joined.first_ticket, joined.view
+    decision = limiter.claim(RateClaim(org, interactive, ticket, f"{run.execution_name}#{run.attempt}", view))
     if decision.granted:
         return run
-    settings = required(deps.limiter_settings, "StepDeps.limiter_settings")
     now = deps.clock.now_ms()
-    if decision.refused:
-        raise QueueTooLong(_queue_too_long(decision, now, settings))
     wait = RateWait(
-        ticket=queue_id(run), start_at_ms=decision.start_at_ms, reserved=False, position=decision.position
+        ticket=str(decision.ticket),
+        start_at_ms=decision.start_at_ms,
+        reserved=False,
+        position=decision.position,
     )
+
+    def keep_place(r: RunRecord) -> None:
+        r.rate_ticket, r.rate_view = decision.ticket, decision.view
+
     eta = dt.datetime.fromtimestamp(decision.start_at_ms / 1000, tz=dt.UTC).strftime("%H:%M:%S")
     message = (
         f"Waiting for its turn on the shared OpenAI key ({settings.limit} images per "
-        f"{settings.window_s:g} s across the hub): position {decision.position} in the queue, "
-        f"starts at {eta} UTC, in about {max(0, math.ceil((decision.start_at_ms - now) / 1000))} s."
+        f"{settings.window_s:g} s across the hub): {decision.position} runs go before it, "
+        f"it starts at {eta} UTC, in about {max(0, math.ceil((decision.start_at_ms - now) / 1000))} s."
     )
-    return _wait(run, deps, wake_at_ms(decision.start_at_ms, settings), "rate_slot", message, hub, wait)
+    return _wait(
+        run,
+        deps,
+        wake_at_ms(decision.start_at_ms, settings),
+        "rate_slot",
+        message,
+        hub,
+        wait,
+        also=keep_place,
+    )
 
 
-def _queue_too_long(decision: RateDecision, now_ms: int, settings: LimiterSettings) -> str:
-    wait_min = max(1, round((decision.start_at_ms - now_ms) / 60_000))
+def _queue_too_long(wait_ms: int, position: int | None, settings: LimiterSettings) -> str:
+    wait_min = max(1, round(wait_ms / 60_000))
     cap_min = max(1, round(settings.max_queue_wait_s / 60))
+    ahead = f"{position} runs ahead of it, " if position is not None else ""
     return (
         f"The shared OpenAI key is busy: this run would have waited about {wait_min} min for its turn "
-        f"({decision.position} runs ahead of it, {settings.limit} images per {settings.window_s:g} s "
-        f"across the hub), more than the {cap_min} min this deployment allows, so it was not queued. "
-        "Run it again later, or bring your own OpenAI key (the Config JSON's openai_api_key) to skip "
-        "the shared queue."
+        f"({ahead}{settings.limit} images per {settings.window_s:g} s across the hub), more than the "
+        f"{cap_min} min this deployment allows, so it was not queued. Run it again later, or bring your own "
+        "OpenAI key (the Config JSON's openai_api_key) to skip the shared queue."
     )
 
 
