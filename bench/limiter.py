@@ -109,6 +109,7 @@ class Variant:
         self.batch_joins: dict[str, Any] = {}
         self.batch_sizes: dict[str, int] = {}
         self.batch_index: dict[str, int] = {}
+        self.batch_accepted: dict[str, int] = {}
         for job in sorted(jobs, key=lambda j: j.arrive_at_ms):
             self.batch_index[job.name] = self.batch_sizes.get(job.batch, 0)
             self.batch_sizes[job.batch] = self.batch_index[job.name] + 1
@@ -159,7 +160,7 @@ class Variant:
         from dalle_plugin.ports import RateClaim
 
         settings = self.settings()
-        clock, offset, readings = self._clock(rng)
+        clock, offset, _readings = self._clock(rng)
         # the API's start_session: the batch joins its line once, at acceptance, in one write
         with self.batch_lock:
             if job.batch not in self.batch_joins:
@@ -169,6 +170,7 @@ class Variant:
                 )
                 job.calls += limiter.calls
             joined = self.batch_joins[job.batch]
+        job.accepted_ms = self.batch_accepted.setdefault(job.batch, now_ms())  # the API's stamp: the join
         index = self.batch_index[job.name]
         if index >= joined.admitted:
             job.refused = True
@@ -181,14 +183,14 @@ class Variant:
         for attempt in range(1, 1000):
             if self._gave_up():
                 return
-            clock, offset, readings = self._clock(rng)  # every Generate invoke a new container
+            clock, offset, _readings = self._clock(rng)  # every Generate invoke a new container
             limiter = DynamoRateLimiter(self.client, TABLE, settings, key=self.key, clock=clock)
             decision = limiter.claim(
                 RateClaim(job.org, job.interactive, ticket, f"{job.name}#{attempt}", view)
             )
             job.calls += limiter.calls
             if decision.granted:
-                job.claimed_ms = readings[-1] - round(offset)
+                job.claimed_ms = decision.start_at_ms - round(offset)  # the send time the grant recorded
                 send()
                 return
             ticket, view = decision.ticket, decision.view
