@@ -164,6 +164,7 @@ class DynamoRateLimiter:
         line = line_of(ask.org_id, ask.interactive)
         ticket, calls, waited_ms, contended = ask.ticket, 0, 0, 0
         confirmed = False  # whether the state in hand was seen by a write of this call
+        stale = False  # whether this call slept in place since it last saw the state
         view = decode_state(ask.view) if ask.view else self._state
         predicted = state_at_turn(view, line, ticket, self._settings.limit)
         if predicted is not None and predicted.grants > view.grants:
@@ -194,6 +195,7 @@ class DynamoRateLimiter:
                 continue
             if answer.changed:
                 calls += 1
+                stale = False
                 if not self._write(self._state, answer.state):
                     contended += 1 if confirmed else 0
                     confirmed = True
@@ -206,6 +208,11 @@ class DynamoRateLimiter:
                     True, answer.start_at_ms, 0, ticket, encode_state(answer.state, self._clock()), calls
                 )
             wait_ms = answer.start_at_ms - now
+            if stale:  # slept in place since the state was seen: see it again (a write, never a read)
+                calls += 1
+                self._learn()
+                confirmed, stale = True, False
+                continue
             if (
                 not answer.gone
                 and wait_ms <= self._settings.short_wait_ms
@@ -213,6 +220,7 @@ class DynamoRateLimiter:
             ):
                 self._sleep(max(0, wait_ms) / 1000)  # the turn is close: wait for it here
                 waited_ms += max(1, wait_ms)
+                stale = True
                 continue
             # never send a run to sleep on a view older than a short wait (a run ahead may have left since)
             if not confirmed and now - view_seen_ms(ask.view) > self._settings.short_wait_ms:
