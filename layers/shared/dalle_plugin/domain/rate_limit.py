@@ -33,11 +33,14 @@ arrivals are at least ``window + margin - (o[k+limit] - o[k]) - d[k]`` apart, so
 
 * clock offsets between execution environments: +-500 ms on the local stack's ``hostile`` profile (a few
   ms between NTP-synced Lambdas), so 1000 ms;
-* claim to arrival: from the clock reading before the granting write to the OpenAI emulator's arrival
-  stamp, measured by ``python -m bench.limiter`` (DynamoDB Local and the emulator on a 2-core machine
-  shared with other work): see ``claim_to_arrival_ms`` in ``bench/results/limiter.json``; the median is
-  tens of ms, the tail a few hundred when the machine starves the sender of CPU. The default keeps 500 ms
-  for it: ample on Lambda (a conditional write answers in under 10 ms).
+* claim to arrival: from the clock reading the grant records to the OpenAI emulator's arrival stamp, so
+  the granting conditional write's round trip plus the request's own way out. Measured by
+  ``python -m bench.limiter`` (DynamoDB Local and the emulator on a 2-core machine shared with six other
+  workers, load average about 20): median 85 ms, but p99 7.7 s when the machine starves the sender of
+  CPU, and then one window in the 60-run backlog held 6 arrivals at a limit of 5. Nothing but a larger
+  margin covers a send that leaves seconds after its grant. The default keeps 500 ms for it: ample on
+  Lambda (a conditional write answers in under 10 ms, the request leaves at once), not on a machine that
+  overloaded.
 
 So the default is 1500 ms: 2.5 % of a 60 s window, which is what a backlog's makespan pays over the
 ideal (each slot is reused one ``window + margin`` later), within the 3 % asked.
