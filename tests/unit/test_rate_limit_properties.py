@@ -71,8 +71,8 @@ def simulate(settings: LimiterSettings, runs: list[SimRun], delay_ms: int = 0) -
         if run.cancel_at_ms is not None:
             heapq.heappush(events, (run.cancel_at_ms, 1, index, "cancel"))
     tickets: dict[int, int] = {}
-    attempt = {i: 1 for i in range(len(runs))}
-    wakes = {i: 0 for i in range(len(runs))}
+    attempt = dict.fromkeys(range(len(runs)), 1)
+    wakes = dict.fromkeys(range(len(runs)), 0)
     done: set[int] = set()
     out = Outcome(
         {i: [] for i in range(len(runs))}, {i: [] for i in range(len(runs))}, set(), set(), set(), [], 0, 0
@@ -342,7 +342,7 @@ def test_state_stays_bounded_whatever_the_history():
 
 
 @pytest.mark.parametrize(
-    "field, value", [("skew_margin_ms", 0), ("limit", 0), ("window_s", 0), ("max_queue_wait_s", 0)]
+    ("field", "value"), [("skew_margin_ms", 0), ("limit", 0), ("window_s", 0), ("max_queue_wait_s", 0)]
 )
 def test_settings_refuse_nonsense(field, value):
     with pytest.raises(ValidationError):

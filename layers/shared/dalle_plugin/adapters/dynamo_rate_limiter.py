@@ -311,6 +311,8 @@ class DynamoRateLimiter:
             limit = self._settings.limit
             k = before.grants % limit
             slot = after.slots[k]
+            if slot is None:
+                raise ValueError("a grant's state has no slot for it")  # a bug in decide(), never the wire
             names["#t"], names["#o"] = f"t{k}", f"o{k}"
             values[":t"] = {"N": str(slot.at_ms)}
             values[":o"] = {"S": json.dumps([slot.send, slot.line], separators=(",", ":"))}

@@ -137,7 +137,8 @@ class Line:
 
 def _normal(line: Line) -> Line:
     """``served`` moved past the skipped ranges it reached; ranges below it dropped."""
-    served, ranges = line.served, []
+    served = line.served
+    ranges: list[tuple[int, int]] = []
     for lo, hi in sorted(line.skipped):
         if lo <= served:
             served = max(served, hi)
@@ -192,13 +193,18 @@ def service_order(state: LimiterState, limit: int) -> Iterator[tuple[str, int]]:
     counter = state.grants
     for kind in (EDITOR, WORKFLOW):
         cursors = {name: line.tickets() for name, line in state.lines if name.startswith(kind + ":")}
-        heads = {name: next(cursor, None) for name, cursor in cursors.items()}
-        turn = sorted((last.get(name, -1), name) for name, head in heads.items() if head is not None)
+        heads: dict[str, int] = {}
+        for name, cursor in cursors.items():
+            head = next(cursor, None)
+            if head is not None:
+                heads[name] = head
+        turn = sorted((last.get(name, -1), name) for name in heads)
         while turn:
             _, name = turn.pop(0)
             yield name, heads[name]
-            heads[name] = next(cursors[name], None)
-            if heads[name] is not None:
+            following = next(cursors[name], None)
+            if following is not None:
+                heads[name] = following
                 turn.append((counter, name))  # served just now: behind every other line of its kind
             counter += 1
 

@@ -48,7 +48,8 @@ class _Requeue:
         self.done = self.may_rerun(run)
         if self.done:
             _requeue(run, self.sealed, self.now, self.why)
-            self.place(run)  # a new generation: a new place in the shared key's queue, at the back of its line
+            # a new generation: a new place in the shared key's queue, at the back of its line
+            self.place(run)
 
 
 def _ended_unsuccessfully(run: RunRecord) -> bool:
