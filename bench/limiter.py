@@ -70,12 +70,13 @@ class Job:
     batch: str = ""  # the hub request it came in: a batch joins the queue in one write
     accepted_ms: int = 0
     first_ask_ms: int | None = None  # its first claim (after Extract and a cold start): waiting from then
-    claimed_ms: int | None = None  # true time of the granting decision's clock reading
+    claimed_ms: int | None = None  # true time of the send's recorded time (stamped again if held up)
     arrival_s: float | None = None  # the emulator's stamp
     told_eta_ms: list[int] = field(default_factory=list)  # true times
     refused: bool = False
     calls: int = 0
     claim_to_arrival_ms: float | None = None
+    lost_grants: int = 0  # grants given up because the send was held up until its slot was reused
 
 
 @dataclass
@@ -127,6 +128,8 @@ class Variant:
             wake_lead_ms=round(6000 * scale),
             short_wait_ms=round(8000 * scale),
             abandon_after_ms=round(60_000 * scale),
+            # real time, as the allowance it is part of: half of it, the other half for the way out
+            send_tolerance_ms=CLAIM_TO_ARRIVAL_ALLOWANCE_MS // 2,
         )
 
     def run(self, job: Job, send: Callable[[], None], rng: random.Random) -> None:
@@ -185,14 +188,18 @@ class Variant:
                 return
             clock, offset, _readings = self._clock(rng)  # every Generate invoke a new container
             limiter = DynamoRateLimiter(self.client, TABLE, settings, key=self.key, clock=clock)
-            decision = limiter.claim(
-                RateClaim(job.org, job.interactive, ticket, f"{job.name}#{attempt}", view)
-            )
-            job.calls += limiter.calls
+            ask = RateClaim(job.org, job.interactive, ticket, f"{job.name}#{attempt}", view)
+            decision = limiter.claim(ask)
             if decision.granted:
-                job.claimed_ms = decision.start_at_ms - round(offset)  # the send time the grant recorded
+                stamped = limiter.confirm_send(ask, decision)  # right before the request leaves, as Generate
+                job.calls += limiter.calls
+                if stamped is None:  # held up past its slot's reuse: nothing sent, claim again
+                    job.lost_grants += 1
+                    continue
+                job.claimed_ms = stamped - round(offset)  # the send time recorded for it
                 send()
                 return
+            job.calls += limiter.calls
             ticket, view = decision.ticket, decision.view
             job.told_eta_ms.append(round(decision.start_at_ms - offset))
             self._wait_state(wake_at_ms(decision.start_at_ms, settings) - offset, rng)
@@ -402,6 +409,7 @@ def figures(jobs: list[Job], arrivals: list[float], dials: Dials, state_bytes: i
         "fifo_violations": fifo_violations(jobs, dials.margin_ms),
         "dynamodb_writes_per_grant": round(calls / len(sent), 3) if sent else None,
         "state_bytes_max": state_bytes,
+        "lost_grants": sum(j.lost_grants for j in jobs),
         "claim_to_arrival_ms": {
             "median": round(statistics.median(delays), 1),
             "p99": round(delays[min(len(delays) - 1, math.ceil(0.99 * len(delays)) - 1)], 1),

@@ -3,8 +3,9 @@
 Every thread has its own limiter (a cold Lambda container of its own). Runs joining at once get distinct
 consecutive tickets, none lost, none twice; all of them claiming at the same ``now`` get exactly ``limit``
 sends, and those are the first tickets (the acceptance order), not the race's winners; when the slots
-free, the next ``limit`` tickets are granted. The naive fixed-window counter (bench/baselines), raced the
-same way, lets ``2 * limit`` through around a window boundary.
+free, the next ``limit`` tickets are granted. A send held up after its grant is recorded again before it
+leaves, or, once its slot was reused, does not leave. The naive fixed-window counter (bench/baselines),
+raced the same way, lets ``2 * limit`` through around a window boundary.
 """
 
 from __future__ import annotations
@@ -103,9 +104,9 @@ def race(
     return {name: answer for outcome in collected for name, answer in outcome}
 
 
-def stored_state(endpoint: str, key: str) -> Any:
+def stored_state(endpoint: str, key: str, settings: LimiterSettings = SETTINGS) -> Any:
     stored = make_client(endpoint).get_item(TableName=TABLE, Key={"pk": {"S": key}}, ConsistentRead=True)
-    return DynamoRateLimiter(None, TABLE, SETTINGS).from_item(stored["Item"])
+    return DynamoRateLimiter(None, TABLE, settings).from_item(stored["Item"])
 
 
 def test_runs_joining_at_once_get_distinct_tickets_and_claims_at_once_are_served_in_ticket_order(endpoint):
@@ -160,6 +161,59 @@ def test_a_redelivered_claim_is_granted_again_and_records_nothing(endpoint):
     assert again.granted
     state = stored_state(endpoint, "again")
     assert state.grants == 1 and [s.send for s in state.slots if s] == ["run-x#1"]
+
+
+#: one send per window, so a send's slot is the one the next grant checks
+ONE = LimiterSettings(limit=1, window_s=60, skew_margin_ms=600, wake_lead_ms=0, short_wait_ms=0)
+
+
+class Clock:
+    def __init__(self, now: int):
+        self.now = now
+
+    def __call__(self) -> int:
+        return self.now
+
+
+def test_a_send_held_up_after_its_grant_is_recorded_again_before_it_leaves(endpoint):
+    """The window is checked against the time a send leaves, not the grant's earlier clock reading: a send
+    held up past the tolerance is stamped again, and the next grant waits for one window after that."""
+    client, clock = make_client(endpoint), Clock(NOW)
+    first = DynamoRateLimiter(client, TABLE, ONE, key="late", clock=clock)
+    joined = first.join("org", False, 2)
+    ask = RateClaim("org", False, joined.first_ticket, "run-a#1", joined.view)
+    granted = first.claim(ask)
+    assert granted.granted and granted.start_at_ms == NOW
+    calls = first.calls
+    clock.now = NOW + ONE.send_tolerance
+    assert first.confirm_send(ask, granted) == NOW and first.calls == calls  # on time: nothing written
+    clock.now = NOW + 10_000  # the step starved of CPU between its grant and its request
+    assert first.confirm_send(ask, granted) == NOW + 10_000
+    assert stored_state(endpoint, "late", ONE).slots[0].at_ms == NOW + 10_000
+
+    clock.now = NOW + ONE.spacing_ms  # a window after the grant's reading, not after the send
+    second = DynamoRateLimiter(client, TABLE, ONE, key="late", clock=clock)
+    ask_b = RateClaim("org", False, joined.first_ticket + 1, "run-b#1")
+    told = second.claim(ask_b)
+    assert not told.granted and told.start_at_ms == NOW + 10_000 + ONE.spacing_ms
+    clock.now = told.start_at_ms
+    assert second.claim(RateClaim("org", False, told.ticket, "run-b#1", told.view)).granted
+
+
+def test_a_send_held_up_until_its_slot_was_reused_does_not_leave(endpoint):
+    client, clock = make_client(endpoint), Clock(NOW)
+    first = DynamoRateLimiter(client, TABLE, ONE, key="reused", clock=clock)
+    joined = first.join("org", False, 2)
+    ask = RateClaim("org", False, joined.first_ticket, "run-a#1", joined.view)
+    granted = first.claim(ask)
+    assert granted.granted
+    clock.now = NOW + ONE.spacing_ms  # run A still has not sent; by its grant's time the slot is free
+    second = DynamoRateLimiter(client, TABLE, ONE, key="reused", clock=clock)
+    assert second.claim(RateClaim("org", False, joined.first_ticket + 1, "run-b#1")).granted
+    clock.now += 1
+    assert first.confirm_send(ask, granted) is None  # its send is no longer counted: it must not leave
+    state = stored_state(endpoint, "reused", ONE)
+    assert state.grants == 2 and [s.send for s in state.slots if s] == ["run-b#1"]
 
 
 def test_fixed_window_counter_lets_twice_the_limit_through_across_a_boundary(endpoint):

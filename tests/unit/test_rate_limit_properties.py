@@ -20,6 +20,7 @@ from dalle_plugin.domain.rate_limit import (
     join,
     leave,
     line_of,
+    restamp,
     service_order,
     state_at_turn,
     wake_at_ms,
@@ -44,6 +45,7 @@ class SimRun:
     cancel_at_ms: int | None = None
     crash_after_claim: bool = False  # the first claimed send dies before its request: a retry claims again
     duplicate: bool = False  # the granting claim is delivered twice
+    held_up_ms: list[int] = field(default_factory=list)  # between each grant and its send (drawn in turn)
 
     @property
     def line(self) -> str:
@@ -61,6 +63,7 @@ class Outcome:
     max_lines: int
     max_ranges: int
     granted_while_editor_waited: int = 0
+    lost_grants: int = 0  # sends held up until their slot was reused: not sent, queued again
 
 
 def simulate(settings: LimiterSettings, runs: list[SimRun], delay_ms: int = 0) -> Outcome:
@@ -73,6 +76,8 @@ def simulate(settings: LimiterSettings, runs: list[SimRun], delay_ms: int = 0) -
     tickets: dict[int, int] = {}
     attempt = dict.fromkeys(range(len(runs)), 1)
     wakes = dict.fromkeys(range(len(runs)), 0)
+    grants = dict.fromkeys(range(len(runs)), 0)
+    pending: dict[int, tuple[str, int, int]] = {}  # run -> its granted send, slot and recorded time
     done: set[int] = set()
     out = Outcome(
         {i: [] for i in range(len(runs))}, {i: [] for i in range(len(runs))}, set(), set(), set(), [], 0, 0
@@ -101,6 +106,19 @@ def simulate(settings: LimiterSettings, runs: list[SimRun], delay_ms: int = 0) -
             done.add(index)
             out.cancelled.add(index)
             continue
+        if action == "send":  # the last look at the clock before the request leaves
+            send, slot, stamped = pending.pop(index)
+            if local - stamped > settings.send_tolerance:
+                restamped = restamp(state, slot, send, local)
+                if restamped is None:  # its slot went to a later send: it must not leave, it queues again
+                    out.lost_grants += 1
+                    attempt[index] += 1
+                    heapq.heappush(events, (now + 1, 2, index, "claim"))
+                    continue
+                state = restamped
+            out.arrivals[index].append(now + delay_ms)
+            done.add(index)
+            continue
         send = f"run-{index}#{attempt[index]}"
         answer = claim(state, run.line, tickets[index], send, local, settings)
         state = answer.state
@@ -125,8 +143,10 @@ def simulate(settings: LimiterSettings, runs: list[SimRun], delay_ms: int = 0) -
                 attempt[index] += 1
                 heapq.heappush(events, (now + 1, 2, index, "claim"))  # the state machine retries the step
                 continue
-            out.arrivals[index].append(now + delay_ms)
-            done.add(index)
+            held_up = run.held_up_ms[grants[index] % len(run.held_up_ms)] if run.held_up_ms else 0
+            grants[index] += 1
+            pending[index] = (send, answer.slot, answer.start_at_ms)
+            heapq.heappush(events, (now + held_up, 3, index, "send"))
             continue
         out.told[index].append(answer.start_at_ms - run.offset_ms)
         wake = answer.start_at_ms - run.offset_ms
@@ -200,6 +220,33 @@ def test_never_more_than_the_limit_arrive_in_any_window_and_no_one_starves(setti
             assert len(out.arrivals[index]) == 1, index
     # bounded by the lines waiting, and skipped ranges by the runs waiting, whatever the history
     assert out.max_lines <= 6 and out.max_ranges <= len(runs)
+
+
+@hypothesis_settings(max_examples=60, deadline=None)
+@given(queue_settings, sim_runs(), st.integers(0, MAX_DELAY_MS), st.data())
+def test_a_send_held_up_after_its_grant_is_recorded_again_or_does_not_leave(settings, runs, delay, data):
+    """A step held up between its grant and its request (a slow write, a starved CPU), for any time up to
+    a few windows, interleaved with everyone else's claims: still never more than the limit in any window
+    by arrival, and every run not cancelled sends exactly once (a lost grant queues again)."""
+    tolerance = 30
+    settings = settings.model_copy(
+        update={"skew_margin_ms": settings.skew_margin_ms + tolerance, "send_tolerance_ms": tolerance}
+    )
+    spacing = settings.spacing_ms
+    for run in runs:
+        run.held_up_ms = data.draw(
+            st.lists(
+                st.one_of(st.integers(0, tolerance), st.integers(0, 3 * spacing), st.just(spacing)),
+                min_size=1,
+                max_size=3,
+            )
+        )
+    out = simulate(settings, runs, delay_ms=delay)
+    arrivals = sorted(t for times in out.arrivals.values() for t in times)
+    assert max_in_any_window(arrivals, settings.window_ms) <= settings.limit
+    for index in range(len(runs)):
+        if index not in out.cancelled:
+            assert len(out.arrivals[index]) == 1, index
 
 
 @hypothesis_settings(max_examples=60, deadline=None)

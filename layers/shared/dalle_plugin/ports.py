@@ -186,7 +186,7 @@ class RateDecision:
     run's place: ``position`` runs send before it, its turn comes at ``start_at_ms`` (epoch ms, as exact
     as the runs ahead are on time). ``ticket`` is the run's ticket from now on (a new one if it had been
     skipped and joined again), ``view`` the queue as this answer saw it, ``calls`` the DynamoDB calls it
-    took."""
+    took. Granted, ``start_at_ms`` is the send's recorded time and ``slot`` where it is recorded."""
 
     granted: bool
     start_at_ms: int
@@ -194,6 +194,7 @@ class RateDecision:
     ticket: int = 0
     view: str = ""
     calls: int = 1
+    slot: int = -1
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,11 @@ class RateLimiter(Protocol):
     def claim(self, claim: RateClaim) -> RateDecision:
         """Claim the send now, waiting in place for a turn that is at most a short while away; otherwise
         keep the run queued and say when its turn comes."""
+
+    def confirm_send(self, claim: RateClaim, granted: RateDecision) -> int | None:
+        """Right before the granted request leaves: its send's recorded time, stamped again at now if the
+        grant's was older than the tolerance; None if the send is no longer counted (its slot was reused
+        while the step was held up): the request must not leave, the run claims again."""
 
     def leave(self, org_id: str, interactive: bool, first_ticket: int, count: int = 1) -> None:
         """Take runs out of their line (cancelled or failed): the runs behind them move up."""

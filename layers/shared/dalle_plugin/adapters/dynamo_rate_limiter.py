@@ -18,6 +18,13 @@ plus that many. The slot it takes is fixed by its grant number, and its time is 
 In a backlog that is one write per grant; a join, leave or skip since the view costs one more write.
 
 A turn at most ``short_wait_ms`` away is waited for here, then claimed.
+
+A grant records the clock reading taken before its write. Right before the request leaves, the sender
+asks ``confirm_send``: if more than ``send_tolerance_ms`` passed since that reading (a slow write, a step
+starved of CPU), the send's slot is stamped again with the time now, by a write conditioned on the slot
+still holding this send. Once the grant ``limit`` later has reused the slot, the send is no longer counted,
+so it must not leave: the run queues again. So the recorded time a later grant is checked against is never
+more than the tolerance before the actual send.
 """
 
 from __future__ import annotations
@@ -41,11 +48,20 @@ from dalle_plugin.domain.rate_limit import (
     leave,
     line_of,
     planned_starts,
+    restamp,
     state_at_turn,
 )
 from dalle_plugin.ports import RateClaim, RateDecision, RateJoin
 
 CONDITION_FAILED = "ConditionalCheckFailedException"
+#: times a send late for its recorded time is stamped again before it gives its grant up (each stamp is a
+#: write whose own round trip may make it late again on a starved machine)
+MAX_RESTAMPS = 3
+
+
+def _slot_owner(send: str, line: str) -> str:
+    """A slot's ``o``: the send ticket and line of the grant it holds."""
+    return json.dumps([send, line], separators=(",", ":"))
 
 
 def _storage_error(error: Exception) -> StorageUnavailable:
@@ -181,7 +197,7 @@ class DynamoRateLimiter:
                 calls += 1
                 if self._write(predicted, answer.state):
                     self._state = LimiterState()  # the slots of the grants before it are not known here
-                    return RateDecision(True, answer.start_at_ms, 0, ticket, ask.view, calls)
+                    return RateDecision(True, answer.start_at_ms, 0, ticket, ask.view, calls, answer.slot)
                 confirmed = True
         if not confirmed:
             self._state = view
@@ -204,9 +220,8 @@ class DynamoRateLimiter:
                     continue
                 confirmed = True
             if answer.granted:
-                return RateDecision(
-                    True, answer.start_at_ms, 0, ticket, encode_state(answer.state, self._clock()), calls
-                )
+                granted_view = encode_state(answer.state, self._clock())
+                return RateDecision(True, answer.start_at_ms, 0, ticket, granted_view, calls, answer.slot)
             wait_ms = answer.start_at_ms - now
             if stale:  # slept in place since the state was seen: see it again (a write, never a read)
                 calls += 1
@@ -235,6 +250,41 @@ class DynamoRateLimiter:
         raise RateLimiterBusy(
             "Too many runs asked for the shared key at the same moment; the run will try again shortly."
         )
+
+    def confirm_send(self, ask: RateClaim, granted: RateDecision) -> int | None:
+        stamped = granted.start_at_ms
+        for attempt in range(MAX_RESTAMPS + 1):
+            now = self._clock()
+            if now - stamped <= self._settings.send_tolerance:
+                return stamped
+            if attempt == MAX_RESTAMPS or not self._restamp(ask, granted.slot, now):
+                return None
+            stamped = now
+            self._state = restamp(self._state, granted.slot, ask.send, now) or self._state
+        return None
+
+    def _restamp(self, ask: RateClaim, slot: int, now_ms: int) -> bool:
+        """The send in slot ``slot`` recorded at ``now_ms``, if the slot still holds it."""
+        self.calls += 1
+        try:
+            self._client.update_item(
+                TableName=self._table,
+                Key={"pk": {"S": self._key}},
+                UpdateExpression="SET #t = :t",
+                ConditionExpression="#o = :o",
+                ExpressionAttributeNames={"#t": f"t{slot}", "#o": f"o{slot}"},
+                ExpressionAttributeValues={
+                    ":t": {"N": str(now_ms)},
+                    ":o": {"S": _slot_owner(ask.send, line_of(ask.org_id, ask.interactive))},
+                },
+            )
+        except ClientError as error:
+            if not _is_condition_failure(error):
+                raise _storage_error(error) from error
+            return False
+        except BotoCoreError as error:
+            raise _storage_error(error) from error
+        return True
 
     def leave(self, org_id: str, interactive: bool, first_ticket: int, count: int = 1) -> None:
         line = line_of(org_id, interactive)
@@ -315,7 +365,7 @@ class DynamoRateLimiter:
                 raise ValueError("a grant's state has no slot for it")  # a bug in decide(), never the wire
             names["#t"], names["#o"] = f"t{k}", f"o{k}"
             values[":t"] = {"N": str(slot.at_ms)}
-            values[":o"] = {"S": json.dumps([slot.send, slot.line], separators=(",", ":"))}
+            values[":o"] = {"S": _slot_owner(slot.send, slot.line)}
             values[":cutoff"] = {"N": str(slot.at_ms - self._settings.spacing_ms)}
             sets += ["#t = :t", "#o = :o"]
             conditions.append("(attribute_not_exists(#t) OR #t <= :cutoff)")

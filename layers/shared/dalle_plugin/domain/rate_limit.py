@@ -22,14 +22,19 @@ waiting run's position and start time follow from the state alone, and no race d
 already built): the claim is granted at ``now`` only if its ticket is the next in the order and the send
 ``limit`` grants earlier lies ``window + margin`` or more behind ``now`` (so fewer than ``limit`` sends lie
 in ``(now - window - margin, now]``); the send is recorded in the same conditional write. Nothing is
-booked ahead: a run that wakes late loses nothing, it claims when it is there.
+booked ahead: a run that wakes late loses nothing, it claims when it is there. The recorded time is the
+clock reading before that write; the last thing before the request leaves, the sender looks at the clock
+again, and if more than ``send_tolerance`` passed (a slow write, a step starved of CPU), it records its
+send again at the time now (``restamp``), or, if the grant ``limit`` later already reused its slot, does
+not send and queues again. So a recorded send is never more than the tolerance before the actual one.
 
 **What the margin covers** (``skew_margin_ms``, the deployment's ``RateSkewMarginMs``, at least 1 ms: the
 template's ``MinValue`` refuses 0 at deploy time). A send is recorded at the claimer's clock reading taken
 before its write; the request reaches OpenAI ``d`` later (the conditional write's round trip plus the
 request's own way out), and the claimer's clock is off by ``o``. For sends ``k`` and ``k + limit`` the
 arrivals are at least ``window + margin - (o[k+limit] - o[k]) - d[k]`` apart, so the margin must cover
-``2 * max|o| + max d``:
+``2 * max|o| + max d``, where ``d`` is at most ``send_tolerance`` (a sixth of the margin unless set) plus
+the request's way out after the sender's last look at the clock:
 
 * clock offsets between execution environments: +-500 ms on the local stack's ``hostile`` profile (a few
   ms between NTP-synced Lambdas), so 1000 ms;
@@ -86,17 +91,31 @@ class LimiterSettings(BaseModel):
     abandon_after_ms: int = Field(
         default=60_000, ge=1, description="the head of the order unclaimed this long past its turn is skipped"
     )
+    send_tolerance_ms: int | None = Field(
+        default=None,
+        ge=1,
+        description="a granted send leaves at most this long after its recorded time (else it is recorded "
+        "again): the part of the margin the claim's own write and hold-ups before the send may take; "
+        "by default a sixth of the margin",
+    )
 
     @model_validator(mode="after")
     def _awake_runs_wait_in_place(self) -> LimiterSettings:
         # a run woken ``wake_lead_ms`` early must wait the rest in the step, not sleep again (a busy loop)
         if self.short_wait_ms < self.wake_lead_ms:
             raise ValueError("short_wait_ms must be at least wake_lead_ms")
+        if self.send_tolerance_ms is not None and self.send_tolerance_ms >= self.skew_margin_ms:
+            raise ValueError("send_tolerance_ms must leave part of skew_margin_ms for the clocks' offsets")
         return self
 
     @property
     def window_ms(self) -> int:
         return max(1, round(self.window_s * 1000))
+
+    @property
+    def send_tolerance(self) -> int:
+        """How long after its recorded time a granted send may still leave (250 ms of a 1500 ms margin)."""
+        return self.send_tolerance_ms or max(1, self.skew_margin_ms // 6)
 
     @property
     def spacing_ms(self) -> int:
@@ -313,6 +332,7 @@ class Answer:
     state: LimiterState  # the state to store
     changed: bool  # whether ``state`` differs from the state asked about
     gone: bool = False  # the ticket no longer waits (skipped or left): join again
+    slot: int = -1  # granted: the slot its send is recorded in (``start_at_ms`` is the recorded time)
 
 
 def _granted(state: LimiterState, line: str, ticket: int, send: str, now_ms: int, limit: int) -> LimiterState:
@@ -356,8 +376,9 @@ def claim(
     """Grant ticket ``ticket`` of ``line`` its send ``send`` at ``now_ms``, or say when its turn comes."""
     if not send:
         raise ValueError("a claim needs a send ticket")
-    if any(slot is not None and slot.send == send for slot in state.slots):
-        return Answer(True, now_ms, 0, state, changed=False)  # this very send was granted already
+    for index, slot in enumerate(state.slots):
+        if slot is not None and slot.send == send:  # this very send was granted already, at its recorded time
+            return Answer(True, slot.at_ms, 0, state, changed=False, slot=index)
     current = state.line(line)
     if current is None or not current.holds(ticket):
         return Answer(False, now_ms, 0, state, changed=False, gone=True)
@@ -371,7 +392,8 @@ def claim(
         head = next(service_order(working, settings.limit))
     free_at = _slot_free_ms(working, working.grants, settings)
     if head == (line, ticket) and free_at <= now_ms:
-        return Answer(True, now_ms, 0, _granted(working, line, ticket, send, now_ms, settings.limit), True)
+        granted = _granted(working, line, ticket, send, now_ms, settings.limit)
+        return Answer(True, now_ms, 0, granted, True, slot=working.grants % settings.limit)
     position = _position(working, line, ticket, settings.limit)
     eta = planned_starts(working, now_ms, settings, position + 1)[position]
     if position > 0 and eta - now_ms < settings.skew_margin_ms:
@@ -379,6 +401,18 @@ def claim(
         overdue = head_turn_ms(working, settings, head[0]) + settings.abandon_after_ms + 1
         eta = max(eta, min(overdue, now_ms + settings.skew_margin_ms))
     return Answer(False, eta, position, working, changed=working != state)
+
+
+def restamp(state: LimiterState, slot: int, send: str, now_ms: int) -> LimiterState | None:
+    """The state with send ``send`` (held up after its grant) recorded at ``now_ms`` instead, or None when
+    ``slot`` holds another send by now: the grant ``limit`` later reused it, so this send is no longer
+    counted and must not leave."""
+    held = state.slots[slot] if 0 <= slot < len(state.slots) else None
+    if held is None or held.send != send:
+        return None
+    slots = list(state.slots)
+    slots[slot] = replace(held, at_ms=now_ms)
+    return replace(state, slots=tuple(slots))
 
 
 def wake_at_ms(eta_ms: int, settings: LimiterSettings) -> int:

@@ -8,6 +8,7 @@ import hashlib
 import math
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from dalle_plugin.domain.errors import (
     NotRunOwner,
@@ -49,7 +50,7 @@ from dalle_plugin.domain.steps.machinery import (
     to_rfc3339_second,
 )
 from dalle_plugin.domain.steps.own_key import claim_own_key_send, learn_key_limits
-from dalle_plugin.ports import HubClient, ImageRequest, RateClaim
+from dalle_plugin.ports import HubClient, ImageRequest, RateClaim, RateDecision
 
 #: 429 rate_limit_exceeded answers a run takes in a row (waiting the time OpenAI asks each time) before it
 #: gives up: a key whose limit stays used up must end the run, not loop it for days
@@ -124,7 +125,7 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
     claimed = _claim_request_start(held, deps, hub, api_key)
     if isinstance(claimed, GenerateOutcome):
         return claimed
-    run = claimed
+    run, grant = claimed
     request = ImageRequest(
         model=run.model.actual,
         prompt=required(run.prompt, "the run's prompt").text,
@@ -135,6 +136,8 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
         output_compression=run.output_compression,
         background=run.background,
     )
+    if grant is not None and not grant.still_counted(deps):  # the last thing before the request leaves
+        return _lost_turn(run, deps, hub)
     started = deps.clock.now_ms()
     # The hub hears "generating" while the request is on its way: a hub call before it would stand
     # between the booked start and the request.
@@ -282,9 +285,38 @@ class _TakenByAnotherDelivery(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class _SharedKeyGrant:
+    """A send granted on the shared key, to be confirmed right before the request leaves."""
+
+    claim: RateClaim
+    decision: RateDecision
+
+    def still_counted(self, deps: StepDeps) -> bool:
+        """Whether the send is counted at a recorded time within the tolerance of now (stamped again if the
+        step was held up since its grant); False when its slot went to a later send meanwhile."""
+        limiter = required(deps.limiter, "StepDeps.limiter")
+        return limiter.confirm_send(self.claim, self.decision) is not None
+
+
+def _lost_turn(run: RunRecord, deps: StepDeps, hub: HubClient) -> GenerateOutcome:
+    """The step was held up so long after its grant that its slot went to a later send: nothing was sent;
+    the run queues again (its next claim finds its ticket served and joins its line anew)."""
+    message = (
+        "Its turn on the shared OpenAI key passed while the step was held up before sending (nothing was "
+        "sent or paid for); it queues again."
+    )
+
+    def forget_view(r: RunRecord) -> None:
+        r.rate_view = ""
+
+    now = deps.clock.now_ms()
+    return _wait(run, deps, now, "rate_slot", message, hub, None, also=forget_view)
+
+
 def _claim_request_start(
     run: RunRecord, deps: StepDeps, hub: HubClient, api_key: str
-) -> RunRecord | GenerateOutcome:
+) -> tuple[RunRecord, _SharedKeyGrant | None] | GenerateOutcome:
     """Take this run's turn to send its one image request, or the Wait outcome while its turn lies ahead.
 
     The attempt is spent first, under the run's version lock (a cancel and a send never both happen, and
@@ -319,12 +351,14 @@ def _claim_request_start(
     if not run.uses_default_key:
         key_wait = claim_own_key_send(run, deps, api_key)
         if key_wait is None:
-            return run
+            return run, None
         return _wait(run, deps, key_wait.wake_at_ms, "key_pace", key_wait.message, hub, None)
     return _claim_shared_key_send(run, deps, hub)
 
 
-def _claim_shared_key_send(run: RunRecord, deps: StepDeps, hub: HubClient) -> RunRecord | GenerateOutcome:
+def _claim_shared_key_send(
+    run: RunRecord, deps: StepDeps, hub: HubClient
+) -> tuple[RunRecord, _SharedKeyGrant] | GenerateOutcome:
     """The shared key's queue (``domain.rate_limit``): the run claims its send with the ticket it took at
     acceptance; told its turn lies ahead, it sleeps until then (its session and the hub say where it
     stands), and claims again when it wakes."""
@@ -341,9 +375,10 @@ def _claim_shared_key_send(run: RunRecord, deps: StepDeps, hub: HubClient) -> Ru
                 _queue_too_long(joined.starts_at_ms[0] - deps.clock.now_ms(), joined.positions[0], settings)
             )
         ticket, view = joined.first_ticket, joined.view
-    decision = limiter.claim(RateClaim(org, interactive, ticket, f"{run.execution_name}#{run.attempt}", view))
+    ask = RateClaim(org, interactive, ticket, f"{run.execution_name}#{run.attempt}", view)
+    decision = limiter.claim(ask)
     if decision.granted:
-        return run
+        return run, _SharedKeyGrant(ask, decision)
     now = deps.clock.now_ms()
     wait = RateWait(
         ticket=str(decision.ticket),
