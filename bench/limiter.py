@@ -655,9 +655,10 @@ def findings(results: dict[str, dict[str, Any]], dials: Dials) -> list[str]:
         ),
         (
             f"Claim to arrival (queue, backlog): median {delays.get('median')} ms, p99 {delays.get('p99')} ms, "
-            f"max {delays.get('max')} ms, from the send time the grant recorded to the emulator's stamp; it "
-            "includes the conditional write's round trip, which on this 2-core machine shared with other work "
-            "can exceed the margin's allowance (then a window can hold one arrival too many: raise the margin)."
+            f"max {delays.get('max')} ms, from the send's recorded time to the emulator's stamp: a send held "
+            "up more than the tolerance after its grant (a slow write, a starved thread) is recorded again "
+            "right before it leaves, or, its slot already reused, does not leave and queues again "
+            f"({queue.get('lost_grants', 0)} such grants given up)."
         ),
         (
             "DynamoDB writes per grant count every UpdateItem, the failed conditional ones included (a batch's "
