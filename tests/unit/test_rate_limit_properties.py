@@ -10,7 +10,9 @@ decision at a time is what the item sees). "Window" means the half-open interval
 from __future__ import annotations
 
 import heapq
+import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import pytest
 from dalle_plugin.domain.rate_limit import (
@@ -25,13 +27,33 @@ from dalle_plugin.domain.rate_limit import (
     state_at_turn,
     wake_at_ms,
 )
-from hypothesis import given
+from hypothesis import HealthCheck, Phase, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
 MAX_OFFSET_MS = 40  # clocks of the deciding environments are off by up to this
 MAX_DELAY_MS = 20  # from the clock reading before a claim to the request's arrival
+
+# CI: the same examples on every run (derandomized), a few seconds a test. HYPOTHESIS_PROFILE=fuzz: fresh
+# random examples, fifty times as many, for exploring locally (``--hypothesis-seed=N`` replays a seed).
+FUZZING = os.environ.get("HYPOTHESIS_PROFILE") == "fuzz"
+
+
+def rules_checked(examples: int) -> hypothesis_settings:
+    """Hypothesis settings for a property test worth ``examples`` examples in CI."""
+    return hypothesis_settings(
+        max_examples=examples * (50 if FUZZING else 1),
+        derandomize=not FUZZING,
+        database=None,
+        # a backstop far above an example's cost (milliseconds; the step bound is the real one), so a
+        # loaded machine does not fail it
+        deadline=timedelta(seconds=10),
+        suppress_health_check=[HealthCheck.too_slow],
+        # shrinking a failure can take minutes: CI reports the example as found, fuzzing shrinks it
+        phases=tuple(Phase) if FUZZING else (Phase.explicit, Phase.reuse, Phase.generate),
+        print_blob=True,
+    )
 
 
 @dataclass
@@ -45,7 +67,7 @@ class SimRun:
     cancel_at_ms: int | None = None
     crash_after_claim: bool = False  # the first claimed send dies before its request: a retry claims again
     duplicate: bool = False  # the granting claim is delivered twice
-    held_up_ms: list[int] = field(default_factory=list)  # between each grant and its send (drawn in turn)
+    held_up_ms: list[int] = field(default_factory=list)  # between its first grants and their sends
 
     @property
     def line(self) -> str:
@@ -58,12 +80,16 @@ class Outcome:
     told: dict[int, list[int]]  # run -> every start it was told (true time)
     refused: set[int]
     cancelled: set[int]
-    rejoined: set[int]
+    rejoined: set[int]  # skipped while away past their turn, then joined again
     order: list[int]  # runs in the order their sends were granted
     max_lines: int
     max_ranges: int
     granted_while_editor_waited: int = 0
     lost_grants: int = 0  # sends held up until their slot was reused: not sent, queued again
+    steps: int = 0  # events handled
+    # granted once, but the send never left (a crash after the claim, a slot lost while held up): the
+    # retry finds its ticket served and joins its line again, at the back
+    requeued: set[int] = field(default_factory=set)
 
 
 def simulate(settings: LimiterSettings, runs: list[SimRun], delay_ms: int = 0) -> Outcome:
@@ -83,9 +109,12 @@ def simulate(settings: LimiterSettings, runs: list[SimRun], delay_ms: int = 0) -
         {i: [] for i in range(len(runs))}, {i: [] for i in range(len(runs))}, set(), set(), set(), [], 0, 0
     )
     steps = 0
+    # generous (runs polling behind every overdue run ahead take a few dozen steps each), yet bounded in
+    # time: a livelock fails in well under a second instead of running for minutes
+    max_steps = 50 * len(runs) ** 2 + 200
     while events:
         steps += 1
-        assert steps < 20_000, "the simulation does not end: someone starves"
+        assert steps <= max_steps, "the simulation does not end: someone starves"
         now, _, index, action = heapq.heappop(events)
         run = runs[index]
         if index in done:
@@ -125,10 +154,10 @@ def simulate(settings: LimiterSettings, runs: list[SimRun], delay_ms: int = 0) -
         lines = dict(state.lines)
         out.max_lines = max(out.max_lines, len(lines))
         out.max_ranges = max(out.max_ranges, sum(len(line.skipped) for line in lines.values()))
-        if answer.gone:  # skipped while away: it joins again at the back of its line
+        if answer.gone:  # skipped while away, or its grant spent: it joins again at the back of its line
             joined = join(state, run.line, 1, local, settings, may_refuse=False)
             state, tickets[index] = joined.state, joined.first_ticket
-            out.rejoined.add(index)
+            (out.requeued if index in out.order else out.rejoined).add(index)
             heapq.heappush(events, (now + 1, 2, index, "claim"))
             continue
         if answer.granted:
@@ -143,7 +172,8 @@ def simulate(settings: LimiterSettings, runs: list[SimRun], delay_ms: int = 0) -
                 attempt[index] += 1
                 heapq.heappush(events, (now + 1, 2, index, "claim"))  # the state machine retries the step
                 continue
-            held_up = run.held_up_ms[grants[index] % len(run.held_up_ms)] if run.held_up_ms else 0
+            # hold-ups are transient: its first grants are held up as drawn, the later ones leave at once
+            held_up = run.held_up_ms[grants[index]] if grants[index] < len(run.held_up_ms) else 0
             grants[index] += 1
             pending[index] = (send, answer.slot, answer.start_at_ms)
             heapq.heappush(events, (now + held_up, 3, index, "send"))
@@ -155,6 +185,7 @@ def simulate(settings: LimiterSettings, runs: list[SimRun], delay_ms: int = 0) -
             wakes[index] += 1
             wake = wake_at_ms(wake, settings) + late
         heapq.heappush(events, (max(now + 1, wake), 2, index, "claim"))
+    out.steps = steps
     return out
 
 
@@ -209,7 +240,7 @@ def sim_runs(draw, max_runs: int = 12, hostile: bool = True) -> list[SimRun]:
     return runs
 
 
-@hypothesis_settings(max_examples=60, deadline=None)
+@rules_checked(60)
 @given(queue_settings, sim_runs(), st.integers(0, MAX_DELAY_MS))
 def test_never_more_than_the_limit_arrive_in_any_window_and_no_one_starves(settings, runs, delay):
     out = simulate(settings, runs, delay_ms=delay)
@@ -222,7 +253,7 @@ def test_never_more_than_the_limit_arrive_in_any_window_and_no_one_starves(setti
     assert out.max_lines <= 6 and out.max_ranges <= len(runs)
 
 
-@hypothesis_settings(max_examples=60, deadline=None)
+@rules_checked(60)
 @given(queue_settings, sim_runs(), st.integers(0, MAX_DELAY_MS), st.data())
 def test_a_send_held_up_after_its_grant_is_recorded_again_or_does_not_leave(settings, runs, delay, data):
     """A step held up between its grant and its request (a slow write, a starved CPU), for any time up to
@@ -249,22 +280,26 @@ def test_a_send_held_up_after_its_grant_is_recorded_again_or_does_not_leave(sett
             assert len(out.arrivals[index]) == 1, index
 
 
-@hypothesis_settings(max_examples=60, deadline=None)
+@rules_checked(60)
 @given(queue_settings, sim_runs())
 def test_first_come_first_served_within_an_organisation_and_a_kind(settings, runs):
-    """Within a line, sends are granted in acceptance order, exactly, whoever wakes first; only a run
-    skipped after being away past ``abandon_after`` (it joined again) is behind runs accepted later."""
+    """Within a line, sends are granted in acceptance order, exactly, whoever wakes first. No run is away
+    past ``abandon_after`` here, so none may be skipped and join again (a bug that skips runs would
+    otherwise hide as rejoins). A run whose granted send died before leaving queues again at the back:
+    it is exempt (a known demotion, see the module doc of ``domain.rate_limit``)."""
+    settings = settings.model_copy(update={"abandon_after_ms": 600_000})
     out = simulate(settings, runs)
+    assert not out.rejoined
     rank = {index: position for position, index in enumerate(out.order)}
     for a, rank_a in rank.items():
         for b, rank_b in rank.items():
             same_line = runs[a].line == runs[b].line
             # runs accepted at the same moment are ordered by ticket, i.e. by list order here
-            if same_line and (runs[a].accepted_ms, a) < (runs[b].accepted_ms, b) and a not in out.rejoined:
+            if same_line and (runs[a].accepted_ms, a) < (runs[b].accepted_ms, b) and a not in out.requeued:
                 assert rank_a < rank_b, (a, b)
 
 
-@hypothesis_settings(max_examples=40, deadline=None)
+@rules_checked(40)
 @given(queue_settings, sim_runs(hostile=False))
 def test_editor_runs_go_first(settings, runs):
     """On time (no run away past its turn), no workflow send is granted while an editor run waits."""
@@ -272,7 +307,7 @@ def test_editor_runs_go_first(settings, runs):
     assert simulate(settings, runs).granted_while_editor_waited == 0
 
 
-@hypothesis_settings(max_examples=40, deadline=None)
+@rules_checked(40)
 @given(st.integers(1, 5), st.lists(st.integers(1, 6), min_size=1, max_size=4))
 def test_organisations_take_turns(limit, runs_per_org):
     """A backlog of several organisations' workflow runs: sent in rounds, each round one per organisation
@@ -301,6 +336,20 @@ def test_editor_runs_of_another_organisation_wait_at_most_one_window_behind_a_ba
     for offset, editor in enumerate(editors):
         sent = out.arrivals[len(batch) + offset][0]
         assert sent - editor.accepted_ms <= settings.spacing_ms
+
+
+def test_two_sends_held_up_past_a_window_each_still_send_once_the_hold_ups_end():
+    """Each reuses the slot of the other's held-up send, so both lose their first grants; hold-ups that
+    never ended would repeat this for ever (no rule can both keep the limit by arrival and not wait on a
+    dead sender), which is why the model's hold-ups are transient."""
+    settings = LimiterSettings(
+        limit=1, window_s=1, skew_margin_ms=130, send_tolerance_ms=30, wake_lead_ms=0, short_wait_ms=0
+    )
+    held_up = [3 * settings.spacing_ms]
+    out = simulate(
+        settings, [SimRun("a", False, 0, held_up_ms=held_up), SimRun("b", False, 0, held_up_ms=held_up)]
+    )
+    assert out.lost_grants >= 1 and all(len(times) == 1 for times in out.arrivals.values())
 
 
 def test_a_run_that_wakes_late_keeps_its_place_and_those_behind_wait_for_it():

@@ -26,7 +26,10 @@ booked ahead: a run that wakes late loses nothing, it claims when it is there. T
 clock reading before that write; the last thing before the request leaves, the sender looks at the clock
 again, and if more than ``send_tolerance`` passed (a slow write, a step starved of CPU), it records its
 send again at the time now (``restamp``), or, if the grant ``limit`` later already reused its slot, does
-not send and queues again. So a recorded send is never more than the tolerance before the actual one.
+not send and queues again. So a recorded send is never more than the tolerance before the actual one. A
+send that lost its slot so, or whose step died after its grant, finds its ticket served and joins its
+line again at the back; and two senders held up past a window at every grant would take each other's
+slot for ever: the rule is live only because hold-ups end (the property tests draw them finite).
 
 **What the margin covers** (``skew_margin_ms``, the deployment's ``RateSkewMarginMs``, at least 1 ms: the
 template's ``MinValue`` refuses 0 at deploy time). A send is recorded at the claimer's clock reading taken
