@@ -86,9 +86,9 @@ def install() -> None:
 
         return wrapper
 
-    def acquire(original: Any) -> Any:
+    def claim(original: Any) -> Any:
         def wrapper(self, ask, *args, **kwargs):
-            board.record("tickets", ask.ticket.rsplit("#", 1)[0], ask.ticket)
+            board.record("tickets", ask.send.rsplit("#", 1)[0], ask.send)
             return original(self, ask, *args, **kwargs)
 
         return wrapper
@@ -114,7 +114,7 @@ def install() -> None:
     wrap(aws.S3ImageStore, "put_image", put_image)
     wrap(hub_http.AngoHubClient, "attach_image", attach_image)
     wrap(aws.StepFunctionsStarter, "start", start)
-    wrap(dynamo_rate_limiter.DynamoRateLimiter, "acquire", acquire)
+    wrap(dynamo_rate_limiter.DynamoRateLimiter, "claim", claim)
     wrap(aws.KmsSecretVault, "seal", counted("seal"))
     wrap(dynamo_runs.DynamoRunStore, "create", counted("create"))
     wrap(BaseClient, "_make_api_call", api_call)

@@ -45,6 +45,7 @@ def test_a_backlog_never_puts_more_than_the_limit_at_openais_door(profile):
         check=False,  # the return code is asserted below, with the output
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
+    print(completed.stderr[-3000:])  # the POSTs the hub stand-in sent again, if any (seen with -s)
     result = json.loads(completed.stdout.strip().splitlines()[-1])
     arrivals = result["arrivals_epoch_s"]
     assert result["succeeded"] == RUNS and len(arrivals) == RUNS

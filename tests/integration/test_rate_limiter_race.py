@@ -1,15 +1,15 @@
 """The shared key's queue racing on the real engine: DynamoDB Local, many processes and threads at once.
 
-Every thread has its own limiter (a cold Lambda container of its own) and all of them ask at the same
-``now``: exactly ``limit`` are granted and everyone else is queued, none lost, none twice; when the slots
-free, the next ``limit`` granted are the first ones by acceptance time, not the winners of the race. The
-naive fixed-window counter (bench/baselines), raced the same way, lets ``2 * limit`` through around a
-window boundary.
+Every thread has its own limiter (a cold Lambda container of its own). Runs joining at once get distinct
+consecutive tickets, none lost, none twice; all of them claiming at the same ``now`` get exactly ``limit``
+sends, and those are the first tickets (the acceptance order), not the race's winners; when the slots
+free, the next ``limit`` tickets are granted. A send held up after its grant is recorded again before it
+leaves, or, once its slot was reused, does not leave. The naive fixed-window counter (bench/baselines),
+raced the same way, lets ``2 * limit`` through around a window boundary.
 """
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import random
 import threading
@@ -21,7 +21,7 @@ import boto3
 import pytest
 from dalle_plugin.adapters.dynamo_rate_limiter import DynamoRateLimiter
 from dalle_plugin.domain.rate_limit import LimiterSettings
-from dalle_plugin.ports import RateAsk
+from dalle_plugin.ports import RateClaim
 
 from bench.baselines.fixed_window import FixedWindowRateLimiter
 from local_stack.dynamodb_local import DynamoDBLocal
@@ -29,7 +29,7 @@ from local_stack.dynamodb_local import DynamoDBLocal
 pytestmark = pytest.mark.stack
 
 TABLE = "rate-limit-race"
-SETTINGS = LimiterSettings(limit=5, window_s=60, skew_margin_ms=250, short_wait_ms=0)
+SETTINGS = LimiterSettings(limit=5, window_s=60, skew_margin_ms=250, wake_lead_ms=0, short_wait_ms=0)
 PROCESSES = 8
 THREADS = 5
 NOW = 1_760_000_000_000
@@ -57,50 +57,40 @@ def endpoint():
         yield dynamodb.endpoint_url
 
 
-def _caller_process(endpoint, kind, key, tickets, now_ms, accepted, ready, results) -> None:
+def _caller_process(endpoint, kind, key, calls, now_ms, ready, results) -> None:
     client = make_client(endpoint)
-    if kind == "fixed":
-        limiters = [FixedWindowRateLimiter(client, TABLE, SETTINGS, key=key) for _ in tickets]
-    else:
-        limiters = [
-            DynamoRateLimiter(client, TABLE, SETTINGS, key=key, clock=lambda: now_ms) for _ in tickets
-        ]
-    start_together = threading.Barrier(len(tickets))
+    start_together = threading.Barrier(len(calls))
 
-    def call(limiter, ticket):
-        start_together.wait()
+    def call(name_and_ticket):
+        name, ticket = name_and_ticket
         if kind == "fixed":
-            return ticket, asdict(limiter.acquire(ticket, now_ms))
-        ask = RateAsk(
-            run_id=ticket.split("#")[0], ticket=ticket, accepted_ms=accepted.get(ticket, now_ms), org_id="org"
-        )
-        return ticket, asdict(limiter.acquire(ask))
+            limiter = FixedWindowRateLimiter(client, TABLE, SETTINGS, key=key)
+            start_together.wait()
+            return name, asdict(limiter.acquire(name, now_ms))
+        limiter = DynamoRateLimiter(client, TABLE, SETTINGS, key=key, clock=lambda: now_ms)
+        start_together.wait()
+        if kind == "join":
+            return name, asdict(limiter.join("org", False, 1))
+        return name, asdict(limiter.claim(RateClaim("org", False, ticket, f"{name}#1")))
 
     try:
-        ready.wait(timeout=30)  # every process has its client and limiters: go
-        with ThreadPoolExecutor(len(tickets)) as threads:
-            results.put(list(threads.map(call, limiters, tickets)))
+        ready.wait(timeout=30)  # every process has its client: go
+        with ThreadPoolExecutor(len(calls)) as threads:
+            results.put(list(threads.map(call, calls)))
     except BaseException as error:  # noqa: BLE001 - surface the failure in the parent instead of hanging it
         results.put(repr(error))
 
 
 def race(
-    endpoint: str,
-    kind: str,
-    key: str,
-    bursts: list[tuple[int, list[str]]],
-    accepted: dict[str, int] | None = None,
+    endpoint: str, kind: str, key: str, bursts: list[tuple[int, list[tuple[str, int]]]]
 ) -> dict[str, dict]:
-    """One process per burst (its tickets on threads), all released at once; ticket -> decision."""
+    """One process per burst (its calls on threads), all released at once; name -> answer."""
     context = multiprocessing.get_context("fork")
     ready = context.Barrier(len(bursts))
     results = context.Queue()
-    accepted = accepted or {}
     processes = [
-        context.Process(
-            target=_caller_process, args=(endpoint, kind, key, tickets, now_ms, accepted, ready, results)
-        )
-        for now_ms, tickets in bursts
+        context.Process(target=_caller_process, args=(endpoint, kind, key, calls, now_ms, ready, results))
+        for now_ms, calls in bursts
     ]
     for process in processes:
         process.start()
@@ -111,75 +101,146 @@ def race(
             process.join(timeout=10)
     failures = [outcome for outcome in collected if isinstance(outcome, str)]
     assert not failures, failures
-    return {ticket: decision for outcome in collected for ticket, decision in outcome}
+    return {name: answer for outcome in collected for name, answer in outcome}
 
 
-def stored_state(endpoint: str, key: str) -> dict[str, Any]:
+def stored_state(endpoint: str, key: str, settings: LimiterSettings = SETTINGS) -> Any:
     stored = make_client(endpoint).get_item(TableName=TABLE, Key={"pk": {"S": key}}, ConsistentRead=True)
-    return json.loads(stored["Item"]["state"]["S"])
+    return DynamoRateLimiter(None, TABLE, settings).from_item(stored["Item"])
 
 
-def test_concurrent_claimers_get_exactly_limit_sends_and_the_rest_queue_in_acceptance_order(endpoint):
+def test_runs_joining_at_once_get_distinct_tickets_and_claims_at_once_are_served_in_ticket_order(endpoint):
     runs = [f"p{p}-t{t}" for p in range(PROCESSES) for t in range(THREADS)]
-    accepted_order = runs[:]
-    random.Random(11).shuffle(accepted_order)  # acceptance order has nothing to do with who wins the race
-    accepted = {f"{run}#1": NOW - 100_000 + rank for rank, run in enumerate(accepted_order)}
-    bursts = [(NOW, [f"p{p}-t{t}#1" for t in range(THREADS)]) for p in range(PROCESSES)]
-
-    first = race(endpoint, "queue", "global", bursts, accepted)
-    granted = [t for t, d in first.items() if d["granted"]]
-    assert len(granted) == SETTINGS.limit  # exactly: not one more, whatever the interleaving
-    state = stored_state(endpoint, "global")
-    assert sorted(s[1] for s in state["s"]) == sorted(granted)
-    waiting = sorted(w[0] for w in state["q"])
-    assert waiting == sorted(t.split("#")[0] for t in first if t not in granted)  # none lost, none twice
-
-    # When the slots free, everyone still waiting asks at once: the next `limit` sends are the ones
-    # accepted first among them, not the race's winners.
-    later = NOW + SETTINGS.spacing_ms
-    queued = [f"{run}#1" for run in runs if f"{run}#1" not in granted]
-    bursts = [(later, queued[i::PROCESSES]) for i in range(PROCESSES)]
-    second = race(endpoint, "queue", "global", bursts, accepted)
-    now_granted = {t.split("#")[0] for t, d in second.items() if d["granted"]}
-    expected = [run for run in accepted_order if f"{run}#1" in queued][: SETTINGS.limit]
-    assert now_granted == set(expected)
-    # each told position counts the runs ahead at that moment: its final rank plus those of the first
-    # `limit` that had not sent yet
-    remaining = [run for run in accepted_order if f"{run}#1" in queued][SETTINGS.limit :]
-    for rank, run in enumerate(remaining):
-        assert rank <= second[f"{run}#1"]["position"] <= rank + SETTINGS.limit
-    state = stored_state(endpoint, "global")
-    assert len(state["s"]) == SETTINGS.limit and len(state["q"]) == len(queued) - SETTINGS.limit
-
-
-def test_a_cold_container_claims_with_two_calls_and_a_redelivered_claim_is_not_granted_twice(endpoint):
-    client = make_client(endpoint)
-    ask = RateAsk(run_id="run-x", ticket="run-x#1", accepted_ms=NOW, org_id="org")
-    DynamoRateLimiter(client, TABLE, SETTINGS, key="cold", clock=lambda: NOW).acquire(
-        RateAsk(run_id="first", ticket="first#1", accepted_ms=NOW, org_id="org")
+    joined = race(
+        endpoint, "join", "global", [(NOW, [(r, 0) for r in runs[p::PROCESSES]]) for p in range(PROCESSES)]
     )
-    cold = DynamoRateLimiter(client, TABLE, SETTINGS, key="cold", clock=lambda: NOW + 5)
-    claimed = cold.acquire(ask)
-    assert (claimed.granted, claimed.calls) == (True, 2)  # the failed first write returned the item
-    again = DynamoRateLimiter(client, TABLE, SETTINGS, key="cold", clock=lambda: NOW + 7).acquire(ask)
+    tickets = {run: answer["first_ticket"] for run, answer in joined.items()}
+    assert sorted(tickets.values()) == list(range(len(runs)))  # none lost, none twice
+
+    # everyone claims at the same moment (cold containers, no view), again and again as told: never more
+    # than `limit` sends, and always the first tickets (a ticket sends only after the ones before it)
+    claims = [(run, tickets[run]) for run in runs]
+    random.Random(11).shuffle(claims)  # who asks first has nothing to do with the order
+    granted: list[int] = []
+    for _ in range(SETTINGS.limit + 1):
+        asking = [(run, ticket) for run, ticket in claims if ticket not in granted]
+        answers = race(endpoint, "claim", "global", [(NOW, asking[p::PROCESSES]) for p in range(PROCESSES)])
+        granted += [tickets[run] for run, answer in answers.items() if answer["granted"]]
+        assert sorted(granted) == list(range(len(granted))) and len(granted) <= SETTINGS.limit
+        if len(granted) == SETTINGS.limit:
+            break
+    assert sorted(granted) == list(range(SETTINGS.limit))
+    for run, answer in answers.items():
+        if not answer["granted"]:  # told the runs ahead of it when it asked
+            assert tickets[run] - SETTINGS.limit <= answer["position"] <= tickets[run]
+    state = stored_state(endpoint, "global")
+    assert state.grants == SETTINGS.limit
+
+    # When the slots free, everyone still waiting claims at once: the next `limit` tickets send.
+    later = NOW + SETTINGS.spacing_ms
+    waiting = [(run, ticket) for run, ticket in claims if ticket >= SETTINGS.limit]
+    now_granted: list[int] = []
+    for _ in range(SETTINGS.limit + 1):
+        asking = [(run, ticket) for run, ticket in waiting if ticket not in now_granted]
+        second = race(endpoint, "claim", "global", [(later, asking[p::PROCESSES]) for p in range(PROCESSES)])
+        now_granted += [tickets[run] for run, answer in second.items() if answer["granted"]]
+        if len(now_granted) >= SETTINGS.limit:
+            break
+    assert sorted(now_granted) == list(range(SETTINGS.limit, 2 * SETTINGS.limit))
+    state = stored_state(endpoint, "global")
+    assert dict(state.lines)["w:org"].served == 2 * SETTINGS.limit
+
+
+def test_a_redelivered_claim_is_granted_again_and_records_nothing(endpoint):
+    client = make_client(endpoint)
+    first = DynamoRateLimiter(client, TABLE, SETTINGS, key="again", clock=lambda: NOW)
+    joined = first.join("org", False, 2)
+    claim = RateClaim("org", False, joined.first_ticket, "run-x#1", joined.view)
+    assert first.claim(claim).granted
+    again = DynamoRateLimiter(client, TABLE, SETTINGS, key="again", clock=lambda: NOW + 7).claim(claim)
     assert again.granted
-    assert [s[1] for s in stored_state(endpoint, "cold")["s"]] == ["first#1", "run-x#1"]
+    state = stored_state(endpoint, "again")
+    assert state.grants == 1 and [s.send for s in state.slots if s] == ["run-x#1"]
+
+
+#: one send per window, so a send's slot is the one the next grant checks
+ONE = LimiterSettings(limit=1, window_s=60, skew_margin_ms=600, wake_lead_ms=0, short_wait_ms=0)
+
+
+class Clock:
+    def __init__(self, now: int):
+        self.now = now
+
+    def __call__(self) -> int:
+        return self.now
+
+
+def test_a_send_held_up_after_its_grant_is_recorded_again_before_it_leaves(endpoint):
+    """The window is checked against the time a send leaves, not the grant's earlier clock reading: a send
+    held up past the tolerance is stamped again, and the next grant waits for one window after that."""
+    client, clock = make_client(endpoint), Clock(NOW)
+    first = DynamoRateLimiter(client, TABLE, ONE, key="late", clock=clock)
+    joined = first.join("org", False, 2)
+    ask = RateClaim("org", False, joined.first_ticket, "run-a#1", joined.view)
+    granted = first.claim(ask)
+    assert granted.granted and granted.start_at_ms == NOW
+    calls = first.calls
+    clock.now = NOW + ONE.send_tolerance
+    assert first.confirm_send(ask, granted) == NOW and first.calls == calls  # on time: nothing written
+    clock.now = NOW + 10_000  # the step starved of CPU between its grant and its request
+    assert first.confirm_send(ask, granted) == NOW + 10_000
+    assert stored_state(endpoint, "late", ONE).slots[0].at_ms == NOW + 10_000
+
+    clock.now = NOW + ONE.spacing_ms  # a window after the grant's reading, not after the send
+    second = DynamoRateLimiter(client, TABLE, ONE, key="late", clock=clock)
+    ask_b = RateClaim("org", False, joined.first_ticket + 1, "run-b#1")
+    told = second.claim(ask_b)
+    assert not told.granted and told.start_at_ms == NOW + 10_000 + ONE.spacing_ms
+    clock.now = told.start_at_ms
+    assert second.claim(RateClaim("org", False, told.ticket, "run-b#1", told.view)).granted
+
+
+def test_a_send_held_up_until_its_slot_was_reused_does_not_leave(endpoint):
+    client, clock = make_client(endpoint), Clock(NOW)
+    first = DynamoRateLimiter(client, TABLE, ONE, key="reused", clock=clock)
+    joined = first.join("org", False, 2)
+    ask = RateClaim("org", False, joined.first_ticket, "run-a#1", joined.view)
+    granted = first.claim(ask)
+    assert granted.granted
+    clock.now = NOW + ONE.spacing_ms  # run A still has not sent; by its grant's time the slot is free
+    second = DynamoRateLimiter(client, TABLE, ONE, key="reused", clock=clock)
+    assert second.claim(RateClaim("org", False, joined.first_ticket + 1, "run-b#1")).granted
+    clock.now += 1
+    assert first.confirm_send(ask, granted) is None  # its send is no longer counted: it must not leave
+    state = stored_state(endpoint, "reused", ONE)
+    assert state.grants == 2 and [s.send for s in state.slots if s] == ["run-b#1"]
 
 
 def test_fixed_window_counter_lets_twice_the_limit_through_across_a_boundary(endpoint):
     window = SETTINGS.window_ms
     boundary = (NOW // window + 1) * window
     half = PROCESSES // 2
-    bursts = [(boundary - 1, [f"a{p}-{t}" for t in range(THREADS)]) for p in range(half)]
-    bursts += [(boundary, [f"b{p}-{t}" for t in range(THREADS)]) for p in range(half)]
+    bursts = [(boundary - 1, [(f"a{p}-{t}", 0) for t in range(THREADS)]) for p in range(half)]
+    bursts += [(boundary, [(f"b{p}-{t}", 0) for t in range(THREADS)]) for p in range(half)]
 
     fixed = race(endpoint, "fixed", "fixed", bursts)
     fixed_granted = sorted(d["start_at_ms"] for d in fixed.values() if d["reserved"])
     # atomic per window (exactly limit on each side), yet 2 * limit starts inside 1 ms
     assert fixed_granted == [boundary - 1] * SETTINGS.limit + [boundary] * SETTINGS.limit
-    denied = [d for d in fixed.values() if not d["reserved"]]
-    assert {d["start_at_ms"] for d in denied} <= {boundary, boundary + window}
 
-    queue = race(endpoint, "queue", "boundary", bursts)
-    # the queue lets `limit` through around the boundary; the rest wait a window
-    assert sum(1 for d in queue.values() if d["granted"]) == SETTINGS.limit
+    # the queue, raced the same way around the boundary, lets `limit` through; the rest wait a window
+    names = [name for _, calls in bursts for name, _ in calls]
+    joined = race(
+        endpoint, "join", "boundary", [(boundary - 1, [(n, 0) for n in names[p::half]]) for p in range(half)]
+    )
+    calls = [[(n, joined[n]["first_ticket"]) for n, _ in burst] for _, burst in bursts]
+    sent = 0
+    for _ in range(SETTINGS.limit + 1):
+        queue = race(
+            endpoint, "claim", "boundary", [(at, c) for (at, _), c in zip(bursts, calls, strict=True)]
+        )
+        sent += sum(1 for d in queue.values() if d["granted"])
+        calls = [[(n, t) for n, t in burst if not queue[n]["granted"]] for burst in calls]
+        if sent >= SETTINGS.limit:
+            break
+    assert sent == SETTINGS.limit

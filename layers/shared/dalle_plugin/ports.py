@@ -166,45 +166,68 @@ class WorkflowStarter(Protocol):
 
 
 @dataclass(frozen=True)
-class RateAsk:
-    """A run asking the shared key's queue to send its request now.
+class RateClaim:
+    """A run claiming its send on the shared key now.
 
-    ``run_id`` is its place in the queue (the same for all its attempts), ``ticket`` this one send (a new
-    one per attempt: asking again with it never claims a second send). ``accepted_ms`` is when the hub's
-    request was accepted (first come, first served), ``interactive`` an editor run (served first),
-    ``org_id`` the organisation (served in turns). ``may_refuse``: the queue may refuse a run joining it
-    whose wait would pass the cap; a run already waiting is never refused.
+    ``ticket`` is its place in its line (organisation and kind), taken once when the hub's request was
+    accepted; ``send`` names this one send (a new one per attempt: claiming again with it never claims a
+    second send). ``view`` is the queue as the run last saw it (opaque, ``""`` for none): a claim made from
+    it needs no read.
     """
 
-    run_id: str
-    ticket: str
-    accepted_ms: int
-    org_id: str = ""
-    interactive: bool = False
-    may_refuse: bool = True
+    org_id: str
+    interactive: bool
+    ticket: int
+    send: str
+    view: str = ""
 
 
 @dataclass(frozen=True)
 class RateDecision:
     """What the queue answers: ``granted`` (the request may leave now, and its send is recorded), or the
     run's place: ``position`` runs send before it, its turn comes at ``start_at_ms`` (epoch ms, as exact
-    as the runs ahead are on time). ``refused``: the wait would pass the cap and the run was not queued.
-    ``calls`` counts the DynamoDB calls it took."""
+    as the runs ahead are on time). ``ticket`` is the run's ticket from now on (a new one if it had been
+    skipped and joined again), ``view`` the queue as this answer saw it, ``calls`` the DynamoDB calls it
+    took. Granted, ``start_at_ms`` is the send's recorded time and ``slot`` where it is recorded."""
 
     granted: bool
     start_at_ms: int
     position: int = 0
-    refused: bool = False
+    ticket: int = 0
+    view: str = ""
+    calls: int = 1
+    slot: int = -1
+
+
+@dataclass(frozen=True)
+class RateJoin:
+    """Runs joining their line at acceptance: the first ``admitted`` got tickets ``first_ticket``,
+    ``first_ticket + 1``, ...; the others would have waited past the cap and were not queued.
+    ``starts_at_ms`` and ``positions`` are given for every run asked for."""
+
+    first_ticket: int
+    admitted: int
+    starts_at_ms: tuple[int, ...]
+    positions: tuple[int, ...]
+    view: str = ""
     calls: int = 1
 
 
 class RateLimiter(Protocol):
-    def acquire(self, ask: RateAsk) -> RateDecision:
+    def join(self, org_id: str, interactive: bool, count: int, may_refuse: bool = True) -> RateJoin:
+        """Give ``count`` runs of one organisation and kind consecutive tickets, in acceptance order."""
+
+    def claim(self, claim: RateClaim) -> RateDecision:
         """Claim the send now, waiting in place for a turn that is at most a short while away; otherwise
         keep the run queued and say when its turn comes."""
 
-    def leave(self, run_id: str) -> None:
-        """Take a run out of the queue (a cancelled run): the runs behind it move up."""
+    def confirm_send(self, claim: RateClaim, granted: RateDecision) -> int | None:
+        """Right before the granted request leaves: its send's recorded time, stamped again at now if the
+        grant's was older than the tolerance; None if the send is no longer counted (its slot was reused
+        while the step was held up): the request must not leave, the run claims again."""
+
+    def leave(self, org_id: str, interactive: bool, first_ticket: int, count: int = 1) -> None:
+        """Take runs out of their line (cancelled or failed): the runs behind them move up."""
 
 
 @dataclass(frozen=True)

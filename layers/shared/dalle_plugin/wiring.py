@@ -112,27 +112,25 @@ def _common(settings: CommonSettings) -> dict[str, Any]:
 
 @cache
 def api_deps() -> StepDeps:
+    """The API's ports, with the shared key's queue: runs join it when accepted, and leave it cancelled."""
+    from dalle_plugin.adapters.dynamo_rate_limiter import DynamoRateLimiter
+
     settings = load_settings(ApiSettings)
+    limiter_settings = _limiter_settings(settings)
     return StepDeps(
         **_common(settings),
         starter=StepFunctionsStarter(aws_client("stepfunctions"), settings.state_machine_arn),
         model_successors=settings.model_successors,
         image_prices=settings.image_prices,
+        limiter=DynamoRateLimiter(aws_client("dynamodb"), settings.rate_limit_table, limiter_settings),
+        limiter_settings=limiter_settings,
     )
 
 
 @cache
 def cancel_deps() -> StepDeps:
-    """What a cancel needs: the API's ports plus the shared key's queue, to leave it."""
-    from dalle_plugin.adapters.dynamo_rate_limiter import DynamoRateLimiter
-
-    settings = load_settings(ApiSettings)
-    return dataclasses.replace(
-        api_deps(),
-        limiter=DynamoRateLimiter(
-            aws_client("dynamodb"), settings.rate_limit_table, _limiter_settings(settings)
-        ),
-    )
+    """What a cancel needs: the API's ports (the shared key's queue among them, to leave it)."""
+    return api_deps()
 
 
 #: the shortest plugin Secret the API accepts: an empty or short one would let anyone in

@@ -1,21 +1,30 @@
 """The shared key's queue in one DynamoDB item (table key ``pk`` (S) only).
 
-Item ``{pk: <key>, v: N, state: S}``: ``v`` counts the writes, ``state`` is the compact JSON of
-``domain.rate_limit.LimiterState`` (the last ``limit`` sends and the runs waiting, about 60 bytes each),
-so the item stays small whatever the history: a cancelled or finished run leaves nothing behind.
+Item ``{pk, g: N, c: N, q: S, t0..t{limit-1}: N, o0..o{limit-1}: S}``: ``g`` counts the grants, ``c`` the
+joins, leaves and skips, ``q`` is the compact JSON of the lines with runs waiting, and slot ``k`` holds the
+last send granted in it (``t``: its clock reading, ``o``: its send ticket and line). The item stays small
+whatever the history (``domain.rate_limit``).
 
-Every decision is one conditional UpdateItem (``SET v, state`` only if ``v`` is still the version the
-decision was computed from; ``attribute_not_exists(pk)`` for the first), and never a read: the last item
-seen is kept per adapter instance (one per Lambda container), and a write from a stale view fails and
-returns the current item (``ReturnValuesOnConditionCheckFailure=ALL_OLD``), from which the decision is
-computed again and written. A claim is therefore the write itself: it is granted only if the window
-allowed it in the state it replaced. A write from the fresh item that still loses means real contention:
-the caller backs off with jitter, so a burst spreads out instead of hammering the item in lockstep.
+Every decision is one conditional UpdateItem, never a read: ``g`` and ``c`` must still be what the decision
+was computed from, and a grant also requires, in the condition itself, that the send ``limit`` grants
+earlier lies ``window + margin`` behind (strict at the door whatever the caller believed). A write that
+loses returns the current item (``ReturnValuesOnConditionCheckFailure=ALL_OLD``), from which the decision
+is computed again.
 
-A turn at most ``short_wait_ms`` away is waited for here, then claimed, with no write in between once
-the run is in the stored queue. A longer wait (the caller goes to sleep in a Wait state) or a refusal is
-only answered from a state confirmed by this call (a successful write, or the item a failed one
-returned), so no run sleeps on a stale view.
+A claim made from an older view (the run slept since) needs no read either: the order is a pure function
+of the state, so if nothing but grants happened since the view (``c`` unchanged), the run knows which
+grants came before its turn and writes the state that follows them, conditioned on ``g`` being the view's
+plus that many. The slot it takes is fixed by its grant number, and its time is checked by the condition.
+In a backlog that is one write per grant; a join, leave or skip since the view costs one more write.
+
+A turn at most ``short_wait_ms`` away is waited for here, then claimed.
+
+A grant records the clock reading taken before its write. Right before the request leaves, the sender
+asks ``confirm_send``: if more than ``send_tolerance_ms`` passed since that reading (a slow write, a step
+starved of CPU), the send's slot is stamped again with the time now, by a write conditioned on the slot
+still holding this send. Once the grant ``limit`` later has reused the slot, the send is no longer counted,
+so it must not leave: the run queues again. So the recorded time a later grant is checked against is never
+more than the tolerance before the actual send.
 """
 
 from __future__ import annotations
@@ -30,17 +39,29 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from dalle_plugin.domain.errors import RateLimiterBusy, StorageUnavailable
 from dalle_plugin.domain.rate_limit import (
-    Ask,
     LimiterSettings,
     LimiterState,
-    Send,
-    Waiter,
-    decide,
+    Line,
+    Slot,
+    claim,
+    join,
     leave,
+    line_of,
+    planned_starts,
+    restamp,
+    state_at_turn,
 )
-from dalle_plugin.ports import RateAsk, RateDecision
+from dalle_plugin.ports import RateClaim, RateDecision, RateJoin
 
 CONDITION_FAILED = "ConditionalCheckFailedException"
+#: times a send late for its recorded time is stamped again before it gives its grant up (each stamp is a
+#: write whose own round trip may make it late again on a starved machine)
+MAX_RESTAMPS = 3
+
+
+def _slot_owner(send: str, line: str) -> str:
+    """A slot's ``o``: the send ticket and line of the grant it holds."""
+    return json.dumps([send, line], separators=(",", ":"))
 
 
 def _storage_error(error: Exception) -> StorageUnavailable:
@@ -53,19 +74,49 @@ def _is_condition_failure(error: ClientError) -> bool:
     return error.response.get("Error", {}).get("Code") == CONDITION_FAILED
 
 
-def encode_state(state: LimiterState) -> str:
-    sends = [[s.at_ms, s.ticket, s.org, int(s.interactive)] for s in state.sends]
-    queue = [[w.run_id, w.accepted_ms, w.org, int(w.interactive), w.eta_ms] for w in state.queue]
-    return json.dumps({"s": sends, "q": queue}, separators=(",", ":"))
+def encode_lines(state: LimiterState) -> str:
+    lines = [
+        [name, line.issued, line.served, line.since_ms, line.last_grant, [list(r) for r in line.skipped]]
+        for name, line in state.lines
+    ]
+    return json.dumps(lines, separators=(",", ":"))
+
+
+def encode_state(state: LimiterState, seen_ms: int = 0) -> str:
+    """The whole state as a compact string (what a run keeps as its view), with when it was seen."""
+    slots = [[s.at_ms, s.send, s.line] if s else None for s in state.slots]
+    return json.dumps(
+        {
+            "g": state.grants,
+            "c": state.changes,
+            "s": slots,
+            "q": json.loads(encode_lines(state)),
+            "at": seen_ms,
+        },
+        separators=(",", ":"),
+    )
+
+
+def view_seen_ms(text: str) -> int:
+    return int(json.loads(text).get("at", 0)) if text else 0
+
+
+def _lines(raw: list) -> tuple[tuple[str, Line], ...]:
+    return tuple(
+        (name, Line(int(i), int(s), tuple((int(lo), int(hi)) for lo, hi in k), int(since), int(last)))
+        for name, i, s, since, last, k in raw
+    )
 
 
 def decode_state(text: str) -> LimiterState:
+    if not text:
+        return LimiterState()
     raw = json.loads(text)
     return LimiterState(
-        sends=tuple(Send(int(at), ticket, org, bool(i)) for at, ticket, org, i in raw.get("s", [])),
-        queue=tuple(
-            Waiter(run_id, int(acc), org, bool(i), int(eta)) for run_id, acc, org, i, eta in raw.get("q", [])
-        ),
+        grants=int(raw["g"]),
+        changes=int(raw["c"]),
+        slots=tuple(Slot(int(s[0]), s[1], s[2]) if s else None for s in raw["s"]),
+        lines=_lines(raw["q"]),
     )
 
 
@@ -96,81 +147,195 @@ class DynamoRateLimiter:
         self._max_attempts = max_attempts
         self._backoff_base_ms = backoff_base_ms
         self._backoff_cap_ms = backoff_cap_ms
-        self._version = 0
         self._state = LimiterState()
         #: DynamoDB calls made by this instance (the benchmark's writes-per-grant figure)
         self.calls = 0
 
-    def acquire(self, ask: RateAsk) -> RateDecision:
-        rule_ask = Ask(
-            ask.run_id, ask.ticket, ask.accepted_ms, ask.org_id or "", ask.interactive, ask.may_refuse
+    # ---- the port ------------------------------------------------------------------------------------
+
+    def join(self, org_id: str, interactive: bool, count: int, may_refuse: bool = True) -> RateJoin:
+        line = line_of(org_id, interactive)
+        calls = 0
+        for attempt in range(self._max_attempts):
+            joined = join(self._state, line, count, self._clock(), self._settings, may_refuse)
+            if joined.admitted == 0 and attempt > 0:  # refused on a state this call saw: nothing to write
+                break
+            calls += 1
+            if self._write(self._state, joined.state):
+                break
+            if attempt > 0:
+                self._back_off(attempt)
+        else:
+            raise RateLimiterBusy("Too many runs joined the shared key's queue at once; try again shortly.")
+        return RateJoin(
+            joined.first_ticket,
+            joined.admitted,
+            joined.starts_at_ms,
+            joined.positions,
+            encode_state(joined.state, self._clock()),
+            calls,
         )
-        calls = contended = 0
-        fresh = False  # whether the state in hand was confirmed by this call
-        waited_ms = 0
-        joined = False  # whether the stored queue is known to hold this run
+
+    def claim(self, ask: RateClaim) -> RateDecision:
+        line = line_of(ask.org_id, ask.interactive)
+        ticket, calls, waited_ms, contended = ask.ticket, 0, 0, 0
+        confirmed = False  # whether the state in hand was seen by a write of this call
+        stale = False  # whether this call slept in place since it last saw the state
+        view = decode_state(ask.view) if ask.view else self._state
+        predicted = state_at_turn(view, line, ticket, self._settings.limit)
+        if predicted is not None and predicted.grants > view.grants:
+            # the runs ahead in the view send no earlier than the view plans: wait for that, then claim as
+            # if they had sent
+            ahead = predicted.grants - view.grants
+            turn = planned_starts(view, view_seen_ms(ask.view), self._settings, ahead + 1)[ahead]
+            early_ms = turn - self._clock()
+            if 0 < early_ms <= self._settings.short_wait_ms:
+                self._sleep(early_ms / 1000)
+                waited_ms += early_ms
+            answer = claim(predicted, line, ticket, ask.send, self._clock(), self._settings)
+            if answer.granted and early_ms <= self._settings.short_wait_ms:
+                calls += 1
+                if self._write(predicted, answer.state):
+                    self._state = LimiterState()  # the slots of the grants before it are not known here
+                    return RateDecision(True, answer.start_at_ms, 0, ticket, ask.view, calls, answer.slot)
+                confirmed = True
+        if not confirmed:
+            self._state = view
         for _ in range(self._max_attempts):
             now = self._clock()
-            answer = decide(self._state, rule_ask, now, self._settings)
-            short = (
-                not (answer.granted or answer.refused)
-                and answer.start_at_ms - now <= self._settings.short_wait_ms
-            )
-            joined = joined or (fresh and any(w.run_id == ask.run_id for w in self._state.queue))
-            # A grant is always written (it is the claim). A short wait in place needs no write once the run
-            # is in the stored queue: it decides again after it. A long wait or a refusal is only given
-            # from a confirmed state, so no run sleeps on a stale view.
-            must_write = answer.granted or (not joined if short else (answer.changed or not fresh))
-            if must_write and (answer.changed or not fresh):
-                calls += 1
-                if not self._write(answer.state):
-                    # a stale view is expected to lose once; a fresh one that loses met real contention
-                    if fresh:
-                        contended += 1
-                        self._back_off(contended)
-                    fresh = True
-                    continue
-                fresh = True
-            if answer.granted or answer.refused:
-                return RateDecision(
-                    answer.granted, answer.start_at_ms, answer.position, answer.refused, calls
-                )
-            wait_ms = answer.start_at_ms - now
-            if short and waited_ms < 2 * self._settings.short_wait_ms:
-                self._sleep(wait_ms / 1000)  # the turn is close: wait for it here rather than in a Wait state
-                waited_ms += wait_ms
-                fresh = False
+            answer = claim(self._state, line, ticket, ask.send, now, self._settings)
+            if answer.gone and confirmed:  # skipped while away: join again, at the back of its line
+                joined = self.join(ask.org_id, ask.interactive, 1, may_refuse=False)
+                calls += joined.calls
+                ticket = joined.first_ticket
                 continue
-            return RateDecision(False, answer.start_at_ms, answer.position, False, calls)
+            if answer.changed:
+                calls += 1
+                stale = False
+                if not self._write(self._state, answer.state):
+                    contended += 1 if confirmed else 0
+                    confirmed = True
+                    if contended > 1:
+                        self._back_off(contended - 1)
+                    continue
+                confirmed = True
+            if answer.granted:
+                granted_view = encode_state(answer.state, self._clock())
+                return RateDecision(True, answer.start_at_ms, 0, ticket, granted_view, calls, answer.slot)
+            wait_ms = answer.start_at_ms - now
+            if stale:  # slept in place since the state was seen: see it again (a write, never a read)
+                calls += 1
+                self._learn()
+                confirmed, stale = True, False
+                continue
+            if (
+                not answer.gone
+                and wait_ms <= self._settings.short_wait_ms
+                and waited_ms < 2 * self._settings.short_wait_ms
+            ):
+                self._sleep(max(0, wait_ms) / 1000)  # the turn is close: wait for it here
+                waited_ms += max(1, wait_ms)
+                stale = True
+                continue
+            # never send a run to sleep on a view older than a short wait (a run ahead may have left since)
+            if not confirmed and now - view_seen_ms(ask.view) > self._settings.short_wait_ms:
+                calls += 1
+                self._learn()
+                confirmed = True
+                continue
+            seen = now if confirmed else view_seen_ms(ask.view)
+            return RateDecision(
+                False, answer.start_at_ms, answer.position, ticket, encode_state(answer.state, seen), calls
+            )
         raise RateLimiterBusy(
             "Too many runs asked for the shared key at the same moment; the run will try again shortly."
         )
 
-    def leave(self, run_id: str) -> None:
-        fresh = False
-        for _ in range(self._max_attempts):
-            remaining = leave(self._state, run_id)
-            if remaining == self._state and fresh:
-                return
-            if self._write(remaining):
-                return
-            fresh = True
-        raise RateLimiterBusy("The image request queue was too busy to take the run out; try again shortly.")
+    def confirm_send(self, ask: RateClaim, granted: RateDecision) -> int | None:
+        stamped = granted.start_at_ms
+        for attempt in range(MAX_RESTAMPS + 1):
+            now = self._clock()
+            if now - stamped <= self._settings.send_tolerance:
+                return stamped
+            if attempt == MAX_RESTAMPS or not self._restamp(ask, granted.slot, now):
+                return None
+            stamped = now
+            self._state = restamp(self._state, granted.slot, ask.send, now) or self._state
+        return None
 
-    def _write(self, state: LimiterState) -> bool:
-        """One conditional write of ``state`` over the version in hand; on losing, take the current item."""
+    def _restamp(self, ask: RateClaim, slot: int, now_ms: int) -> bool:
+        """The send in slot ``slot`` recorded at ``now_ms``, if the slot still holds it."""
         self.calls += 1
         try:
-            self._client.update_item(**self.write_request(self._version, state))
+            self._client.update_item(
+                TableName=self._table,
+                Key={"pk": {"S": self._key}},
+                UpdateExpression="SET #t = :t",
+                ConditionExpression="#o = :o",
+                ExpressionAttributeNames={"#t": f"t{slot}", "#o": f"o{slot}"},
+                ExpressionAttributeValues={
+                    ":t": {"N": str(now_ms)},
+                    ":o": {"S": _slot_owner(ask.send, line_of(ask.org_id, ask.interactive))},
+                },
+            )
         except ClientError as error:
             if not _is_condition_failure(error):
                 raise _storage_error(error) from error
-            self._version, self._state = self.from_item(error.response.get("Item"))
             return False
         except BotoCoreError as error:
             raise _storage_error(error) from error
-        self._version, self._state = self._version + 1, state
         return True
+
+    def leave(self, org_id: str, interactive: bool, first_ticket: int, count: int = 1) -> None:
+        line = line_of(org_id, interactive)
+        fresh = False
+        for attempt in range(self._max_attempts):
+            remaining = leave(self._state, line, first_ticket, count, self._clock())
+            if remaining == self._state and fresh:
+                return
+            if self._write(self._state, remaining):
+                return
+            fresh = True
+            if attempt > 0:
+                self._back_off(attempt)
+        raise RateLimiterBusy("The image request queue was too busy to take the run out; try again shortly.")
+
+    # ---- one conditional write -----------------------------------------------------------------------
+
+    def _write(self, before: LimiterState, after: LimiterState) -> bool:
+        """One conditional write taking the item from ``before`` to ``after``; on losing, take the item."""
+        self.calls += 1
+        try:
+            self._client.update_item(**self.write_request(before, after))
+        except ClientError as error:
+            if not _is_condition_failure(error):
+                raise _storage_error(error) from error
+            self._state = self.from_item(error.response.get("Item"))
+            return False
+        except BotoCoreError as error:
+            raise _storage_error(error) from error
+        self._state = after
+        return True
+
+    def _learn(self) -> None:
+        """The current item, by a conditional write that cannot succeed (it returns the item; no read)."""
+        self.calls += 1
+        try:
+            self._client.update_item(
+                TableName=self._table,
+                Key={"pk": {"S": self._key}},
+                UpdateExpression="SET #g = :never",
+                ConditionExpression="#g = :never",
+                ExpressionAttributeNames={"#g": "g"},
+                ExpressionAttributeValues={":never": {"N": "-1"}},
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
+            )
+        except ClientError as error:
+            if not _is_condition_failure(error):
+                raise _storage_error(error) from error
+            self._state = self.from_item(error.response.get("Item"))
+        except BotoCoreError as error:
+            raise _storage_error(error) from error
 
     def _back_off(self, attempt: int) -> None:
         ceiling_ms = min(self._backoff_cap_ms, self._backoff_base_ms * 2 ** (attempt - 1))
@@ -178,33 +343,63 @@ class DynamoRateLimiter:
 
     # ---- wire format ---------------------------------------------------------------------------------
 
-    def write_request(self, version: int, state: LimiterState) -> dict[str, Any]:
-        names = {"#v": "v", "#state": "state"}
-        values = {":next": {"N": str(version + 1)}, ":state": {"S": encode_state(state)}}
-        if version == 0:
-            condition = "attribute_not_exists(#pk)"
-            names["#pk"] = "pk"
+    def write_request(self, before: LimiterState, after: LimiterState) -> dict[str, Any]:
+        names = {"#g": "g", "#c": "c", "#q": "q"}
+        values: dict[str, Any] = {
+            ":g1": {"N": str(after.grants)},
+            ":c1": {"N": str(after.changes)},
+            ":q": {"S": encode_lines(after)},
+        }
+        sets = ["#g = :g1", "#c = :c1", "#q = :q"]
+        if before.grants == 0 and before.changes == 0:
+            conditions = ["attribute_not_exists(#g)"]
         else:
-            condition = "#v = :version"
-            values[":version"] = {"N": str(version)}
+            conditions = ["#g = :g0", "#c = :c0"]
+            values[":g0"] = {"N": str(before.grants)}
+            values[":c0"] = {"N": str(before.changes)}
+        if after.grants > before.grants:  # a grant: its slot, and the window checked by the item itself
+            limit = self._settings.limit
+            k = before.grants % limit
+            slot = after.slots[k]
+            if slot is None:
+                raise ValueError("a grant's state has no slot for it")  # a bug in decide(), never the wire
+            names["#t"], names["#o"] = f"t{k}", f"o{k}"
+            values[":t"] = {"N": str(slot.at_ms)}
+            values[":o"] = {"S": _slot_owner(slot.send, slot.line)}
+            values[":cutoff"] = {"N": str(slot.at_ms - self._settings.spacing_ms)}
+            sets += ["#t = :t", "#o = :o"]
+            conditions.append("(attribute_not_exists(#t) OR #t <= :cutoff)")
         return {
             "TableName": self._table,
             "Key": {"pk": {"S": self._key}},
-            "UpdateExpression": "SET #v = :next, #state = :state",
-            "ConditionExpression": condition,
+            "UpdateExpression": "SET " + ", ".join(sets),
+            "ConditionExpression": " AND ".join(conditions),
             "ExpressionAttributeNames": names,
             "ExpressionAttributeValues": values,
             "ReturnValues": "NONE",
             "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
         }
 
-    @staticmethod
-    def from_item(item: dict[str, Any] | None) -> tuple[int, LimiterState]:
-        if not item:
-            return 0, LimiterState()
-        return int(item["v"]["N"]), decode_state(item["state"]["S"])
+    def from_item(self, item: dict[str, Any] | None) -> LimiterState:
+        if not item or "g" not in item:
+            return LimiterState()
+        limit = self._settings.limit
+        slots: list[Slot | None] = []
+        for k in range(limit):
+            if f"t{k}" in item:
+                send, line = json.loads(item[f"o{k}"]["S"])
+                slots.append(Slot(int(item[f"t{k}"]["N"]), send, line))
+            else:
+                slots.append(None)
+        return LimiterState(
+            grants=int(item["g"]["N"]),
+            changes=int(item["c"]["N"]),
+            slots=tuple(slots),
+            lines=_lines(json.loads(item["q"]["S"])),
+        )
 
 
 def item_bytes(state: LimiterState, key: str = "global") -> int:
     """Roughly what DynamoDB bills for the item: attribute names and values."""
-    return len("pk") + len(key) + len("v") + 8 + len("state") + len(encode_state(state).encode())
+    slots = sum(2 + 13 + len(json.dumps([s.send, s.line])) for s in state.slots if s)
+    return len("pk") + len(key) + 2 * (1 + 8) + 1 + len(encode_lines(state).encode()) + slots

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from dalle_plugin.domain.errors import PluginError
 from dalle_plugin.domain.run import HeldAllowance, RunRecord, RunStatus
 from dalle_plugin.domain.spending import release
-from dalle_plugin.domain.steps.machinery import StepDeps, hub_log, mark, queue_id, required, try_open_hub
+from dalle_plugin.domain.steps.machinery import StepDeps, hub_log, mark, required, try_open_hub
 
 CANCELLABLE = (RunStatus.QUEUED, RunStatus.EXTRACTING, RunStatus.WAITING_FOR_SLOT)
 
@@ -74,8 +74,9 @@ def _cancel_run(run: RunRecord, deps: StepDeps) -> CancelOutcome:
         return CancelOutcome(run.task_id, False, exc.status, exc.why)
     if given_back and deps.allowances is not None:
         release(given_back, deps.allowances)  # counted for a request that will never be sent
-    if run.uses_default_key and run.rate_wait is not None and deps.limiter is not None:
-        deps.limiter.leave(queue_id(run))  # the runs behind it in the shared key's queue move up
+    if run.uses_default_key and run.rate_ticket is not None and deps.limiter is not None:
+        # the runs behind it in the shared key's queue move up
+        deps.limiter.leave(run.org_id or "", not run.workflow, run.rate_ticket)
     hub_log(
         cancelled, hub, "Run cancelled before the image was generated; nothing was paid for.", level="WARNING"
     )

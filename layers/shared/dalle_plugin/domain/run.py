@@ -232,6 +232,12 @@ class RunRecord(CamelModel):
     attempt: int = 0
     prompt: PromptInfo | None = None
     rate_wait: RateWait | None = None
+    #: its place in the shared key's queue, taken when the hub's request was accepted (None: not joined)
+    rate_ticket: int | None = None
+    #: the queue as the run last saw it (a claim from it needs no read)
+    rate_view: str = ""
+    #: refused at acceptance: the wait (ms) it would have had past the queue cap
+    rate_refused_ms: int | None = None
     #: the first image (the only one unless images_per_task > 1)
     image: ImageInfo | None = None
     #: the further images of the same request, in order

@@ -182,6 +182,11 @@ def record_failure(inp: FailureInput, deps: StepDeps) -> dict[str, Any]:
         return _ended_by_cancel(required(deps.runs.get(run.session, run.task_id), "the run"), deps)
     if given_back and deps.allowances is not None:
         release(given_back, deps.allowances)
+    if run.uses_default_key and run.rate_ticket is not None and deps.limiter is not None:
+        # out of the shared key's queue (a no-op if its send was granted): the runs behind it move up
+        # a failed leave costs nothing lasting: a run away past its turn is skipped by the next claimer
+        with contextlib.suppress(PluginError):
+            deps.limiter.leave(run.org_id or "", not run.workflow, run.rate_ticket)
     # Paid for and surely not on the hub: a re-run of the task (in a new session too) takes it, not a new one.
     undelivered = any(not i.attached and i.attach_sent_at_ms is None for i in run.images)
     # A step that died between storing its PNG and recording it leaves the image at its key, unrecorded:

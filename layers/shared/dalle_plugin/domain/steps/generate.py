@@ -7,6 +7,7 @@ import datetime as dt
 import hashlib
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from dalle_plugin.domain.errors import (
     NotRunOwner,
@@ -45,12 +46,11 @@ from dalle_plugin.domain.steps.machinery import (
     mark,
     open_secrets,
     owned_deps,
-    queue_id,
     required,
     to_rfc3339_second,
 )
 from dalle_plugin.domain.steps.own_key import claim_own_key_send, learn_key_limits
-from dalle_plugin.ports import GeneratedImage, HubClient, ImageRequest, RateAsk, RateDecision
+from dalle_plugin.ports import GeneratedImage, HubClient, ImageRequest, RateClaim, RateDecision
 
 #: 429 rate_limit_exceeded answers a run takes in a row (waiting the time OpenAI asks each time) before it
 #: gives up: a key whose limit stays used up must end the run, not loop it for days
@@ -125,7 +125,7 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
     claimed = _claim_request_start(held, deps, hub, api_key)
     if isinstance(claimed, GenerateOutcome):
         return claimed
-    run = claimed
+    run, grant = claimed
     request = ImageRequest(
         model=run.model.actual,
         prompt=required(run.prompt, "the run's prompt").text,
@@ -136,6 +136,8 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
         output_compression=run.output_compression,
         background=run.background,
     )
+    if grant is not None and not grant.still_counted(deps):  # the last thing before the request leaves
+        return _lost_turn(run, deps, hub)
     started = deps.clock.now_ms()
     # The hub hears "generating" while the request is on its way: a hub call before it would stand
     # between the booked start and the request.
@@ -299,9 +301,38 @@ class _TakenByAnotherDelivery(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class _SharedKeyGrant:
+    """A send granted on the shared key, to be confirmed right before the request leaves."""
+
+    claim: RateClaim
+    decision: RateDecision
+
+    def still_counted(self, deps: StepDeps) -> bool:
+        """Whether the send is counted at a recorded time within the tolerance of now (stamped again if the
+        step was held up since its grant); False when its slot went to a later send meanwhile."""
+        limiter = required(deps.limiter, "StepDeps.limiter")
+        return limiter.confirm_send(self.claim, self.decision) is not None
+
+
+def _lost_turn(run: RunRecord, deps: StepDeps, hub: HubClient) -> GenerateOutcome:
+    """The step was held up so long after its grant that its slot went to a later send: nothing was sent;
+    the run queues again (its next claim finds its ticket served and joins its line anew)."""
+    message = (
+        "Its turn on the shared OpenAI key passed while the step was held up before sending (nothing was "
+        "sent or paid for); it queues again."
+    )
+
+    def forget_view(r: RunRecord) -> None:
+        r.rate_view = ""
+
+    now = deps.clock.now_ms()
+    return _wait(run, deps, now, "rate_slot", message, hub, None, also=forget_view)
+
+
 def _claim_request_start(
     run: RunRecord, deps: StepDeps, hub: HubClient, api_key: str
-) -> RunRecord | GenerateOutcome:
+) -> tuple[RunRecord, _SharedKeyGrant | None] | GenerateOutcome:
     """Take this run's turn to send its one image request, or the Wait outcome while its turn lies ahead.
 
     The attempt is spent first, under the run's version lock (a cancel and a send never both happen, and
@@ -313,7 +344,7 @@ def _claim_request_start(
         f"Generating {count_images(run.images_per_task)} with {run.model.actual} "
         f"({run.size}, {run.output_format})."
     )
-    expected, joining = run.attempt, run.rate_wait is None
+    expected = run.attempt
     now = deps.clock.now_ms()
 
     def spend(r: RunRecord) -> None:
@@ -336,45 +367,72 @@ def _claim_request_start(
     if not run.uses_default_key:
         key_wait = claim_own_key_send(run, deps, api_key)
         if key_wait is None:
-            return run
+            return run, None
         return _wait(run, deps, key_wait.wake_at_ms, "key_pace", key_wait.message, hub, None)
-    decision = required(deps.limiter, "StepDeps.limiter").acquire(
-        RateAsk(
-            run_id=queue_id(run),
-            ticket=f"{run.execution_name}#{run.attempt}",
-            accepted_ms=run.accepted_at_ms or run.created_at_ms,
-            org_id=run.org_id or "",
-            interactive=not run.workflow,
-            may_refuse=joining,
-        )
-    )
-    if decision.granted:
-        return run
+    return _claim_shared_key_send(run, deps, hub)
+
+
+def _claim_shared_key_send(
+    run: RunRecord, deps: StepDeps, hub: HubClient
+) -> tuple[RunRecord, _SharedKeyGrant] | GenerateOutcome:
+    """The shared key's queue (``domain.rate_limit``): the run claims its send with the ticket it took at
+    acceptance; told its turn lies ahead, it sleeps until then (its session and the hub say where it
+    stands), and claims again when it wakes."""
     settings = required(deps.limiter_settings, "StepDeps.limiter_settings")
+    limiter = required(deps.limiter, "StepDeps.limiter")
+    org, interactive = run.org_id or "", not run.workflow
+    if run.rate_refused_ms is not None:
+        raise QueueTooLong(_queue_too_long(run.rate_refused_ms, None, settings))
+    ticket, view = run.rate_ticket, run.rate_view
+    if ticket is None:  # accepted before the queue took tickets at acceptance: join now
+        joined = limiter.join(org, interactive, 1)
+        if not joined.admitted:
+            raise QueueTooLong(
+                _queue_too_long(joined.starts_at_ms[0] - deps.clock.now_ms(), joined.positions[0], settings)
+            )
+        ticket, view = joined.first_ticket, joined.view
+    ask = RateClaim(org, interactive, ticket, f"{run.execution_name}#{run.attempt}", view)
+    decision = limiter.claim(ask)
+    if decision.granted:
+        return run, _SharedKeyGrant(ask, decision)
     now = deps.clock.now_ms()
-    if decision.refused:
-        raise QueueTooLong(_queue_too_long(decision, now, settings))
     wait = RateWait(
-        ticket=queue_id(run), start_at_ms=decision.start_at_ms, reserved=False, position=decision.position
+        ticket=str(decision.ticket),
+        start_at_ms=decision.start_at_ms,
+        reserved=False,
+        position=decision.position,
     )
+
+    def keep_place(r: RunRecord) -> None:
+        r.rate_ticket, r.rate_view = decision.ticket, decision.view
+
     eta = dt.datetime.fromtimestamp(decision.start_at_ms / 1000, tz=dt.UTC).strftime("%H:%M:%S")
     message = (
         f"Waiting for its turn on the shared OpenAI key ({settings.limit} images per "
-        f"{settings.window_s:g} s across the hub): position {decision.position} in the queue, "
-        f"starts at {eta} UTC, in about {max(0, math.ceil((decision.start_at_ms - now) / 1000))} s."
+        f"{settings.window_s:g} s across the hub): {decision.position} runs go before it, "
+        f"it starts at {eta} UTC, in about {max(0, math.ceil((decision.start_at_ms - now) / 1000))} s."
     )
-    return _wait(run, deps, wake_at_ms(decision.start_at_ms, settings), "rate_slot", message, hub, wait)
+    return _wait(
+        run,
+        deps,
+        wake_at_ms(decision.start_at_ms, settings),
+        "rate_slot",
+        message,
+        hub,
+        wait,
+        also=keep_place,
+    )
 
 
-def _queue_too_long(decision: RateDecision, now_ms: int, settings: LimiterSettings) -> str:
-    wait_min = max(1, round((decision.start_at_ms - now_ms) / 60_000))
+def _queue_too_long(wait_ms: int, position: int | None, settings: LimiterSettings) -> str:
+    wait_min = max(1, round(wait_ms / 60_000))
     cap_min = max(1, round(settings.max_queue_wait_s / 60))
+    ahead = f"{position} runs ahead of it, " if position is not None else ""
     return (
         f"The shared OpenAI key is busy: this run would have waited about {wait_min} min for its turn "
-        f"({decision.position} runs ahead of it, {settings.limit} images per {settings.window_s:g} s "
-        f"across the hub), more than the {cap_min} min this deployment allows, so it was not queued. "
-        "Run it again later, or bring your own OpenAI key (the Config JSON's openai_api_key) to skip "
-        "the shared queue."
+        f"({ahead}{settings.limit} images per {settings.window_s:g} s across the hub), more than the "
+        f"{cap_min} min this deployment allows, so it was not queued. Run it again later, or bring your own "
+        "OpenAI key (the Config JSON's openai_api_key) to skip the shared queue."
     )
 
 

@@ -18,6 +18,7 @@ from dalle_plugin.domain.payload import MAX_BATCH_TASKS, BatchTask, HubPayload
 from dalle_plugin.domain.run import ModelInfo, RunRecord, RunRef, RunStatus, TimelineEntry
 from dalle_plugin.domain.steps.extract import read_prompt
 from dalle_plugin.domain.steps.machinery import ANGO_KEY, OPENAI_KEY, StepDeps, image_fingerprint, required
+from dalle_plugin.ports import RateJoin
 
 
 @dataclass
@@ -32,14 +33,23 @@ class _Requeue:
     """The write that runs a task again, if it still may be (a concurrent request may have done it first);
     ``done`` says whether this write was the one that did, so that only one request counts it."""
 
-    def __init__(self, may_rerun: Callable[[RunRecord], bool], sealed: bytes, now: int, why: str = ""):
-        self.may_rerun, self.sealed, self.now, self.why = may_rerun, sealed, now, why
+    def __init__(
+        self,
+        may_rerun: Callable[[RunRecord], bool],
+        sealed: bytes,
+        now: int,
+        place: Callable[[RunRecord], RunRecord],
+        why: str = "",
+    ):
+        self.may_rerun, self.sealed, self.now, self.place, self.why = may_rerun, sealed, now, place, why
         self.done = False
 
     def __call__(self, run: RunRecord) -> None:
         self.done = self.may_rerun(run)
         if self.done:
             _requeue(run, self.sealed, self.now, self.why)
+            # a new generation: a new place in the shared key's queue, at the back of its line
+            self.place(run)
 
 
 def _ended_unsuccessfully(run: RunRecord) -> bool:
@@ -56,6 +66,8 @@ def _requeue(run: RunRecord, sealed: bytes, now: int, why: str) -> None:
     run.chunk = []
     run.failure = None
     run.rate_wait = None
+    run.rate_ticket = run.rate_refused_ms = None
+    run.rate_view = ""
     run.execution_arn = None
     run.sealed_secrets = sealed
     run.updated_at_ms = now
@@ -202,19 +214,23 @@ def start_session(
     sealed = deps.vault.seal(secrets, {"session": payload.session})
     runs: list[RunRecord] = []
     started: list[str] = []  # created or requeued by this request: what it, and only it, counts as accepted
+    queue = join_shared_queue(payload, config.uses_default_key, [task.task_id for task in tasks], deps, now)
 
     def create(chunk: list[BatchTask]) -> list[tuple[RunRecord, bool]]:
         members = [task.task_id for task in chunk]
         owner = creation_owner(payload.session, members)
         return deps.runs.create_many(
-            [_new_record(payload, task, config, options, sealed, now, deps, owner, members) for task in chunk]
+            [
+                queue.place(_new_record(payload, task, config, options, sealed, now, deps, owner, members))
+                for task in chunk
+            ]
         )
 
     for created_chunk in _in_parallel(create, _chunks(tasks, tasks_per_execution)):
         for record, is_new in created_chunk:
             stored, created = record, is_new
             if not is_new and _ended_unsuccessfully(record):
-                requeue = _Requeue(_ended_unsuccessfully, sealed, now)
+                requeue = _Requeue(_ended_unsuccessfully, sealed, now, queue.place)
                 stored = deps.runs.update(record.session, record.task_id, requeue)
                 created = requeue.done
             if created:
@@ -236,11 +252,14 @@ def start_session(
             unchanged_since_read,
             sealed,
             now,
+            queue.place,
             ": the prompt changed on the hub",
         )
         runs[by_task[run.task_id]] = deps.runs.update(run.session, run.task_id, requeue)
         if requeue.done:
             started.append(run.task_id)
+    # tickets of tasks this request neither created nor requeued go back to the line
+    queue.give_back_unused(set(started))
     # Requeued runs (and any an earlier request requeued and died before claiming) get a new owner.
     unowned = [run for run in runs if run.status is RunStatus.QUEUED and run.owner is None]
     for chunk in _chunks(unowned, tasks_per_execution):
@@ -275,6 +294,68 @@ def start_session(
     return SessionStart(
         session=payload.session, runs=runs, started=started, execution_arn=arns[-1] if arns else None
     )
+
+
+class SharedQueuePlaces:
+    """The tickets a request's shared-key runs took in their line at acceptance (``domain.rate_limit``):
+    one join for the whole batch, in task order; tickets of tasks this request did not create go back."""
+
+    def __init__(
+        self,
+        line: tuple[str, bool] | None,
+        task_ids: list[str],
+        joined: RateJoin | None,
+        now_ms: int,
+        leave: Callable[[str, bool, int, int], None] | None = None,
+    ):
+        self._line, self._joined, self._now, self._leave = line, joined, now_ms, leave
+        self._index = {task_id: i for i, task_id in enumerate(task_ids)}
+
+    def place(self, run: RunRecord) -> RunRecord:
+        if self._joined is None or run.task_id not in self._index:
+            return run
+        i = self._index[run.task_id]
+        if i < self._joined.admitted:
+            run.rate_ticket, run.rate_view = self._joined.first_ticket + i, self._joined.view
+        else:
+            run.rate_refused_ms = max(0, self._joined.starts_at_ms[i] - self._now)
+        return run
+
+    def give_back_unused(self, started: set[str]) -> None:
+        """Tickets of tasks that already had a run this request did not start again (a duplicate request, a
+        delivered image whose prompt is unchanged): out of the line, as ranges."""
+        if self._line is None or self._leave is None or self._joined is None:
+            return
+        admitted = self._joined.admitted
+        unused = sorted(
+            self._joined.first_ticket + i
+            for task_id, i in self._index.items()
+            if i < admitted and task_id not in started
+        )
+        for first, count in _ranges(unused):
+            self._leave(self._line[0], self._line[1], first, count)
+
+
+def _ranges(tickets: list[int]) -> list[tuple[int, int]]:
+    ranges: list[tuple[int, int]] = []
+    for ticket in tickets:
+        if ranges and ranges[-1][0] + ranges[-1][1] == ticket:
+            ranges[-1] = (ranges[-1][0], ranges[-1][1] + 1)
+        else:
+            ranges.append((ticket, 1))
+    return ranges
+
+
+def join_shared_queue(
+    payload: HubPayload, uses_default_key: bool, task_ids: list[str], deps: StepDeps, now_ms: int
+) -> SharedQueuePlaces:
+    """The batch's runs join their line of the shared key's queue in one write, in task order (first come,
+    first served by the hub's acceptance); those whose turn would pass the cap get no ticket."""
+    if not uses_default_key or deps.limiter is None or not task_ids:
+        return SharedQueuePlaces(None, task_ids, None, now_ms)
+    line = (payload.org_id or "", not payload.is_workflow_run)
+    joined = deps.limiter.join(line[0], line[1], len(task_ids))
+    return SharedQueuePlaces(line, task_ids, joined, now_ms, deps.limiter.leave)
 
 
 def _new_record(
