@@ -254,6 +254,17 @@ def test_an_attachment_the_hub_surely_refused_is_sent_again_on_retry():
     assert _stored(deps).status is RunStatus.SUCCEEDED
 
 
+def test_a_hub_that_fails_the_asset_look_up_has_been_sent_nothing_and_is_tried_again():
+    hub = Hub(failures={"get_asset": [HubUnavailable("never answered")]})
+    deps = _deps(hub)
+    deps.runs.create(_run(image=_image()))
+    with pytest.raises(HubUnavailable):  # retried by the state machine, not "outcome unknown"
+        attach_image(REF, deps)
+    assert _stored(deps).image.attach_sent_at_ms is None
+    attach_image(REF, deps)
+    assert hub.calls.count("attach_image") == 1 and _stored(deps).status is RunStatus.SUCCEEDED
+
+
 def test_a_task_submission_the_hub_may_have_taken_is_never_sent_again():
     hub = Hub(failures={"annotate": [HubDeliveryUnknown("timed out after sending")]})
     deps = _deps(hub)

@@ -114,6 +114,9 @@ def attach_image(ref: RunRef, deps: StepDeps) -> AttachResult:
             raise HubOutcomeUnknown(_unconfirmed_attachment(run.image_at(index)))
     if run.workflow and run.finish_sent_at_ms is not None:
         raise HubOutcomeUnknown(_unconfirmed_submission(run))
+    # Looked up before any intent is noted: a hub that fails the look-up has surely been sent nothing.
+    asset = hub.get_asset(run.project_id, run.asset_id) if to_attach and run.asset_id else None
+    external_id = asset.external_id if asset else run.task_id
     # One write notes every send still to come (with the progress not yet written); each outcome is then
     # written with the finish, or with the failure that stops the step.
     if to_attach or run.workflow:
@@ -122,8 +125,6 @@ def attach_image(ref: RunRef, deps: StepDeps) -> AttachResult:
         pending = []
     confirmed: list[int] = []
     if to_attach:
-        asset = hub.get_asset(run.project_id, run.asset_id) if run.asset_id else None
-        external_id = asset.external_id if asset else run.task_id
         for position, index in enumerate(to_attach):  # in order: the hub lists attachments as they came
             image = run.image_at(index)
             try:
