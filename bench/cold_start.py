@@ -10,6 +10,11 @@ its event for another fresh run, created through the stack's API.
 
 Baseline: the same, after importing every dependency (openai, boto3, pydantic, Powertools, every plugin
 module) and creating the AWS and OpenAI clients up front, as an eager module would.
+
+The headline, each function's import over its floor, counts what a cold start pays in all: the handler's
+import plus what it imports on its first event (moving an import to the first event does not remove it).
+The layer is imported as the build ships it, with its bytecode (layers/shared/Makefile), and the floor's
+packages with theirs (pip compiles them).
 """
 
 from __future__ import annotations
@@ -66,7 +71,8 @@ class ColdStartBench:
     def __init__(self, stack: Any):
         self.stack = stack
         self.specs = stack.template.functions()
-        self.layer_dir = stack.template.layer_dirs()[0]
+        self.scratch = Path(tempfile.mkdtemp(prefix="bench-cold-"))
+        self.layer_dir = built_layer(stack.template.layer_dirs()[0], self.scratch / "layer")
         # Every run the bench starts (the children's and its own) goes to a one-state machine: no pipeline
         # runs in the background while a cold start is timed.
         self.noop_arn = self._noop_state_machine()
@@ -78,7 +84,6 @@ class ColdStartBench:
 
         samples = {s.payload["taskId"]: s.payload for s in load_sample_runs(stack.hub.base_url)}
         self.payload = samples["task-fox"]
-        self.scratch = Path(tempfile.mkdtemp(prefix="bench-cold-"))
 
     def _noop_state_machine(self) -> str:
         role = self.stack.client("iam").get_role(RoleName=f"{self.stack.template.stack_name}-execution")
@@ -138,9 +143,8 @@ class ColdStartBench:
         )
         env = dict(os.environ)
         env.update(self.stack.template.environment(spec))
-        env["PYTHONDONTWRITEBYTECODE"] = (
-            "1"  # /var/task is read-only on Lambda: the plugin's code compiles each time
-        )
+        # /var/task is read-only on Lambda: a function's own app.py (a few lines) compiles at each start
+        env["PYTHONDONTWRITEBYTECODE"] = "1"
         env.pop("PYTHONPATH", None)
         env["STATE_MACHINE_ARN"] = self.noop_arn
         command = (
@@ -201,6 +205,28 @@ class ColdStartBench:
                     timed["first_event"] = measured["import_ms"] + measured["first_event_import_ms"]
             trial[function] = timed
         return trial
+
+
+def built_layer(source: Path, target: Path) -> Path:
+    """The layer's own code as ``sam build`` ships it: copied, then compiled by layers/shared/Makefile's
+    ``compile`` target (the build's own step), so a cold start reads bytecode instead of compiling."""
+    shutil.copytree(
+        source / "dalle_plugin", target / "dalle_plugin", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    subprocess.run(
+        [
+            "make",
+            "--no-print-directory",
+            "-C",
+            str(source),
+            "compile",
+            f"LAYER_DIR={target}",
+            f"PYTHON={sys.executable}",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return target
 
 
 _IMPORTTIME = re.compile(r"import time:\s+(\d+) \|\s+(\d+) \|(\s*)(\S+)")
@@ -301,13 +327,15 @@ def main(argv: list[str] | None = None) -> int:
                 {"check": f"{function} never imports openai", "passed": not ours["openai_imported"]}
             )
 
-    over_floor, eager_over_floor, first_event_over_floor = {}, {}, {}
+    # over_floor (the headline): init's imports plus the first event's, over the floor; init_over_floor: the
+    # handler's import alone, a detail (it hides what the first event then pays)
+    over_floor, eager_over_floor, init_over_floor = {}, {}, {}
     for function in FUNCTIONS:
         ours_ms, floor_ms = median(imports[function]["ours"]), median(imports[function]["floor"])
         eager_ms = median(imports[function]["eager"])
         # the median of each pair's ratio: a pair ran side by side, so the machine's load cancels out
-        over_floor[function] = round(median(imports[function]["ratio"]), 3)
-        first_event_over_floor[function] = round(median(imports[function]["first_event_ratio"]), 3)
+        init_over_floor[function] = round(median(imports[function]["ratio"]), 3)
+        over_floor[function] = round(median(imports[function]["first_event_ratio"]), 3)
         eager_over_floor[function] = round(eager_ms / floor_ms, 3)
         per_function[function]["import_vs_floor"] = {
             "ours_ms": ours_ms,
@@ -321,27 +349,30 @@ def main(argv: list[str] | None = None) -> int:
         what = "boto3 + Logger + openai" if function == "generate" else "boto3 + Logger"
         rows.append(
             Row(
-                f"{function}: import over its floor",
-                "ms",
-                ours_ms,
-                floor_ms,
-                note=f"floor: a bare handler importing {what}; limit 1.5x",
-            )
-        )
-        rows.append(
-            Row(
                 f"{function}: import + first event's imports over its floor",
                 "ms",
                 per_function[function]["import_vs_floor"]["ours_plus_first_event_imports_ms"],
                 floor_ms,
                 note=(
-                    f"median ratio per pair {first_event_over_floor[function]:.2f}: what the handler loads on "
-                    f"its first event ({', '.join(FIRST_EVENT_MODULES[function])}) instead of at init"
+                    f"median ratio per pair {over_floor[function]:.2f}, limit 1.5x; floor: a bare handler "
+                    f"importing {what}; the first event imports {', '.join(FIRST_EVENT_MODULES[function])}"
                 ),
             )
         )
+        rows.append(
+            Row(
+                f"{function}: init's import alone over its floor",
+                "ms",
+                ours_ms,
+                floor_ms,
+                note=f"median ratio per pair {init_over_floor[function]:.2f}: what init pays, not the cold start",
+            )
+        )
         checks.append(
-            {"check": f"{function} imports within 1.5x its floor", "passed": over_floor[function] <= 1.5}
+            {
+                "check": f"{function} imports (init + first event) within 1.5x its floor",
+                "passed": over_floor[function] <= 1.5,
+            }
         )
         rows.append(
             Row(
@@ -359,12 +390,12 @@ def main(argv: list[str] | None = None) -> int:
             f"The import path keeps openai out of {', '.join(WITHOUT_OPENAI)}; generate loads it on its first "
             "event (wiring.generate_deps), not at init."
         ),
-        "Import over the floor (median of the ratios of pairs of fresh processes run side by side): "
+        "Import plus the first event's imports over the floor (median of the ratios of pairs of fresh "
+        "processes run side by side): "
         + ", ".join(f"{f} {ratio:.2f}x" for f, ratio in over_floor.items())
         + ". Each handler imports only Powertools' Logger at init and loads the domain, pydantic, boto3 and "
-        "(api) Powertools' event handler on its first event; the import plus those first-event imports over "
-        "the floor: "
-        + ", ".join(f"{f} {ratio:.2f}x" for f, ratio in first_event_over_floor.items())
+        "(api) Powertools' event handler on its first event; init's import alone over the floor: "
+        + ", ".join(f"{f} {ratio:.2f}x" for f, ratio in init_over_floor.items())
         + ". The X-Ray SDK is gone from the layer (tracing is Lambda's own active tracing), and with it the "
         f"layer's own botocore; aws_xray_sdk's import now costs {xray:.0f} ms.",
     ]
@@ -386,8 +417,9 @@ def main(argv: list[str] | None = None) -> int:
             "directory and the layer on sys.path as on Lambda, handler module imported, then one event "
             "served against the running local stack (events/*.json, with a fresh session). 'init' is the "
             "import of the handler module; the first event includes the clients and settings the handler "
-            "builds lazily. Plugin code is compiled at each start (no .pyc written, as on Lambda's "
-            "read-only /var/task)."
+            "builds lazily. The layer is imported as the build ships it, with its bytecode "
+            "(layers/shared/Makefile compiles it); a function's own app.py compiles at each start (no .pyc "
+            "written, as on Lambda's read-only /var/task)."
         ),
         baseline="The same process after importing every dependency (openai, boto3, pydantic, Powertools, "
         "every plugin module) and creating the AWS and OpenAI clients before serving (an eager "
@@ -399,8 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         details={
             "per_function": per_function,
             "checks": checks,
-            "import_over_floor": over_floor,
-            "import_and_first_event_imports_over_floor": first_event_over_floor,
+            "import_and_first_event_imports_over_floor": over_floor,
+            "init_import_over_floor": init_over_floor,
             "eager_import_over_floor": eager_over_floor,
             "first_event_against": "local stack",
             "trials": trials,

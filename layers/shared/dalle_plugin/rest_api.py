@@ -1,10 +1,12 @@
 """The API function's routes: the hub's REST connector endpoint, on Powertools' event handler for REST API
 proxy events. functions/api/app.py loads this module on its first request, not at init: Powertools' event
-handler with its OpenAPI models is the largest import of the API, beyond what every function imports
-(docs/performance.md, "Cold starts").
+handler is the largest import of the API, beyond what every function imports (docs/performance.md, "Cold
+starts").
 
 Routes validate their paths, queries and bodies with pydantic (``enable_validation``), and the same
-declarations generate ``docs/openapi.yaml`` (``make openapi``). Refusals keep the plugin's own shape
+declarations generate ``docs/openapi.yaml`` (``make openapi``). The document's own settings (title, servers,
+security scheme) are Powertools' OpenAPI models, the largest import of the event handler: they are built
+only when the document is asked for, never to serve. Refusals keep the plugin's own shape
 (``{"error": true, "message", "field"}``) and sentences: Powertools' default 422 names pydantic's error
 types, not what a person should fix. The resolver is built when this module is imported (no I/O; each
 execution environment is a process of its own, so no state is shared between invokes of different
@@ -25,7 +27,6 @@ from aws_lambda_powertools.event_handler.openapi.exceptions import (
     RequestUnsupportedContentType,
     RequestValidationError,
 )
-from aws_lambda_powertools.event_handler.openapi.models import APIKey, APIKeyIn, Server, ServerVariable
 from aws_lambda_powertools.event_handler.openapi.params import Body, Path, Query
 from aws_lambda_powertools.event_handler.openapi.types import OpenAPIResponse
 from aws_lambda_powertools.utilities.typing import LambdaContext
@@ -63,37 +64,44 @@ NOT_AN_OBJECT = "The request body must be a JSON object with the hub's run paylo
 CANCEL_BODY = 'The cancel body must be empty or a JSON object such as {"taskId": "..."}.'
 
 app = APIGatewayRestResolver(enable_validation=True)
-app.configure_openapi(
-    title="DALL-E (Model Plugin) for Ango Hub",
-    version="0.1.0",
-    description=(
-        "The plugin's REST endpoint, as Ango Hub's REST connector calls it. Every route requires the plugin's "
-        "Secret header: API Gateway's authorizer compares it in constant time with the secret in Secrets "
-        "Manager (its answer cached for 5 minutes per header value), and API Gateway itself answers 401 when "
-        "the header is missing and 403 when it is wrong, before any function runs (the API function checks "
-        "it again). Every refusal of the API function is JSON with `error: true` and a `message` a person can "
-        "act on (`field` names the request field at fault); no answer ever quotes a secret. Generated from "
-        "functions/api/app.py by `make openapi`; tests/security/test_openapi.py checks it is current and "
-        "that the running API answers as it says."
-    ),
-    servers=[
-        Server(
-            url="https://{apiId}.execute-api.{region}.amazonaws.com/v1",
-            variables={
-                "apiId": ServerVariable(default="example"),
-                "region": ServerVariable(default="us-east-1"),
-            },
-        )
-    ],
-    security=[{"pluginSecret": []}],
-    security_schemes={
-        "pluginSecret": APIKey(
-            name=SECRET_HEADER,
-            in_=APIKeyIn.header,
-            description="The secret registered for the plugin in Ango Hub.",
-        )
-    },
-)
+
+
+def _configure_openapi() -> None:
+    """The document's settings. Serving never reads them; their models cost a cold start ~0.5 s under load."""
+    from aws_lambda_powertools.event_handler.openapi.models import APIKey, APIKeyIn, Server, ServerVariable
+
+    app.configure_openapi(
+        title="DALL-E (Model Plugin) for Ango Hub",
+        version="0.1.0",
+        description=(
+            "The plugin's REST endpoint, as Ango Hub's REST connector calls it. Every route requires the "
+            "plugin's Secret header: API Gateway's authorizer compares it in constant time with the secret "
+            "in Secrets Manager (its answer cached for 5 minutes per header value), and API Gateway itself "
+            "answers 401 when the header is missing and 403 when it is wrong, before any function runs (the "
+            "API function checks it again). Every refusal of the API function is JSON with `error: true` and "
+            "a `message` a person can act on (`field` names the request field at fault); no answer ever "
+            "quotes a secret. Generated from functions/api/app.py by `make openapi`; "
+            "tests/security/test_openapi.py checks it is current and that the running API answers as it "
+            "says."
+        ),
+        servers=[
+            Server(
+                url="https://{apiId}.execute-api.{region}.amazonaws.com/v1",
+                variables={
+                    "apiId": ServerVariable(default="example"),
+                    "region": ServerVariable(default="us-east-1"),
+                },
+            )
+        ],
+        security=[{"pluginSecret": []}],
+        security_schemes={
+            "pluginSecret": APIKey(
+                name=SECRET_HEADER,
+                in_=APIKeyIn.header,
+                description="The secret registered for the plugin in Ango Hub.",
+            )
+        },
+    )
 
 
 def _doc(description: str, model: Any = None) -> OpenAPIResponse:
@@ -388,6 +396,7 @@ def openapi_document() -> dict[str, Any]:
     """The OpenAPI document of these routes. Powertools documents its own 422 for a request that fails
     validation; this API answers those with its 400 (or 404 for an impossible session id) instead, so that
     answer and its schemas are left out."""
+    _configure_openapi()
     document: dict[str, Any] = json.loads(app.get_openapi_json_schema())
     for item in document["paths"].values():
         for operation in item.values():
