@@ -93,6 +93,9 @@ def import_only(spec: dict) -> None:
     # the figure of the import is not flattered by work the first invocation then pays.
     for name in spec.get("first_event_modules") or ():
         importlib.import_module(name)
+    for name in spec.get("first_event_models") or ():  # built on first use (defer_build): built here too
+        module, model = name.split(":")
+        getattr(importlib.import_module(module), model).model_rebuild()
     with open(spec["out"], "w") as handle:
         json.dump(
             {

@@ -58,6 +58,19 @@ FIRST_EVENT_MODULES = {
     "attach": ("dalle_plugin.wiring", "dalle_plugin.domain.steps.attach"),
     "record_failure": ("dalle_plugin.wiring", "dalle_plugin.domain.steps.failure"),
 }
+#: the models a function's first event builds that are built on first use (pydantic's defer_build), not at
+#: import: the import figure builds them too, so that deferring a model never flatters it
+FIRST_EVENT_MODELS = {
+    "api": ("dalle_plugin.settings:CommonSettings", "dalle_plugin.settings:ApiSettings"),
+    "extract": ("dalle_plugin.settings:ExtractSettings", "dalle_plugin.domain.run:ExtractResult"),
+    "generate": (
+        "dalle_plugin.settings:CommonSettings",
+        "dalle_plugin.settings:GenerateSettings",
+        "dalle_plugin.domain.run:GenerateOutcome",
+    ),
+    "attach": ("dalle_plugin.settings:AttachSettings", "dalle_plugin.domain.run:AttachResult"),
+    "record_failure": ("dalle_plugin.settings:AttachSettings", "dalle_plugin.domain.run:FailureInput"),
+}
 #: rounds of "the function's import beside its floor" per trial: each a pair of fresh processes, in
 #: alternating order, whose ratio is one sample (a pair shares the machine's load of its moment)
 IMPORT_ROUNDS = 4
@@ -138,6 +151,7 @@ class ColdStartBench:
                     "mode": mode,
                     "needs_openai": function == "generate",
                     "first_event_modules": FIRST_EVENT_MODULES[function] if mode == "ours" else (),
+                    "first_event_models": FIRST_EVENT_MODELS[function] if mode == "ours" else (),
                 }
             )
         )
