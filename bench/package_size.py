@@ -1,8 +1,8 @@
 """Deployment package sizes, as ``sam build`` would ship them for Lambda's arm64 Python 3.11 runtime.
 
 Each function's package is its code directory plus its own requirements.txt installed for
-manylinux2014_aarch64; the layer is layers/shared with layers/shared/requirements.txt installed beside it
-(under python/, where Lambda looks). Installs come from the package index once and are kept under
+manylinux2014_aarch64; the layer is layers/shared's dalle_plugin with layers/shared/requirements.txt installed
+beside it (under python/, where Lambda looks), compiled to bytecode as its build does (layers/shared/Makefile). Installs come from the package index once and are kept under
 .local/bench/packages (keyed by the requirements' content), so a rerun only zips.
 
 Baseline: one fat package with everything (plugin code, every function, the layer's requirements and
@@ -17,6 +17,7 @@ import io
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -79,13 +80,38 @@ def install(requirements: list[Path]) -> Path:
     return target
 
 
-def _files(root: Path, prefix: str = "") -> list[tuple[Path, str]]:
+def built_layer(layer_deps: Path, target: Path) -> Path:
+    """The layer as ``sam build`` ships it: the requirements and the plugin under python/, compiled by
+    layers/shared/Makefile's ``compile`` target (bytecode is most of what the build adds)."""
+    python = target / "python"
+    shutil.copytree(layer_deps, python, ignore=shutil.ignore_patterns("__pycache__", ".complete", "bin"))
+    shutil.copytree(
+        LAYER / "dalle_plugin", python / "dalle_plugin", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    subprocess.run(
+        [
+            "make",
+            "--no-print-directory",
+            "-C",
+            str(LAYER),
+            "compile",
+            f"LAYER_DIR={python}",
+            f"PYTHON={sys.executable}",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return target
+
+
+def _files(root: Path, prefix: str = "", bytecode: bool = False) -> list[tuple[Path, str]]:
     found = []
+    skipped = SKIPPED_PARTS - {"__pycache__"} if bytecode else SKIPPED_PARTS
     for path in sorted(root.rglob("*")):
         relative = path.relative_to(root)
         if (
             path.is_dir()
-            or SKIPPED_PARTS & set(relative.parts)
+            or skipped & set(relative.parts)
             or relative.parts[0] == "bin"
             or path.name in (".complete", "requirements.txt")
         ):
@@ -138,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     layer_requirements = LAYER / "requirements.txt"
     layer_deps = install([layer_requirements])
-    layer = measure(_files(LAYER, "python/") + _files(layer_deps, "python/"))
+    with tempfile.TemporaryDirectory(prefix="bench-layer-") as scratch:
+        layer = measure(_files(built_layer(layer_deps, Path(scratch)), bytecode=True))
 
     functions: dict[str, dict[str, float]] = {}
     duplicates: dict[str, list[str]] = {}
@@ -222,9 +249,11 @@ def main(argv: list[str] | None = None) -> int:
         NAME,
         "Deployment package size",
         method=(
-            "Each function's code directory plus its requirements.txt, and the layer (layers/shared plus "
-            "layers/shared/requirements.txt under python/), installed with pip for manylinux2014_aarch64 "
-            "and CPython 3.11 (wheels only, no .pyc), then zipped with deflate as sam build does. Installs "
+            "Each function's code directory plus its requirements.txt, and the layer (layers/shared's "
+            "dalle_plugin plus layers/shared/requirements.txt under python/), installed with pip for "
+            "manylinux2014_aarch64 and CPython 3.11 (wheels only), then zipped with deflate as sam build "
+            "does. The layer is compiled to bytecode as its build does (layers/shared/Makefile: .pyc for "
+            "every module, so no cold start compiles it); a function's own app.py ships as source. Installs "
             "are cached under .local/bench/packages."
         ),
         baseline="One fat package holding the plugin, every function and every requirement (openai "
