@@ -104,6 +104,16 @@ def built_layer(layer_deps: Path, target: Path) -> Path:
     return target
 
 
+def compiled_function_deps(deps: Path, target: Path) -> Path:
+    """A function's requirements as its build ships them (functions/generate/Makefile): with bytecode."""
+    shutil.copytree(deps, target / "deps", ignore=shutil.ignore_patterns("__pycache__", ".complete", "bin"))
+    compile_command = ["-m", "compileall", "-q", "-f", "-j", "0", "--invalidation-mode", "unchecked-hash"]
+    subprocess.run(
+        [sys.executable, *compile_command, str(target / "deps")], check=True, stdout=subprocess.DEVNULL
+    )
+    return target / "deps"
+
+
 def _files(root: Path, prefix: str = "", bytecode: bool = False) -> list[tuple[Path, str]]:
     found = []
     skipped = SKIPPED_PARTS - {"__pycache__"} if bytecode else SKIPPED_PARTS
@@ -113,7 +123,7 @@ def _files(root: Path, prefix: str = "", bytecode: bool = False) -> list[tuple[P
             path.is_dir()
             or skipped & set(relative.parts)
             or relative.parts[0] == "bin"
-            or path.name in (".complete", "requirements.txt")
+            or path.name in (".complete", "requirements.txt", "Makefile")
         ):
             continue
         found.append((path, prefix + str(relative)))
@@ -175,9 +185,13 @@ def main(argv: list[str] | None = None) -> int:
         requirements = code / "requirements.txt"
         if requirements.exists() and requirements.read_text().strip():
             deps = install([requirements])
-            contents += _files(deps)
             duplicates[name] = duplicated_distributions(deps, layer_deps)
-        functions[name] = measure(contents)
+            with tempfile.TemporaryDirectory(prefix="bench-function-") as scratch:
+                functions[name] = measure(
+                    contents + _files(compiled_function_deps(deps, Path(scratch)), bytecode=True)
+                )
+        else:
+            functions[name] = measure(contents)
 
     every_requirement = [layer_requirements] + [
         PROJECT_ROOT / r / "requirements.txt"
@@ -252,8 +266,9 @@ def main(argv: list[str] | None = None) -> int:
             "Each function's code directory plus its requirements.txt, and the layer (layers/shared's "
             "dalle_plugin plus layers/shared/requirements.txt under python/), installed with pip for "
             "manylinux2014_aarch64 and CPython 3.11 (wheels only), then zipped with deflate as sam build "
-            "does. The layer is compiled to bytecode as its build does (layers/shared/Makefile: .pyc for "
-            "every module, so no cold start compiles it); a function's own app.py ships as source. Installs "
+            "does. The layer and generate's requirements are compiled to bytecode as their builds do "
+            "(layers/shared/Makefile, functions/generate/Makefile: .pyc for every module, so no cold start "
+            "compiles them); a function's own app.py ships as source. Installs "
             "are cached under .local/bench/packages."
         ),
         baseline="One fat package holding the plugin, every function and every requirement (openai "
