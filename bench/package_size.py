@@ -1,8 +1,8 @@
 """Deployment package sizes, as ``sam build`` would ship them for Lambda's arm64 Python 3.11 runtime.
 
 Each function's package is its code directory plus its own requirements.txt installed for
-manylinux2014_aarch64; the layer is layers/shared with layers/shared/requirements.txt installed beside it
-(under python/, where Lambda looks). Installs come from the package index once and are kept under
+manylinux2014_aarch64; the layer is layers/shared's dalle_plugin with layers/shared/requirements.txt installed
+beside it (under python/, where Lambda looks), compiled to bytecode as its build does (layers/shared/Makefile). Installs come from the package index once and are kept under
 .local/bench/packages (keyed by the requirements' content), so a rerun only zips.
 
 Baseline: one fat package with everything (plugin code, every function, the layer's requirements and
@@ -17,6 +17,7 @@ import io
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -79,15 +80,50 @@ def install(requirements: list[Path]) -> Path:
     return target
 
 
-def _files(root: Path, prefix: str = "") -> list[tuple[Path, str]]:
+def built_layer(layer_deps: Path, target: Path) -> Path:
+    """The layer as ``sam build`` ships it: the requirements and the plugin under python/, compiled by
+    layers/shared/Makefile's ``compile`` target (bytecode is most of what the build adds)."""
+    python = target / "python"
+    shutil.copytree(layer_deps, python, ignore=shutil.ignore_patterns("__pycache__", ".complete", "bin"))
+    shutil.copytree(
+        LAYER / "dalle_plugin", python / "dalle_plugin", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    subprocess.run(
+        [
+            "make",
+            "--no-print-directory",
+            "-C",
+            str(LAYER),
+            "compile",
+            f"LAYER_DIR={python}",
+            f"PYTHON={sys.executable}",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    return target
+
+
+def compiled_function_deps(deps: Path, target: Path) -> Path:
+    """A function's requirements as its build ships them (functions/generate/Makefile): with bytecode."""
+    shutil.copytree(deps, target / "deps", ignore=shutil.ignore_patterns("__pycache__", ".complete", "bin"))
+    compile_command = ["-m", "compileall", "-q", "-f", "-j", "0", "--invalidation-mode", "unchecked-hash"]
+    subprocess.run(
+        [sys.executable, *compile_command, str(target / "deps")], check=True, stdout=subprocess.DEVNULL
+    )
+    return target / "deps"
+
+
+def _files(root: Path, prefix: str = "", bytecode: bool = False) -> list[tuple[Path, str]]:
     found = []
+    skipped = SKIPPED_PARTS - {"__pycache__"} if bytecode else SKIPPED_PARTS
     for path in sorted(root.rglob("*")):
         relative = path.relative_to(root)
         if (
             path.is_dir()
-            or SKIPPED_PARTS & set(relative.parts)
+            or skipped & set(relative.parts)
             or relative.parts[0] == "bin"
-            or path.name in (".complete", "requirements.txt")
+            or path.name in (".complete", "requirements.txt", "Makefile")
         ):
             continue
         found.append((path, prefix + str(relative)))
@@ -138,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     layer_requirements = LAYER / "requirements.txt"
     layer_deps = install([layer_requirements])
-    layer = measure(_files(LAYER, "python/") + _files(layer_deps, "python/"))
+    with tempfile.TemporaryDirectory(prefix="bench-layer-") as scratch:
+        layer = measure(_files(built_layer(layer_deps, Path(scratch)), bytecode=True))
 
     functions: dict[str, dict[str, float]] = {}
     duplicates: dict[str, list[str]] = {}
@@ -148,9 +185,13 @@ def main(argv: list[str] | None = None) -> int:
         requirements = code / "requirements.txt"
         if requirements.exists() and requirements.read_text().strip():
             deps = install([requirements])
-            contents += _files(deps)
             duplicates[name] = duplicated_distributions(deps, layer_deps)
-        functions[name] = measure(contents)
+            with tempfile.TemporaryDirectory(prefix="bench-function-") as scratch:
+                functions[name] = measure(
+                    contents + _files(compiled_function_deps(deps, Path(scratch)), bytecode=True)
+                )
+        else:
+            functions[name] = measure(contents)
 
     every_requirement = [layer_requirements] + [
         PROJECT_ROOT / r / "requirements.txt"
@@ -222,9 +263,12 @@ def main(argv: list[str] | None = None) -> int:
         NAME,
         "Deployment package size",
         method=(
-            "Each function's code directory plus its requirements.txt, and the layer (layers/shared plus "
-            "layers/shared/requirements.txt under python/), installed with pip for manylinux2014_aarch64 "
-            "and CPython 3.11 (wheels only, no .pyc), then zipped with deflate as sam build does. Installs "
+            "Each function's code directory plus its requirements.txt, and the layer (layers/shared's "
+            "dalle_plugin plus layers/shared/requirements.txt under python/), installed with pip for "
+            "manylinux2014_aarch64 and CPython 3.11 (wheels only), then zipped with deflate as sam build "
+            "does. The layer and generate's requirements are compiled to bytecode as their builds do "
+            "(layers/shared/Makefile, functions/generate/Makefile: .pyc for every module, so no cold start "
+            "compiles them); a function's own app.py ships as source. Installs "
             "are cached under .local/bench/packages."
         ),
         baseline="One fat package holding the plugin, every function and every requirement (openai "

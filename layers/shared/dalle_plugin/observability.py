@@ -13,14 +13,16 @@ import io
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO, Any, TypeVar, cast
+from typing import IO, TYPE_CHECKING, Any, TypeVar, cast
 
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit, single_metric
 
 from dalle_plugin.domain.errors import PluginError, Transient
 from dalle_plugin.domain.pricing import estimate_cost_usd
-from dalle_plugin.domain.run import AttachResult, ExtractResult, GenerateOutcome, RunRecord, RunRef
+
+if TYPE_CHECKING:  # the run's pydantic models load with the domain on a first event, not at init
+    from dalle_plugin.domain.run import AttachResult, ExtractResult, GenerateOutcome, RunRecord
 
 
 class _CurrentStdout(io.TextIOBase):
@@ -66,6 +68,8 @@ def bind_run(session: str | None, task_id: str | None = None, execution: str | N
     and are kept per thread: the local stack runs many invocations at once in one process.
     """
     if execution is None and session and task_id:
+        from dalle_plugin.domain.run import RunRef
+
         execution = RunRef(session=session, task_id=task_id).execution_name
     keys = {"session": session, "task_id": task_id, "execution": execution}
     logger.thread_safe_clear_keys()

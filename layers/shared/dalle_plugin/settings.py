@@ -20,7 +20,9 @@ DEFAULT_SUCCESSORS = {"dall-e-2": "gpt-image-2", "dall-e-3": "gpt-image-2", "gpt
 
 
 class CommonSettings(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    # Built when a function first loads its settings, not at import: each function loads one of these
+    # classes, and building the others would be paid by every cold start for nothing.
+    model_config = ConfigDict(extra="ignore", frozen=True, defer_build=True)
 
     sessions_table: str = Field(alias="SESSIONS_TABLE", min_length=3)
     images_bucket: str = Field(alias="IMAGES_BUCKET", min_length=3)

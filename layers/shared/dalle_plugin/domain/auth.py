@@ -18,7 +18,8 @@ MIN_SECRET_CHARS = 32
 class AuthorizerRequest(BaseModel):
     """The parts of an API Gateway REQUEST authorizer event the decision needs."""
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    # built on the authorizer's first request: the other functions import this module but never this model
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, defer_build=True)
 
     method_arn: str = Field(alias="methodArn", min_length=1)
     headers: dict[str, str | None] | None = None

@@ -136,9 +136,15 @@ class TimelineEntry(CamelModel):
 
 
 # ---- step outputs (the state machine's data between states) ----------------------------------------
+# Each is one function's contract: built on first use (defer_build), so no other function's cold start
+# builds it.
+
+#: the config of a model only one function uses
+ONE_FUNCTION_ONLY = ConfigDict(defer_build=True)
 
 
 class ExtractResult(CamelModel):
+    model_config = ONE_FUNCTION_ONLY
     prompt_source: str
     prompt_length: int
     truncated: bool
@@ -157,6 +163,8 @@ class GenerateOutcome(CamelModel):
     """Either the image is stored (DONE) or the run must wait until ``retry_at`` (an RFC 3339 timestamp
     rounded up to the whole second, because Step Functions Wait states truncate milliseconds)."""
 
+    model_config = ONE_FUNCTION_ONLY
+
     status: Literal["DONE", "WAIT"]
     retry_at: str | None = None
     wait_seconds: int | None = None
@@ -166,6 +174,7 @@ class GenerateOutcome(CamelModel):
 
 
 class AttachResult(CamelModel):
+    model_config = ONE_FUNCTION_ONLY
     image_url: str
     finished_as: Literal["workflow", "editor"]
 
@@ -173,12 +182,13 @@ class AttachResult(CamelModel):
 class StepError(CamelModel):
     """What a Catch puts at ``$.error``: Step Functions' own ``Error`` and ``Cause`` fields."""
 
-    model_config = ConfigDict(populate_by_name=True, extra="ignore")
+    model_config = ConfigDict(populate_by_name=True, extra="ignore", defer_build=True)
     error: str = Field(alias="Error")
     cause: str | None = Field(default=None, alias="Cause")
 
 
 class FailureInput(RunRef):
+    model_config = ONE_FUNCTION_ONLY
     error: StepError
 
 
@@ -277,7 +287,9 @@ class RunRecord(CamelModel):
 
 
 class RunTally(CamelModel):
-    """What the session's summary needs of one run: its state and what its images cost."""
+    """What the session's summary needs of one run: its state and what its images cost (the API only)."""
+
+    model_config = ONE_FUNCTION_ONLY
 
     task_id: str
     status: RunStatus

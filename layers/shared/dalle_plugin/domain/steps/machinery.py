@@ -11,14 +11,11 @@ import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from dalle_plugin.domain.errors import NotRunOwner, PluginError, RunCancelled
-from dalle_plugin.domain.key_pacing import KeyPaceSettings
 from dalle_plugin.domain.pricing import DEFAULT_PRICES
-from dalle_plugin.domain.rate_limit import LimiterSettings
 from dalle_plugin.domain.run import RunRecord, RunRef, RunStatus, TimelineEntry
-from dalle_plugin.domain.spending import OrgQuota
 from dalle_plugin.ports import (
     AllowanceLedger,
     Clock,
@@ -33,6 +30,13 @@ from dalle_plugin.ports import (
     SecretVault,
     WorkflowStarter,
 )
+
+if (
+    TYPE_CHECKING
+):  # the shared key's and own keys' settings: only generate's wiring builds them (a cold start)
+    from dalle_plugin.domain.key_pacing import KeyPaceSettings
+    from dalle_plugin.domain.rate_limit import LimiterSettings
+    from dalle_plugin.domain.spending import OrgQuota
 
 ANGO_KEY = "ango"
 OPENAI_KEY = "openai"
