@@ -332,3 +332,38 @@ class ReusableImages(Protocol):
 
     def claim(self, fingerprint: str) -> str | None:
         """Take the offered image's key (atomically: one claimer wins), or None when there is none."""
+
+
+# ---- batches handed to the batch starter ---------------------------------------------------------
+
+
+class BatchRequests(Protocol):
+    """Accepted requests too large for a DynamoDB item or an execution's input (a 10,000-task list is about
+    600 KB), kept where the batch starter reads them."""
+
+    def put(self, key: str, body: bytes) -> None: ...
+
+    def get(self, key: str) -> bytes | None: ...
+
+
+@dataclass(frozen=True)
+class BatchState:
+    """How far the batch starter got with one request of a session."""
+
+    digest: str
+    attempt: int
+    accepted: int  # tasks the request named
+    stored: int  # of them, stored (their executions started)
+
+
+class BatchProgress(Protocol):
+    """One record per (session, request): which attempt at storing it runs, and how far it got."""
+
+    def begin(self, session: str, digest: str, accepted: int, expires_at: int) -> tuple[BatchState, bool]:
+        """A new attempt when none runs (the last one stored every task, or there was none): (its state,
+        True). Else the attempt under way, unchanged: (its state, False)."""
+
+    def stored(self, session: str, digest: str, attempt: int, stored: int) -> None:
+        """Record that ``stored`` tasks of that attempt are stored (never lowers the count)."""
+
+    def of_session(self, session: str) -> list[BatchState]: ...

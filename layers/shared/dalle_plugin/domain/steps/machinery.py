@@ -21,6 +21,8 @@ from dalle_plugin.domain.run import RunRecord, RunRef, RunStatus, TimelineEntry
 from dalle_plugin.domain.spending import OrgQuota
 from dalle_plugin.ports import (
     AllowanceLedger,
+    BatchProgress,
+    BatchRequests,
     Clock,
     HubCaller,
     HubClient,
@@ -62,6 +64,11 @@ class StepDeps:
     #: own keys paced to their learned limit (None: off, each run sends at once and waits out a 429)
     key_pacer: KeyPacer | None = None
     key_pace_settings: KeyPaceSettings | None = None
+    #: large batches: where the API keeps the accepted request, the starter's progress, and the starter
+    #: state machine (None: the API stores every batch itself)
+    batch_requests: BatchRequests | None = None
+    batch_progress: BatchProgress | None = None
+    batch_starter: WorkflowStarter | None = None
 
 
 # ---- helpers shared by the steps ------------------------------------------------------------------
