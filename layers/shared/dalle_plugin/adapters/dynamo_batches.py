@@ -9,6 +9,9 @@ from botocore.exceptions import ClientError
 
 from dalle_plugin.ports import BatchState
 
+#: attribute names ("stored" is one of DynamoDB's reserved words)
+_NAMES = {"#attempt": "attempt", "#accepted": "accepted", "#stored": "stored"}
+
 
 def _key(session: str, digest: str) -> dict[str, Any]:
     return {"pk": {"S": f"BATCH#{session}"}, "sk": {"S": f"REQUEST#{digest}"}}
@@ -36,10 +39,11 @@ class DynamoBatchProgress:
                 TableName=self._table,
                 Key=_key(session, digest),
                 UpdateExpression=(
-                    "SET attempt = if_not_exists(attempt, :zero) + :one, accepted = :accepted, "
-                    "stored = :zero, expiresAt = :expires"
+                    "SET #attempt = if_not_exists(#attempt, :zero) + :one, #accepted = :accepted, "
+                    "#stored = :zero, #expires = :expires"
                 ),
-                ConditionExpression="attribute_not_exists(pk) OR stored >= accepted",
+                ConditionExpression="attribute_not_exists(pk) OR #stored >= #accepted",
+                ExpressionAttributeNames=_NAMES | {"#expires": "expiresAt"},
                 ExpressionAttributeValues={
                     ":zero": {"N": "0"},
                     ":one": {"N": "1"},
@@ -63,8 +67,9 @@ class DynamoBatchProgress:
             self._client.update_item(
                 TableName=self._table,
                 Key=_key(session, digest),
-                UpdateExpression="SET stored = :stored",
-                ConditionExpression="attempt = :attempt AND stored < :stored",
+                UpdateExpression="SET #stored = :stored",
+                ConditionExpression="#attempt = :attempt AND #stored < :stored",
+                ExpressionAttributeNames=_NAMES,
                 ExpressionAttributeValues={":stored": {"N": str(stored)}, ":attempt": {"N": str(attempt)}},
             )
         except ClientError as exc:  # a retried step that already recorded as much, or a later attempt

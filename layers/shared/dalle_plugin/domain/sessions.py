@@ -174,11 +174,9 @@ def session_page(
         storing = [b for b in (batches.of_session(session) if batches else []) if b.stored < b.accepted]
         if not tallies and not storing:
             return None
-        view = (
-            session_summary(session, tallies, prices)
-            if tallies
-            else {"session": session, "status": "STORING"}
-        )
+        view: dict[str, Any] = {"session": session, "status": "STORING"}  # before the starter's first run
+        if tallies:
+            view = session_summary(session, tallies, prices)
         if storing:  # the batch starter is still at work: more runs will appear
             view["storing"] = {
                 "accepted": sum(b.accepted for b in storing),

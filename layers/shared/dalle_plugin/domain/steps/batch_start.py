@@ -98,7 +98,8 @@ def hand_off(request: AcceptedRequest, deps: StepDeps) -> HandOff:
     key = f"batches/{hashlib.sha256(session.encode()).hexdigest()[:32]}/{digest}.json"
     required(deps.batch_requests, "StepDeps.batch_requests").put(key, _encode(request))
     progress = required(deps.batch_progress, "StepDeps.batch_progress")
-    state, fresh = progress.begin(session, digest, len(request.tasks), request.prototype.expires_at)
+    expires_at = required(request.prototype.expires_at, "the request's expiry")
+    state, fresh = progress.begin(session, digest, len(request.tasks), expires_at)
     step = BatchStep(session=session, request=key, digest=digest, attempt=state.attempt)
     required(deps.batch_starter, "StepDeps.batch_starter").start(
         starter_name(session, digest, state.attempt), step.model_dump(by_alias=True)

@@ -271,7 +271,9 @@ def store_and_start(
     is deterministic), so a duplicate request, a concurrent one, or one after an API that died anywhere in
     between, starts nothing twice: at worst it starts the owner the dead request never got to start."""
     prototype, tasks = request.prototype, request.tasks
-    session, sealed, now = prototype.session, prototype.sealed_secrets, prototype.accepted_at_ms
+    session = prototype.session
+    sealed = required(prototype.sealed_secrets, "the request's sealed secrets")
+    now = required(prototype.accepted_at_ms, "the request's acceptance time")
     runs: list[RunRecord] = []
     started: list[str] = []  # created or requeued by this request: what it, and only it, counts as accepted
     queue = join_shared_queue(prototype, [task.task_id for task in tasks], deps, now)
