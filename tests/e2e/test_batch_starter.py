@@ -37,9 +37,13 @@ def _post(stack, payload: dict) -> requests.Response:
 
 
 def _first_page(stack, session: str) -> dict | None:
-    answer = requests.get(
-        f"{stack.api_url}/sessions/{session}", headers={"Secret": PLUGIN_SECRET}, timeout=60
-    )
+    """The session's first page, or None while the engine, busy with 10 executions, cannot answer yet."""
+    try:
+        answer = requests.get(
+            f"{stack.api_url}/sessions/{session}", headers={"Secret": PLUGIN_SECRET}, timeout=60
+        )
+    except requests.exceptions.RequestException:
+        return None
     return answer.json() if answer.status_code == 200 else None
 
 
