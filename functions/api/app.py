@@ -176,6 +176,13 @@ def run_plugin(payload: Annotated[HubPayload, Body(description="The hub's run pa
         tasks_per_execution=load_settings(ApiSettings).tasks_per_execution,
     )
     body: dict[str, Any] = {"session": started.session, "statusUrl": f"/sessions/{started.session}"}
+    if started.settled is not None:  # a large batch sent again after it was stored: nothing runs again
+        body |= {
+            "status": "ALREADY_STARTED",
+            "duplicate": True,
+            "tasks": [{"taskId": task_id, "status": status} for task_id, status in started.settled.items()],
+        }
+        return _answer(HTTPStatus.ACCEPTED, body)
     if (
         started.storing
     ):  # a large batch: the batch starter stores its runs (and counts them) after this answer

@@ -142,6 +142,7 @@ def api_deps() -> StepDeps:
         **_batches(settings),
         starter=StepFunctionsStarter(aws_client("stepfunctions"), settings.state_machine_arn),
         batch_starter=batch_starter,
+        session_pages=session_pages(),
         model_successors=settings.model_successors,
         image_prices=settings.image_prices,
         limiter=DynamoRateLimiter(aws_client("dynamodb"), settings.rate_limit_table, limiter_settings),

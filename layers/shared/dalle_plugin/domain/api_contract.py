@@ -153,5 +153,11 @@ class SessionPage(BaseModel):
         default=None,
         description="First page, while a large batch is still being stored: runs appear as they are.",
     )
+    storing_stopped: list[str] | None = Field(
+        default=None,
+        alias="storingStopped",
+        description="First page: for each large batch whose storing stopped before the end (its starter "
+        "failed, or the session was cancelled), what happened and what to do. Runs stored keep going.",
+    )
     runs: list[RunView]
     next: str | None = Field(description="Pass as `page` for the next runs; null when there are no more.")

@@ -171,17 +171,23 @@ def session_page(
     runs, last = pages.page(session, limit, after)
     if after is None:
         tallies = pages.tallies(session)
-        storing = [b for b in (batches.of_session(session) if batches else []) if b.stored < b.accepted]
-        if not tallies and not storing:
+        requests = batches.of_session(session) if batches else []
+        storing = [b for b in requests if b.under_way]
+        ended = [b for b in requests if b.ended_by is not None]
+        if not tallies and not storing and not ended:
             return None
         view: dict[str, Any] = {"session": session, "status": "STORING"}  # before the starter's first run
         if tallies:
             view = session_summary(session, tallies, prices)
+        elif not storing:  # every attempt ended before it stored a run
+            view["status"] = "FAILED" if any(b.ended_by == "failed" for b in ended) else "CANCELLED"
         if storing:  # the batch starter is still at work: more runs will appear
             view["storing"] = {
                 "accepted": sum(b.accepted for b in storing),
                 "stored": sum(b.stored for b in storing),
             }
+        if ended:  # a starter that failed or was cancelled: what happened, and what to do
+            view["storingStopped"] = [b.ended_why or "" for b in ended]
     else:
         view = {"session": session}
     view["runs"] = [run_view(run, images, prices) for run in runs]

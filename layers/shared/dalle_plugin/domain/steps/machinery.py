@@ -33,6 +33,7 @@ from dalle_plugin.ports import (
     ReusableImages,
     RunStore,
     SecretVault,
+    SessionPages,
     WorkflowStarter,
 )
 
@@ -69,6 +70,8 @@ class StepDeps:
     batch_requests: BatchRequests | None = None
     batch_progress: BatchProgress | None = None
     batch_starter: WorkflowStarter | None = None
+    #: the session's run states at a glance, to answer a late duplicate of a large batch (API only)
+    session_pages: SessionPages | None = None
 
 
 # ---- helpers shared by the steps ------------------------------------------------------------------

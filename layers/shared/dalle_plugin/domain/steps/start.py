@@ -30,6 +30,8 @@ class SessionStart:
     #: task ids handed to the batch starter, to be stored and started after the answer
     storing: list[str] = field(default_factory=list)
     duplicate: bool = False  # handed to a starter that was already at work on the same request
+    #: a large batch sent again after it was stored, with nothing to run again: its tasks' statuses
+    settled: dict[str, str] | None = None
 
 
 class _Requeue:
@@ -239,8 +241,9 @@ def start_session(
             session=handed.step.session,
             runs=[],
             started=[],
-            storing=[task.task_id for task in request.tasks],
+            storing=[] if handed.statuses is not None else [task.task_id for task in request.tasks],
             duplicate=handed.duplicate,
+            settled=handed.statuses,
         )
     return store_and_start(request, deps, tasks_per_execution)
 
