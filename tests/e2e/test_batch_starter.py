@@ -94,12 +94,12 @@ def test_a_multi_chunk_batch_runs_through_the_starter_once_per_chunk_and_once_pe
 
     view = wait_for(finished, "the 250-task batch finished", timeout_s=2700, poll_s=2.0)
     assert view["counts"] == {"SUCCEEDED": TASKS}, view["counts"]
-    assert (
-        _post(stack, payload).status_code == 202
-    )  # a duplicate after the end: a new attempt, nothing to run
+    late = _post(stack, payload)  # a duplicate after the end: nothing to run again, nothing started
+    assert late.status_code == 202 and late.json()["duplicate"] and "storing" not in late.json(), late.text
+    assert {t["status"] for t in late.json()["tasks"]} == {"SUCCEEDED"}
 
     starters = _executions(stack, stack.start_batch_state_machine_arn, session)
-    assert len(starters) == 2, starters  # the attempt the three POSTs shared, and the late duplicate's
+    assert len(starters) == 1, starters  # the attempt the three POSTs shared
     assert len(_executions(stack, stack.state_machine_arn, session)) == TASKS // CHUNK
     paid = Counter(
         int(re.search(rf"{marker} (\d+)", r.prompt).group(1))

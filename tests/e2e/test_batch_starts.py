@@ -89,7 +89,8 @@ class Batch:
     def finished(self) -> dict:
         def done() -> dict | None:
             view = self.view()
-            runs = view["runs"] if view else []
+            # a resend's runs are requeued by the starter after its answer: done only once it is stored
+            runs = view["runs"] if view and "storing" not in view else []
             return view if len(runs) == TASKS and all(r["status"] in FINISHED for r in runs) else None
 
         return wait_for(done, f"the batch {self.session} finished", timeout_s=1200, poll_s=1.0)
