@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from collections import Counter
 
 import pytest
@@ -36,14 +37,21 @@ def _post(stack, payload: dict) -> requests.Response:
     )
 
 
+#: how long each session GET took (printed at the end: what a person polling the session would wait)
+GET_SECONDS: list[float] = []
+
+
 def _first_page(stack, session: str) -> dict | None:
     """The session's first page, or None while the engine, busy with 10 executions, cannot answer yet."""
+    began = time.monotonic()
     try:
         answer = requests.get(
             f"{stack.api_url}/sessions/{session}", headers={"Secret": PLUGIN_SECRET}, timeout=60
         )
     except requests.exceptions.RequestException:
         return None
+    finally:
+        GET_SECONDS.append(time.monotonic() - began)
     return answer.json() if answer.status_code == 200 else None
 
 
@@ -93,6 +101,10 @@ def test_a_multi_chunk_batch_runs_through_the_starter_once_per_chunk_and_once_pe
         return view if done and view["status"] in FINISHED else None
 
     view = wait_for(finished, "the 250-task batch finished", timeout_s=2700, poll_s=2.0)
+    ordered = sorted(GET_SECONDS)
+    print(
+        f"\nsession GETs: {len(ordered)}, median {ordered[len(ordered) // 2]:.1f} s, slowest {ordered[-1]:.1f} s"
+    )
     assert view["counts"] == {"SUCCEEDED": TASKS}, view["counts"]
     late = _post(stack, payload)  # a duplicate after the end: nothing to run again, nothing started
     assert late.status_code == 202 and late.json()["duplicate"] and "storing" not in late.json(), late.text

@@ -265,8 +265,8 @@ def test_a_starter_that_fails_ends_its_attempt_with_a_sentence_tells_the_hub_and
     assert record_batch_failure(caught, deps).done  # a retried failure step ends nothing twice
     (state,) = deps.batch_progress.of_session("s1")
     assert state.ended_by == "failed" and not state.under_way
-    assert state.ended_why.startswith("The batch could not be stored in full: 40 of 100 tasks were stored")
-    assert "storage did not answer" in state.ended_why and "Send the batch again" in state.ended_why
+    assert state.ended_why.startswith("The batch stopped being stored after 40 of its 100 tasks (")
+    assert "storage did not answer" in state.ended_why and "send the batch again" in state.ended_why
     assert [level for level, _ in hub.logged] == ["ERROR"]
     view = session_page("s1", Pages(deps.runs), batches=deps.batch_progress)
     assert view["storingStopped"] == [state.ended_why] and view["progress"]["total"] == 40

@@ -188,9 +188,9 @@ def record_batch_failure(step: BatchStep, deps: StepDeps) -> BatchStep:
     state = next((b for b in progress.of_session(step.session) if b.digest == step.digest), None)
     stored, accepted = (state.stored, state.accepted) if state else (0, 0)
     why = (
-        f"The batch could not be stored in full: {stored} of {accepted} tasks were stored and run, the other "
-        f"{accepted - stored} were not started ({describe_failure(error.error, error.cause).message}) "
-        "Send the batch again to run the rest: the tasks already stored do not run twice."
+        f"The batch stopped being stored after {stored} of its {accepted} tasks "
+        f"({describe_failure(error.error, error.cause).message.rstrip('.')}). The tasks stored keep running; "
+        "send the batch again to store and run the rest: no task runs twice."
     )[:1000]
     if progress.end(step.session, step.digest, step.attempt, "failed", why):
         _tell_hub(step, why, deps)
