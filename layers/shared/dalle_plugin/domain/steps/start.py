@@ -404,7 +404,9 @@ def _ranges(tickets: list[int]) -> list[tuple[int, int]]:
     return ranges
 
 
-def join_shared_queue(prototype: RunRecord, task_ids: list[str], deps: StepDeps, now_ms: int) -> SharedQueuePlaces:
+def join_shared_queue(
+    prototype: RunRecord, task_ids: list[str], deps: StepDeps, now_ms: int
+) -> SharedQueuePlaces:
     """The batch's runs join their line of the shared key's queue in one write, in task order (first come,
     first served by the hub's acceptance); those whose turn would pass the cap get no ticket. A batch the
     starter stores joins once per group of chunks it stores."""
