@@ -298,11 +298,11 @@ class LocalStack:
             )
             t.physical[lid], t.arns[lid] = spec.physical_name, spec.arn
 
-        sm_id, _ = t.state_machine()
-        sm_arn = sfn.create_state_machine(
-            name=t.physical_name(sm_id), definition=t.definition(), roleArn=role, type="STANDARD"
-        )["stateMachineArn"]
-        t.physical[sm_id], t.arns[sm_id] = sm_arn, sm_arn
+        for sm_id in t.state_machines():
+            sm_arn = sfn.create_state_machine(
+                name=t.physical_name(sm_id), definition=t.definition(sm_id), roleArn=role, type="STANDARD"
+            )["stateMachineArn"]
+            t.physical[sm_id], t.arns[sm_id] = sm_arn, sm_arn
 
         # Tests and benchmarks call handlers in this process too: give it every function's variables.
         union_env: dict[str, str] = {}
@@ -357,6 +357,10 @@ class LocalStack:
     @property
     def state_machine_arn(self) -> str:
         return self.template.physical[self.template.state_machine()[0]]
+
+    @property
+    def start_batch_state_machine_arn(self) -> str:
+        return self.template.physical["StartBatchStateMachine"]
 
     def add_function(self, spec: Any) -> str:
         """A function beside the template's, invocable by Step Functions (tests of the stack itself)."""

@@ -169,9 +169,15 @@ class LocalTemplate:
             ttl_s=int(spec.get("Identity", {}).get("ReauthorizeEvery", 300)),
         )
 
+    def state_machines(self) -> dict[str, dict[str, Any]]:
+        """Every state machine's properties, by logical id."""
+        return {lid: res["Properties"] for lid, res in self.of_type("AWS::Serverless::StateMachine").items()}
+
     def state_machine(self) -> tuple[str, dict[str, Any]]:
-        ((lid, res),) = self.of_type("AWS::Serverless::StateMachine").items()
-        return lid, res["Properties"]
+        """The machine that runs the tasks (``RunStateMachine``); the only one in a template that has one."""
+        machines = self.state_machines()
+        lid = "RunStateMachine" if "RunStateMachine" in machines else next(iter(machines))
+        return lid, machines[lid]
 
     # ---- intrinsics -----------------------------------------------------------------------------
 
@@ -226,9 +232,10 @@ class LocalTemplate:
 
         return re.sub(r"\$\{([^}!]+)\}", replace, text)
 
-    def definition(self) -> str:
-        """The deployed ASL file with its DefinitionSubstitutions applied, exactly as SAM does."""
-        _, props = self.state_machine()
+    def definition(self, logical_id: str | None = None) -> str:
+        """The deployed ASL file with its DefinitionSubstitutions applied, exactly as SAM does (of the run
+        state machine unless ``logical_id`` names another)."""
+        props = self.state_machines()[logical_id] if logical_id else self.state_machine()[1]
         text = (PROJECT_ROOT / props["DefinitionUri"]).read_text()
         for name, value in props.get("DefinitionSubstitutions", {}).items():
             text = text.replace("${" + name + "}", str(self.resolve(value)))

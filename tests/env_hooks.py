@@ -80,6 +80,8 @@ def install() -> None:
         def wrapper(self, name, run_input):
             _count(board, "start")
             spec = board.take("before_start", run_input.get("session", ""))
+            if not spec and "tasks" in run_input:  # a chunk's run execution (the batch starter's has none)
+                spec = board.take("before_run_start", run_input.get("session", ""))
             if spec:
                 raise_spec(spec)
             return original(self, name, run_input)

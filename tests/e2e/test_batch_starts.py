@@ -89,7 +89,8 @@ class Batch:
     def finished(self) -> dict:
         def done() -> dict | None:
             view = self.view()
-            runs = view["runs"] if view else []
+            # a resend's runs are requeued by the starter after its answer: done only once it is stored
+            runs = view["runs"] if view and "storing" not in view else []
             return view if len(runs) == TASKS and all(r["status"] in FINISHED for r in runs) else None
 
         return wait_for(done, f"the batch {self.session} finished", timeout_s=1200, poll_s=1.0)
@@ -175,3 +176,31 @@ def test_a_task_cancelled_mid_batch_then_the_batch_sent_again_runs_once_more_and
     # the hub runs the batch again: only the cancelled task runs, in an execution of its own
     batch.send_until_accepted()
     batch.assert_each_task_once(executions=4)
+
+
+def test_a_starter_that_fails_says_so_in_the_session_and_the_hubs_resend_runs_the_rest_once(chunk_stack):
+    from tests.faults.harness import Seams, crash
+
+    batch = Batch(chunk_stack, "fail")
+    # the starter's process dies as it starts a chunk's execution: not retried (it may have done work), caught
+    Seams(chunk_stack.seams).before_run_start[batch.session] = crash()
+    assert batch.send().status_code == 202
+
+    def stopped() -> dict | None:
+        view = batch.view()
+        return view if view and view.get("storingStopped") else None
+
+    view = wait_for(stopped, "the failed starter recorded", timeout_s=600, poll_s=1.0)
+    (sentence,) = view["storingStopped"]
+    assert sentence.startswith("The batch stopped being stored after 0 of its 12 tasks"), sentence
+    assert "storing" not in view  # not under way: a resend begins a new attempt
+    batch.send_until_accepted()
+    batch.assert_each_task_once()
+    sfn = chunk_stack.client("stepfunctions")
+    pages = sfn.get_paginator("list_executions").paginate(
+        stateMachineArn=chunk_stack.start_batch_state_machine_arn
+    )
+    starters = [
+        e["status"] for page in pages for e in page["executions"] if e["name"].startswith(batch.marker)
+    ]
+    assert sorted(starters) == ["FAILED", "SUCCEEDED"], starters

@@ -161,6 +161,7 @@ class Seams:
         self.after_put_png = _Armed(board, "after_put_png")  # execution name -> raise once after storing
         self.after_attach = _Armed(board, "after_attach")  # asset externalId -> raise once after attaching
         self.before_start = _Armed(board, "before_start")  # session -> raise once before StartExecution
+        self.before_run_start = _Armed(board, "before_run_start")  # the same, for a chunk's run execution
 
     @property
     def tickets(self) -> dict[str, list[str]]:
@@ -168,7 +169,14 @@ class Seams:
         return self._board.records("tickets")
 
     def clear(self) -> None:
-        for table in ("after_handler", "after_put_png", "after_attach", "before_start", "tickets"):
+        for table in (
+            "after_handler",
+            "after_put_png",
+            "after_attach",
+            "before_start",
+            "before_run_start",
+            "tickets",
+        ):
             self._board.disarm(table)
 
 

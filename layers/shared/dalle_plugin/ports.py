@@ -332,3 +332,50 @@ class ReusableImages(Protocol):
 
     def claim(self, fingerprint: str) -> str | None:
         """Take the offered image's key (atomically: one claimer wins), or None when there is none."""
+
+
+# ---- batches handed to the batch starter ---------------------------------------------------------
+
+
+class BatchRequests(Protocol):
+    """Accepted requests too large for a DynamoDB item or an execution's input (a 10,000-task list is about
+    600 KB), kept where the batch starter reads them."""
+
+    def put(self, key: str, body: bytes) -> None: ...
+
+    def get(self, key: str) -> bytes | None: ...
+
+
+@dataclass(frozen=True)
+class BatchState:
+    """How far the batch starter got with one request of a session."""
+
+    digest: str
+    attempt: int
+    accepted: int  # tasks the request named
+    stored: int  # of them, stored (their executions started)
+    ended_by: str | None = None  # "failed" or "cancelled": the attempt stopped before storing every task
+    ended_why: str | None = None  # what happened, in a sentence for the person who ran the batch
+
+    @property
+    def under_way(self) -> bool:
+        return self.stored < self.accepted and self.ended_by is None
+
+
+class BatchProgress(Protocol):
+    """One record per (session, request): which attempt at storing it runs, and how far it got."""
+
+    def begin(
+        self, session: str, digest: str, accepted: int, expires_at: int
+    ) -> tuple[BatchState, BatchState | None]:
+        """A new attempt when none is under way (the last one stored every task or ended, or there was none):
+        (its state, the attempt before it or None). Else the attempt under way, unchanged: (it, it)."""
+
+    def stored(self, session: str, digest: str, attempt: int, stored: int) -> bool:
+        """Record that ``stored`` tasks of that attempt are stored (never lowers the count); False when the
+        attempt was ended meanwhile (a cancel), so its starter stops."""
+
+    def end(self, session: str, digest: str, attempt: int, ended_by: str, why: str) -> bool:
+        """End that attempt while it is under way (a cancel, or its starter failed): True if this did."""
+
+    def of_session(self, session: str) -> list[BatchState]: ...

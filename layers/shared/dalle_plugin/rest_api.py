@@ -187,13 +187,30 @@ def run_plugin(payload: Annotated[HubPayload, Body(description="The hub's run pa
         wiring.within_time(wiring.api_deps(), app.lambda_context, wiring.API_HUB_BUDGET_S),
         tasks_per_execution=load_settings(ApiSettings).tasks_per_execution,
     )
+    body: dict[str, Any] = {"session": started.session, "statusUrl": f"/sessions/{started.session}"}
+    if started.settled is not None:  # a large batch sent again after it was stored: nothing runs again
+        body |= {
+            "status": "ALREADY_STARTED",
+            "duplicate": True,
+            "tasks": [{"taskId": task_id, "status": status} for task_id, status in started.settled.items()],
+        }
+        return _answer(HTTPStatus.ACCEPTED, body)
+    if (
+        started.storing
+    ):  # a large batch: the batch starter stores its runs (and counts them) after this answer
+        logger.info("batch handed to the starter", extra={"tasks": len(started.storing)})
+        body |= {
+            "status": "ALREADY_STARTED" if started.duplicate else "QUEUED",
+            "duplicate": started.duplicate,
+            "tasks": [{"taskId": task_id, "status": "QUEUED"} for task_id in started.storing],
+            "storing": len(started.storing),
+        }
+        return _answer(HTTPStatus.ACCEPTED, body)
     record_run_accepted(len(started.started))
-    body: dict[str, Any] = {
-        "session": started.session,
+    body |= {
         "status": "QUEUED" if started.started else "ALREADY_STARTED",
         "duplicate": not started.started,
         "tasks": [{"taskId": run.task_id, "status": run.status.value} for run in started.runs],
-        "statusUrl": f"/sessions/{started.session}",
     }
     if len(started.runs) == 1:
         body["taskId"] = started.runs[0].task_id
@@ -236,6 +253,7 @@ def get_session(
         token=page,
         images=deps.images,
         prices=load_settings(ApiSettings).image_prices,
+        batches=deps.batch_progress,
     )
     if view is None:
         return _error(HTTPStatus.NOT_FOUND, f"No session {session!r}.")

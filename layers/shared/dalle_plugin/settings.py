@@ -68,6 +68,8 @@ class RateLimitSettings(CommonSettings):
 
 class ApiSettings(RateLimitSettings):
     state_machine_arn: str = Field(alias="STATE_MACHINE_ARN", min_length=1)
+    # the batch starter, for a batch larger than the API stores in its time (empty: the API stores every one)
+    start_batch_state_machine_arn: str | None = Field(default=None, alias="START_BATCH_STATE_MACHINE_ARN")
     plugin_secret_arn: str = Field(alias="PLUGIN_SECRET_ARN", min_length=1)
     model_successors: dict[str, str] = Field(
         default_factory=lambda: dict(DEFAULT_SUCCESSORS), alias="MODEL_SUCCESSORS"
@@ -85,6 +87,14 @@ class ApiSettings(RateLimitSettings):
     @classmethod
     def _parse_json(cls, value: object) -> object:
         return json.loads(value) if isinstance(value, str) else value
+
+
+class StartBatchSettings(RateLimitSettings):
+    """The batch starter's step: stores a large batch's runs and starts their executions."""
+
+    state_machine_arn: str = Field(alias="STATE_MACHINE_ARN", min_length=1)
+    # the API's chunk size: both must form the same chunks (docs/batches.md)
+    tasks_per_execution: int = Field(default=100, alias="TASKS_PER_EXECUTION", ge=1, le=100)
 
 
 class AuthorizerSettings(CommonSettings):

@@ -15,8 +15,15 @@ from typing import Any
 import boto3
 from botocore.config import Config
 
-from dalle_plugin.adapters.aws import CachedSecrets, KmsSecretVault, S3ImageStore, StepFunctionsStarter
+from dalle_plugin.adapters.aws import (
+    CachedSecrets,
+    KmsSecretVault,
+    S3BatchRequests,
+    S3ImageStore,
+    StepFunctionsStarter,
+)
 from dalle_plugin.adapters.dynamo_allowances import DynamoAllowanceLedger
+from dalle_plugin.adapters.dynamo_batches import DynamoBatchProgress
 from dalle_plugin.adapters.dynamo_reusable_images import DynamoReusableImages
 from dalle_plugin.adapters.dynamo_runs import DynamoRunStore
 from dalle_plugin.domain.auth import MIN_SECRET_CHARS
@@ -31,6 +38,7 @@ from dalle_plugin.settings import (
     ExtractSettings,
     GenerateSettings,
     RateLimitSettings,
+    StartBatchSettings,
     load_settings,
 )
 
@@ -110,6 +118,13 @@ def _common(settings: CommonSettings) -> dict[str, Any]:
     }
 
 
+def _batches(settings: CommonSettings) -> dict[str, Any]:
+    return {
+        "batch_requests": S3BatchRequests(aws_client("s3"), settings.images_bucket),
+        "batch_progress": DynamoBatchProgress(aws_client("dynamodb"), settings.sessions_table),
+    }
+
+
 @cache
 def api_deps() -> StepDeps:
     """The API's ports, with the shared key's queue: runs join it when accepted, and leave it cancelled."""
@@ -117,11 +132,35 @@ def api_deps() -> StepDeps:
 
     settings = load_settings(ApiSettings)
     limiter_settings = _limiter_settings(settings)
+    batch_starter = None
+    if settings.start_batch_state_machine_arn:
+        batch_starter = StepFunctionsStarter(
+            aws_client("stepfunctions"), settings.start_batch_state_machine_arn
+        )
     return StepDeps(
         **_common(settings),
+        **_batches(settings),
         starter=StepFunctionsStarter(aws_client("stepfunctions"), settings.state_machine_arn),
+        batch_starter=batch_starter,
+        session_pages=session_pages(),
         model_successors=settings.model_successors,
         image_prices=settings.image_prices,
+        limiter=DynamoRateLimiter(aws_client("dynamodb"), settings.rate_limit_table, limiter_settings),
+        limiter_settings=limiter_settings,
+    )
+
+
+@cache
+def start_batch_deps() -> StepDeps:
+    """The starter's ports, with the shared key's queue: the runs it stores join it, as the API's do."""
+    from dalle_plugin.adapters.dynamo_rate_limiter import DynamoRateLimiter
+
+    settings = load_settings(StartBatchSettings)
+    limiter_settings = _limiter_settings(settings)
+    return StepDeps(
+        **_common(settings),
+        **_batches(settings),
+        starter=StepFunctionsStarter(aws_client("stepfunctions"), settings.state_machine_arn),
         limiter=DynamoRateLimiter(aws_client("dynamodb"), settings.rate_limit_table, limiter_settings),
         limiter_settings=limiter_settings,
     )

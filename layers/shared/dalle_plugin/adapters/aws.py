@@ -111,3 +111,30 @@ class StepFunctionsStarter:
         except ClientError as exc:
             if exc.response["Error"]["Code"] != "ExecutionDoesNotExist":
                 raise
+
+
+class S3BatchRequests:
+    """Accepted batch requests as objects in the plugin's bucket (under ``batches/``, expired by its
+    lifecycle rule)."""
+
+    def __init__(self, client: Any, bucket: str):
+        self._client = client
+        self._bucket = bucket
+
+    def put(self, key: str, body: bytes) -> None:
+        try:
+            self._client.put_object(Bucket=self._bucket, Key=key, Body=body, ContentType="application/json")
+        except ClientError as exc:
+            raise StorageUnavailable(
+                f"Could not store the batch request: {exc.response['Error']['Code']}"
+            ) from None
+
+    def get(self, key: str) -> bytes | None:
+        try:
+            return self._client.get_object(Bucket=self._bucket, Key=key)["Body"].read()
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] in ("NoSuchKey", "404"):
+                return None
+            raise StorageUnavailable(
+                f"Could not read the batch request: {exc.response['Error']['Code']}"
+            ) from None

@@ -53,6 +53,18 @@ class RunAccepted(BaseModel):
     task_id: str | None = Field(default=None, alias="taskId", description="The task, for a one-task run.")
     tasks: list[TaskState]
     status_url: str = Field(alias="statusUrl")
+    storing: int | None = Field(
+        default=None,
+        description="A large batch: its tasks are stored and started after this answer (the session's "
+        "`storing` shows how far); absent when every run was stored before it.",
+    )
+
+
+class Storing(BaseModel):
+    """A large batch's requests of the session, as far as they are stored."""
+
+    accepted: int = Field(description="Tasks the session's large batch requests named.")
+    stored: int = Field(description="Of them, stored (their executions started).")
 
 
 class CancelledTask(BaseModel):
@@ -137,5 +149,15 @@ class SessionPage(BaseModel):
     max_cost_usd: float | None = Field(default=None, alias="maxCostUsd", description="Config JSON's limit.")
     created_at_ms: int | None = Field(default=None, alias="createdAtMs")
     updated_at_ms: int | None = Field(default=None, alias="updatedAtMs")
+    storing: Storing | None = Field(
+        default=None,
+        description="First page, while a large batch is still being stored: runs appear as they are.",
+    )
+    storing_stopped: list[str] | None = Field(
+        default=None,
+        alias="storingStopped",
+        description="First page: for each large batch whose storing stopped before the end (its starter "
+        "failed, or the session was cancelled), what happened and what to do. Runs stored keep going.",
+    )
     runs: list[RunView]
     next: str | None = Field(description="Pass as `page` for the next runs; null when there are no more.")

@@ -44,10 +44,31 @@ def _why_not(run: RunRecord) -> str:
 
 
 def cancel_session(session: str, task_id: str | None, deps: StepDeps) -> list[CancelOutcome]:
+    if task_id is None:
+        _stop_storing(session, deps)  # first: runs a starter stores after this are its own to cancel
     runs = [r for r in deps.runs.list_session(session) if task_id is None or r.task_id == task_id]
-    outcomes = [_cancel_run(run, deps) for run in runs]
+    outcomes = cancel_runs(runs, deps)
     _stop_finished_executions(session, deps)
     return outcomes
+
+
+def cancel_runs(runs: list[RunRecord], deps: StepDeps) -> list[CancelOutcome]:
+    return [_cancel_run(run, deps) for run in runs]
+
+
+def _stop_storing(session: str, deps: StepDeps) -> None:
+    """A session cancelled while the batch starter stores it: its attempt ends here, and the starter stores
+    no more (it checks before each group of chunks, and cancels a group it stored as the cancel came)."""
+    if deps.batch_progress is None:
+        return
+    for batch in deps.batch_progress.of_session(session):
+        if batch.under_way:
+            why = (
+                f"Cancelled while the batch was being stored: {batch.stored} of {batch.accepted} tasks had "
+                f"been stored (those not yet generating are cancelled), the other {batch.accepted - batch.stored} "
+                "were never started. Send the batch again to run them."
+            )
+            deps.batch_progress.end(session, batch.digest, batch.attempt, "cancelled", why)
 
 
 def _cancel_run(run: RunRecord, deps: StepDeps) -> CancelOutcome:

@@ -15,7 +15,7 @@ from typing import Any
 from dalle_plugin.domain.errors import InvalidRequest
 from dalle_plugin.domain.pricing import DEFAULT_PRICES, estimate_cost_usd
 from dalle_plugin.domain.run import ImageInfo, RunRecord, RunStatus, RunTally
-from dalle_plugin.ports import ImageStore, SessionPages
+from dalle_plugin.ports import BatchProgress, ImageStore, SessionPages
 
 
 def run_view(
@@ -162,6 +162,7 @@ def session_page(
     token: str | None = None,
     images: ImageStore | None = None,
     prices: Mapping[str, Mapping[str, float]] = DEFAULT_PRICES,
+    batches: BatchProgress | None = None,
 ) -> dict[str, Any] | None:
     """The first page (no ``token``): the session's summary and its first ``limit`` runs; a later page: its
     runs only. ``next`` names the page after, or is None at the end (a page may hold fewer than ``limit``
@@ -170,9 +171,23 @@ def session_page(
     runs, last = pages.page(session, limit, after)
     if after is None:
         tallies = pages.tallies(session)
-        if not tallies:
+        requests = batches.of_session(session) if batches else []
+        storing = [b for b in requests if b.under_way]
+        ended = [b for b in requests if b.ended_by is not None]
+        if not tallies and not storing and not ended:
             return None
-        view = session_summary(session, tallies, prices)
+        view: dict[str, Any] = {"session": session, "status": "STORING"}  # before the starter's first run
+        if tallies:
+            view = session_summary(session, tallies, prices)
+        elif not storing:  # every attempt ended before it stored a run
+            view["status"] = "FAILED" if any(b.ended_by == "failed" for b in ended) else "CANCELLED"
+        if storing:  # the batch starter is still at work: more runs will appear
+            view["storing"] = {
+                "accepted": sum(b.accepted for b in storing),
+                "stored": sum(b.stored for b in storing),
+            }
+        if ended:  # a starter that failed or was cancelled: what happened, and what to do
+            view["storingStopped"] = [b.ended_why or "" for b in ended]
     else:
         view = {"session": session}
     view["runs"] = [run_view(run, images, prices) for run in runs]

@@ -18,6 +18,8 @@ from dalle_plugin.domain.pricing import DEFAULT_PRICES
 from dalle_plugin.domain.run import RunRecord, RunRef, RunStatus, TimelineEntry
 from dalle_plugin.ports import (
     AllowanceLedger,
+    BatchProgress,
+    BatchRequests,
     Clock,
     HubCaller,
     HubClient,
@@ -28,6 +30,7 @@ from dalle_plugin.ports import (
     ReusableImages,
     RunStore,
     SecretVault,
+    SessionPages,
     WorkflowStarter,
 )
 
@@ -66,6 +69,13 @@ class StepDeps:
     #: own keys paced to their learned limit (None: off, each run sends at once and waits out a 429)
     key_pacer: KeyPacer | None = None
     key_pace_settings: KeyPaceSettings | None = None
+    #: large batches: where the API keeps the accepted request, the starter's progress, and the starter
+    #: state machine (None: the API stores every batch itself)
+    batch_requests: BatchRequests | None = None
+    batch_progress: BatchProgress | None = None
+    batch_starter: WorkflowStarter | None = None
+    #: the session's run states at a glance, to answer a late duplicate of a large batch (API only)
+    session_pages: SessionPages | None = None
 
 
 # ---- helpers shared by the steps ------------------------------------------------------------------

@@ -8,7 +8,7 @@ import hashlib
 import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
@@ -27,6 +27,11 @@ class SessionStart:
     runs: list[RunRecord]
     started: list[str]  # task ids this request started (empty for a duplicate of a running request)
     execution_arn: str | None = None
+    #: task ids handed to the batch starter, to be stored and started after the answer
+    storing: list[str] = field(default_factory=list)
+    duplicate: bool = False  # handed to a starter that was already at work on the same request
+    #: a large batch sent again after it was stored, with nothing to run again: its tasks' statuses
+    settled: dict[str, str] | None = None
 
 
 class _Requeue:
@@ -182,18 +187,19 @@ def _claim(owner: str, chunk: list[str]) -> Callable[[RunRecord], None]:
     return claim
 
 
-def start_session(
-    payload: HubPayload,
-    deps: StepDeps,
-    today: dt.date | None = None,
-    tasks_per_execution: int = TASKS_PER_EXECUTION,
-) -> SessionStart:
-    """Validate everything that can be validated before money is spent, seal the secrets, and see that
-    every task needing a run is owned by exactly one execution, and that execution started.
+@dataclass
+class AcceptedRequest:
+    """A request validated, its tasks listed and its secrets sealed: what storing its runs needs, whether the
+    API stores them itself or hands them to the batch starter (``batch_start``)."""
 
-    Ownership comes first, by conditional writes; starting comes after and is idempotent (the owner's name
-    is deterministic), so a duplicate request, a concurrent one, or one after an API that died anywhere in
-    between, starts nothing twice: at worst it starts the owner the dead request never got to start."""
+    prototype: RunRecord  # every run of the request is this record with its own task
+    tasks: list[BatchTask]
+    api_key: str  # the hub key, to re-read the prompt of a delivered task sent again
+
+
+def accept_request(payload: HubPayload, deps: StepDeps, today: dt.date | None = None) -> AcceptedRequest:
+    """Validate everything that can be validated before money is spent, list the batches' tasks and seal
+    the secrets. Nothing is stored yet."""
     config = parse_config_json(payload.config_json)
     options = validate_run_options(
         config, deps.model_successors, today or dt.datetime.now(dt.UTC).date(), deps.image_prices
@@ -212,19 +218,73 @@ def start_session(
     if not config.uses_default_key:
         secrets[OPENAI_KEY] = config.openai_api_key.get_secret_value()
     sealed = deps.vault.seal(secrets, {"session": payload.session})
+    prototype = _new_record(payload, tasks[0], config, options, sealed, now, deps, owner="", chunk=[])
+    return AcceptedRequest(prototype=prototype, tasks=tasks, api_key=payload.api_key.get_secret_value())
+
+
+def start_session(
+    payload: HubPayload,
+    deps: StepDeps,
+    today: dt.date | None = None,
+    tasks_per_execution: int = TASKS_PER_EXECUTION,
+) -> SessionStart:
+    """Accept the request and see that every task needing a run is owned by exactly one execution, and that
+    execution started (``store_and_start``): here, for a request of at most ``DIRECT_CHUNKS`` chunks; a
+    larger one is handed to the batch starter (when the deployment has one), so the POST's time and AWS
+    calls do not grow with the batch."""
+    from dalle_plugin.domain.steps.batch_start import goes_to_starter, hand_off
+
+    request = accept_request(payload, deps, today)
+    if deps.batch_starter is not None and goes_to_starter(request, tasks_per_execution):
+        handed = hand_off(request, deps)
+        return SessionStart(
+            session=handed.step.session,
+            runs=[],
+            started=[],
+            storing=[] if handed.statuses is not None else [task.task_id for task in request.tasks],
+            duplicate=handed.duplicate,
+            settled=handed.statuses,
+        )
+    return store_and_start(request, deps, tasks_per_execution)
+
+
+def run_of(prototype: RunRecord, task: BatchTask, owner: str, chunk: list[str]) -> RunRecord:
+    """The request's run for one task: the prototype with the task's ids and its owner."""
+    ref = RunRef(session=prototype.session, task_id=task.task_id)
+    return prototype.model_copy(
+        update={
+            "task_id": task.task_id,
+            "execution_name": ref.execution_name,
+            "asset_id": task.asset_id,
+            "data_url": task.data_url,
+            "owner": owner,
+            "chunk": chunk,
+        },
+        deep=True,
+    )
+
+
+def store_and_start(
+    request: AcceptedRequest, deps: StepDeps, tasks_per_execution: int = TASKS_PER_EXECUTION
+) -> SessionStart:
+    """Store the request's runs (or requeue those that may run again), give each an owner, and start every
+    owner with queued runs. The one place runs are stored, whether by the API or by the batch starter.
+
+    Ownership comes first, by conditional writes; starting comes after and is idempotent (the owner's name
+    is deterministic), so a duplicate request, a concurrent one, or one after an API that died anywhere in
+    between, starts nothing twice: at worst it starts the owner the dead request never got to start."""
+    prototype, tasks = request.prototype, request.tasks
+    session = prototype.session
+    sealed = required(prototype.sealed_secrets, "the request's sealed secrets")
+    now = required(prototype.accepted_at_ms, "the request's acceptance time")
     runs: list[RunRecord] = []
     started: list[str] = []  # created or requeued by this request: what it, and only it, counts as accepted
-    queue = join_shared_queue(payload, config.uses_default_key, [task.task_id for task in tasks], deps, now)
+    queue = join_shared_queue(prototype, [task.task_id for task in tasks], deps, now)
 
     def create(chunk: list[BatchTask]) -> list[tuple[RunRecord, bool]]:
         members = [task.task_id for task in chunk]
-        owner = creation_owner(payload.session, members)
-        return deps.runs.create_many(
-            [
-                queue.place(_new_record(payload, task, config, options, sealed, now, deps, owner, members))
-                for task in chunk
-            ]
-        )
+        owner = creation_owner(session, members)
+        return deps.runs.create_many([queue.place(run_of(prototype, task, owner, members)) for task in chunk])
 
     for created_chunk in _in_parallel(create, _chunks(tasks, tasks_per_execution)):
         for record, is_new in created_chunk:
@@ -239,7 +299,7 @@ def start_session(
     # A task sent again in the same session after it succeeded runs again only if its prompt was edited:
     # the same prompt is a duplicate (its image is delivered), so nothing is started for it.
     delivered = [run for run in runs if run.status is RunStatus.SUCCEEDED][:MAX_PROMPT_CHECKS]
-    api_key = payload.api_key.get_secret_value()
+    api_key = request.api_key
     changed = _in_parallel(lambda run: _prompt_changed(run, api_key, deps), delivered)
     by_task = {run.task_id: index for index, run in enumerate(runs)}
     for run in (run for run, edited in zip(delivered, changed, strict=True) if edited):
@@ -263,7 +323,7 @@ def start_session(
     # Requeued runs (and any an earlier request requeued and died before claiming) get a new owner.
     unowned = [run for run in runs if run.status is RunStatus.QUEUED and run.owner is None]
     for chunk in _chunks(unowned, tasks_per_execution):
-        owner = execution_name(payload.session, chunk)
+        owner = execution_name(session, chunk)
         members = [run.task_id for run in chunk]
         for run in chunk:
             try:
@@ -287,13 +347,11 @@ def start_session(
     def start(owner_and_tasks: tuple[str, list[str]]) -> str:
         owner, task_ids = owner_and_tasks
         return required(deps.starter, "StepDeps.starter").start(
-            owner, {"session": payload.session, "tasks": [{"taskId": t} for t in task_ids]}
+            owner, {"session": session, "tasks": [{"taskId": t} for t in task_ids]}
         )
 
     arns = _in_parallel(start, list(waiting.items()))
-    return SessionStart(
-        session=payload.session, runs=runs, started=started, execution_arn=arns[-1] if arns else None
-    )
+    return SessionStart(session=session, runs=runs, started=started, execution_arn=arns[-1] if arns else None)
 
 
 class SharedQueuePlaces:
@@ -347,13 +405,14 @@ def _ranges(tickets: list[int]) -> list[tuple[int, int]]:
 
 
 def join_shared_queue(
-    payload: HubPayload, uses_default_key: bool, task_ids: list[str], deps: StepDeps, now_ms: int
+    prototype: RunRecord, task_ids: list[str], deps: StepDeps, now_ms: int
 ) -> SharedQueuePlaces:
     """The batch's runs join their line of the shared key's queue in one write, in task order (first come,
-    first served by the hub's acceptance); those whose turn would pass the cap get no ticket."""
-    if not uses_default_key or deps.limiter is None or not task_ids:
+    first served by the hub's acceptance); those whose turn would pass the cap get no ticket. A batch the
+    starter stores joins once per group of chunks it stores."""
+    if not prototype.uses_default_key or deps.limiter is None or not task_ids:
         return SharedQueuePlaces(None, task_ids, None, now_ms)
-    line = (payload.org_id or "", not payload.is_workflow_run)
+    line = (prototype.org_id or "", not prototype.workflow)
     joined = deps.limiter.join(line[0], line[1], len(task_ids))
     return SharedQueuePlaces(line, task_ids, joined, now_ms, deps.limiter.leave)
 

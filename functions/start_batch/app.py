@@ -1,0 +1,28 @@
+"""Store Runs And Start Chunks: the batch starter's step. Stores a large batch's runs and starts their
+executions a few chunks at a time, while its Lambda has time; the state machine calls it again until done.
+Called with the Catch's ``error`` (Record Batch Failure), it ends the attempt with a sentence instead."""
+
+from dalle_plugin import wiring
+from dalle_plugin.domain.steps.batch_start import BatchStep, record_batch_failure, store_batch
+from dalle_plugin.observability import bind_run, lambda_handler, record_run_accepted
+from dalle_plugin.settings import StartBatchSettings, load_settings
+
+
+@lambda_handler
+def handler(event: dict, context: object) -> dict:
+    step = BatchStep.model_validate(event)
+    bind_run(step.session)
+    if step.error is not None:
+        return record_batch_failure(step, wiring.start_batch_deps()).model_dump(
+            by_alias=True, exclude_none=True
+        )
+    remaining_ms = getattr(context, "get_remaining_time_in_millis", lambda: 0)
+    after, started = store_batch(
+        step,
+        wiring.start_batch_deps(),
+        load_settings(StartBatchSettings).tasks_per_execution,
+        seconds_left=lambda: remaining_ms() / 1000,
+    )
+    if started:
+        record_run_accepted(started)
+    return after.model_dump(by_alias=True, exclude_none=True)

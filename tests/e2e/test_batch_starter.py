@@ -1,0 +1,123 @@
+"""A 250-task batch through the batch starter on a stack of its own, with chunks of 25 tasks
+(``TASKS_PER_EXECUTION``): the POST hands the batch on (duplicate and concurrent POSTs start the starter
+once), the session shows it being stored, and then every chunk is one execution, every task one paid OpenAI
+request and one attachment, every run SUCCEEDED (docs/batches.md)."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections import Counter
+
+import pytest
+import requests
+
+from tests.conftest import PLUGIN_SECRET, start_stack, wait_for
+
+pytestmark = [pytest.mark.stack, pytest.mark.own_stack, pytest.mark.slow]
+
+PROJECT = "proj-batch-starter"
+CHUNK = 25
+TASKS = 250  # 10 chunks: two calls of the starter's step (8 chunks, then 2)
+FINISHED = {"SUCCEEDED", "FAILED", "CANCELLED"}
+
+
+@pytest.fixture(scope="module")
+def starter_stack():
+    with start_stack("dalle-batchstarter", environment={"TASKS_PER_EXECUTION": str(CHUNK)}) as running:
+        running.hub.add_project(PROJECT, {})
+        yield running
+
+
+def _post(stack, payload: dict) -> requests.Response:
+    return requests.post(
+        f"{stack.api_url}/plugin", json=payload, headers={"Secret": PLUGIN_SECRET}, timeout=60
+    )
+
+
+#: how long each session GET took (printed at the end: what a person polling the session would wait)
+GET_SECONDS: list[float] = []
+
+
+def _first_page(stack, session: str) -> dict | None:
+    """The session's first page, or None while the engine, busy with 10 executions, cannot answer yet."""
+    began = time.monotonic()
+    try:
+        answer = requests.get(
+            f"{stack.api_url}/sessions/{session}", headers={"Secret": PLUGIN_SECRET}, timeout=60
+        )
+    except requests.exceptions.RequestException:
+        return None
+    finally:
+        GET_SECONDS.append(time.monotonic() - began)
+    return answer.json() if answer.status_code == 200 else None
+
+
+def _executions(stack, arn: str, session: str) -> list[str]:
+    prefix = re.sub(r"[^A-Za-z0-9_-]", "-", session[:40]) + "_"
+    pages = stack.client("stepfunctions").get_paginator("list_executions").paginate(stateMachineArn=arn)
+    return [e["name"] for page in pages for e in page["executions"] if e["name"].startswith(prefix)]
+
+
+@pytest.mark.timeout(3000)
+def test_a_multi_chunk_batch_runs_through_the_starter_once_per_chunk_and_once_per_task(starter_stack):
+    stack, marker, session = starter_stack, "starter250", "starter250-s"
+    tasks = []
+    for n in range(TASKS):
+        task_id, asset_id = f"task-{marker}-{n:03d}", f"asset-{marker}-{n:03d}"
+        text = f"A windmill at dusk, painted in oils ({marker} {n:03d})"
+        stack.hub.add_asset(PROJECT, asset_id, f"{marker}-{n:03d}.txt", f"{asset_id}.txt", text.encode())
+        stack.hub.add_task(PROJECT, task_id, asset_id)
+        tasks.append({"taskId": task_id, "assetId": asset_id})
+    config = {
+        "openai_api_key": "sk-own-starter",
+        "model_name": "gpt-image-2",
+        "get_prompt_from": "full-text-asset",
+    }
+    payload = {
+        "projectId": PROJECT,
+        "session": session,
+        "apiKey": "ango-local-key",
+        "workflow": True,
+        "configJSON": json.dumps(config),
+        "tasks": tasks,
+    }
+
+    answers: list[requests.Response] = []
+    senders = [threading.Thread(target=lambda: answers.append(_post(stack, payload))) for _ in range(3)]
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join()
+    assert [a.status_code for a in answers] == [202] * 3, [a.text[:300] for a in answers]
+    assert all(a.json()["storing"] == TASKS for a in answers)
+    assert sum(not a.json()["duplicate"] for a in answers) == 1  # one began the attempt, the others joined it
+
+    def finished() -> dict | None:
+        view = _first_page(stack, session)
+        done = view and "storing" not in view and view["progress"]["total"] == TASKS
+        return view if done and view["status"] in FINISHED else None
+
+    view = wait_for(finished, "the 250-task batch finished", timeout_s=2700, poll_s=2.0)
+    ordered = sorted(GET_SECONDS)
+    print(
+        f"\nsession GETs: {len(ordered)}, median {ordered[len(ordered) // 2]:.1f} s, slowest {ordered[-1]:.1f} s"
+    )
+    assert view["counts"] == {"SUCCEEDED": TASKS}, view["counts"]
+    late = _post(stack, payload)  # a duplicate after the end: nothing to run again, nothing started
+    assert late.status_code == 202 and late.json()["duplicate"] and "storing" not in late.json(), late.text
+    assert {t["status"] for t in late.json()["tasks"]} == {"SUCCEEDED"}
+
+    starters = _executions(stack, stack.start_batch_state_machine_arn, session)
+    assert len(starters) == 1, starters  # the attempt the three POSTs shared
+    assert len(_executions(stack, stack.state_machine_arn, session)) == TASKS // CHUNK
+    paid = Counter(
+        int(re.search(rf"{marker} (\d+)", r.prompt).group(1))
+        for r in stack.openai.requests
+        if r.prompt and marker in r.prompt and r.status == 200
+    )
+    assert paid == Counter(range(TASKS))  # one paid request per task
+    attached = Counter(a["externalId"] for a in stack.hub.attachments() if a["externalId"].startswith(marker))
+    assert len(attached) == TASKS and set(attached.values()) == {1}
