@@ -1,7 +1,7 @@
 """The shared key's queue in one DynamoDB item (table key ``pk`` (S) only).
 
-Item ``{pk, g: N, c: N, q: S, t0..t{limit-1}: N, o0..o{limit-1}: S}``: ``g`` counts the grants, ``c`` the
-joins, leaves and skips, ``q`` is the compact JSON of the lines with runs waiting, and slot ``k`` holds the
+Item ``{pk, g: N, c: N, n: N, q: S, t0..t{limit-1}: N, o0..o{limit-1}: S}``: ``g`` counts the grants,
+``c`` the joins, leaves, skips and returns, ``n`` the tickets issued (a line made anew starts there), ``q`` is the compact JSON of the lines with runs waiting, and slot ``k`` holds the
 last send granted in it (``t``: its clock reading, ``o``: its send ticket and line). The item stays small
 whatever the history (``domain.rate_limit``).
 
@@ -76,7 +76,15 @@ def _is_condition_failure(error: ClientError) -> bool:
 
 def encode_lines(state: LimiterState) -> str:
     lines = [
-        [name, line.issued, line.served, line.since_ms, line.last_grant, [list(r) for r in line.skipped]]
+        [
+            name,
+            line.issued,
+            line.served,
+            line.since_ms,
+            line.last_grant,
+            [list(r) for r in line.skipped],
+            *([list(line.returned)] if line.returned else []),
+        ]
         for name, line in state.lines
     ]
     return json.dumps(lines, separators=(",", ":"))
@@ -89,6 +97,7 @@ def encode_state(state: LimiterState, seen_ms: int = 0) -> str:
         {
             "g": state.grants,
             "c": state.changes,
+            "n": state.issued,
             "s": slots,
             "q": json.loads(encode_lines(state)),
             "at": seen_ms,
@@ -101,11 +110,20 @@ def view_seen_ms(text: str) -> int:
     return int(json.loads(text).get("at", 0)) if text else 0
 
 
-def _lines(raw: list) -> tuple[tuple[str, Line], ...]:
-    return tuple(
-        (name, Line(int(i), int(s), tuple((int(lo), int(hi)) for lo, hi in k), int(since), int(last)))
-        for name, i, s, since, last, k in raw
+def _line(raw: list) -> tuple[str, Line]:
+    name, issued, served, since, last, skipped, *returned = raw
+    return name, Line(
+        int(issued),
+        int(served),
+        tuple((int(lo), int(hi)) for lo, hi in skipped),
+        int(since),
+        int(last),
+        tuple(int(t) for t in returned[0]) if returned else (),
     )
+
+
+def _lines(raw: list) -> tuple[tuple[str, Line], ...]:
+    return tuple(_line(entry) for entry in raw)
 
 
 def decode_state(text: str) -> LimiterState:
@@ -114,6 +132,7 @@ def decode_state(text: str) -> LimiterState:
     raw = json.loads(text)
     return LimiterState(
         grants=int(raw["g"]),
+        issued=int(raw.get("n", 0)),
         changes=int(raw["c"]),
         slots=tuple(Slot(int(s[0]), s[1], s[2]) if s else None for s in raw["s"]),
         lines=_lines(raw["q"]),
@@ -204,7 +223,7 @@ class DynamoRateLimiter:
         for _ in range(self._max_attempts):
             now = self._clock()
             answer = claim(self._state, line, ticket, ask.send, now, self._settings)
-            if answer.gone and confirmed:  # skipped while away: join again, at the back of its line
+            if answer.gone and confirmed:  # a ticket never issued in its line (a record from before): join
                 joined = self.join(ask.org_id, ask.interactive, 1, may_refuse=False)
                 calls += joined.calls
                 ticket = joined.first_ticket
@@ -344,13 +363,14 @@ class DynamoRateLimiter:
     # ---- wire format ---------------------------------------------------------------------------------
 
     def write_request(self, before: LimiterState, after: LimiterState) -> dict[str, Any]:
-        names = {"#g": "g", "#c": "c", "#q": "q"}
+        names = {"#g": "g", "#c": "c", "#q": "q", "#n": "n"}
         values: dict[str, Any] = {
             ":g1": {"N": str(after.grants)},
             ":c1": {"N": str(after.changes)},
             ":q": {"S": encode_lines(after)},
+            ":n": {"N": str(after.issued)},
         }
-        sets = ["#g = :g1", "#c = :c1", "#q = :q"]
+        sets = ["#g = :g1", "#c = :c1", "#q = :q", "#n = :n"]
         if before.grants == 0 and before.changes == 0:
             conditions = ["attribute_not_exists(#g)"]
         else:
@@ -393,6 +413,7 @@ class DynamoRateLimiter:
                 slots.append(None)
         return LimiterState(
             grants=int(item["g"]["N"]),
+            issued=int(item.get("n", {}).get("N", 0)),
             changes=int(item["c"]["N"]),
             slots=tuple(slots),
             lines=_lines(json.loads(item["q"]["S"])),
@@ -402,4 +423,4 @@ class DynamoRateLimiter:
 def item_bytes(state: LimiterState, key: str = "global") -> int:
     """Roughly what DynamoDB bills for the item: attribute names and values."""
     slots = sum(2 + 13 + len(json.dumps([s.send, s.line])) for s in state.slots if s)
-    return len("pk") + len(key) + 2 * (1 + 8) + 1 + len(encode_lines(state).encode()) + slots
+    return len("pk") + len(key) + 3 * (1 + 8) + 1 + len(encode_lines(state).encode()) + slots
