@@ -77,6 +77,7 @@ class Job:
     calls: int = 0
     claim_to_arrival_ms: float | None = None
     lost_grants: int = 0  # grants given up because the send was held up until its slot was reused
+    restamps: int = 0  # sends held up past the tolerance after their grant, recorded again before leaving
 
 
 @dataclass
@@ -193,6 +194,7 @@ class Variant:
             if decision.granted:
                 stamped = limiter.confirm_send(ask, decision)  # right before the request leaves, as Generate
                 job.calls += limiter.calls
+                job.restamps += limiter.restamps
                 if stamped is None:  # held up past its slot's reuse: nothing sent, claim again
                     job.lost_grants += 1
                     continue
@@ -410,6 +412,7 @@ def figures(jobs: list[Job], arrivals: list[float], dials: Dials, state_bytes: i
         "dynamodb_writes_per_grant": round(calls / len(sent), 3) if sent else None,
         "state_bytes_max": state_bytes,
         "lost_grants": sum(j.lost_grants for j in jobs),
+        "restamps": sum(j.restamps for j in jobs),
         "claim_to_arrival_ms": {
             "median": round(statistics.median(delays), 1),
             "p99": round(delays[min(len(delays) - 1, math.ceil(0.99 * len(delays)) - 1)], 1),

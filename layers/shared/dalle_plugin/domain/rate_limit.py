@@ -111,6 +111,14 @@ class LimiterSettings(BaseModel):
         "by default a sixth of the margin",
     )
 
+    grant_gap_ms: int | None = Field(
+        default=None,
+        ge=1,
+        description="sends due at one moment are planned this far apart, each after the one before it is "
+        "written (a conditional write's round trip and the spread of the clocks); by default a sixth of the "
+        "margin",
+    )
+
     @model_validator(mode="after")
     def _awake_runs_wait_in_place(self) -> LimiterSettings:
         # a run woken ``wake_lead_ms`` early must wait the rest in the step, not sleep again (a busy loop)
@@ -128,6 +136,11 @@ class LimiterSettings(BaseModel):
     def send_tolerance(self) -> int:
         """How long after its recorded time a granted send may still leave (250 ms of a 1500 ms margin)."""
         return self.send_tolerance_ms or max(1, self.skew_margin_ms // 6)
+
+    @property
+    def grant_gap(self) -> int:
+        """How far apart sends due at one moment are planned, and how often a run polls behind one due."""
+        return self.grant_gap_ms or max(1, self.skew_margin_ms // 6)
 
     @property
     def spacing_ms(self) -> int:
@@ -257,8 +270,9 @@ def _slot_free_ms(state: LimiterState, grant: int, settings: LimiterSettings) ->
 
 
 def planned_starts(state: LimiterState, now_ms: int, settings: LimiterSettings, upto: int) -> list[int]:
-    """When the first ``upto`` runs in the order send if each claims at its turn: one after another, each
-    at least ``window + margin`` after the send ``limit`` grants before it."""
+    """When the first ``upto`` runs in the order send if each claims at its turn: one after another, at
+    least ``grant_gap`` apart (so each claims after the one before it wrote its grant, and one write does),
+    each at least ``window + margin`` after the send ``limit`` grants before it."""
     starts: list[int] = []
     for k in range(upto):
         grant = state.grants + k
@@ -266,7 +280,7 @@ def planned_starts(state: LimiterState, now_ms: int, settings: LimiterSettings, 
             free = starts[k - settings.limit] + settings.spacing_ms
         else:
             free = _slot_free_ms(state, grant, settings)
-        starts.append(max(now_ms, starts[-1] if starts else now_ms, free))
+        starts.append(max(now_ms, starts[-1] + settings.grant_gap if starts else now_ms, free))
     return starts
 
 
@@ -450,10 +464,12 @@ def claim(
         return Answer(True, now_ms, 0, granted, True, slot=working.grants % settings.limit)
     position = _position(working, line, ticket, settings.limit)
     eta = planned_starts(working, now_ms, settings, position + 1)[position]
-    if position > 0 and eta - now_ms < settings.skew_margin_ms:
-        # a run ahead is due now but has not claimed yet: look again a little later, not in a busy loop
-        overdue = head_turn_ms(working, settings, head[0]) + settings.abandon_after_ms + 1
-        eta = max(eta, min(overdue, now_ms + settings.skew_margin_ms))
+    if position > 0 and eta - now_ms < settings.grant_gap:
+        # a run ahead is due now but has not claimed yet: look again shortly (a gap while it is just due,
+        # a margin once it is late), not in a busy loop
+        turn = head_turn_ms(working, settings, head[0])
+        poll = settings.grant_gap if now_ms - turn < settings.skew_margin_ms else settings.skew_margin_ms
+        eta = max(eta, min(turn + settings.abandon_after_ms + 1, now_ms + poll))
     return Answer(False, eta, position, working, changed=working != state)
 
 
