@@ -14,6 +14,23 @@ Scenarios (each variant on its own item and its own emulator, all at once):
 * editor: a 40-task batch of one organisation, then editor runs of a second one arriving behind it;
 * cap (queue only): a backlog past ``RateQueueMaxWaitSeconds``, scaled: how many are refused at once.
 
+What the figures mean, against the issue's words:
+
+* stalls: "runs that waited while a slot was free for longer than the margin". Counted per run whose turn
+  it was (every run sent before it had been sent) from its first claim: one idle slot while the whole
+  backlog waits is one stall of the run at the head, not sixty (a run behind it waits for its turn).
+* FIFO violations: pairs of one organisation and kind sent against the hub's acceptance order (by the
+  API's stamp at the join). Runs of one batch share that stamp, so the hub gives them no order to keep;
+  sends closer than the margin are not told apart (recorded times carry the clocks' offsets).
+* makespan over ideal: the backlog's first to last arrival over ``(runs / limit - 1)`` windows. At the
+  scaled window the best possible is ``1 + margin / window``; ``makespan_over_ideal_at_60s`` carries the
+  measured figure to a 60 s window and 1500 ms margin by that ratio. That transfer is fair to what
+  recurs at every reuse of a slot (it scales with the window), and pessimistic for what is paid once:
+  the sends due at one moment planned a gap apart (real milliseconds, not scaled) and the first sends'
+  spread are multiplied by the scale's inverse (ten at a 6 s window).
+* writes per grant: every UpdateItem of the queue (joins, failed conditional writes, re-stamps) over the
+  sends; the queue never reads.
+
     python -m bench.limiter            # writes bench/results/limiter.json and the limiter_* keys of summary.json
     python -m bench.limiter --quick    # a smaller backlog on a shorter window
 """

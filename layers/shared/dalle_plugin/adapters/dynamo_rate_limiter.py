@@ -17,14 +17,20 @@ grants came before its turn and writes the state that follows them, conditioned 
 plus that many. The slot it takes is fixed by its grant number, and its time is checked by the condition.
 In a backlog that is one write per grant; a join, leave or skip since the view costs one more write.
 
-A turn at most ``short_wait_ms`` away is waited for here, then claimed.
+A turn at most ``short_wait_ms`` away is waited for here, then claimed the same way: as if the runs ahead
+in the state in hand had sent meanwhile, by one write that grants or brings the item back (it never
+writes once to learn the state and again to claim). The write a join or leave since the view costs is
+the one left above one write per grant: ``python -m bench.limiter``'s backlog, whose batches joined after
+most runs had first looked, shows it (see ``docs/performance.md``).
 
 A grant records the clock reading taken before its write. Right before the request leaves, the sender
 asks ``confirm_send``: if more than ``send_tolerance_ms`` passed since that reading (a slow write, a step
 starved of CPU), the send's slot is stamped again with the time now, by a write conditioned on the slot
 still holding this send. Once the grant ``limit`` later has reused the slot, the send is no longer counted,
-so it must not leave: the run queues again. So the recorded time a later grant is checked against is never
-more than the tolerance before the actual send.
+so it must not leave: the run claims again, and its ticket is returned to the head of its line. So the
+recorded time a later grant is checked against is never more than the tolerance before the actual send.
+The client is built before the claim, so a send leaves within the tolerance and the confirmation is a
+look at the clock, not a write; the re-stamp is for a step held up in between (counted by the bench).
 """
 
 from __future__ import annotations

@@ -72,6 +72,16 @@ the next claimer skip it, and if it comes back after all its ticket is returned 
 Record Failure leave the line (a skipped range). A claim asked again with the same send ticket after it
 was granted answers "granted" and records nothing (a re-delivered claim never sends twice).
 
+**Sends due at one moment** (a backlog's first ``limit``, or slots freed together) are planned
+``grant_gap_ms`` apart (a sixth of the margin unless set): each run sleeps to its own planned time and
+finds the one before it written, so its one conditional write grants, instead of all of them writing at
+once and all but one polling. The gap is never imposed (a run that finds its slot free and its turn come
+sends at once) and it does not add up: each slot is still reused ``window + margin`` after its last send,
+so a backlog pays it at most ``limit - 1`` times in all (1 s of a 60 s window's 12-minute backlog). A run
+behind one that is due but has not claimed looks again a gap later, then a margin later once that run is
+a margin late (never in a busy loop): the time a free slot idles while its next run waits is about a gap,
+below the margin, which is what "never stalled" asks.
+
 **Saying no in time.** A run whose start would come more than ``max_queue_wait_s`` after it joins is not
 given a ticket: ``join`` admits the batch's runs up to the last one within the cap, and says what wait
 the others would have had.
