@@ -677,8 +677,9 @@ def findings(results: dict[str, dict[str, Any]], dials: Dials) -> list[str]:
             f"Claim to arrival (queue, backlog): median {delays.get('median')} ms, p99 {delays.get('p99')} ms, "
             f"max {delays.get('max')} ms, from the send's recorded time to the emulator's stamp: a send held "
             "up more than the tolerance after its grant (a slow write, a starved thread) is recorded again "
-            "right before it leaves, or, its slot already reused, does not leave and queues again "
-            f"({queue.get('lost_grants', 0)} such grants given up)."
+            "right before it leaves, or, its slot already reused, does not leave and claims again, its "
+            f"ticket back at the head of its line ({queue.get('restamps', 0)} sends stamped again, "
+            f"{queue.get('lost_grants', 0)} grants given up)."
         ),
         (
             "DynamoDB writes per grant count every UpdateItem, the failed conditional ones included (a batch's "

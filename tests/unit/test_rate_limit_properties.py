@@ -139,7 +139,7 @@ def simulate(settings: LimiterSettings, runs: list[SimRun], delay_ms: int = 0) -
             send, slot, stamped = pending.pop(index)
             if local - stamped > settings.send_tolerance:
                 restamped = restamp(state, slot, send, local)
-                if restamped is None:  # its slot went to a later send: it must not leave, it queues again
+                if restamped is None:  # its slot went to a later send: it must not leave, it claims again
                     out.lost_grants += 1
                     attempt[index] += 1
                     heapq.heappush(events, (now + 1, 2, index, "claim"))
@@ -260,7 +260,7 @@ def test_never_more_than_the_limit_arrive_in_any_window_and_no_one_starves(setti
 def test_a_send_held_up_after_its_grant_is_recorded_again_or_does_not_leave(settings, runs, delay, data):
     """A step held up between its grant and its request (a slow write, a starved CPU), for any time up to
     a few windows, interleaved with everyone else's claims: still never more than the limit in any window
-    by arrival, and every run not cancelled sends exactly once (a lost grant queues again)."""
+    by arrival, and every run not cancelled sends exactly once (a lost grant claims again, its ticket back at the head of its line)."""
     tolerance = 30
     settings = settings.model_copy(
         update={"skew_margin_ms": settings.skew_margin_ms + tolerance, "send_tolerance_ms": tolerance}
