@@ -63,7 +63,13 @@ def item(limiter: DynamoRateLimiter, state: LimiterState) -> dict[str, Any]:
     """The item as DynamoDB holds it after ``state`` was written."""
     request = limiter.write_request(LimiterState(), state)
     values = request["ExpressionAttributeValues"]
-    stored = {"pk": {"S": "global"}, "g": values[":g1"], "c": values[":c1"], "q": values[":q"]}
+    stored = {
+        "pk": {"S": "global"},
+        "g": values[":g1"],
+        "c": values[":c1"],
+        "n": values[":n"],
+        "q": values[":q"],
+    }
     for k, slot in enumerate(state.slots):
         if slot is not None:
             stored[f"t{k}"] = {"N": str(slot.at_ms)}

@@ -26,10 +26,17 @@ booked ahead: a run that wakes late loses nothing, it claims when it is there. T
 clock reading before that write; the last thing before the request leaves, the sender looks at the clock
 again, and if more than ``send_tolerance`` passed (a slow write, a step starved of CPU), it records its
 send again at the time now (``restamp``), or, if the grant ``limit`` later already reused its slot, does
-not send and queues again. So a recorded send is never more than the tolerance before the actual one. A
-send that lost its slot so, or whose step died after its grant, finds its ticket served and joins its
-line again at the back; and two senders held up past a window at every grant would take each other's
-slot for ever: the rule is live only because hold-ups end (the property tests draw them finite).
+not send and claims again. So a recorded send is never more than the tolerance before the actual one.
+Two senders held up past a window at every grant would take each other's slot for ever: the rule is live
+only because hold-ups end (the property tests draw them finite).
+
+**Never demoted.** A run whose claim finds its ticket served did not send on it: its grant's send never
+left (its step died after the claim, or its slot went to a later send while it was held up), or it was
+skipped as abandoned and came back. Its ticket is *returned*: it waits again below every other ticket of
+its line, so it is that line's next send, ahead of every run accepted after it. The grant it had, if any,
+stays counted at its recorded time (the request may have left before the step died: counting it keeps the
+limit whatever happened). A line made anew starts its tickets at ``issued``, above every ticket handed out
+before, so a returned ticket is never another run's.
 
 **What the margin covers** (``skew_margin_ms``, the deployment's ``RateSkewMarginMs``, at least 1 ms: the
 template's ``MinValue`` refuses 0 at deploy time). A send is recorded at the claimer's clock reading taken
@@ -48,8 +55,10 @@ the request's way out after the sender's last look at the clock:
   sender of CPU: one window of the 60-run backlog then held 6 arrivals at a limit of 5. A send held up
   that long now records its time again (or, its slot reused, does not leave), so only the tolerance
   (250 ms of the default margin) and the request's way out after the last look remain: the full bench
-  at load 9 to 12 measured a maximum of 243 ms (median 14 ms), 6 grants given up out of 119 sends, and
-  no window above the limit in any scenario. The default keeps 500 ms for this part: ample on Lambda (a
+  at load 15 to 24 measured a maximum of 308 ms (median 24 ms in the backlog), 35 sends stamped again and
+  8 grants given up (their tickets returned to the head of their lines) out of 118 sends, and no window
+  above the limit in any scenario. The backlog alone on the same machine: a maximum of 165 ms, nothing
+  stamped again or given up. The default keeps 500 ms for this part: ample on Lambda (a
   conditional write answers in under 10 ms, the request leaves at once).
 
 So the default is 1500 ms: 2.5 % of a 60 s window, which is what a backlog's makespan pays over the
@@ -61,9 +70,19 @@ expects (5 s on the ``hostile`` profile). Awake, it claims; if its turn is at mo
 it waits in the step and claims again; if the queue moved (a run ahead cancelled, an editor run arrived)
 it is told its new turn and sleeps again. A run keeps its ticket while away; only when the head of the
 order has not claimed ``abandon_after_ms`` past its turn (its step crashed and its execution ended) does
-the next claimer skip it, and if it comes back after all it joins its line again (``Gone``). Cancel and
+the next claimer skip it, and if it comes back after all its ticket is returned (above). Cancel and
 Record Failure leave the line (a skipped range). A claim asked again with the same send ticket after it
 was granted answers "granted" and records nothing (a re-delivered claim never sends twice).
+
+**Sends due at one moment** (a backlog's first ``limit``, or slots freed together) are planned
+``grant_gap_ms`` apart (a sixth of the margin unless set): each run sleeps to its own planned time and
+finds the one before it written, so its one conditional write grants, instead of all of them writing at
+once and all but one polling. The gap is never imposed (a run that finds its slot free and its turn come
+sends at once) and it does not add up: each slot is still reused ``window + margin`` after its last send,
+so a backlog pays it at most ``limit - 1`` times in all (1 s of a 60 s window's 12-minute backlog). A run
+behind one that is due but has not claimed looks again a gap later, then a margin later once that run is
+a margin late (never in a busy loop): the time a free slot idles while its next run waits is about a gap,
+below the margin, which is what "never stalled" asks.
 
 **Saying no in time.** A run whose start would come more than ``max_queue_wait_s`` after it joins is not
 given a ticket: ``join`` admits the batch's runs up to the last one within the cap, and says what wait
@@ -104,6 +123,14 @@ class LimiterSettings(BaseModel):
         "by default a sixth of the margin",
     )
 
+    grant_gap_ms: int | None = Field(
+        default=None,
+        ge=1,
+        description="sends due at one moment are planned this far apart, each after the one before it is "
+        "written (a conditional write's round trip and the spread of the clocks); by default a sixth of the "
+        "margin",
+    )
+
     @model_validator(mode="after")
     def _awake_runs_wait_in_place(self) -> LimiterSettings:
         # a run woken ``wake_lead_ms`` early must wait the rest in the step, not sleep again (a busy loop)
@@ -123,6 +150,11 @@ class LimiterSettings(BaseModel):
         return self.send_tolerance_ms or max(1, self.skew_margin_ms // 6)
 
     @property
+    def grant_gap(self) -> int:
+        """How far apart sends due at one moment are planned, and how often a run polls behind one due."""
+        return self.grant_gap_ms or max(1, self.skew_margin_ms // 6)
+
+    @property
     def spacing_ms(self) -> int:
         """A send's slot frees this long after it (as recorded)."""
         return self.window_ms + self.skew_margin_ms
@@ -138,18 +170,22 @@ class Line:
     issued: int = 0  # the next ticket
     served: int = 0  # every ticket below was sent or skipped; kept at a ticket still waiting
     skipped: tuple[tuple[int, int], ...] = ()  # [lo, hi) ranges above ``served``, sorted and apart
-    since_ms: int = 0  # when its head became the head by a join or a skip (0: by a grant)
+    since_ms: int = 0  # when its head became the head by a join, a skip or a return (0: by a grant)
     last_grant: int = -1  # the grant number of its last send (organisations take turns by it)
+    returned: tuple[int, ...] = ()  # tickets below ``served`` waiting again (their grant never sent), sorted
 
     @property
     def waiting(self) -> bool:
-        return self.served < self.issued
+        return self.served < self.issued or bool(self.returned)
 
     def holds(self, ticket: int) -> bool:
         """Whether ``ticket`` is still waiting in this line."""
+        if ticket in self.returned:
+            return True
         return self.served <= ticket < self.issued and not any(lo <= ticket < hi for lo, hi in self.skipped)
 
     def tickets(self) -> Iterator[int]:
+        yield from self.returned  # below every other ticket: the head of the line
         ticket, ranges = self.served, list(self.skipped)
         while ticket < self.issued:
             if ranges and ranges[0][0] <= ticket:
@@ -184,6 +220,7 @@ class Slot:
 @dataclass(frozen=True)
 class LimiterState:
     grants: int = 0  # sends granted so far: grant n uses slot n % limit
+    issued: int = 0  # tickets issued so far by every line: a line made anew starts here, so no ticket recurs
     changes: int = 0  # joins, leaves and skips so far (what a claim made from an older view cannot predict)
     slots: tuple[Slot | None, ...] = ()  # ``limit`` of them (fewer before the first sends)
     lines: tuple[tuple[str, Line], ...] = ()  # the lines with runs waiting, by name
@@ -205,6 +242,11 @@ def _with_line(state: LimiterState, name: str, line: Line) -> tuple[tuple[str, L
     else:
         lines.pop(name, None)
     return tuple(sorted(lines.items()))
+
+
+def _new_line(state: LimiterState) -> Line:
+    """A line with no one waiting, whose tickets start above every ticket issued so far."""
+    return Line(issued=state.issued, served=state.issued)
 
 
 def service_order(state: LimiterState, limit: int) -> Iterator[tuple[str, int]]:
@@ -240,8 +282,9 @@ def _slot_free_ms(state: LimiterState, grant: int, settings: LimiterSettings) ->
 
 
 def planned_starts(state: LimiterState, now_ms: int, settings: LimiterSettings, upto: int) -> list[int]:
-    """When the first ``upto`` runs in the order send if each claims at its turn: one after another, each
-    at least ``window + margin`` after the send ``limit`` grants before it."""
+    """When the first ``upto`` runs in the order send if each claims at its turn: one after another, at
+    least ``grant_gap`` apart (so each claims after the one before it wrote its grant, and one write does),
+    each at least ``window + margin`` after the send ``limit`` grants before it."""
     starts: list[int] = []
     for k in range(upto):
         grant = state.grants + k
@@ -249,7 +292,7 @@ def planned_starts(state: LimiterState, now_ms: int, settings: LimiterSettings, 
             free = starts[k - settings.limit] + settings.spacing_ms
         else:
             free = _slot_free_ms(state, grant, settings)
-        starts.append(max(now_ms, starts[-1] if starts else now_ms, free))
+        starts.append(max(now_ms, starts[-1] + settings.grant_gap if starts else now_ms, free))
     return starts
 
 
@@ -286,10 +329,15 @@ def join(
     refused (not given tickets) when ``may_refuse``; the admitted ones are the first."""
     if count < 1:
         raise ValueError("a join needs at least one run")
-    before = state.line(line) or Line()
+    before = state.line(line) or _new_line(state)
     first = before.issued
     grown = replace(before, issued=first + count, since_ms=before.since_ms if before.waiting else now_ms)
-    trial = replace(state, lines=_with_line(state, line, grown), changes=state.changes + 1)
+    trial = replace(
+        state,
+        lines=_with_line(state, line, grown),
+        changes=state.changes + 1,
+        issued=max(state.issued, grown.issued),
+    )
     mine = set(range(first, first + count))
     positions: dict[int, int] = {}
     for position, (name, ticket) in enumerate(service_order(trial, settings.limit)):
@@ -308,7 +356,7 @@ def join(
         new_state = state
     elif admitted < count:
         kept = replace(grown, issued=first + admitted)
-        new_state = replace(trial, lines=_with_line(state, line, kept))
+        new_state = replace(trial, lines=_with_line(state, line, kept), issued=max(state.issued, kept.issued))
     else:
         new_state = trial
     return Joined(
@@ -322,9 +370,10 @@ def leave(state: LimiterState, line: str, first: int, count: int = 1, now_ms: in
     current = state.line(line)
     if current is None or not any(current.holds(t) for t in range(first, first + count)):
         return state
-    was_head = current.holds(current.served) and first <= current.served < first + count
-    shrunk = _normal(replace(current, skipped=(*current.skipped, (first, first + count))))
-    if was_head:
+    head = next(current.tickets(), None)
+    returned = tuple(t for t in current.returned if not first <= t < first + count)
+    shrunk = _normal(replace(current, skipped=(*current.skipped, (first, first + count)), returned=returned))
+    if next(shrunk.tickets(), None) != head:
         shrunk = replace(shrunk, since_ms=now_ms)  # a new head: its turn starts now at the earliest
     return replace(state, lines=_with_line(state, line, shrunk), changes=state.changes + 1)
 
@@ -344,7 +393,15 @@ def _granted(state: LimiterState, line: str, ticket: int, send: str, now_ms: int
     slots = list(state.slots) + [None] * (limit - len(state.slots))
     slots[state.grants % limit] = Slot(now_ms, send, line)
     current = state.line(line) or Line()
-    advanced = _normal(replace(current, served=ticket + 1, since_ms=0, last_grant=state.grants))
+    if ticket in current.returned:  # a returned ticket: the tickets above it keep their places
+        advanced = replace(
+            current,
+            returned=tuple(t for t in current.returned if t != ticket),
+            since_ms=0,
+            last_grant=state.grants,
+        )
+    else:
+        advanced = _normal(replace(current, served=ticket + 1, since_ms=0, last_grant=state.grants))
     return replace(
         state, grants=state.grants + 1, slots=tuple(slots), lines=_with_line(state, line, advanced)
     )
@@ -368,6 +425,21 @@ def state_at_turn(view: LimiterState, line: str, ticket: int, limit: int) -> Lim
     return state
 
 
+def _returned(state: LimiterState, line: str, ticket: int, now_ms: int) -> LimiterState | None:
+    """The state with ``ticket`` back at the head of ``line``: it was served (granted, or skipped as
+    abandoned) but its run claims again, so its send never left (its step died after the grant, its slot
+    went to a later send while it was held up, or it came back after being skipped). The send granted
+    before, if any, stays counted at its recorded time. None if the ticket was never issued there."""
+    current = state.line(line) or _new_line(state)
+    if ticket >= current.issued or current.holds(ticket):
+        return None
+    head = next(current.tickets(), None)
+    back = replace(current, returned=tuple(sorted((*current.returned, ticket))))
+    if head is None or ticket < head:
+        back = replace(back, since_ms=now_ms)  # the head by a return: its turn starts now at the earliest
+    return replace(state, lines=_with_line(state, line, back), changes=state.changes + 1)
+
+
 def _position(state: LimiterState, line: str, ticket: int, limit: int) -> int:
     for position, entry in enumerate(service_order(state, limit)):
         if entry == (line, ticket):
@@ -385,9 +457,12 @@ def claim(
         if slot is not None and slot.send == send:  # this very send was granted already, at its recorded time
             return Answer(True, slot.at_ms, 0, state, changed=False, slot=index)
     current = state.line(line)
-    if current is None or not current.holds(ticket):
-        return Answer(False, now_ms, 0, state, changed=False, gone=True)
     working = state
+    if current is None or not current.holds(ticket):
+        back = _returned(state, line, ticket, now_ms)
+        if back is None:  # never issued in this line (a record from before the queue): join again
+            return Answer(False, now_ms, 0, state, changed=False, gone=True)
+        working = back
     head = next(service_order(working, settings.limit))
     if (
         head != (line, ticket)
@@ -401,10 +476,12 @@ def claim(
         return Answer(True, now_ms, 0, granted, True, slot=working.grants % settings.limit)
     position = _position(working, line, ticket, settings.limit)
     eta = planned_starts(working, now_ms, settings, position + 1)[position]
-    if position > 0 and eta - now_ms < settings.skew_margin_ms:
-        # a run ahead is due now but has not claimed yet: look again a little later, not in a busy loop
-        overdue = head_turn_ms(working, settings, head[0]) + settings.abandon_after_ms + 1
-        eta = max(eta, min(overdue, now_ms + settings.skew_margin_ms))
+    if position > 0 and eta - now_ms < settings.grant_gap:
+        # a run ahead is due now but has not claimed yet: look again shortly (a gap while it is just due,
+        # a margin once it is late), not in a busy loop
+        turn = head_turn_ms(working, settings, head[0])
+        poll = settings.grant_gap if now_ms - turn < settings.skew_margin_ms else settings.skew_margin_ms
+        eta = max(eta, min(turn + settings.abandon_after_ms + 1, now_ms + poll))
     return Answer(False, eta, position, working, changed=working != state)
 
 

@@ -317,10 +317,10 @@ class _SharedKeyGrant:
 
 def _lost_turn(run: RunRecord, deps: StepDeps, hub: HubClient) -> GenerateOutcome:
     """The step was held up so long after its grant that its slot went to a later send: nothing was sent;
-    the run queues again (its next claim finds its ticket served and joins its line anew)."""
+    its next claim finds its ticket served and takes it back at the head of its line (never demoted)."""
     message = (
         "Its turn on the shared OpenAI key passed while the step was held up before sending (nothing was "
-        "sent or paid for); it queues again."
+        "sent or paid for); it keeps its place at the head of its line and sends at the next free slot."
     )
 
     def forget_view(r: RunRecord) -> None:
