@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from dalle_plugin.domain.errors import NotRunOwner, PluginError, RunCancelled
 from dalle_plugin.domain.pricing import DEFAULT_PRICES
-from dalle_plugin.domain.run import RunRecord, RunRef, RunStatus, TimelineEntry
+from dalle_plugin.domain.run import (
+    ExtractedPrompt,
+    GeneratedImages,
+    RunRecord,
+    RunRef,
+    RunStatus,
+    TimelineEntry,
+)
 from dalle_plugin.ports import (
     AllowanceLedger,
     BatchProgress,
@@ -31,6 +38,7 @@ from dalle_plugin.ports import (
     RunStore,
     SecretVault,
     SessionPages,
+    StepOpening,
     WorkflowStarter,
 )
 
@@ -119,6 +127,31 @@ class OwnedRuns:
         return self._runs.change(run, self._guarded(mutate))
 
 
+class CarryingRuns:
+    """The run store with ``also`` applied before every change a step makes (on the record as written
+    again after a conflict too): what an earlier step handed on for this one's first write to record."""
+
+    def __init__(self, runs: RunStore, also: Callable[[RunRecord], None]):
+        self._runs = runs
+        self._also = also
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._runs, name)
+
+    def _with_also(self, mutate: Callable[[RunRecord], None]) -> Callable[[RunRecord], None]:
+        def both(run: RunRecord) -> None:
+            self._also(run)
+            mutate(run)
+
+        return both
+
+    def update(self, session: str, task_id: str, mutate: Callable[[RunRecord], None]) -> RunRecord:
+        return self._runs.update(session, task_id, self._with_also(mutate))
+
+    def change(self, run: RunRecord, mutate: Callable[[RunRecord], None]) -> RunRecord:
+        return self._runs.change(run, self._with_also(mutate))
+
+
 def check_owner(run: RunRecord, caller: str | None) -> None:
     """Raise ``NotRunOwner`` unless ``caller`` (an execution's name) owns the run. A call from outside the
     state machine (no caller) and a record from before ownership existed (no owner) pass."""
@@ -155,6 +188,35 @@ def load_active_with_offer(ref: RunRef, deps: StepDeps, fingerprint: str) -> tup
     if run is None:
         raise PluginError(f"No run for session {ref.session!r} and task {ref.task_id!r}.")
     return _active(run, ref), on_offer
+
+
+def open_active(
+    ref: RunRef,
+    deps: StepDeps,
+    now_ms: int,
+    status: RunStatus | None,
+    entries: list[TimelineEntry],
+    also_refused: tuple[RunStatus, ...] = (),
+    sets: dict[str, Any] | None = None,
+    absent: tuple[str, ...] = (),
+) -> tuple[RunRecord, bool]:
+    """``load_active`` whose read is the step's first write (``RunStore.open_step``): (the run as written,
+    True), or (the run as it is, False) when it is in one of ``also_refused``, has a field of ``absent``
+    or is in the earlier layout,
+    for the step to decide on. Another execution's run and a cancelled run are refused as in ``load_active``."""
+    opening = StepOpening(
+        caller=ref.caller,
+        refused=(RunStatus.CANCELLED, *also_refused),
+        updated_at_ms=now_ms,
+        status=status,
+        entries=tuple(entries),
+        sets=sets or {},
+        absent=absent,
+    )
+    run, opened = deps.runs.open_step(ref.session, ref.task_id, opening)
+    if run is None:
+        raise PluginError(f"No run for session {ref.session!r} and task {ref.task_id!r}.")
+    return (run, True) if opened else (_active(run, ref), False)
 
 
 def _active(run: RunRecord, ref: RunRef) -> RunRecord:
@@ -196,6 +258,26 @@ def mark(run: RunRecord, now_ms: int, step: str, status: RunStatus | None, detai
     if status is not None:
         run.status = status
     run.updated_at_ms = now_ms
+
+
+def record_extracted(run: RunRecord, extracted: ExtractedPrompt) -> None:
+    """Extract's prompt and its two lines, once: a write that already carried them is not repeated."""
+    if any(entry.step == "extract" and entry.at_ms == extracted.started_ms for entry in run.timeline):
+        return
+    run.prompt = extracted.prompt
+    run.timeline.extend(extracted.entries())
+    run.updated_at_ms = max(run.updated_at_ms, extracted.at_ms)
+
+
+def record_generated(run: RunRecord, generated: GeneratedImages) -> None:
+    """Generate's images, its line, and its grants taken off the record (paid for: they stay counted), once:
+    a record that has its image already is left as it is."""
+    if run.image is not None:
+        return
+    run.image, run.more_images = generated.images[0], list(generated.images[1:])
+    run.held = []
+    run.timeline.append(generated.entry())
+    run.updated_at_ms = max(run.updated_at_ms, generated.at_ms)
 
 
 def progress(
