@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{sum(counts['lambda_invocations'].values()):.0f} Lambda invocations, "
             f"{counts['dynamodb_read_units']:.0f} DynamoDB read units and {counts['dynamodb_write_units']:.0f} "
             f"write units ({sum(v for k, v in counts['aws_calls'].items() if k.startswith('dynamodb.')):.0f} "
-            "DynamoDB calls: each step writes its progress as one UpdateItem of what changed, with no read first)."
+            "DynamoDB calls: a step's first write is its read, and each write is one UpdateItem of what changed)."
         ),
         (
             f"The sessions' built-in price for {prices['openai']['model']} {prices['openai']['quality']} "

@@ -60,22 +60,25 @@ def test_step_handlers_with_their_events(stack, openai_emulator):
 
     extracted = _invoke(stack, "ExtractFunction", load_event("extract.json"))
     # Generate's event carries the fingerprint Extract hands it, so `sam local invoke` takes the usual path
-    assert extracted == {
+    assert {k: extracted[k] for k in ("promptSource", "promptLength", "truncated", "imageFingerprint")} == {
         "promptSource": "entity-annotation",
         "promptLength": 57,
         "truncated": False,
         "imageFingerprint": load_event("generate.json")["imageFingerprint"],
     }
 
-    generated = _invoke(stack, "GenerateFunction", load_event("generate.json"))
+    # each step's input as the state machine builds it: what the step before handed on, with the ids
+    handed_on = {"imageFingerprint": extracted["imageFingerprint"], "extracted": extracted["extracted"]}
+    generated = _invoke(stack, "GenerateFunction", load_event("generate.json") | handed_on)
     assert generated["status"] == "DONE" and generated["imageKey"].endswith(".png")
     assert len(openai_emulator.requests) == 1
 
     # a retried Generate (the Lambda died after storing the image) never pays again
-    assert _invoke(stack, "GenerateFunction", load_event("generate.json")) == generated
+    again = _invoke(stack, "GenerateFunction", load_event("generate.json") | handed_on)
+    assert again["status"] == "DONE" and again["imageKey"] == generated["imageKey"]
     assert len(openai_emulator.requests) == 1
 
-    attached = _invoke(stack, "AttachFunction", load_event("attach.json"))
+    attached = _invoke(stack, "AttachFunction", load_event("attach.json") | {"generation": generated})
     assert attached["finishedAs"] == "workflow"
     assert [a["value"] for a in stack.hub.attachments()].count(attached["imageUrl"]) == 1
 
