@@ -194,6 +194,22 @@ def test_a_rerun_after_the_prompt_changed_generates_anew_and_the_same_prompt_doe
     assert deps.generator.requests == 2 and again.image_key != first.key
 
 
+def test_the_prompt_handed_on_is_recorded_by_generate_even_when_it_finds_its_image():
+    """Extract writes before it reads the hub, so its prompt and lines are written by Generate; a Generate
+    that finds the image already there (a re-run after a failed delivery) writes them alone, once."""
+    deps = _deps()
+    start_session(_payload("s1", ["a"]), deps, TODAY)
+    ref = _ref(deps, "a")
+    done = generate_image(_extract(ref, deps), deps)
+    deps.runs.update("s1", "a", lambda r: record_generated(r, done.generated))  # as Attach's first write does
+    handed = _extract(ref, deps)
+    for _ in range(2):  # the second is a redelivery: nothing is added twice
+        assert generate_image(handed, deps).image_key == done.image_key and deps.generator.requests == 1
+    lines = [entry for entry in deps.runs.get("s1", "a").timeline if entry.step == "extract"]
+    assert [entry.at_ms for entry in lines[-2:]] == [handed.extracted.started_ms, handed.extracted.at_ms]
+    assert len(lines) == 4 and lines[-1].detail.startswith("Prompt from")
+
+
 class EditableHub(Hub):
     """The hub fake whose asset text (the prompt, with ``full-text-asset``) a person can edit."""
 

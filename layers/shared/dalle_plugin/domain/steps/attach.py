@@ -145,9 +145,8 @@ def attach_image(ref: RunRef, deps: StepDeps) -> AttachResult:
         run = load_active(ref, deps)
     if run.status is RunStatus.SUCCEEDED:
         return _finished_result(run)  # a retry of a step that finished: nothing left to do
-    if (
-        generated is not None and run.image is None
-    ):  # not opened (the earlier layout): the next write has them
+    if generated is not None and run.image is None:
+        # not recorded by the opening (a record in the earlier layout): the step's next write has them
         carried = generated
         deps = replace(deps, runs=CarryingRuns(deps.runs, lambda r: record_generated(r, carried)))
         run = run.model_copy(deep=True)

@@ -103,17 +103,15 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
     on_offer: bool | None = None  # not looked at: claim to find out
     if fingerprint is not None and deps.reusable_images is not None:
         run, on_offer = load_active_with_offer(ref, deps, fingerprint)
-        if extracted is not None:
-            record_extracted(run, extracted)
-        if fingerprint != image_fingerprint(run):  # the prompt changed since: the look was at another image
-            on_offer = None
     else:
         run = load_active(ref, deps)
-        if extracted is not None:
-            record_extracted(run, extracted)
+    unwritten = extracted is not None and record_extracted(run, extracted)
+    if fingerprint is not None and fingerprint != image_fingerprint(run):
+        on_offer = None  # the prompt changed since: the look was at another image
     if run.image is not None:
         if _made_for(run.image, run):
-            return _done(run)
+            # a re-run whose image is already here (its delivery failed): the only write is Extract's lines
+            return _done(deps.runs.change(run, lambda r: None) if unwritten else run)
         # A re-run after the prompt (or an option) changed: the earlier image is not what is asked now.
         run = deps.runs.change(run, _drop_images)
     stored = _stored_images(run, deps)

@@ -131,9 +131,9 @@ class CarryingRuns:
     """The run store with ``also`` applied before every change a step makes (on the record as written
     again after a conflict too): what an earlier step handed on for this one's first write to record."""
 
-    def __init__(self, runs: RunStore, also: Callable[[RunRecord], None]):
+    def __init__(self, runs: RunStore, also: Callable[[RunRecord], object]):
         self._runs = runs
-        self._also = also
+        self._also = also  # what it returns is not used
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._runs, name)
@@ -260,13 +260,15 @@ def mark(run: RunRecord, now_ms: int, step: str, status: RunStatus | None, detai
     run.updated_at_ms = now_ms
 
 
-def record_extracted(run: RunRecord, extracted: ExtractedPrompt) -> None:
-    """Extract's prompt and its two lines, once: a write that already carried them is not repeated."""
+def record_extracted(run: RunRecord, extracted: ExtractedPrompt) -> bool:
+    """Extract's prompt and its two lines, once (whether they were added): a write that already carried
+    them is not repeated."""
     if any(entry.step == "extract" and entry.at_ms == extracted.started_ms for entry in run.timeline):
-        return
+        return False
     run.prompt = extracted.prompt
     run.timeline.extend(extracted.entries())
     run.updated_at_ms = max(run.updated_at_ms, extracted.at_ms)
+    return True
 
 
 def record_generated(run: RunRecord, generated: GeneratedImages) -> None:
