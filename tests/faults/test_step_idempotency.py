@@ -6,6 +6,7 @@ limit stays used up ends the run, and a failure message never quotes an unexpect
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -177,8 +178,9 @@ class Hub:
 
 
 class Generator:
-    def __init__(self, failures: list[Exception] | None = None) -> None:
+    def __init__(self, failures: list[Exception] | None = None, more: tuple[bytes, ...] = ()) -> None:
         self.failures = failures or []
+        self.more = more  # the further images of a request for more than one
         self.requests = 0
 
     def prepare(self, api_key: str) -> None:
@@ -188,7 +190,7 @@ class Generator:
         self.requests += 1
         if self.failures:
             raise self.failures.pop(0) if len(self.failures) > 1 else self.failures[0]
-        return GeneratedImage(png=b"\x89PNG fake", model=request.model, request_id="req_1")
+        return GeneratedImage(png=b"\x89PNG fake", model=request.model, request_id="req_1", more=self.more)
 
 
 def _run(session: str = SESSION, workflow: bool = True, **changes: Any) -> RunRecord:
@@ -341,6 +343,27 @@ def test_an_undelivered_paid_image_is_offered_and_a_sent_one_is_not():
     unrecorded.runs.create(_run(attempt=1))
     record_failure(_failure("Runtime.ExitError", "killed"), unrecorded)
     assert list(unrecorded.reusable_images.items.values()) == [image_key(_stored(unrecorded))]
+
+
+def test_images_an_ended_execution_paid_for_and_never_recorded_are_kept_for_a_rerun():
+    # Generate hands its images to Attach through the state: an execution that fails before Attach's first
+    # write leaves them only at their keys, where Record Failure finds every one and records them.
+    generator = Generator(more=(b"\x89PNG second", b"\x89PNG third"))
+    deps = _deps(Hub(), generator)
+    deps.runs.create(_run(images_per_task=3))
+    assert generate_image(REF, deps).image_count == 3 and _stored(deps).image is None
+    record_failure(_failure("Runtime.ExitError", "killed"), deps)  # Attach died before its first write
+    failed = _stored(deps)
+    assert [i.key for i in failed.images] == [image_key(failed, n) for n in range(3)]
+    assert [i.sha256 for i in failed.images] == [
+        hashlib.sha256(deps.images.objects[i.key]).hexdigest() for i in failed.images
+    ]
+
+    def rerun(r: RunRecord) -> None:  # as a re-run of the task in its session leaves the record
+        r.generation, r.status, r.failure = r.generation + 1, RunStatus.GENERATING, None
+
+    deps.runs.update(SESSION, TASK, rerun)
+    assert generate_image(REF, deps).image_count == 3 and generator.requests == 1  # none paid twice
 
 
 def test_an_unexpected_exception_is_named_but_its_text_never_shown():

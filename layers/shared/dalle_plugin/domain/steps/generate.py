@@ -51,6 +51,7 @@ from dalle_plugin.domain.steps.machinery import (
     record_extracted,
     record_generated,
     required,
+    stored_images,
     to_rfc3339_second,
 )
 from dalle_plugin.domain.steps.own_key import claim_own_key_send, learn_key_limits
@@ -114,7 +115,7 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
             return _done(deps.runs.change(run, lambda r: None) if unwritten else run)
         # A re-run after the prompt (or an option) changed: the earlier image is not what is asked now.
         run = deps.runs.change(run, _drop_images)
-    stored = _stored_images(run, deps)
+    stored = stored_images(run, deps.images)
     if stored:
         return _adopt_stored_images(run, stored, deps)
 
@@ -498,36 +499,8 @@ def _reuse_undelivered_image(
     return GenerateOutcome(status="DONE", image_key=required(run.image, "the run's image").key, image_count=1)
 
 
-def _stored_images(run: RunRecord, deps: StepDeps) -> list[tuple[str, bytes]]:
-    """The images an earlier attempt stored at this run's keys, in order (they are stored first to last)."""
-    if run.attempt == 0:  # no attempt spent in any generation: no request was sent, nothing can be stored
-        return []
-    found = []
-    for index in range(run.images_per_task):
-        key = image_key(run, index)
-        body = required(deps.images, "StepDeps.images").get(key)
-        if body is None:
-            break
-        found.append((key, body))
-    return found
-
-
-def _adopt_stored_images(run: RunRecord, stored: list[tuple[str, bytes]], deps: StepDeps) -> GenerateOutcome:
+def _adopt_stored_images(run: RunRecord, infos: list[ImageInfo], deps: StepDeps) -> GenerateOutcome:
     """A previous attempt paid for and stored the images but died before recording them: use them."""
-    infos = [
-        ImageInfo(
-            key=key,
-            sha256=hashlib.sha256(body).hexdigest(),
-            bytes=len(body),
-            model=run.model.actual,
-            size=run.size,
-            quality=run.quality,
-            format=run.output_format,
-            index=index,
-            fingerprint=image_fingerprint(run),
-        )
-        for index, (key, body) in enumerate(stored)
-    ]
 
     def adopt(r: RunRecord) -> None:
         if r.image is None:

@@ -18,6 +18,7 @@ from dalle_plugin.domain.pricing import DEFAULT_PRICES
 from dalle_plugin.domain.run import (
     ExtractedPrompt,
     GeneratedImages,
+    ImageInfo,
     RunRecord,
     RunRef,
     RunStatus,
@@ -323,6 +324,33 @@ def image_key(run: RunRecord, index: int = 0) -> str:
     extension = FILE_TYPES[run.output_format][0]
     made_from = f".{image_fingerprint(run)[:16]}" if run.prompt else ""  # another prompt, another key
     return f"images/{run.execution_name}{made_from}{f'.{index + 1}' if index else ''}.{extension}"
+
+
+def stored_images(run: RunRecord, images: ImageStore | None) -> list[ImageInfo]:
+    """The images an attempt of the run's generation paid for and stored at its keys (first to last, as they
+    are stored), whether or not any step recorded them."""
+    if run.attempt == 0:  # no attempt spent in any generation: no request was sent, nothing can be stored
+        return []
+    found = []
+    for index in range(run.images_per_task):
+        key = image_key(run, index)
+        body = required(images, "StepDeps.images").get(key)
+        if body is None:
+            break
+        found.append(
+            ImageInfo(
+                key=key,
+                sha256=hashlib.sha256(body).hexdigest(),
+                bytes=len(body),
+                model=run.model.actual,
+                size=run.size,
+                quality=run.quality,
+                format=run.output_format,
+                index=index,
+                fingerprint=image_fingerprint(run),
+            )
+        )
+    return found
 
 
 def to_rfc3339_second(epoch_ms: int) -> str:
