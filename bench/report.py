@@ -188,10 +188,12 @@ HEADLINES = {
             "step's first write; Generate reads the run and any offered image in one BatchGetItem. What is "
             "left, by step: API 1 (create: TransactWriteItems), Extract 1 (UpdateItem: EXTRACTING, the run "
             "and its sealed hub key come back), Generate 3 (BatchGetItem: run + offer; UpdateItem: attempt "
-            "spent under the run's version, the cancel-or-pay lock, with Extract's prompt and lines; "
-            "UpdateItem: the limiter's queue claim), Attach 3 (UpdateItem: Generate's images and line and "
+            "spent under the run's version, the cancel-or-pay lock, with Extract's prompt and lines; plus "
+            "the queue's claim and re-stamp), Attach 3 (UpdateItem: Generate's images and line and "
             "'Uploading', only on a run without an image, the run comes back; UpdateItem: intents before the "
-            "first send, never twice; UpdateItem: finish, secrets removed). Run record and others 7, limiter 1"
+            "first send, never twice; UpdateItem: finish, secrets removed). Run record and others 7; the "
+            "shared key's queue 3 (UpdateItem each: the join at acceptance, the claim, the re-stamp right "
+            "before the send)"
         ),
     ),
     "aws_usd_per_1000_images": (
