@@ -68,6 +68,7 @@ def count_runs(runs: int) -> dict[str, Any]:
                 time.sleep(0.3)  # the execution's last transitions
             invocations = list(probe.invocations)
             calls = list(probe.aws_calls)
+            limiter_table = stack.table_name("RateLimitTable")
             log_bytes = probe.log_bytes
             histories = execution_histories(stack, since, name_prefix="bench-cost-run-")
             request = next(r for r in reversed(stack.openai.requests) if r.is_generation and r.status == 200)
@@ -107,6 +108,12 @@ def count_runs(runs: int) -> dict[str, Any]:
         "state_transitions": sum(billed_transitions(h["events"]) for h in histories) / runs,
         "executions": len(histories) / runs,
         "aws_calls": {name: n / runs for name, n in aws.items()},
+        # the shared key's queue apart from the run record and the rest of the sessions table
+        "dynamodb_calls_by_table": {
+            part: sum(1 for c in calls if c.service == "dynamodb" and (limiter_table in c.tables) == limiter)
+            / runs
+            for part, limiter in (("limiter", True), ("run record and others", False))
+        },
         "dynamodb_read_units": sum(c.read_units for c in calls) / runs,
         "dynamodb_write_units": sum(c.write_units for c in calls) / runs,
         "log_bytes": log_bytes / runs,
@@ -258,7 +265,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{sum(counts['lambda_invocations'].values()):.0f} Lambda invocations, "
             f"{counts['dynamodb_read_units']:.0f} DynamoDB read units and {counts['dynamodb_write_units']:.0f} "
             f"write units ({sum(v for k, v in counts['aws_calls'].items() if k.startswith('dynamodb.')):.0f} "
-            "DynamoDB calls: each step writes its progress as one UpdateItem of what changed, with no read first)."
+            "DynamoDB calls: a step's first write is its read, and each write is one UpdateItem of what changed; "
+            f"{counts['dynamodb_calls_by_table']['run record and others']:.1f} on the sessions table, "
+            f"{counts['dynamodb_calls_by_table']['limiter']:.1f} on the shared key's queue)."
         ),
         (
             f"The sessions' built-in price for {prices['openai']['model']} {prices['openai']['quality']} "

@@ -111,10 +111,21 @@ def _watch_aws(journal: _Journal) -> None:
                     "error": error,
                     "read_units": read,
                     "write_units": write,
+                    "tables": _tables(api_params) if service == "dynamodb" else [],
                 }
             )
 
     BaseClient._make_api_call = make_api_call
+
+
+def _tables(api_params: dict[str, Any]) -> list[str]:
+    """The DynamoDB tables a call names (a batch or a transaction may name several)."""
+    named = (
+        {api_params["TableName"]} if "TableName" in api_params else set(api_params.get("RequestItems", {}))
+    )
+    for item in api_params.get("TransactItems", []):
+        named.update(part["TableName"] for part in item.values() if "TableName" in part)
+    return sorted(named)
 
 
 def _timed(journal: _Journal, owner: type, name: str, kind: str) -> None:

@@ -78,6 +78,7 @@ class AwsCall:
     error: str | None
     read_units: float = 0.0
     write_units: float = 0.0
+    tables: tuple[str, ...] = ()  # DynamoDB's: the tables the call names
 
 
 @dataclass(frozen=True)
@@ -238,6 +239,7 @@ class StackProbe:
                     record["error"],
                     record["read_units"],
                     record["write_units"],
+                    tuple(record.get("tables", ())),
                 )
             )
         elif kind == "span":

@@ -182,14 +182,18 @@ HEADLINES = {
         "at most 8",
         (
             "run record written with one UpdateItem per step's write, no read first (was a consistent GetItem "
-            "and a whole-item PutItem per progress line); Generate reads the run and any offered image in one "
-            "BatchGetItem (Extract hands it the image's fingerprint) and claims an offer only when there is "
-            "one; Attach notes the attachment and the submission in one write. What is left, by step: API 1 "
-            "(create: TransactWriteItems), Extract 2 (GetItem: the run and its sealed hub key; UpdateItem: "
-            "prompt and progress), Generate 4 (BatchGetItem: run + offer; UpdateItem: attempt spent under the "
-            "run's version, the cancel-or-pay lock; UpdateItem: the limiter's queue claim; UpdateItem: images "
-            "recorded), Attach 3 (GetItem: run and hub key; UpdateItem: intents before the first send, "
-            "never twice; UpdateItem: finish, secrets removed). Run record and others 9, limiter 1"
+            "and a whole-item PutItem per progress line); a step's first write is its read (a conditional "
+            "UpdateItem answering with the whole record, or with the record as it is when refused), and what a "
+            "step learns after it (Extract's prompt, Generate's images) goes through the state to the next "
+            "step's first write; Generate reads the run and any offered image in one BatchGetItem. What is "
+            "left, by step: API 1 (create: TransactWriteItems), Extract 1 (UpdateItem: EXTRACTING, the run "
+            "and its sealed hub key come back), Generate 3 (BatchGetItem: run + offer; UpdateItem: attempt "
+            "spent under the run's version, the cancel-or-pay lock, with Extract's prompt and lines; plus "
+            "the queue's claim and re-stamp), Attach 3 (UpdateItem: Generate's images and line and "
+            "'Uploading', only on a run without an image, the run comes back; UpdateItem: intents before the "
+            "first send, never twice; UpdateItem: finish, secrets removed). Run record and others 7; the "
+            "shared key's queue 3 (UpdateItem each: the join at acceptance, the claim, the re-stamp right "
+            "before the send)"
         ),
     ),
     "aws_usd_per_1000_images": (

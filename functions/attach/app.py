@@ -9,10 +9,10 @@ from dalle_plugin.observability import bind_run, lambda_handler, record_run_succ
 @lambda_handler
 def handler(event: dict, context: object) -> dict:
     from dalle_plugin import wiring
-    from dalle_plugin.domain.run import RunRef
+    from dalle_plugin.domain.run import AttachInput
     from dalle_plugin.domain.steps.attach import attach_image
 
-    ref = RunRef.model_validate(event)
+    ref = AttachInput.model_validate(event)
     bind_run(ref.session, ref.task_id, ref.execution_name)
     result = attach_image(ref, wiring.within_time(wiring.attach_deps(), context))
     record_run_succeeded(result)

@@ -6,6 +6,7 @@ limit stays used up ends the run, and a failure message never quotes an unexpect
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from dalle_plugin.domain.steps.attach import attach_image
 from dalle_plugin.domain.steps.failure import describe_failure, record_failure
 from dalle_plugin.domain.steps.generate import generate_image
 from dalle_plugin.domain.steps.machinery import StepDeps, image_fingerprint, image_key
-from dalle_plugin.ports import GeneratedImage, HubAsset, StoredObject
+from dalle_plugin.ports import GeneratedImage, HubAsset, StepOpening, StoredObject
 
 SESSION, TASK = "sess-1", "task-1"
 
@@ -55,6 +56,26 @@ class Runs:
     def get(self, session: str, task_id: str) -> RunRecord | None:
         found = self.items.get((session, task_id))
         return copy.deepcopy(found) if found else None
+
+    def get_with_offer(self, session: str, task_id: str, fingerprint: str) -> tuple[RunRecord | None, bool]:
+        return self.get(session, task_id), True  # the offers are Offers' own: the step's claim looks
+
+    def open_step(self, session: str, task_id: str, opening: StepOpening) -> tuple[RunRecord | None, bool]:
+        run = self.get(session, task_id)
+        if run is None:
+            return None, False
+        mine = opening.caller is None or run.owner is None or run.owner == opening.caller
+        present = any(getattr(run, name) not in (None, []) for name in opening.absent)
+        if not mine or run.status in opening.refused or present:
+            return run, False
+        run.status = opening.status or run.status
+        for name, value in opening.sets.items():
+            setattr(run, name, copy.deepcopy(value))
+        run.timeline.extend(opening.entries)
+        run.updated_at_ms = opening.updated_at_ms
+        run.version += 1
+        self.items[(session, task_id)] = copy.deepcopy(run)
+        return run, True
 
     def update(self, session: str, task_id: str, mutate: Callable[[RunRecord], None]) -> RunRecord:
         run = copy.deepcopy(self.items[(session, task_id)])
@@ -157,8 +178,9 @@ class Hub:
 
 
 class Generator:
-    def __init__(self, failures: list[Exception] | None = None) -> None:
+    def __init__(self, failures: list[Exception] | None = None, more: tuple[bytes, ...] = ()) -> None:
         self.failures = failures or []
+        self.more = more  # the further images of a request for more than one
         self.requests = 0
 
     def prepare(self, api_key: str) -> None:
@@ -168,7 +190,7 @@ class Generator:
         self.requests += 1
         if self.failures:
             raise self.failures.pop(0) if len(self.failures) > 1 else self.failures[0]
-        return GeneratedImage(png=b"\x89PNG fake", model=request.model, request_id="req_1")
+        return GeneratedImage(png=b"\x89PNG fake", model=request.model, request_id="req_1", more=self.more)
 
 
 def _run(session: str = SESSION, workflow: bool = True, **changes: Any) -> RunRecord:
@@ -323,6 +345,27 @@ def test_an_undelivered_paid_image_is_offered_and_a_sent_one_is_not():
     assert list(unrecorded.reusable_images.items.values()) == [image_key(_stored(unrecorded))]
 
 
+def test_images_an_ended_execution_paid_for_and_never_recorded_are_kept_for_a_rerun():
+    # Generate hands its images to Attach through the state: an execution that fails before Attach's first
+    # write leaves them only at their keys, where Record Failure finds every one and records them.
+    generator = Generator(more=(b"\x89PNG second", b"\x89PNG third"))
+    deps = _deps(Hub(), generator)
+    deps.runs.create(_run(images_per_task=3))
+    assert generate_image(REF, deps).image_count == 3 and _stored(deps).image is None
+    record_failure(_failure("Runtime.ExitError", "killed"), deps)  # Attach died before its first write
+    failed = _stored(deps)
+    assert [i.key for i in failed.images] == [image_key(failed, n) for n in range(3)]
+    assert [i.sha256 for i in failed.images] == [
+        hashlib.sha256(deps.images.objects[i.key]).hexdigest() for i in failed.images
+    ]
+
+    def rerun(r: RunRecord) -> None:  # as a re-run of the task in its session leaves the record
+        r.generation, r.status, r.failure = r.generation + 1, RunStatus.GENERATING, None
+
+    deps.runs.update(SESSION, TASK, rerun)
+    assert generate_image(REF, deps).image_count == 3 and generator.requests == 1  # none paid twice
+
+
 def test_an_unexpected_exception_is_named_but_its_text_never_shown():
     failure = describe_failure(
         "ValueError", json.dumps({"errorMessage": "Invalid header value b'secret\\n'"})
@@ -376,10 +419,14 @@ def test_a_first_attempt_does_not_look_for_images_no_request_could_have_stored()
     get = deps.images.get
     deps.images.get = lambda key: looked.append(key) or get(key)
     deps.runs.create(_run())
-    generate_image(RunRef(session=SESSION, task_id=TASK), deps)
+    first = generate_image(RunRef(session=SESSION, task_id=TASK), deps)
     assert looked == []  # attempt 0: nothing sent yet in any generation, so nothing at the run's keys
 
-    stored = _stored(deps)
-    deps.runs.update(SESSION, TASK, lambda r: setattr(r, "image", None))  # a step died before recording it
+    # handed on to Attach, which never recorded it (it died): a later attempt finds the image and adopts it
+    assert _stored(deps).image is None
     outcome = generate_image(RunRef(session=SESSION, task_id=TASK), deps)
-    assert looked == [stored.image.key] and outcome.status == "DONE"  # a later attempt finds and adopts it
+    assert (
+        looked == [first.image_key]
+        and outcome.status == "DONE"
+        and _stored(deps).image.key == first.image_key
+    )

@@ -58,22 +58,31 @@ def test_step_handlers_with_their_events(stack, openai_emulator):
     assert started.started == ["task-fox"]
     assert starter.started[0][1] == {"session": "sess-event-0001", "tasks": [{"taskId": "task-fox"}]}
 
+    # Each step's event carries what the step before hands on, so `sam local invoke` with it takes the usual
+    # path: Extract's prompt and lines for Generate, Generate's images for Attach. Only times and ids differ.
     extracted = _invoke(stack, "ExtractFunction", load_event("extract.json"))
-    # Generate's event carries the fingerprint Extract hands it, so `sam local invoke` takes the usual path
-    assert extracted == {
+    assert {k: extracted[k] for k in ("promptSource", "promptLength", "truncated")} == {
         "promptSource": "entity-annotation",
         "promptLength": 57,
         "truncated": False,
-        "imageFingerprint": load_event("generate.json")["imageFingerprint"],
+    }
+    generate_event = load_event("generate.json")
+    assert extracted["imageFingerprint"] == generate_event["imageFingerprint"]
+    assert {k: v for k, v in extracted["extracted"].items() if k not in ("startedMs", "atMs")} == {
+        k: v for k, v in generate_event["extracted"].items() if k not in ("startedMs", "atMs")
     }
 
-    generated = _invoke(stack, "GenerateFunction", load_event("generate.json"))
+    generated = _invoke(stack, "GenerateFunction", generate_event)
     assert generated["status"] == "DONE" and generated["imageKey"].endswith(".png")
     assert len(openai_emulator.requests) == 1
-
-    # a retried Generate (the Lambda died after storing the image) never pays again
-    assert _invoke(stack, "GenerateFunction", load_event("generate.json")) == generated
-    assert len(openai_emulator.requests) == 1
+    attach_event = load_event("attach.json")
+    handed_on, in_event = generated.pop("generated"), attach_event["generation"].pop("generated")
+    assert generated == attach_event["generation"]
+    assert [{k: v for k, v in i.items() if k != "requestId"} for i in handed_on["images"]] == [
+        {k: v for k, v in i.items() if k != "requestId"} | {"attached": False, "reused": False}
+        for i in in_event["images"]
+    ]
+    # (a retried Generate never pays again: tests/faults/test_step_idempotency.py, and the fault suite)
 
     attached = _invoke(stack, "AttachFunction", load_event("attach.json"))
     assert attached["finishedAs"] == "workflow"
@@ -85,7 +94,10 @@ def test_step_handlers_with_their_events(stack, openai_emulator):
     assert answer["statusCode"] == 200
     view = json.loads(answer["body"])
     assert view["runs"][0]["status"] == "SUCCEEDED"
-    assert [step["step"] for step in view["runs"][0]["timeline"]][:2] == ["queued", "extract"]
+    timeline = view["runs"][0]["timeline"]
+    assert [step["step"] for step in timeline][:2] == ["queued", "extract"]
+    # Attach's first write recorded the lines handed on (Generate's success makes no write of its own)
+    assert in_event["message"] in [step.get("detail") for step in timeline]
 
 
 def test_record_failure_handler_with_its_event(stack):

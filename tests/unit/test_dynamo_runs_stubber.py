@@ -245,3 +245,52 @@ def test_keys_left_unprocessed_are_asked_for_again(client, stubber):
     )
     run, on_offer = store.get_with_offer("s1", "t1", "fp1")
     assert run is not None and not on_offer
+
+
+def test_a_steps_first_write_is_its_read_one_conditional_update_answering_with_the_record(client, stubber):
+    from dalle_plugin.ports import StepOpening
+
+    run = _run(owner="exec-1")
+    line = TimelineEntry(step="attach", status="ATTACHING", at_ms=2000, detail="Uploading the image.")
+    written = run.model_copy(
+        update={
+            "status": RunStatus.ATTACHING,
+            "version": 4,
+            "updated_at_ms": 2000,
+            "timeline": [*run.timeline, line],
+        }
+    )
+    stubber.add_response(
+        "update_item",
+        {"Attributes": DynamoRunStore._to_item(written)},
+        {
+            "TableName": TABLE,
+            "Key": KEY,
+            "UpdateExpression": "SET #version = #version + :one, #updated = :updated, #status = :status, "
+            "#timeline = list_append(if_not_exists(#timeline, :empty), :entries)",
+            "ConditionExpression": "attribute_exists(pk) AND attribute_not_exists(#doc) AND "
+            "(attribute_not_exists(#owner) OR #owner = :caller) AND NOT (#status IN (:refused0, :refused1))",
+            "ExpressionAttributeNames": ANY,
+            "ExpressionAttributeValues": ANY,
+            "ReturnValues": "ALL_NEW",
+            "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+        },
+    )
+    stubber.add_client_error(
+        "update_item",
+        "ConditionalCheckFailedException",
+        http_status_code=400,
+        response_meta={},
+        modeled_fields={"Item": DynamoRunStore._to_item(written)},
+    )
+    opening = StepOpening(
+        caller="exec-1",
+        refused=(RunStatus.CANCELLED, RunStatus.SUCCEEDED),
+        updated_at_ms=2000,
+        status=RunStatus.ATTACHING,
+        entries=(line,),
+    )
+    store = DynamoRunStore(client, TABLE)
+    as_read = DynamoRunStore._from_item(DynamoRunStore._to_item(written))[0]
+    assert store.open_step("s1", "t1", opening) == (as_read, True)
+    assert store.open_step("s1", "t1", opening) == (as_read, False)  # refused: the record as it is, no read

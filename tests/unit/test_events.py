@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from dalle_plugin.domain.payload import parse_payload
-from dalle_plugin.domain.run import FailureInput, RunRef
+from dalle_plugin.domain.run import AttachInput, FailureInput, GenerateInput, RunRef
 
 from tests.conftest import load_event
 
@@ -14,6 +14,15 @@ def test_step_events_are_run_refs():
     for name in ("extract.json", "generate.json", "attach.json"):
         ref = RunRef.model_validate(load_event(name))
         assert ref.session and ref.task_id
+
+
+def test_step_events_carry_what_the_step_before_hands_on():
+    # so that `sam local invoke` with them takes the usual path (the state machine's Parameters build these)
+    generate = GenerateInput.model_validate(load_event("generate.json"))
+    assert generate.extracted is not None and generate.image_fingerprint
+    attach = AttachInput.model_validate(load_event("attach.json"))
+    assert attach.generation is not None and attach.generation.generated is not None
+    assert attach.generation.image_key == attach.generation.generated.images[0].key
 
 
 def test_record_failure_event_carries_a_step_functions_error():

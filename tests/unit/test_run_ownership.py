@@ -9,12 +9,21 @@ import json
 import pytest
 from dalle_plugin.domain.errors import HubUnavailable, NotRunOwner, RunCancelled
 from dalle_plugin.domain.payload import parse_payload
-from dalle_plugin.domain.run import FailureInput, RunRef, RunStatus, StepError
+from dalle_plugin.domain.run import (
+    AttachInput,
+    AttachResult,
+    FailureInput,
+    GenerateInput,
+    GenerateOutcome,
+    RunRef,
+    RunStatus,
+    StepError,
+)
 from dalle_plugin.domain.steps.attach import attach_image
 from dalle_plugin.domain.steps.extract import extract_prompt
 from dalle_plugin.domain.steps.failure import record_failure
 from dalle_plugin.domain.steps.generate import generate_image
-from dalle_plugin.domain.steps.machinery import StepDeps, image_fingerprint
+from dalle_plugin.domain.steps.machinery import StepDeps, image_fingerprint, record_generated
 from dalle_plugin.domain.steps.start import start_session
 
 from tests.faults.test_step_idempotency import Clock, Generator, Hub, Images, Offers, Runs, Vault
@@ -86,6 +95,19 @@ def _ref(deps: StepDeps, task: str, session: str = "s1") -> RunRef:
     return RunRef(session=session, task_id=task, execution=deps.starter.arn_of(owner))
 
 
+def _extract(ref: RunRef, deps: StepDeps) -> GenerateInput:
+    """Extract Prompt, and Generate's input as the state machine hands it on (the extracted prompt with it)."""
+    result = extract_prompt(ref, deps)
+    return GenerateInput(
+        **ref.model_dump(), image_fingerprint=result.image_fingerprint, extracted=result.extracted
+    )
+
+
+def _attach(ref: RunRef, generation: GenerateOutcome, deps: StepDeps) -> AttachResult:
+    """Attach Image with Generate's outcome, as the state machine hands it on."""
+    return attach_image(AttachInput(**ref.model_dump(), generation=generation), deps)
+
+
 def test_a_duplicate_request_starts_nothing_new_and_counts_nothing():
     deps = _deps()
     first = start_session(_payload("s1", ["a", "b", "c"]), deps, TODAY)
@@ -140,22 +162,21 @@ def test_cancel_then_resend_gives_the_run_to_a_new_execution_and_the_old_one_doe
     )
     assert gone["status"] == "NOT_OWNER" and deps.runs.get("s1", "a").status is RunStatus.QUEUED
     # the new one runs it, once
-    extract_prompt(new, deps)
-    assert generate_image(new, deps).status == "DONE" and deps.generator.requests == 1
+    assert generate_image(_extract(new, deps), deps).status == "DONE" and deps.generator.requests == 1
 
 
 def test_a_write_by_an_execution_that_lost_the_run_midway_is_refused():
     deps = _deps()
     start_session(_payload("s1", ["a"]), deps, TODAY)
     old = _ref(deps, "a")
-    extract_prompt(old, deps)
+    handed = _extract(old, deps)
     # cancelled and sent again between this execution's read and its write: the write does not happen
     from dalle_plugin.domain.cancel import cancel_session
 
     cancel_session("s1", "a", deps)
     start_session(_payload("s1", ["a"]), deps, TODAY)
     with pytest.raises((NotRunOwner, RunCancelled)):
-        generate_image(old, deps)
+        generate_image(handed, deps)
     assert deps.generator.requests == 0
 
 
@@ -163,14 +184,30 @@ def test_a_rerun_after_the_prompt_changed_generates_anew_and_the_same_prompt_doe
     deps = _deps()
     start_session(_payload("s1", ["a"]), deps, TODAY)
     ref = _ref(deps, "a")
-    extract_prompt(ref, deps)
-    generate_image(ref, deps)
+    done = generate_image(_extract(ref, deps), deps)
+    deps.runs.update("s1", "a", lambda r: record_generated(r, done.generated))  # as Attach's first write does
     first = deps.runs.get("s1", "a").image
     assert first.fingerprint == image_fingerprint(deps.runs.get("s1", "a"))
     assert generate_image(ref, deps).image_key == first.key and deps.generator.requests == 1
     deps.runs.update("s1", "a", lambda r: setattr(r.prompt, "text", "an edited prompt"))
     again = generate_image(ref, deps)
     assert deps.generator.requests == 2 and again.image_key != first.key
+
+
+def test_the_prompt_handed_on_is_recorded_by_generate_even_when_it_finds_its_image():
+    """Extract writes before it reads the hub, so its prompt and lines are written by Generate; a Generate
+    that finds the image already there (a re-run after a failed delivery) writes them alone, once."""
+    deps = _deps()
+    start_session(_payload("s1", ["a"]), deps, TODAY)
+    ref = _ref(deps, "a")
+    done = generate_image(_extract(ref, deps), deps)
+    deps.runs.update("s1", "a", lambda r: record_generated(r, done.generated))  # as Attach's first write does
+    handed = _extract(ref, deps)
+    for _ in range(2):  # the second is a redelivery: nothing is added twice
+        assert generate_image(handed, deps).image_key == done.image_key and deps.generator.requests == 1
+    lines = [entry for entry in deps.runs.get("s1", "a").timeline if entry.step == "extract"]
+    assert [entry.at_ms for entry in lines[-2:]] == [handed.extracted.started_ms, handed.extracted.at_ms]
+    assert len(lines) == 4 and lines[-1].detail.startswith("Prompt from")
 
 
 class EditableHub(Hub):
@@ -184,9 +221,9 @@ class EditableHub(Hub):
 
 def _run_to_the_end(deps: StepDeps, session: str, task: str) -> None:
     ref = _ref(deps, task, session)
-    extract_prompt(ref, deps)
-    assert generate_image(ref, deps).status == "DONE"
-    attach_image(ref, deps)
+    done = generate_image(_extract(ref, deps), deps)
+    assert done.status == "DONE"
+    _attach(ref, done, deps)
     assert deps.runs.get(session, task).status is RunStatus.SUCCEEDED
 
 
@@ -236,12 +273,11 @@ def test_an_attachment_confirmed_before_the_hub_stopped_answering_is_not_taken_f
     deps.hub_for = lambda run, key: hub
     start_session(_payload("s1", ["a"], workflow=False), deps, TODAY)
     ref = _ref(deps, "a")
-    extract_prompt(ref, deps)
-    generate_image(ref, deps)
+    done = generate_image(_extract(ref, deps), deps)
     with pytest.raises(HubUnavailable):  # attached, then the plugin response got no answer
-        attach_image(ref, deps)
+        _attach(ref, done, deps)
     assert deps.runs.get("s1", "a").image.attached
-    attach_image(ref, deps)  # the state machine's retry: only the response is sent again
+    _attach(ref, done, deps)  # the state machine's retry: only the response is sent again
     assert hub.calls.count("attach_image") == 1 and hub.calls.count("plugin_response") == 2
     assert deps.runs.get("s1", "a").status is RunStatus.SUCCEEDED
 
@@ -310,9 +346,9 @@ def test_secrets_are_read_again_after_their_cache_lifetime():
 
 @pytest.mark.parametrize("hub_answers", [True, False], ids=["hub answers late", "hub gives up"])
 def test_a_cancel_while_extract_waits_on_the_hub_ends_the_run_cancelled(hub_answers):
-    """The cancel lands while Extract waits for the task (a hub that is slow or never answers): Extract's
-    write after the wait, its result or its start on the timeline, must not make the run EXTRACTING again,
-    or the cancelled (and stopped) execution leaves it unfinished for ever."""
+    """The cancel lands while Extract waits for the task (a hub that is slow or never answers): no write
+    after the wait (Extract's start on the timeline, or Generate's first write with the prompt) may make
+    the run EXTRACTING again, or the cancelled (and stopped) execution leaves it unfinished for ever."""
     from dalle_plugin.domain.cancel import cancel_session
 
     deps = _deps()
@@ -327,8 +363,14 @@ def test_a_cancel_while_extract_waits_on_the_hub_ends_the_run_cancelled(hub_answ
             return super().get_task(task_id)
 
     deps.hub_for = lambda run, key: CancelledWhileWaiting()
-    with pytest.raises(RunCancelled):
-        extract_prompt(ref, deps)
+    if hub_answers:  # Extract's one write came before the wait: the next step is refused instead
+        handed = _extract(ref, deps)
+        with pytest.raises(RunCancelled):
+            generate_image(handed, deps)
+        assert deps.generator.requests == 0
+    else:
+        with pytest.raises(RunCancelled):
+            extract_prompt(ref, deps)
     assert deps.runs.get("s1", "a").status is RunStatus.CANCELLED
     ended = record_failure(
         FailureInput(

@@ -155,7 +155,9 @@ def record_runs_cancelled(cancelled: int) -> None:
 
 
 def record_prompt_extracted(result: ExtractResult) -> None:
-    logger.info("prompt extracted", extra={"outcome": result.dump()})
+    # the prompt handed on to Generate is the task's text: the log keeps to its length and source
+    outcome = result.model_dump(by_alias=True, mode="json", exclude_none=True, exclude={"extracted"})
+    logger.info("prompt extracted", extra={"outcome": outcome})
     if result.truncated:
         metrics.add_metric(name=PROMPTS_TRUNCATED, unit=MetricUnit.Count, value=1)
 
@@ -222,6 +224,8 @@ def record_generation(
         return
     run = read_run()
     facts = generation_facts(run, since_ms) if run is not None else None
+    # the images handed on to Attach are on the run record once it writes them: the log names the first key
+    outcome = outcome.model_copy(update={"generated": None})
     if facts is None:
         logger.info("image already stored: nothing generated", extra={"outcome": outcome.dump()})
         return

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
-    from dalle_plugin.domain.run import RunRecord, RunTally
+    from dalle_plugin.domain.run import RunRecord, RunStatus, RunTally, TimelineEntry
 
 
 # ---- the hub -------------------------------------------------------------------------------------
@@ -281,6 +281,23 @@ class SystemClock:
         return time.time_ns() // 1_000_000
 
 
+@dataclass(frozen=True)
+class StepOpening:
+    """A step's first write, made without reading the run first: it is the read (the record comes back as
+    written). It holds only while ``caller`` owns the run (or no one does) and the run is in none of the
+    ``refused`` statuses and has none of the fields in ``absent``; it sets ``status`` (when given) and the
+    fields in ``sets`` (by field name, as the record holds them), appends ``entries`` to the timeline and
+    stamps ``updated_at_ms``."""
+
+    caller: str | None
+    refused: tuple[RunStatus, ...]
+    updated_at_ms: int
+    status: RunStatus | None = None
+    entries: tuple[TimelineEntry, ...] = ()
+    sets: dict[str, Any] = field(default_factory=dict)
+    absent: tuple[str, ...] = ()
+
+
 class RunStore(Protocol):
     """Run records (the sessions table). Every write is optimistically locked on the record's version, so
     a cancel and a step never overwrite each other; ``mutate`` may raise to refuse a change, and runs again
@@ -298,6 +315,10 @@ class RunStore(Protocol):
     def get_with_offer(self, session: str, task_id: str, fingerprint: str) -> tuple[RunRecord | None, bool]:
         """The run and, in the same read, whether an undelivered image is on offer for ``fingerprint``
         (``ReusableImages``: the offers live in the same table)."""
+
+    def open_step(self, session: str, task_id: str, opening: StepOpening) -> tuple[RunRecord | None, bool]:
+        """Make a step's first write in one call with no read before it: (the record as written, True), or
+        (the record as it is, False) when the write's conditions refused it, or (None, False) with no run."""
 
     def update(self, session: str, task_id: str, mutate: Callable[[RunRecord], None]) -> RunRecord:
         """Read the record, then ``change`` it."""

@@ -21,10 +21,12 @@ from collections.abc import Callable
 from typing import Any
 
 from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
+from pydantic import BaseModel
 
 from dalle_plugin.adapters.dynamo_reusable_images import offered_image_key
 from dalle_plugin.domain.errors import StorageUnavailable
 from dalle_plugin.domain.run import RunRecord, RunTally
+from dalle_plugin.ports import StepOpening
 
 MAX_OPTIMISTIC_RETRIES = 8
 #: puts in one TransactWriteItems (DynamoDB's cap)
@@ -90,6 +92,13 @@ def _dumped(run: RunRecord) -> dict[str, Any]:
     values = run.model_dump(mode="json", exclude={"sealed_secrets"})
     values["sealed_secrets"] = run.sealed_secrets
     return values
+
+
+def _as_json(value: Any) -> Any:
+    """A field's value as ``_dumped`` holds it (models and lists of them dumped to JSON-ready values)."""
+    if isinstance(value, list):
+        return [_as_json(element) for element in value]
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
 
 
 _FIELD_OF_ALIAS = {_alias(name): name for name in RunRecord.model_fields}
@@ -296,6 +305,65 @@ class DynamoRunStore:
         """The record as this store last read or wrote it (no call); read when it has not seen it."""
         known = self._recent.get((session, task_id))
         return known.model_copy(deep=True) if known else self.get(session, task_id)
+
+    def open_step(self, session: str, task_id: str, opening: StepOpening) -> tuple[RunRecord | None, bool]:
+        """One UpdateItem under the opening's conditions that answers with the whole record (ALL_NEW), or,
+        refused, with the record as it is (ALL_OLD): the step's read and its first write in one call. A
+        record in the earlier one-document layout is refused too (the step then changes it as read)."""
+        names = {
+            "#version": "version",
+            "#updated": _alias("updated_at_ms"),
+            "#doc": "doc",
+        }
+        values: dict[str, Any] = {":one": {"N": "1"}, ":updated": {"N": str(opening.updated_at_ms)}}
+        sets = ["#version = #version + :one", "#updated = :updated"]
+        conditions = ["attribute_exists(pk)", "attribute_not_exists(#doc)"]
+        if opening.caller is not None:
+            names["#owner"] = _alias("owner")
+            values[":caller"] = _encode("owner", opening.caller)
+            conditions.append("(attribute_not_exists(#owner) OR #owner = :caller)")
+        if opening.refused or opening.status is not None:
+            names["#status"] = "status"
+        if opening.refused:
+            refused = [f":refused{index}" for index in range(len(opening.refused))]
+            values |= {
+                name: {"S": status.value} for name, status in zip(refused, opening.refused, strict=True)
+            }
+            conditions.append(f"NOT (#status IN ({', '.join(refused)}))")
+        if opening.status is not None:
+            values[":status"] = {"S": opening.status.value}
+            sets.append("#status = :status")
+        for index, (field, value) in enumerate(opening.sets.items()):
+            names[f"#s{index}"] = _alias(field)
+            values[f":s{index}"] = _encode(field, _as_json(value))
+            sets.append(f"#s{index} = :s{index}")
+        for index, field in enumerate(opening.absent):
+            names[f"#x{index}"] = _alias(field)
+            conditions.append(f"attribute_not_exists(#x{index})")
+        if opening.entries:
+            names["#timeline"] = _alias("timeline")
+            values[":entries"] = _encode(
+                "timeline", [entry.model_dump(mode="json") for entry in opening.entries]
+            )
+            values[":empty"] = {"L": []}
+            sets.append("#timeline = list_append(if_not_exists(#timeline, :empty), :entries)")
+        try:
+            item = self._client.update_item(
+                TableName=self._table,
+                Key=_key(session, task_id),
+                UpdateExpression="SET " + ", ".join(sets),
+                ConditionExpression=" AND ".join(conditions),
+                ExpressionAttributeNames=names,
+                ExpressionAttributeValues=values,
+                ReturnValues="ALL_NEW",
+                ReturnValuesOnConditionCheckFailure="ALL_OLD",
+            )["Attributes"]
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
+                raise
+            current = exc.response.get("Item")
+            return (self._read(current) if current else None), False
+        return self._read(item), True
 
     def update(self, session: str, task_id: str, mutate: Callable[[RunRecord], None]) -> RunRecord:
         """Read the record, then change it (for callers that do not hold it already)."""

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from dalle_plugin.domain.errors import HubDeliveryUnknown, HubOutcomeUnknown, PluginError, StorageUnavailable
 from dalle_plugin.domain.hub_answer import answer_to_write_format
-from dalle_plugin.domain.run import AttachResult, ImageInfo, RunRecord, RunRef, RunStatus
+from dalle_plugin.domain.run import (
+    AttachInput,
+    AttachResult,
+    GeneratedImages,
+    ImageInfo,
+    RunRecord,
+    RunRef,
+    RunStatus,
+    TimelineEntry,
+)
 from dalle_plugin.domain.steps.machinery import (
     FILE_TYPES,
+    CarryingRuns,
     StepDeps,
     count_images,
     hub_log,
@@ -16,8 +28,10 @@ from dalle_plugin.domain.steps.machinery import (
     images_as_subject,
     load_active,
     mark,
+    open_active,
     open_hub,
     owned_deps,
+    record_generated,
     required,
 )
 
@@ -80,20 +94,71 @@ def _confirm_attached(indexes: list[int]) -> Callable[[RunRecord], None]:
     return note
 
 
+@dataclass(frozen=True)
+class _Opening:
+    entries: list[TimelineEntry] = field(default_factory=list)
+    sets: dict[str, Any] = field(default_factory=dict)
+    absent: tuple[str, ...] = ()
+
+
+def _opening_with(generated: GeneratedImages | None) -> _Opening:
+    """What of Generate's outcome the opening write records: its images, its line and its grants taken off
+    the record, all under the condition that the run has no image yet."""
+    if generated is None:
+        return _Opening()
+    images = generated.images
+    return _Opening(
+        entries=[generated.entry()],
+        sets={"image": images[0], "more_images": list(images[1:]), "held": []},
+        absent=("image",),
+    )
+
+
 def attach_image(ref: RunRef, deps: StepDeps) -> AttachResult:
     deps = owned_deps(ref, deps)
-    run = load_active(ref, deps)
+    uploading_ms = deps.clock.now_ms()
+    generation = ref.generation if isinstance(ref, AttachInput) else None
+    announced = generation.image_count if generation is not None else None
+    generated = generation.generated if generation is not None else None
+    opened = False
+    if announced is not None:
+        # The step's first write is its read: its "Uploading" line, after the images Generate handed on
+        # (recorded only on a record without an image: a retry finds them there and writes them no more).
+        line = TimelineEntry(
+            step="attach",
+            status=RunStatus.ATTACHING.value,
+            at_ms=uploading_ms,
+            detail=f"Uploading {count_images(announced)} to the hub.",
+        )
+        opening = _opening_with(generated)
+        run, opened = open_active(
+            ref,
+            deps,
+            uploading_ms,
+            RunStatus.ATTACHING,
+            [*opening.entries, line],
+            (RunStatus.SUCCEEDED,),
+            sets=opening.sets,
+            absent=opening.absent,
+        )
+    else:
+        run = load_active(ref, deps)
     if run.status is RunStatus.SUCCEEDED:
         return _finished_result(run)  # a retry of a step that finished: nothing left to do
+    if generated is not None and run.image is None:
+        # not recorded by the opening (a record in the earlier layout): the step's next write has them
+        carried = generated
+        deps = replace(deps, runs=CarryingRuns(deps.runs, lambda r: record_generated(r, carried)))
+        run = run.model_copy(deep=True)
+        record_generated(run, generated)
     hub = open_hub(run, deps)
     count = len(run.images)
     uploading = f"Uploading {count_images(count)} to the hub."
-    uploading_ms = deps.clock.now_ms()
     hub_log(run, hub, uploading)
     # What the step has done and not yet written: written with the next intent (or the finish), one write each.
-    pending: list[Callable[[RunRecord], None]] = [
-        lambda r: mark(r, uploading_ms, "attach", RunStatus.ATTACHING, uploading)
-    ]
+    pending: list[Callable[[RunRecord], None]] = []
+    if not opened:
+        pending.append(lambda r: mark(r, uploading_ms, "attach", RunStatus.ATTACHING, uploading))
     for index in range(count):
         image = run.image_at(index)
         if not image.hub_url:

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from dalle_plugin.domain.errors import PluginError
 from dalle_plugin.domain.prompt import as_prompt_source, build_prompt
 from dalle_plugin.domain.prompt_template import parse_template
-from dalle_plugin.domain.run import ExtractResult, PromptInfo, RunRecord, RunRef, RunStatus
+from dalle_plugin.domain.run import ExtractedPrompt, ExtractResult, PromptInfo, RunRecord, RunRef, RunStatus
 from dalle_plugin.domain.steps.machinery import (
     StepDeps,
     hub_log_meanwhile,
     image_fingerprint,
-    load_active,
     mark,
+    open_active,
     open_hub,
     owned_deps,
+    record_extracted,
     required,
 )
 from dalle_plugin.domain.text_decoding import decode_text
@@ -31,28 +30,50 @@ def _as_sentence(note: str) -> str:
 
 def extract_prompt(ref: RunRef, deps: StepDeps) -> ExtractResult:
     deps = owned_deps(ref, deps)
-    run = load_active(ref, deps)
+    started_ms = deps.clock.now_ms()
+    # The step's one write, made first: it is the read (the sealed hub key comes back with it). Its lines
+    # are known only after the read, so Generate's first write records them with the prompt.
+    run, opened = open_active(ref, deps, started_ms, RunStatus.EXTRACTING, [])
     hub = open_hub(run, deps)
     notes = "".join(f" {_as_sentence(note)}." for note in run.notes)
     started = (
         f"Run started: prompt from {run.prompt_source}, model {run.model.actual}, size {run.size}.{notes}"
     )
-    started_ms = deps.clock.now_ms()
     told_hub = hub_log_meanwhile(run, hub, started)  # while the task is read
     try:
-        return _extract(
-            run,
-            deps,
-            hub,
-            lambda r: mark(r, started_ms, "extract", RunStatus.EXTRACTING, started),
-            told_hub,
-        )
+        info, message = _read_and_describe(run, hub)
     except PluginError:
-        # The step's one write is its result; a step that fails still leaves its start on the timeline.
+        # A step that fails still leaves its start on the timeline.
         deps.runs.change(run, lambda r: mark(r, started_ms, "extract", RunStatus.EXTRACTING, started))
         raise
     finally:
         told_hub()
+    extracted = ExtractedPrompt(
+        started_ms=started_ms, started=started, prompt=info, at_ms=deps.clock.now_ms(), message=message
+    )
+    # The line goes out while the prompt is recorded: it says what was extracted, whatever the write meets.
+    told_hub = hub_log_meanwhile(run, hub, message)
+    try:
+        if opened:
+            recorded = run.model_copy(deep=True)
+            record_extracted(recorded, extracted)  # in memory: what the run's fingerprint is made of
+        else:  # a record in the earlier layout: changed as read, in one more write
+            recorded = deps.runs.change(run, lambda r: _record_here(r, extracted))
+    finally:
+        told_hub()
+    return ExtractResult(
+        prompt_source=info.source,
+        prompt_length=info.length,
+        truncated=info.truncated,
+        image_fingerprint=image_fingerprint(recorded),
+        extracted=extracted,  # recorded once: Generate skips what is already on the record
+    )
+
+
+def _record_here(run: RunRecord, extracted: ExtractedPrompt) -> None:
+    mark(run, extracted.started_ms, "extract", RunStatus.EXTRACTING, extracted.started)
+    run.prompt = extracted.prompt
+    mark(run, extracted.at_ms, "extract", None, extracted.message)
 
 
 def read_prompt(run: RunRecord, hub: HubClient) -> PromptInfo:
@@ -82,13 +103,8 @@ def read_prompt(run: RunRecord, hub: HubClient) -> PromptInfo:
     )
 
 
-def _extract(
-    run: RunRecord,
-    deps: StepDeps,
-    hub: HubClient,
-    mark_started: Callable[[RunRecord], None],
-    told_hub: Callable[[], None],
-) -> ExtractResult:
+def _read_and_describe(run: RunRecord, hub: HubClient) -> tuple[PromptInfo, str]:
+    """The prompt, and the line that says where it came from."""
     info = read_prompt(run, hub)
     template = run.prompt_template
     extracted = info.extracted_length if info.extracted_length is not None else info.length
@@ -101,24 +117,4 @@ def _extract(
         )
         shortened = f" (shortened from {info.original_length} to {extracted} at a word boundary{why})"
     templated = f", {info.length} with the prompt template" if template else ""
-    message = f"Prompt from {info.source}: {extracted} characters{shortened}{templated}."
-    now = deps.clock.now_ms()
-
-    def record(r: RunRecord) -> None:
-        mark_started(r)
-        r.prompt = info
-        mark(r, now, "extract", None, message)
-
-    told_hub()
-    # The line goes out while the prompt is recorded: it says what was extracted, whatever the write meets.
-    told_hub = hub_log_meanwhile(run, hub, message)
-    try:
-        run = deps.runs.change(run, record)
-    finally:
-        told_hub()
-    return ExtractResult(
-        prompt_source=info.source,
-        prompt_length=info.length,
-        truncated=info.truncated,
-        image_fingerprint=image_fingerprint(run),
-    )
+    return info, f"Prompt from {info.source}: {extracted} characters{shortened}{templated}."

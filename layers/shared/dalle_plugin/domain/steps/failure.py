@@ -17,7 +17,7 @@ from dalle_plugin.domain.errors import (
     RunCancelled,
     SpendingLimitReached,
 )
-from dalle_plugin.domain.run import Failure, FailureInput, HeldAllowance, RunRecord, RunStatus
+from dalle_plugin.domain.run import Failure, FailureInput, HeldAllowance, ImageInfo, RunRecord, RunStatus
 from dalle_plugin.domain.spending import release
 from dalle_plugin.domain.steps.machinery import (
     StepDeps,
@@ -28,6 +28,7 @@ from dalle_plugin.domain.steps.machinery import (
     mark,
     owned_deps,
     required,
+    stored_images,
     try_open_hub,
 )
 
@@ -139,6 +140,18 @@ def _ended_by_cancel(run: RunRecord, deps: StepDeps) -> dict[str, Any]:
     return {"status": RunStatus.CANCELLED.value, "reason": RunCancelled.reason}
 
 
+def _paid_but_unrecorded(run: RunRecord, deps: StepDeps) -> list[ImageInfo]:
+    """The images an attempt paid for and stored that no write recorded: Generate hands them to Attach
+    through the state, so an execution that fails before Attach's first write leaves them only at their
+    keys. Empty when the storage does not answer (the run still fails: it must end readable)."""
+    if run.image is not None or deps.images is None:
+        return []
+    try:
+        return stored_images(run, deps.images)
+    except PluginError:
+        return []
+
+
 def record_failure(inp: FailureInput, deps: StepDeps) -> dict[str, Any]:
     failure = describe_failure(inp.error.error, inp.error.cause)
     deps = owned_deps(inp, deps)
@@ -162,10 +175,13 @@ def record_failure(inp: FailureInput, deps: StepDeps) -> dict[str, Any]:
             "hub never confirmed it: check the asset's attachments before running again."
         )[:1000]
     hub = try_open_hub(run, deps)
+    unrecorded = _paid_but_unrecorded(run, deps)
     now = deps.clock.now_ms()
     given_back: list[HeldAllowance] = []
 
     def fail(r: RunRecord) -> None:
+        if r.image is None and unrecorded:  # recorded now: a re-run of the run takes them, not new ones
+            r.image, r.more_images = unrecorded[0], unrecorded[1:]
         r.failure = failure
         mark(r, now, "failed", RunStatus.FAILED, failure.message)
         r.timeline[-1].duration_ms = 0
@@ -189,12 +205,12 @@ def record_failure(inp: FailureInput, deps: StepDeps) -> dict[str, Any]:
             deps.limiter.leave(run.org_id or "", not run.workflow, run.rate_ticket)
     # Paid for and surely not on the hub: a re-run of the task (in a new session too) takes it, not a new one.
     undelivered = any(not i.attached and i.attach_sent_at_ms is None for i in run.images)
-    # A step that died between storing its PNG and recording it leaves the image at its key, unrecorded:
-    # offered too (a re-run checks that the object exists before it takes it).
-    unrecorded = run.image is None and run.attempt > 0
+    # Stored images the storage could not be asked about are offered at their key all the same (a re-run
+    # checks that the object exists before it takes it).
+    unlooked = run.image is None and run.attempt > 0
     offers = deps.reusable_images
     reusable = run.prompt is not None and run.images_per_task == 1
-    if (undelivered or unrecorded) and reusable and offers is not None:
+    if (undelivered or unlooked) and reusable and offers is not None:
         key = run.image.key if run.image else image_key(run)
         offers.offer(image_fingerprint(run), key, run.expires_at or now // 1000 + 86_400)
     kept_what = "image is" if len(run.images) == 1 else "images are"

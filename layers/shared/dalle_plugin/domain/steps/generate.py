@@ -7,7 +7,7 @@ import datetime as dt
 import hashlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from dalle_plugin.domain.errors import (
     NotRunOwner,
@@ -20,6 +20,7 @@ from dalle_plugin.domain.errors import (
 from dalle_plugin.domain.key_pacing import Observation
 from dalle_plugin.domain.rate_limit import LimiterSettings, wake_at_ms
 from dalle_plugin.domain.run import (
+    GeneratedImages,
     GenerateInput,
     GenerateOutcome,
     HeldAllowance,
@@ -34,6 +35,7 @@ from dalle_plugin.domain.steps.machinery import (
     ANGO_KEY,
     FILE_TYPES,
     OPENAI_KEY,
+    CarryingRuns,
     StepDeps,
     count_images,
     hub_log,
@@ -46,7 +48,10 @@ from dalle_plugin.domain.steps.machinery import (
     mark,
     open_secrets,
     owned_deps,
+    record_extracted,
+    record_generated,
     required,
+    stored_images,
     to_rfc3339_second,
 )
 from dalle_plugin.domain.steps.own_key import claim_own_key_send, learn_key_limits
@@ -90,19 +95,27 @@ def _done(run: RunRecord) -> GenerateOutcome:
 def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
     deps = owned_deps(ref, deps)
     fingerprint = ref.image_fingerprint if isinstance(ref, GenerateInput) else None
+    extracted = ref.extracted if isinstance(ref, GenerateInput) else None
+    if extracted is not None:
+        # Extract's prompt and lines go with this step's first write (every write: each skips them once
+        # they are on the record), and into the run as read, which the checks below look at.
+        carried = extracted
+        deps = replace(deps, runs=CarryingRuns(deps.runs, lambda r: record_extracted(r, carried)))
     on_offer: bool | None = None  # not looked at: claim to find out
     if fingerprint is not None and deps.reusable_images is not None:
         run, on_offer = load_active_with_offer(ref, deps, fingerprint)
-        if fingerprint != image_fingerprint(run):  # the prompt changed since: the look was at another image
-            on_offer = None
     else:
         run = load_active(ref, deps)
+    unwritten = extracted is not None and record_extracted(run, extracted)
+    if fingerprint is not None and fingerprint != image_fingerprint(run):
+        on_offer = None  # the prompt changed since: the look was at another image
     if run.image is not None:
         if _made_for(run.image, run):
-            return _done(run)
+            # a re-run whose image is already here (its delivery failed): the only write is Extract's lines
+            return _done(deps.runs.change(run, lambda r: None) if unwritten else run)
         # A re-run after the prompt (or an option) changed: the earlier image is not what is asked now.
-        run = deps.runs.update(run.session, run.task_id, _drop_images)
-    stored = _stored_images(run, deps)
+        run = deps.runs.change(run, _drop_images)
+    stored = stored_images(run, deps.images)
     if stored:
         return _adopt_stored_images(run, stored, deps)
 
@@ -239,14 +252,18 @@ def _keep_images(
                 fingerprint=image_fingerprint(run),
             )
         )
+    # Recorded by Attach's first write (with the grants taken off the record: paid for, they stay counted).
+    # Until then the run stays GENERATING, which no cancel takes; a step that retries finds the images at
+    # their keys, and Record Failure offers or records the images stored and never recorded.
+    generated = GeneratedImages(images=infos, at_ms=deps.clock.now_ms(), message=message)
+    return GenerateOutcome(status="DONE", image_key=infos[0].key, image_count=len(infos), generated=generated)
 
-    def mutate(r: RunRecord) -> None:
-        r.image, r.more_images = infos[0], infos[1:]
-        r.held = []  # paid for: the grants stay counted
-        mark(r, deps.clock.now_ms(), "generate", None, message)
 
-    run = deps.runs.change(run, mutate)
-    return _done(run)
+def run_as_left(run: RunRecord | None, outcome: GenerateOutcome) -> RunRecord | None:
+    """The run as the step left it (``RunStore.recent``), with the images it hands on to Attach."""
+    if run is not None and outcome.generated is not None:
+        record_generated(run, outcome.generated)
+    return run
 
 
 def _made_for(image: ImageInfo, run: RunRecord) -> bool:
@@ -479,39 +496,11 @@ def _reuse_undelivered_image(
         deps.reusable_images.offer(image_fingerprint(run), key, run.expires_at or now // 1000 + 86_400)
         raise
     hub_log(run, hub, message)
-    return GenerateOutcome(status="DONE", image_key=required(run.image, "the run's image").key)
+    return GenerateOutcome(status="DONE", image_key=required(run.image, "the run's image").key, image_count=1)
 
 
-def _stored_images(run: RunRecord, deps: StepDeps) -> list[tuple[str, bytes]]:
-    """The images an earlier attempt stored at this run's keys, in order (they are stored first to last)."""
-    if run.attempt == 0:  # no attempt spent in any generation: no request was sent, nothing can be stored
-        return []
-    found = []
-    for index in range(run.images_per_task):
-        key = image_key(run, index)
-        body = required(deps.images, "StepDeps.images").get(key)
-        if body is None:
-            break
-        found.append((key, body))
-    return found
-
-
-def _adopt_stored_images(run: RunRecord, stored: list[tuple[str, bytes]], deps: StepDeps) -> GenerateOutcome:
+def _adopt_stored_images(run: RunRecord, infos: list[ImageInfo], deps: StepDeps) -> GenerateOutcome:
     """A previous attempt paid for and stored the images but died before recording them: use them."""
-    infos = [
-        ImageInfo(
-            key=key,
-            sha256=hashlib.sha256(body).hexdigest(),
-            bytes=len(body),
-            model=run.model.actual,
-            size=run.size,
-            quality=run.quality,
-            format=run.output_format,
-            index=index,
-            fingerprint=image_fingerprint(run),
-        )
-        for index, (key, body) in enumerate(stored)
-    ]
 
     def adopt(r: RunRecord) -> None:
         if r.image is None:

@@ -15,7 +15,15 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from dalle_plugin.domain.errors import NotRunOwner, PluginError, RunCancelled
 from dalle_plugin.domain.pricing import DEFAULT_PRICES
-from dalle_plugin.domain.run import RunRecord, RunRef, RunStatus, TimelineEntry
+from dalle_plugin.domain.run import (
+    ExtractedPrompt,
+    GeneratedImages,
+    ImageInfo,
+    RunRecord,
+    RunRef,
+    RunStatus,
+    TimelineEntry,
+)
 from dalle_plugin.ports import (
     AllowanceLedger,
     BatchProgress,
@@ -31,6 +39,7 @@ from dalle_plugin.ports import (
     RunStore,
     SecretVault,
     SessionPages,
+    StepOpening,
     WorkflowStarter,
 )
 
@@ -119,6 +128,31 @@ class OwnedRuns:
         return self._runs.change(run, self._guarded(mutate))
 
 
+class CarryingRuns:
+    """The run store with ``also`` applied before every change a step makes (on the record as written
+    again after a conflict too): what an earlier step handed on for this one's first write to record."""
+
+    def __init__(self, runs: RunStore, also: Callable[[RunRecord], object]):
+        self._runs = runs
+        self._also = also  # what it returns is not used
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._runs, name)
+
+    def _with_also(self, mutate: Callable[[RunRecord], None]) -> Callable[[RunRecord], None]:
+        def both(run: RunRecord) -> None:
+            self._also(run)
+            mutate(run)
+
+        return both
+
+    def update(self, session: str, task_id: str, mutate: Callable[[RunRecord], None]) -> RunRecord:
+        return self._runs.update(session, task_id, self._with_also(mutate))
+
+    def change(self, run: RunRecord, mutate: Callable[[RunRecord], None]) -> RunRecord:
+        return self._runs.change(run, self._with_also(mutate))
+
+
 def check_owner(run: RunRecord, caller: str | None) -> None:
     """Raise ``NotRunOwner`` unless ``caller`` (an execution's name) owns the run. A call from outside the
     state machine (no caller) and a record from before ownership existed (no owner) pass."""
@@ -155,6 +189,35 @@ def load_active_with_offer(ref: RunRef, deps: StepDeps, fingerprint: str) -> tup
     if run is None:
         raise PluginError(f"No run for session {ref.session!r} and task {ref.task_id!r}.")
     return _active(run, ref), on_offer
+
+
+def open_active(
+    ref: RunRef,
+    deps: StepDeps,
+    now_ms: int,
+    status: RunStatus | None,
+    entries: list[TimelineEntry],
+    also_refused: tuple[RunStatus, ...] = (),
+    sets: dict[str, Any] | None = None,
+    absent: tuple[str, ...] = (),
+) -> tuple[RunRecord, bool]:
+    """``load_active`` whose read is the step's first write (``RunStore.open_step``): (the run as written,
+    True), or (the run as it is, False) when it is in one of ``also_refused``, has a field of ``absent``
+    or is in the earlier layout,
+    for the step to decide on. Another execution's run and a cancelled run are refused as in ``load_active``."""
+    opening = StepOpening(
+        caller=ref.caller,
+        refused=(RunStatus.CANCELLED, *also_refused),
+        updated_at_ms=now_ms,
+        status=status,
+        entries=tuple(entries),
+        sets=sets or {},
+        absent=absent,
+    )
+    run, opened = deps.runs.open_step(ref.session, ref.task_id, opening)
+    if run is None:
+        raise PluginError(f"No run for session {ref.session!r} and task {ref.task_id!r}.")
+    return (run, True) if opened else (_active(run, ref), False)
 
 
 def _active(run: RunRecord, ref: RunRef) -> RunRecord:
@@ -198,6 +261,28 @@ def mark(run: RunRecord, now_ms: int, step: str, status: RunStatus | None, detai
     run.updated_at_ms = now_ms
 
 
+def record_extracted(run: RunRecord, extracted: ExtractedPrompt) -> bool:
+    """Extract's prompt and its two lines, once (whether they were added): a write that already carried
+    them is not repeated."""
+    if any(entry.step == "extract" and entry.at_ms == extracted.started_ms for entry in run.timeline):
+        return False
+    run.prompt = extracted.prompt
+    run.timeline.extend(extracted.entries())
+    run.updated_at_ms = max(run.updated_at_ms, extracted.at_ms)
+    return True
+
+
+def record_generated(run: RunRecord, generated: GeneratedImages) -> None:
+    """Generate's images, its line, and its grants taken off the record (paid for: they stay counted), once:
+    a record that has its image already is left as it is."""
+    if run.image is not None:
+        return
+    run.image, run.more_images = generated.images[0], list(generated.images[1:])
+    run.held = []
+    run.timeline.append(generated.entry())
+    run.updated_at_ms = max(run.updated_at_ms, generated.at_ms)
+
+
 def progress(
     run: RunRecord,
     deps: StepDeps,
@@ -239,6 +324,33 @@ def image_key(run: RunRecord, index: int = 0) -> str:
     extension = FILE_TYPES[run.output_format][0]
     made_from = f".{image_fingerprint(run)[:16]}" if run.prompt else ""  # another prompt, another key
     return f"images/{run.execution_name}{made_from}{f'.{index + 1}' if index else ''}.{extension}"
+
+
+def stored_images(run: RunRecord, images: ImageStore | None) -> list[ImageInfo]:
+    """The images an attempt of the run's generation paid for and stored at its keys (first to last, as they
+    are stored), whether or not any step recorded them."""
+    if run.attempt == 0:  # no attempt spent in any generation: no request was sent, nothing can be stored
+        return []
+    found = []
+    for index in range(run.images_per_task):
+        key = image_key(run, index)
+        body = required(images, "StepDeps.images").get(key)
+        if body is None:
+            break
+        found.append(
+            ImageInfo(
+                key=key,
+                sha256=hashlib.sha256(body).hexdigest(),
+                bytes=len(body),
+                model=run.model.actual,
+                size=run.size,
+                quality=run.quality,
+                format=run.output_format,
+                index=index,
+                fingerprint=image_fingerprint(run),
+            )
+        )
+    return found
 
 
 def to_rfc3339_second(epoch_ms: int) -> str:
