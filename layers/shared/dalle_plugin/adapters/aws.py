@@ -13,10 +13,28 @@ from dalle_plugin.domain.errors import StorageUnavailable
 from dalle_plugin.ports import StoredObject
 
 
-class S3ImageStore:
+class _BucketObjects:
+    """Objects in the plugin's bucket; ``what`` names them in the sentence a failed read ends with."""
+
+    what = "object"
+
     def __init__(self, client: Any, bucket: str):
         self._client = client
         self._bucket = bucket
+
+    def get(self, key: str) -> bytes | None:
+        try:
+            return self._client.get_object(Bucket=self._bucket, Key=key)["Body"].read()
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] in ("NoSuchKey", "404"):
+                return None
+            raise StorageUnavailable(
+                f"Could not read the {self.what}: {exc.response['Error']['Code']}"
+            ) from None
+
+
+class S3ImageStore(_BucketObjects):
+    what = "image from S3"
 
     def put_image(self, key: str, body: bytes, content_type: str, metadata: dict[str, str]) -> StoredObject:
         try:
@@ -28,16 +46,6 @@ class S3ImageStore:
                 f"Could not store the image in S3: {exc.response['Error']['Code']}"
             ) from None
         return StoredObject(bucket=self._bucket, key=key)
-
-    def get(self, key: str) -> bytes | None:
-        try:
-            return self._client.get_object(Bucket=self._bucket, Key=key)["Body"].read()
-        except ClientError as exc:
-            if exc.response["Error"]["Code"] in ("NoSuchKey", "404"):
-                return None
-            raise StorageUnavailable(
-                f"Could not read the image from S3: {exc.response['Error']['Code']}"
-            ) from None
 
     def presigned_url(self, key: str, expires_s: int = 3600) -> str:
         return self._client.generate_presigned_url(
@@ -113,13 +121,11 @@ class StepFunctionsStarter:
                 raise
 
 
-class S3BatchRequests:
+class S3BatchRequests(_BucketObjects):
     """Accepted batch requests as objects in the plugin's bucket (under ``batches/``, expired by its
     lifecycle rule)."""
 
-    def __init__(self, client: Any, bucket: str):
-        self._client = client
-        self._bucket = bucket
+    what = "batch request"
 
     def put(self, key: str, body: bytes) -> None:
         try:
@@ -127,14 +133,4 @@ class S3BatchRequests:
         except ClientError as exc:
             raise StorageUnavailable(
                 f"Could not store the batch request: {exc.response['Error']['Code']}"
-            ) from None
-
-    def get(self, key: str) -> bytes | None:
-        try:
-            return self._client.get_object(Bucket=self._bucket, Key=key)["Body"].read()
-        except ClientError as exc:
-            if exc.response["Error"]["Code"] in ("NoSuchKey", "404"):
-                return None
-            raise StorageUnavailable(
-                f"Could not read the batch request: {exc.response['Error']['Code']}"
             ) from None

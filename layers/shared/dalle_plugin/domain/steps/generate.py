@@ -4,7 +4,6 @@ shared key's queue are honoured before the one request is sent; a wait is return
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -41,6 +40,7 @@ from dalle_plugin.domain.steps.machinery import (
     hub_log,
     hub_log_meanwhile,
     image_fingerprint,
+    image_info,
     image_key,
     images_as_subject,
     load_active,
@@ -230,28 +230,15 @@ def _keep_images(
     infos = []
     for index, body in enumerate(image.bodies[: run.images_per_task]):
         key = image_key(run, index)
-        digest = hashlib.sha256(body).hexdigest()
+        info = image_info(run, key, body, index, model=image.model, request_id=image.request_id)
         metadata = {
             "model": image.model,
             "size": run.size,
-            "sha256": digest,
+            "sha256": info.sha256,
             "request-id": image.request_id or "",
         }
         required(deps.images, "StepDeps.images").put_image(key, body, content_type, metadata)
-        infos.append(
-            ImageInfo(
-                key=key,
-                sha256=digest,
-                bytes=len(body),
-                model=image.model,
-                size=run.size,
-                quality=run.quality,
-                request_id=image.request_id,
-                format=run.output_format,
-                index=index,
-                fingerprint=image_fingerprint(run),
-            )
-        )
+        infos.append(info)
     # Recorded by Attach's first write (with the grants taken off the record: paid for, they stay counted).
     # Until then the run stays GENERATING, which no cancel takes; a step that retries finds the images at
     # their keys, and Record Failure offers or records the images stored and never recorded.
@@ -470,17 +457,7 @@ def _reuse_undelivered_image(
     if key is None or body is None:  # none on offer, or the bucket's lifecycle rule already removed it
         return None
     message = "Reusing the image an earlier run of this task paid for and could not deliver (no new charge)."
-    info = ImageInfo(
-        key=key,
-        sha256=hashlib.sha256(body).hexdigest(),
-        bytes=len(body),
-        model=run.model.actual,
-        size=run.size,
-        quality=run.quality,
-        reused=True,
-        format=run.output_format,
-        fingerprint=image_fingerprint(run),
-    )
+    info = image_info(run, key, body, reused=True)
     now = deps.clock.now_ms()
 
     def mutate(r: RunRecord) -> None:

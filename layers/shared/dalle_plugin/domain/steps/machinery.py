@@ -326,6 +326,33 @@ def image_key(run: RunRecord, index: int = 0) -> str:
     return f"images/{run.execution_name}{made_from}{f'.{index + 1}' if index else ''}.{extension}"
 
 
+def image_info(
+    run: RunRecord,
+    key: str,
+    body: bytes,
+    index: int = 0,
+    *,
+    model: str | None = None,
+    request_id: str | None = None,
+    reused: bool = False,
+) -> ImageInfo:
+    """What the run record keeps of an image stored at ``key``: its digest and size, and the run's options
+    it was made with (``model``: the one OpenAI says answered, when it says)."""
+    return ImageInfo(
+        key=key,
+        sha256=hashlib.sha256(body).hexdigest(),
+        bytes=len(body),
+        model=model or run.model.actual,
+        size=run.size,
+        quality=run.quality,
+        request_id=request_id,
+        reused=reused,
+        format=run.output_format,
+        index=index,
+        fingerprint=image_fingerprint(run),
+    )
+
+
 def stored_images(run: RunRecord, images: ImageStore | None) -> list[ImageInfo]:
     """The images an attempt of the run's generation paid for and stored at its keys (first to last, as they
     are stored), whether or not any step recorded them."""
@@ -337,19 +364,7 @@ def stored_images(run: RunRecord, images: ImageStore | None) -> list[ImageInfo]:
         body = required(images, "StepDeps.images").get(key)
         if body is None:
             break
-        found.append(
-            ImageInfo(
-                key=key,
-                sha256=hashlib.sha256(body).hexdigest(),
-                bytes=len(body),
-                model=run.model.actual,
-                size=run.size,
-                quality=run.quality,
-                format=run.output_format,
-                index=index,
-                fingerprint=image_fingerprint(run),
-            )
-        )
+        found.append(image_info(run, key, body, index))
     return found
 
 
