@@ -14,7 +14,7 @@ def handler(event: dict, context: object) -> dict:
 
     failure = FailureInput.model_validate(event)
     bind_run(failure.session, failure.task_id, failure.execution_name)
-    result = record_failure(failure, wiring.within_time(wiring.attach_deps(), context))
+    result = record_failure(failure, wiring.within_time(wiring.record_failure_deps(), context))
     if result["status"] == "FAILED":  # a run that had finished, was cancelled or is not this execution's: no
         record_run_failed(result["reason"])
     return result

@@ -92,7 +92,8 @@ def test_the_spending_limit_stops_the_run_that_would_pass_it(stack, api, new_ses
     }
     assert api.run(payload).status_code == 202
     view = api.wait_finished(session, timeout_s=300)
-    assert view["progress"]["done"] == 2 and view["progress"]["failed"] == 1, view
+    outcomes = [(run["taskId"], run["status"], run.get("failure")) for run in view["runs"]]
+    assert view["progress"]["done"] == 2 and view["progress"]["failed"] == 1, outcomes
     assert view["maxCostUsd"] == 0.12 and view["estimatedCostUsd"] <= 0.12
     (stopped,) = [run for run in view["runs"] if run["status"] == "FAILED"]
     assert stopped["failure"]["reason"] == "spending_limit_reached"

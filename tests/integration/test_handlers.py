@@ -13,7 +13,9 @@ import uuid
 import pytest
 from dalle_plugin import wiring
 from dalle_plugin.domain.payload import parse_payload
+from dalle_plugin.domain.rate_limit import line_of
 from dalle_plugin.domain.steps.start import start_session
+from dalle_plugin.settings import RateLimitSettings, load_settings
 
 from local_stack import sam_local
 from local_stack.lambda_environment import LambdaContext
@@ -104,11 +106,24 @@ def test_record_failure_handler_with_its_event(stack):
     body = json.loads(load_event("api_post_plugin.json")["body"]) | {"session": "sess-event-failure"}
     deps = dataclasses.replace(wiring.api_deps(), starter=RecordingStarter())
     start_session(parse_payload(body), deps)
+    queued = deps.runs.get("sess-event-failure", "task-fox")
+    line = line_of(queued.org_id, not queued.workflow)
+    assert _waiting_in_line(deps, line, queued.rate_ticket)  # the shared key's run joined when accepted
+
     event = load_event("record_failure.json") | {"session": "sess-event-failure"}
     assert _invoke(stack, "RecordFailureFunction", event) == {"status": "FAILED", "reason": "hub_unavailable"}
     run = deps.runs.get("sess-event-failure", "task-fox")
     assert run.failure.message.startswith("The hub answered 503")
     assert run.sealed_secrets is None  # secrets are purged when the run ends
+    # and it left its line: the runs behind it move up now, not once it is skipped as abandoned
+    assert not _waiting_in_line(deps, line, queued.rate_ticket)
+
+
+def _waiting_in_line(deps, line: str, ticket: int) -> bool:
+    table = load_settings(RateLimitSettings).rate_limit_table
+    item = wiring.aws_client("dynamodb").get_item(TableName=table, Key={"pk": {"S": "global"}})
+    waiting = deps.limiter.from_item(item.get("Item")).line(line)
+    return waiting is not None and waiting.holds(ticket)
 
 
 def test_api_handler_refuses_a_wrong_secret_before_doing_anything(stack):

@@ -163,6 +163,23 @@ def test_a_redelivered_claim_is_granted_again_and_records_nothing(endpoint):
     assert state.grants == 1 and [s.send for s in state.slots if s] == ["run-x#1"]
 
 
+def test_a_run_behind_one_due_that_never_claims_is_told_to_wait_not_that_the_queue_is_busy(endpoint):
+    """Polling in place behind a run that is due and silent (it failed and its Record Failure has not left
+    the line yet) uses up the call's attempts without any write lost: that is waiting, so the step is told
+    its turn and sleeps; RateLimiterBusy is for writes lost to other runs."""
+    client, clock = make_client(endpoint), Clock(NOW)
+    waits = LimiterSettings(limit=5, window_s=60, skew_margin_ms=600, wake_lead_ms=0, short_wait_ms=60_000)
+
+    def sleep(seconds: float) -> None:
+        clock.now += max(1, round(seconds * 1000))
+
+    behind = DynamoRateLimiter(client, TABLE, waits, key="silent", clock=clock, sleep=sleep, max_attempts=10)
+    joined = behind.join("org", False, 2)  # ticket 0 is due and never claims
+    told = behind.claim(RateClaim("org", False, joined.first_ticket + 1, "run-b#1", joined.view))
+    assert not told.granted and told.position == 1 and told.ticket == joined.first_ticket + 1
+    assert NOW < clock.now < NOW + waits.abandon_after_ms  # it polled in place, and gave up before a skip
+
+
 #: one send per window, so a send's slot is the one the next grant checks
 ONE = LimiterSettings(limit=1, window_s=60, skew_margin_ms=600, wake_lead_ms=0, short_wait_ms=0)
 

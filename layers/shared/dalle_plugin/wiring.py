@@ -128,10 +128,7 @@ def _batches(settings: CommonSettings) -> dict[str, Any]:
 @cache
 def api_deps() -> StepDeps:
     """The API's ports, with the shared key's queue: runs join it when accepted, and leave it cancelled."""
-    from dalle_plugin.adapters.dynamo_rate_limiter import DynamoRateLimiter
-
     settings = load_settings(ApiSettings)
-    limiter_settings = _limiter_settings(settings)
     batch_starter = None
     if settings.start_batch_state_machine_arn:
         batch_starter = StepFunctionsStarter(
@@ -145,24 +142,19 @@ def api_deps() -> StepDeps:
         session_pages=session_pages(),
         model_successors=settings.model_successors,
         image_prices=settings.image_prices,
-        limiter=DynamoRateLimiter(aws_client("dynamodb"), settings.rate_limit_table, limiter_settings),
-        limiter_settings=limiter_settings,
+        **_shared_key_queue(settings),
     )
 
 
 @cache
 def start_batch_deps() -> StepDeps:
     """The starter's ports, with the shared key's queue: the runs it stores join it, as the API's do."""
-    from dalle_plugin.adapters.dynamo_rate_limiter import DynamoRateLimiter
-
     settings = load_settings(StartBatchSettings)
-    limiter_settings = _limiter_settings(settings)
     return StepDeps(
         **_common(settings),
         **_batches(settings),
         starter=StepFunctionsStarter(aws_client("stepfunctions"), settings.state_machine_arn),
-        limiter=DynamoRateLimiter(aws_client("dynamodb"), settings.rate_limit_table, limiter_settings),
-        limiter_settings=limiter_settings,
+        **_shared_key_queue(settings),
     )
 
 
@@ -213,6 +205,15 @@ def extract_deps() -> StepDeps:
     return StepDeps(**_common(load_settings(ExtractSettings)))
 
 
+def _shared_key_queue(settings: RateLimitSettings) -> dict[str, Any]:
+    """The shared key's queue (``domain.rate_limit``) on the rate-limit table, with its settings."""
+    from dalle_plugin.adapters.dynamo_rate_limiter import DynamoRateLimiter
+
+    limiter_settings = _limiter_settings(settings)
+    limiter = DynamoRateLimiter(aws_client("dynamodb"), settings.rate_limit_table, limiter_settings)
+    return {"limiter": limiter, "limiter_settings": limiter_settings}
+
+
 def _limiter_settings(settings: RateLimitSettings) -> Any:
     from dalle_plugin.domain.rate_limit import LimiterSettings
 
@@ -242,16 +243,11 @@ def _key_pacing(settings: GenerateSettings) -> tuple[Any, Any]:
 
 @cache
 def generate_deps() -> StepDeps:
-    from dalle_plugin.adapters.dynamo_rate_limiter import DynamoRateLimiter
     from dalle_plugin.adapters.openai_images import OpenAIImageGenerator  # the heavy import, here only
+    from dalle_plugin.domain.spending import OrgQuota
 
     settings = load_settings(GenerateSettings)
     secrets = secrets_reader()
-    limiter_settings = _limiter_settings(settings)
-    limiter = DynamoRateLimiter(
-        aws_client("dynamodb"), settings.rate_limit_table, limiter_settings, clock=SystemClock().now_ms
-    )
-    from dalle_plugin.domain.spending import OrgQuota
 
     quota = (
         OrgQuota(settings.org_daily_image_quota, settings.org_quota_reached)
@@ -265,8 +261,7 @@ def generate_deps() -> StepDeps:
         key_pace_settings=key_pace_settings,
         org_quota=quota,
         generator=OpenAIImageGenerator(settings.openai_base_url, settings.openai_timeout_s),
-        limiter=limiter,
-        limiter_settings=limiter_settings,
+        **_shared_key_queue(settings),
         default_openai_key=lambda: secrets.read(settings.default_openai_key_secret_arn),
     )
 
@@ -274,3 +269,11 @@ def generate_deps() -> StepDeps:
 @cache
 def attach_deps() -> StepDeps:
     return StepDeps(**_common(load_settings(AttachSettings)))
+
+
+@cache
+def record_failure_deps() -> StepDeps:
+    """Attach's ports and the shared key's queue: a failed run leaves its line, or the runs behind it wait
+    until it is skipped as abandoned (``abandon_after_ms``, a minute by default)."""
+    settings = load_settings(RateLimitSettings)
+    return StepDeps(**_common(settings), **_shared_key_queue(settings))

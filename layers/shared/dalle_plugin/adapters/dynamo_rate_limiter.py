@@ -220,18 +220,30 @@ class DynamoRateLimiter:
             if 0 < early_ms <= self._settings.short_wait_ms:
                 self._sleep(early_ms / 1000)
                 waited_ms += early_ms
-            answer = claim(predicted, line, ticket, ask.send, self._clock(), self._settings)
-            if answer.granted and early_ms <= self._settings.short_wait_ms:
+            hoped = claim(predicted, line, ticket, ask.send, self._clock(), self._settings)
+            if hoped.granted and early_ms <= self._settings.short_wait_ms:
                 calls += 1
-                if self._write(predicted, answer.state):
+                if self._write(predicted, hoped.state):
                     self._state = LimiterState()  # the slots of the grants before it are not known here
-                    return RateDecision(True, answer.start_at_ms, 0, ticket, ask.view, calls, answer.slot)
+                    return RateDecision(True, hoped.start_at_ms, 0, ticket, ask.view, calls, hoped.slot)
                 confirmed = True
         if not confirmed:
             self._state = view
-        for _ in range(self._max_attempts):
+        attempts = 0
+        while True:
             now = self._clock()
             answer = claim(self._state, line, ticket, ask.send, now, self._settings)
+            attempts += 1
+            if attempts > self._max_attempts and not answer.granted:
+                if contended * 2 >= self._max_attempts:
+                    raise RateLimiterBusy(
+                        "Too many runs asked for the shared key at the same moment; the run will try again "
+                        "shortly."
+                    )
+                # The attempts went to polling in place behind a run that is due and has not claimed (one that
+                # failed, before its Record Failure left the line): waiting, not contention, so the step
+                # sleeps and claims again, the run ahead skipped once ``abandon_after_ms`` past its turn.
+                break
             if answer.gone and confirmed:  # a ticket never issued in its line (a record from before): join
                 joined = self.join(ask.org_id, ask.interactive, 1, may_refuse=False)
                 calls += joined.calls
@@ -275,12 +287,10 @@ class DynamoRateLimiter:
                 self._learn()
                 confirmed = True
                 continue
-            seen = now if confirmed else view_seen_ms(ask.view)
-            return RateDecision(
-                False, answer.start_at_ms, answer.position, ticket, encode_state(answer.state, seen), calls
-            )
-        raise RateLimiterBusy(
-            "Too many runs asked for the shared key at the same moment; the run will try again shortly."
+            break  # its turn lies ahead: the step sleeps until then
+        seen = now if confirmed else view_seen_ms(ask.view)
+        return RateDecision(
+            False, answer.start_at_ms, answer.position, ticket, encode_state(answer.state, seen), calls
         )
 
     def confirm_send(self, ask: RateClaim, granted: RateDecision) -> int | None:
