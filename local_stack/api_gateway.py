@@ -3,7 +3,8 @@ that template.yaml routes them to, and the function's proxy response back into H
 invoke Lambda proxy integrations, so this plays that part on 127.0.0.1.
 
 With API Gateway's limits and its own answers to them: a request body above 10 MB is refused with 413, an
-integration that has not answered in 29 s gets the client a 504 (the Lambda runs on, as on AWS), and a
+integration that has not answered in 29 s (on its environment's own CPU clock, as the Lambda runtime times
+the function: local_stack.own_cpu_clock) gets the client a 504 (the Lambda runs on, as on AWS), and a
 Lambda proxy response above 6 MB, a failed invoke or a malformed proxy response is a 502.
 ``docs/local-stack.md`` gives the figures and where they come from."""
 
@@ -21,7 +22,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, urlsplit
 
-from local_stack.lambda_runtime import LambdaRefused
+from local_stack.lambda_runtime import POLL_S, LambdaRefused
+from local_stack.own_cpu_clock import OwnCpuClock
 from local_stack.ports import free_port
 from local_stack.template import ACCOUNT_ID, REGION, LocalTemplate, Route
 
@@ -39,8 +41,15 @@ INTERNAL_ERROR_BODY = b'{"message": "Internal server error"}'
 
 
 class Lambdas(Protocol):
-    def invoke(self, name_or_arn: str, body: bytes | str | None) -> tuple[bytes, bool]:
-        """The function's response payload, and whether the invocation failed (a function error)."""
+    def invoke(
+        self,
+        name_or_arn: str,
+        body: bytes | str | None,
+        *,
+        on_environment: Callable[[int], None] | None = None,
+    ) -> tuple[bytes, bool]:
+        """The function's response payload, and whether the invocation failed (a function error);
+        ``on_environment`` hears the pid of the process that runs it, whose own clock times the integration."""
 
 
 # Extra pages served beside the API (the local console): path -> (content type, body factory)
@@ -188,10 +197,13 @@ class ApiGatewayServer:
         """Invoke the function as a Lambda proxy integration: (status, headers, body) for the client."""
         answered = threading.Event()
         outcome: dict[str, Any] = {}
+        clock = OwnCpuClock(pid=None)  # the wall's until the environment is known, then the environment's
 
         def invoke() -> None:
             try:
-                outcome["result"] = self.lambdas.invoke(self.functions[function].physical_name, event)
+                outcome["result"] = self.lambdas.invoke(
+                    self.functions[function].physical_name, event, on_environment=clock.follow
+                )
             except BaseException as exc:  # noqa: BLE001 - an invoke that could not be made is an integration failure
                 outcome["error"] = exc
             finally:
@@ -199,7 +211,9 @@ class ApiGatewayServer:
 
         threading.Thread(target=invoke, name=f"api-integration-{function}", daemon=True).start()
         json_headers = {"Content-Type": "application/json"}
-        if not answered.wait(self.integration_timeout_s):
+        while not answered.wait(POLL_S) and clock.elapsed_s() < self.integration_timeout_s:
+            pass
+        if not answered.is_set():
             print(
                 f"[api] {function} did not answer within {self.integration_timeout_s:g} s: 504",
                 file=sys.stderr,

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
+from local_stack.own_cpu_clock import OwnCpuClock
+
 # Imported by the forkserver before it forks any environment: what every function's cold start would
 # otherwise re-import (and hold in memory once per environment).
 PRELOADED = (
@@ -63,11 +65,13 @@ class LambdaContext:
     aws_request_id: str
     log_group_name: str
     log_stream_name: str
-    deadline: float  # time.monotonic() when the function times out
+    deadline: float  # on ``clock``, when the function times out
     function_version: str = "$LATEST"
+    #: the clock the runtime times the function on (``time.monotonic`` for handlers called directly)
+    clock: Callable[[], float] = time.monotonic
 
     def get_remaining_time_in_millis(self) -> int:
-        return max(0, int((self.deadline - time.monotonic()) * 1000))
+        return max(0, int((self.deadline - self.clock()) * 1000))
 
 
 class _LineCollector(io.TextIOBase):
@@ -154,7 +158,8 @@ def serve(conn: Connection, setup: EnvironmentSetup) -> None:
             aws_request_id=request_id,
             log_group_name=f"/aws/lambda/{setup.function_name}",
             log_stream_name=log_stream,
-            deadline=time.monotonic() + remaining_ms / 1000,
+            deadline=remaining_ms / 1000,
+            clock=OwnCpuClock().elapsed_s,  # the runtime's, so the handler's budgets end with its timeout
         )
         try:
             result = handler(event, context)

@@ -11,7 +11,9 @@ function's real handler (CodeUri + Handler from template.yaml) in an execution e
   the template, else the profile's); past it the invoke is throttled (``TooManyRequestsException``);
 - the function's ``Timeout`` is enforced: the environment is killed and the invoke answers as Lambda does
   for a timed-out function (a function error whose payload has no ``errorType``, which Step Functions
-  reports as ``Lambda.Unknown``);
+  reports as ``Lambda.Unknown``); it is timed on the environment's own CPU clock
+  (``local_stack.own_cpu_clock``: a handler that hangs times out on the second, one starved of CPU by
+  this machine's other work is not failed for it);
 - a result above 6 MB fails (``Function.ResponseSizeTooLarge``), a request above 6 MB is refused;
 - on the profile's share of Step Functions' invokes, the result is lost after the handler ran
   (``ServiceException``), as AWS warns it can be.
@@ -34,11 +36,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from local_stack.lambda_environment import PRELOADED, EnvironmentSetup, load_handler, serve
+from local_stack.own_cpu_clock import OwnCpuClock
 from local_stack.profiles import Profile
 from local_stack.template import FunctionSpec
 
 PAYLOAD_LIMIT_BYTES = 6 * 1024 * 1024  # synchronous invoke, request and response each
 INIT_BUDGET_S = 10.0  # Lambda gives an environment's init phase 10 s before the invoke's own timeout
+POLL_S = 0.25  # how often a wait on an environment looks at its clock (local_stack.own_cpu_clock)
 
 
 class LambdaRefused(Exception):
@@ -90,11 +94,14 @@ class Environment:
         return self.process.pid
 
     def _receive(self, timeout_s: float) -> tuple | None:
-        if self.conn.poll(timeout_s):
-            try:
-                return self.conn.recv()
-            except (EOFError, OSError):
-                return ("died",)
+        """The environment's next message, or None once ``timeout_s`` passed on its own CPU's clock."""
+        clock = OwnCpuClock(self.pid)
+        while (left := timeout_s - clock.elapsed_s()) > 0:
+            if self.conn.poll(min(left, POLL_S)):
+                try:
+                    return self.conn.recv()
+                except (EOFError, OSError):
+                    return ("died",)
         return None
 
     def initialise(self, budget_s: float) -> tuple[bool, str | None, list[str]]:
@@ -213,10 +220,15 @@ class LambdaService:
         return load_handler(str(spec.code_dir), spec.handler, f"direct_{spec.logical_id}_{uuid.uuid4().hex}")
 
     def invoke(
-        self, name_or_arn: str, body: bytes | str | None, *, may_lose_result: bool = False
+        self,
+        name_or_arn: str,
+        body: bytes | str | None,
+        *,
+        may_lose_result: bool = False,
+        on_environment: Callable[[int], None] | None = None,
     ) -> tuple[bytes, bool]:
         """A synchronous invoke: (payload, function error?). Raises ``LambdaRefused`` where Lambda would
-        answer with an error of its own."""
+        answer with an error of its own. ``on_environment`` hears the pid of the environment that runs it."""
         spec = self.spec_for(name_or_arn)
         text = body.decode() if isinstance(body, bytes) else (body or "{}")
         if len(text.encode()) > PAYLOAD_LIMIT_BYTES:
@@ -226,6 +238,8 @@ class LambdaService:
         request_id = str(uuid.uuid4())
         started = time.perf_counter()
         environment, cold = self._acquire(spec)
+        if on_environment is not None and environment.pid is not None:
+            on_environment(environment.pid)
         outcome, payload, lines = "died", "", []
         try:
             if cold:

@@ -31,6 +31,8 @@ def _streams(stack, session: str) -> dict[str, list[tuple[str, list[dict]]]]:
         by_invocation: dict[tuple[str, str], list[dict]] = {}
         current: dict[str, str] = {}
         for event in events:
+            if not event["message"].startswith("{"):  # Lambda's own lines ("Task timed out after ...")
+                continue
             line, stream = json.loads(event["message"]), event["logStreamName"]
             request = line.get("function_request_id") or current.get(stream, "")
             current[stream] = request

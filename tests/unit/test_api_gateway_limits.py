@@ -24,7 +24,7 @@ class FakeLambdas:
         self.release = threading.Event()
         self.invoked = threading.Event()
 
-    def invoke(self, name_or_arn: str, body: bytes | str | None) -> tuple[bytes, bool]:
+    def invoke(self, name_or_arn: str, body: bytes | str | None, on_environment=None) -> tuple[bytes, bool]:
         event = json.loads(body)
         if event.get("type") == "REQUEST":  # the routes' authorizer: let the request through
             return json.dumps(

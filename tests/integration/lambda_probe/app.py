@@ -1,5 +1,6 @@
 """A function for tests of the local Lambda runtime itself: it reports its process, its module state and
-its clock, and can be told to wait, to sleep past its timeout, to leave a mark or to answer too much."""
+its clock, and can be told to wait, to sleep past its timeout, to work the CPU, to leave a mark or to answer
+too much."""
 
 import os
 import time
@@ -19,11 +20,16 @@ def handler(event, context):
             time.sleep(0.02)
     if event.get("sleep_s"):
         time.sleep(event["sleep_s"])
+    if event.get("cpu_s"):  # work until the process has had this much CPU, however long the wall says
+        until = time.process_time() + event["cpu_s"]
+        while time.process_time() < until:
+            pass
     answer = {
         "pid": os.getpid(),
         "invokes": INVOKES,
         "time": time.time(),
         "function": os.environ.get("AWS_LAMBDA_FUNCTION_NAME"),
+        "remaining_ms": context.get_remaining_time_in_millis(),
     }
     if event.get("answer_bytes"):
         answer["padding"] = "x" * event["answer_bytes"]
