@@ -10,6 +10,9 @@
   (``States.Runtime``) unless it is ``ExecutionSucceeded``.
 - A Map iteration or Parallel branch that fails with a ``States.`` error fails its state with that error
   (moto alone turns it into a ``States.Runtime`` about an illegal custom error name).
+- StopExecution ends the execution at once (ABORTED, its stop date, its status change sent), as on AWS; moto
+  alone keeps it RUNNING until the Lambda invoke in flight returns (up to the function's Timeout), and a
+  task's result that comes back after the stop is dropped.
 - An execution that ends sends its "Execution Status Change" event to the functions whose EventBridge rules
   ask for it (template.yaml), asynchronously, twice for a share of them on the hostile profile (moto alone
   sends none).
@@ -92,6 +95,7 @@ class StepFunctionsBehaviour:
             install_history_limit(self.history_limit_events),
             install_cached_json_paths(),
             install_unique_execution_names(),
+            install_immediate_stop(),
         ]
 
         def uninstall() -> None:
@@ -431,6 +435,42 @@ def install_cached_json_paths() -> Undo:
     return uninstall
 
 
+# ---- StopExecution ----------------------------------------------------------------------------------
+
+
+def install_immediate_stop() -> Undo:
+    """StopExecution ends the execution when it is called: its status, stop date, error and cause are set and
+    its end is reported (``terminated``) there and then, once; the interpreter's thread, still waiting on a
+    task's Lambda invoke, reports nothing more when it gets back."""
+    from moto.stepfunctions.parser.asl.eval.program_state import ProgramStopped
+    from moto.stepfunctions.parser.backend.execution import BaseExecutionWorkerCommunication, Execution
+
+    original_stop, original_terminated = Execution.stop, BaseExecutionWorkerCommunication.terminated
+    once = threading.Lock()
+
+    def terminated(self: Any) -> None:
+        with once:
+            if getattr(self, "_local_terminated", False):
+                return
+            self._local_terminated = True
+        original_terminated(self)
+
+    def stop(self: Any, stop_date: Any, error: str | None, cause: str | None) -> None:
+        original_stop(self, stop_date=stop_date, error=error, cause=cause)
+        worker = self.exec_worker
+        if worker is None or not isinstance(worker.env.program_state(), ProgramStopped):
+            return  # it had ended already
+        self.error, self.cause = error, cause
+        worker._execution_communication.terminated()
+
+    Execution.stop, BaseExecutionWorkerCommunication.terminated = stop, terminated
+
+    def uninstall() -> None:
+        Execution.stop, BaseExecutionWorkerCommunication.terminated = original_stop, original_terminated
+
+    return uninstall
+
+
 # ---- EventBridge: an execution's end reported to the rules that ask for it ---------------------------
 
 
@@ -478,8 +518,13 @@ def install_status_change_events(
     from moto.stepfunctions.parser.backend.execution import BaseExecutionWorkerCommunication
 
     original = BaseExecutionWorkerCommunication.terminated
+    once = threading.Lock()
 
     def terminated(self: Any) -> None:
+        with once:  # a stopped execution's end is reported by StopExecution and again by its own thread
+            if getattr(self, "_local_status_change_sent", False):
+                return
+            self._local_status_change_sent = True
         original(self)
         execution = self.execution
         status = execution.exec_status.value if execution.exec_status is not None else None

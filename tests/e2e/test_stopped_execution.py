@@ -38,34 +38,38 @@ def _image_stored(stack, session: str, task_id: str) -> bool:
     return bool(s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("KeyCount"))
 
 
-@pytest.mark.skip(
-    reason="unfinished: the image never showed at its key within 300 s (the after-handler Hang on Generate may "
-    "take a WAIT answer first); End Stopped Runs itself is covered by tests/unit/test_stopped_runs.py"
-)
 def test_a_run_stopped_between_generate_and_attach_ends_readable_and_its_image_is_reused(stack, api):
     stack.openai.reset()
     case = Case.new("stopped")
     case.seed(stack.hub)
     seams = Seams(stack.seams)
     session = case.new_session()
-    # Generate stores the image and returns; its environment then holds the answer, so the execution sits
-    # between Generate and Attach until it is stopped
-    seams.after_handler[("GenerateFunction", session)] = Hang()
-    assert api.run(case.payload(session)).status_code == 202
-    wait_for(lambda: _image_stored(stack, session, case.task_id), "Generate stored the image", 300, 0.5)
-    execution = wait_for(lambda: _running_execution(stack, session), "the run's execution", 60, 0.5)
-    stack.client("stepfunctions").stop_execution(executionArn=execution, cause="stopped by an operator")
+    # Attach is held as it is invoked: Generate has paid for the image, stored it and handed it on through
+    # the state, and nothing has recorded it yet; the execution sits there until it is stopped
+    held = ("AttachFunction", session)
+    seams.before_handler[held] = Hang()
+    try:
+        assert api.run(case.payload(session)).status_code == 202
+        wait_for(lambda: seams.before_handler.taken(held), "Attach invoked with the stored image", 300, 0.5)
+        assert _image_stored(stack, session, case.task_id)
+        execution = wait_for(lambda: _running_execution(stack, session), "the run's execution", 60, 0.5)
+        stack.client("stepfunctions").stop_execution(executionArn=execution, cause="stopped by an operator")
 
-    first = api.wait_finished(session, timeout_s=300, poll_s=0.5)["runs"][0]
+        first = api.wait_finished(session, timeout_s=300, poll_s=0.5)["runs"][0]
+    finally:  # not reached when the test failed early: it must not hold a later run's Attach
+        stack.seams.disarm("before_handler")
     assert first["status"] == "FAILED" and first["failure"]["reason"] == "execution_stopped"
     assert "stopped from outside the plugin" in first["failure"]["message"]
-    assert first["image"]["key"].startswith("images/")  # recorded: the session shows what was paid for
+    paid = first["image"]  # recorded: the session shows the image paid for, never attached
+    assert paid["sha256"] and paid["attached"] is False
     assert _openai_requests(stack, case) == 1
+    assert stack.client("stepfunctions").describe_execution(executionArn=execution)["status"] == "ABORTED"
 
     second = case.new_session()  # a person runs the plugin again: a new hub session
     assert api.run(case.payload(second)).status_code == 202
     rerun = api.wait_finished(second, timeout_s=300, poll_s=0.5)["runs"][0]
     assert rerun["status"] == "SUCCEEDED"
-    assert rerun["image"]["reused"] is True and _openai_requests(stack, case) == 1
+    assert rerun["image"]["sha256"] == paid["sha256"] and _openai_requests(stack, case) == 1  # reused
+    assert len(stack.hub.attachments(case.external_id)) == 1
     delivered = [d for d in stack.event_deliveries if d[0] == "EndStoppedRunsFunction"]
     assert delivered and not any(failed for _, _, failed in delivered)
