@@ -211,6 +211,23 @@ def _killed_after_storing_png_then_rerun(world: World, case: Case) -> dict:
     return {"first run": _state(first), "status": _state(second)}
 
 
+def _stopped_between_generate_and_attach_then_rerun(world: World, case: Case) -> dict:
+    """An operator stops the execution (StopExecution, not the plugin's cancel) while Attach is being
+    invoked: Generate has paid for and stored the image and handed it on, and nothing has recorded it."""
+    session = case.new_session()
+    held = ("AttachFunction", session)
+    world.seams.before_handler[held] = Hang()
+    assert world.start(case, case.payload(session)).status_code == 202
+    assert wait_until(lambda: world.seams.before_handler.taken(held), 600, 1.0), "Attach never invoked"
+    sfn = world.stack.client("stepfunctions")
+    listed = sfn.list_executions(stateMachineArn=world.stack.state_machine_arn, statusFilter="RUNNING")
+    (execution,) = [e["executionArn"] for e in listed["executions"] if e["name"].startswith(f"{session}_")]
+    sfn.stop_execution(executionArn=execution, cause="stopped by an operator")
+    first = world.finished(case)
+    second = world.run(case)  # a person runs the plugin again: a new hub session
+    return {"first run": _state(first), "status": _state(second)}
+
+
 def _crash_after_hub_attached(world: World, case: Case) -> dict:
     world.seams.after_attach[case.external_id] = crash()
     run = world.run(case)
@@ -651,6 +668,16 @@ FAULTS = [
             "attachments": 1,
         },
         _killed_after_storing_png_then_rerun,
+    ),
+    Fault(
+        "The execution is stopped from outside between Generate and Attach; then run again",
+        {
+            "first run": "FAILED: execution_stopped",
+            "status": "SUCCEEDED",
+            "openai requests": 1,
+            "attachments": 1,
+        },
+        _stopped_between_generate_and_attach_then_rerun,
     ),
     Fault(
         "Attach dies (process killed) after the hub took the attachment, before recording it",
