@@ -108,6 +108,10 @@ def load_handler(code_dir: str, handler: str, module_name: str) -> Callable[[dic
     return getattr(module, function)
 
 
+def _before_hooks(modules: list[Any]) -> list[Callable[[str, dict], None]]:
+    return [module.before_handler for module in modules if hasattr(module, "before_handler")]
+
+
 def _after_hooks(modules: list[Any]) -> list[Callable[[str, dict, Any], None]]:
     return [module.after_handler for module in modules if hasattr(module, "after_handler")]
 
@@ -137,7 +141,7 @@ def serve(conn: Connection, setup: EnvironmentSetup) -> None:
     hooks = [importlib.import_module(name) for name in setup.hook_modules]
     for module in hooks:
         module.install()
-    after = _after_hooks(hooks)
+    before, after = _before_hooks(hooks), _after_hooks(hooks)
     try:
         handler = load_handler(setup.code_dir, setup.handler, f"lambda_{setup.logical_id}")
     except BaseException as exc:  # noqa: BLE001 - an init error: reported on the first invoke, as Lambda does
@@ -162,6 +166,8 @@ def serve(conn: Connection, setup: EnvironmentSetup) -> None:
             clock=OwnCpuClock().elapsed_s,  # the runtime's, so the handler's budgets end with its timeout
         )
         try:
+            for before_hook in before:
+                before_hook(setup.logical_id, event)
             result = handler(event, context)
             for hook in after:
                 hook(setup.logical_id, event, result)

@@ -4,7 +4,8 @@ Two profiles. ``aws`` is AWS's ordinary behaviour (the default for ``make run``,
 tests): Wait states a few hundred milliseconds late, small clock offsets between execution environments,
 warm environments reused and cold ones paid for. ``hostile`` turns every dial up, for the fault suite,
 the benchmarks and the tests marked ``hostile``: Wait states seconds late, clock offsets of +-500 ms, a
-cold start on every invoke and a share of Lambda results lost after the handler did its work.
+cold start on every invoke, a share of Lambda results lost after the handler did its work and a share of
+EventBridge's events delivered twice.
 
 The limits (256 KiB state payload, 25,000 history events, 6 MB Lambda payloads, API Gateway's 29 s, 10 MB
 and 6 MB) and each function's Timeout are enforced in both: they are AWS's rules, not its moods.
@@ -54,6 +55,8 @@ class Profile(BaseModel):
     # Share of Step Functions' Lambda task invokes whose result is lost after the handler ran
     # (Lambda.ServiceException): the state machine retries, the handler runs again.
     service_exception_share: float = Field(default=0.0, ge=0, le=1)
+    # Share of EventBridge's deliveries to a Lambda target made twice (it delivers at least once).
+    duplicate_event_share: float = Field(default=0.0, ge=0, le=1)
     seed: int | None = None
 
     def rng(self) -> random.Random:
@@ -73,6 +76,7 @@ HOSTILE = Profile(
     clock_offset_ms=500,
     cold_start_every_invoke=True,
     service_exception_share=0.1,
+    duplicate_event_share=0.5,
 )
 
 PROFILES = {profile.name: profile for profile in (AWS, HOSTILE)}

@@ -58,6 +58,10 @@ class SeamBoard:
         claimed.unlink()
         return value
 
+    def armed(self, table: str, key: str) -> bool:
+        """Whether the fault armed for ``key`` is still there, not yet taken."""
+        return (self.root / table / _slug(key)).exists()
+
     def disarm(self, table: str) -> None:
         for path in (self.root / table).glob("*"):
             path.unlink(missing_ok=True)

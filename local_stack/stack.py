@@ -30,15 +30,17 @@ from local_stack.api_gateway import ApiGatewayServer
 from local_stack.console import console_routes
 from local_stack.dynamodb_local import DynamoDBLocal
 from local_stack.hub_emulator import HubEmulatorProcess
-from local_stack.lambda_runtime import LambdaService, install
+from local_stack.lambda_runtime import LambdaRefused, LambdaService, install
 from local_stack.openai_emulator import OpenAIEmulatorProcess
 from local_stack.ports import free_port
 from local_stack.profiles import Profile, profile_named
 from local_stack.seams import SEAMS_DIR_VARIABLE, SeamBoard
-from local_stack.step_functions import StepFunctionsBehaviour
+from local_stack.step_functions import StepFunctionsBehaviour, install_status_change_events
 from local_stack.template import ACCOUNT_ID, REGION, LocalTemplate
 
 LOCAL_HUB_API_KEY = "ango-local-key"
+#: times Lambda tries an asynchronous invoke again after the function failed (its default)
+ASYNC_INVOKE_RETRIES = 2
 
 
 @dataclass
@@ -90,6 +92,9 @@ class LocalStack:
         self._logs: Any = None  # the CloudWatch Logs client the Lambda runtime writes through
         self._log_streams: dict[str, set[str]] = {}  # group -> streams created
         self._logs_lock = threading.Lock()
+        # every EventBridge delivery to a function: (logical id, the event's id, whether the function failed)
+        self.event_deliveries: list[tuple[str, str, bool]] = []
+        self._event_rng = self.profile.rng()
 
     # ---- lifecycle ------------------------------------------------------------------------------
 
@@ -152,6 +157,11 @@ class LocalStack:
         self._undo.append(self.step_functions.install())
         self._undo.append(self.lambdas.stop)
         self._undo.append(install(self.lambdas))
+        self._undo.append(
+            install_status_change_events(
+                self.template.status_change_rules(), self._deliver_event, self._event_copies
+            )
+        )
         self.api = ApiGatewayServer(self.template, self.lambdas, port=self.options.api_port).start()
         self.api.extra_routes.append(console_routes(self))  # the local console at the API's root
         self._undo.append(self.api.stop)
@@ -317,6 +327,25 @@ class LocalStack:
             layer_dirs=t.layer_dirs(),
             hook_modules=self.options.hook_modules,
         )
+
+    def _event_copies(self) -> int:
+        return 2 if self._event_rng.random() < self.profile.duplicate_event_share else 1
+
+    def _deliver_event(self, function: str, event: dict[str, Any]) -> None:
+        """EventBridge's asynchronous invoke of a Lambda target: a failed invoke is tried twice more, as
+        Lambda does (a minute and two apart on AWS; seconds here)."""
+        for attempt in range(1 + ASYNC_INVOKE_RETRIES):
+            if attempt:
+                time.sleep(attempt)
+            try:
+                _, failed = self.lambdas.invoke(self.template.arns[function], json.dumps(event))
+            except LambdaRefused:
+                failed = True
+            except Exception:  # noqa: BLE001 - the stack is stopping: the event is lost with it
+                return
+            self.event_deliveries.append((function, event["id"], failed))
+            if not failed:
+                return
 
     def _secret_value(self, logical_id: str) -> str:
         if logical_id == "PluginSecret":

@@ -10,6 +10,12 @@
   (``States.Runtime``) unless it is ``ExecutionSucceeded``.
 - A Map iteration or Parallel branch that fails with a ``States.`` error fails its state with that error
   (moto alone turns it into a ``States.Runtime`` about an illegal custom error name).
+- StopExecution ends the execution at once (ABORTED, its stop date, its status change sent), as on AWS; moto
+  alone keeps it RUNNING until the Lambda invoke in flight returns (up to the function's Timeout), and a
+  task's result that comes back after the stop is dropped.
+- An execution that ends sends its "Execution Status Change" event to the functions whose EventBridge rules
+  ask for it (template.yaml), asynchronously, twice for a share of them on the hostile profile (moto alone
+  sends none).
 - JSONPaths are parsed once per path rather than on every evaluation (moto alone spends about 3 ms per
   ``ResultPath``, which on 2 busy cores is most of an execution's time).
 
@@ -27,6 +33,7 @@ import json
 import random
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -88,6 +95,7 @@ class StepFunctionsBehaviour:
             install_history_limit(self.history_limit_events),
             install_cached_json_paths(),
             install_unique_execution_names(),
+            install_immediate_stop(),
         ]
 
         def uninstall() -> None:
@@ -425,3 +433,107 @@ def install_cached_json_paths() -> Undo:
             module.parse = parse
 
     return uninstall
+
+
+# ---- StopExecution ----------------------------------------------------------------------------------
+
+
+def install_immediate_stop() -> Undo:
+    """StopExecution ends the execution when it is called: its status, stop date, error and cause are set and
+    its end is reported (``terminated``) there and then, once; the interpreter's thread, still waiting on a
+    task's Lambda invoke, reports nothing more when it gets back."""
+    from moto.stepfunctions.parser.asl.eval.program_state import ProgramStopped
+    from moto.stepfunctions.parser.backend.execution import BaseExecutionWorkerCommunication, Execution
+
+    original_stop, original_terminated = Execution.stop, BaseExecutionWorkerCommunication.terminated
+    once = threading.Lock()
+
+    def terminated(self: Any) -> None:
+        with once:
+            if getattr(self, "_local_terminated", False):
+                return
+            self._local_terminated = True
+        original_terminated(self)
+
+    def stop(self: Any, stop_date: Any, error: str | None, cause: str | None) -> None:
+        original_stop(self, stop_date=stop_date, error=error, cause=cause)
+        worker = self.exec_worker
+        if worker is None or not isinstance(worker.env.program_state(), ProgramStopped):
+            return  # it had ended already
+        self.error, self.cause = error, cause
+        worker._execution_communication.terminated()
+
+    Execution.stop, BaseExecutionWorkerCommunication.terminated = stop, terminated
+
+    def uninstall() -> None:
+        Execution.stop, BaseExecutionWorkerCommunication.terminated = original_stop, original_terminated
+
+    return uninstall
+
+
+# ---- EventBridge: an execution's end reported to the rules that ask for it ---------------------------
+
+
+def status_change_event(execution: Any) -> dict[str, Any]:
+    """What Step Functions sends EventBridge when ``execution`` (moto's) ends: the detail carries its input
+    as the JSON text it was started with, and its dates in epoch milliseconds."""
+    from local_stack.template import ACCOUNT_ID, EXECUTION_STATUS_CHANGE, REGION
+
+    def epoch_ms(when: Any) -> int | None:
+        return int(when.timestamp() * 1000) if when is not None else None
+
+    return {
+        "version": "0",
+        "id": str(uuid.uuid4()),
+        "detail-type": EXECUTION_STATUS_CHANGE,
+        "source": "aws.states",
+        "account": ACCOUNT_ID,
+        "time": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "region": REGION,
+        "resources": [execution.exec_arn],
+        "detail": {
+            "executionArn": execution.exec_arn,
+            "stateMachineArn": execution.state_machine_arn,
+            "name": execution.name,
+            "status": execution.exec_status.value,
+            "startDate": epoch_ms(execution.start_date),
+            "stopDate": epoch_ms(execution.stop_date),
+            "input": json.dumps(execution.input_data),
+            "inputDetails": {"included": True},
+            "output": None,
+            "outputDetails": None,
+            "error": execution.error,
+            "cause": execution.cause,
+        },
+    }
+
+
+def install_status_change_events(
+    rules: list[Any], deliver: Callable[[str, dict[str, Any]], None], copies: Callable[[], int]
+) -> Undo:
+    """Each execution that ends sends its "Execution Status Change" event to the function of every rule whose
+    pattern matches (``StatusChangeRule``), on a thread of its own, as EventBridge invokes a Lambda target
+    asynchronously after the execution has ended; ``copies()`` says how many times each delivery is made
+    (EventBridge delivers at least once). moto alone sends no event."""
+    from moto.stepfunctions.parser.backend.execution import BaseExecutionWorkerCommunication
+
+    original = BaseExecutionWorkerCommunication.terminated
+    once = threading.Lock()
+
+    def terminated(self: Any) -> None:
+        with once:  # a stopped execution's end is reported by StopExecution and again by its own thread
+            if getattr(self, "_local_status_change_sent", False):
+                return
+            self._local_status_change_sent = True
+        original(self)
+        execution = self.execution
+        status = execution.exec_status.value if execution.exec_status is not None else None
+        for rule in rules:
+            arns = rule.state_machine_arns
+            if status in rule.statuses and (not arns or execution.state_machine_arn in arns):
+                event = status_change_event(execution)
+                for _ in range(copies()):
+                    threading.Thread(target=deliver, args=(rule.function, event), daemon=True).start()
+
+    BaseExecutionWorkerCommunication.terminated = terminated
+    return lambda: setattr(BaseExecutionWorkerCommunication, "terminated", original)

@@ -16,6 +16,8 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 TEMPLATE_PATH = PROJECT_ROOT / "template.yaml"
 ACCOUNT_ID = "123456789012"
 REGION = "us-east-1"
+#: the ``detail-type`` of Step Functions' events about an execution's status
+EXECUTION_STATUS_CHANGE = "Step Functions Execution Status Change"
 
 
 class _CfnLoader(yaml.SafeLoader):
@@ -64,6 +66,15 @@ class Route:
         pattern = "^" + re.sub(r"\\{(\w+)\\}", r"(?P<\1>[^/]+)", re.escape(self.path)) + "$"
         found = re.match(pattern, path)
         return found.groupdict() if found else None
+
+
+@dataclass(frozen=True)
+class StatusChangeRule:
+    """An EventBridge rule on Step Functions' "Execution Status Change" whose target is a function."""
+
+    function: str  # logical id
+    state_machine_arns: tuple[str, ...]  # empty: every state machine's
+    statuses: tuple[str, ...]
 
 
 @dataclass
@@ -168,6 +179,27 @@ class LocalTemplate:
             identity_headers=tuple(spec.get("Identity", {}).get("Headers", [])),
             ttl_s=int(spec.get("Identity", {}).get("ReauthorizeEvery", 300)),
         )
+
+    def status_change_rules(self) -> list[StatusChangeRule]:
+        """The functions' EventBridgeRule events on Step Functions executions' status changes, resolved (the
+        state machines must be created first: the pattern names their ARNs)."""
+        rules = []
+        for lid, res in self.of_type("AWS::Serverless::Function").items():
+            for event in res["Properties"].get("Events", {}).values():
+                pattern = event.get("Properties", {}).get("Pattern", {})
+                if event["Type"] != "EventBridgeRule" or pattern.get("source") != ["aws.states"]:
+                    continue
+                if pattern.get("detail-type") != [EXECUTION_STATUS_CHANGE]:
+                    continue
+                detail = pattern.get("detail", {})
+                rules.append(
+                    StatusChangeRule(
+                        function=lid,
+                        state_machine_arns=tuple(self.resolve(detail.get("stateMachineArn", []))),
+                        statuses=tuple(detail.get("status", [])),
+                    )
+                )
+        return rules
 
     def state_machines(self) -> dict[str, dict[str, Any]]:
         """Every state machine's properties, by logical id."""

@@ -122,11 +122,20 @@ def install() -> None:
     wrap(BaseClient, "_make_api_call", api_call)
 
 
+def before_handler(function: str, event: dict) -> None:
+    """A fault as the handler is invoked, before it does anything: a step held at its start."""
+    _take_handler_fault("before_handler", function, event)
+
+
 def after_handler(function: str, event: dict, result: Any) -> None:
     """A crash after the handler returned, all its side effects done."""
+    _take_handler_fault("after_handler", function, event)
+
+
+def _take_handler_fault(table: str, function: str, event: dict) -> None:
     board = _board()
-    if board is None or not any((board.root / "after_handler").glob("*")):  # nothing armed: stay out of it
+    if board is None or not any((board.root / table).glob("*")):  # nothing armed: stay out of it
         return
-    spec = board.take("after_handler", f"{function}|{session_of(event)}")
+    spec = board.take(table, f"{function}|{session_of(event)}")
     if spec:
         raise_spec(spec)

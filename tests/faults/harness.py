@@ -148,6 +148,10 @@ class _Armed:
         spec = HANG if isinstance(failure, Hang) else exception_spec(failure)
         self._board.arm(self._table, self._key_of(key), spec)
 
+    def taken(self, key: Any) -> bool:
+        """Whether an environment has reached the seam armed for ``key`` (and took its fault)."""
+        return not self._board.armed(self._table, self._key_of(key))
+
 
 class Seams:
     """Per-case fault hooks at the points where a step has done something outside and not yet recorded it.
@@ -158,6 +162,8 @@ class Seams:
         self.after_handler = _Armed(
             board, "after_handler", lambda key: f"{key[0]}|{key[1]}"
         )  # (function, session)
+        # (function, session) -> raise once (or hang) as the handler is invoked, before it does anything
+        self.before_handler = _Armed(board, "before_handler", lambda key: f"{key[0]}|{key[1]}")
         self.after_put_png = _Armed(board, "after_put_png")  # execution name -> raise once after storing
         self.after_attach = _Armed(board, "after_attach")  # asset externalId -> raise once after attaching
         self.before_start = _Armed(board, "before_start")  # session -> raise once before StartExecution
@@ -170,6 +176,7 @@ class Seams:
 
     def clear(self) -> None:
         for table in (
+            "before_handler",
             "after_handler",
             "after_put_png",
             "after_attach",

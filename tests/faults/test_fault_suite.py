@@ -211,6 +211,23 @@ def _killed_after_storing_png_then_rerun(world: World, case: Case) -> dict:
     return {"first run": _state(first), "status": _state(second)}
 
 
+def _stopped_between_generate_and_attach_then_rerun(world: World, case: Case) -> dict:
+    """An operator stops the execution (StopExecution, not the plugin's cancel) while Attach is being
+    invoked: Generate has paid for and stored the image and handed it on, and nothing has recorded it."""
+    session = case.new_session()
+    held = ("AttachFunction", session)
+    world.seams.before_handler[held] = Hang()
+    assert world.start(case, case.payload(session)).status_code == 202
+    assert wait_until(lambda: world.seams.before_handler.taken(held), 600, 1.0), "Attach never invoked"
+    sfn = world.stack.client("stepfunctions")
+    listed = sfn.list_executions(stateMachineArn=world.stack.state_machine_arn, statusFilter="RUNNING")
+    (execution,) = [e["executionArn"] for e in listed["executions"] if e["name"].startswith(f"{session}_")]
+    sfn.stop_execution(executionArn=execution, cause="stopped by an operator")
+    first = world.finished(case)
+    second = world.run(case)  # a person runs the plugin again: a new hub session
+    return {"first run": _state(first), "status": _state(second)}
+
+
 def _crash_after_hub_attached(world: World, case: Case) -> dict:
     world.seams.after_attach[case.external_id] = crash()
     run = world.run(case)
@@ -653,6 +670,16 @@ FAULTS = [
         _killed_after_storing_png_then_rerun,
     ),
     Fault(
+        "The execution is stopped from outside between Generate and Attach; then run again",
+        {
+            "first run": "FAILED: execution_stopped",
+            "status": "SUCCEEDED",
+            "openai requests": 1,
+            "attachments": 1,
+        },
+        _stopped_between_generate_and_attach_then_rerun,
+    ),
+    Fault(
         "Attach dies (process killed) after the hub took the attachment, before recording it",
         {"status": "FAILED: internal_error", "attachments": 1, "says check the asset": True},
         _crash_after_hub_attached,
@@ -1047,10 +1074,12 @@ def write_table(
         "  the same uncertainty at the hub. The state machine does not retry `Runtime.ExitError` or",
         "  `Sandbox.Timedout`, so such a run ends FAILED (`internal_error`); a PNG it had stored is offered to",
         "  the re-run. Dying between OpenAI's answer and the S3 write loses an image that was billed.",
-        "- An execution stopped from outside (not by a cancel) or timed out as a whole (`ExecutionTimeoutSeconds`,",
-        "  48 h) runs no Record Failure: its run stays in its last status, which neither a re-run nor a cancel",
-        "  takes, so an image paid for and not yet recorded (between Generate's answer and Attach's first write, a",
-        "  Choice state apart) stays in S3 until the bucket's lifecycle removes it, unseen and never reused.",
+        "- An execution stopped from outside (not by a cancel), timed out as a whole (`ExecutionTimeoutSeconds`,",
+        "  48 h) or failed past its Catch runs no Record Failure; Step Functions reports its end on EventBridge and",
+        "  End Stopped Runs ends each run it still owned (FAILED, `execution_stopped` / `execution_timed_out` /",
+        "  `execution_failed`, with a sentence), recording and offering an image paid for and not yet recorded.",
+        "  An event it cannot handle after Lambda's two retries waits in `StoppedRunsDeadLetterQueue` (alarmed);",
+        "  until it is replayed, those runs stay in their last status.",
         "- An OpenAI timeout or 5xx is retried with a new request: if OpenAI had in fact generated (and billed)",
         "  the image, that one is lost. OpenAI offers no idempotency key for image generation.",
         "- Two different hub sessions for the same task running at the same moment each pay for an image: the",

@@ -213,3 +213,24 @@ class OpenAIRateLimitPersisted(PluginError):
     """OpenAI kept answering 429 rate_limit_exceeded, request after request, past the run's budget."""
 
     reason = "openai_rate_limited"
+
+
+# ---- an execution's end that no step saw: named by End Stopped Runs, never raised by a step -----------
+
+
+class ExecutionStopped(PluginError):
+    """The run's execution was stopped from outside the plugin (StopExecution), not by its cancel."""
+
+    reason = "execution_stopped"
+
+
+class ExecutionTimedOut(PluginError):
+    """The run's execution ran past its ``TimeoutSeconds`` and Step Functions stopped it."""
+
+    reason = "execution_timed_out"
+
+
+class ExecutionFailed(PluginError):
+    """The run's execution failed past every Catch (a history or payload limit), leaving the run going."""
+
+    reason = "execution_failed"
