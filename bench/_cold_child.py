@@ -142,6 +142,8 @@ def main() -> None:
         "peak_rss_mb": peak_rss_mb(),
         "status_code": status,
         "error": error,
+        # what the state machine hands to the next step (the bench feeds it to that step's cold start)
+        "result": result if isinstance(result, dict) else None,
     }
     with open(spec["out"], "w") as handle:
         json.dump(measured, handle)

@@ -203,7 +203,18 @@ class ColdStartBench:
         failing = f"bench-cold-{tag}-fail-{uuid.uuid4().hex[:8]}"
         result = {"api": self.child("api", self.api_event(session), eager, importtime)}
         for function in ("extract", "generate", "attach"):
-            result[function] = self.child(function, self.step_event(function, session), eager, importtime)
+            event = self.step_event(function, session)
+            # what the state machine hands on (statemachine/run_plugin.asl.json): Generate gets Extract's
+            # prompt and fingerprint, Attach the images Generate stored for this session
+            if function == "generate":
+                extracted = result["extract"]["result"]
+                event |= {
+                    "imageFingerprint": extracted["imageFingerprint"],
+                    "extracted": extracted["extracted"],
+                }
+            elif function == "attach":
+                event["generation"] = result["generate"]["result"]
+            result[function] = self.child(function, event, eager, importtime)
         created = self.api.run(self.payload | {"session": failing})  # a run for the Catch path to fail
         if created.status_code != 202:
             raise RuntimeError(f"POST /plugin answered {created.status_code}: {created.text[:300]}")
@@ -489,11 +500,12 @@ def main(argv: list[str] | None = None) -> int:
         "Import plus the first event's imports over the floor (median of the ratios of pairs of fresh "
         "processes run side by side): "
         + ", ".join(f"{f} {ratio:.2f}x" for f, ratio in over_floor.items())
-        + ". Each handler imports only Powertools' Logger at init and loads the domain, pydantic, boto3 and "
+        + ". Each handler imports only Powertools' Logger at init and loads the domain, pydantic, botocore and "
         "(api) Powertools' event handler on its first event; init's import alone over the floor: "
         + ", ".join(f"{f} {ratio:.2f}x" for f, ratio in init_over_floor.items())
         + ". The X-Ray SDK is gone from the layer (tracing is Lambda's own active tracing), and with it the "
-        f"layer's own botocore; aws_xray_sdk's import now costs {xray:.0f} ms.",
+        f"layer's own botocore; aws_xray_sdk's import now costs {xray:.0f} ms. The AWS clients come from "
+        "botocore's own session (wiring.aws_client): boto3, which the floor imports, is never loaded.",
     ]
     findings.append(
         "Bytecode: the layer (the plugin and its requirements) and generate's openai are compiled once by "
@@ -505,12 +517,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     findings.append(
         "What a cold start still pays above its floor, beside the handler's own modules: pydantic itself "
-        "(loaded by the step contracts and the run record, about a third of the floor), the run record's "
-        "models and the settings each function loads (built on the first event; models only another "
+        "(loaded by the step contracts and the run record: about half the floor's instructions), the run "
+        "record's models and the settings each function loads (built on the first event; models only another "
         "function uses are built on first use, pydantic's defer_build, and counted here when this "
-        "function's first event builds them), and for the API Powertools' event handler (its OpenAPI "
-        "models are built only for `make openapi`, never to serve). Generate's floor includes openai, "
-        "which brings pydantic with it."
+        "function's first event builds them; the run record builds every model it nests, so deferring those "
+        "saves nothing), the ports' frozen dataclasses, and for the API Powertools' event handler with its "
+        "route validation (its OpenAPI models are built only for `make openapi`, never to serve). "
+        "Generate's floor includes openai, which brings pydantic with it."
     )
     openai_ms = heaviest["generate"].get("openai")
     if openai_ms:

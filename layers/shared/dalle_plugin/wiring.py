@@ -1,6 +1,6 @@
 """Builds the real adapters from settings, lazily and once per cold start (a cached factory per port).
 
-Handlers call these; tests call the domain with fakes or point these at the local stack through boto3's
+Handlers call these; tests call the domain with fakes or point these at the local stack through botocore's
 own ``AWS_ENDPOINT_URL_*`` variables.
 """
 
@@ -12,7 +12,7 @@ from collections.abc import Callable
 from functools import cache
 from typing import Any
 
-import boto3
+import botocore.session
 from botocore.config import Config
 
 from dalle_plugin.adapters.aws import (
@@ -49,8 +49,10 @@ _BOTO_CONFIG = Config(retries={"mode": "standard", "max_attempts": 4}, connect_t
 
 @cache
 def aws_client(service: str) -> Any:
-    # A session per client: creating clients from the shared default session is not thread-safe.
-    return boto3.session.Session().client(service, config=_BOTO_CONFIG)
+    # A session per client: creating clients from a shared session is not thread-safe. botocore's own
+    # session, not boto3's: the adapters use low-level clients only, and boto3 (its resource API and its
+    # S3 transfer manager) cost every cold start about a tenth of its floor to import for nothing.
+    return botocore.session.Session().create_client(service, config=_BOTO_CONFIG)
 
 
 def _hub_factory(settings: CommonSettings) -> Callable[[HubCaller, str], HubClient]:

@@ -19,7 +19,7 @@ import math
 import re
 from collections.abc import Mapping
 from datetime import date
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
@@ -42,9 +42,9 @@ from dalle_plugin.domain.models_catalog import (
     suggest,
 )
 from dalle_plugin.domain.pricing import DEFAULT_PRICES, estimate_cost_usd
+from dalle_plugin.domain.prompt import PromptSource
 from dalle_plugin.domain.prompt_template import TemplateProblem, parse_template
 
-PromptSource = Literal["text-annotation", "entity-annotation", "full-text-asset"]
 PROMPT_SOURCES: tuple[str, ...] = get_args(PromptSource)
 DEFAULT_KEY = "default"
 MAX_KEY_CHARS = 512

@@ -30,12 +30,15 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, get_args
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel
 
-from dalle_plugin.domain.config import PromptSource
 from dalle_plugin.domain.errors import AssetUnreadable, PromptNotFound
+
+# Here rather than in config.py: Extract needs the prompt's sources, not the plugin config's models and the
+# models catalog that parsing a config builds (the API's work).
+PromptSource = Literal["text-annotation", "entity-annotation", "full-text-asset"]
 
 PROMPT_CLASS = "prompt"
 _SENTENCE_END = tuple(".!?;:,…。！？")
