@@ -129,7 +129,8 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
         if run.uses_default_key
         else secrets[OPENAI_KEY]
     )
-    # Spending limits are counted before the queue is joined: a run refused by them takes no place in it.
+    # Spending limits are counted before the claim: a run refused by them never takes a send, and its
+    # Record Failure takes its ticket out of its line.
     held = _hold_allowances(run, deps, hub)
     if isinstance(held, GenerateOutcome):
         return held
