@@ -12,6 +12,7 @@ import uuid
 
 import pytest
 from dalle_plugin import wiring
+from dalle_plugin.adapters.dynamo_rate_limiter import QUEUE_KEY
 from dalle_plugin.domain.payload import parse_payload
 from dalle_plugin.domain.rate_limit import line_of
 from dalle_plugin.domain.steps.start import start_session
@@ -121,7 +122,7 @@ def test_record_failure_handler_with_its_event(stack):
 
 def _waiting_in_line(deps, line: str, ticket: int) -> bool:
     table = load_settings(RateLimitSettings).rate_limit_table
-    item = wiring.aws_client("dynamodb").get_item(TableName=table, Key={"pk": {"S": "global"}})
+    item = wiring.aws_client("dynamodb").get_item(TableName=table, Key={"pk": {"S": QUEUE_KEY}})
     waiting = deps.limiter.from_item(item.get("Item")).line(line)
     return waiting is not None and waiting.holds(ticket)
 

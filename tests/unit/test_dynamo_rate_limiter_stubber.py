@@ -3,6 +3,8 @@ used: one conditional UpdateItem per decision, never a read; a claim from an old
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from typing import Any
 
 import boto3
@@ -22,7 +24,9 @@ from dalle_plugin.domain.rate_limit import (
 from dalle_plugin.ports import RateClaim
 
 TABLE = "rate-limit"
-SETTINGS = LimiterSettings(limit=2, window_s=60, skew_margin_ms=250, wake_lead_ms=0, short_wait_ms=0)
+SETTINGS = LimiterSettings(
+    limit=2, window_s=60, skew_margin_ms=250, wake_lead_ms=0, short_wait_ms=0, join_to_claim_ms=0
+)
 NOW = 1_760_000_000_000
 LINE = line_of("org-1", False)
 
@@ -59,17 +63,19 @@ def limiter(client, clock) -> DynamoRateLimiter:
     return DynamoRateLimiter(client, TABLE, SETTINGS, clock=clock, sleep=lambda s: None, jitter=lambda: 0.5)
 
 
-def item(limiter: DynamoRateLimiter, state: LimiterState) -> dict[str, Any]:
+def item(state: LimiterState) -> dict[str, Any]:
     """The item as DynamoDB holds it after ``state`` was written."""
-    request = limiter.write_request(LimiterState(), state)
-    values = request["ExpressionAttributeValues"]
     stored = {
-        "pk": {"S": "global"},
-        "g": values[":g1"],
-        "c": values[":c1"],
-        "n": values[":n"],
-        "q": values[":q"],
+        "pk": {"S": "queue"},
+        "g": {"N": str(state.grants)},
+        "c": {"N": str(state.changes)},
+        "n": {"N": str(state.issued)},
     }
+    for name, line in state.lines:
+        stored[f"i:{name}"] = {"N": str(line.issued)}
+        stored[f"s:{name}"] = {"N": str(line.served)}
+        rest = [line.since_ms, line.last_grant, [list(r) for r in line.skipped], list(line.returned)]
+        stored[f"l:{name}"] = {"S": json.dumps(rest, separators=(",", ":"))}
     for k, slot in enumerate(state.slots):
         if slot is not None:
             stored[f"t{k}"] = {"N": str(slot.at_ms)}
@@ -88,14 +94,85 @@ def lost(stubber: Stubber, expected: dict[str, Any], current: dict[str, Any] | N
     )
 
 
-def test_a_batch_joins_its_line_with_one_write_that_creates_the_item(limiter, stubber):
-    joined = join(LimiterState(), LINE, 3, NOW, SETTINGS)
-    stubber.add_response("update_item", {}, limiter.write_request(LimiterState(), joined.state))
+def test_a_batch_joining_an_empty_queue_makes_its_line_in_one_write(limiter, stubber):
+    made = join(LimiterState(), LINE, 3, NOW, SETTINGS).state
+    stubber.add_response(
+        "update_item",
+        {"Attributes": item(replace(made, changes=1))},
+        {
+            "TableName": TABLE,
+            "Key": {"pk": {"S": "queue"}},
+            "UpdateExpression": "SET #s = if_not_exists(#n, :zero), #i = if_not_exists(#n, :zero) + :count, "
+            "#n = if_not_exists(#n, :zero) + :count, #l = :rest, #g = if_not_exists(#g, :zero) ADD #c :one",
+            "ConditionExpression": "attribute_not_exists(#i)",
+            "ExpressionAttributeNames": {
+                "#i": f"i:{LINE}",
+                "#s": f"s:{LINE}",
+                "#l": f"l:{LINE}",
+                "#n": "n",
+                "#g": "g",
+                "#c": "c",
+            },
+            "ExpressionAttributeValues": {
+                ":count": {"N": "3"},
+                ":zero": {"N": "0"},
+                ":one": {"N": "1"},
+                ":rest": {"S": f"[{NOW},-1,[],[]]"},
+            },
+            "ReturnValues": "ALL_NEW",
+        },
+    )
     answer = limiter.join("org-1", False, 3)
     assert (answer.first_ticket, answer.admitted, answer.calls) == (0, 3, 1)
-    request = limiter.write_request(LimiterState(), joined.state)
-    assert request["ConditionExpression"] == "attribute_not_exists(#g)"
-    assert request["ExpressionAttributeValues"][":q"] == {"S": f'[["{LINE}",3,0,{NOW},-1,[]]]'}
+    assert answer.positions == (0, 1, 2)
+
+
+def test_a_batch_joining_a_line_with_runs_waiting_adds_its_tickets_alone_and_older_views_still_claim(
+    limiter, stubber, clock
+):
+    """The write nothing refuses: tickets added to a line leave ``g`` and ``c`` as they were, so the runs
+    already waiting claim from their views in one write each."""
+    view = join(LimiterState(), LINE, 2, NOW, SETTINGS).state
+    limiter._state = view  # the API's environment saw the line before
+    grown = join(view, LINE, 3, NOW, SETTINGS).state
+    stubber.add_response(
+        "update_item",
+        {"Attributes": item(replace(grown, changes=view.changes))},
+        {
+            "TableName": TABLE,
+            "Key": {"pk": {"S": "queue"}},
+            "UpdateExpression": "ADD #i :count",
+            "ConditionExpression": "attribute_exists(#i)",
+            "ExpressionAttributeNames": {"#i": f"i:{LINE}"},
+            "ExpressionAttributeValues": {":count": {"N": "3"}},
+            "ReturnValues": "ALL_NEW",
+        },
+    )
+    answer = limiter.join("org-1", False, 3)
+    assert (answer.first_ticket, answer.admitted, answer.calls) == (2, 3, 1)
+    assert answer.positions == (2, 3, 4)
+    # ticket 0 claims from the view it had before the batch joined: one write, granted
+    waiting = DynamoRateLimiter(limiter._client, TABLE, SETTINGS, clock=clock, sleep=lambda s: None)
+    granted = claim(view, LINE, 0, "r0#1", NOW, SETTINGS).state
+    request = waiting.write_request(view, granted, LINE)
+    assert request["ConditionExpression"] == (
+        "#g = :g0 AND #c = :c0 AND (attribute_not_exists(#t) OR #t <= :cutoff)"
+    )
+    stubber.add_response("update_item", {}, request)
+    decision = waiting.claim(RateClaim("org-1", False, 0, "r0#1", encode_state(view, NOW)))
+    assert decision.granted and decision.calls == 1
+
+
+def test_a_grant_is_refused_if_another_line_took_tickets_since_it_could_come_first(limiter):
+    """Round-robin: tickets added to another organisation's line may take their turn ahead."""
+    a, b = LINE, line_of("org-2", False)
+    view = join(join(LimiterState(), a, 2, NOW, SETTINGS).state, b, 1, NOW, SETTINGS).state
+    granted = claim(view, a, 0, "a0#1", NOW, SETTINGS).state
+    request = limiter.write_request(view, granted, a)
+    names = request["ExpressionAttributeNames"]
+    (guard,) = [n for n, attribute in names.items() if attribute == f"i:{b}"]
+    assert f"{guard} = " in request["ConditionExpression"]
+    assert f"i:{a}" not in names.values()  # its own line's added tickets queue behind it
 
 
 def test_a_claim_from_an_old_view_is_one_write_conditioned_on_the_grants_before_it(limiter, stubber, clock):
@@ -105,10 +182,12 @@ def test_a_claim_from_an_old_view_is_one_write_conditioned_on_the_grants_before_
     actual = claim(view, LINE, 0, "r0#1", NOW, SETTINGS).state
     actual = claim(actual, LINE, 1, "r1#1", NOW, SETTINGS).state
     granted = claim(actual, LINE, 2, "r2#1", clock.now, SETTINGS).state
-    request = limiter.write_request(actual, granted)
+    request = limiter.write_request(actual, granted, LINE)
+    # its line empties with it: removed, if no tickets were added to it since
     assert request["ConditionExpression"] == (
-        "#g = :g0 AND #c = :c0 AND (attribute_not_exists(#t) OR #t <= :cutoff)"
+        "#g = :g0 AND #c = :c0 AND #i0 = :i0 AND (attribute_not_exists(#t) OR #t <= :cutoff)"
     )
+    assert request["UpdateExpression"].endswith("REMOVE #i0, #s0, #l0")
     assert request["ExpressionAttributeValues"][":g0"] == {"N": "2"}
     assert request["ExpressionAttributeValues"][":cutoff"] == {"N": str(NOW)}
     stubber.add_response("update_item", {}, request)
@@ -121,11 +200,11 @@ def test_a_claim_that_loses_decides_again_from_the_returned_item(limiter, stubbe
     actual = claim(view, LINE, 0, "r0#1", NOW, SETTINGS).state
     actual = claim(actual, LINE, 1, "r1#1", NOW + 5, SETTINGS).state  # sent later than ticket 2 hoped
     clock.now = NOW + SETTINGS.spacing_ms
-    predicted = state_at_turn(view, LINE, 2, SETTINGS.limit)
+    predicted = state_at_turn(view, LINE, 2, SETTINGS)
     hoped = claim(predicted, LINE, 2, "r2#1", clock.now, SETTINGS).state
-    lost(stubber, limiter.write_request(predicted, hoped), item(limiter, actual))
+    lost(stubber, limiter.write_request(predicted, hoped, LINE), item(actual))
     granted = claim(actual, LINE, 2, "r2#1", clock.now, SETTINGS).state
-    stubber.add_response("update_item", {}, limiter.write_request(actual, granted))
+    stubber.add_response("update_item", {}, limiter.write_request(actual, granted, LINE))
     decision = limiter.claim(RateClaim("org-1", False, 2, "r2#1", encode_state(view, NOW)))
     assert decision.granted and decision.calls == 2
 
@@ -136,18 +215,20 @@ def test_a_redelivered_claim_with_the_same_send_is_granted_and_records_nothing(l
     clock.now = NOW + 10
     lost(
         stubber,
-        limiter.write_request(state, claim(state, LINE, 0, "r0#1", NOW + 10, SETTINGS).state),
-        item(limiter, sent),
+        limiter.write_request(state, claim(state, LINE, 0, "r0#1", NOW + 10, SETTINGS).state, LINE),
+        item(sent),
     )
     decision = limiter.claim(RateClaim("org-1", False, 0, "r0#1", encode_state(state, NOW)))
     assert decision.granted and decision.calls == 1  # the lost write was the only call
 
 
-def test_leaving_writes_a_skipped_range_once(limiter, stubber):
+def test_leaving_looks_at_the_item_once_then_writes_a_skipped_range(limiter, stubber):
     state = join(LimiterState(), LINE, 5, NOW, SETTINGS).state
-    lost(stubber, limiter.write_request(LimiterState(), LimiterState()), item(limiter, state))
+    lost(stubber, None, item(state))  # the state in hand knows none of the tickets: the item is looked at
     stubber.add_response("update_item", {}, limiter.write_request(state, leave(state, LINE, 2, 2, NOW)))
     limiter.leave("org-1", False, 2, 2)
+    request = limiter.write_request(state, leave(state, LINE, 2, 2, NOW))
+    assert f"i:{LINE}" in request["ExpressionAttributeNames"].values()  # none added since it looked
 
 
 def test_any_other_dynamodb_error_is_storage_unavailable(limiter, stubber):

@@ -387,7 +387,8 @@ def test_a_batch_past_the_cap_is_admitted_up_to_the_cap_and_the_rest_told_their_
     settings = LimiterSettings(limit=1, window_s=60, skew_margin_ms=1000, max_queue_wait_s=150)
     joined = join(LimiterState(), line_of("org", False), 5, 0, settings)
     assert joined.first_ticket == 0 and joined.admitted == 3
-    assert joined.starts_at_ms == (0, 61_000, 122_000, 183_000, 244_000)
+    # the first run's turn comes once the steps before its claim can have run (join_to_claim_ms)
+    assert joined.starts_at_ms == (2_000, 63_000, 124_000, 185_000, 246_000)
     assert dict(joined.state.lines)[line_of("org", False)].issued == 3
     # a run joining again after being skipped is never refused
     assert join(joined.state, line_of("org", False), 1, 0, settings, may_refuse=False).admitted == 1
@@ -432,7 +433,7 @@ def test_a_claim_from_an_old_view_predicts_the_state_at_its_turn():
     actual = view
     for line, ticket, at in [(a, a0, 0), (b, b0, 1), (a, a0 + 1, 1011)]:
         actual = claim(actual, line, ticket, f"{line}{ticket}", at, settings).state
-    predicted = state_at_turn(view, b, b0 + 1, settings.limit)
+    predicted = state_at_turn(view, b, b0 + 1, settings)
     assert (predicted.grants, predicted.changes, predicted.lines) == (
         actual.grants,
         actual.changes,

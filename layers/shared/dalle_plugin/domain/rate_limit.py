@@ -20,11 +20,20 @@ waiting run's position and start time follow from the state alone, and no race d
 **Strict at the door.** Grant number ``n`` uses slot ``n % limit``, which holds the send of grant
 ``n - limit``. A run may send only by *claiming*, right before its request leaves (the OpenAI client is
 already built): the claim is granted at ``now`` only if its ticket is the next in the order and the send
-``limit`` grants earlier lies ``window + margin`` or more behind ``now`` (so fewer than ``limit`` sends lie
-in ``(now - window - margin, now]``); the send is recorded in the same conditional write. Nothing is
-booked ahead: a run that wakes late loses nothing, it claims when it is there. The recorded time is the
-clock reading before that write; the last thing before the request leaves, the sender looks at the clock
-again, and if more than ``send_tolerance`` passed (a slow write, a step starved of CPU), it records its
+``limit`` grants earlier lies ``window + margin`` or more behind the time it records (so fewer than
+``limit`` sends lie in ``(at - window - margin, at]``); the send is recorded in the same conditional
+write. Nothing is booked ahead: a run that wakes late loses nothing, it claims when it is there.
+
+**The plan, and what a grant records.** Every run's turn follows from the state alone
+(``planned_starts``): one after another, ``grant_gap`` apart, each slot reused ``window + margin`` after
+its last send, the head of a line no earlier than its ``since_ms`` (a batch's line is made with it
+``join_to_claim_ms`` after the join: its first run claims only after the steps before it). A grant
+claimed at most ``record_slack`` (half the tolerance) after its planned time is recorded *at* that time,
+otherwise at the claimer's clock reading before its write. So a write's round trip or a thread waking a
+few ms late moves no later send: the schedule, and the plan every waiting run was told, hold; views seen
+at different times plan the same times, which is what lets a run claim from an old view in one write.
+The last thing before the request leaves, the sender looks at the clock again, and if more than
+``send_tolerance`` passed since the recorded time (a slow write, a step starved of CPU), it records its
 send again at the time now (``restamp``), or, if the grant ``limit`` later already reused its slot, does
 not send and claims again. So a recorded send is never more than the tolerance before the actual one.
 Two senders held up past a window at every grant would take each other's slot for ever: the rule is live
@@ -48,8 +57,9 @@ the request's way out after the sender's last look at the clock:
 
 * clock offsets between execution environments: +-500 ms on the local stack's ``hostile`` profile (a few
   ms between NTP-synced Lambdas), so 1000 ms;
-* claim to arrival: from the send's recorded time to the OpenAI emulator's arrival stamp. Before the
-  sender looked at the clock again, the recorded time was the reading before the granting write, and
+* claim to arrival: from the send's recorded time to the OpenAI emulator's arrival stamp (at most the
+  record slack before the claim, then the write, then the request's way out). Before the sender looked
+  at the clock again, the recorded time was the reading before the granting write, and
   ``python -m bench.limiter`` (DynamoDB Local and the emulator on a 2-core machine shared with six other
   workers, load average about 20) saw a median of 85 ms but a p99 of 7.7 s when the machine starved the
   sender of CPU: one window of the 60-run backlog then held 6 arrivals at a limit of 5. A send held up
@@ -93,6 +103,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from itertools import islice
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -111,6 +122,12 @@ class LimiterSettings(BaseModel):
     )
     short_wait_ms: int = Field(
         default=8000, ge=0, description="the longest a step waits in place for its turn"
+    )
+    join_to_claim_ms: int = Field(
+        default=2000,
+        ge=0,
+        description="a run reaches its first claim this long after it joins (the steps before it, a cold "
+        "start): plans made at a join start then",
     )
     abandon_after_ms: int = Field(
         default=60_000, ge=1, description="the head of the order unclaimed this long past its turn is skipped"
@@ -153,6 +170,11 @@ class LimiterSettings(BaseModel):
     def grant_gap(self) -> int:
         """How far apart sends due at one moment are planned, and how often a run polls behind one due."""
         return self.grant_gap_ms or max(1, self.skew_margin_ms // 6)
+
+    @property
+    def record_slack(self) -> int:
+        """How late a claim may come after its planned time and still be recorded at it (half the tolerance)."""
+        return self.send_tolerance // 2
 
     @property
     def spacing_ms(self) -> int:
@@ -281,18 +303,27 @@ def _slot_free_ms(state: LimiterState, grant: int, settings: LimiterSettings) ->
     return before.at_ms + settings.spacing_ms if before is not None else 0
 
 
-def planned_starts(state: LimiterState, now_ms: int, settings: LimiterSettings, upto: int) -> list[int]:
+def planned_starts(state: LimiterState, settings: LimiterSettings, upto: int) -> list[int]:
     """When the first ``upto`` runs in the order send if each claims at its turn: one after another, at
     least ``grant_gap`` apart (so each claims after the one before it wrote its grant, and one write does),
-    each at least ``window + margin`` after the send ``limit`` grants before it."""
+    each at least ``window + margin`` after the send ``limit`` grants before it, and the head of a line no
+    earlier than its ``since_ms`` (a batch's first claim comes after the steps before it). A pure function
+    of the state, never of the clock: every run planning from the same state plans the same times, and a
+    grant is recorded at its planned time (``_recorded_at``), so the plans of views seen at different times
+    agree. A time in the past is a run due since then."""
     starts: list[int] = []
-    for k in range(upto):
-        grant = state.grants + k
+    last = state.slot(state.grants - 1)
+    heads: set[str] = set()
+    for k, (name, _) in enumerate(islice(service_order(state, settings.limit), upto)):
         if k >= settings.limit:
             free = starts[k - settings.limit] + settings.spacing_ms
         else:
-            free = _slot_free_ms(state, grant, settings)
-        starts.append(max(now_ms, starts[-1] + settings.grant_gap if starts else now_ms, free))
+            free = _slot_free_ms(state, state.grants + k, settings)
+        previous = starts[-1] if starts else (last.at_ms if last is not None else None)
+        line = state.line(name)
+        since = line.since_ms if line is not None and name not in heads else 0
+        heads.add(name)
+        starts.append(max(free, previous + settings.grant_gap if previous is not None else 0, since))
     return starts
 
 
@@ -331,27 +362,18 @@ def join(
         raise ValueError("a join needs at least one run")
     before = state.line(line) or _new_line(state)
     first = before.issued
-    grown = replace(before, issued=first + count, since_ms=before.since_ms if before.waiting else now_ms)
+    since = before.since_ms if before.waiting else now_ms + settings.join_to_claim_ms
+    grown = replace(before, issued=first + count, since_ms=since)
     trial = replace(
         state,
         lines=_with_line(state, line, grown),
         changes=state.changes + 1,
         issued=max(state.issued, grown.issued),
     )
-    mine = set(range(first, first + count))
-    positions: dict[int, int] = {}
-    for position, (name, ticket) in enumerate(service_order(trial, settings.limit)):
-        if name == line and ticket in mine:
-            positions[ticket] = position
-            if len(positions) == count:
-                break
-    starts = planned_starts(trial, now_ms, settings, max(positions.values()) + 1)
-    at = [starts[positions[t]] for t in range(first, first + count)]
+    at, positions = placement(trial, line, first, count, now_ms, settings)
     admitted = count
     if may_refuse:
-        admitted = next(
-            (i for i, start in enumerate(at) if start - now_ms > settings.max_queue_wait_s * 1000), count
-        )
+        admitted = admissible(at, now_ms, settings)
     if admitted == 0:
         new_state = state
     elif admitted < count:
@@ -359,9 +381,29 @@ def join(
         new_state = replace(trial, lines=_with_line(state, line, kept), issued=max(state.issued, kept.issued))
     else:
         new_state = trial
-    return Joined(
-        new_state, first, admitted, tuple(at), tuple(positions[t] for t in range(first, first + count))
-    )
+    return Joined(new_state, first, admitted, at, positions)
+
+
+def placement(
+    state: LimiterState, line: str, first: int, count: int, now_ms: int, settings: LimiterSettings
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """When tickets ``first .. first + count - 1`` of ``line`` send, and how many runs send before each."""
+    mine = set(range(first, first + count))
+    positions: dict[int, int] = {}
+    for position, (name, ticket) in enumerate(service_order(state, settings.limit)):
+        if name == line and ticket in mine:
+            positions[ticket] = position
+            if len(positions) == count:
+                break
+    starts = planned_starts(state, settings, max(positions.values()) + 1)
+    tickets = range(first, first + count)
+    return tuple(max(now_ms, starts[positions[t]]) for t in tickets), tuple(positions[t] for t in tickets)
+
+
+def admissible(starts: tuple[int, ...], now_ms: int, settings: LimiterSettings) -> int:
+    """How many of a batch's runs, planned to start at ``starts``, come within the queue's cap."""
+    cap_ms = settings.max_queue_wait_s * 1000
+    return next((i for i, start in enumerate(starts) if start - now_ms > cap_ms), len(starts))
 
 
 def leave(state: LimiterState, line: str, first: int, count: int = 1, now_ms: int = 0) -> LimiterState:
@@ -407,21 +449,23 @@ def _granted(state: LimiterState, line: str, ticket: int, send: str, now_ms: int
     )
 
 
-def state_at_turn(view: LimiterState, line: str, ticket: int, limit: int) -> LimiterState | None:
+def state_at_turn(
+    view: LimiterState, line: str, ticket: int, settings: LimiterSettings
+) -> LimiterState | None:
     """The state at ``ticket``'s turn if nothing but the grants ahead of it happens after ``view``: those
-    grants in order (the order is a pure function of the state). Their send times are not known: their
-    slots hold placeholders, which a claim's write leaves alone (the item checks the one it reuses). None
-    if the ticket does not wait in the view."""
+    grants in order (the order is a pure function of the state), each recorded at its planned start. The item checks only the slot a claim reuses, against its actual time, so a plan that
+    did not hold costs the claim its write, never the limit. None if the ticket does not wait in the view."""
     ahead = []
-    for entry in service_order(view, limit):
+    for entry in service_order(view, settings.limit):
         if entry == (line, ticket):
             break
         ahead.append(entry)
     else:
         return None
+    starts = planned_starts(view, settings, len(ahead))
     state = view
-    for name, served in ahead:
-        state = _granted(state, name, served, "", 0, limit)
+    for (name, served), at in zip(ahead, starts, strict=True):
+        state = _granted(state, name, served, "", at, settings.limit)
     return state
 
 
@@ -448,7 +492,12 @@ def _position(state: LimiterState, line: str, ticket: int, limit: int) -> int:
 
 
 def claim(
-    state: LimiterState, line: str, ticket: int, send: str, now_ms: int, settings: LimiterSettings
+    state: LimiterState,
+    line: str,
+    ticket: int,
+    send: str,
+    now_ms: int,
+    settings: LimiterSettings,
 ) -> Answer:
     """Grant ticket ``ticket`` of ``line`` its send ``send`` at ``now_ms``, or say when its turn comes."""
     if not send:
@@ -472,10 +521,11 @@ def claim(
         head = next(service_order(working, settings.limit))
     free_at = _slot_free_ms(working, working.grants, settings)
     if head == (line, ticket) and free_at <= now_ms:
-        granted = _granted(working, line, ticket, send, now_ms, settings.limit)
-        return Answer(True, now_ms, 0, granted, True, slot=working.grants % settings.limit)
+        at = _recorded_at(working, line, now_ms, settings)
+        granted = _granted(working, line, ticket, send, at, settings.limit)
+        return Answer(True, at, 0, granted, True, slot=working.grants % settings.limit)
     position = _position(working, line, ticket, settings.limit)
-    eta = planned_starts(working, now_ms, settings, position + 1)[position]
+    eta = max(now_ms, planned_starts(working, settings, position + 1)[position])
     if position > 0 and eta - now_ms < settings.grant_gap:
         # a run ahead is due now but has not claimed yet: look again shortly (a gap while it is just due,
         # a margin once it is late), not in a busy loop
@@ -483,6 +533,17 @@ def claim(
         poll = settings.grant_gap if now_ms - turn < settings.skew_margin_ms else settings.skew_margin_ms
         eta = max(eta, min(turn + settings.abandon_after_ms + 1, now_ms + poll))
     return Answer(False, eta, position, working, changed=working != state)
+
+
+def _recorded_at(state: LimiterState, line: str, now_ms: int, settings: LimiterSettings) -> int:
+    """When a grant at ``now_ms`` is recorded: at its planned time (its turn, a gap after the grant before
+    it) if the claim came at most ``record_slack`` after it, else at ``now_ms``. A write's round trip or a
+    thread waking a few ms late then moves no later send: every slot keeps its spacing from the plan, so a
+    backlog's schedule (and the ETA every waiting run was told) holds instead of drifting by each claim's
+    delay. Never after ``now_ms``, and never more than the slack before it: the send leaves within the
+    tolerance of its recorded time, which the margin covers."""
+    (planned,) = planned_starts(state, settings, 1)
+    return planned if now_ms - settings.record_slack <= planned <= now_ms else now_ms
 
 
 def restamp(state: LimiterState, slot: int, send: str, now_ms: int) -> LimiterState | None:
