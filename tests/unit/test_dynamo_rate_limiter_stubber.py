@@ -94,34 +94,35 @@ def lost(stubber: Stubber, expected: dict[str, Any], current: dict[str, Any] | N
     )
 
 
+def make_request(count: int, since_ms: int) -> dict[str, Any]:
+    """The write making a line no one waits in: its tickets from ``n``, ``c`` counted."""
+    return {
+        "TableName": TABLE,
+        "Key": {"pk": {"S": "queue"}},
+        "UpdateExpression": "SET #s = if_not_exists(#n, :zero), #i = if_not_exists(#n, :zero) + :count, "
+        "#n = if_not_exists(#n, :zero) + :count, #l = :rest, #g = if_not_exists(#g, :zero) ADD #c :one",
+        "ConditionExpression": "attribute_not_exists(#i)",
+        "ExpressionAttributeNames": {
+            "#i": f"i:{LINE}",
+            "#s": f"s:{LINE}",
+            "#l": f"l:{LINE}",
+            "#n": "n",
+            "#g": "g",
+            "#c": "c",
+        },
+        "ExpressionAttributeValues": {
+            ":count": {"N": str(count)},
+            ":zero": {"N": "0"},
+            ":one": {"N": "1"},
+            ":rest": {"S": f"[{since_ms},-1,[],[]]"},
+        },
+        "ReturnValues": "ALL_NEW",
+    }
+
+
 def test_a_batch_joining_an_empty_queue_makes_its_line_in_one_write(limiter, stubber):
     made = join(LimiterState(), LINE, 3, NOW, SETTINGS).state
-    stubber.add_response(
-        "update_item",
-        {"Attributes": item(replace(made, changes=1))},
-        {
-            "TableName": TABLE,
-            "Key": {"pk": {"S": "queue"}},
-            "UpdateExpression": "SET #s = if_not_exists(#n, :zero), #i = if_not_exists(#n, :zero) + :count, "
-            "#n = if_not_exists(#n, :zero) + :count, #l = :rest, #g = if_not_exists(#g, :zero) ADD #c :one",
-            "ConditionExpression": "attribute_not_exists(#i)",
-            "ExpressionAttributeNames": {
-                "#i": f"i:{LINE}",
-                "#s": f"s:{LINE}",
-                "#l": f"l:{LINE}",
-                "#n": "n",
-                "#g": "g",
-                "#c": "c",
-            },
-            "ExpressionAttributeValues": {
-                ":count": {"N": "3"},
-                ":zero": {"N": "0"},
-                ":one": {"N": "1"},
-                ":rest": {"S": f"[{NOW},-1,[],[]]"},
-            },
-            "ReturnValues": "ALL_NEW",
-        },
-    )
+    stubber.add_response("update_item", {"Attributes": item(replace(made, changes=1))}, make_request(3, NOW))
     answer = limiter.join("org-1", False, 3)
     assert (answer.first_ticket, answer.admitted, answer.calls) == (0, 3, 1)
     assert answer.positions == (0, 1, 2)
@@ -161,6 +162,18 @@ def test_a_batch_joining_a_line_with_runs_waiting_adds_its_tickets_alone_and_old
     stubber.add_response("update_item", {}, request)
     decision = waiting.claim(RateClaim("org-1", False, 0, "r0#1", encode_state(view, NOW)))
     assert decision.granted and decision.calls == 1
+
+
+def test_a_warm_api_whose_last_look_has_its_line_sent_by_now_makes_the_line_first(limiter, stubber, clock):
+    """One write for a batch joining an idle queue too: the runs of the environment's last join have sent
+    by their plan, so their line is gone and making it is the write that goes through."""
+    limiter._state = join(LimiterState(), LINE, 2, NOW, SETTINGS).state
+    clock.now = NOW + 3 * SETTINGS.spacing_ms
+    made = join(LimiterState(), LINE, 1, clock.now, SETTINGS).state
+    stubber.add_response(
+        "update_item", {"Attributes": item(replace(made, changes=1))}, make_request(1, clock.now)
+    )
+    assert limiter.join("org-1", False, 1).calls == 1
 
 
 def test_a_grant_is_refused_if_another_line_took_tickets_since_it_could_come_first(limiter):

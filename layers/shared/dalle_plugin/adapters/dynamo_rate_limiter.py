@@ -203,7 +203,7 @@ class DynamoRateLimiter:
         line = line_of(org_id, interactive)
         if count < 1:
             raise ValueError("a join needs at least one run")
-        make = self._state.line(line) is None  # the state in hand is a guess: the item says which it is
+        make = self._line_served_by(line, self._clock())  # a guess: the item says which it is
         calls = 0
         for _ in range(self._max_attempts):
             calls += 1
@@ -221,6 +221,17 @@ class DynamoRateLimiter:
             self.leave(org_id, interactive, first + admitted, count - admitted)
             calls += self.calls - before
         return RateJoin(first, admitted, starts, positions, encode_state(self._state, now), calls)
+
+    def _line_served_by(self, line: str, now_ms: int) -> bool:
+        """Whether the state in hand (this environment's last look) has ``line`` empty by ``now_ms``: no one
+        waiting in it then, or its last ticket planned to have sent. A warm API's last look is often its
+        own last join, whose runs have sent since."""
+        current = self._state.line(line)
+        if current is None or not current.waiting:
+            return True
+        *_, last = current.tickets()
+        starts, _ = placement(self._state, line, last, 1, 0, self._settings)
+        return starts[0] < now_ms
 
     def _add_tickets(self, line: str, count: int, make: bool) -> bool:
         """``count`` tickets added to ``line`` by one write, the item as it is after in hand: to a line with
