@@ -67,9 +67,14 @@ FIRST_EVENT_MODELS = {
     "generate": (
         "dalle_plugin.settings:CommonSettings",
         "dalle_plugin.settings:GenerateSettings",
+        "dalle_plugin.domain.run:GenerateInput",
         "dalle_plugin.domain.run:GenerateOutcome",
     ),
-    "attach": ("dalle_plugin.settings:AttachSettings", "dalle_plugin.domain.run:AttachResult"),
+    "attach": (
+        "dalle_plugin.settings:AttachSettings",
+        "dalle_plugin.domain.run:AttachInput",
+        "dalle_plugin.domain.run:AttachResult",
+    ),
     "record_failure": ("dalle_plugin.settings:AttachSettings", "dalle_plugin.domain.run:FailureInput"),
 }
 #: the modes that import the handler and what its first event imports: from the layer as built, and from
