@@ -312,7 +312,7 @@ def play(variant: Variant, jobs: list[Job], seed: int) -> dict[str, Any]:
     """Run every job on its own thread against the variant, with its own emulator for the arrivals."""
     from dalle_plugin.adapters.openai_images import OpenAIImageGenerator
     from dalle_plugin.domain.errors import PluginError
-    from dalle_plugin.ports import ImageRequest
+    from dalle_plugin.image_generation import ImageRequest
 
     from local_stack.openai_emulator import OpenAIEmulator
 

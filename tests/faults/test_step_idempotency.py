@@ -34,7 +34,8 @@ from dalle_plugin.domain.steps.attach import attach_image
 from dalle_plugin.domain.steps.failure import describe_failure, record_failure
 from dalle_plugin.domain.steps.generate import generate_image
 from dalle_plugin.domain.steps.machinery import StepDeps, image_fingerprint, image_key
-from dalle_plugin.ports import GeneratedImage, HubAsset, StepOpening, StoredObject
+from dalle_plugin.image_generation import GeneratedImage
+from dalle_plugin.ports import HubAsset, StepOpening, StoredObject
 
 SESSION, TASK = "sess-1", "task-1"
 

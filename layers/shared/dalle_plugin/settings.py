@@ -4,7 +4,8 @@ Domain code never reads ``os.environ``; handlers build these through ``load_sett
 A missing or malformed variable fails the cold start with a message naming it.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: pydantic reads the settings' annotations as objects
+# instead of evaluating each as a string when it collects their fields, on every function's first event.
 
 import json
 import os

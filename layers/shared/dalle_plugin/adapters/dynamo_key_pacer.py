@@ -26,7 +26,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from dalle_plugin.domain.errors import RateLimiterBusy, StorageUnavailable
 from dalle_plugin.domain.key_pacing import KeyPace, KeyPaceSettings, Observation, claim, learn
-from dalle_plugin.ports import PaceDecision
+from dalle_plugin.image_generation import PaceDecision
 
 CONDITION_FAILED = "ConditionalCheckFailedException"
 #: keys whose state one instance keeps (a warm Lambda mostly serves one key at a time)

@@ -26,7 +26,7 @@ from dalle_plugin.domain.errors import (
     QuotaExhausted,
     UpstreamRateLimited,
 )
-from dalle_plugin.ports import GeneratedImage, ImageRequest, KeyLimits
+from dalle_plugin.image_generation import GeneratedImage, ImageRequest, KeyLimits
 
 DEFAULT_RATE_LIMIT_WAIT_MS = 20_000
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")

@@ -1,7 +1,8 @@
 """A run: one hub task sent to the plugin once. Its record is the session's state; its step contracts are
 what travels through the state machine (ids only: never a secret, never the image)."""
 
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: pydantic reads these models' annotations as objects
+# instead of evaluating each as a string when it builds them, on every function's first event.
 
 import hashlib
 import re
@@ -178,6 +179,8 @@ class GenerateInput(RunRef):
     """Generate's input: the run, and the fingerprint Extract recorded, so the step learns whether an
     undelivered image is on offer in the same read as the run (and claims it only then)."""
 
+    model_config = ONE_FUNCTION_ONLY
+
     image_fingerprint: str | None = Field(default=None, max_length=128)
     #: Extract's prompt and lines, recorded by this step's first write
     extracted: ExtractedPrompt | None = None
@@ -185,7 +188,10 @@ class GenerateInput(RunRef):
 
 class GeneratedImages(CamelModel):
     """What Generate stored (and paid for), handed to Attach through the state (keys and digests, never an
-    image) so that Attach's first write records it: Generate's success costs no write of its own."""
+    image) so that Attach's first write records it: Generate's success costs no write of its own. Built
+    when Generate or Attach first uses it (through GenerateOutcome or AttachInput), never by the others."""
+
+    model_config = ONE_FUNCTION_ONLY
 
     images: list[ImageInfo] = Field(min_length=1)
     #: the "generated" line
@@ -216,7 +222,11 @@ class GenerateOutcome(CamelModel):
 
 class AttachInput(RunRef):
     """Attach's input: the run, and Generate's outcome (how many images, and those it generated and did not
-    record), so the step's first write (its "Uploading" line, and Generate's images) is also its read."""
+    record), so the step's first write (its "Uploading" line, and Generate's images) is also its read.
+    Deferred: built at import, it would build GenerateOutcome's and GeneratedImages' schemas within its own
+    in every function's cold start."""
+
+    model_config = ONE_FUNCTION_ONLY
 
     generation: GenerateOutcome | None = None
 
@@ -350,7 +360,7 @@ class RunTally(CamelModel):
     updated_at_ms: int = 0
 
     @classmethod
-    def of(cls, run: RunRecord) -> RunTally:
+    def of(cls, run: RunRecord) -> "RunTally":
         return cls(
             task_id=run.task_id,
             status=run.status,

@@ -55,7 +55,8 @@ from dalle_plugin.domain.steps.machinery import (
     to_rfc3339_second,
 )
 from dalle_plugin.domain.steps.own_key import claim_own_key_send, learn_key_limits
-from dalle_plugin.ports import GeneratedImage, HubClient, ImageRequest, RateClaim, RateDecision
+from dalle_plugin.image_generation import GeneratedImage, ImageRequest
+from dalle_plugin.ports import HubClient, RateClaim, RateDecision
 
 #: 429 rate_limit_exceeded answers a run takes in a row (waiting the time OpenAI asks each time) before it
 #: gives up: a key whose limit stays used up must end the run, not loop it for days
