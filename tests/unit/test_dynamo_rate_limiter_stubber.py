@@ -250,3 +250,15 @@ def test_any_other_dynamodb_error_is_storage_unavailable(limiter, stubber):
     )
     with pytest.raises(StorageUnavailable):
         limiter.join("org-1", False, 1)
+
+
+def test_a_write_emptying_two_lines_sets_the_ticket_mark_once(limiter):
+    """A grant that also skips an abandoned head may remove two lines: ``n`` goes above both."""
+    a, b = LINE, line_of("org-0", False)  # b's head goes first, and never claims
+    state = join(join(LimiterState(), b, 1, NOW, SETTINGS).state, a, 1, NOW, SETTINGS).state
+    later = NOW + SETTINGS.abandon_after_ms + SETTINGS.join_to_claim_ms + 1
+    granted = claim(state, a, dict(state.lines)[a].served, "a#1", later, SETTINGS).state  # b's head skipped
+    assert granted.lines == ()
+    request = limiter.write_request(state, granted, a)
+    assert request["UpdateExpression"].count("#n = :n") == 1
+    assert request["ExpressionAttributeValues"][":n"] == {"N": "2"}

@@ -213,7 +213,10 @@ class DynamoRateLimiter:
         else:
             raise RateLimiterBusy("Too many runs joined the shared key's queue at once; try again shortly.")
         now = self._clock()
-        first = self._state.line(line).issued - count
+        joined = self._state.line(line)
+        if joined is None:  # the write answers with the item as it is after, the line in it
+            raise ValueError(f"the item came back without line {line}")
+        first = joined.issued - count
         starts, positions = placement(self._state, line, first, count, now, self._settings)
         admitted = admissible(starts, now, self._settings) if may_refuse else count
         if admitted < count:  # past the cap: those tickets are skipped at once, their runs refused
@@ -488,6 +491,7 @@ class DynamoRateLimiter:
             values[":c0"] = {"N": str(before.changes)}
         granting = after.grants > before.grants
         was_lines, now_lines = dict(before.lines), dict(after.lines)
+        dropped: list[int] = []
         for k, name in enumerate(sorted(set(was_lines) | set(now_lines))):
             was, now = was_lines.get(name), now_lines.get(name)
             i, served, rest = f"#i{k}", f"#s{k}", f"#l{k}"
@@ -499,12 +503,10 @@ class DynamoRateLimiter:
                 # a grant could find ahead of it: no tickets added since
                 conditions.append(f"{i} = :i{k}")
                 values[f":i{k}"] = {"N": str(was.issued)}
-            if now is None:
+            if now is None and was is not None:
                 removes += [i, served, rest]
-                sets.append("#n = :n")
-                names["#n"] = "n"
-                values[":n"] = {"N": str(max(after.issued, was.issued))}
-            elif was is None or now != was:
+                dropped.append(was.issued)  # a line made anew by this name starts above its tickets
+            elif now is not None and (was is None or now != was):
                 if was is not None and now.issued != was.issued:
                     raise ValueError("only a join adds tickets")  # a bug in the domain, never the wire
                 sets += [f"{served} = :s{k}", f"{rest} = :l{k}"]
@@ -513,6 +515,10 @@ class DynamoRateLimiter:
                 if was is None:
                     sets.append(f"{i} = :i{k}")
                     values[f":i{k}"] = {"N": str(now.issued)}
+        if dropped:
+            names["#n"] = "n"
+            sets.append("#n = :n")
+            values[":n"] = {"N": str(max(after.issued, *dropped))}
         if granting:  # a grant: its slot, and the window checked by the item itself
             limit = self._settings.limit
             k = before.grants % limit
