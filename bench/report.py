@@ -192,11 +192,12 @@ HEADLINES = {
             "the queue's claim), Attach 3 (UpdateItem: Generate's images and line and "
             "'Uploading', only on a run without an image, the run comes back; UpdateItem: intents before the "
             "first send, never twice; UpdateItem: finish, secrets removed). Run record and others 7; the "
-            "shared key's queue 3 (UpdateItem each: the claim, and the join at acceptance, which takes two: "
-            "its first write is built on the state the API's environment last saw, which the claims since "
-            "have changed, so it is refused and answered with the item; a re-stamp is made only for a send "
-            "that leaves late, none in these runs). The bench sends batches of one: the create and the join "
-            "are made once per batch (or chunk), so a batch of N tasks should pay about 7 + 3/N (estimated, not measured)"
+            "shared key's queue 2 (UpdateItem each: the join at acceptance, one write nothing refuses since "
+            "each line keeps its ticket counter in an attribute of its own (it was two: its first write, built "
+            "on the state the API's environment last saw, was refused); and the claim; a re-stamp is made only "
+            "for a send that leaves late, none in these runs). The bench sends batches of one: the create and "
+            "the join are made once per batch (or chunk), so a batch of N tasks should pay about 7 + 2/N "
+            "(estimated, not measured)"
         ),
     ),
     "aws_usd_per_1000_images": (
