@@ -149,7 +149,9 @@ class Variant:
             wake_lead_ms=round(6000 * scale),
             short_wait_ms=round(8000 * scale),
             abandon_after_ms=round(60_000 * scale),
-            join_to_claim_ms=round(2000 * scale),  # Extract and a cold start take 1 to 3 s (scaled), below
+            # Extract and a cold start take 1 to 3 s (scaled), below: the plan starts at the slow end, so a
+            # first claim comes early (and sends at once), never late (which would move every later send)
+            join_to_claim_ms=round(3000 * scale),
             # real time, as the allowance it is part of: half of it, the other half for the way out
             send_tolerance_ms=CLAIM_TO_ARRIVAL_ALLOWANCE_MS // 2,
         )

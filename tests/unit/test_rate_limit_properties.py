@@ -388,7 +388,7 @@ def test_a_batch_past_the_cap_is_admitted_up_to_the_cap_and_the_rest_told_their_
     joined = join(LimiterState(), line_of("org", False), 5, 0, settings)
     assert joined.first_ticket == 0 and joined.admitted == 3
     # the first run's turn comes once the steps before its claim can have run (join_to_claim_ms)
-    assert joined.starts_at_ms == (2_000, 63_000, 124_000, 185_000, 246_000)
+    assert joined.starts_at_ms == (3_000, 64_000, 125_000, 186_000, 247_000)
     assert dict(joined.state.lines)[line_of("org", False)].issued == 3
     # a run joining again after being skipped is never refused
     assert join(joined.state, line_of("org", False), 1, 0, settings, may_refuse=False).admitted == 1

@@ -124,7 +124,7 @@ class LimiterSettings(BaseModel):
         default=8000, ge=0, description="the longest a step waits in place for its turn"
     )
     join_to_claim_ms: int = Field(
-        default=2000,
+        default=3000,
         ge=0,
         description="a run reaches its first claim this long after it joins (the steps before it, a cold "
         "start): plans made at a join start then",
