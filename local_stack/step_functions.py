@@ -510,7 +510,8 @@ def install_execution_timeouts(timeout_of: Callable[[str], float | None] = lambd
 
     moto alone joins its interpreter thread for ``TimeoutSeconds`` and then marks the program timed out over
     whatever state it is in, with no error; its ``ExecutionTimedOut`` event is written only when the thread
-    returns, after the late result of the invoke that was in flight. Its own timeout is switched off so that the timer is the one clock. ``timeout_of(name)``, when
+    returns, after the late result of the invoke that was in flight; DescribeExecution and ListExecutions
+    gave no stop date to a TIMED_OUT execution. Its own timeout is switched off so that the timer is the one clock. ``timeout_of(name)``, when
     not None, replaces the definition's figure for that execution (a test seam)."""
     from moto.stepfunctions.parser.api import ExecutionTimedOutEventDetails, HistoryEventType
     from moto.stepfunctions.parser.asl.component.eval_component import EvalComponent
@@ -518,6 +519,7 @@ def install_execution_timeouts(timeout_of: Callable[[str], float | None] = lambd
     from moto.stepfunctions.parser.asl.eval.event.event_detail import EventDetails
     from moto.stepfunctions.parser.asl.eval.event.event_manager import EventManager
     from moto.stepfunctions.parser.backend.execution import BaseExecutionWorkerCommunication, Execution
+    from moto.stepfunctions.responses import StepFunctionResponse
 
     original_start, original_terminated = Execution.start, BaseExecutionWorkerCommunication.terminated
     original_program_eval, original_add = Program.eval, EventManager.add_event
@@ -599,12 +601,34 @@ def install_execution_timeouts(timeout_of: Callable[[str], float | None] = lambd
             return context.last_published_event_id
         return original_add(self, context, event_type, *args, **kwargs)
 
+    def with_stop_dates(original: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        # moto's DescribeExecution and ListExecutions give a stop date to every end but TIMED_OUT
+        @functools.wraps(original)
+        def answer(self: Any) -> Any:
+            result = original(self)
+            listed = result.result.get("executions", [result.result])
+            for item in listed:
+                if item.get("status") == "TIMED_OUT" and "stopDate" not in item:
+                    ended = self.stepfunction_backend.describe_execution(item["executionArn"])
+                    item["stopDate"] = ended.stop_date
+            return result
+
+        return answer
+
+    original_describe, original_list = (
+        StepFunctionResponse.describe_execution,
+        StepFunctionResponse.list_executions,
+    )
     Execution.start, BaseExecutionWorkerCommunication.terminated = start, terminated
     Program.eval, EventManager.add_event = program_eval, add_event
+    StepFunctionResponse.describe_execution = with_stop_dates(original_describe)
+    StepFunctionResponse.list_executions = with_stop_dates(original_list)
 
     def uninstall() -> None:
         Execution.start, BaseExecutionWorkerCommunication.terminated = original_start, original_terminated
         Program.eval, EventManager.add_event = original_program_eval, original_add
+        StepFunctionResponse.describe_execution = original_describe
+        StepFunctionResponse.list_executions = original_list
         with timers_lock:
             pending = list(timers)
             timers.clear()

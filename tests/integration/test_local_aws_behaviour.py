@@ -231,7 +231,7 @@ def test_an_execution_past_its_timeout_seconds_ends_timed_out_at_once_and_its_en
         held = wait_for(invoked.exists, "the probe invoked", ENDED_WITHIN_S, 0.05)
         assert held and not release.exists()  # its invoke is still in flight
         assert described["status"] == "TIMED_OUT" and described["error"] == TIMEOUT
-        assert "cause" not in described
+        assert "cause" not in described and described["stopDate"] >= described["startDate"]
         execution = _backend_execution(arn)
         assert (execution.stop_date - execution.start_date).total_seconds() >= timeout_s  # never early
         events = _history(arn)
