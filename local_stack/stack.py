@@ -48,6 +48,8 @@ ASYNC_INVOKE_RETRIES = 2
 @dataclass
 class StackOptions:
     stack_name: str = "dalle-local"
+    # template parameters over their defaults, taken as given: MinValue and AllowedValues are CloudFormation's
+    # checks at deploy (a test may set ExecutionTimeoutSeconds to seconds where a deployment needs 3600)
     parameters: dict[str, str] = field(default_factory=dict)
     plugin_secret: str | None = None
     openai_api_key: str | None = None  # a real key: use the real OpenAI API instead of the emulator

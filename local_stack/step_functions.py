@@ -13,6 +13,11 @@
 - StopExecution ends the execution at once (ABORTED, its stop date, its status change sent), as on AWS; moto
   alone keeps it RUNNING until the Lambda invoke in flight returns (up to the function's Timeout), and a
   task's result that comes back after the stop is dropped.
+- An execution still running its definition's top-level ``TimeoutSeconds`` after its start ends there and
+  then as TIMED_OUT (its stop date, error ``States.Timeout``, one ``ExecutionTimedOut`` history event, its
+  status change sent), and nothing recorded after it (the task in flight's late result dropped); moto alone
+  marks it TIMED_OUT on time but with no error, writes its ``ExecutionTimedOut`` event only when the invoke
+  in flight returns, and records that invoke's late result.
 - An execution that ends sends its "Execution Status Change" event to the functions whose EventBridge rules
   ask for it (template.yaml), asynchronously, twice for a share of them on the hostile profile (moto alone
   sends none).
@@ -20,7 +25,8 @@
   ``ResultPath``, which on 2 busy cores is most of an execution's time).
 
 Each patch is an ``install_...`` function returning its undo; ``StepFunctionsBehaviour`` installs them all
-for one profile and keeps the record of every Wait (target and wake) for tests. ``docs/local-stack.md``
+for one profile, keeps the record of every Wait (target and wake) for tests and lets a test give chosen
+executions a TimeoutSeconds of their own (``execution_timeouts``). ``docs/local-stack.md``
 gives the figures and where they come from. These patch moto internals: moto is pinned and
 tests/integration/test_local_aws_behaviour.py fails loudly if a patch stops taking effect.
 """
@@ -34,6 +40,7 @@ import random
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +53,8 @@ PAYLOAD_LIMIT_BYTES = 256 * 1024
 HISTORY_LIMIT_EVENTS = 25_000
 DATA_LIMIT_EXCEEDED = "States.DataLimitExceeded"
 RUNTIME = "States.Runtime"
+#: the error of an execution that ran past its TimeoutSeconds (DescribeExecution, its ExecutionTimedOut event)
+TIMEOUT = "States.Timeout"
 
 Undo = Callable[[], None]
 
@@ -82,9 +91,19 @@ class StepFunctionsBehaviour:
         self.payload_limit_bytes = payload_limit_bytes
         self.history_limit_events = history_limit_events
         self.waits: list[WaitRecord] = []
+        # A test seam: TimeoutSeconds for the executions whose name starts with a key, over their definition's
+        # (as if deployed with a smaller ExecutionTimeoutSeconds, for one case on a stack that others share).
+        self.execution_timeouts: dict[str, float] = {}
 
     def waits_of(self, execution_name: str) -> list[WaitRecord]:
         return [record for record in list(self.waits) if record.execution == execution_name]
+
+    def timeout_of(self, execution_name: str) -> float | None:
+        """The seam's TimeoutSeconds for the execution, if a test set one."""
+        for prefix, seconds in list(self.execution_timeouts.items()):
+            if execution_name.startswith(prefix):
+                return seconds
+        return None
 
     def install(self) -> Undo:
         undos = [
@@ -96,6 +115,7 @@ class StepFunctionsBehaviour:
             install_cached_json_paths(),
             install_unique_execution_names(),
             install_immediate_stop(),
+            install_execution_timeouts(self.timeout_of),
         ]
 
         def uninstall() -> None:
@@ -471,6 +491,153 @@ def install_immediate_stop() -> Undo:
     return uninstall
 
 
+# ---- the execution's TimeoutSeconds ------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def execution_timeout_seconds(definition: str) -> int | None:
+    """The top-level ``TimeoutSeconds`` of an ASL definition (None when it sets none)."""
+    seconds = json.loads(definition).get("TimeoutSeconds")
+    return int(seconds) if seconds is not None else None
+
+
+def install_execution_timeouts(timeout_of: Callable[[str], float | None] = lambda _name: None) -> Undo:
+    """An execution still running ``TimeoutSeconds`` after its start date is timed out at that moment, as AWS
+    does: TIMED_OUT, its stop date, error ``States.Timeout``, an ``ExecutionTimedOut`` history event and its
+    end reported (``terminated``) once; the interpreter's thread, still waiting on a task's Lambda invoke,
+    reports nothing more when it gets back. A timer per execution sleeps until the deadline and is cancelled
+    when the execution ends first (a stop, a success, a failure).
+
+    moto alone joins its interpreter thread for ``TimeoutSeconds`` and then marks the program timed out over
+    whatever state it is in, with no error; its ``ExecutionTimedOut`` event is written only when the thread
+    returns, after the late result of the invoke that was in flight; DescribeExecution and ListExecutions
+    gave no stop date to a TIMED_OUT execution. Its own timeout is switched off so that the timer is the one clock. ``timeout_of(name)``, when
+    not None, replaces the definition's figure for that execution (a test seam)."""
+    from moto.stepfunctions.parser.api import ExecutionTimedOutEventDetails, HistoryEventType
+    from moto.stepfunctions.parser.asl.component.eval_component import EvalComponent
+    from moto.stepfunctions.parser.asl.component.program.program import Program
+    from moto.stepfunctions.parser.asl.eval.event.event_detail import EventDetails
+    from moto.stepfunctions.parser.asl.eval.event.event_manager import EventManager
+    from moto.stepfunctions.parser.backend.execution import BaseExecutionWorkerCommunication, Execution
+    from moto.stepfunctions.responses import StepFunctionResponse
+
+    original_start, original_terminated = Execution.start, BaseExecutionWorkerCommunication.terminated
+    original_program_eval, original_add = Program.eval, EventManager.add_event
+    timers: set[threading.Timer] = set()  # armed and not yet fired or cancelled
+    timers_lock = threading.Lock()
+
+    def arm(execution: Any, delay_s: float) -> None:
+        timer = threading.Timer(max(0.0, delay_s), time_out, args=(execution,))
+        timer.daemon = True
+        with timers_lock:
+            timers.add(timer)
+        execution._local_timeout_timer = timer
+        timer.start()
+
+    def time_out(execution: Any) -> None:
+        with timers_lock:
+            timers.discard(getattr(execution, "_local_timeout_timer", None))
+        worker = execution.exec_worker
+        env = worker.env if worker is not None else None
+        if env is None:  # its thread has not built its environment yet (a timeout of a moment)
+            arm(execution, 0.05)
+            return
+        manager = env.event_manager
+        with env._state_mutex:  # decided against the interpreter's own end, which takes the same lock
+            if not env.is_running():
+                return  # it ended first
+            # set before the interpreter can see the end: it may report it first, and must report this
+            execution.error, execution.cause = TIMEOUT, None
+            manager._local_timed_out_recorded = True  # from now on the interpreter's history is dropped
+            env.set_timed_out()  # its frames too (Map iterations, Parallel branches); Waits wake
+        # written outside the lock: a full history's own end takes it from within add_event
+        original_add(
+            manager,
+            context=env.event_history_context,
+            event_type=HistoryEventType.ExecutionTimedOut,
+            event_details=EventDetails(
+                executionTimedOutEventDetails=ExecutionTimedOutEventDetails(error=TIMEOUT)
+            ),
+        )
+        worker._execution_communication.terminated()
+
+    def start(self: Any) -> None:
+        seconds = timeout_of(self.name)
+        if seconds is None:
+            seconds = execution_timeout_seconds(self.state_machine.definition)
+        if seconds is not None:  # armed first, so that an end however quick finds it to cancel
+            elapsed = (dt.datetime.now(dt.UTC) - self.start_date).total_seconds()
+            arm(self, seconds - elapsed)
+        try:
+            original_start(self)
+        except BaseException:
+            disarm(self)
+            raise
+
+    def disarm(execution: Any) -> None:
+        timer = getattr(execution, "_local_timeout_timer", None)
+        if timer is not None:
+            timer.cancel()  # a no-op when it is the timer that ends the execution
+            with timers_lock:
+                timers.discard(timer)
+
+    def terminated(self: Any) -> None:
+        disarm(self.execution)
+        original_terminated(self)
+
+    def program_eval(self: Any, env: Any) -> None:
+        if self.timeout_seconds is None:  # a branch or iteration, or a machine without a timeout
+            original_program_eval(self, env)
+            return
+        # moto's eval minus its join with a timeout: the timer above is the execution's one clock
+        env.next_state_name = self.start_at.start_at_name
+        EvalComponent.eval(self, env)
+
+    def add_event(self: Any, context: Any, event_type: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(self, "_local_timed_out_recorded", False):
+            # The history ends with ExecutionTimedOut, as on AWS: what the interpreter's thread still reports
+            # on its way out (the late result of the task in flight, its end again) is dropped and counted.
+            self.late_events_dropped = getattr(self, "late_events_dropped", 0) + 1
+            return context.last_published_event_id
+        return original_add(self, context, event_type, *args, **kwargs)
+
+    def with_stop_dates(original: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        # moto's DescribeExecution and ListExecutions give a stop date to every end but TIMED_OUT
+        @functools.wraps(original)
+        def answer(self: Any) -> Any:
+            result = original(self)
+            listed = result.result.get("executions", [result.result])
+            for item in listed:
+                if item.get("status") == "TIMED_OUT" and "stopDate" not in item:
+                    ended = self.stepfunction_backend.describe_execution(item["executionArn"])
+                    item["stopDate"] = ended.stop_date
+            return result
+
+        return answer
+
+    original_describe, original_list = (
+        StepFunctionResponse.describe_execution,
+        StepFunctionResponse.list_executions,
+    )
+    Execution.start, BaseExecutionWorkerCommunication.terminated = start, terminated
+    Program.eval, EventManager.add_event = program_eval, add_event
+    StepFunctionResponse.describe_execution = with_stop_dates(original_describe)
+    StepFunctionResponse.list_executions = with_stop_dates(original_list)
+
+    def uninstall() -> None:
+        Execution.start, BaseExecutionWorkerCommunication.terminated = original_start, original_terminated
+        Program.eval, EventManager.add_event = original_program_eval, original_add
+        StepFunctionResponse.describe_execution = original_describe
+        StepFunctionResponse.list_executions = original_list
+        with timers_lock:
+            pending = list(timers)
+            timers.clear()
+        for timer in pending:
+            timer.cancel()
+
+    return uninstall
+
+
 # ---- EventBridge: an execution's end reported to the rules that ask for it ---------------------------
 
 
@@ -519,12 +686,14 @@ def install_status_change_events(
 
     original = BaseExecutionWorkerCommunication.terminated
     once = threading.Lock()
+    # whose end this install has sent: its own record, so a test may listen beside the stack's rules
+    sent: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def terminated(self: Any) -> None:
         with once:  # a stopped execution's end is reported by StopExecution and again by its own thread
-            if getattr(self, "_local_status_change_sent", False):
+            if self in sent:
                 return
-            self._local_status_change_sent = True
+            sent.add(self)
         original(self)
         execution = self.execution
         status = execution.exec_status.value if execution.exec_status is not None else None

@@ -55,6 +55,9 @@ HUB_SENDS = 3  # a run's POST and the hub's resends of it after a 5xx
 LATE_EFFECT_S = 6.0  # the hub faults below stall this long, then apply the request anyway
 # a rotation is seen within the secrets' lifetime; the rest is room for a loaded machine
 SECRET_SEEN_WITHIN_S = float(SECRET_MAX_AGE_S) + 60
+# A timed-out case's TimeoutSeconds: room for its cold starts before Generate stores the image, far inside
+# Generate's 300 s Timeout, which holds it there (had it struck sooner, the row's outcome is the same)
+CASE_EXECUTION_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -223,6 +226,20 @@ def _stopped_between_generate_and_attach_then_rerun(world: World, case: Case) ->
     listed = sfn.list_executions(stateMachineArn=world.stack.state_machine_arn, statusFilter="RUNNING")
     (execution,) = [e["executionArn"] for e in listed["executions"] if e["name"].startswith(f"{session}_")]
     sfn.stop_execution(executionArn=execution, cause="stopped by an operator")
+    first = world.finished(case)
+    second = world.run(case)  # a person runs the plugin again: a new hub session
+    return {"first run": _state(first), "status": _state(second)}
+
+
+def _timed_out_while_generate_held_then_rerun(world: World, case: Case) -> dict:
+    """The execution runs past its TimeoutSeconds (shortened for this case's executions alone, as a deployment
+    with a small ExecutionTimeoutSeconds has it) while Generate hangs after storing the image it paid for."""
+    from dalle_plugin.domain.run import RunRef
+
+    session = case.new_session()
+    world.stack.step_functions.execution_timeouts[f"{session}_"] = CASE_EXECUTION_TIMEOUT_S
+    world.seams.after_put_png[RunRef(session=session, task_id=case.task_id).execution_name] = Hang()
+    assert world.start(case, case.payload(session)).status_code == 202
     first = world.finished(case)
     second = world.run(case)  # a person runs the plugin again: a new hub session
     return {"first run": _state(first), "status": _state(second)}
@@ -678,6 +695,17 @@ FAULTS = [
             "attachments": 1,
         },
         _stopped_between_generate_and_attach_then_rerun,
+    ),
+    Fault(
+        "The execution times out as a whole (TimeoutSeconds) while Generate hangs after storing the image; "
+        "then run again",
+        {
+            "first run": "FAILED: execution_timed_out",
+            "status": "SUCCEEDED",
+            "openai requests": 1,
+            "attachments": 1,
+        },
+        _timed_out_while_generate_held_then_rerun,
     ),
     Fault(
         "Attach dies (process killed) after the hub took the attachment, before recording it",

@@ -1,18 +1,29 @@
 """The local stack's Step Functions behaves as AWS's does where a kind one would not: Waits wake late by the
 profile's amount and never early, a state above 256 KiB fails with States.DataLimitExceeded that States.ALL
-does not catch, and an execution past 25,000 history events fails. Each test runs a tiny state machine of
-its own on the stack's moto server and waits for conditions, never for a fixed time."""
+does not catch, an execution past 25,000 history events fails, and one past its TimeoutSeconds ends
+TIMED_OUT at that moment. Each test runs a tiny state machine of its own on the stack's moto server and
+waits for conditions, never for a fixed time."""
 
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
 from local_stack.profiles import Lateness
-from local_stack.step_functions import HISTORY_LIMIT_EVENTS, PAYLOAD_LIMIT_BYTES, install_late_waits
+from local_stack.step_functions import (
+    HISTORY_LIMIT_EVENTS,
+    PAYLOAD_LIMIT_BYTES,
+    TIMEOUT,
+    install_late_waits,
+    install_status_change_events,
+)
+from local_stack.template import StatusChangeRule
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.stack
 
@@ -30,8 +41,8 @@ def _delete_machines(stack):
         sfn.delete_state_machine(stateMachineArn=_created.pop())
 
 
-def _run(stack, definition: dict, payload: dict | None = None) -> tuple[str, str, dict]:
-    """Create the state machine, start one execution and wait until it ends: (name, arn, description)."""
+def _start(stack, definition: dict, payload: dict | None = None) -> tuple[str, str]:
+    """Create the state machine and start one execution: (name, arn)."""
     sfn = stack.client("stepfunctions")
     name = f"behaviour-{uuid.uuid4().hex[:10]}"
     role = f"arn:aws:iam::123456789012:role/{stack.options.stack_name}-execution"
@@ -40,6 +51,13 @@ def _run(stack, definition: dict, payload: dict | None = None) -> tuple[str, str
     arn = sfn.start_execution(
         stateMachineArn=machine["stateMachineArn"], name=name, input=json.dumps(payload or {})
     )["executionArn"]
+    return name, arn
+
+
+def _run(stack, definition: dict, payload: dict | None = None) -> tuple[str, str, dict]:
+    """Create the state machine, start one execution and wait until it ends: (name, arn, description)."""
+    sfn = stack.client("stepfunctions")
+    name, arn = _start(stack, definition, payload)
     deadline = time.monotonic() + ENDED_WITHIN_S
     while (described := sfn.describe_execution(executionArn=arn))["status"] == "RUNNING":
         assert time.monotonic() < deadline, f"{name} still running after {ENDED_WITHIN_S} s"
@@ -47,14 +65,18 @@ def _run(stack, definition: dict, payload: dict | None = None) -> tuple[str, str
     return name, arn, described
 
 
-def _history(execution_arn: str) -> list[dict]:
-    """The execution's history read from moto's backend in this process: moto's GetExecutionHistory ignores
-    maxResults and serializes all 25,000 events, which takes minutes on a busy machine."""
+def _backend_execution(execution_arn: str):
+    """moto's own record of the execution, in this process."""
     from moto.stepfunctions.parser.models import stepfunctions_parser_backends
 
     account, region = execution_arn.split(":")[4], execution_arn.split(":")[3]
-    execution = stepfunctions_parser_backends[account][region].describe_execution(execution_arn=execution_arn)
-    return execution.exec_worker.env.event_manager.get_event_history()
+    return stepfunctions_parser_backends[account][region].describe_execution(execution_arn=execution_arn)
+
+
+def _history(execution_arn: str) -> list[dict]:
+    """The execution's history read from moto's backend in this process: moto's GetExecutionHistory ignores
+    maxResults and serializes all 25,000 events, which takes minutes on a busy machine."""
+    return list(_backend_execution(execution_arn).exec_worker.env.event_manager.get_event_history())
 
 
 def _wait_machine() -> dict:
@@ -171,3 +193,74 @@ def test_an_execution_past_25000_history_events_fails_as_aws_fails_it(stack):
     events = _history(arn)
     assert len(events) == HISTORY_LIMIT_EVENTS
     assert events[-1]["id"] == HISTORY_LIMIT_EVENTS and events[-1]["type"] == "ExecutionFailed"
+
+
+def test_an_execution_past_its_timeout_seconds_ends_timed_out_at_once_and_its_end_is_sent(stack):
+    """A Lambda task is held in flight past the machine's TimeoutSeconds: the execution is TIMED_OUT while the
+    invoke still runs, as AWS reports it, its status change is sent, and the task's late result changes
+    nothing."""
+    from tests.integration.test_local_lambda import probe_spec
+
+    probe = stack.add_function(probe_spec(f"held{uuid.uuid4().hex[:6]}"))
+    timeout_s = 3
+    definition = {
+        "TimeoutSeconds": timeout_s,
+        "StartAt": "Call",
+        "States": {
+            "Call": {"Type": "Task", "Resource": probe, "Next": "After"},
+            "After": {"Type": "Pass", "End": True},
+        },
+    }
+    sent: list[dict] = []
+    listening = install_status_change_events(
+        [StatusChangeRule(function="Listener", state_machine_arns=(), statuses=("TIMED_OUT",))],
+        lambda _function, event: sent.append(event),
+        lambda: 1,
+    )
+    folder = Path(tempfile.mkdtemp(prefix="timeout-"))
+    invoked, release = folder / "invoked", folder / "release"
+    try:
+        _, arn = _start(stack, definition, {"mark": str(invoked), "hold_until_exists": str(release)})
+        sfn = stack.client("stepfunctions")
+        described = wait_for(
+            lambda: (d := sfn.describe_execution(executionArn=arn))["status"] != "RUNNING" and d,
+            "the execution ended",
+            ENDED_WITHIN_S,
+            0.05,
+        )
+        held = wait_for(invoked.exists, "the probe invoked", ENDED_WITHIN_S, 0.05)
+        assert held and not release.exists()  # its invoke is still in flight
+        assert described["status"] == "TIMED_OUT" and described["error"] == TIMEOUT
+        assert "cause" not in described and described["stopDate"] >= described["startDate"]
+        execution = _backend_execution(arn)
+        assert (execution.stop_date - execution.start_date).total_seconds() >= timeout_s  # never early
+        events = _history(arn)
+        assert events[-1]["type"] == "ExecutionTimedOut"
+        assert events[-1]["executionTimedOutEventDetails"]["error"] == TIMEOUT
+
+        (event,) = wait_for(
+            lambda: [e for e in sent if e["detail"]["executionArn"] == arn], "its end sent", 60
+        )
+        detail = event["detail"]
+        assert detail["status"] == "TIMED_OUT" and detail["error"] == TIMEOUT
+        assert detail["stopDate"] == int(execution.stop_date.timestamp() * 1000)
+
+        release.touch()  # the invoke returns: its result comes back to an execution that has ended
+        manager = execution.exec_worker.env.event_manager
+        wait_for(
+            lambda: getattr(manager, "late_events_dropped", 0), "the late result back", ENDED_WITHIN_S, 0.05
+        )
+        assert sfn.describe_execution(executionArn=arn)["status"] == "TIMED_OUT"
+        after = _history(arn)
+        assert after == events  # nothing recorded after the end: no result, no next state, no second end
+    finally:
+        release.touch()
+        listening()
+
+
+def test_an_execution_that_ends_before_its_timeout_seconds_is_not_timed_out(stack):
+    definition = {"TimeoutSeconds": 2, "StartAt": "Done", "States": {"Done": {"Type": "Pass", "End": True}}}
+    _, arn, described = _run(stack, definition)
+    assert described["status"] == "SUCCEEDED"
+    timer = _backend_execution(arn)._local_timeout_timer
+    assert timer.finished.is_set()  # cancelled when it ended: nothing is left to time it out later

@@ -94,7 +94,8 @@ def stranded_failure(ended: ExecutionEnded) -> StepError:
     """What the execution's end means for a run that was still going: a named error and the sentence a
     person reads, in the form a step's error takes (``Error`` and ``Cause``), for Record Failure's words."""
     if ended.status == "TIMED_OUT":
-        after = f" after {ended.minutes} minutes" if ended.minutes else ""
+        minutes = ended.minutes
+        after = f" after {minutes} minute{'' if minutes == 1 else 's'}" if minutes else ""
         name = ExecutionTimedOut.__name__
         message = (
             f"The run took longer than the plugin allows a run to take and was stopped{after}, before it "
