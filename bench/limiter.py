@@ -192,18 +192,17 @@ class Variant:
         with self.batch_lock:
             if job.batch not in self.batch_joins:
                 limiter = DynamoRateLimiter(self.client, TABLE, settings, key=self.key, clock=clock)
-                self.batch_joins[job.batch] = limiter.join(
-                    job.org, job.interactive, self.batch_sizes[job.batch]
-                )
+                joining = limiter.join(job.org, job.interactive, self.batch_sizes[job.batch])
+                self.batch_joins[job.batch] = (joining, offset)  # its times are in the joiner's clock
                 job.calls += limiter.calls
-            joined = self.batch_joins[job.batch]
+            joined, joiner_offset = self.batch_joins[job.batch]
         job.accepted_ms = self.batch_accepted.setdefault(job.batch, now_ms())  # the API's stamp: the join
         index = self.batch_index[job.name]
         if index >= joined.admitted:
             job.refused = True
             return
         ticket, view = joined.first_ticket + index, joined.view
-        job.told_eta_ms.append(round(joined.starts_at_ms[index] - offset))
+        job.told_eta_ms.append(round(joined.starts_at_ms[index] - joiner_offset))
         # Extract and a cold start (1 to 3 s, scaled) stand between acceptance and the first claim
         time.sleep(rng.uniform(1.0, 3.0) * self.dials.scale)
         job.first_ask_ms = now_ms()
