@@ -72,7 +72,13 @@ the request's way out after the sender's last look at the clock:
   conditional write answers in under 10 ms, the request leaves at once).
 
 So the default is 1500 ms: 2.5 % of a 60 s window, which is what a backlog's makespan pays over the
-ideal (each slot is reused one ``window + margin`` later), within the 3 % asked.
+ideal (each slot is reused one ``window + margin`` later), plus the first sends' gaps (4 x 250 ms once).
+What the clocks' offsets cost besides: sends due together are planned ``grant_gap`` (250 ms) apart, each
+in its claimer's clock, so with offsets of +-500 ms (``hostile``) runs wake out of order; a run that
+claims before the one ahead of it has written loses that write and looks again a gap later, and a
+claim that ends more than the record slack after its plan moves its slot's later sends. The bench's
+backlog at the real window measured that (``docs/performance.md``); with NTP-synced clocks (ms) the
+runs wake in order and a claim from a view is one write.
 
 **Never stalled, never demoted.** A waiting run sleeps (a Wait state) until ``wake_lead_ms`` before its
 turn; Wait states wake late, never early, so the lead must be at least the lateness the deployment
