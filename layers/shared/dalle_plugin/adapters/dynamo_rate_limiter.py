@@ -53,6 +53,7 @@ import random
 import re
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -226,14 +227,20 @@ class DynamoRateLimiter:
         return RateJoin(first, admitted, starts, positions, encode_state(self._state, now), calls)
 
     def _line_served_by(self, line: str, now_ms: int) -> bool:
-        """Whether the state in hand (this environment's last look) has ``line`` empty by ``now_ms``: no one
-        waiting in it then, or its last ticket planned to have sent. A warm API's last look is often its
-        own last join, whose runs have sent since."""
+        """Whether the state in hand (this environment's last look) may have ``line`` empty by ``now_ms``: no
+        one waiting in it then, or its last ticket able to have sent by then (the window allowing, whenever
+        its runs reached their claims). A warm API's last look is often its own last join, whose runs have
+        sent since."""
         current = self._state.line(line)
         if current is None or not current.waiting:
             return True
         *_, last = current.tickets()
-        starts, _ = placement(self._state, line, last, 1, 0, self._settings)
+        lead = self._settings.join_to_claim_ms  # its runs may have claimed as soon as they joined
+        soonest = replace(
+            self._state,
+            lines=tuple((name, replace(ln, since_ms=ln.since_ms - lead)) for name, ln in self._state.lines),
+        )
+        starts, _ = placement(soonest, line, last, 1, 0, self._settings)
         return starts[0] < now_ms
 
     def _add_tickets(self, line: str, count: int, make: bool) -> bool:
