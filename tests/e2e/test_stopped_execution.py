@@ -10,13 +10,10 @@ import json
 import pytest
 
 from tests.conftest import wait_for
+from tests.e2e.stopped_runs import assert_the_paid_image_is_recorded_then_reused
 from tests.faults.harness import Case, Hang, Seams
 
 pytestmark = pytest.mark.stack
-
-
-def _openai_requests(stack, case: Case) -> int:
-    return sum(1 for r in stack.openai.requests if r.is_generation and r.prompt and case.marker in r.prompt)
 
 
 def _running_execution(stack, session: str) -> str | None:
@@ -63,15 +60,4 @@ def test_a_run_stopped_between_generate_and_attach_ends_readable_and_its_image_i
         stack.seams.disarm("before_handler")
     assert first["status"] == "FAILED" and first["failure"]["reason"] == "execution_stopped"
     assert "stopped from outside the plugin" in first["failure"]["message"]
-    paid = first["image"]  # recorded: the session shows the image paid for, never attached
-    assert paid["sha256"] and paid["attached"] is False
-    assert _openai_requests(stack, case) == 1
-
-    second = case.new_session()  # a person runs the plugin again: a new hub session
-    assert api.run(case.payload(second)).status_code == 202
-    rerun = api.wait_finished(second, timeout_s=300, poll_s=0.5)["runs"][0]
-    assert rerun["status"] == "SUCCEEDED"
-    assert rerun["image"]["sha256"] == paid["sha256"] and _openai_requests(stack, case) == 1  # reused
-    assert len(stack.hub.attachments(case.external_id)) == 1
-    delivered = [d for d in stack.event_deliveries if d[0] == "EndStoppedRunsFunction"]
-    assert delivered and not any(failed for _, _, failed in delivered)
+    assert_the_paid_image_is_recorded_then_reused(stack, api, case, first)

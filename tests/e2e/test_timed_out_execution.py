@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import PLUGIN_SECRET, start_stack, wait_for
+from tests.e2e.stopped_runs import assert_the_paid_image_is_recorded_then_reused
 from tests.faults.harness import Case, Hang, Seams
 
 pytestmark = [pytest.mark.stack, pytest.mark.own_stack]
@@ -28,10 +29,6 @@ def timeout_stack():
     ) as running:
         running.hub.load_samples()  # the project the case's task lives in
         yield running
-
-
-def _openai_requests(stack, case: Case) -> int:
-    return sum(1 for r in stack.openai.requests if r.is_generation and r.prompt and case.marker in r.prompt)
 
 
 def _execution_of(stack, session: str) -> str | None:
@@ -77,15 +74,4 @@ def test_a_run_whose_execution_times_out_while_generate_is_held_ends_readable_an
     assert "Run the plugin again" in first["failure"]["message"]
     told = [line for line in stack.hub.plugin_logs(session) if line.get("level") == "ERROR"]
     assert any(TIMED_OUT_SENTENCE in line["msg"] for line in told)  # the hub was told why
-    paid = first["image"]  # recorded: the session shows the image paid for, never attached
-    assert paid["sha256"] and paid["attached"] is False
-    assert _openai_requests(stack, case) == 1
-
-    second = case.new_session()  # a person runs the plugin again: a new hub session
-    assert api.run(case.payload(second)).status_code == 202
-    rerun = api.wait_finished(second, timeout_s=300, poll_s=0.5)["runs"][0]
-    assert rerun["status"] == "SUCCEEDED"
-    assert rerun["image"]["sha256"] == paid["sha256"] and _openai_requests(stack, case) == 1  # reused
-    assert len(stack.hub.attachments(case.external_id)) == 1
-    delivered = [d for d in stack.event_deliveries if d[0] == "EndStoppedRunsFunction"]
-    assert delivered and not any(failed for _, _, failed in delivered)
+    assert_the_paid_image_is_recorded_then_reused(stack, api, case, first)

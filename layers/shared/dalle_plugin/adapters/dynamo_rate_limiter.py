@@ -247,7 +247,6 @@ class DynamoRateLimiter:
         """``count`` tickets added to ``line`` by one write, the item as it is after in hand: to a line with
         runs waiting (``make`` False), or making the line from ``n`` (True). False when the line turned out
         to be the other kind."""
-        self.calls += 1
         names = {"#i": f"i:{line}", "#s": f"s:{line}", "#l": f"l:{line}", "#n": "n", "#g": "g", "#c": "c"}
         values: dict[str, Any] = {":count": {"N": str(count)}}
         if make:
@@ -265,24 +264,18 @@ class DynamoRateLimiter:
         else:
             names_used = {"#i": names["#i"]}
             update, condition = "ADD #i :count", "attribute_exists(#i)"
-        try:
-            answer = self._client.update_item(
-                TableName=self._table,
-                Key={"pk": {"S": self._key}},
-                UpdateExpression=update,
-                ConditionExpression=condition,
-                ExpressionAttributeNames=names_used,
-                ExpressionAttributeValues=values,
-                ReturnValues="ALL_NEW",
-            )
-        except ClientError as error:
-            if not _is_condition_failure(error):
-                raise _storage_error(error) from error
-            return False
-        except BotoCoreError as error:
-            raise _storage_error(error) from error
-        self._state = self.from_item(answer.get("Attributes"))
-        return True
+        went, answer = self._update(
+            {
+                "UpdateExpression": update,
+                "ConditionExpression": condition,
+                "ExpressionAttributeNames": names_used,
+                "ExpressionAttributeValues": values,
+                "ReturnValues": "ALL_NEW",
+            }
+        )
+        if went:
+            self._state = self.from_item(answer.get("Attributes"))
+        return went
 
     def claim(self, ask: RateClaim) -> RateDecision:
         line = line_of(ask.org_id, ask.interactive)
@@ -398,27 +391,19 @@ class DynamoRateLimiter:
 
     def _restamp(self, ask: RateClaim, slot: int, now_ms: int) -> bool:
         """The send in slot ``slot`` recorded at ``now_ms``, if the slot still holds it."""
-        self.calls += 1
         self.restamps += 1
-        try:
-            self._client.update_item(
-                TableName=self._table,
-                Key={"pk": {"S": self._key}},
-                UpdateExpression="SET #t = :t",
-                ConditionExpression="#o = :o",
-                ExpressionAttributeNames={"#t": f"t{slot}", "#o": f"o{slot}"},
-                ExpressionAttributeValues={
+        went, _ = self._update(
+            {
+                "UpdateExpression": "SET #t = :t",
+                "ConditionExpression": "#o = :o",
+                "ExpressionAttributeNames": {"#t": f"t{slot}", "#o": f"o{slot}"},
+                "ExpressionAttributeValues": {
                     ":t": {"N": str(now_ms)},
                     ":o": {"S": _slot_owner(ask.send, line_of(ask.org_id, ask.interactive))},
                 },
-            )
-        except ClientError as error:
-            if not _is_condition_failure(error):
-                raise _storage_error(error) from error
-            return False
-        except BotoCoreError as error:
-            raise _storage_error(error) from error
-        return True
+            }
+        )
+        return went
 
     def leave(self, org_id: str, interactive: bool, first_ticket: int, count: int = 1) -> None:
         line = line_of(org_id, interactive)
@@ -443,36 +428,35 @@ class DynamoRateLimiter:
     def _write(self, before: LimiterState, after: LimiterState, claimer: str | None = None) -> bool:
         """One conditional write taking the item from ``before`` to ``after`` (a claim of ``claimer``'s);
         on losing, take the item."""
-        self.calls += 1
-        try:
-            self._client.update_item(**self.write_request(before, after, claimer))
-        except ClientError as error:
-            if not _is_condition_failure(error):
-                raise _storage_error(error) from error
-            self._state = self.from_item(error.response.get("Item"))
-            return False
-        except BotoCoreError as error:
-            raise _storage_error(error) from error
-        self._state = after
-        return True
+        went, answer = self._update(self.write_request(before, after, claimer))
+        self._state = after if went else self.from_item(answer.get("Item"))
+        return went
 
     def _learn(self) -> None:
         """The current item, by a conditional write that cannot succeed (it returns the item; no read)."""
+        _, answer = self._update(
+            {
+                "UpdateExpression": "SET #g = :never",
+                "ConditionExpression": "#g = :never",
+                "ExpressionAttributeNames": {"#g": "g"},
+                "ExpressionAttributeValues": {":never": {"N": "-1"}},
+                "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+            }
+        )
+        self._state = self.from_item(answer.get("Item"))
+
+    def _update(self, request: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+        """One UpdateItem on the queue's item: whether its condition held, and DynamoDB's answer (on a failed
+        condition, the error's, which carries the item when it was asked for)."""
         self.calls += 1
         try:
-            self._client.update_item(
-                TableName=self._table,
-                Key={"pk": {"S": self._key}},
-                UpdateExpression="SET #g = :never",
-                ConditionExpression="#g = :never",
-                ExpressionAttributeNames={"#g": "g"},
-                ExpressionAttributeValues={":never": {"N": "-1"}},
-                ReturnValuesOnConditionCheckFailure="ALL_OLD",
+            return True, self._client.update_item(
+                **{"TableName": self._table, "Key": {"pk": {"S": self._key}}} | request
             )
         except ClientError as error:
             if not _is_condition_failure(error):
                 raise _storage_error(error) from error
-            self._state = self.from_item(error.response.get("Item"))
+            return False, error.response
         except BotoCoreError as error:
             raise _storage_error(error) from error
 
