@@ -67,6 +67,7 @@ from dalle_plugin.domain.rate_limit import (
     admissible,
     claim,
     leave,
+    line_made_at,
     line_of,
     placement,
     planned_starts,
@@ -253,8 +254,7 @@ class DynamoRateLimiter:
             names_used = names
             values[":zero"] = {"N": "0"}
             values[":one"] = {"N": "1"}
-            # its first run claims after the steps before it: its turn is planned from then
-            values[":rest"] = {"S": _rest(Line(since_ms=self._clock() + self._settings.join_to_claim_ms))}
+            values[":rest"] = {"S": _rest(line_made_at(self._clock(), self._settings))}
             update = (
                 "SET #s = if_not_exists(#n, :zero), #i = if_not_exists(#n, :zero) + :count, "
                 "#n = if_not_exists(#n, :zero) + :count, #l = :rest, #g = if_not_exists(#g, :zero) "

@@ -274,6 +274,12 @@ def _with_line(state: LimiterState, name: str, line: Line) -> tuple[tuple[str, L
     return tuple(sorted(lines.items()))
 
 
+def line_made_at(now_ms: int, settings: LimiterSettings) -> Line:
+    """What a line made by a join at ``now_ms`` keeps besides its tickets: its first run claims only after
+    the steps before it, so its turn is planned from ``join_to_claim_ms`` later."""
+    return Line(since_ms=now_ms + settings.join_to_claim_ms)
+
+
 def _new_line(state: LimiterState) -> Line:
     """A line with no one waiting, whose tickets start above every ticket issued so far."""
     return Line(issued=state.issued, served=state.issued)
@@ -370,7 +376,7 @@ def join(
         raise ValueError("a join needs at least one run")
     before = state.line(line) or _new_line(state)
     first = before.issued
-    since = before.since_ms if before.waiting else now_ms + settings.join_to_claim_ms
+    since = before.since_ms if before.waiting else line_made_at(now_ms, settings).since_ms
     grown = replace(before, issued=first + count, since_ms=since)
     trial = replace(
         state,
