@@ -125,6 +125,7 @@ def encode_state(state: LimiterState, seen_ms: int = 0) -> str:
             "c": state.changes,
             "n": state.issued,
             "s": slots,
+            "p": state.last_turn_ms,
             "q": json.loads(encode_lines(state)),
             "at": seen_ms,
         },
@@ -162,6 +163,7 @@ def decode_state(text: str) -> LimiterState:
         changes=int(raw["c"]),
         slots=tuple(Slot(int(s[0]), s[1], s[2]) if s else None for s in raw["s"]),
         lines=_lines(raw["q"]),
+        last_turn_ms=int(raw.get("p", 0)),
     )
 
 
@@ -520,7 +522,9 @@ class DynamoRateLimiter:
             values[":t"] = {"N": str(slot.at_ms)}
             values[":o"] = {"S": _slot_owner(slot.send, slot.line)}
             values[":cutoff"] = {"N": str(slot.at_ms - self._settings.spacing_ms)}
-            sets += ["#t = :t", "#o = :o"]
+            names["#p"] = "p"
+            values[":p"] = {"N": str(after.last_turn_ms)}
+            sets += ["#t = :t", "#o = :o", "#p = :p"]
             conditions.append("(attribute_not_exists(#t) OR #t <= :cutoff)")
         update = "SET " + ", ".join(sets) + (" REMOVE " + ", ".join(removes) if removes else "")
         condition = " AND ".join(conditions)
@@ -563,6 +567,7 @@ class DynamoRateLimiter:
             changes=int(item.get("c", {}).get("N", 0)),
             slots=tuple(slots),
             lines=tuple(sorted(lines)),
+            last_turn_ms=int(item.get("p", {}).get("N", 0)),
         )
 
 

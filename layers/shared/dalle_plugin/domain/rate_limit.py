@@ -254,6 +254,9 @@ class LimiterState:
     changes: int = 0  # joins, leaves and skips so far (what a claim made from an older view cannot predict)
     slots: tuple[Slot | None, ...] = ()  # ``limit`` of them (fewer before the first sends)
     lines: tuple[tuple[str, Line], ...] = ()  # the lines with runs waiting, by name
+    # the turn the last grant was planned for: a head that sent early (its slot free before its turn) moves
+    # no later run's turn earlier than it was told
+    last_turn_ms: int = 0
 
     def line(self, name: str) -> Line | None:
         return dict(self.lines).get(name)
@@ -318,13 +321,17 @@ def _slot_free_ms(state: LimiterState, grant: int, settings: LimiterSettings) ->
 
 
 def planned_starts(state: LimiterState, settings: LimiterSettings, upto: int) -> list[int]:
-    """When the first ``upto`` runs in the order send if each claims at its turn: one after another, at
-    least ``grant_gap`` apart (so each claims after the one before it wrote its grant, and one write does),
-    each at least ``window + margin`` after the send ``limit`` grants before it, and the head of a line no
-    earlier than its ``since_ms`` (a batch's first claim comes after the steps before it). A pure function
-    of the state, never of the clock: every run planning from the same state plans the same times, and a
-    grant is recorded at its planned time (``_recorded_at``), so the plans of views seen at different times
-    agree. A time in the past is a run due since then."""
+    """When the first ``upto`` runs in the order send if each claims at its turn: each at least ``window +
+    margin`` after the send ``limit`` grants before it, never before the one ahead of it, the head of a line
+    no earlier than its ``since_ms`` (a batch's first claim comes after the steps before it), and sends the
+    window leaves free at one moment (a backlog's first ``limit``, slots long free) ``grant_gap`` apart. A
+    pure function of the state, never of the clock: every run planning from the same state plans the same
+    times. A time in the past is a run due since then.
+
+    The gap is only for sends the window does not already spread: a send whose slot frees after the one
+    ahead of it is planned at that moment (a millisecond after it at least), not a gap after it, so two
+    sends that came out of order (clocks apart) and left their slots close together push no later send
+    back."""
     starts: list[int] = []
     last = state.slot(state.grants - 1)
     heads: set[str] = set()
@@ -333,11 +340,17 @@ def planned_starts(state: LimiterState, settings: LimiterSettings, upto: int) ->
             free = starts[k - settings.limit] + settings.spacing_ms
         else:
             free = _slot_free_ms(state, state.grants + k, settings)
-        previous = starts[-1] if starts else (last.at_ms if last is not None else None)
+        previous = starts[-1] if starts else (max(last.at_ms, state.last_turn_ms) if last else None)
+        if previous is None:
+            behind = 0
+        elif free <= previous - settings.grant_gap:
+            behind = previous + settings.grant_gap  # free since before the send ahead: spread them
+        else:
+            behind = previous + 1  # after the one ahead: their order is the plan's, not a race's
         line = state.line(name)
         since = line.since_ms if line is not None and name not in heads else 0
         heads.add(name)
-        starts.append(max(free, previous + settings.grant_gap if previous is not None else 0, since))
+        starts.append(max(free, behind, since))
     return starts
 
 
@@ -445,21 +458,28 @@ class Answer:
     slot: int = -1  # granted: the slot its send is recorded in (``start_at_ms`` is the recorded time)
 
 
-def _granted(state: LimiterState, line: str, ticket: int, send: str, now_ms: int, limit: int) -> LimiterState:
+def _granted(
+    state: LimiterState, line: str, ticket: int, send: str, now_ms: int, limit: int, turn_ms: int
+) -> LimiterState:
     slots = list(state.slots) + [None] * (limit - len(state.slots))
     slots[state.grants % limit] = Slot(now_ms, send, line)
     current = state.line(line) or Line()
+    head = next(current.tickets(), None)
     if ticket in current.returned:  # a returned ticket: the tickets above it keep their places
-        advanced = replace(
-            current,
-            returned=tuple(t for t in current.returned if t != ticket),
-            since_ms=0,
-            last_grant=state.grants,
-        )
-    else:
-        advanced = _normal(replace(current, served=ticket + 1, since_ms=0, last_grant=state.grants))
+        advanced = replace(current, returned=tuple(t for t in current.returned if t != ticket))
+    elif ticket == current.served:
+        advanced = _normal(replace(current, served=ticket + 1))
+    else:  # sent before a ticket ahead of it that was not there yet: that one keeps its place
+        advanced = _normal(replace(current, skipped=(*current.skipped, (ticket, ticket + 1))))
+    advanced = replace(advanced, last_grant=state.grants)
+    if ticket == head:
+        advanced = replace(advanced, since_ms=0)  # the next head became the head by a grant
     return replace(
-        state, grants=state.grants + 1, slots=tuple(slots), lines=_with_line(state, line, advanced)
+        state,
+        grants=state.grants + 1,
+        slots=tuple(slots),
+        lines=_with_line(state, line, advanced),
+        last_turn_ms=max(turn_ms, now_ms),
     )
 
 
@@ -479,7 +499,7 @@ def state_at_turn(
     starts = planned_starts(view, settings, len(ahead))
     state = view
     for (name, served), at in zip(ahead, starts, strict=True):
-        state = _granted(state, name, served, "", at, settings.limit)
+        state = _granted(state, name, served, "", at, settings.limit, at)
     return state
 
 
@@ -533,31 +553,30 @@ def claim(
     ):
         working = leave(working, head[0], head[1], 1, now_ms)  # its step is gone: skip it, it may rejoin
         head = next(service_order(working, settings.limit))
-    free_at = _slot_free_ms(working, working.grants, settings)
-    if head == (line, ticket) and free_at <= now_ms:
-        at = _recorded_at(working, line, now_ms, settings)
-        granted = _granted(working, line, ticket, send, at, settings.limit)
-        return Answer(True, at, 0, granted, True, slot=working.grants % settings.limit)
     position = _position(working, line, ticket, settings.limit)
-    eta = max(now_ms, planned_starts(working, settings, position + 1)[position])
+    starts = planned_starts(working, settings, position + 1)
+    turn = starts[position]
+    if position == 0:
+        # the head sends as soon as the window lets it: the gap and a line's since are plans, not rules
+        due = _slot_free_ms(working, working.grants, settings) <= now_ms
+    else:
+        # a run whose turn has come goes before those ahead that have not claimed while they are of its own
+        # line and due by less than the margin (their clocks may be that far behind this one's): they take
+        # the next grants when they come. One later than that is away and keeps its place (those behind
+        # wait for it), and other lines are never passed: their turns are the round-robin promise itself.
+        lines = {name for name, _ in islice(service_order(working, settings.limit), position + 1)}
+        due = turn <= now_ms and now_ms - starts[0] < settings.skew_margin_ms and lines == {line}
+    if due:
+        at = turn if now_ms - settings.record_slack <= turn <= now_ms else now_ms
+        granted = _granted(working, line, ticket, send, at, settings.limit, turn)
+        return Answer(True, at, 0, granted, True, slot=working.grants % settings.limit)
+    eta = max(now_ms, turn)
     if position > 0 and eta - now_ms < settings.grant_gap:
-        # a run ahead is due now but has not claimed yet: look again shortly (a gap while it is just due,
-        # a margin once it is late), not in a busy loop
-        turn = head_turn_ms(working, settings, head[0])
-        poll = settings.grant_gap if now_ms - turn < settings.skew_margin_ms else settings.skew_margin_ms
-        eta = max(eta, min(turn + settings.abandon_after_ms + 1, now_ms + poll))
+        # a run ahead it may not pass is due and has not claimed: look again shortly (a gap while it is just
+        # due, a margin once it is away), never in a busy loop, until it claims or is skipped as abandoned
+        poll = settings.grant_gap if now_ms - starts[0] < settings.skew_margin_ms else settings.skew_margin_ms
+        eta = max(eta, min(starts[0] + settings.abandon_after_ms + 1, now_ms + poll))
     return Answer(False, eta, position, working, changed=working != state)
-
-
-def _recorded_at(state: LimiterState, line: str, now_ms: int, settings: LimiterSettings) -> int:
-    """When a grant at ``now_ms`` is recorded: at its planned time (its turn, a gap after the grant before
-    it) if the claim came at most ``record_slack`` after it, else at ``now_ms``. A write's round trip or a
-    thread waking a few ms late then moves no later send: every slot keeps its spacing from the plan, so a
-    backlog's schedule (and the ETA every waiting run was told) holds instead of drifting by each claim's
-    delay. Never after ``now_ms``, and never more than the slack before it: the send leaves within the
-    tolerance of its recorded time, which the margin covers."""
-    (planned,) = planned_starts(state, settings, 1)
-    return planned if now_ms - settings.record_slack <= planned <= now_ms else now_ms
 
 
 def restamp(state: LimiterState, slot: int, send: str, now_ms: int) -> LimiterState | None:
