@@ -19,6 +19,7 @@ from dalle_plugin.domain.rate_limit import (
     join,
     leave,
     line_of,
+    planned_starts,
     state_at_turn,
 )
 from dalle_plugin.ports import RateClaim
@@ -219,6 +220,26 @@ def test_a_claim_that_loses_decides_again_from_the_returned_item(limiter, stubbe
     granted = claim(actual, LINE, 2, "r2#1", clock.now, SETTINGS).state
     stubber.add_response("update_item", {}, limiter.write_request(actual, granted, LINE))
     decision = limiter.claim(RateClaim("org-1", False, 2, "r2#1", encode_state(view, NOW)))
+    assert decision.granted and decision.calls == 2
+
+
+def test_a_run_whose_turn_comes_before_the_one_ahead_claimed_takes_the_next_grant(limiter, stubber, clock):
+    """Ticket 0's clock is behind ticket 1's: ticket 1's write hoping ticket 0 had sent loses and brings the
+    item back, and its second write grants it ahead: its ticket skipped in its line (ticket 0 keeps its
+    place at the head) and the turn it was planned for kept for the plans after it."""
+    view = join(LimiterState(), LINE, 2, NOW, SETTINGS).state
+    turns = planned_starts(view, SETTINGS, 2)
+    clock.now = turns[1]
+    predicted = state_at_turn(view, LINE, 1, SETTINGS)
+    hoped = claim(predicted, LINE, 1, "r1#1", clock.now, SETTINGS).state
+    lost(stubber, limiter.write_request(predicted, hoped, LINE), item(view))
+    ahead = claim(view, LINE, 1, "r1#1", clock.now, SETTINGS)
+    line = dict(ahead.state.lines)[LINE]
+    assert ahead.granted and next(line.tickets()) == 0 and line.skipped == ((1, 2),)
+    request = limiter.write_request(view, ahead.state, LINE)
+    assert request["ExpressionAttributeValues"][":p"] == {"N": str(turns[1])}
+    stubber.add_response("update_item", {}, request)
+    decision = limiter.claim(RateClaim("org-1", False, 1, "r1#1", encode_state(view, NOW)))
     assert decision.granted and decision.calls == 2
 
 

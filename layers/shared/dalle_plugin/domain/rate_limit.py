@@ -19,19 +19,34 @@ waiting run's position and start time follow from the state alone, and no race d
 
 **Strict at the door.** Grant number ``n`` uses slot ``n % limit``, which holds the send of grant
 ``n - limit``. A run may send only by *claiming*, right before its request leaves (the OpenAI client is
-already built): the claim is granted at ``now`` only if its ticket is the next in the order and the send
-``limit`` grants earlier lies ``window + margin`` or more behind the time it records (so fewer than
-``limit`` sends lie in ``(at - window - margin, at]``); the send is recorded in the same conditional
-write. Nothing is booked ahead: a run that wakes late loses nothing, it claims when it is there.
+already built): the claim is granted at ``now`` only if its turn has come (below) and the send ``limit``
+grants earlier lies ``window + margin`` or more behind the time it records (so fewer than ``limit`` sends
+lie in ``(at - window - margin, at]``); the send is recorded in the same conditional write. Nothing is
+booked ahead: a run that wakes late loses nothing, it claims when it is there.
+
+**Whose turn.** The head of the order claims as soon as the window lets it. A run behind it claims at its
+planned turn, before runs ahead of it that have not claimed yet, if they are of its own line and due by
+less than the margin: sends due together are planned a gap apart, each in its claimer's clock, and with
+clocks further apart than that (``hostile``: +-500 ms) runs wake out of order; the one ahead takes the next
+grant when it comes (its slot free by then, or a gap later). A run due longer than the margin is away (its
+step late, or dead): it keeps its place, and those behind wait for it, looking again a gap and then a
+margin later, until it claims or is skipped as abandoned. Other lines are never passed: their order is
+the round-robin promise itself. So within a line sends follow the acceptance order up to the margin, which
+is also all that clocks that far apart can tell.
 
 **The plan, and what a grant records.** Every run's turn follows from the state alone
-(``planned_starts``): one after another, ``grant_gap`` apart, each slot reused ``window + margin`` after
-its last send, the head of a line no earlier than its ``since_ms`` (a batch's line is made with it
-``join_to_claim_ms`` after the join: its first run claims only after the steps before it). A grant
-claimed at most ``record_slack`` (half the tolerance) after its planned time is recorded *at* that time,
-otherwise at the claimer's clock reading before its write. So a write's round trip or a thread waking a
-few ms late moves no later send: the schedule, and the plan every waiting run was told, hold; views seen
-at different times plan the same times, which is what lets a run claim from an old view in one write.
+(``planned_starts``): each slot reused ``window + margin`` after its last send, never before the run ahead
+(a millisecond after it), sends the window leaves free at one moment (a backlog's first ``limit``, slots
+long free) ``grant_gap`` apart, the head of a line no earlier than its ``since_ms`` (a batch's line is made
+with it ``join_to_claim_ms`` after the join: its first run claims only after the steps before it). The gap
+is not added where the slots already spread the sends, so two runs that came out of order and left their
+slots close together move no later send. A grant claimed at most ``record_slack`` (half the tolerance)
+after its turn is recorded *at* it, otherwise at the claimer's clock reading before its write; a head that
+sends before its turn (its slot was free) is recorded at its clock, and the state keeps the turn it was
+planned for, from which the turns after it follow (a run told its turn is never found due earlier, passed
+while it sleeps). So a write's round trip or a thread waking a few ms late moves no later send: the
+schedule, and the plan every waiting run was told, hold; views seen at different times plan the same
+times, which is what lets a run claim from an old view in one write.
 The last thing before the request leaves, the sender looks at the clock again, and if more than
 ``send_tolerance`` passed since the recorded time (a slow write, a step starved of CPU), it records its
 send again at the time now (``restamp``), or, if the grant ``limit`` later already reused its slot, does
@@ -75,12 +90,6 @@ the request's way out after the sender's last look at the clock:
 
 So the default is 1500 ms: 2.5 % of a 60 s window, which is what a backlog's makespan pays over the
 ideal (each slot is reused one ``window + margin`` later), plus the first sends' gaps (4 x 250 ms once).
-What the clocks' offsets cost besides: sends due together are planned ``grant_gap`` (250 ms) apart, each
-in its claimer's clock, so with offsets of +-500 ms (``hostile``) runs wake out of order; a run that
-claims before the one ahead of it has written loses that write and looks again a gap later, and a
-claim that ends more than the record slack after its plan moves its slot's later sends. The bench's
-backlog at the real window measured that (``docs/performance.md``); with NTP-synced clocks (ms) the
-runs wake in order and a claim from a view is one write.
 
 **Never stalled, never demoted.** A waiting run sleeps (a Wait state) until ``wake_lead_ms`` before its
 turn; Wait states wake late, never early, so the lead must be at least the lateness the deployment
@@ -93,14 +102,12 @@ Record Failure leave the line (a skipped range). A claim asked again with the sa
 was granted answers "granted" and records nothing (a re-delivered claim never sends twice).
 
 **Sends due at one moment** (a backlog's first ``limit``, or slots freed together) are planned
-``grant_gap_ms`` apart (a sixth of the margin unless set): each run sleeps to its own planned time and
-finds the one before it written, so its one conditional write grants, instead of all of them writing at
-once and all but one polling. The gap is never imposed (a run that finds its slot free and its turn come
-sends at once) and it does not add up: each slot is still reused ``window + margin`` after its last send,
-so a backlog pays it at most ``limit - 1`` times in all (1 s of a 60 s window's 12-minute backlog). A run
-behind one that is due but has not claimed looks again a gap later, then a margin later once that run is
-a margin late (never in a busy loop): the time a free slot idles while its next run waits is about a gap,
-below the margin, which is what "never stalled" asks.
+``grant_gap_ms`` apart (a sixth of the margin unless set): each run sleeps to its own planned time and,
+clocks in step, finds the one before it written, so its one conditional write grants, instead of all of
+them writing at once and all but one losing. The gap is never imposed on the head (a run that finds its
+slot free sends at once) and it does not add up: each slot is still reused ``window + margin`` after its
+last send, so a backlog pays it at most ``limit - 1`` times in all (1 s of a 60 s window's 12-minute
+backlog).
 
 **Saying no in time.** A run whose start would come more than ``max_queue_wait_s`` after it joins is not
 given a ticket: ``join`` admits the batch's runs up to the last one within the cap, and says what wait
