@@ -80,7 +80,9 @@ def item(state: LimiterState) -> dict[str, Any]:
     for k, slot in enumerate(state.slots):
         if slot is not None:
             stored[f"t{k}"] = {"N": str(slot.at_ms)}
-            stored[f"o{k}"] = {"S": f'["{slot.send}","{slot.line}"]'}
+            stored[f"o{k}"] = {"S": f'["{slot.send}","{slot.line}",{slot.grant}]'}
+    if state.grants:
+        stored["p"] = {"N": str(state.last_turn_ms)}
     return stored
 
 
@@ -226,7 +228,8 @@ def test_a_claim_that_loses_decides_again_from_the_returned_item(limiter, stubbe
 def test_a_run_whose_turn_comes_before_the_one_ahead_claimed_takes_the_next_grant(limiter, stubber, clock):
     """Ticket 0's clock is behind ticket 1's: ticket 1's write hoping ticket 0 had sent loses and brings the
     item back, and its second write grants it ahead: its ticket skipped in its line (ticket 0 keeps its
-    place at the head) and the turn it was planned for kept for the plans after it."""
+    place at the head), in the slot its plan gave it (slot 0 stays free for ticket 0), the head's turn
+    untouched."""
     view = join(LimiterState(), LINE, 2, NOW, SETTINGS).state
     turns = planned_starts(view, SETTINGS, 2)
     clock.now = turns[1]
@@ -237,7 +240,9 @@ def test_a_run_whose_turn_comes_before_the_one_ahead_claimed_takes_the_next_gran
     line = dict(ahead.state.lines)[LINE]
     assert ahead.granted and next(line.tickets()) == 0 and line.skipped == ((1, 2),)
     request = limiter.write_request(view, ahead.state, LINE)
-    assert request["ExpressionAttributeValues"][":p"] == {"N": str(turns[1])}
+    assert request["ExpressionAttributeNames"]["#t"] == "t1"
+    assert request["ExpressionAttributeValues"][":p"] == {"N": "0"}
+    assert planned_starts(ahead.state, SETTINGS, 1) == [turns[0]]
     stubber.add_response("update_item", {}, request)
     decision = limiter.claim(RateClaim("org-1", False, 1, "r1#1", encode_state(view, NOW)))
     assert decision.granted and decision.calls == 2

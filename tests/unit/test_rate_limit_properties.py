@@ -317,11 +317,12 @@ def test_a_send_held_up_after_its_grant_is_recorded_again_or_does_not_leave(sett
 @rules_checked(60)
 @given(queue_settings, sim_runs(hostile=False))
 def test_first_come_first_served_within_an_organisation_and_a_kind(settings, runs):
-    """With the clocks in step and every run there at its turn (claiming from its acceptance on), sends are
-    granted in acceptance order within a line, exactly, whoever wakes first. Ranked by the grant that
-    sent."""
+    """One line (a batch, and runs joining behind it), the clocks in step and every run there from its
+    acceptance on: sends are granted in acceptance order, exactly, whoever wakes first. Ranked by the grant
+    that sent. (Runs of other lines reorder the plans as the organisations take turns, so a run may then
+    pass one of its line due by less than the margin: the next test.)"""
     for run in runs:
-        run.offset_ms, run.generate_after_ms = 0, 0
+        run.org, run.interactive, run.offset_ms, run.generate_after_ms = "org-a", False, 0, 0
     out = simulate(settings.model_copy(update={"abandon_after_ms": 600_000}), runs)
     assert not out.rejoined and not out.passed
     rank = {index: position for position, index in enumerate(out.order)}

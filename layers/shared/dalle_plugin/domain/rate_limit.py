@@ -17,20 +17,22 @@ first (a line remembers its last send while it has runs waiting, and the last ``
 remembered besides; never served goes first); within a line, ticket order. So every
 waiting run's position and start time follow from the state alone, and no race decides who goes first.
 
-**Strict at the door.** Grant number ``n`` uses slot ``n % limit``, which holds the send of grant
-``n - limit``. A run may send only by *claiming*, right before its request leaves (the OpenAI client is
-already built): the claim is granted at ``now`` only if its turn has come (below) and the send ``limit``
-grants earlier lies ``window + margin`` or more behind the time it records (so fewer than ``limit`` sends
-lie in ``(at - window - margin, at]``); the send is recorded in the same conditional write. Nothing is
-booked ahead: a run that wakes late loses nothing, it claims when it is there.
+**Strict at the door.** Every send is recorded in one of ``limit`` slots, and a slot takes a new send only
+``window + margin`` after its last one (as recorded): ``limit`` slots then hold at most ``limit`` sends in
+any window, whichever slot each send took. A run may send only by *claiming*, right before its request
+leaves (the OpenAI client is already built): the claim is granted at ``now`` only if its turn has come
+(below) and the slot its plan gives it (``free_slots``: the ``k``-th run in the order on the ``k``-th slot
+to free) lies ``window + margin`` or more behind the time it records; the send is recorded in the same
+conditional write, which checks that slot itself. Nothing is booked ahead: a run that wakes late loses
+nothing, it claims when it is there.
 
 **Whose turn.** The head of the order claims as soon as the window lets it. A run behind it claims at its
 planned turn, before runs ahead of it that have not claimed yet, if they are of its own line and due by
 less than the margin: sends due together are planned a gap apart, each in its claimer's clock, and with
-clocks further apart than that (``hostile``: +-500 ms) runs wake out of order; the one ahead takes the next
-grant when it comes (its slot free by then, or a gap later). A run due longer than the margin is away (its
-step late, or dead): it keeps its place, and those behind wait for it, looking again a gap and then a
-margin later, until it claims or is skipped as abandoned. Other lines are never passed: their order is
+clocks further apart than that (``hostile``: +-500 ms) runs wake out of order; the one ahead, when it
+comes, finds the slot its plan gave it still free, so neither moves. A run due longer than the margin is
+away (its step late, or dead): it keeps its place, and those behind wait for it, looking again a gap and
+then a margin later, until it claims or is skipped as abandoned. Other lines are never passed: their order is
 the round-robin promise itself. So within a line sends follow the acceptance order up to the margin, which
 is also all that clocks that far apart can tell.
 
@@ -188,7 +190,7 @@ class LimiterSettings(BaseModel):
 
     @property
     def record_slack(self) -> int:
-        """How late a claim may come after its planned time and still be recorded at it (half the tolerance)."""
+        """How late a claim may come after its turn and still be recorded at it (half the tolerance)."""
         return self.send_tolerance // 2
 
     @property
@@ -252,6 +254,7 @@ class Slot:
     at_ms: int  # the granted send's clock reading
     send: str  # the send ticket (a claim asked again with it answers "granted")
     line: str
+    grant: int = -1  # its grant number (organisations take turns by it)
 
 
 @dataclass(frozen=True)
@@ -261,8 +264,9 @@ class LimiterState:
     changes: int = 0  # joins, leaves and skips so far (what a claim made from an older view cannot predict)
     slots: tuple[Slot | None, ...] = ()  # ``limit`` of them (fewer before the first sends)
     lines: tuple[tuple[str, Line], ...] = ()  # the lines with runs waiting, by name
-    # the turn the last grant was planned for: a head that sent early (its slot free before its turn) moves
-    # no later run's turn earlier than it was told
+    # when the last grant to the head of the order was due (its turn, or its send if later): the run behind
+    # it goes no earlier. A head that sent before its turn (its slot free) moves no later run's turn earlier
+    # than it was told, and a run that went ahead of the head is not part of this chain.
     last_turn_ms: int = 0
 
     def line(self, name: str) -> Line | None:
@@ -270,9 +274,7 @@ class LimiterState:
 
     def slot(self, grant: int) -> Slot | None:
         """The send of grant ``grant`` if it is among the last ``limit``."""
-        if grant < 0 or grant >= self.grants or grant < self.grants - len(self.slots):
-            return None
-        return self.slots[grant % len(self.slots)]
+        return next((slot for slot in self.slots if slot is not None and slot.grant == grant), None)
 
 
 def _with_line(state: LimiterState, name: str, line: Line) -> tuple[tuple[str, Line], ...]:
@@ -298,10 +300,9 @@ def _new_line(state: LimiterState) -> Line:
 def service_order(state: LimiterState, limit: int) -> Iterator[tuple[str, int]]:
     """Every waiting (line, ticket) in the order they are served (see the module doc)."""
     last: dict[str, int] = {name: line.last_grant for name, line in state.lines}
-    for grant in range(max(0, state.grants - limit), state.grants):  # lines that emptied and came back
-        slot = state.slot(grant)
+    for slot in state.slots:  # lines that emptied and came back
         if slot is not None:
-            last[slot.line] = max(grant, last.get(slot.line, -1))
+            last[slot.line] = max(slot.grant, last.get(slot.line, -1))
     counter = state.grants
     for kind in (EDITOR, WORKFLOW):
         cursors = {name: line.tickets() for name, line in state.lines if name.startswith(kind + ":")}
@@ -321,10 +322,17 @@ def service_order(state: LimiterState, limit: int) -> Iterator[tuple[str, int]]:
             counter += 1
 
 
-def _slot_free_ms(state: LimiterState, grant: int, settings: LimiterSettings) -> int:
-    """When grant number ``grant`` may be sent as far as the window goes (0: at once)."""
-    before = state.slot(grant - settings.limit)
-    return before.at_ms + settings.spacing_ms if before is not None else 0
+def free_slots(state: LimiterState, settings: LimiterSettings) -> list[tuple[int, int]]:
+    """Every slot as (when it frees, its index), the earliest first: the ``k``-th run in the order is planned
+    on the ``k``-th (0: free at once). Which slot a send takes does not matter to the limit, only that each
+    slot's sends lie ``window + margin`` apart (``limit`` slots then hold at most ``limit`` sends in any
+    window); taking the one its plan gave it lets a run that goes ahead of another leave that one's slot
+    free for it, so neither moves."""
+    slots = list(state.slots) + [None] * (settings.limit - len(state.slots))
+    return sorted(
+        (slot.at_ms + settings.spacing_ms if slot is not None else 0, index)
+        for index, slot in enumerate(slots)
+    )
 
 
 def planned_starts(state: LimiterState, settings: LimiterSettings, upto: int) -> list[int]:
@@ -340,14 +348,11 @@ def planned_starts(state: LimiterState, settings: LimiterSettings, upto: int) ->
     sends that came out of order (clocks apart) and left their slots close together push no later send
     back."""
     starts: list[int] = []
-    last = state.slot(state.grants - 1)
+    frees = free_slots(state, settings)
     heads: set[str] = set()
     for k, (name, _) in enumerate(islice(service_order(state, settings.limit), upto)):
-        if k >= settings.limit:
-            free = starts[k - settings.limit] + settings.spacing_ms
-        else:
-            free = _slot_free_ms(state, state.grants + k, settings)
-        previous = starts[-1] if starts else (max(last.at_ms, state.last_turn_ms) if last else None)
+        free = starts[k - settings.limit] + settings.spacing_ms if k >= settings.limit else frees[k][0]
+        previous = starts[-1] if starts else (state.last_turn_ms if state.grants else None)
         if previous is None:
             behind = 0
         elif free <= previous - settings.grant_gap:
@@ -364,12 +369,9 @@ def planned_starts(state: LimiterState, settings: LimiterSettings, upto: int) ->
 def head_turn_ms(state: LimiterState, settings: LimiterSettings, head_line: str) -> int:
     """Since when the head of the order could have sent: the window allowed it, the run before it had sent
     and its line had it at the head."""
-    last = state.slot(state.grants - 1)
     line = state.line(head_line)
     return max(
-        _slot_free_ms(state, state.grants, settings),
-        last.at_ms if last is not None else 0,
-        line.since_ms if line is not None else 0,
+        free_slots(state, settings)[0][0], state.last_turn_ms, line.since_ms if line is not None else 0
     )
 
 
@@ -466,10 +468,18 @@ class Answer:
 
 
 def _granted(
-    state: LimiterState, line: str, ticket: int, send: str, now_ms: int, limit: int, turn_ms: int
+    state: LimiterState,
+    line: str,
+    ticket: int,
+    send: str,
+    now_ms: int,
+    settings: LimiterSettings,
+    position: int,
+    turn_ms: int,
 ) -> LimiterState:
-    slots = list(state.slots) + [None] * (limit - len(state.slots))
-    slots[state.grants % limit] = Slot(now_ms, send, line)
+    """``ticket``, at ``position`` in the order, granted its send at ``now_ms`` in the slot of its plan."""
+    slots = list(state.slots) + [None] * (settings.limit - len(state.slots))
+    slots[free_slots(state, settings)[position][1]] = Slot(now_ms, send, line, state.grants)
     current = state.line(line) or Line()
     head = next(current.tickets(), None)
     if ticket in current.returned:  # a returned ticket: the tickets above it keep their places
@@ -486,7 +496,7 @@ def _granted(
         grants=state.grants + 1,
         slots=tuple(slots),
         lines=_with_line(state, line, advanced),
-        last_turn_ms=max(turn_ms, now_ms),
+        last_turn_ms=max(turn_ms, now_ms) if position == 0 else state.last_turn_ms,
     )
 
 
@@ -494,8 +504,9 @@ def state_at_turn(
     view: LimiterState, line: str, ticket: int, settings: LimiterSettings
 ) -> LimiterState | None:
     """The state at ``ticket``'s turn if nothing but the grants ahead of it happens after ``view``: those
-    grants in order (the order is a pure function of the state), each recorded at its planned start. The item checks only the slot a claim reuses, against its actual time, so a plan that
-    did not hold costs the claim its write, never the limit. None if the ticket does not wait in the view."""
+    grants in order (the order is a pure function of the state), each recorded at its planned start. The
+    item checks only the slot a claim reuses, against its actual time, so a plan that did not hold costs
+    the claim its write, never the limit. None if the ticket does not wait in the view."""
     ahead = []
     for entry in service_order(view, settings.limit):
         if entry == (line, ticket):
@@ -506,7 +517,7 @@ def state_at_turn(
     starts = planned_starts(view, settings, len(ahead))
     state = view
     for (name, served), at in zip(ahead, starts, strict=True):
-        state = _granted(state, name, served, "", at, settings.limit, at)
+        state = _granted(state, name, served, "", at, settings, 0, at)
     return state
 
 
@@ -565,18 +576,24 @@ def claim(
     turn = starts[position]
     if position == 0:
         # the head sends as soon as the window lets it: the gap and a line's since are plans, not rules
-        due = _slot_free_ms(working, working.grants, settings) <= now_ms
+        due = free_slots(working, settings)[0][0] <= now_ms
     else:
         # a run whose turn has come goes before those ahead that have not claimed while they are of its own
         # line and due by less than the margin (their clocks may be that far behind this one's): they take
         # the next grants when they come. One later than that is away and keeps its place (those behind
         # wait for it), and other lines are never passed: their turns are the round-robin promise itself.
         lines = {name for name, _ in islice(service_order(working, settings.limit), position + 1)}
-        due = turn <= now_ms and now_ms - starts[0] < settings.skew_margin_ms and lines == {line}
+        due = (
+            position < settings.limit  # on a slot of its own, free by its turn
+            and turn <= now_ms
+            and now_ms - starts[0] < settings.skew_margin_ms
+            and lines == {line}
+        )
     if due:
         at = turn if now_ms - settings.record_slack <= turn <= now_ms else now_ms
-        granted = _granted(working, line, ticket, send, at, settings.limit, turn)
-        return Answer(True, at, 0, granted, True, slot=working.grants % settings.limit)
+        granted = _granted(working, line, ticket, send, at, settings, position, turn)
+        taken = free_slots(working, settings)[position][1]
+        return Answer(True, at, 0, granted, True, slot=taken)
     eta = max(now_ms, turn)
     if position > 0 and eta - now_ms < settings.grant_gap:
         # a run ahead it may not pass is due and has not claimed: look again shortly (a gap while it is just
