@@ -5,7 +5,6 @@ per chunk, a group of chunks at a time, safely repeated (docs/batches.md)."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 from dalle_plugin.domain.cancel import cancel_session
 from dalle_plugin.domain.run import RunStatus, RunTally, StepError
@@ -51,14 +50,14 @@ class Progress:
         if state.attempt == attempt and state.ended_by is not None:
             return False
         if state.attempt == attempt and state.stored < stored:
-            self.states[(session, digest)] = replace(state, stored=stored)
+            self.states[(session, digest)] = state._replace(stored=stored)
         return True
 
     def end(self, session, digest, attempt, ended_by, why):
         state = self.states[(session, digest)]
         if state.attempt != attempt or not state.under_way:
             return False
-        self.states[(session, digest)] = replace(state, ended_by=ended_by, ended_why=why)
+        self.states[(session, digest)] = state._replace(ended_by=ended_by, ended_why=why)
         return True
 
     def of_session(self, session):

@@ -17,6 +17,9 @@ from pydantic.alias_generators import to_camel
 class CamelModel(BaseModel):
     """Step contracts are camelCase on the wire, like everything else in Step Functions and the hub."""
 
+    # A list field defaults to ``[]``, not ``Field(default_factory=list)``: pydantic copies an unhashable
+    # default for each instance, and a factory that is a builtin makes it read the factory's signature from
+    # its text (the tokenizer's regex compiled at each cold start, about 5 ms of a floor of about 110).
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
 
     def dump(self) -> dict[str, Any]:
@@ -70,7 +73,7 @@ class PromptInfo(CamelModel):
     length: int
     original_length: int
     truncated: bool = False
-    notes: list[str] = Field(default_factory=list)
+    notes: list[str] = []
     #: the Config JSON's prompt_template, when the extracted text was put into one
     template: str | None = None
     #: the extracted text's length before the template was applied
@@ -264,7 +267,7 @@ class RunRecord(CamelModel):
     org_id: str | None = None
     run_by: str | None = None
     plugin_id: str | None = None
-    prompt_class_ids: list[str] = Field(default_factory=list)
+    prompt_class_ids: list[str] = []
     prompt_source: str
     model: ModelInfo
     size: str
@@ -272,7 +275,7 @@ class RunRecord(CamelModel):
     max_prompt_chars: int
     uses_default_key: bool
     #: what was adapted from the Config JSON (a retired model's successor, a legacy size), said to the user
-    notes: list[str] = Field(default_factory=list)
+    notes: list[str] = []
     prompt_template: str | None = None
     images_per_task: int = 1
     output_format: str = "png"
@@ -281,7 +284,7 @@ class RunRecord(CamelModel):
     #: the session's spending limit (USD), and the estimated price of one image as asked
     max_cost_usd: float | None = None
     cost_per_image_usd: float | None = None
-    held: list[HeldAllowance] = Field(default_factory=list)
+    held: list[HeldAllowance] = []
     sealed_secrets: bytes | None = None
     status: RunStatus = RunStatus.QUEUED
     created_at_ms: int
@@ -294,7 +297,7 @@ class RunRecord(CamelModel):
     owner: str | None = None
     #: the task ids of the owner's execution (its input), written with ``owner``: whichever request starts
     #: the owner starts it with all of them, even one that names only some (docs/batches.md)
-    chunk: list[str] = Field(default_factory=list)
+    chunk: list[str] = []
     #: how many times the hub re-ran this task in this session after it failed or was cancelled
     generation: int = 0
     attempt: int = 0
@@ -309,9 +312,9 @@ class RunRecord(CamelModel):
     #: the first image (the only one unless images_per_task > 1)
     image: ImageInfo | None = None
     #: the further images of the same request, in order
-    more_images: list[ImageInfo] = Field(default_factory=list)
+    more_images: list[ImageInfo] = []
     failure: Failure | None = None
-    timeline: list[TimelineEntry] = Field(default_factory=list)
+    timeline: list[TimelineEntry] = []
     expires_at: int | None = None
     #: when the run's result was sent to the hub (a workflow task's submission); cleared if surely not taken
     finish_sent_at_ms: int | None = None
