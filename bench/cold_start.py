@@ -62,20 +62,23 @@ FIRST_EVENT_MODULES = {
 #: the models a function's first event builds that are built on first use (pydantic's defer_build), not at
 #: import: the import figure builds them too, so that deferring a model never flatters it
 FIRST_EVENT_MODELS = {
-    "api": ("dalle_plugin.settings:CommonSettings", "dalle_plugin.settings:ApiSettings"),
-    "extract": ("dalle_plugin.settings:ExtractSettings", "dalle_plugin.domain.run:ExtractResult"),
+    "api": ("dalle_plugin.settings:CommonSettings", "dalle_plugin.settings.api:ApiSettings"),
+    "extract": ("dalle_plugin.settings:ExtractSettings", "dalle_plugin.domain.step_io.extract:ExtractResult"),
     "generate": (
         "dalle_plugin.settings:CommonSettings",
-        "dalle_plugin.settings:GenerateSettings",
-        "dalle_plugin.domain.run:GenerateInput",
-        "dalle_plugin.domain.run:GenerateOutcome",
+        "dalle_plugin.settings.generate:GenerateSettings",
+        "dalle_plugin.domain.step_io.generate:GenerateInput",
+        "dalle_plugin.domain.step_io.generate:GenerateOutcome",
     ),
     "attach": (
         "dalle_plugin.settings:AttachSettings",
-        "dalle_plugin.domain.run:AttachInput",
-        "dalle_plugin.domain.run:AttachResult",
+        "dalle_plugin.domain.step_io.attach:AttachInput",
+        "dalle_plugin.domain.step_io.attach:AttachResult",
     ),
-    "record_failure": ("dalle_plugin.settings:AttachSettings", "dalle_plugin.domain.run:FailureInput"),
+    "record_failure": (
+        "dalle_plugin.settings:AttachSettings",
+        "dalle_plugin.domain.step_io.failure:FailureInput",
+    ),
 }
 #: the modes that import the handler and what its first event imports: from the layer as built, and from
 #: the layer without its bytecode (what compiling it at each cold start costs)

@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 
 from dalle_plugin.domain.cancel import cancel_session
-from dalle_plugin.domain.run import RunStatus, RunTally, StepError
+from dalle_plugin.domain.run import RunStatus
 from dalle_plugin.domain.sessions import session_page
+from dalle_plugin.domain.step_io.api import RunTally
+from dalle_plugin.domain.step_io.failure import StepError
 from dalle_plugin.domain.steps.batch_start import BatchStep, record_batch_failure, starter_name, store_batch
 from dalle_plugin.domain.steps.start import start_session
 from dalle_plugin.ports import BatchState

@@ -16,7 +16,8 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 if TYPE_CHECKING:
-    from dalle_plugin.domain.run import RunRecord, RunStatus, RunTally, TimelineEntry
+    from dalle_plugin.domain.run import RunRecord, RunStatus, TimelineEntry
+    from dalle_plugin.domain.step_io.api import RunTally
     from dalle_plugin.image_generation import GeneratedImage, ImageRequest, PaceDecision
 
 
