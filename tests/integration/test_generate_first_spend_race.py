@@ -189,3 +189,22 @@ def test_a_task_with_an_image_on_offer_is_stored_without_the_flag_and_takes_the_
     outcome = generate_image(_first_generate(run, generating_line(run)), shared.deps())
     assert outcome.status == "DONE" and outcome.image_key == "images/paid-earlier.png"
     assert shared.generator.requests == 0
+
+
+def test_a_retry_of_the_first_generate_after_an_error_that_followed_its_spend_sends_at_once(endpoint):
+    from dalle_plugin.domain.errors import OpenAIUnavailable
+
+    shared = Shared(endpoint)
+    shared.generator.gate.set()
+    shared.generator.failures = [OpenAIUnavailable("OpenAI answered 503.")]
+    run = _stored(endpoint, "retried")
+    ref = _first_generate(run, generating_line(run))
+    with pytest.raises(OpenAIUnavailable):
+        generate_image(ref, shared.deps())
+    shared.generator.failures = []
+    # the state machine's Retry: the same input, its $$.State.RetryCount 1; as every retried Generate, it
+    # reads, spends the next attempt and sends (taking itself for a duplicate would stretch the retries)
+    outcome = generate_image(ref.model_copy(update={"retry_count": 1}), shared.deps())
+    assert outcome.status == "DONE" and shared.generator.requests == 2
+    stored = DynamoRunStore(make_client(endpoint), TABLE).get(run.session, run.task_id)
+    assert stored is not None and stored.attempt == 2

@@ -111,6 +111,8 @@ def test_only_the_first_generate_gets_extracts_first_spend_line():
     states = _task_states()
     first, again = states["Generate Image"], states["Generate Image Again"]
     assert first["Parameters"].pop("spendLine.$") == "$.extract.spendLine"
+    # its retries read first: an error after its spend must not make the retry take itself for a duplicate
+    assert first["Parameters"].pop("retryCount.$") == "$$.State.RetryCount"
     assert "spendLine.$" not in again["Parameters"]
     assert {k: v for k, v in again.items() if k != "Comment"} == {
         k: v for k, v in first.items() if k != "Comment"

@@ -106,7 +106,8 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
         carried = extracted
         deps = replace(deps, runs=CarryingRuns(deps.runs, lambda r: record_extracted(r, carried)))
     on_offer: bool | None = None  # not looked at: claim to find out
-    spend_line = ref.spend_line if isinstance(ref, GenerateInput) else None
+    # the first try only: a retry after an error that followed its spend reads, then spends the next attempt
+    spend_line = ref.spend_line if isinstance(ref, GenerateInput) and ref.retry_count == 0 else None
     first = (
         _spend_first(ref, deps, extracted, spend_line)
         if spend_line and extracted is not None and _no_grants_to_take(deps)
