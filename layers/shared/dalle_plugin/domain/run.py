@@ -5,6 +5,7 @@ what travels through the state machine (ids only: never a secret, never the imag
 # instead of evaluating each as a string when it builds them, on every function's first event.
 
 import hashlib
+import json
 import re
 from enum import StrEnum
 from itertools import pairwise
@@ -173,6 +174,10 @@ class ExtractResult(CamelModel):
     image_fingerprint: str | None = None
     #: the prompt and the step's lines, for Generate's first write to record (task text, never a secret)
     extracted: ExtractedPrompt | None = None
+    #: Generate's "Generating ..." line when its first write may spend the attempt without a read (a run
+    #: accepted with no image of its task on offer, never attempted, no grants to take); "" otherwise.
+    #: Always present: the state machine's path to it must resolve.
+    spend_line: str = ""
 
 
 class GenerateInput(RunRef):
@@ -184,6 +189,12 @@ class GenerateInput(RunRef):
     image_fingerprint: str | None = Field(default=None, max_length=128)
     #: Extract's prompt and lines, recorded by this step's first write
     extracted: ExtractedPrompt | None = None
+    #: Extract's ``spend_line``: given only to the first Generate of a run (never after a Wait), whose first
+    #: write then spends attempt 1 under the condition that no attempt was spent (``steps.generate``)
+    spend_line: str | None = None
+    #: the state's ``$$.State.RetryCount``: a retry of the first Generate (after an error that may follow
+    #: its spend) reads before spending, as every Generate did; only a duplicate of one try is turned away
+    retry_count: int = 0
 
 
 class GeneratedImages(CamelModel):
@@ -306,6 +317,9 @@ class RunRecord(CamelModel):
     rate_view: str = ""
     #: refused at acceptance: the wait (ms) it would have had past the queue cap
     rate_refused_ms: int | None = None
+    #: stored by the API in the same transaction that found no image of its task on offer (no offer marker,
+    #: ``offer_scope``): Generate's first try need not look for one. Cleared when the run is requeued.
+    no_offer_at_accept: bool = False
     #: the first image (the only one unless images_per_task > 1)
     image: ImageInfo | None = None
     #: the further images of the same request, in order
@@ -337,6 +351,13 @@ class RunRecord(CamelModel):
     @property
     def ref(self) -> RunRef:
         return RunRef(session=self.session, task_id=self.task_id)
+
+    @property
+    def offer_scope(self) -> str:
+        """The task an offered image belongs to (its fingerprint less prompt and options): known at
+        acceptance, before the prompt is read, so the API can ask whether any image of it is on offer."""
+        basis = json.dumps([self.project_id, self.task_id, self.asset_id])
+        return hashlib.sha256(basis.encode()).hexdigest()
 
     @property
     def encryption_context(self) -> dict[str, str]:
