@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from dalle_plugin.adapters.dynamo_runs import TALLY_FIELDS, TALLY_INDEX, DynamoRunStore, _alias
+from dalle_plugin.adapters.dynamo_runs import TALLY_ATTRIBUTES, TALLY_INDEX, DynamoRunStore
 from dalle_plugin.domain.sessions import session_page
 
 from bench.session_page import SESSION, seeded_run
@@ -44,7 +44,7 @@ class AwsSizedTable:
         self.items = sorted(items, key=lambda item: item["sk"]["S"])
         self.calls = 0
         self.bytes_read = 0
-        self.index_attributes = {"pk", "sk", "createdAtMs", *map(_alias, TALLY_FIELDS)}
+        self.index_attributes = {"pk", "sk", "createdAtMs", *TALLY_ATTRIBUTES}
 
     def query(self, **kwargs: Any) -> dict[str, Any]:
         self.calls += 1

@@ -33,18 +33,9 @@ MAX_OPTIMISTIC_RETRIES = 8
 TRANSACTION_ITEMS = 100
 _KEY_FIELDS = ("session", "task_id")
 #: the sessions table's sparse index of the runs (template.yaml: keyed by pk and ``createdAtMs``), and the
-#: record fields it carries besides its keys: what a session's summary counts (``RunTally``), nothing larger
+#: attributes it carries besides its keys: what a session's summary counts (``RunTally``), nothing larger
 TALLY_INDEX = "RunTallies"
-TALLY_FIELDS = (
-    "status",
-    "model",
-    "size",
-    "quality",
-    "image",
-    "more_images",
-    "max_cost_usd",
-    "updated_at_ms",
-)
+TALLY_ATTRIBUTES = ("status", "model", "size", "quality", "image", "moreImages", "maxCostUsd", "updatedAtMs")
 
 
 class _TransientOnConnectionErrors:
