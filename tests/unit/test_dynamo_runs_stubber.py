@@ -188,7 +188,13 @@ def test_a_summary_reads_only_what_it_counts(client, stubber):
         for name, value in item.items()
         if name in ("sk", "status", "model", "size", "createdAtMs")
     }
-    stubber.add_response("query", {"Items": [kept]})
+    expected = {
+        "TableName": TABLE,
+        "IndexName": "RunTallies",  # not the table: it would read every prompt and chunk whole
+        "KeyConditionExpression": "pk = :pk",
+        "ExpressionAttributeValues": {":pk": {"S": "SESSION#s1"}},
+    }
+    stubber.add_response("query", {"Items": [kept]}, expected)
     (tally,) = store.tallies("s1")
     assert tally.task_id == "t1" and tally.image_count == 0 and tally.model is not None
 

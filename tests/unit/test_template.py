@@ -141,3 +141,36 @@ def test_openai_is_imported_only_by_the_function_that_generates():
     for folder in ("api", "extract", "attach", "record_failure"):
         assert "openai" not in (PROJECT_ROOT / "functions" / folder / "app.py").read_text()
     assert (PROJECT_ROOT / "functions" / "generate" / "requirements.txt").read_text().startswith("openai==")
+
+
+def test_the_run_tallies_index_carries_what_the_summary_counts_and_the_api_may_read_it():
+    """The index projects every record attribute a RunTally is made of (its keys aside), its sort key is an
+    attribute only run records have and always as a string (a key of another type would refuse the run's
+    write), and the API's role may query it."""
+    from dalle_plugin.adapters.dynamo_runs import TALLY_ATTRIBUTES, TALLY_INDEX, DynamoRunStore
+    from dalle_plugin.domain.run import RunRecord, RunTally
+
+    from tests.integration.dynamodb_tables import queued_run
+
+    resources = LocalTemplate().resources
+    table = resources["SessionsTable"]["Properties"]
+    (index,) = table["GlobalSecondaryIndexes"]
+    sort_key = index["KeySchema"][1]["AttributeName"]
+    assert index["IndexName"] == TALLY_INDEX and sort_key == "createdAtMs"
+    assert index["Projection"]["NonKeyAttributes"] == list(TALLY_ATTRIBUTES)
+    counted = {
+        RunRecord.model_fields[name].alias or name
+        for name in RunTally.model_fields
+        if name in RunRecord.model_fields
+    }
+    assert counted - {"taskId"} <= {*TALLY_ATTRIBUTES, sort_key}
+    assert {"image", "moreImages"} <= set(TALLY_ATTRIBUTES)  # image_count is counted from them
+    assert {"AttributeName": sort_key, "AttributeType": "S"} in table["AttributeDefinitions"]
+    assert DynamoRunStore._to_item(queued_run("s", "t"))[sort_key].keys() == {"S"}
+    statements = [
+        statement
+        for policy in resources["ApiFunction"]["Properties"]["Policies"]
+        for statement in policy.get("Statement", [])
+    ]
+    resources_read = [json.dumps(statement["Resource"]) for statement in statements]
+    assert any(f"/index/{TALLY_INDEX}" in resource for resource in resources_read)

@@ -32,6 +32,10 @@ MAX_OPTIMISTIC_RETRIES = 8
 #: puts in one TransactWriteItems (DynamoDB's cap)
 TRANSACTION_ITEMS = 100
 _KEY_FIELDS = ("session", "task_id")
+#: the sessions table's sparse index of the runs (template.yaml: keyed by pk and ``createdAtMs``), and the
+#: attributes it carries besides its keys: what a session's summary counts (``RunTally``), nothing larger
+TALLY_INDEX = "RunTallies"
+TALLY_ATTRIBUTES = ("status", "model", "size", "quality", "image", "moreImages", "maxCostUsd", "updatedAtMs")
 
 
 class _TransientOnConnectionErrors:
@@ -481,14 +485,16 @@ class DynamoRunStore:
         }
 
     def tallies(self, session: str) -> list[RunTally]:
-        """Only the attributes a summary counts (a Query reads whole items, but answers with these: a page
-        of the summary's reads carries about 1 MB of records and returns a few KB)."""
-        fields = ["status", "model", "size", "quality", "image", "more_images", "max_cost_usd"]
-        fields += ["created_at_ms", "updated_at_ms"]
-        names = {f"#a{i}": name for i, name in enumerate(["sk", "doc", *map(_alias, fields)])}
-        kwargs = self._session_query(session) | {
-            "ProjectionExpression": ", ".join(names),
-            "ExpressionAttributeNames": names,
+        """Every run of the session from the ``RunTallies`` index, whose items hold only what the summary
+        counts (200-600 bytes a run): a Query reads whole items, so from the table it would read every
+        prompt, chunk and timeline, 1 MB a call. The index is eventually consistent (on AWS it trails a
+        write by a fraction of a second); each run is one item there whose key no write changes, so a run
+        is never counted twice or missed. Records in the earlier one-document layout are not in it."""
+        kwargs: dict[str, Any] = {
+            "TableName": self._table,
+            "IndexName": TALLY_INDEX,
+            "KeyConditionExpression": "pk = :pk",
+            "ExpressionAttributeValues": {":pk": {"S": f"SESSION#{session}"}},
         }
         tallies: list[RunTally] = []
         while True:
@@ -500,12 +506,11 @@ class DynamoRunStore:
 
     @staticmethod
     def _tally(item: dict[str, Any]) -> RunTally:
-        if "doc" in item:  # the earlier layout: the whole record in one document
-            values = json.loads(item["doc"]["S"])
-        else:
-            values = {
-                name: _decode(_FIELD_OF_ALIAS[name], value) for name, value in item.items() if name != "sk"
-            }
+        values = {
+            name: _decode(_FIELD_OF_ALIAS[name], value)
+            for name, value in item.items()
+            if name in _FIELD_OF_ALIAS
+        }
         images = ([values["image"]] if values.get("image") else []) + (values.get("moreImages") or [])
         return RunTally.model_validate(
             values | {"taskId": item["sk"]["S"].removeprefix("TASK#"), "imageCount": len(images)}
