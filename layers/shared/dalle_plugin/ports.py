@@ -230,9 +230,9 @@ class SystemClock:
 class StepOpening(NamedTuple):
     """A step's first write, made without reading the run first: it is the read (the record comes back as
     written). It holds only while ``caller`` owns the run (or no one does) and the run is in none of the
-    ``refused`` statuses and has none of the fields in ``absent``; it sets ``status`` (when given) and the
-    fields in ``sets`` (by field name, as the record holds them), appends ``entries`` to the timeline and
-    stamps ``updated_at_ms``."""
+    ``refused`` statuses, has none of the fields in ``absent`` and each field of ``equal`` at its value; it
+    sets ``status`` (when given) and the fields in ``sets`` (by field name, as the record holds them),
+    appends ``entries`` to the timeline and stamps ``updated_at_ms``."""
 
     caller: str | None
     refused: tuple[RunStatus, ...]
@@ -241,6 +241,7 @@ class StepOpening(NamedTuple):
     entries: tuple[TimelineEntry, ...] = ()
     sets: Mapping[str, Any] = MappingProxyType({})
     absent: tuple[str, ...] = ()
+    equal: Mapping[str, Any] = MappingProxyType({})
 
 
 class RunStore(Protocol):
@@ -293,8 +294,9 @@ class ReusableImages(Protocol):
     """Images paid for by runs that ended without delivering them, offered to the next run of the same task
     with the same prompt and options (``fingerprint``), so a re-run after a failure does not pay again."""
 
-    def offer(self, fingerprint: str, key: str, expires_at: int) -> None:
-        """Make the stored image at ``key`` available to the next run with this fingerprint."""
+    def offer(self, fingerprint: str, key: str, expires_at: int, scope: str) -> None:
+        """Make the stored image at ``key`` available to the next run with this fingerprint, and mark its task
+        (``RunRecord.offer_scope``) as having one, for the API to see when it accepts the task again."""
 
     def claim(self, fingerprint: str) -> str | None:
         """Take the offered image's key (atomically: one claimer wins), or None when there is none."""

@@ -5,6 +5,7 @@ what travels through the state machine (ids only: never a secret, never the imag
 # instead of evaluating each as a string when it builds them, on every function's first event.
 
 import hashlib
+import json
 import re
 from enum import StrEnum
 from itertools import pairwise
@@ -224,6 +225,9 @@ class RunRecord(CamelModel):
     rate_view: str = ""
     #: refused at acceptance: the wait (ms) it would have had past the queue cap
     rate_refused_ms: int | None = None
+    #: stored by the API in the same transaction that found no image of its task on offer (no offer marker,
+    #: ``offer_scope``): Generate's first try need not look for one. Cleared when the run is requeued.
+    no_offer_at_accept: bool = False
     #: the first image (the only one unless images_per_task > 1)
     image: ImageInfo | None = None
     #: the further images of the same request, in order
@@ -255,6 +259,13 @@ class RunRecord(CamelModel):
     @property
     def ref(self) -> RunRef:
         return RunRef(session=self.session, task_id=self.task_id)
+
+    @property
+    def offer_scope(self) -> str:
+        """The task an offered image belongs to (its fingerprint less prompt and options): known at
+        acceptance, before the prompt is read, so the API can ask whether any image of it is on offer."""
+        basis = json.dumps([self.project_id, self.task_id, self.asset_id])
+        return hashlib.sha256(basis.encode()).hexdigest()
 
     @property
     def encryption_context(self) -> dict[str, str]:

@@ -14,3 +14,7 @@ class ExtractResult(CamelModel):
     image_fingerprint: str | None = None
     #: the prompt and the step's lines, for Generate's first write to record (task text, never a secret)
     extracted: ExtractedPrompt | None = None
+    #: Generate's "Generating ..." line when its first write may spend the attempt without a read (a run
+    #: accepted with no image of its task on offer, never attempted, no grants to take); "" otherwise.
+    #: Always present: the state machine's path to it must resolve.
+    spend_line: str = ""

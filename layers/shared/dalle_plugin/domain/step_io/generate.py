@@ -26,6 +26,12 @@ class GenerateInput(RunRef):
     image_fingerprint: str | None = Field(default=None, max_length=128)
     #: Extract's prompt and lines, recorded by this step's first write
     extracted: ExtractedPrompt | None = None
+    #: Extract's ``spend_line``: given only to the first Generate of a run (never after a Wait), whose first
+    #: write then spends attempt 1 under the condition that no attempt was spent (``steps.generate``)
+    spend_line: str | None = None
+    #: the state's ``$$.State.RetryCount``: a retry of the first Generate (after an error that may follow
+    #: its spend) reads before spending, as every Generate did; only a duplicate of one try is turned away
+    retry_count: int = 0
 
 
 class GeneratedImages(CamelModel):

@@ -213,7 +213,7 @@ def record_failure(inp: FailureInput, deps: StepDeps) -> dict[str, Any]:
     reusable = run.prompt is not None and run.images_per_task == 1
     if (undelivered or unlooked) and reusable and offers is not None:
         key = run.image.key if run.image else image_key(run)
-        offers.offer(image_fingerprint(run), key, run.expires_at or now // 1000 + 86_400)
+        offers.offer(image_fingerprint(run), key, run.expires_at or now // 1000 + 86_400, run.offer_scope)
     kept_what = "image is" if len(run.images) == 1 else "images are"
     kept_it = "it" if len(run.images) == 1 else "them"
     kept = (

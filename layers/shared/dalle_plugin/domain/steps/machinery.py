@@ -193,10 +193,11 @@ def open_active(
     also_refused: tuple[RunStatus, ...] = (),
     sets: dict[str, Any] | None = None,
     absent: tuple[str, ...] = (),
+    equal: dict[str, Any] | None = None,
 ) -> tuple[RunRecord, bool]:
     """``load_active`` whose read is the step's first write (``RunStore.open_step``): (the run as written,
     True), or (the run as it is, False) when it is in one of ``also_refused``, has a field of ``absent``
-    or is in the earlier layout,
+    or a field of ``equal`` at another value, or is in the earlier layout,
     for the step to decide on. Another execution's run and a cancelled run are refused as in ``load_active``."""
     opening = StepOpening(
         caller=ref.caller,
@@ -206,6 +207,7 @@ def open_active(
         entries=tuple(entries),
         sets=sets or {},
         absent=absent,
+        equal=equal or {},
     )
     run, opened = deps.runs.open_step(ref.session, ref.task_id, opening)
     if run is None:
@@ -252,6 +254,28 @@ def mark(run: RunRecord, now_ms: int, step: str, status: RunStatus | None, detai
     if status is not None:
         run.status = status
     run.updated_at_ms = now_ms
+
+
+def generating_line(run: RunRecord) -> str:
+    """The line Generate writes when it spends an attempt (Extract hands it on for a first spend)."""
+    return (
+        f"Generating {count_images(run.images_per_task)} with {run.model.actual} "
+        f"({run.size}, {run.output_format})."
+    )
+
+
+def may_spend_first(run: RunRecord) -> bool:
+    """Whether Generate's first write may spend the run's first attempt without reading the run: nothing it
+    would look at before spending can be there (an image, one on offer for its task, a stored image of an
+    earlier attempt, a spending limit's grant, a wait)."""
+    return (
+        run.no_offer_at_accept
+        and run.attempt == 0
+        and run.image is None
+        and run.max_cost_usd is None
+        and not run.held
+        and run.rate_wait is None
+    )
 
 
 def record_extracted(run: RunRecord, extracted: ExtractedPrompt) -> bool:
