@@ -20,16 +20,8 @@ from dalle_plugin.domain.errors import (
     OpenAIRateLimitPersisted,
     UpstreamRateLimited,
 )
-from dalle_plugin.domain.run import (
-    FailureInput,
-    ImageInfo,
-    ModelInfo,
-    PromptInfo,
-    RunRecord,
-    RunRef,
-    RunStatus,
-    StepError,
-)
+from dalle_plugin.domain.run import ImageInfo, ModelInfo, PromptInfo, RunRecord, RunRef, RunStatus
+from dalle_plugin.domain.step_io.failure import FailureInput, StepError
 from dalle_plugin.domain.steps.attach import attach_image
 from dalle_plugin.domain.steps.failure import describe_failure, record_failure
 from dalle_plugin.domain.steps.generate import generate_image

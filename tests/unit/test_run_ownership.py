@@ -9,16 +9,10 @@ import json
 import pytest
 from dalle_plugin.domain.errors import HubUnavailable, NotRunOwner, RunCancelled
 from dalle_plugin.domain.payload import parse_payload
-from dalle_plugin.domain.run import (
-    AttachInput,
-    AttachResult,
-    FailureInput,
-    GenerateInput,
-    GenerateOutcome,
-    RunRef,
-    RunStatus,
-    StepError,
-)
+from dalle_plugin.domain.run import RunRef, RunStatus
+from dalle_plugin.domain.step_io.attach import AttachInput, AttachResult
+from dalle_plugin.domain.step_io.failure import FailureInput, StepError
+from dalle_plugin.domain.step_io.generate import GenerateInput, GenerateOutcome
 from dalle_plugin.domain.steps.attach import attach_image
 from dalle_plugin.domain.steps.extract import extract_prompt
 from dalle_plugin.domain.steps.failure import record_failure

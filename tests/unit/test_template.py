@@ -148,7 +148,8 @@ def test_the_run_tallies_index_carries_what_the_summary_counts_and_the_api_may_r
     attribute only run records have and always as a string (a key of another type would refuse the run's
     write), and the API's role may query it."""
     from dalle_plugin.adapters.dynamo_runs import TALLY_ATTRIBUTES, TALLY_INDEX, DynamoRunStore
-    from dalle_plugin.domain.run import RunRecord, RunTally
+    from dalle_plugin.domain.run import RunRecord
+    from dalle_plugin.domain.step_io.api import RunTally
 
     from tests.integration.dynamodb_tables import queued_run
 

@@ -18,15 +18,18 @@ import json
 import random
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
 from pydantic import BaseModel
 
 from dalle_plugin.adapters.dynamo_reusable_images import offer_marker_key, offered_image_key
 from dalle_plugin.domain.errors import StorageUnavailable
-from dalle_plugin.domain.run import RunRecord, RunTally
+from dalle_plugin.domain.run import RunRecord
 from dalle_plugin.ports import StepOpening
+
+if TYPE_CHECKING:  # the session view is the API's alone: its model loads only there
+    from dalle_plugin.domain.step_io.api import RunTally
 
 MAX_OPTIMISTIC_RETRIES = 8
 #: puts in one TransactWriteItems (DynamoDB's cap)
@@ -506,6 +509,8 @@ class DynamoRunStore:
 
     @staticmethod
     def _tally(item: dict[str, Any]) -> RunTally:
+        from dalle_plugin.domain.step_io.api import RunTally
+
         values = {
             name: _decode(_FIELD_OF_ALIAS[name], value)
             for name, value in item.items()

@@ -9,7 +9,7 @@ import json
 import re
 from enum import StrEnum
 from itertools import pairwise
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -18,6 +18,9 @@ from pydantic.alias_generators import to_camel
 class CamelModel(BaseModel):
     """Step contracts are camelCase on the wire, like everything else in Step Functions and the hub."""
 
+    # A list field defaults to ``[]``, not ``Field(default_factory=list)``: pydantic copies an unhashable
+    # default for each instance, and a factory that is a builtin makes it read the factory's signature from
+    # its text (the tokenizer's regex compiled at each cold start, about 5 ms of a floor of about 110).
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
 
     def dump(self) -> dict[str, Any]:
@@ -71,7 +74,7 @@ class PromptInfo(CamelModel):
     length: int
     original_length: int
     truncated: bool = False
-    notes: list[str] = Field(default_factory=list)
+    notes: list[str] = []
     #: the Config JSON's prompt_template, when the extracted text was put into one
     template: str | None = None
     #: the extracted text's length before the template was applied
@@ -137,11 +140,12 @@ class TimelineEntry(CamelModel):
     detail: str | None = None
 
 
-# ---- step outputs (the state machine's data between states) ----------------------------------------
-# Each is one function's contract: built on first use (defer_build), so no other function's cold start
-# builds it.
+# ---- between states ----------------------------------------------------------------------------------
+# Each function's own step contracts live in domain/step_io/, one module per function: a pydantic class
+# costs a cold start about half a percent of its floor to create even when its build is deferred, so no
+# function creates another's. The session view's ``RunTally`` lives with the API's sessions.
 
-#: the config of a model only one function uses
+#: the config of a model only one function uses: built on its first use
 ONE_FUNCTION_ONLY = ConfigDict(defer_build=True)
 
 
@@ -165,102 +169,6 @@ class ExtractedPrompt(CamelModel):
         ]
 
 
-class ExtractResult(CamelModel):
-    model_config = ONE_FUNCTION_ONLY
-    prompt_source: str
-    prompt_length: int
-    truncated: bool
-    #: what makes the image (a hash, no prompt text): Generate reads an offered image of it with the run
-    image_fingerprint: str | None = None
-    #: the prompt and the step's lines, for Generate's first write to record (task text, never a secret)
-    extracted: ExtractedPrompt | None = None
-    #: Generate's "Generating ..." line when its first write may spend the attempt without a read (a run
-    #: accepted with no image of its task on offer, never attempted, no grants to take); "" otherwise.
-    #: Always present: the state machine's path to it must resolve.
-    spend_line: str = ""
-
-
-class GenerateInput(RunRef):
-    """Generate's input: the run, and the fingerprint Extract recorded, so the step learns whether an
-    undelivered image is on offer in the same read as the run (and claims it only then)."""
-
-    model_config = ONE_FUNCTION_ONLY
-
-    image_fingerprint: str | None = Field(default=None, max_length=128)
-    #: Extract's prompt and lines, recorded by this step's first write
-    extracted: ExtractedPrompt | None = None
-    #: Extract's ``spend_line``: given only to the first Generate of a run (never after a Wait), whose first
-    #: write then spends attempt 1 under the condition that no attempt was spent (``steps.generate``)
-    spend_line: str | None = None
-    #: the state's ``$$.State.RetryCount``: a retry of the first Generate (after an error that may follow
-    #: its spend) reads before spending, as every Generate did; only a duplicate of one try is turned away
-    retry_count: int = 0
-
-
-class GeneratedImages(CamelModel):
-    """What Generate stored (and paid for), handed to Attach through the state (keys and digests, never an
-    image) so that Attach's first write records it: Generate's success costs no write of its own. Built
-    when Generate or Attach first uses it (through GenerateOutcome or AttachInput), never by the others."""
-
-    model_config = ONE_FUNCTION_ONLY
-
-    images: list[ImageInfo] = Field(min_length=1)
-    #: the "generated" line
-    at_ms: int
-    message: str
-
-    def entry(self) -> TimelineEntry:
-        return TimelineEntry(
-            step="generate", status=RunStatus.GENERATING.value, at_ms=self.at_ms, detail=self.message
-        )
-
-
-class GenerateOutcome(CamelModel):
-    """Either the image is stored (DONE) or the run must wait until ``retry_at`` (an RFC 3339 timestamp
-    rounded up to the whole second, because Step Functions Wait states truncate milliseconds)."""
-
-    model_config = ONE_FUNCTION_ONLY
-
-    status: Literal["DONE", "WAIT"]
-    retry_at: str | None = None
-    wait_seconds: int | None = None
-    reason: str | None = None
-    image_key: str | None = None
-    image_count: int | None = None
-    #: images generated by this very call, not yet on the run record (Attach records them)
-    generated: GeneratedImages | None = None
-
-
-class AttachInput(RunRef):
-    """Attach's input: the run, and Generate's outcome (how many images, and those it generated and did not
-    record), so the step's first write (its "Uploading" line, and Generate's images) is also its read.
-    Deferred: built at import, it would build GenerateOutcome's and GeneratedImages' schemas within its own
-    in every function's cold start."""
-
-    model_config = ONE_FUNCTION_ONLY
-
-    generation: GenerateOutcome | None = None
-
-
-class AttachResult(CamelModel):
-    model_config = ONE_FUNCTION_ONLY
-    image_url: str
-    finished_as: Literal["workflow", "editor"]
-
-
-class StepError(CamelModel):
-    """What a Catch puts at ``$.error``: Step Functions' own ``Error`` and ``Cause`` fields."""
-
-    model_config = ConfigDict(populate_by_name=True, extra="ignore", defer_build=True)
-    error: str = Field(alias="Error")
-    cause: str | None = Field(default=None, alias="Cause")
-
-
-class FailureInput(RunRef):
-    model_config = ONE_FUNCTION_ONLY
-    error: StepError
-
-
 class RunRecord(CamelModel):
     """The run's state, one DynamoDB item per (session, task). Secrets are only ever held sealed (KMS
     ciphertext bound to this run by encryption context) and are removed when the run ends."""
@@ -275,7 +183,7 @@ class RunRecord(CamelModel):
     org_id: str | None = None
     run_by: str | None = None
     plugin_id: str | None = None
-    prompt_class_ids: list[str] = Field(default_factory=list)
+    prompt_class_ids: list[str] = []
     prompt_source: str
     model: ModelInfo
     size: str
@@ -283,7 +191,7 @@ class RunRecord(CamelModel):
     max_prompt_chars: int
     uses_default_key: bool
     #: what was adapted from the Config JSON (a retired model's successor, a legacy size), said to the user
-    notes: list[str] = Field(default_factory=list)
+    notes: list[str] = []
     prompt_template: str | None = None
     images_per_task: int = 1
     output_format: str = "png"
@@ -292,7 +200,7 @@ class RunRecord(CamelModel):
     #: the session's spending limit (USD), and the estimated price of one image as asked
     max_cost_usd: float | None = None
     cost_per_image_usd: float | None = None
-    held: list[HeldAllowance] = Field(default_factory=list)
+    held: list[HeldAllowance] = []
     sealed_secrets: bytes | None = None
     status: RunStatus = RunStatus.QUEUED
     created_at_ms: int
@@ -305,7 +213,7 @@ class RunRecord(CamelModel):
     owner: str | None = None
     #: the task ids of the owner's execution (its input), written with ``owner``: whichever request starts
     #: the owner starts it with all of them, even one that names only some (docs/batches.md)
-    chunk: list[str] = Field(default_factory=list)
+    chunk: list[str] = []
     #: how many times the hub re-ran this task in this session after it failed or was cancelled
     generation: int = 0
     attempt: int = 0
@@ -323,9 +231,9 @@ class RunRecord(CamelModel):
     #: the first image (the only one unless images_per_task > 1)
     image: ImageInfo | None = None
     #: the further images of the same request, in order
-    more_images: list[ImageInfo] = Field(default_factory=list)
+    more_images: list[ImageInfo] = []
     failure: Failure | None = None
-    timeline: list[TimelineEntry] = Field(default_factory=list)
+    timeline: list[TimelineEntry] = []
     expires_at: int | None = None
     #: when the run's result was sent to the hub (a workflow task's submission); cleared if surely not taken
     finish_sent_at_ms: int | None = None
@@ -363,33 +271,3 @@ class RunRecord(CamelModel):
     def encryption_context(self) -> dict[str, str]:
         """The sealed secrets belong to the session (one KMS call seals them for every task of a batch)."""
         return {"session": self.session}
-
-
-class RunTally(CamelModel):
-    """What the session's summary needs of one run: its state and what its images cost (the API only)."""
-
-    model_config = ONE_FUNCTION_ONLY
-
-    task_id: str
-    status: RunStatus
-    model: ModelInfo | None = None
-    size: str = ""
-    quality: str | None = None
-    image_count: int = 0
-    max_cost_usd: float | None = None
-    created_at_ms: int = 0
-    updated_at_ms: int = 0
-
-    @classmethod
-    def of(cls, run: RunRecord) -> "RunTally":
-        return cls(
-            task_id=run.task_id,
-            status=run.status,
-            model=run.model,
-            size=run.size,
-            quality=run.quality,
-            image_count=len(run.images),
-            max_cost_usd=run.max_cost_usd,
-            created_at_ms=run.created_at_ms,
-            updated_at_ms=run.updated_at_ms,
-        )

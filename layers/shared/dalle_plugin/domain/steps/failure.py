@@ -17,8 +17,9 @@ from dalle_plugin.domain.errors import (
     RunCancelled,
     SpendingLimitReached,
 )
-from dalle_plugin.domain.run import Failure, FailureInput, HeldAllowance, ImageInfo, RunRecord, RunStatus
+from dalle_plugin.domain.run import Failure, HeldAllowance, ImageInfo, RunRecord, RunStatus
 from dalle_plugin.domain.spending import release
+from dalle_plugin.domain.step_io.failure import FailureInput
 from dalle_plugin.domain.steps.machinery import (
     StepDeps,
     check_owner,

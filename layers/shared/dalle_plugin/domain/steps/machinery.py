@@ -15,15 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from dalle_plugin.domain.errors import NotRunOwner, PluginError, RunCancelled
 from dalle_plugin.domain.pricing import DEFAULT_PRICES
-from dalle_plugin.domain.run import (
-    ExtractedPrompt,
-    GeneratedImages,
-    ImageInfo,
-    RunRecord,
-    RunRef,
-    RunStatus,
-    TimelineEntry,
-)
+from dalle_plugin.domain.run import ExtractedPrompt, ImageInfo, RunRecord, RunRef, RunStatus, TimelineEntry
 from dalle_plugin.ports import (
     AllowanceLedger,
     BatchProgress,
@@ -49,6 +41,7 @@ if (
     from dalle_plugin.domain.key_pacing import KeyPaceSettings
     from dalle_plugin.domain.rate_limit import LimiterSettings
     from dalle_plugin.domain.spending import OrgQuota
+    from dalle_plugin.domain.step_io.generate import GeneratedImages
 
 ANGO_KEY = "ango"
 OPENAI_KEY = "openai"
