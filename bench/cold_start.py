@@ -62,20 +62,23 @@ FIRST_EVENT_MODULES = {
 #: the models a function's first event builds that are built on first use (pydantic's defer_build), not at
 #: import: the import figure builds them too, so that deferring a model never flatters it
 FIRST_EVENT_MODELS = {
-    "api": ("dalle_plugin.settings:CommonSettings", "dalle_plugin.settings:ApiSettings"),
-    "extract": ("dalle_plugin.settings:ExtractSettings", "dalle_plugin.domain.run:ExtractResult"),
+    "api": ("dalle_plugin.settings:CommonSettings", "dalle_plugin.settings.api:ApiSettings"),
+    "extract": ("dalle_plugin.settings:ExtractSettings", "dalle_plugin.domain.step_io.extract:ExtractResult"),
     "generate": (
         "dalle_plugin.settings:CommonSettings",
-        "dalle_plugin.settings:GenerateSettings",
-        "dalle_plugin.domain.run:GenerateInput",
-        "dalle_plugin.domain.run:GenerateOutcome",
+        "dalle_plugin.settings.generate:GenerateSettings",
+        "dalle_plugin.domain.step_io.generate:GenerateInput",
+        "dalle_plugin.domain.step_io.generate:GenerateOutcome",
     ),
     "attach": (
         "dalle_plugin.settings:AttachSettings",
-        "dalle_plugin.domain.run:AttachInput",
-        "dalle_plugin.domain.run:AttachResult",
+        "dalle_plugin.domain.step_io.attach:AttachInput",
+        "dalle_plugin.domain.step_io.attach:AttachResult",
     ),
-    "record_failure": ("dalle_plugin.settings:AttachSettings", "dalle_plugin.domain.run:FailureInput"),
+    "record_failure": (
+        "dalle_plugin.settings:AttachSettings",
+        "dalle_plugin.domain.step_io.failure:FailureInput",
+    ),
 }
 #: the modes that import the handler and what its first event imports: from the layer as built, and from
 #: the layer without its bytecode (what compiling it at each cold start costs)
@@ -525,11 +528,15 @@ def main(argv: list[str] | None = None) -> int:
         "(loaded by the step contracts and the run record; counted in instructions under callgrind, its import "
         "alone is about 0.43 of the floor, and botocore with the Logger about 0.92, which leaves a step "
         "function about 0.15 of its floor for the plugin's own modules and models within 1.5x: they take about "
-        "0.2), the run record's models and the settings each function loads (built on the first event; models "
+        "0.13, 0.2 before the changes below), the run record's models and the settings each function loads (built on the first event; models "
         "only another function uses are built on first use, pydantic's defer_build, and counted here when this "
         "function's first event builds them; the run record builds every model it nests, so deferring those "
-        "saves nothing), the ports' frozen dataclasses (each compiles six generated methods, about half a "
-        "percent of the floor: the values only Generate builds live in image_generation.py), and for the API "
+        "saves nothing). Creating a pydantic class costs about half a percent of the floor even with its build "
+        "deferred, so each function creates only its own settings (dalle_plugin.settings, .settings.api, "
+        ".settings.generate) and step contracts (domain/step_io/, one module per function); the values that "
+        "cross a port are NamedTuples (a frozen dataclass compiles six generated methods at import), and the "
+        "run's list fields default to [] (a builtin default_factory makes pydantic parse its signature, "
+        "compiling the tokenizer's regex). The API also pays "
         "Powertools' event handler (its package imports every resolver, AppSync's with asyncio among them) with "
         "its route validation (its OpenAPI models are built only for `make openapi`, never to serve). "
         "Generate's floor includes openai, which brings pydantic with it."

@@ -38,7 +38,7 @@ from local_stack.ports import free_port
 from local_stack.profiles import Profile, profile_named
 from local_stack.seams import SEAMS_DIR_VARIABLE, SeamBoard
 from local_stack.step_functions import StepFunctionsBehaviour, install_status_change_events
-from local_stack.template import ACCOUNT_ID, REGION, LocalTemplate
+from local_stack.template import ACCOUNT_ID, REGION, LocalTemplate, table_definition
 
 LOCAL_HUB_API_KEY = "ango-local-key"
 #: times Lambda tries an asynchronous invoke again after the function failed (its default)
@@ -262,12 +262,7 @@ class LocalStack:
         for lid, res in t.of_type("AWS::DynamoDB::Table").items():
             props = res["Properties"]
             name = t.physical_name(lid)
-            dynamodb.create_table(
-                TableName=name,
-                BillingMode="PAY_PER_REQUEST",
-                AttributeDefinitions=props["AttributeDefinitions"],
-                KeySchema=props["KeySchema"],
-            )
+            dynamodb.create_table(TableName=name, **table_definition(props))
             ttl = props.get("TimeToLiveSpecification")
             if ttl:
                 dynamodb.update_time_to_live(TableName=name, TimeToLiveSpecification=ttl)

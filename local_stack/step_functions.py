@@ -10,14 +10,17 @@
   (``States.Runtime``) unless it is ``ExecutionSucceeded``.
 - A Map iteration or Parallel branch that fails with a ``States.`` error fails its state with that error
   (moto alone turns it into a ``States.Runtime`` about an illegal custom error name).
-- StopExecution ends the execution at once (ABORTED, its stop date, its status change sent), as on AWS; moto
-  alone keeps it RUNNING until the Lambda invoke in flight returns (up to the function's Timeout), and a
-  task's result that comes back after the stop is dropped.
+- StopExecution ends the execution at once (ABORTED, its stop date, the error and cause it was given, one
+  ``ExecutionAborted`` history event, its status change sent), as on AWS; moto alone keeps it RUNNING until
+  the Lambda invoke in flight returns (up to the function's Timeout), records that invoke's late result
+  before its ``ExecutionAborted`` (in a Map iteration, an ``ExecutionFailed``) and drops error and cause.
 - An execution still running its definition's top-level ``TimeoutSeconds`` after its start ends there and
   then as TIMED_OUT (its stop date, error ``States.Timeout``, one ``ExecutionTimedOut`` history event, its
-  status change sent), and nothing recorded after it (the task in flight's late result dropped); moto alone
-  marks it TIMED_OUT on time but with no error, writes its ``ExecutionTimedOut`` event only when the invoke
-  in flight returns, and records that invoke's late result.
+  status change sent); moto alone marks it TIMED_OUT on time but with no error, and writes its
+  ``ExecutionTimedOut`` event only when the invoke in flight returns, after that invoke's late result.
+- Both ends close the history (``end_from_outside``): the invoke in flight runs to its end, but nothing the
+  interpreter reports afterwards (its result, the next state, a Map iteration's abort, its own end) is
+  recorded, as on AWS.
 - An execution that ends sends its "Execution Status Change" event to the functions whose EventBridge rules
   ask for it (template.yaml), asynchronously, twice for a share of them on the hostile profile (moto alone
   sends none).
@@ -114,7 +117,7 @@ class StepFunctionsBehaviour:
             install_history_limit(self.history_limit_events),
             install_cached_json_paths(),
             install_unique_execution_names(),
-            install_immediate_stop(),
+            install_ends_from_outside(),
             install_execution_timeouts(self.timeout_of),
         ]
 
@@ -455,20 +458,78 @@ def install_cached_json_paths() -> Undo:
     return uninstall
 
 
-# ---- StopExecution ----------------------------------------------------------------------------------
+# ---- an end decided outside the interpreter: StopExecution, TimeoutSeconds ---------------------------
+
+#: how long StopExecution waits for a just-started execution's interpreter to build its environment
+_ENVIRONMENT_WITHIN_S = 5.0
 
 
-def install_immediate_stop() -> Undo:
-    """StopExecution ends the execution when it is called: its status, stop date, error and cause are set and
-    its end is reported (``terminated``) there and then, once; the interpreter's thread, still waiting on a
-    task's Lambda invoke, reports nothing more when it gets back."""
-    from moto.stepfunctions.parser.asl.eval.program_state import ProgramStopped
+def end_from_outside(
+    execution: Any,
+    set_state: Callable[[Any], None],
+    event_type: Any,
+    event_details: Any,
+    error: str | None,
+    cause: str | None,
+) -> bool | None:
+    """End ``execution`` there and then, as AWS does for a stop or a timeout: ``set_state(env)`` moves its
+    program (and its frames: Map iterations, Parallel branches) out of running, waking its Waits; its error
+    and cause are set; its history is closed with one ``event_type`` event; its end is reported once.
+
+    From then on its history takes nothing more: what the interpreter's thread still reports on its way out
+    (a late Lambda result, the next state, a Map iteration's abort, its own end) is dropped and counted in the
+    event manager's ``late_events_dropped`` (``install_ends_from_outside``). True when it ended it, False
+    when the execution had ended first, None when its interpreter has not built its environment yet."""
+    worker = execution.exec_worker
+    env = worker.env if worker is not None else None
+    if env is None:
+        return None
+    manager = env.event_manager
+    with env._state_mutex:  # decided against the interpreter's own end, which takes the same lock
+        if not env.is_running():
+            return False
+        # set before the interpreter can see the end: it may report it first, and must report this
+        execution.error, execution.cause = error, cause
+        manager._local_history_closed = True
+        set_state(env)
+    # written outside the lock: a full history's own end takes it from within add_event
+    manager.add_event(
+        context=env.event_history_context, event_type=event_type, event_details=event_details, closing=True
+    )
+    worker._execution_communication.terminated()
+    return True
+
+
+def install_ends_from_outside() -> Undo:
+    """StopExecution ends the execution when it is called (ABORTED, its stop date, error and cause, one
+    ``ExecutionAborted`` event that ends its history, its end reported once), whatever its interpreter is
+    doing; ``end_from_outside`` is the one way such an end is made (the execution's TimeoutSeconds too).
+
+    moto alone kept a stopped execution RUNNING until the Lambda invoke in flight returned (up to the
+    function's Timeout), then recorded that invoke's result and only then its ``ExecutionAborted``; in a Map
+    iteration the late result crashed the Map state and the history ended with an ``ExecutionFailed``; and it
+    dropped StopExecution's ``error`` and ``cause`` (the plugin's cancel names ``RunCancelled``)."""
+    from moto.core.responses import ActionResult
+    from moto.stepfunctions.parser.api import ExecutionAbortedEventDetails, HistoryEventType
+    from moto.stepfunctions.parser.asl.eval.event.event_detail import EventDetails
+    from moto.stepfunctions.parser.asl.eval.event.event_manager import EventManager
     from moto.stepfunctions.parser.backend.execution import BaseExecutionWorkerCommunication, Execution
+    from moto.stepfunctions.responses import StepFunctionResponse
 
     original_stop, original_terminated = Execution.stop, BaseExecutionWorkerCommunication.terminated
+    original_add, original_answer = EventManager.add_event, StepFunctionResponse.stop_execution
     once = threading.Lock()
 
+    def add_event(
+        self: Any, context: Any, event_type: Any, *args: Any, closing: bool = False, **kwargs: Any
+    ) -> Any:
+        if getattr(self, "_local_history_closed", False) and not closing:
+            self.late_events_dropped = getattr(self, "late_events_dropped", 0) + 1
+            return context.last_published_event_id
+        return original_add(self, context, event_type, *args, **kwargs)
+
     def terminated(self: Any) -> None:
+        # reported by the end from outside, and again by the interpreter's thread when it gets back
         with once:
             if getattr(self, "_local_terminated", False):
                 return
@@ -476,17 +537,38 @@ def install_immediate_stop() -> Undo:
         original_terminated(self)
 
     def stop(self: Any, stop_date: Any, error: str | None, cause: str | None) -> None:
-        original_stop(self, stop_date=stop_date, error=error, cause=cause)
-        worker = self.exec_worker
-        if worker is None or not isinstance(worker.env.program_state(), ProgramStopped):
-            return  # it had ended already
-        self.error, self.cause = error, cause
-        worker._execution_communication.terminated()
+        def set_stopped(env: Any) -> None:
+            env.set_stop(stop_date=stop_date, cause=cause, error=error)
+
+        details = EventDetails(
+            executionAbortedEventDetails=ExecutionAbortedEventDetails(error=error, cause=cause)
+        )
+        # A stop within moments of the start may find no environment yet: it waits for it, a moment
+        deadline = time.monotonic() + _ENVIRONMENT_WITHIN_S
+        while (
+            end_from_outside(self, set_stopped, HistoryEventType.ExecutionAborted, details, error, cause)
+            is None
+        ):
+            if time.monotonic() >= deadline:
+                original_stop(self, stop_date=stop_date, error=error, cause=cause)  # moto's own answer
+                return
+            time.sleep(0.01)
+
+    @functools.wraps(original_answer)
+    def answer(self: Any) -> Any:
+        # moto's own answer stops with error and cause "" whatever the call gave
+        execution = self.stepfunction_backend.describe_execution(self._get_param("executionArn"))
+        execution.stop(
+            stop_date=dt.datetime.now(dt.UTC), error=self._get_param("error"), cause=self._get_param("cause")
+        )
+        return ActionResult({"stopDate": execution.stop_date})
 
     Execution.stop, BaseExecutionWorkerCommunication.terminated = stop, terminated
+    EventManager.add_event, StepFunctionResponse.stop_execution = add_event, answer
 
     def uninstall() -> None:
         Execution.stop, BaseExecutionWorkerCommunication.terminated = original_stop, original_terminated
+        EventManager.add_event, StepFunctionResponse.stop_execution = original_add, original_answer
 
     return uninstall
 
@@ -503,28 +585,29 @@ def execution_timeout_seconds(definition: str) -> int | None:
 
 def install_execution_timeouts(timeout_of: Callable[[str], float | None] = lambda _name: None) -> Undo:
     """An execution still running ``TimeoutSeconds`` after its start date is timed out at that moment, as AWS
-    does: TIMED_OUT, its stop date, error ``States.Timeout``, an ``ExecutionTimedOut`` history event and its
-    end reported (``terminated``) once; the interpreter's thread, still waiting on a task's Lambda invoke,
-    reports nothing more when it gets back. A timer per execution sleeps until the deadline and is cancelled
-    when the execution ends first (a stop, a success, a failure).
+    does: TIMED_OUT, its stop date, error ``States.Timeout``, an ``ExecutionTimedOut`` history event that ends
+    its history and its end reported once, by ``end_from_outside`` as for a stop (so
+    ``install_ends_from_outside`` must be installed too). A timer per execution sleeps until the deadline and
+    is cancelled when the execution ends first (a stop, a success, a failure).
 
     moto alone joins its interpreter thread for ``TimeoutSeconds`` and then marks the program timed out over
     whatever state it is in, with no error; its ``ExecutionTimedOut`` event is written only when the thread
     returns, after the late result of the invoke that was in flight; DescribeExecution and ListExecutions
-    gave no stop date to a TIMED_OUT execution. Its own timeout is switched off so that the timer is the one clock. ``timeout_of(name)``, when
-    not None, replaces the definition's figure for that execution (a test seam)."""
+    gave no stop date to a TIMED_OUT execution. Its own timeout is switched off so that the timer is the one
+    clock. ``timeout_of(name)``, when not None, replaces the definition's figure for that execution (a test
+    seam)."""
     from moto.stepfunctions.parser.api import ExecutionTimedOutEventDetails, HistoryEventType
     from moto.stepfunctions.parser.asl.component.eval_component import EvalComponent
     from moto.stepfunctions.parser.asl.component.program.program import Program
     from moto.stepfunctions.parser.asl.eval.event.event_detail import EventDetails
-    from moto.stepfunctions.parser.asl.eval.event.event_manager import EventManager
     from moto.stepfunctions.parser.backend.execution import BaseExecutionWorkerCommunication, Execution
     from moto.stepfunctions.responses import StepFunctionResponse
 
     original_start, original_terminated = Execution.start, BaseExecutionWorkerCommunication.terminated
-    original_program_eval, original_add = Program.eval, EventManager.add_event
+    original_program_eval = Program.eval
     timers: set[threading.Timer] = set()  # armed and not yet fired or cancelled
     timers_lock = threading.Lock()
+    timed_out = EventDetails(executionTimedOutEventDetails=ExecutionTimedOutEventDetails(error=TIMEOUT))
 
     def arm(execution: Any, delay_s: float) -> None:
         timer = threading.Timer(max(0.0, delay_s), time_out, args=(execution,))
@@ -537,29 +620,16 @@ def install_execution_timeouts(timeout_of: Callable[[str], float | None] = lambd
     def time_out(execution: Any) -> None:
         with timers_lock:
             timers.discard(getattr(execution, "_local_timeout_timer", None))
-        worker = execution.exec_worker
-        env = worker.env if worker is not None else None
-        if env is None:  # its thread has not built its environment yet (a timeout of a moment)
-            arm(execution, 0.05)
-            return
-        manager = env.event_manager
-        with env._state_mutex:  # decided against the interpreter's own end, which takes the same lock
-            if not env.is_running():
-                return  # it ended first
-            # set before the interpreter can see the end: it may report it first, and must report this
-            execution.error, execution.cause = TIMEOUT, None
-            manager._local_timed_out_recorded = True  # from now on the interpreter's history is dropped
-            env.set_timed_out()  # its frames too (Map iterations, Parallel branches); Waits wake
-        # written outside the lock: a full history's own end takes it from within add_event
-        original_add(
-            manager,
-            context=env.event_history_context,
-            event_type=HistoryEventType.ExecutionTimedOut,
-            event_details=EventDetails(
-                executionTimedOutEventDetails=ExecutionTimedOutEventDetails(error=TIMEOUT)
-            ),
+        ended = end_from_outside(
+            execution,
+            lambda env: env.set_timed_out(),
+            HistoryEventType.ExecutionTimedOut,
+            timed_out,
+            TIMEOUT,
+            None,
         )
-        worker._execution_communication.terminated()
+        if ended is None:  # its thread has not built its environment yet (a timeout of a moment)
+            arm(execution, 0.05)
 
     def start(self: Any) -> None:
         seconds = timeout_of(self.name)
@@ -593,14 +663,6 @@ def install_execution_timeouts(timeout_of: Callable[[str], float | None] = lambd
         env.next_state_name = self.start_at.start_at_name
         EvalComponent.eval(self, env)
 
-    def add_event(self: Any, context: Any, event_type: Any, *args: Any, **kwargs: Any) -> Any:
-        if getattr(self, "_local_timed_out_recorded", False):
-            # The history ends with ExecutionTimedOut, as on AWS: what the interpreter's thread still reports
-            # on its way out (the late result of the task in flight, its end again) is dropped and counted.
-            self.late_events_dropped = getattr(self, "late_events_dropped", 0) + 1
-            return context.last_published_event_id
-        return original_add(self, context, event_type, *args, **kwargs)
-
     def with_stop_dates(original: Callable[[Any], Any]) -> Callable[[Any], Any]:
         # moto's DescribeExecution and ListExecutions give a stop date to every end but TIMED_OUT
         @functools.wraps(original)
@@ -620,13 +682,13 @@ def install_execution_timeouts(timeout_of: Callable[[str], float | None] = lambd
         StepFunctionResponse.list_executions,
     )
     Execution.start, BaseExecutionWorkerCommunication.terminated = start, terminated
-    Program.eval, EventManager.add_event = program_eval, add_event
+    Program.eval = program_eval
     StepFunctionResponse.describe_execution = with_stop_dates(original_describe)
     StepFunctionResponse.list_executions = with_stop_dates(original_list)
 
     def uninstall() -> None:
         Execution.start, BaseExecutionWorkerCommunication.terminated = original_start, original_terminated
-        Program.eval, EventManager.add_event = original_program_eval, original_add
+        Program.eval = original_program_eval
         StepFunctionResponse.describe_execution = original_describe
         StepFunctionResponse.list_executions = original_list
         with timers_lock:

@@ -44,6 +44,26 @@ def load_template(path: Path = TEMPLATE_PATH) -> dict[str, Any]:
     return yaml.load(path.read_text(), Loader=_CfnLoader)  # noqa: S506 - a SafeLoader with CFN tags
 
 
+def table_definition(properties: dict[str, Any]) -> dict[str, Any]:
+    """A table's ``CreateTable`` parameters from its template properties: keys, attributes and indexes (the
+    rest, TTL included, is set apart or means nothing locally)."""
+    definition = {
+        "BillingMode": "PAY_PER_REQUEST",
+        "AttributeDefinitions": properties["AttributeDefinitions"],
+        "KeySchema": properties["KeySchema"],
+    }
+    if properties.get("GlobalSecondaryIndexes"):
+        definition["GlobalSecondaryIndexes"] = properties["GlobalSecondaryIndexes"]
+    return definition
+
+
+def create_table_from_template(client: Any, logical_id: str, name: str) -> str:
+    """Create the template's table ``logical_id`` as ``name`` through a DynamoDB ``client``; returns the name."""
+    properties = load_template()["Resources"][logical_id]["Properties"]
+    client.create_table(TableName=name, **table_definition(properties))
+    return name
+
+
 @dataclass(frozen=True)
 class RouteAuthorizer:
     """A Lambda REQUEST authorizer, as the Api's Auth section declares it."""

@@ -9,7 +9,7 @@ from dalle_plugin.observability import bind_run, lambda_handler, record_run_succ
 @lambda_handler
 def handler(event: dict, context: object) -> dict:
     from dalle_plugin import wiring
-    from dalle_plugin.domain.run import AttachInput
+    from dalle_plugin.domain.step_io.attach import AttachInput
     from dalle_plugin.domain.steps.attach import attach_image
 
     ref = AttachInput.model_validate(event)

@@ -9,7 +9,7 @@ from dalle_plugin.observability import bind_run, lambda_handler, record_generati
 @lambda_handler
 def handler(event: dict, context: object) -> dict:
     from dalle_plugin import wiring
-    from dalle_plugin.domain.run import GenerateInput
+    from dalle_plugin.domain.step_io.generate import GenerateInput
     from dalle_plugin.domain.steps.generate import generate_image, run_as_left
 
     ref = GenerateInput.model_validate(event)

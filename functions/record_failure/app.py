@@ -9,7 +9,7 @@ from dalle_plugin.observability import bind_run, lambda_handler, record_run_fail
 @lambda_handler
 def handler(event: dict, context: object) -> dict:
     from dalle_plugin import wiring
-    from dalle_plugin.domain.run import FailureInput
+    from dalle_plugin.domain.step_io.failure import FailureInput
     from dalle_plugin.domain.steps.failure import record_failure
 
     failure = FailureInput.model_validate(event)

@@ -5,7 +5,8 @@ Called with the Catch's ``error`` (Record Batch Failure), it ends the attempt wi
 from dalle_plugin import wiring
 from dalle_plugin.domain.steps.batch_start import BatchStep, record_batch_failure, store_batch
 from dalle_plugin.observability import bind_run, lambda_handler, record_run_accepted
-from dalle_plugin.settings import StartBatchSettings, load_settings
+from dalle_plugin.settings import load_settings
+from dalle_plugin.settings.api import StartBatchSettings
 
 
 @lambda_handler

@@ -52,8 +52,11 @@ def test_a_run_stopped_between_generate_and_attach_ends_readable_and_its_image_i
         execution = wait_for(lambda: _running_execution(stack, session), "the run's execution", 60, 0.5)
         sfn = stack.client("stepfunctions")
         sfn.stop_execution(executionArn=execution, cause="stopped by an operator")
-        # ended there and then, as on AWS, though Attach's invoke is still in flight
+        # ended there and then, as on AWS, though Attach's invoke is still in flight: its history too
         assert sfn.describe_execution(executionArn=execution)["status"] == "ABORTED"
+        last = sfn.get_execution_history(executionArn=execution)["events"][-1]
+        assert last["type"] == "ExecutionAborted"
+        assert last["executionAbortedEventDetails"]["cause"] == "stopped by an operator"
 
         first = api.wait_finished(session, timeout_s=300, poll_s=0.5)["runs"][0]
     finally:  # not reached when the test failed early: it must not hold a later run's Attach

@@ -20,16 +20,8 @@ from dalle_plugin.domain.errors import (
     OpenAIRateLimitPersisted,
     UpstreamRateLimited,
 )
-from dalle_plugin.domain.run import (
-    FailureInput,
-    ImageInfo,
-    ModelInfo,
-    PromptInfo,
-    RunRecord,
-    RunRef,
-    RunStatus,
-    StepError,
-)
+from dalle_plugin.domain.run import ImageInfo, ModelInfo, PromptInfo, RunRecord, RunRef, RunStatus
+from dalle_plugin.domain.step_io.failure import FailureInput, StepError
 from dalle_plugin.domain.steps.attach import attach_image
 from dalle_plugin.domain.steps.failure import describe_failure, record_failure
 from dalle_plugin.domain.steps.generate import generate_image
@@ -67,7 +59,8 @@ class Runs:
             return None, False
         mine = opening.caller is None or run.owner is None or run.owner == opening.caller
         present = any(getattr(run, name) not in (None, []) for name in opening.absent)
-        if not mine or run.status in opening.refused or present:
+        unequal = any(getattr(run, name) != value for name, value in opening.equal.items())
+        if not mine or run.status in opening.refused or present or unequal:
             return run, False
         run.status = opening.status or run.status
         for name, value in opening.sets.items():
@@ -130,7 +123,7 @@ class Offers:
     def __init__(self) -> None:
         self.items: dict[str, str] = {}
 
-    def offer(self, fingerprint: str, key: str, expires_at: int) -> None:
+    def offer(self, fingerprint: str, key: str, expires_at: int, scope: str = "") -> None:
         self.items[fingerprint] = key
 
     def claim(self, fingerprint: str) -> str | None:

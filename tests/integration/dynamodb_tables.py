@@ -1,5 +1,5 @@
-"""A DynamoDB Local of a test module's own, with one table shaped as the sessions table (pk, sk) or the
-rate-limit table (pk), for the race tests of the adapters that write to them."""
+"""A DynamoDB Local of a test module's own, with one table shaped as the sessions table (as template.yaml
+defines it) or the rate-limit table (pk), for the race tests of the adapters that write to them."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import boto3
 from dalle_plugin.domain.run import ModelInfo, RunRecord, TimelineEntry
 
 from local_stack.dynamodb_local import DynamoDBLocal
+from local_stack.template import create_table_from_template
 
 
 def make_client(endpoint: str):
@@ -39,8 +40,13 @@ def table_on_dynamodb_local(name: str, keys: tuple[str, ...] = ("pk", "sk")) -> 
         yield dynamodb.endpoint_url
 
 
-def sessions_shaped_table(name: str) -> contextlib.AbstractContextManager[str]:
-    return table_on_dynamodb_local(name, ("pk", "sk"))
+@contextmanager
+def sessions_shaped_table(name: str) -> Iterator[str]:
+    """DynamoDB Local with the sessions table as template.yaml defines it (its index included), named
+    ``name``; yields its endpoint."""
+    with DynamoDBLocal() as dynamodb:
+        create_table_from_template(make_client(dynamodb.endpoint_url), "SessionsTable", name)
+        yield dynamodb.endpoint_url
 
 
 def limiter_shaped_table(name: str) -> contextlib.AbstractContextManager[str]:

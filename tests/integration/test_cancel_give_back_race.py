@@ -13,7 +13,8 @@ from dalle_plugin.adapters.dynamo_allowances import DynamoAllowanceLedger
 from dalle_plugin.adapters.dynamo_runs import DynamoRunStore
 from dalle_plugin.domain.cancel import cancel_session
 from dalle_plugin.domain.errors import PluginError
-from dalle_plugin.domain.run import FailureInput, HeldAllowance, RunStatus, StepError
+from dalle_plugin.domain.run import HeldAllowance, RunStatus
+from dalle_plugin.domain.step_io.failure import FailureInput, StepError
 from dalle_plugin.domain.steps.failure import record_failure
 from dalle_plugin.domain.steps.machinery import StepDeps
 

@@ -1,13 +1,15 @@
 """The local stack's Step Functions behaves as AWS's does where a kind one would not: Waits wake late by the
 profile's amount and never early, a state above 256 KiB fails with States.DataLimitExceeded that States.ALL
-does not catch, an execution past 25,000 history events fails, and one past its TimeoutSeconds ends
-TIMED_OUT at that moment. Each test runs a tiny state machine of its own on the stack's moto server and
+does not catch, an execution past 25,000 history events fails, one past its TimeoutSeconds ends
+TIMED_OUT at that moment, and a stopped one's history ends with its ExecutionAborted whatever finishes
+after the stop. Each test runs a tiny state machine of its own on the stack's moto server and
 waits for conditions, never for a fixed time."""
 
 from __future__ import annotations
 
 import json
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -76,7 +78,8 @@ def _backend_execution(execution_arn: str):
 def _history(execution_arn: str) -> list[dict]:
     """The execution's history read from moto's backend in this process: moto's GetExecutionHistory ignores
     maxResults and serializes all 25,000 events, which takes minutes on a busy machine."""
-    return list(_backend_execution(execution_arn).exec_worker.env.event_manager.get_event_history())
+    env = _backend_execution(execution_arn).exec_worker.env
+    return list(env.event_manager.get_event_history()) if env is not None else []  # None: not begun yet
 
 
 def _wait_machine() -> dict:
@@ -264,3 +267,117 @@ def test_an_execution_that_ends_before_its_timeout_seconds_is_not_timed_out(stac
     assert described["status"] == "SUCCEEDED"
     timer = _backend_execution(arn)._local_timeout_timer
     assert timer.finished.is_set()  # cancelled when it ended: nothing is left to time it out later
+
+
+# ---- StopExecution ----------------------------------------------------------------------------------
+
+ENDS = {"ExecutionSucceeded", "ExecutionFailed", "ExecutionAborted", "ExecutionTimedOut"}
+
+
+def _interpreter_returned(execution) -> bool:
+    """moto's interpreter thread for the execution has run to its end (whatever it then recorded or not).
+    moto keeps no handle on that thread: it is found by its target, the worker's bound method, which
+    ``Thread.run`` lets go of once it returns."""
+    worker = execution.exec_worker
+    return not any(
+        getattr(getattr(thread, "_target", None), "__self__", None) is worker
+        for thread in threading.enumerate()
+    )
+
+
+def _assert_ends_aborted_once(events: list[dict]) -> None:
+    assert events[-1]["type"] == "ExecutionAborted"
+    assert [e["type"] for e in events if e["type"] in ENDS] == ["ExecutionAborted"]
+    details = events[-1]["executionAbortedEventDetails"]
+    assert details["error"] == "Operator" and details["cause"] == "stopped by a test"
+
+
+def _held_task(probe: str) -> dict:
+    return {"Type": "Task", "Resource": probe, "Next": "After"}
+
+
+def _in_map(state: dict) -> dict:
+    """The state as the one state of an INLINE Map's iteration, over one item that passes the input on."""
+    state = {**state, "End": True}
+    state.pop("Next")
+    return {
+        "Type": "Map",
+        "ItemsPath": "$.items",
+        "ItemSelector": {
+            "mark.$": "$.mark",
+            "hold_until_exists.$": "$.hold_until_exists",
+            "done_mark.$": "$.done_mark",
+        },
+        "ItemProcessor": {"StartAt": "Call", "States": {"Call": state}},
+        "Next": "After",
+    }
+
+
+@pytest.mark.parametrize("where", ["top level", "map iteration"])
+def test_a_stopped_execution_s_history_ends_at_the_stop_though_its_task_finishes_later(stack, where):
+    """StopExecution while a Lambda task is in flight: the execution is ABORTED with its ExecutionAborted
+    there and then, as AWS records it; the invoke runs to its end (its effect happens), and what the
+    interpreter reports when it gets back (the result, the next state, its own end) is not recorded."""
+    from tests.integration.test_local_lambda import probe_spec
+
+    probe = stack.add_function(probe_spec(f"stopped{uuid.uuid4().hex[:6]}"))
+    call = _held_task(probe)
+    definition = {
+        "StartAt": "Call",
+        "States": {
+            "Call": call if where == "top level" else _in_map(call),
+            "After": {"Type": "Pass", "End": True},
+        },
+    }
+    folder = Path(tempfile.mkdtemp(prefix="stopped-"))
+    invoked, release, done = folder / "invoked", folder / "release", folder / "done"
+    marks = {"mark": str(invoked), "hold_until_exists": str(release), "done_mark": str(done)}
+    try:
+        _, arn = _start(stack, definition, {**marks, "items": [1]})
+        sfn = stack.client("stepfunctions")
+        wait_for(invoked.exists, "the probe invoked", ENDED_WITHIN_S, 0.05)
+        sfn.stop_execution(executionArn=arn, error="Operator", cause="stopped by a test")
+        described = sfn.describe_execution(executionArn=arn)
+        assert described["status"] == "ABORTED" and not release.exists()  # its invoke is still in flight
+        at_stop = _history(arn)
+        _assert_ends_aborted_once(at_stop)
+
+        release.touch()  # the invoke returns to an execution that has ended
+        wait_for(done.exists, "the probe's own effect at its end", ENDED_WITHIN_S, 0.05)
+        execution = _backend_execution(arn)
+        wait_for(lambda: _interpreter_returned(execution), "the interpreter back", ENDED_WITHIN_S, 0.05)
+        assert sfn.describe_execution(executionArn=arn)["status"] == "ABORTED"
+        assert execution.exec_worker.env.event_manager.late_events_dropped > 0  # the late result was seen
+        after = _history(arn)
+        assert after == at_stop  # nothing after ExecutionAborted: no result, no next state, no second end
+    finally:
+        release.touch()
+
+
+def test_a_stopped_execution_s_history_ends_at_the_stop_while_it_waits(stack):
+    """StopExecution during a Wait: ABORTED with ExecutionAborted last, and the Wait, woken by the stop,
+    records neither its exit nor the next state."""
+    definition = {
+        "StartAt": "Pause",
+        "States": {
+            "Pause": {"Type": "Wait", "Seconds": 600, "Next": "After"},
+            "After": {"Type": "Pass", "End": True},
+        },
+    }
+    _, arn = _start(stack, definition)
+    sfn = stack.client("stepfunctions")
+    wait_for(
+        lambda: any(e["type"] == "WaitStateEntered" for e in _history(arn)),
+        "the Wait entered",
+        ENDED_WITHIN_S,
+        0.05,
+    )
+    sfn.stop_execution(executionArn=arn, error="Operator", cause="stopped by a test")
+    assert sfn.describe_execution(executionArn=arn)["status"] == "ABORTED"
+    at_stop = _history(arn)
+    _assert_ends_aborted_once(at_stop)
+    execution = _backend_execution(arn)
+    wait_for(lambda: _interpreter_returned(execution), "the interpreter back", ENDED_WITHIN_S, 0.05)
+    assert sfn.describe_execution(executionArn=arn)["status"] == "ABORTED"
+    assert execution.exec_worker.env.event_manager.late_events_dropped > 0  # its own end, reported late
+    assert _history(arn) == at_stop

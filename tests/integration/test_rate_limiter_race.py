@@ -70,8 +70,8 @@ def _caller_process(endpoint, kind, key, calls, now_ms, ready, results) -> None:
         limiter = DynamoRateLimiter(client, TABLE, SETTINGS, key=key, clock=lambda: now_ms)
         start_together.wait()
         if kind == "join":
-            return name, asdict(limiter.join("org", False, 1))
-        return name, asdict(limiter.claim(RateClaim("org", False, ticket, f"{name}#1")))
+            return name, limiter.join("org", False, 1)._asdict()
+        return name, limiter.claim(RateClaim("org", False, ticket, f"{name}#1"))._asdict()
 
     try:
         ready.wait(timeout=30)  # every process has its client: go

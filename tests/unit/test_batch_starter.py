@@ -5,11 +5,12 @@ per chunk, a group of chunks at a time, safely repeated (docs/batches.md)."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 
 from dalle_plugin.domain.cancel import cancel_session
-from dalle_plugin.domain.run import RunStatus, RunTally, StepError
+from dalle_plugin.domain.run import RunStatus
 from dalle_plugin.domain.sessions import session_page
+from dalle_plugin.domain.step_io.api import RunTally
+from dalle_plugin.domain.step_io.failure import StepError
 from dalle_plugin.domain.steps.batch_start import BatchStep, record_batch_failure, starter_name, store_batch
 from dalle_plugin.domain.steps.start import start_session
 from dalle_plugin.ports import BatchState
@@ -51,14 +52,14 @@ class Progress:
         if state.attempt == attempt and state.ended_by is not None:
             return False
         if state.attempt == attempt and state.stored < stored:
-            self.states[(session, digest)] = replace(state, stored=stored)
+            self.states[(session, digest)] = state._replace(stored=stored)
         return True
 
     def end(self, session, digest, attempt, ended_by, why):
         state = self.states[(session, digest)]
         if state.attempt != attempt or not state.under_way:
             return False
-        self.states[(session, digest)] = replace(state, ended_by=ended_by, ended_why=why)
+        self.states[(session, digest)] = state._replace(ended_by=ended_by, ended_why=why)
         return True
 
     def of_session(self, session):

@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 from dalle_plugin.domain.cancel import cancel_session
 from dalle_plugin.domain.errors import RunCancelled
-from dalle_plugin.domain.run import FailureInput, HeldAllowance, RunRecord, RunStatus, StepError
+from dalle_plugin.domain.run import HeldAllowance, RunRecord, RunStatus
 from dalle_plugin.domain.spending import spend_counter
+from dalle_plugin.domain.step_io.failure import FailureInput, StepError
 from dalle_plugin.domain.steps.failure import describe_failure, record_failure
 from dalle_plugin.domain.steps.generate import generate_image
 from dalle_plugin.domain.steps.machinery import StepDeps, image_fingerprint

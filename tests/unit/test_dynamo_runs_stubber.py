@@ -188,7 +188,13 @@ def test_a_summary_reads_only_what_it_counts(client, stubber):
         for name, value in item.items()
         if name in ("sk", "status", "model", "size", "createdAtMs")
     }
-    stubber.add_response("query", {"Items": [kept]})
+    expected = {
+        "TableName": TABLE,
+        "IndexName": "RunTallies",  # not the table: it would read every prompt and chunk whole
+        "KeyConditionExpression": "pk = :pk",
+        "ExpressionAttributeValues": {":pk": {"S": "SESSION#s1"}},
+    }
+    stubber.add_response("query", {"Items": [kept]}, expected)
     (tally,) = store.tallies("s1")
     assert tally.task_id == "t1" and tally.image_count == 0 and tally.model is not None
 
@@ -294,3 +300,105 @@ def test_a_steps_first_write_is_its_read_one_conditional_update_answering_with_t
     as_read = DynamoRunStore._from_item(DynamoRunStore._to_item(written))[0]
     assert store.open_step("s1", "t1", opening) == (as_read, True)
     assert store.open_step("s1", "t1", opening) == (as_read, False)  # refused: the record as it is, no read
+
+
+def _put(run: RunRecord) -> dict:
+    return {
+        "Put": {
+            "TableName": TABLE,
+            "Item": DynamoRunStore._to_item(run),
+            "ConditionExpression": "attribute_not_exists(pk)",
+            "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+        }
+    }
+
+
+def test_a_small_batch_is_stored_with_a_check_per_run_that_no_image_of_its_task_is_on_offer(client, stubber):
+    from dalle_plugin.adapters.dynamo_reusable_images import offer_marker_key
+
+    fresh, offered = _run(version=1), _run(task_id="t2", version=1)
+    checked = [run.model_copy(update={"no_offer_at_accept": True}) for run in (fresh, offered)]
+    check = {"ConditionExpression": "attribute_not_exists(pk)", "TableName": TABLE}
+    stubber.add_client_error(
+        "transact_write_items",
+        "TransactionCanceledException",
+        response_meta={},
+        modeled_fields={
+            # the second task's marker: an image of it is on offer
+            "CancellationReasons": [{"Code": "None"}] * 3 + [{"Code": "ConditionalCheckFailed"}]
+        },
+        expected_params={
+            "TransactItems": [
+                _put(checked[0]),
+                {"ConditionCheck": check | {"Key": offer_marker_key(fresh.offer_scope)}},
+                _put(checked[1]),
+                {"ConditionCheck": check | {"Key": offer_marker_key(offered.offer_scope)}},
+            ]
+        },
+    )
+    # sent again: the second run without the flag and without its check (its Generate looks for the offer)
+    stubber.add_response(
+        "transact_write_items",
+        {},
+        {
+            "TransactItems": [
+                _put(checked[0]),
+                {"ConditionCheck": check | {"Key": offer_marker_key(fresh.offer_scope)}},
+                _put(offered),
+            ]
+        },
+    )
+    stored = DynamoRunStore(client, TABLE).create_many([fresh, offered])
+    assert [(run.no_offer_at_accept, created) for run, created in stored] == [(True, True), (False, True)]
+
+
+def test_a_transaction_with_no_room_for_the_checks_stores_the_runs_without_the_flag(client, stubber):
+    runs = [_run(task_id=f"t{i}", version=1) for i in range(100)]
+    stubber.add_response("transact_write_items", {}, {"TransactItems": [_put(run) for run in runs]})
+    stored = DynamoRunStore(client, TABLE).create_many(runs)
+    assert not any(run.no_offer_at_accept for run, _ in stored) and all(created for _, created in stored)
+
+
+def test_generates_first_spend_holds_only_while_no_attempt_is_spent_and_the_run_had_no_offer(client, stubber):
+    from dalle_plugin.ports import StepOpening
+
+    run = _run(owner="exec-1", no_offer_at_accept=True)
+    written = run.model_copy(update={"status": RunStatus.GENERATING, "attempt": 1, "version": 4})
+    stubber.add_response(
+        "update_item",
+        {"Attributes": DynamoRunStore._to_item(written)},
+        {
+            "TableName": TABLE,
+            "Key": KEY,
+            "UpdateExpression": "SET #version = #version + :one, #updated = :updated, #status = :status, "
+            "#s0 = :s0",
+            "ConditionExpression": "attribute_exists(pk) AND attribute_not_exists(#doc) AND "
+            "(attribute_not_exists(#owner) OR #owner = :caller) AND NOT (#status IN (:refused0)) AND "
+            "attribute_not_exists(#x0) AND #e0 = :e0 AND #e1 = :e1",
+            "ExpressionAttributeNames": {
+                "#version": "version",
+                "#updated": "updatedAtMs",
+                "#doc": "doc",
+                "#owner": "owner",
+                "#status": "status",
+                "#s0": "attempt",
+                "#x0": "image",
+                "#e0": "attempt",
+                "#e1": "noOfferAtAccept",
+            },
+            "ExpressionAttributeValues": ANY,
+            "ReturnValues": "ALL_NEW",
+            "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+        },
+    )
+    opening = StepOpening(
+        caller="exec-1",
+        refused=(RunStatus.CANCELLED,),
+        updated_at_ms=2000,
+        status=RunStatus.GENERATING,
+        sets={"attempt": 1},
+        absent=("image",),
+        equal={"attempt": 0, "no_offer_at_accept": True},
+    )
+    run_after, opened = DynamoRunStore(client, TABLE).open_step("s1", "t1", opening)
+    assert opened and run_after.attempt == 1

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 
 from dalle_plugin.domain.payload import parse_payload
-from dalle_plugin.domain.run import AttachInput, FailureInput, GenerateInput, RunRef
+from dalle_plugin.domain.run import RunRef
+from dalle_plugin.domain.step_io.attach import AttachInput
+from dalle_plugin.domain.step_io.failure import FailureInput
+from dalle_plugin.domain.step_io.generate import GenerateInput
 
 from tests.conftest import load_event
 

@@ -11,14 +11,8 @@ import warnings
 import pytest
 from dalle_plugin.domain.errors import HubUnavailable, PromptNotFound
 from dalle_plugin.domain.pricing import DEFAULT_PRICES
-from dalle_plugin.domain.run import (
-    GenerateOutcome,
-    ImageInfo,
-    ModelInfo,
-    RunRecord,
-    RunRef,
-    TimelineEntry,
-)
+from dalle_plugin.domain.run import ImageInfo, ModelInfo, RunRecord, RunRef, TimelineEntry
+from dalle_plugin.domain.step_io.generate import GenerateOutcome
 
 from local_stack.template import load_template
 

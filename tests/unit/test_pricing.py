@@ -1,5 +1,6 @@
 from dalle_plugin.domain.pricing import DEFAULT_PRICES, estimate_cost_usd
-from dalle_plugin.settings import ApiSettings, read_settings
+from dalle_plugin.settings import read_settings
+from dalle_plugin.settings.api import ApiSettings
 
 BASE_ENV = {
     "SESSIONS_TABLE": "sessions",

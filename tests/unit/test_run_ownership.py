@@ -9,16 +9,10 @@ import json
 import pytest
 from dalle_plugin.domain.errors import HubUnavailable, NotRunOwner, RunCancelled
 from dalle_plugin.domain.payload import parse_payload
-from dalle_plugin.domain.run import (
-    AttachInput,
-    AttachResult,
-    FailureInput,
-    GenerateInput,
-    GenerateOutcome,
-    RunRef,
-    RunStatus,
-    StepError,
-)
+from dalle_plugin.domain.run import RunRef, RunStatus
+from dalle_plugin.domain.step_io.attach import AttachInput, AttachResult
+from dalle_plugin.domain.step_io.failure import FailureInput, StepError
+from dalle_plugin.domain.step_io.generate import GenerateInput, GenerateOutcome
 from dalle_plugin.domain.steps.attach import attach_image
 from dalle_plugin.domain.steps.extract import extract_prompt
 from dalle_plugin.domain.steps.failure import record_failure
@@ -296,9 +290,15 @@ def _asl_states() -> dict:
 
 def test_every_step_gets_the_calling_execution_and_a_non_owner_ends_quietly():
     states = _asl_states()
-    for name in ("Extract Prompt", "Generate Image", "Attach Image", "Record Failure"):
+    for name in (
+        "Extract Prompt",
+        "Generate Image",
+        "Generate Image Again",
+        "Attach Image",
+        "Record Failure",
+    ):
         assert states[name]["Parameters"]["execution.$"] == "$.execution"
-    for name in ("Extract Prompt", "Generate Image", "Attach Image"):
+    for name in ("Extract Prompt", "Generate Image", "Generate Image Again", "Attach Image"):
         first = states[name]["Catch"][0]
         assert first["ErrorEquals"] == ["NotRunOwner"] and states[first["Next"]]["Type"] == "Succeed"
 
@@ -311,7 +311,9 @@ def test_a_timed_out_lambda_is_retried_only_where_running_again_cannot_pay_or_at
 
     for name in ("Extract Prompt", "Attach Image", "Record Failure"):
         assert {"Lambda.Unknown", "Sandbox.Timedout"} <= retried(name)
-    assert not {"Lambda.Unknown", "Sandbox.Timedout"} & retried("Generate Image")
+    assert not {"Lambda.Unknown", "Sandbox.Timedout"} & (
+        retried("Generate Image") | retried("Generate Image Again")
+    )
 
 
 def test_a_timed_out_step_ends_the_run_with_a_sentence_a_person_can_act_on():
@@ -379,3 +381,41 @@ def test_a_cancel_while_extract_waits_on_the_hub_ends_the_run_cancelled(hub_answ
         deps,
     )
     assert ended["status"] == "CANCELLED" and deps.runs.get("s1", "a").status is RunStatus.CANCELLED
+
+
+def _first_generate(session: str, flagged: bool) -> tuple[StepDeps, GenerateInput]:
+    """A run stored as the API stores it (``flagged``: its task had no image on offer), extracted, and the
+    first Generate's input with Extract's first-spend line."""
+    deps = _deps()
+    start_session(_payload(session, ["a"]), deps, TODAY)
+    deps.runs.items[(session, "a")].no_offer_at_accept = flagged
+    ref = _ref(deps, "a", session)
+    result = extract_prompt(ref, deps)
+    first = GenerateInput(
+        **ref.model_dump(),
+        image_fingerprint=result.image_fingerprint,
+        extracted=result.extracted,
+        spend_line=result.spend_line,
+    )
+    return deps, first
+
+
+def test_the_first_generate_spends_in_its_first_write_only_for_its_owner_and_writes_the_same_timeline():
+    deps, first = _first_generate("s1", flagged=True)
+    assert first.spend_line and first.spend_line.startswith("Generating the image with")
+    another = first.model_copy(update={"execution": deps.starter.arn_of("another-execution")})
+    with pytest.raises(NotRunOwner):
+        generate_image(another, deps)
+    assert deps.generator.requests == 0 and deps.runs.get("s1", "a").attempt == 0
+    assert generate_image(first, deps).status == "DONE" and deps.generator.requests == 1
+    # the session reads the same as when Generate reads first (a run accepted with its task's image on offer)
+    read_first, no_line = _first_generate("s2", flagged=False)
+    assert no_line.spend_line == ""
+    assert generate_image(no_line, read_first).status == "DONE"
+
+    def lines(runs: Runs, session: str) -> list[tuple[str, str, str | None]]:
+        return [(e.step, e.status, e.detail) for e in runs.get(session, "a").timeline]
+
+    assert lines(deps.runs, "s1") == lines(read_first.runs, "s2")
+    spent, read = deps.runs.get("s1", "a"), read_first.runs.get("s2", "a")
+    assert (spent.status, spent.attempt, spent.prompt) == (read.status, read.attempt, read.prompt)

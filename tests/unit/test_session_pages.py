@@ -7,8 +7,9 @@ import json
 
 import pytest
 from dalle_plugin.domain.errors import InvalidRequest
-from dalle_plugin.domain.run import ModelInfo, RunRecord, RunStatus, RunTally
+from dalle_plugin.domain.run import ModelInfo, RunRecord, RunStatus
 from dalle_plugin.domain.sessions import page_token, session_page, session_view, task_after
+from dalle_plugin.domain.step_io.api import RunTally
 
 
 def _run(task: str, status: RunStatus = RunStatus.SUCCEEDED, prompt_chars: int = 10) -> RunRecord:

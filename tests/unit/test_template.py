@@ -62,7 +62,7 @@ def test_the_state_machine_retries_only_named_transient_errors():
                 set(retry["ErrorEquals"])
                 - transient
                 - lambda_service
-                - (timed_out if name != "Generate Image" else set())
+                - (timed_out if not name.startswith("Generate Image") else set())
             )
             assert not unknown, f"{name} retries errors the code never raises: {unknown}"
             assert isinstance(retry["BackoffRate"], float)
@@ -100,9 +100,24 @@ def test_the_rate_wait_uses_the_exact_timestamp_from_generate():
         "Comment": wait["Comment"],
         "Type": "Wait",
         "TimestampPath": "$.generation.retryAt",
-        "Next": "Generate Image",
+        "Next": "Generate Image Again",
     }
     assert states["Image Ready?"]["Choices"][0]["Next"] == "Wait For Rate Slot"
+
+
+def test_only_the_first_generate_gets_extracts_first_spend_line():
+    # a Generate after a Wait, or retried, with the line would take its own spent attempt for a second
+    # delivery's and wait for ever: only the state entered once per run carries it
+    states = _task_states()
+    first, again = states["Generate Image"], states["Generate Image Again"]
+    assert first["Parameters"].pop("spendLine.$") == "$.extract.spendLine"
+    # its retries read first: an error after its spend must not make the retry take itself for a duplicate
+    assert first["Parameters"].pop("retryCount.$") == "$$.State.RetryCount"
+    assert "spendLine.$" not in again["Parameters"]
+    assert {k: v for k, v in again.items() if k != "Comment"} == {
+        k: v for k, v in first.items() if k != "Comment"
+    }
+    assert states["Generate Image Again"]["Next"] == "Image Ready?"
 
 
 def test_every_substitution_in_the_asl_is_defined_in_the_template():
@@ -126,3 +141,37 @@ def test_openai_is_imported_only_by_the_function_that_generates():
     for folder in ("api", "extract", "attach", "record_failure"):
         assert "openai" not in (PROJECT_ROOT / "functions" / folder / "app.py").read_text()
     assert (PROJECT_ROOT / "functions" / "generate" / "requirements.txt").read_text().startswith("openai==")
+
+
+def test_the_run_tallies_index_carries_what_the_summary_counts_and_the_api_may_read_it():
+    """The index projects every record attribute a RunTally is made of (its keys aside), its sort key is an
+    attribute only run records have and always as a string (a key of another type would refuse the run's
+    write), and the API's role may query it."""
+    from dalle_plugin.adapters.dynamo_runs import TALLY_ATTRIBUTES, TALLY_INDEX, DynamoRunStore
+    from dalle_plugin.domain.run import RunRecord
+    from dalle_plugin.domain.step_io.api import RunTally
+
+    from tests.integration.dynamodb_tables import queued_run
+
+    resources = LocalTemplate().resources
+    table = resources["SessionsTable"]["Properties"]
+    (index,) = table["GlobalSecondaryIndexes"]
+    sort_key = index["KeySchema"][1]["AttributeName"]
+    assert index["IndexName"] == TALLY_INDEX and sort_key == "createdAtMs"
+    assert index["Projection"]["NonKeyAttributes"] == list(TALLY_ATTRIBUTES)
+    counted = {
+        RunRecord.model_fields[name].alias or name
+        for name in RunTally.model_fields
+        if name in RunRecord.model_fields
+    }
+    assert counted - {"taskId"} <= {*TALLY_ATTRIBUTES, sort_key}
+    assert {"image", "moreImages"} <= set(TALLY_ATTRIBUTES)  # image_count is counted from them
+    assert {"AttributeName": sort_key, "AttributeType": "S"} in table["AttributeDefinitions"]
+    assert DynamoRunStore._to_item(queued_run("s", "t"))[sort_key].keys() == {"S"}
+    statements = [
+        statement
+        for policy in resources["ApiFunction"]["Properties"]["Policies"]
+        for statement in policy.get("Statement", [])
+    ]
+    resources_read = [json.dumps(statement["Resource"]) for statement in statements]
+    assert any(f"/index/{TALLY_INDEX}" in resource for resource in resources_read)

@@ -22,7 +22,10 @@ from dalle_plugin.domain.errors import PluginError, Transient
 from dalle_plugin.domain.pricing import estimate_cost_usd
 
 if TYPE_CHECKING:  # the run's pydantic models load with the domain on a first event, not at init
-    from dalle_plugin.domain.run import AttachResult, ExtractResult, GenerateOutcome, RunRecord
+    from dalle_plugin.domain.run import RunRecord
+    from dalle_plugin.domain.step_io.attach import AttachResult
+    from dalle_plugin.domain.step_io.extract import ExtractResult
+    from dalle_plugin.domain.step_io.generate import GenerateOutcome
 
 
 class _CurrentStdout(io.TextIOBase):

@@ -2,32 +2,35 @@
 
 The domain receives these; handlers build the real adapters (``adapters/``) lazily, tests pass fakes or
 point the real adapters at the local stack.
+
+The values that cross a port are immutable ``NamedTuple`` records, not frozen dataclasses: a frozen
+dataclass compiles six generated methods when its module is imported, and every function imports this
+module at its cold start (the nine records cost about 4% of a function's floor as dataclasses).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 if TYPE_CHECKING:
-    from dalle_plugin.domain.run import RunRecord, RunStatus, RunTally, TimelineEntry
+    from dalle_plugin.domain.run import RunRecord, RunStatus, TimelineEntry
+    from dalle_plugin.domain.step_io.api import RunTally
     from dalle_plugin.image_generation import GeneratedImage, ImageRequest, PaceDecision
 
 
 # ---- the hub -------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class HubAsset:
+class HubAsset(NamedTuple):
     asset_id: str
     external_id: str
     data_url: str
 
 
-@dataclass(frozen=True)
-class HubTaskRef:
+class HubTaskRef(NamedTuple):
     """A task as the hub lists it: its id, and its asset's when the listing names it."""
 
     task_id: str
@@ -88,8 +91,7 @@ class ImageGenerator(Protocol):
 # ---- AWS -------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class StoredObject:
+class StoredObject(NamedTuple):
     bucket: str
     key: str
 
@@ -123,8 +125,7 @@ class WorkflowStarter(Protocol):
         """The id of the execution named ``name`` (started or not)."""
 
 
-@dataclass(frozen=True)
-class RateClaim:
+class RateClaim(NamedTuple):
     """A run claiming its send on the shared key now.
 
     ``ticket`` is its place in its line (organisation and kind), taken once when the hub's request was
@@ -140,8 +141,7 @@ class RateClaim:
     view: str = ""
 
 
-@dataclass(frozen=True)
-class RateDecision:
+class RateDecision(NamedTuple):
     """What the queue answers: ``granted`` (the request may leave now, and its send is recorded), or the
     run's place: ``position`` runs send before it, its turn comes at ``start_at_ms`` (epoch ms, as exact
     as the runs ahead are on time). ``ticket`` is the run's ticket from now on (a new one if it had been
@@ -157,8 +157,7 @@ class RateDecision:
     slot: int = -1
 
 
-@dataclass(frozen=True)
-class RateJoin:
+class RateJoin(NamedTuple):
     """Runs joining their line at acceptance: the first ``admitted`` got tickets ``first_ticket``,
     ``first_ticket + 1``, ...; the others would have waited past the cap and were not queued.
     ``starts_at_ms`` and ``positions`` are given for every run asked for."""
@@ -188,8 +187,7 @@ class RateLimiter(Protocol):
         """Take runs out of their line (cancelled or failed): the runs behind them move up."""
 
 
-@dataclass(frozen=True)
-class AllowanceAnswer:
+class AllowanceAnswer(NamedTuple):
     """``granted``: the amount is now counted for the ticket (or already was). ``used`` is the counter's
     total after the grant, or, refused, as it stood (what the refusal reports)."""
 
@@ -229,21 +227,21 @@ class SystemClock:
         return time.time_ns() // 1_000_000
 
 
-@dataclass(frozen=True)
-class StepOpening:
+class StepOpening(NamedTuple):
     """A step's first write, made without reading the run first: it is the read (the record comes back as
     written). It holds only while ``caller`` owns the run (or no one does) and the run is in none of the
-    ``refused`` statuses and has none of the fields in ``absent``; it sets ``status`` (when given) and the
-    fields in ``sets`` (by field name, as the record holds them), appends ``entries`` to the timeline and
-    stamps ``updated_at_ms``."""
+    ``refused`` statuses, has none of the fields in ``absent`` and each field of ``equal`` at its value; it
+    sets ``status`` (when given) and the fields in ``sets`` (by field name, as the record holds them),
+    appends ``entries`` to the timeline and stamps ``updated_at_ms``."""
 
     caller: str | None
     refused: tuple[RunStatus, ...]
     updated_at_ms: int
     status: RunStatus | None = None
     entries: tuple[TimelineEntry, ...] = ()
-    sets: dict[str, Any] = field(default_factory=dict)
+    sets: Mapping[str, Any] = MappingProxyType({})
     absent: tuple[str, ...] = ()
+    equal: Mapping[str, Any] = MappingProxyType({})
 
 
 class RunStore(Protocol):
@@ -296,8 +294,9 @@ class ReusableImages(Protocol):
     """Images paid for by runs that ended without delivering them, offered to the next run of the same task
     with the same prompt and options (``fingerprint``), so a re-run after a failure does not pay again."""
 
-    def offer(self, fingerprint: str, key: str, expires_at: int) -> None:
-        """Make the stored image at ``key`` available to the next run with this fingerprint."""
+    def offer(self, fingerprint: str, key: str, expires_at: int, scope: str) -> None:
+        """Make the stored image at ``key`` available to the next run with this fingerprint, and mark its task
+        (``RunRecord.offer_scope``) as having one, for the API to see when it accepts the task again."""
 
     def claim(self, fingerprint: str) -> str | None:
         """Take the offered image's key (atomically: one claimer wins), or None when there is none."""
@@ -315,8 +314,7 @@ class BatchRequests(Protocol):
     def get(self, key: str) -> bytes | None: ...
 
 
-@dataclass(frozen=True)
-class BatchState:
+class BatchState(NamedTuple):
     """How far the batch starter got with one request of a session."""
 
     digest: str

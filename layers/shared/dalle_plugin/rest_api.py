@@ -54,7 +54,8 @@ from dalle_plugin.observability import (
     record_run_accepted,
     record_runs_cancelled,
 )
-from dalle_plugin.settings import ApiSettings, load_settings
+from dalle_plugin.settings import load_settings
+from dalle_plugin.settings.api import ApiSettings
 
 SECRET_HEADER = "Secret"  # noqa: S105 - the header's name, not a secret
 MAX_SESSION_CHARS = 256  # what a payload may name; a longer id cannot exist (nor be a DynamoDB key)

@@ -10,7 +10,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import botocore.session
 from botocore.config import Config
@@ -31,16 +31,15 @@ from dalle_plugin.domain.errors import PluginSecretTooShort
 from dalle_plugin.domain.steps.machinery import StepDeps
 from dalle_plugin.ports import HubCaller, HubClient, SessionPages, SystemClock
 from dalle_plugin.settings import (
-    ApiSettings,
     AttachSettings,
-    AuthorizerSettings,
     CommonSettings,
     ExtractSettings,
-    GenerateSettings,
     RateLimitSettings,
-    StartBatchSettings,
     load_settings,
 )
+
+if TYPE_CHECKING:
+    from dalle_plugin.settings.generate import GenerateSettings
 
 # Standard retry mode with a few attempts: AWS throttling is retried in place, anything longer is the
 # state machine's job.
@@ -130,6 +129,8 @@ def _batches(settings: CommonSettings) -> dict[str, Any]:
 @cache
 def api_deps() -> StepDeps:
     """The API's ports, with the shared key's queue: runs join it when accepted, and leave it cancelled."""
+    from dalle_plugin.settings.api import ApiSettings
+
     settings = load_settings(ApiSettings)
     batch_starter = None
     if settings.start_batch_state_machine_arn:
@@ -151,6 +152,8 @@ def api_deps() -> StepDeps:
 @cache
 def start_batch_deps() -> StepDeps:
     """The starter's ports, with the shared key's queue: the runs it stores join it, as the API's do."""
+    from dalle_plugin.settings.api import StartBatchSettings
+
     settings = load_settings(StartBatchSettings)
     return StepDeps(
         **_common(settings),
@@ -182,6 +185,8 @@ def secrets_reader() -> CachedSecrets:
 def plugin_secret() -> str:
     """The plugin Secret as stored now (re-read within ``secret_max_age_s`` of a rotation); one shorter than
     ``MIN_PLUGIN_SECRET_CHARS`` is refused, so no request is ever compared with it."""
+    from dalle_plugin.settings.api import ApiSettings
+
     secret = secrets_reader().read(load_settings(ApiSettings).plugin_secret_arn)
     if len(secret) < MIN_PLUGIN_SECRET_CHARS:
         raise PluginSecretTooShort(
@@ -193,12 +198,16 @@ def plugin_secret() -> str:
 
 def authorizer_secret() -> str:
     """The Secret the authorizer compares with, as stored now (re-read within ``SECRET_MAX_AGE_S``)."""
+    from dalle_plugin.settings.api import AuthorizerSettings
+
     return secrets_reader().read(load_settings(AuthorizerSettings).plugin_secret_arn)
 
 
 @cache
 def session_pages() -> SessionPages:
     """The sessions table read a page at a time, for ``GET /sessions/{id}``."""
+    from dalle_plugin.settings.api import ApiSettings
+
     return DynamoRunStore(aws_client("dynamodb"), load_settings(ApiSettings).sessions_table)
 
 
@@ -247,6 +256,7 @@ def _key_pacing(settings: GenerateSettings) -> tuple[Any, Any]:
 def generate_deps() -> StepDeps:
     from dalle_plugin.adapters.openai_images import OpenAIImageGenerator  # the heavy import, here only
     from dalle_plugin.domain.spending import OrgQuota
+    from dalle_plugin.settings.generate import GenerateSettings
 
     settings = load_settings(GenerateSettings)
     secrets = secrets_reader()

@@ -1,5 +1,5 @@
 """A function for tests of the local Lambda runtime itself: it reports its process, its module state and
-its clock, and can be told to wait, to sleep past its timeout, to work the CPU, to leave a mark or to answer
+its clock, and can be told to wait, to sleep past its timeout, to work the CPU, to leave a mark (on its start or its end) or to answer
 too much."""
 
 import os
@@ -20,6 +20,8 @@ def handler(event, context):
             time.sleep(0.02)
     if event.get("sleep_s"):
         time.sleep(event["sleep_s"])
+    if event.get("done_mark"):  # an effect of the invoke's end, left whatever became of its caller
+        Path(event["done_mark"]).write_text(str(os.getpid()))
     if event.get("cpu_s"):  # work until the process has had this much CPU, however long the wall says
         until = time.process_time() + event["cpu_s"]
         while time.process_time() < until:

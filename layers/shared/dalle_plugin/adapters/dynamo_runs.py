@@ -18,20 +18,27 @@ import json
 import random
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import ClientError, ConnectionError, HTTPClientError
 from pydantic import BaseModel
 
-from dalle_plugin.adapters.dynamo_reusable_images import offered_image_key
+from dalle_plugin.adapters.dynamo_reusable_images import offer_marker_key, offered_image_key
 from dalle_plugin.domain.errors import StorageUnavailable
-from dalle_plugin.domain.run import RunRecord, RunTally
+from dalle_plugin.domain.run import RunRecord
 from dalle_plugin.ports import StepOpening
+
+if TYPE_CHECKING:  # the session view is the API's alone: its model loads only there
+    from dalle_plugin.domain.step_io.api import RunTally
 
 MAX_OPTIMISTIC_RETRIES = 8
 #: puts in one TransactWriteItems (DynamoDB's cap)
 TRANSACTION_ITEMS = 100
 _KEY_FIELDS = ("session", "task_id")
+#: the sessions table's sparse index of the runs (template.yaml: keyed by pk and ``createdAtMs``), and the
+#: attributes it carries besides its keys: what a session's summary counts (``RunTally``), nothing larger
+TALLY_INDEX = "RunTallies"
+TALLY_ATTRIBUTES = ("status", "model", "size", "quality", "image", "moreImages", "maxCostUsd", "updatedAtMs")
 
 
 class _TransientOnConnectionErrors:
@@ -102,6 +109,16 @@ def _as_json(value: Any) -> Any:
 
 
 _FIELD_OF_ALIAS = {_alias(name): name for name in RunRecord.model_fields}
+
+
+def _checked(runs: list[RunRecord], room: bool) -> list[RunRecord]:
+    """The runs whose store checks the offer marker of their task: all when the transaction has room, the
+    first of each task only (a transaction may name an item once)."""
+    seen: set[str] = set()
+    for run in runs:
+        run.no_offer_at_accept = room and run.offer_scope not in seen
+        seen.add(run.offer_scope)
+    return runs
 
 
 class DynamoRunStore:
@@ -219,60 +236,90 @@ class DynamoRunStore:
     def create_many(self, runs: list[RunRecord]) -> list[tuple[RunRecord, bool]]:
         """Conditional puts, a hundred to a transaction: the transaction either stores them all, or names
         the ones that exist (with their items), and is sent again without them. A batch of 10,000 new runs
-        takes 100 calls; a duplicate of it, 100 refused calls and no more."""
+        takes 100 calls; a duplicate of it, 100 refused calls and no more.
+
+        A transaction with room for it (at most 50 runs) also checks, per run, that no image of its task is
+        on offer (``offer_marker_key``) and stores the run with ``no_offer_at_accept``: Generate's first try
+        then needs no read. A task that has a marker is stored without it, in the next call."""
         found: dict[str, tuple[RunRecord, bool]] = {}
         for start in range(0, len(runs), TRANSACTION_ITEMS):
-            pending = [
-                run.model_copy(update={"version": 1}) for run in runs[start : start + TRANSACTION_ITEMS]
-            ]
+            chunk = runs[start : start + TRANSACTION_ITEMS]
+            pending = _checked(
+                [run.model_copy(update={"version": 1}) for run in chunk], len(chunk) * 2 <= TRANSACTION_ITEMS
+            )
             for attempt in range(MAX_OPTIMISTIC_RETRIES * 2):
                 if not pending:
                     break
                 if attempt:
                     time.sleep(random.uniform(0.005, 0.02) * 2 ** min(attempt, 5))
-                existing = self._put_all_or_find_existing(pending)
-                if existing is None:  # a concurrent request's writes collided with these: again
+                refused = self._put_all_or_find_existing(pending)
+                if refused is None:  # a concurrent request's writes collided with these: again
                     continue
-                if not existing:
+                existing, offered = refused
+                if not existing and not offered:
                     found.update({run.task_id: (self._remember(run), True) for run in pending})
                     break
                 found.update({run.task_id: (run, False) for run in existing.values()})
-                pending = [run for run in pending if run.task_id not in existing]
+                pending = [
+                    run.model_copy(update={"no_offer_at_accept": False}) if run.task_id in offered else run
+                    for run in pending
+                    if run.task_id not in existing
+                ]
             else:
                 raise StorageUnavailable("Could not store the runs: other writes kept colliding; try again.")
         return [found[run.task_id] for run in runs]
 
-    def _put_all_or_find_existing(self, runs: list[RunRecord]) -> dict[str, RunRecord] | None:
-        """Store every run in one transaction ({}), or store none and return those already stored (None
-        when the transaction was cancelled by a conflicting write in flight instead)."""
-        puts = [
-            {
-                "Put": {
-                    "TableName": self._table,
-                    "Item": self._to_item(run),
-                    "ConditionExpression": "attribute_not_exists(pk)",
-                    "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+    def _put_all_or_find_existing(
+        self, runs: list[RunRecord]
+    ) -> tuple[dict[str, RunRecord], set[str]] | None:
+        """Store every run in one transaction (({}, set())), or store none and return those already stored
+        and the task ids whose offer check failed (None when the transaction was cancelled by a conflicting
+        write in flight instead)."""
+        items: list[dict[str, Any]] = []
+        checked: list[tuple[RunRecord, bool]] = []  # per item: its run, and whether it is the offer check
+        for run in runs:
+            items.append(
+                {
+                    "Put": {
+                        "TableName": self._table,
+                        "Item": self._to_item(run),
+                        "ConditionExpression": "attribute_not_exists(pk)",
+                        "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
+                    }
                 }
-            }
-            for run in runs
-        ]
+            )
+            checked.append((run, False))
+            if run.no_offer_at_accept:
+                items.append(
+                    {
+                        "ConditionCheck": {
+                            "TableName": self._table,
+                            "Key": offer_marker_key(run.offer_scope),
+                            "ConditionExpression": "attribute_not_exists(pk)",
+                        }
+                    }
+                )
+                checked.append((run, True))
         try:
-            self._client.transact_write_items(TransactItems=puts)
-            return {}
+            self._client.transact_write_items(TransactItems=items)
+            return {}, set()
         except ClientError as exc:
             code = exc.response["Error"]["Code"]
             reasons = exc.response.get("CancellationReasons") or []
             if code != "TransactionCanceledException" or not reasons:
                 raise StorageUnavailable(f"Could not store the runs: {code}") from None
         existing: dict[str, RunRecord] = {}
-        for run, reason in zip(runs, reasons, strict=True):  # one reason per item of the transaction
-            if reason.get("Code") == "ConditionalCheckFailed":
-                stored = (
-                    self._read(reason["Item"]) if reason.get("Item") else self.get(run.session, run.task_id)
-                )
-                if stored is not None:
-                    existing[run.task_id] = stored
-        return existing or None
+        offered: set[str] = set()
+        for (run, is_check), reason in zip(checked, reasons, strict=True):  # one reason per item
+            if reason.get("Code") != "ConditionalCheckFailed":
+                continue
+            if is_check:
+                offered.add(run.task_id)
+                continue
+            stored = self._read(reason["Item"]) if reason.get("Item") else self.get(run.session, run.task_id)
+            if stored is not None:
+                existing[run.task_id] = stored
+        return (existing, offered) if existing or offered else None
 
     def get(self, session: str, task_id: str) -> RunRecord | None:
         item = self._client.get_item(
@@ -340,6 +387,10 @@ class DynamoRunStore:
         for index, field in enumerate(opening.absent):
             names[f"#x{index}"] = _alias(field)
             conditions.append(f"attribute_not_exists(#x{index})")
+        for index, (field, value) in enumerate(opening.equal.items()):
+            names[f"#e{index}"] = _alias(field)
+            values[f":e{index}"] = _encode(field, _as_json(value))
+            conditions.append(f"#e{index} = :e{index}")
         if opening.entries:
             names["#timeline"] = _alias("timeline")
             values[":entries"] = _encode(
@@ -437,14 +488,16 @@ class DynamoRunStore:
         }
 
     def tallies(self, session: str) -> list[RunTally]:
-        """Only the attributes a summary counts (a Query reads whole items, but answers with these: a page
-        of the summary's reads carries about 1 MB of records and returns a few KB)."""
-        fields = ["status", "model", "size", "quality", "image", "more_images", "max_cost_usd"]
-        fields += ["created_at_ms", "updated_at_ms"]
-        names = {f"#a{i}": name for i, name in enumerate(["sk", "doc", *map(_alias, fields)])}
-        kwargs = self._session_query(session) | {
-            "ProjectionExpression": ", ".join(names),
-            "ExpressionAttributeNames": names,
+        """Every run of the session from the ``RunTallies`` index, whose items hold only what the summary
+        counts (200-600 bytes a run): a Query reads whole items, so from the table it would read every
+        prompt, chunk and timeline, 1 MB a call. The index is eventually consistent (on AWS it trails a
+        write by a fraction of a second); each run is one item there whose key no write changes, so a run
+        is never counted twice or missed. Records in the earlier one-document layout are not in it."""
+        kwargs: dict[str, Any] = {
+            "TableName": self._table,
+            "IndexName": TALLY_INDEX,
+            "KeyConditionExpression": "pk = :pk",
+            "ExpressionAttributeValues": {":pk": {"S": f"SESSION#{session}"}},
         }
         tallies: list[RunTally] = []
         while True:
@@ -456,12 +509,13 @@ class DynamoRunStore:
 
     @staticmethod
     def _tally(item: dict[str, Any]) -> RunTally:
-        if "doc" in item:  # the earlier layout: the whole record in one document
-            values = json.loads(item["doc"]["S"])
-        else:
-            values = {
-                name: _decode(_FIELD_OF_ALIAS[name], value) for name, value in item.items() if name != "sk"
-            }
+        from dalle_plugin.domain.step_io.api import RunTally
+
+        values = {
+            name: _decode(_FIELD_OF_ALIAS[name], value)
+            for name, value in item.items()
+            if name in _FIELD_OF_ALIAS
+        }
         images = ([values["image"]] if values.get("image") else []) + (values.get("moreImages") or [])
         return RunTally.model_validate(
             values | {"taskId": item["sk"]["S"].removeprefix("TASK#"), "imageCount": len(images)}

@@ -112,7 +112,7 @@ class RunView(BaseModel):
     size: str
     quality: str | None = None
     prompt_source: str = Field(alias="promptSource")
-    notes: list[str] = Field(default_factory=list)
+    notes: list[str] = []
     prompt: dict[str, Any] | None = Field(
         default=None, description="text, source, length, originalLength, truncated, template"
     )

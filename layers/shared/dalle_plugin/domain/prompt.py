@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 from pydantic import BaseModel
 
@@ -279,16 +279,14 @@ def _from_full_text(asset_text: Callable[[], str] | None) -> list[str]:
 # ---- entity-annotation ---------------------------------------------------------------------------
 
 
-@dataclass
-class _EntityRef:
+class _EntityRef(NamedTuple):  # NamedTuples, not dataclasses: cheaper to create at a cold start (ports.py)
     object_id: str
     start: int | None
     end: int | None
     selection: str | None
 
 
-@dataclass
-class _Span:
+class _Span(NamedTuple):
     text: str
     order: float
     start: int | None = None

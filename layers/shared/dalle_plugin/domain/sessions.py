@@ -14,7 +14,8 @@ from typing import Any
 
 from dalle_plugin.domain.errors import InvalidRequest
 from dalle_plugin.domain.pricing import DEFAULT_PRICES, estimate_cost_usd
-from dalle_plugin.domain.run import ImageInfo, RunRecord, RunStatus, RunTally
+from dalle_plugin.domain.run import ImageInfo, RunRecord, RunStatus
+from dalle_plugin.domain.step_io.api import RunTally
 from dalle_plugin.ports import BatchProgress, ImageStore, SessionPages
 
 

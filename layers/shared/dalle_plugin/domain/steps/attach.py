@@ -8,16 +8,9 @@ from typing import Any
 
 from dalle_plugin.domain.errors import HubDeliveryUnknown, HubOutcomeUnknown, PluginError, StorageUnavailable
 from dalle_plugin.domain.hub_answer import answer_to_write_format
-from dalle_plugin.domain.run import (
-    AttachInput,
-    AttachResult,
-    GeneratedImages,
-    ImageInfo,
-    RunRecord,
-    RunRef,
-    RunStatus,
-    TimelineEntry,
-)
+from dalle_plugin.domain.run import ImageInfo, RunRecord, RunRef, RunStatus, TimelineEntry
+from dalle_plugin.domain.step_io.attach import AttachInput, AttachResult
+from dalle_plugin.domain.step_io.generate import GeneratedImages
 from dalle_plugin.domain.steps.machinery import (
     FILE_TYPES,
     CarryingRuns,

@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from dalle_plugin.domain.cancel import cancel_runs
 from dalle_plugin.domain.errors import PluginError
 from dalle_plugin.domain.payload import BatchTask
-from dalle_plugin.domain.run import RunRecord, RunStatus, StepError
+from dalle_plugin.domain.run import RunRecord, RunStatus
+from dalle_plugin.domain.step_io.failure import StepError
 from dalle_plugin.domain.steps.failure import describe_failure
 from dalle_plugin.domain.steps.machinery import ANGO_KEY, StepDeps, required
 from dalle_plugin.domain.steps.start import (

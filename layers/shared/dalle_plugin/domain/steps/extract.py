@@ -5,12 +5,15 @@ from __future__ import annotations
 from dalle_plugin.domain.errors import PluginError
 from dalle_plugin.domain.prompt import as_prompt_source, build_prompt
 from dalle_plugin.domain.prompt_template import parse_template
-from dalle_plugin.domain.run import ExtractedPrompt, ExtractResult, PromptInfo, RunRecord, RunRef, RunStatus
+from dalle_plugin.domain.run import ExtractedPrompt, PromptInfo, RunRecord, RunRef, RunStatus
+from dalle_plugin.domain.step_io.extract import ExtractResult
 from dalle_plugin.domain.steps.machinery import (
     StepDeps,
+    generating_line,
     hub_log_meanwhile,
     image_fingerprint,
     mark,
+    may_spend_first,
     open_active,
     open_hub,
     owned_deps,
@@ -67,6 +70,8 @@ def extract_prompt(ref: RunRef, deps: StepDeps) -> ExtractResult:
         truncated=info.truncated,
         image_fingerprint=image_fingerprint(recorded),
         extracted=extracted,  # recorded once: Generate skips what is already on the record
+        # what Generate's first write says when it is also its read (the run as this step's write left it)
+        spend_line=generating_line(run) if opened and may_spend_first(run) else "",
     )
 
 

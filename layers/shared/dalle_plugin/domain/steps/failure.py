@@ -17,8 +17,9 @@ from dalle_plugin.domain.errors import (
     RunCancelled,
     SpendingLimitReached,
 )
-from dalle_plugin.domain.run import Failure, FailureInput, HeldAllowance, ImageInfo, RunRecord, RunStatus
+from dalle_plugin.domain.run import Failure, HeldAllowance, ImageInfo, RunRecord, RunStatus
 from dalle_plugin.domain.spending import release
+from dalle_plugin.domain.step_io.failure import FailureInput
 from dalle_plugin.domain.steps.machinery import (
     StepDeps,
     check_owner,
@@ -212,7 +213,7 @@ def record_failure(inp: FailureInput, deps: StepDeps) -> dict[str, Any]:
     reusable = run.prompt is not None and run.images_per_task == 1
     if (undelivered or unlooked) and reusable and offers is not None:
         key = run.image.key if run.image else image_key(run)
-        offers.offer(image_fingerprint(run), key, run.expires_at or now // 1000 + 86_400)
+        offers.offer(image_fingerprint(run), key, run.expires_at or now // 1000 + 86_400, run.offer_scope)
     kept_what = "image is" if len(run.images) == 1 else "images are"
     kept_it = "it" if len(run.images) == 1 else "them"
     kept = (

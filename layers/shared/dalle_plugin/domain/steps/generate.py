@@ -19,24 +19,24 @@ from dalle_plugin.domain.errors import (
 from dalle_plugin.domain.key_pacing import Observation
 from dalle_plugin.domain.rate_limit import LimiterSettings, wake_at_ms
 from dalle_plugin.domain.run import (
-    GeneratedImages,
-    GenerateInput,
-    GenerateOutcome,
+    ExtractedPrompt,
     HeldAllowance,
     ImageInfo,
     RateWait,
     RunRecord,
     RunRef,
     RunStatus,
+    TimelineEntry,
 )
 from dalle_plugin.domain.spending import QuotaWait, release, take_allowances
+from dalle_plugin.domain.step_io.generate import GeneratedImages, GenerateInput, GenerateOutcome
 from dalle_plugin.domain.steps.machinery import (
     ANGO_KEY,
     FILE_TYPES,
     OPENAI_KEY,
     CarryingRuns,
     StepDeps,
-    count_images,
+    generating_line,
     hub_log,
     hub_log_meanwhile,
     image_fingerprint,
@@ -46,6 +46,7 @@ from dalle_plugin.domain.steps.machinery import (
     load_active,
     load_active_with_offer,
     mark,
+    open_active,
     open_secrets,
     owned_deps,
     record_extracted,
@@ -103,28 +104,43 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
         carried = extracted
         deps = replace(deps, runs=CarryingRuns(deps.runs, lambda r: record_extracted(r, carried)))
     on_offer: bool | None = None  # not looked at: claim to find out
-    if fingerprint is not None and deps.reusable_images is not None:
+    # the first try only: a retry after an error that followed its spend reads, then spends the next attempt
+    spend_line = ref.spend_line if isinstance(ref, GenerateInput) and ref.retry_count == 0 else None
+    first = (
+        _spend_first(ref, deps, extracted, spend_line)
+        if spend_line and extracted is not None and _no_grants_to_take(deps)
+        else None
+    )
+    if isinstance(first, GenerateOutcome):
+        return first
+    spent = first is not None and first[1]
+    if first is not None:  # the first write was the read: no image on offer for the task at acceptance
+        run = first[0]
+        on_offer = False if run.no_offer_at_accept else None
+    elif fingerprint is not None and deps.reusable_images is not None:
         run, on_offer = load_active_with_offer(ref, deps, fingerprint)
     else:
         run = load_active(ref, deps)
-    unwritten = extracted is not None and record_extracted(run, extracted)
-    if fingerprint is not None and fingerprint != image_fingerprint(run):
-        on_offer = None  # the prompt changed since: the look was at another image
-    if run.image is not None:
-        if _made_for(run.image, run):
-            # a re-run whose image is already here (its delivery failed): the only write is Extract's lines
-            return _done(deps.runs.change(run, lambda r: None) if unwritten else run)
-        # A re-run after the prompt (or an option) changed: the earlier image is not what is asked now.
-        run = deps.runs.change(run, _drop_images)
-    stored = stored_images(run, deps.images)
-    if stored:
-        return _adopt_stored_images(run, stored, deps)
+    if not spent:
+        unwritten = extracted is not None and record_extracted(run, extracted)
+        if fingerprint is not None and fingerprint != image_fingerprint(run):
+            on_offer = None  # the prompt changed since: the look was at another image
+        if run.image is not None:
+            if _made_for(run.image, run):
+                # a re-run whose image is already here (its delivery failed): the only write is Extract's lines
+                return _done(deps.runs.change(run, lambda r: None) if unwritten else run)
+            # A re-run after the prompt (or an option) changed: the earlier image is not what is asked now.
+            run = deps.runs.change(run, _drop_images)
+        stored = stored_images(run, deps.images)
+        if stored:
+            return _adopt_stored_images(run, stored, deps)
 
     secrets = open_secrets(run, deps)  # opened once: every call before the request delays a booked start
     hub = deps.hub_for(run, secrets[ANGO_KEY])
-    reused = _reuse_undelivered_image(run, deps, hub, on_offer)
-    if reused is not None:
-        return reused
+    if not spent:
+        reused = _reuse_undelivered_image(run, deps, hub, on_offer)
+        if reused is not None:
+            return reused
     api_key = (
         required(deps.default_openai_key, "StepDeps.default_openai_key")()
         if run.uses_default_key
@@ -137,6 +153,10 @@ def generate_image(ref: RunRef, deps: StepDeps) -> GenerateOutcome:
         return held
     generator = required(deps.generator, "StepDeps.generator")
     generator.prepare(api_key)  # the client is built before the claim: nothing slow stands after it
+    if not spent:
+        held = _spend(held, deps)
+        if isinstance(held, GenerateOutcome):
+            return held
     claimed = _claim_request_start(held, deps, hub, api_key)
     if isinstance(claimed, GenerateOutcome):
         return claimed
@@ -336,22 +356,55 @@ def _lost_turn(run: RunRecord, deps: StepDeps, hub: HubClient) -> GenerateOutcom
     return _wait(run, deps, now, "rate_slot", message, hub, None, also=forget_view)
 
 
-def _claim_request_start(
-    run: RunRecord, deps: StepDeps, hub: HubClient, api_key: str
-) -> tuple[RunRecord, _SharedKeyGrant | None] | GenerateOutcome:
-    """Take this run's turn to send its one image request, or the Wait outcome while its turn lies ahead.
+def _no_grants_to_take(deps: StepDeps) -> bool:
+    """Whether no run of this deployment asks for the organisations' daily quota (a session's spending
+    limit is the run's own: Extract hands on a first spend only for a run without one)."""
+    return deps.allowances is None or deps.org_quota is None or deps.org_quota.images_per_day <= 0
 
-    The attempt is spent first, under the run's version lock (a cancel and a send never both happen, and
-    a second delivery of this very step finds the attempt taken and sends nothing). On the shared key the
-    send is then claimed in the queue: the claim is the last thing before the request leaves, and it
-    is checked against the actual sends of the last ``limit`` requests (``domain.rate_limit``).
-    """
-    message = (
-        f"Generating {count_images(run.images_per_task)} with {run.model.actual} "
-        f"({run.size}, {run.output_format})."
+
+def _spend_first(
+    ref: RunRef, deps: StepDeps, extracted: ExtractedPrompt, line: str
+) -> tuple[RunRecord, bool] | GenerateOutcome:
+    """The first Generate of a run (never one after a Wait): its first write is its read, and spends the
+    run's first attempt with Extract's prompt and lines and the "Generating" line, only while no attempt is
+    spent and nothing Generate looks at before spending is there (``may_spend_first``). Refused, the record
+    as it is is the read: a spent attempt means another delivery of this very step took it and is sending
+    (``_spend``'s fence, without the read), so this one sends nothing; none spent, the step goes on as read."""
+    now = deps.clock.now_ms()
+    entries = [
+        *extracted.entries(),
+        TimelineEntry(step="generate", status=RunStatus.GENERATING.value, at_ms=now, detail=line),
+    ]
+    run, spent = open_active(
+        ref,
+        deps,
+        now,
+        RunStatus.GENERATING,
+        entries,
+        (RunStatus.SUCCEEDED, RunStatus.FAILED),
+        sets={"prompt": extracted.prompt, "attempt": 1},
+        absent=("image", "rate_wait", "max_cost_usd"),
+        equal={"attempt": 0, "no_offer_at_accept": True},
     )
+    if not spent and run.attempt != 0:
+        return _taken_by_another_delivery(now)
+    return run, spent
+
+
+def _taken_by_another_delivery(now: int) -> GenerateOutcome:
+    """Another delivery of this step took the attempt and is sending: look again shortly (its image will be
+    there), never send a second request."""
+    return GenerateOutcome(
+        status="WAIT", retry_at=to_rfc3339_second(now + 5_000), wait_seconds=5, reason="duplicate_delivery"
+    )
+
+
+def _spend(run: RunRecord, deps: StepDeps) -> RunRecord | GenerateOutcome:
+    """The attempt spent under the run's version lock: a cancel and a send never both happen, and a second
+    delivery of this very step that read the same record finds the attempt taken and sends nothing."""
     expected = run.attempt
     now = deps.clock.now_ms()
+    message = generating_line(run)
 
     def spend(r: RunRecord) -> None:
         if r.attempt != expected:
@@ -360,16 +413,19 @@ def _claim_request_start(
         mark(r, now, "generate", RunStatus.GENERATING, message)
 
     try:
-        run = deps.runs.change(run, spend)  # re-run on the current record if another write came first
+        return deps.runs.change(run, spend)  # re-run on the current record if another write came first
     except _TakenByAnotherDelivery:
-        # Another delivery of this step took the attempt and is sending: look again shortly (its image
-        # will be there), never send a second request.
-        return GenerateOutcome(
-            status="WAIT",
-            retry_at=to_rfc3339_second(now + 5_000),
-            wait_seconds=5,
-            reason="duplicate_delivery",
-        )
+        return _taken_by_another_delivery(now)
+
+
+def _claim_request_start(
+    run: RunRecord, deps: StepDeps, hub: HubClient, api_key: str
+) -> tuple[RunRecord, _SharedKeyGrant | None] | GenerateOutcome:
+    """Take this run's turn to send its one image request (its attempt spent), or the Wait outcome while its
+    turn lies ahead. On the shared key the send is claimed in the queue: the claim is the last thing before
+    the request leaves, and it is checked against the actual sends of the last ``limit`` requests
+    (``domain.rate_limit``).
+    """
     if not run.uses_default_key:
         key_wait = claim_own_key_send(run, deps, api_key)
         if key_wait is None:
@@ -472,7 +528,9 @@ def _reuse_undelivered_image(
     try:
         run = deps.runs.change(run, mutate)
     except (RunCancelled, NotRunOwner):  # it stays on offer for the next run of the task: paid, never lost
-        deps.reusable_images.offer(image_fingerprint(run), key, run.expires_at or now // 1000 + 86_400)
+        deps.reusable_images.offer(
+            image_fingerprint(run), key, run.expires_at or now // 1000 + 86_400, run.offer_scope
+        )
         raise
     hub_log(run, hub, message)
     return GenerateOutcome(status="DONE", image_key=required(run.image, "the run's image").key, image_count=1)

@@ -15,15 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from dalle_plugin.domain.errors import NotRunOwner, PluginError, RunCancelled
 from dalle_plugin.domain.pricing import DEFAULT_PRICES
-from dalle_plugin.domain.run import (
-    ExtractedPrompt,
-    GeneratedImages,
-    ImageInfo,
-    RunRecord,
-    RunRef,
-    RunStatus,
-    TimelineEntry,
-)
+from dalle_plugin.domain.run import ExtractedPrompt, ImageInfo, RunRecord, RunRef, RunStatus, TimelineEntry
 from dalle_plugin.ports import (
     AllowanceLedger,
     BatchProgress,
@@ -49,6 +41,7 @@ if (
     from dalle_plugin.domain.key_pacing import KeyPaceSettings
     from dalle_plugin.domain.rate_limit import LimiterSettings
     from dalle_plugin.domain.spending import OrgQuota
+    from dalle_plugin.domain.step_io.generate import GeneratedImages
 
 ANGO_KEY = "ango"
 OPENAI_KEY = "openai"
@@ -200,10 +193,11 @@ def open_active(
     also_refused: tuple[RunStatus, ...] = (),
     sets: dict[str, Any] | None = None,
     absent: tuple[str, ...] = (),
+    equal: dict[str, Any] | None = None,
 ) -> tuple[RunRecord, bool]:
     """``load_active`` whose read is the step's first write (``RunStore.open_step``): (the run as written,
     True), or (the run as it is, False) when it is in one of ``also_refused``, has a field of ``absent``
-    or is in the earlier layout,
+    or a field of ``equal`` at another value, or is in the earlier layout,
     for the step to decide on. Another execution's run and a cancelled run are refused as in ``load_active``."""
     opening = StepOpening(
         caller=ref.caller,
@@ -213,6 +207,7 @@ def open_active(
         entries=tuple(entries),
         sets=sets or {},
         absent=absent,
+        equal=equal or {},
     )
     run, opened = deps.runs.open_step(ref.session, ref.task_id, opening)
     if run is None:
@@ -259,6 +254,28 @@ def mark(run: RunRecord, now_ms: int, step: str, status: RunStatus | None, detai
     if status is not None:
         run.status = status
     run.updated_at_ms = now_ms
+
+
+def generating_line(run: RunRecord) -> str:
+    """The line Generate writes when it spends an attempt (Extract hands it on for a first spend)."""
+    return (
+        f"Generating {count_images(run.images_per_task)} with {run.model.actual} "
+        f"({run.size}, {run.output_format})."
+    )
+
+
+def may_spend_first(run: RunRecord) -> bool:
+    """Whether Generate's first write may spend the run's first attempt without reading the run: nothing it
+    would look at before spending can be there (an image, one on offer for its task, a stored image of an
+    earlier attempt, a spending limit's grant, a wait)."""
+    return (
+        run.no_offer_at_accept
+        and run.attempt == 0
+        and run.image is None
+        and run.max_cost_usd is None
+        and not run.held
+        and run.rate_wait is None
+    )
 
 
 def record_extracted(run: RunRecord, extracted: ExtractedPrompt) -> bool:

@@ -73,6 +73,7 @@ def _requeue(run: RunRecord, sealed: bytes, now: int, why: str) -> None:
     run.rate_wait = None
     run.rate_ticket = run.rate_refused_ms = None
     run.rate_view = ""
+    run.no_offer_at_accept = False  # its task may have an image on offer now: Generate looks
     run.execution_arn = None
     run.sealed_secrets = sealed
     run.updated_at_ms = now

@@ -21,16 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dalle_plugin.domain.cancel import CANCELLABLE
 from dalle_plugin.domain.errors import ExecutionFailed, ExecutionStopped, ExecutionTimedOut, NotRunOwner
-from dalle_plugin.domain.run import (
-    CamelModel,
-    FailureInput,
-    HeldAllowance,
-    RunRecord,
-    RunRef,
-    RunStatus,
-    StepError,
-)
+from dalle_plugin.domain.run import CamelModel, HeldAllowance, RunRecord, RunRef, RunStatus
 from dalle_plugin.domain.spending import release
+from dalle_plugin.domain.step_io.failure import FailureInput, StepError
 from dalle_plugin.domain.steps.failure import record_failure
 from dalle_plugin.domain.steps.machinery import StepDeps, check_owner
 from dalle_plugin.ports import RunStore

@@ -1,23 +1,20 @@
 """Deployment settings: one pydantic model per function, read once from the environment at cold start.
 
 Domain code never reads ``os.environ``; handlers build these through ``load_settings`` and hand values on.
-A missing or malformed variable fails the cold start with a message naming it.
+A missing or malformed variable fails the cold start with a message naming it. Here: what every function
+shares and the steps' own; the API's (``settings.api``) and Generate's (``settings.generate``) live apart,
+so that no function creates another's classes at its cold start.
 """
 
 # No ``from __future__ import annotations`` here: pydantic reads the settings' annotations as objects
 # instead of evaluating each as a string when it collects their fields, on every function's first event.
 
-import json
 import os
 from collections.abc import Iterable
 from functools import cache
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
-from dalle_plugin.domain.pricing import DEFAULT_PRICES
-
-DEFAULT_SUCCESSORS = {"dall-e-2": "gpt-image-2", "dall-e-3": "gpt-image-2", "gpt-image-1": "gpt-image-2"}
 
 
 class CommonSettings(BaseModel):
@@ -67,57 +64,8 @@ class RateLimitSettings(CommonSettings):
     rate_queue_max_wait_s: float = Field(default=1800, alias="RATE_QUEUE_MAX_WAIT_SECONDS", gt=0)
 
 
-class ApiSettings(RateLimitSettings):
-    state_machine_arn: str = Field(alias="STATE_MACHINE_ARN", min_length=1)
-    # the batch starter, for a batch larger than the API stores in its time (empty: the API stores every one)
-    start_batch_state_machine_arn: str | None = Field(default=None, alias="START_BATCH_STATE_MACHINE_ARN")
-    plugin_secret_arn: str = Field(alias="PLUGIN_SECRET_ARN", min_length=1)
-    model_successors: dict[str, str] = Field(
-        default_factory=lambda: dict(DEFAULT_SUCCESSORS), alias="MODEL_SUCCESSORS"
-    )
-    # 10,000 tasks with their asset ids fit (about 60 bytes each), and stay under Lambda's 6 MB request
-    max_body_bytes: int = Field(default=4_194_304, alias="MAX_BODY_BYTES", gt=0)
-    # Tasks an execution runs (docs/batches.md); smaller only to see many executions with few tasks (tests)
-    tasks_per_execution: int = Field(default=100, alias="TASKS_PER_EXECUTION", ge=1, le=100)
-    # USD per 1024x1024 image by model and quality, for the session's cost estimate; empty: built-in table
-    image_prices: dict[str, dict[str, float]] = Field(
-        default_factory=lambda: dict(DEFAULT_PRICES), alias="IMAGE_PRICES"
-    )
-
-    @field_validator("model_successors", "image_prices", mode="before")
-    @classmethod
-    def _parse_json(cls, value: object) -> object:
-        return json.loads(value) if isinstance(value, str) else value
-
-
-class StartBatchSettings(RateLimitSettings):
-    """The batch starter's step: stores a large batch's runs and starts their executions."""
-
-    state_machine_arn: str = Field(alias="STATE_MACHINE_ARN", min_length=1)
-    # the API's chunk size: both must form the same chunks (docs/batches.md)
-    tasks_per_execution: int = Field(default=100, alias="TASKS_PER_EXECUTION", ge=1, le=100)
-
-
-class AuthorizerSettings(CommonSettings):
-    plugin_secret_arn: str = Field(alias="PLUGIN_SECRET_ARN", min_length=1)
-
-
 class ExtractSettings(CommonSettings):
     max_asset_bytes: int = Field(default=1_000_000, alias="MAX_ASSET_BYTES", gt=0)
-
-
-class GenerateSettings(RateLimitSettings):
-    default_openai_key_secret_arn: str = Field(alias="DEFAULT_OPENAI_KEY_SECRET_ARN", min_length=1)
-    # Images a day per organisation on the shared key (0: no quota), and what a run over it does.
-    org_daily_image_quota: int = Field(default=0, alias="ORG_DAILY_IMAGE_QUOTA", ge=0)
-    org_quota_reached: Literal["wait", "fail"] = Field(default="wait", alias="ORG_QUOTA_REACHED")
-    openai_base_url: str | None = Field(default=None, alias="OPENAI_BASE_URL")
-    openai_timeout_s: float = Field(default=240.0, alias="OPENAI_TIMEOUT_S", gt=0)
-    # Own keys paced to the limit OpenAI states for them (per minute, unless a scaled stand-in says
-    # otherwise); "off" sends at once and waits out each 429 (kept to measure against).
-    own_key_pacing: Literal["on", "off"] = Field(default="on", alias="OWN_KEY_PACING")
-    own_key_window_s: float = Field(default=60.0, alias="OWN_KEY_WINDOW_SECONDS", gt=0)
-    own_key_pace_margin_ms: int = Field(default=1000, alias="OWN_KEY_PACE_MARGIN_MS", ge=0)
 
 
 class AttachSettings(CommonSettings):

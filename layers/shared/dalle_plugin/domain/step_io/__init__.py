@@ -1,0 +1,1 @@
+"""Each function's step contracts, one module per function (domain/run.py says why apart)."""

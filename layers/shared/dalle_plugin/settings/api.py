@@ -1,0 +1,49 @@
+"""The API's settings (and its authorizer's and batch starter's): loaded only by those functions, so that a
+step function's cold start never creates their classes (each pydantic class costs about half a percent of
+a function's floor to create, built or not)."""
+
+# No ``from __future__ import annotations``: see dalle_plugin.settings.
+
+import json
+
+from pydantic import Field, field_validator
+
+from dalle_plugin.domain.pricing import DEFAULT_PRICES
+from dalle_plugin.settings import CommonSettings, RateLimitSettings
+
+DEFAULT_SUCCESSORS = {"dall-e-2": "gpt-image-2", "dall-e-3": "gpt-image-2", "gpt-image-1": "gpt-image-2"}
+
+
+class ApiSettings(RateLimitSettings):
+    state_machine_arn: str = Field(alias="STATE_MACHINE_ARN", min_length=1)
+    # the batch starter, for a batch larger than the API stores in its time (empty: the API stores every one)
+    start_batch_state_machine_arn: str | None = Field(default=None, alias="START_BATCH_STATE_MACHINE_ARN")
+    plugin_secret_arn: str = Field(alias="PLUGIN_SECRET_ARN", min_length=1)
+    model_successors: dict[str, str] = Field(
+        default_factory=lambda: dict(DEFAULT_SUCCESSORS), alias="MODEL_SUCCESSORS"
+    )
+    # 10,000 tasks with their asset ids fit (about 60 bytes each), and stay under Lambda's 6 MB request
+    max_body_bytes: int = Field(default=4_194_304, alias="MAX_BODY_BYTES", gt=0)
+    # Tasks an execution runs (docs/batches.md); smaller only to see many executions with few tasks (tests)
+    tasks_per_execution: int = Field(default=100, alias="TASKS_PER_EXECUTION", ge=1, le=100)
+    # USD per 1024x1024 image by model and quality, for the session's cost estimate; empty: built-in table
+    image_prices: dict[str, dict[str, float]] = Field(
+        default_factory=lambda: dict(DEFAULT_PRICES), alias="IMAGE_PRICES"
+    )
+
+    @field_validator("model_successors", "image_prices", mode="before")
+    @classmethod
+    def _parse_json(cls, value: object) -> object:
+        return json.loads(value) if isinstance(value, str) else value
+
+
+class StartBatchSettings(RateLimitSettings):
+    """The batch starter's step: stores a large batch's runs and starts their executions."""
+
+    state_machine_arn: str = Field(alias="STATE_MACHINE_ARN", min_length=1)
+    # the API's chunk size: both must form the same chunks (docs/batches.md)
+    tasks_per_execution: int = Field(default=100, alias="TASKS_PER_EXECUTION", ge=1, le=100)
+
+
+class AuthorizerSettings(CommonSettings):
+    plugin_secret_arn: str = Field(alias="PLUGIN_SECRET_ARN", min_length=1)
