@@ -495,6 +495,12 @@ class DynamoRateLimiter:
             was, now = was_lines.get(name), now_lines.get(name)
             i, served, rest = f"#i{k}", f"#s{k}", f"#l{k}"
             names.update({i: f"i:{name}", served: f"s:{name}", rest: f"l:{name}"})
+            if granting and name == claimer and was is not None:
+                # its own line as the decision saw it: a run of it may have gone ahead of the run before it
+                # since (the same number of grants, other tickets served), which the order counts on
+                conditions += [f"{served} = :s{k}0", f"{rest} = :l{k}0"]
+                values[f":s{k}0"] = {"N": str(was.served)}
+                values[f":l{k}0"] = {"S": _rest(was)}
             if was is None:  # made anew by a return
                 conditions.append(f"attribute_not_exists({i})")
             elif now is None or ((now != was or granting) and name != claimer):
