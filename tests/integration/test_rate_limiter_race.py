@@ -175,9 +175,31 @@ def test_a_run_behind_one_due_that_never_claims_is_told_to_wait_not_that_the_que
 
     behind = DynamoRateLimiter(client, TABLE, waits, key="silent", clock=clock, sleep=sleep, max_attempts=10)
     joined = behind.join("org", False, 2)  # ticket 0 is due and never claims
+    # later than a margin past the head's turn: it is away, not a clock behind this one's, so it keeps its
+    # place (within the margin the run behind would go first)
+    clock.now = joined.starts_at_ms[0] + waits.skew_margin_ms
     told = behind.claim(RateClaim("org", False, joined.first_ticket + 1, "run-b#1", joined.view))
     assert not told.granted and told.position == 1 and told.ticket == joined.first_ticket + 1
-    assert NOW < clock.now < NOW + waits.abandon_after_ms  # it polled in place, and gave up before a skip
+    # it polled in place, and gave up before a skip
+    assert joined.starts_at_ms[0] < clock.now < joined.starts_at_ms[0] + waits.abandon_after_ms
+
+
+def test_a_run_whose_turn_came_goes_before_one_due_less_than_a_margin_ago(endpoint):
+    """The run ahead has not claimed, but its turn came less than a margin ago (its clock may be behind
+    this one's): the run behind takes the next grant in one write after learning the item, and the run
+    ahead takes the one after it when it comes."""
+    client, clock = make_client(endpoint), Clock(NOW)
+    settings = LimiterSettings(limit=5, window_s=60, skew_margin_ms=600, wake_lead_ms=0, short_wait_ms=0)
+    limiter = DynamoRateLimiter(client, TABLE, settings, key="early", clock=clock)
+    joined = limiter.join("org", False, 2)
+    clock.now = joined.starts_at_ms[1]
+    second = limiter.claim(RateClaim("org", False, joined.first_ticket + 1, "run-b#1", joined.view))
+    assert second.granted and second.start_at_ms == joined.starts_at_ms[1]
+    clock.now += 1
+    first = limiter.claim(RateClaim("org", False, joined.first_ticket, "run-a#1", joined.view))
+    assert first.granted
+    state = stored_state(endpoint, "early")
+    assert state.grants == 2 and not state.lines
 
 
 #: one send per window, so a send's slot is the one the next grant checks

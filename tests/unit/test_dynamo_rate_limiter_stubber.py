@@ -19,6 +19,7 @@ from dalle_plugin.domain.rate_limit import (
     join,
     leave,
     line_of,
+    planned_starts,
     state_at_turn,
 )
 from dalle_plugin.ports import RateClaim
@@ -79,7 +80,9 @@ def item(state: LimiterState) -> dict[str, Any]:
     for k, slot in enumerate(state.slots):
         if slot is not None:
             stored[f"t{k}"] = {"N": str(slot.at_ms)}
-            stored[f"o{k}"] = {"S": f'["{slot.send}","{slot.line}"]'}
+            stored[f"o{k}"] = {"S": f'["{slot.send}","{slot.line}",{slot.grant}]'}
+    if state.grants:
+        stored["p"] = {"N": str(state.last_turn_ms)}
     return stored
 
 
@@ -157,7 +160,7 @@ def test_a_batch_joining_a_line_with_runs_waiting_adds_its_tickets_alone_and_old
     granted = claim(view, LINE, 0, "r0#1", NOW, SETTINGS).state
     request = waiting.write_request(view, granted, LINE)
     assert request["ConditionExpression"] == (
-        "#g = :g0 AND #c = :c0 AND (attribute_not_exists(#t) OR #t <= :cutoff)"
+        "#g = :g0 AND #c = :c0 AND #s0 = :s00 AND #l0 = :l00 AND (attribute_not_exists(#t) OR #t <= :cutoff)"
     )
     stubber.add_response("update_item", {}, request)
     decision = waiting.claim(RateClaim("org-1", False, 0, "r0#1", encode_state(view, NOW)))
@@ -198,7 +201,8 @@ def test_a_claim_from_an_old_view_is_one_write_conditioned_on_the_grants_before_
     request = limiter.write_request(actual, granted, LINE)
     # its line empties with it: removed, if no tickets were added to it since
     assert request["ConditionExpression"] == (
-        "#g = :g0 AND #c = :c0 AND #i0 = :i0 AND (attribute_not_exists(#t) OR #t <= :cutoff)"
+        "#g = :g0 AND #c = :c0 AND #s0 = :s00 AND #l0 = :l00 AND #i0 = :i0 "
+        "AND (attribute_not_exists(#t) OR #t <= :cutoff)"
     )
     assert request["UpdateExpression"].endswith("REMOVE #i0, #s0, #l0")
     assert request["ExpressionAttributeValues"][":g0"] == {"N": "2"}
@@ -220,6 +224,50 @@ def test_a_claim_that_loses_decides_again_from_the_returned_item(limiter, stubbe
     stubber.add_response("update_item", {}, limiter.write_request(actual, granted, LINE))
     decision = limiter.claim(RateClaim("org-1", False, 2, "r2#1", encode_state(view, NOW)))
     assert decision.granted and decision.calls == 2
+
+
+def test_a_run_whose_turn_comes_before_the_one_ahead_claimed_takes_the_next_grant(limiter, stubber, clock):
+    """Ticket 0's clock is behind ticket 1's: ticket 1's write hoping ticket 0 had sent loses and brings the
+    item back, and its second write grants it ahead: its ticket skipped in its line (ticket 0 keeps its
+    place at the head), in the slot its plan gave it (slot 0 stays free for ticket 0), the head's turn
+    untouched."""
+    view = join(LimiterState(), LINE, 2, NOW, SETTINGS).state
+    turns = planned_starts(view, SETTINGS, 2)
+    clock.now = turns[1]
+    predicted = state_at_turn(view, LINE, 1, SETTINGS)
+    hoped = claim(predicted, LINE, 1, "r1#1", clock.now, SETTINGS).state
+    lost(stubber, limiter.write_request(predicted, hoped, LINE), item(view))
+    ahead = claim(view, LINE, 1, "r1#1", clock.now, SETTINGS)
+    line = dict(ahead.state.lines)[LINE]
+    assert ahead.granted and next(line.tickets()) == 0 and line.skipped == ((1, 2),)
+    request = limiter.write_request(view, ahead.state, LINE)
+    assert request["ExpressionAttributeNames"]["#t"] == "t1"
+    assert request["ExpressionAttributeValues"][":p"] == {"N": "0"}
+    assert planned_starts(ahead.state, SETTINGS, 1) == [turns[0]]
+    stubber.add_response("update_item", {}, request)
+    decision = limiter.claim(RateClaim("org-1", False, 1, "r1#1", encode_state(view, NOW)))
+    assert decision.granted and decision.calls == 2
+
+
+def test_a_claim_predicting_grants_in_order_is_refused_after_runs_went_ahead(limiter):
+    """Ticket 2's old view predicts tickets 0 and 1 sent in order; tickets 1 and 3 went ahead instead and
+    ticket 0 still waits: as many grants, other tickets served. The write is conditioned on its line's
+    served mark and the rest as predicted, so it cannot mark ticket 0 served: it loses and decides again."""
+    five = LimiterSettings(limit=5, window_s=60, skew_margin_ms=1500, join_to_claim_ms=0)
+    limiter = DynamoRateLimiter(limiter._client, TABLE, five)
+    view = join(LimiterState(), LINE, 4, NOW, five).state
+    predicted = state_at_turn(view, LINE, 2, five)
+    hoped = claim(predicted, LINE, 2, "r2#1", NOW + five.spacing_ms, five).state
+    values = limiter.write_request(predicted, hoped, LINE)["ExpressionAttributeValues"]
+    assert values[":s00"] == {"N": "2"}  # tickets 0 and 1 served, as predicted
+    turns = planned_starts(view, five, 4)
+    actual = view
+    for ticket in (1, 3):  # each due, passing ticket 0 (and 3 passing 2), less than a margin after it
+        answer = claim(actual, LINE, ticket, f"r{ticket}#1", turns[3], five)
+        assert answer.granted
+        actual = answer.state
+    assert actual.grants == predicted.grants  # the grants' count alone would not tell
+    assert item(actual)[f"s:{LINE}"] != values[":s00"] and item(actual)[f"l:{LINE}"] != values[":l00"]
 
 
 def test_a_redelivered_claim_with_the_same_send_is_granted_and_records_nothing(limiter, stubber, clock):

@@ -22,6 +22,7 @@ from dalle_plugin.domain.rate_limit import (
     join,
     leave,
     line_of,
+    planned_starts,
     restamp,
     service_order,
     state_at_turn,
@@ -90,6 +91,9 @@ class Outcome:
     # granted once, but the send never left (a crash after the claim, a slot lost while held up): run ->
     # how many grants had been given when its retry claimed again (its ticket back at the head of its line)
     returned_at: dict[int, int] = field(default_factory=dict)
+    # a grant that went before runs ahead of it in the order: (the run granted, the run passed, how long
+    # the passed one had been due by its plan at that moment, the granted run's clock)
+    passed: list[tuple[int, int, int]] = field(default_factory=list)
 
 
 def simulate(settings: LimiterSettings, runs: list[SimRun], delay_ms: int = 0) -> Outcome:
@@ -151,6 +155,7 @@ def simulate(settings: LimiterSettings, runs: list[SimRun], delay_ms: int = 0) -
         send = f"run-{index}#{attempt[index]}"
         if index in out.order and index not in out.returned_at:
             out.returned_at[index] = len(out.order)  # its retry after a grant that never sent
+        before = state
         answer = claim(state, run.line, tickets[index], send, local, settings)
         state = answer.state
         lines = dict(state.lines)
@@ -162,6 +167,8 @@ def simulate(settings: LimiterSettings, runs: list[SimRun], delay_ms: int = 0) -
             out.rejoined.add(index)
             heapq.heappush(events, (now + 1, 2, index, "claim"))
             continue
+        if answer.granted and answer.changed:
+            _note_passed(before, settings, run.line, tickets[index], local, tickets, runs, out)
         if answer.granted:
             if not run.interactive and any(name.startswith("e:") for name in lines):
                 out.granted_while_editor_waited += 1
@@ -189,6 +196,31 @@ def simulate(settings: LimiterSettings, runs: list[SimRun], delay_ms: int = 0) -
         heapq.heappush(events, (max(now + 1, wake), 2, index, "claim"))
     out.steps = steps
     return out
+
+
+def _note_passed(
+    state: LimiterState,
+    settings: LimiterSettings,
+    line: str,
+    ticket: int,
+    now_ms: int,
+    tickets: dict[int, int],
+    runs: list[SimRun],
+    out: Outcome,
+) -> None:
+    """Every run ahead of ``ticket`` in the order when it is granted: passed, and how long it was due."""
+    ahead = []
+    for entry in service_order(state, settings.limit):
+        if entry == (line, ticket):
+            break
+        ahead.append(entry)
+    else:
+        return  # a ticket given back by this claim (its grant never sent): it goes first by that
+    starts = planned_starts(state, settings, len(ahead))
+    granted = next(i for i, t in tickets.items() if t == ticket and runs[i].line == line)
+    for (name, waiting), start in zip(ahead, starts, strict=True):
+        passed = next(i for i, t in tickets.items() if t == waiting and runs[i].line == name)
+        out.passed.append((granted, passed, now_ms - start))
 
 
 def max_in_any_window(times: list[int], window_ms: int) -> int:
@@ -283,23 +315,46 @@ def test_a_send_held_up_after_its_grant_is_recorded_again_or_does_not_leave(sett
 
 
 @rules_checked(60)
-@given(queue_settings, sim_runs())
+@given(queue_settings, sim_runs(hostile=False))
 def test_first_come_first_served_within_an_organisation_and_a_kind(settings, runs):
-    """Within a line, sends are granted in acceptance order, exactly, whoever wakes first. No run is away
-    past ``abandon_after`` here, so none may be skipped and join again (a bug that skips runs would
-    otherwise hide as rejoins). A run whose granted send died before leaving (a crash after the claim) is
-    never demoted: once its retry claims again it goes before every run of its line accepted after it;
-    only those granted while its step was dead went first. Ranked by the grant that sent."""
+    """One line (a batch, and runs joining behind it), the clocks in step and every run there from its
+    acceptance on: sends are granted in acceptance order, exactly, whoever wakes first. Ranked by the grant
+    that sent. (Runs of other lines reorder the plans as the organisations take turns, so a run may then
+    pass one of its line due by less than the margin: the next test.)"""
+    for run in runs:
+        run.org, run.interactive, run.offset_ms, run.generate_after_ms = "org-a", False, 0, 0
+    out = simulate(settings.model_copy(update={"abandon_after_ms": 600_000}), runs)
+    assert not out.rejoined and not out.passed
+    rank = {index: position for position, index in enumerate(out.order)}
+    for a, rank_a in rank.items():
+        for b, rank_b in rank.items():
+            # runs accepted at the same moment are ordered by ticket, i.e. by list order here
+            if runs[a].line == runs[b].line and (runs[a].accepted_ms, a) < (runs[b].accepted_ms, b):
+                assert rank_a < rank_b, (a, b)
+
+
+@rules_checked(60)
+@given(queue_settings, sim_runs())
+def test_a_run_goes_first_only_past_runs_of_its_line_due_less_than_a_margin(settings, runs):
+    """With clocks apart, late wake-ups and crashes, a run whose turn has come goes before runs ahead of it
+    only while they are of its line and due by less than the margin (their clocks may be that far behind
+    its own); one away longer keeps its place (those behind wait for it). No run is away past
+    ``abandon_after`` here, so none may be skipped and join again (a bug that skips runs would otherwise
+    hide as rejoins). A run whose granted send died before leaving (a crash after the claim) is never
+    demoted: once its retry claims again it goes before every run of its line accepted after it; only
+    those granted while its step was dead went first, or within the margin."""
     settings = settings.model_copy(update={"abandon_after_ms": 600_000})
     out = simulate(settings, runs)
     assert not out.rejoined
+    for granted, passed, due_ms in out.passed:
+        assert due_ms < settings.skew_margin_ms, (granted, passed, due_ms)
+        assert runs[granted].line == runs[passed].line, (granted, passed)
+    went_first = {(granted, passed) for granted, passed, _ in out.passed}
     rank = {index: position for position, index in enumerate(out.order)}  # the last grant of each
     for a, rank_a in rank.items():
         for b, rank_b in rank.items():
-            same_line = runs[a].line == runs[b].line
-            # runs accepted at the same moment are ordered by ticket, i.e. by list order here
-            if same_line and (runs[a].accepted_ms, a) < (runs[b].accepted_ms, b):
-                assert rank_a < rank_b or rank_b < out.returned_at.get(a, -1), (a, b)
+            if runs[a].line == runs[b].line and (runs[a].accepted_ms, a) < (runs[b].accepted_ms, b):
+                assert rank_a < rank_b or rank_b < out.returned_at.get(a, -1) or (b, a) in went_first, (a, b)
 
 
 @rules_checked(40)
@@ -315,7 +370,10 @@ def test_editor_runs_go_first(settings, runs):
 def test_organisations_take_turns(limit, runs_per_org):
     """A backlog of several organisations' workflow runs: sent in rounds, each round one per organisation
     that still waits, FIFO within each."""
-    settings = LimiterSettings(limit=limit, window_s=1, skew_margin_ms=10, abandon_after_ms=600_000)
+    # every run claims as soon as it joins (no Extract before it): plans made at the joins hold
+    settings = LimiterSettings(
+        limit=limit, window_s=1, skew_margin_ms=10, abandon_after_ms=600_000, join_to_claim_ms=0
+    )
     runs = [
         SimRun(org=f"org-{o}", interactive=False, accepted_ms=o * 10 + k * 100)
         for o, count in enumerate(runs_per_org)
@@ -374,13 +432,12 @@ def test_the_eta_of_a_backlog_is_exact_when_everyone_is_on_time():
     for index, told in out.told.items():
         if told:
             assert told[-1] == out.arrivals[index][0]
-    # the first five claim as they are accepted; then no slot idles longer than the gap planned between
-    # sends due at one moment (a constant shift: it does not add up over the backlog)
+    # the first five claim as they are accepted; then each slot is reused as soon as the window allows (the
+    # slots already spread the sends: no gap is added between them, so nothing adds up over the backlog)
     assert [out.arrivals[k][0] for k in range(5)] == list(range(5))
     for k in range(5, 30):
-        after = [out.arrivals[k - 5][0] + settings.spacing_ms, out.arrivals[k - 1][0] + settings.grant_gap]
-        assert out.arrivals[k][0] == max(after)
-    assert out.arrivals[29][0] <= 4 + 5 * settings.spacing_ms + 4 * settings.grant_gap
+        assert out.arrivals[k][0] == out.arrivals[k - 5][0] + settings.spacing_ms
+    assert out.arrivals[29][0] == 4 + 5 * settings.spacing_ms
 
 
 def test_a_batch_past_the_cap_is_admitted_up_to_the_cap_and_the_rest_told_their_wait():

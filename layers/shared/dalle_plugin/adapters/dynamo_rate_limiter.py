@@ -1,12 +1,13 @@
 """The shared key's queue in one DynamoDB item (table key ``pk`` (S) only).
 
-Item ``{pk, g: N, c: N, n: N, t0..t{limit-1}: N, o0..o{limit-1}: S}`` and, for each line with runs
+Item ``{pk, g: N, c: N, n: N, p: N, t0..t{limit-1}: N, o0..o{limit-1}: S}`` and, for each line with runs
 waiting, ``i:<line>: N`` (its next ticket), ``s:<line>: N`` (every ticket below is served) and ``l:<line>:
 S`` (compact JSON of the rest: since, last grant, skipped ranges, returned tickets). ``g`` counts the
 grants, ``c`` the changes a claim made from an older view cannot predict (a line made, a leave, a skip, a
-return), ``n`` the ticket a line made anew starts at, and slot ``k`` holds the last send granted in it
-(``t``: its clock reading, ``o``: its send ticket and line). The item stays small whatever the history
-(``domain.rate_limit``): a line no one waits in is removed.
+return), ``n`` the ticket a line made anew starts at, ``p`` when the last grant to the head of the order
+was due, and slot ``k`` holds the last send granted in it (``t``: its clock reading, ``o``: its send
+ticket, line and grant number). The item stays small whatever the history (``domain.rate_limit``): a line
+no one waits in is removed.
 
 **A join is one write that nothing refuses.** A batch joining a line with runs waiting adds to that line's
 ``i`` alone (``ADD``); one joining a line no one waits in makes it (its tickets from ``n``, ``c`` counted).
@@ -24,7 +25,7 @@ requires, in the condition itself, that the send ``limit`` grants earlier lies `
 A claim made from an older view (the run slept since) needs no read either: the order is a pure function
 of the state, so if nothing but grants happened since the view, the run knows which grants came before its
 turn and writes the state that follows them, conditioned on ``g`` being the view's plus that many. The slot
-it takes is fixed by its grant number, and its time is checked by the condition. The grants ahead are
+it takes is fixed by its place in the plan, and its time is checked by the condition. The grants ahead are
 taken as sent at their planned times, and a grant made at most ``record_slack`` after its own planned time
 is recorded at it, so in a backlog the plan holds and the claim's one write grants.
 
@@ -84,9 +85,14 @@ QUEUE_KEY = "queue"
 MAX_RESTAMPS = 3
 
 
-def _slot_owner(send: str, line: str) -> str:
-    """A slot's ``o``: the send ticket and line of the grant it holds."""
-    return json.dumps([send, line], separators=(",", ":"))
+def _slot_owner(send: str, line: str, grant: int) -> str:
+    """A slot's ``o``: the send ticket, line and grant number of the grant it holds."""
+    return json.dumps([send, line, grant], separators=(",", ":"))
+
+
+def _slot_owned_by(send: str, line: str) -> str:
+    """What every ``o`` of a grant of ``send`` (of ``line``) begins with, whatever its grant number."""
+    return _slot_owner(send, line, 0).rsplit(",", 1)[0] + ","
 
 
 def _storage_error(error: Exception) -> StorageUnavailable:
@@ -118,13 +124,14 @@ def encode_lines(state: LimiterState) -> str:
 def encode_state(state: LimiterState, seen_ms: int = 0) -> str:
     """The whole state as a compact string (what a run keeps as its view), with when it was seen: the time
     plans made from it start (a join's view: when its runs can first claim)."""
-    slots = [[s.at_ms, s.send, s.line] if s else None for s in state.slots]
+    slots = [[s.at_ms, s.send, s.line, s.grant] if s else None for s in state.slots]
     return json.dumps(
         {
             "g": state.grants,
             "c": state.changes,
             "n": state.issued,
             "s": slots,
+            "p": state.last_turn_ms,
             "q": json.loads(encode_lines(state)),
             "at": seen_ms,
         },
@@ -160,8 +167,9 @@ def decode_state(text: str) -> LimiterState:
         grants=int(raw["g"]),
         issued=int(raw.get("n", 0)),
         changes=int(raw["c"]),
-        slots=tuple(Slot(int(s[0]), s[1], s[2]) if s else None for s in raw["s"]),
+        slots=tuple(Slot(int(s[0]), s[1], s[2], int(s[3])) if s else None for s in raw["s"]),
         lines=_lines(raw["q"]),
+        last_turn_ms=int(raw.get("p", 0)),
     )
 
 
@@ -395,11 +403,11 @@ class DynamoRateLimiter:
         went, _ = self._update(
             {
                 "UpdateExpression": "SET #t = :t",
-                "ConditionExpression": "#o = :o",
+                "ConditionExpression": "begins_with(#o, :o)",
                 "ExpressionAttributeNames": {"#t": f"t{slot}", "#o": f"o{slot}"},
                 "ExpressionAttributeValues": {
                     ":t": {"N": str(now_ms)},
-                    ":o": {"S": _slot_owner(ask.send, line_of(ask.org_id, ask.interactive))},
+                    ":o": {"S": _slot_owned_by(ask.send, line_of(ask.org_id, ask.interactive))},
                 },
             }
         )
@@ -487,6 +495,12 @@ class DynamoRateLimiter:
             was, now = was_lines.get(name), now_lines.get(name)
             i, served, rest = f"#i{k}", f"#s{k}", f"#l{k}"
             names.update({i: f"i:{name}", served: f"s:{name}", rest: f"l:{name}"})
+            if granting and name == claimer and was is not None:
+                # its own line as the decision saw it: a run of it may have gone ahead of the run before it
+                # since (the same number of grants, other tickets served), which the order counts on
+                conditions += [f"{served} = :s{k}0", f"{rest} = :l{k}0"]
+                values[f":s{k}0"] = {"N": str(was.served)}
+                values[f":l{k}0"] = {"S": _rest(was)}
             if was is None:  # made anew by a return
                 conditions.append(f"attribute_not_exists({i})")
             elif now is None or ((now != was or granting) and name != claimer):
@@ -511,16 +525,21 @@ class DynamoRateLimiter:
             sets.append("#n = :n")
             values[":n"] = {"N": str(max(after.issued, *dropped))}
         if granting:  # a grant: its slot, and the window checked by the item itself
-            limit = self._settings.limit
-            k = before.grants % limit
+            (k,) = [
+                k
+                for k, slot in enumerate(after.slots)
+                if slot != (before.slots + (None,) * len(after.slots))[k]
+            ]
             slot = after.slots[k]
             if slot is None:
-                raise ValueError("a grant's state has no slot for it")  # a bug in decide(), never the wire
+                raise ValueError("a grant's state has no slot for it")  # a bug in claim(), never the wire
             names["#t"], names["#o"] = f"t{k}", f"o{k}"
             values[":t"] = {"N": str(slot.at_ms)}
-            values[":o"] = {"S": _slot_owner(slot.send, slot.line)}
+            values[":o"] = {"S": _slot_owner(slot.send, slot.line, slot.grant)}
             values[":cutoff"] = {"N": str(slot.at_ms - self._settings.spacing_ms)}
-            sets += ["#t = :t", "#o = :o"]
+            names["#p"] = "p"
+            values[":p"] = {"N": str(after.last_turn_ms)}
+            sets += ["#t = :t", "#o = :o", "#p = :p"]
             conditions.append("(attribute_not_exists(#t) OR #t <= :cutoff)")
         update = "SET " + ", ".join(sets) + (" REMOVE " + ", ".join(removes) if removes else "")
         condition = " AND ".join(conditions)
@@ -543,8 +562,8 @@ class DynamoRateLimiter:
         slots: list[Slot | None] = []
         for k in range(limit):
             if f"t{k}" in item:
-                send, line = json.loads(item[f"o{k}"]["S"])
-                slots.append(Slot(int(item[f"t{k}"]["N"]), send, line))
+                send, line, grant = json.loads(item[f"o{k}"]["S"])
+                slots.append(Slot(int(item[f"t{k}"]["N"]), send, line, int(grant)))
             else:
                 slots.append(None)
         lines = []
@@ -563,6 +582,7 @@ class DynamoRateLimiter:
             changes=int(item.get("c", {}).get("N", 0)),
             slots=tuple(slots),
             lines=tuple(sorted(lines)),
+            last_turn_ms=int(item.get("p", {}).get("N", 0)),
         )
 
 

@@ -17,21 +17,38 @@ first (a line remembers its last send while it has runs waiting, and the last ``
 remembered besides; never served goes first); within a line, ticket order. So every
 waiting run's position and start time follow from the state alone, and no race decides who goes first.
 
-**Strict at the door.** Grant number ``n`` uses slot ``n % limit``, which holds the send of grant
-``n - limit``. A run may send only by *claiming*, right before its request leaves (the OpenAI client is
-already built): the claim is granted at ``now`` only if its ticket is the next in the order and the send
-``limit`` grants earlier lies ``window + margin`` or more behind the time it records (so fewer than
-``limit`` sends lie in ``(at - window - margin, at]``); the send is recorded in the same conditional
-write. Nothing is booked ahead: a run that wakes late loses nothing, it claims when it is there.
+**Strict at the door.** Every send is recorded in one of ``limit`` slots, and a slot takes a new send only
+``window + margin`` after its last one (as recorded): ``limit`` slots then hold at most ``limit`` sends in
+any window, whichever slot each send took. A run may send only by *claiming*, right before its request
+leaves (the OpenAI client is already built): the claim is granted at ``now`` only if its turn has come
+(below) and the slot its plan gives it (``free_slots``: the ``k``-th run in the order on the ``k``-th slot
+to free) lies ``window + margin`` or more behind the time it records; the send is recorded in the same
+conditional write, which checks that slot itself. Nothing is booked ahead: a run that wakes late loses
+nothing, it claims when it is there.
+
+**Whose turn.** The head of the order claims as soon as the window lets it. A run behind it claims at its
+planned turn, before runs ahead of it that have not claimed yet, if they are of its own line and due by
+less than the margin: sends due together are planned a gap apart, each in its claimer's clock, and with
+clocks further apart than that (``hostile``: +-500 ms) runs wake out of order; the one ahead, when it
+comes, finds the slot its plan gave it still free, so neither moves. A run due longer than the margin is
+away (its step late, or dead): it keeps its place, and those behind wait for it, looking again a gap and
+then a margin later, until it claims or is skipped as abandoned. Other lines are never passed: their order is
+the round-robin promise itself. So within a line sends follow the acceptance order up to the margin, which
+is also all that clocks that far apart can tell.
 
 **The plan, and what a grant records.** Every run's turn follows from the state alone
-(``planned_starts``): one after another, ``grant_gap`` apart, each slot reused ``window + margin`` after
-its last send, the head of a line no earlier than its ``since_ms`` (a batch's line is made with it
-``join_to_claim_ms`` after the join: its first run claims only after the steps before it). A grant
-claimed at most ``record_slack`` (half the tolerance) after its planned time is recorded *at* that time,
-otherwise at the claimer's clock reading before its write. So a write's round trip or a thread waking a
-few ms late moves no later send: the schedule, and the plan every waiting run was told, hold; views seen
-at different times plan the same times, which is what lets a run claim from an old view in one write.
+(``planned_starts``): each slot reused ``window + margin`` after its last send, never before the run ahead
+(a millisecond after it), sends the window leaves free at one moment (a backlog's first ``limit``, slots
+long free) ``grant_gap`` apart, the head of a line no earlier than its ``since_ms`` (a batch's line is made
+with it ``join_to_claim_ms`` after the join: its first run claims only after the steps before it). The gap
+is not added where the slots already spread the sends, so two runs that came out of order and left their
+slots close together move no later send. A grant claimed at most ``record_slack`` (half the tolerance)
+after its turn is recorded *at* it, otherwise at the claimer's clock reading before its write; a head that
+sends before its turn (its slot was free) is recorded at its clock, and the state keeps the turn it was
+planned for, from which the turns after it follow (a run told its turn is never found due earlier, passed
+while it sleeps). So a write's round trip or a thread waking a few ms late moves no later send: the
+schedule, and the plan every waiting run was told, hold; views seen at different times plan the same
+times, which is what lets a run claim from an old view in one write.
 The last thing before the request leaves, the sender looks at the clock again, and if more than
 ``send_tolerance`` passed since the recorded time (a slow write, a step starved of CPU), it records its
 send again at the time now (``restamp``), or, if the grant ``limit`` later already reused its slot, does
@@ -69,18 +86,21 @@ the request's way out after the sender's last look at the clock:
   8 grants given up (their tickets returned to the head of their lines) out of 118 sends, and no window
   above the limit in any scenario. The backlog alone on the same machine: a maximum of 165 ms, nothing
   stamped again or given up. With grants recorded at their planned times and the scenarios run one after
-  another on a quiet machine: a maximum of 19 ms at the scaled window and 79 ms at the real one, nothing
+  another on a quiet machine: a maximum of 19 ms at the scaled window and 79 ms at the real one (with runs
+  going ahead of others on their planned slots: 20 ms and 19 ms; alone, 143 ms at the real one), nothing
   stamped again or given up. The default keeps 500 ms for this part: ample on Lambda (a
   conditional write answers in under 10 ms, the request leaves at once).
 
 So the default is 1500 ms: 2.5 % of a 60 s window, which is what a backlog's makespan pays over the
 ideal (each slot is reused one ``window + margin`` later), plus the first sends' gaps (4 x 250 ms once).
-What the clocks' offsets cost besides: sends due together are planned ``grant_gap`` (250 ms) apart, each
-in its claimer's clock, so with offsets of +-500 ms (``hostile``) runs wake out of order; a run that
-claims before the one ahead of it has written loses that write and looks again a gap later, and a
-claim that ends more than the record slack after its plan moves its slot's later sends. The bench's
-backlog at the real window measured that (``docs/performance.md``); with NTP-synced clocks (ms) the
-runs wake in order and a claim from a view is one write.
+
+What the clocks' offsets cost besides: sends due together are planned a gap (250 ms) apart, each in its
+claimer's clock, so at +-500 ms about one neighbour in four wakes before the run ahead of it. It then goes
+first on its own slot (``Whose turn``), and neither moves; but its first write, predicting the run ahead
+had sent, loses and brings the item back, and so does the run ahead's. The bench's backlog at the real
+window (``docs/performance.md``), alone on a quiet machine: 1.027 of the ideal makespan (best 1.0265), an
+ETA error p95 of 0.84 s, no stall, 1.7 writes per grant; run alongside the scaled scenarios on the one
+DynamoDB Local: 1.031, 1.3 s, one stall, 2.1. Clocks in step (a few ms on Lambda) make it one write.
 
 **Never stalled, never demoted.** A waiting run sleeps (a Wait state) until ``wake_lead_ms`` before its
 turn; Wait states wake late, never early, so the lead must be at least the lateness the deployment
@@ -93,14 +113,12 @@ Record Failure leave the line (a skipped range). A claim asked again with the sa
 was granted answers "granted" and records nothing (a re-delivered claim never sends twice).
 
 **Sends due at one moment** (a backlog's first ``limit``, or slots freed together) are planned
-``grant_gap_ms`` apart (a sixth of the margin unless set): each run sleeps to its own planned time and
-finds the one before it written, so its one conditional write grants, instead of all of them writing at
-once and all but one polling. The gap is never imposed (a run that finds its slot free and its turn come
-sends at once) and it does not add up: each slot is still reused ``window + margin`` after its last send,
-so a backlog pays it at most ``limit - 1`` times in all (1 s of a 60 s window's 12-minute backlog). A run
-behind one that is due but has not claimed looks again a gap later, then a margin later once that run is
-a margin late (never in a busy loop): the time a free slot idles while its next run waits is about a gap,
-below the margin, which is what "never stalled" asks.
+``grant_gap_ms`` apart (a sixth of the margin unless set): each run sleeps to its own planned time and,
+clocks in step, finds the one before it written, so its one conditional write grants, instead of all of
+them writing at once and all but one losing. The gap is never imposed on the head (a run that finds its
+slot free sends at once) and it does not add up: each slot is still reused ``window + margin`` after its
+last send, so a backlog pays it at most ``limit - 1`` times in all (1 s of a 60 s window's 12-minute
+backlog).
 
 **Saying no in time.** A run whose start would come more than ``max_queue_wait_s`` after it joins is not
 given a ticket: ``join`` admits the batch's runs up to the last one within the cap, and says what wait
@@ -181,7 +199,7 @@ class LimiterSettings(BaseModel):
 
     @property
     def record_slack(self) -> int:
-        """How late a claim may come after its planned time and still be recorded at it (half the tolerance)."""
+        """How late a claim may come after its turn and still be recorded at it (half the tolerance)."""
         return self.send_tolerance // 2
 
     @property
@@ -245,6 +263,7 @@ class Slot:
     at_ms: int  # the granted send's clock reading
     send: str  # the send ticket (a claim asked again with it answers "granted")
     line: str
+    grant: int = -1  # its grant number (organisations take turns by it)
 
 
 @dataclass(frozen=True)
@@ -254,15 +273,17 @@ class LimiterState:
     changes: int = 0  # joins, leaves and skips so far (what a claim made from an older view cannot predict)
     slots: tuple[Slot | None, ...] = ()  # ``limit`` of them (fewer before the first sends)
     lines: tuple[tuple[str, Line], ...] = ()  # the lines with runs waiting, by name
+    # when the last grant to the head of the order was due (its turn, or its send if later): the run behind
+    # it goes no earlier. A head that sent before its turn (its slot free) moves no later run's turn earlier
+    # than it was told, and a run that went ahead of the head is not part of this chain.
+    last_turn_ms: int = 0
 
     def line(self, name: str) -> Line | None:
         return dict(self.lines).get(name)
 
     def slot(self, grant: int) -> Slot | None:
         """The send of grant ``grant`` if it is among the last ``limit``."""
-        if grant < 0 or grant >= self.grants or grant < self.grants - len(self.slots):
-            return None
-        return self.slots[grant % len(self.slots)]
+        return next((slot for slot in self.slots if slot is not None and slot.grant == grant), None)
 
 
 def _with_line(state: LimiterState, name: str, line: Line) -> tuple[tuple[str, Line], ...]:
@@ -288,10 +309,9 @@ def _new_line(state: LimiterState) -> Line:
 def service_order(state: LimiterState, limit: int) -> Iterator[tuple[str, int]]:
     """Every waiting (line, ticket) in the order they are served (see the module doc)."""
     last: dict[str, int] = {name: line.last_grant for name, line in state.lines}
-    for grant in range(max(0, state.grants - limit), state.grants):  # lines that emptied and came back
-        slot = state.slot(grant)
+    for slot in state.slots:  # lines that emptied and came back
         if slot is not None:
-            last[slot.line] = max(grant, last.get(slot.line, -1))
+            last[slot.line] = max(slot.grant, last.get(slot.line, -1))
     counter = state.grants
     for kind in (EDITOR, WORKFLOW):
         cursors = {name: line.tickets() for name, line in state.lines if name.startswith(kind + ":")}
@@ -311,45 +331,56 @@ def service_order(state: LimiterState, limit: int) -> Iterator[tuple[str, int]]:
             counter += 1
 
 
-def _slot_free_ms(state: LimiterState, grant: int, settings: LimiterSettings) -> int:
-    """When grant number ``grant`` may be sent as far as the window goes (0: at once)."""
-    before = state.slot(grant - settings.limit)
-    return before.at_ms + settings.spacing_ms if before is not None else 0
+def free_slots(state: LimiterState, settings: LimiterSettings) -> list[tuple[int, int]]:
+    """Every slot as (when it frees, its index), the earliest first: the ``k``-th run in the order is planned
+    on the ``k``-th (0: free at once). Which slot a send takes does not matter to the limit, only that each
+    slot's sends lie ``window + margin`` apart (``limit`` slots then hold at most ``limit`` sends in any
+    window); taking the one its plan gave it lets a run that goes ahead of another leave that one's slot
+    free for it, so neither moves."""
+    slots = list(state.slots) + [None] * (settings.limit - len(state.slots))
+    return sorted(
+        (slot.at_ms + settings.spacing_ms if slot is not None else 0, index)
+        for index, slot in enumerate(slots)
+    )
 
 
 def planned_starts(state: LimiterState, settings: LimiterSettings, upto: int) -> list[int]:
-    """When the first ``upto`` runs in the order send if each claims at its turn: one after another, at
-    least ``grant_gap`` apart (so each claims after the one before it wrote its grant, and one write does),
-    each at least ``window + margin`` after the send ``limit`` grants before it, and the head of a line no
-    earlier than its ``since_ms`` (a batch's first claim comes after the steps before it). A pure function
-    of the state, never of the clock: every run planning from the same state plans the same times, and a
-    grant is recorded at its planned time (``_recorded_at``), so the plans of views seen at different times
-    agree. A time in the past is a run due since then."""
+    """When the first ``upto`` runs in the order send if each claims at its turn: each at least ``window +
+    margin`` after the send ``limit`` grants before it, never before the one ahead of it, the head of a line
+    no earlier than its ``since_ms`` (a batch's first claim comes after the steps before it), and sends the
+    window leaves free at one moment (a backlog's first ``limit``, slots long free) ``grant_gap`` apart. A
+    pure function of the state, never of the clock: every run planning from the same state plans the same
+    times. A time in the past is a run due since then.
+
+    The gap is only for sends the window does not already spread: a send whose slot frees after the one
+    ahead of it is planned at that moment (a millisecond after it at least), not a gap after it, so two
+    sends that came out of order (clocks apart) and left their slots close together push no later send
+    back."""
     starts: list[int] = []
-    last = state.slot(state.grants - 1)
+    frees = free_slots(state, settings)
     heads: set[str] = set()
     for k, (name, _) in enumerate(islice(service_order(state, settings.limit), upto)):
-        if k >= settings.limit:
-            free = starts[k - settings.limit] + settings.spacing_ms
+        free = starts[k - settings.limit] + settings.spacing_ms if k >= settings.limit else frees[k][0]
+        previous = starts[-1] if starts else (state.last_turn_ms if state.grants else None)
+        if previous is None:
+            behind = 0
+        elif free <= previous - settings.grant_gap:
+            behind = previous + settings.grant_gap  # free since before the send ahead: spread them
         else:
-            free = _slot_free_ms(state, state.grants + k, settings)
-        previous = starts[-1] if starts else (last.at_ms if last is not None else None)
+            behind = previous + 1  # after the one ahead: their order is the plan's, not a race's
         line = state.line(name)
         since = line.since_ms if line is not None and name not in heads else 0
         heads.add(name)
-        starts.append(max(free, previous + settings.grant_gap if previous is not None else 0, since))
+        starts.append(max(free, behind, since))
     return starts
 
 
 def head_turn_ms(state: LimiterState, settings: LimiterSettings, head_line: str) -> int:
     """Since when the head of the order could have sent: the window allowed it, the run before it had sent
     and its line had it at the head."""
-    last = state.slot(state.grants - 1)
     line = state.line(head_line)
     return max(
-        _slot_free_ms(state, state.grants, settings),
-        last.at_ms if last is not None else 0,
-        line.since_ms if line is not None else 0,
+        free_slots(state, settings)[0][0], state.last_turn_ms, line.since_ms if line is not None else 0
     )
 
 
@@ -445,21 +476,36 @@ class Answer:
     slot: int = -1  # granted: the slot its send is recorded in (``start_at_ms`` is the recorded time)
 
 
-def _granted(state: LimiterState, line: str, ticket: int, send: str, now_ms: int, limit: int) -> LimiterState:
-    slots = list(state.slots) + [None] * (limit - len(state.slots))
-    slots[state.grants % limit] = Slot(now_ms, send, line)
+def _granted(
+    state: LimiterState,
+    line: str,
+    ticket: int,
+    send: str,
+    now_ms: int,
+    settings: LimiterSettings,
+    position: int,
+    turn_ms: int,
+) -> LimiterState:
+    """``ticket``, at ``position`` in the order, granted its send at ``now_ms`` in the slot of its plan."""
+    slots = list(state.slots) + [None] * (settings.limit - len(state.slots))
+    slots[free_slots(state, settings)[position][1]] = Slot(now_ms, send, line, state.grants)
     current = state.line(line) or Line()
+    head = next(current.tickets(), None)
     if ticket in current.returned:  # a returned ticket: the tickets above it keep their places
-        advanced = replace(
-            current,
-            returned=tuple(t for t in current.returned if t != ticket),
-            since_ms=0,
-            last_grant=state.grants,
-        )
-    else:
-        advanced = _normal(replace(current, served=ticket + 1, since_ms=0, last_grant=state.grants))
+        advanced = replace(current, returned=tuple(t for t in current.returned if t != ticket))
+    elif ticket == current.served:
+        advanced = _normal(replace(current, served=ticket + 1))
+    else:  # sent before a ticket ahead of it that was not there yet: that one keeps its place
+        advanced = _normal(replace(current, skipped=(*current.skipped, (ticket, ticket + 1))))
+    advanced = replace(advanced, last_grant=state.grants)
+    if ticket == head:
+        advanced = replace(advanced, since_ms=0)  # the next head became the head by a grant
     return replace(
-        state, grants=state.grants + 1, slots=tuple(slots), lines=_with_line(state, line, advanced)
+        state,
+        grants=state.grants + 1,
+        slots=tuple(slots),
+        lines=_with_line(state, line, advanced),
+        last_turn_ms=max(turn_ms, now_ms) if position == 0 else state.last_turn_ms,
     )
 
 
@@ -467,8 +513,9 @@ def state_at_turn(
     view: LimiterState, line: str, ticket: int, settings: LimiterSettings
 ) -> LimiterState | None:
     """The state at ``ticket``'s turn if nothing but the grants ahead of it happens after ``view``: those
-    grants in order (the order is a pure function of the state), each recorded at its planned start. The item checks only the slot a claim reuses, against its actual time, so a plan that
-    did not hold costs the claim its write, never the limit. None if the ticket does not wait in the view."""
+    grants in order (the order is a pure function of the state), each recorded at its planned start. The
+    item checks only the slot a claim reuses, against its actual time, so a plan that did not hold costs
+    the claim its write, never the limit. None if the ticket does not wait in the view."""
     ahead = []
     for entry in service_order(view, settings.limit):
         if entry == (line, ticket):
@@ -479,7 +526,7 @@ def state_at_turn(
     starts = planned_starts(view, settings, len(ahead))
     state = view
     for (name, served), at in zip(ahead, starts, strict=True):
-        state = _granted(state, name, served, "", at, settings.limit)
+        state = _granted(state, name, served, "", at, settings, 0, at)
     return state
 
 
@@ -533,31 +580,36 @@ def claim(
     ):
         working = leave(working, head[0], head[1], 1, now_ms)  # its step is gone: skip it, it may rejoin
         head = next(service_order(working, settings.limit))
-    free_at = _slot_free_ms(working, working.grants, settings)
-    if head == (line, ticket) and free_at <= now_ms:
-        at = _recorded_at(working, line, now_ms, settings)
-        granted = _granted(working, line, ticket, send, at, settings.limit)
-        return Answer(True, at, 0, granted, True, slot=working.grants % settings.limit)
     position = _position(working, line, ticket, settings.limit)
-    eta = max(now_ms, planned_starts(working, settings, position + 1)[position])
+    starts = planned_starts(working, settings, position + 1)
+    turn = starts[position]
+    if position == 0:
+        # the head sends as soon as the window lets it: the gap and a line's since are plans, not rules
+        due = free_slots(working, settings)[0][0] <= now_ms
+    else:
+        # a run whose turn has come goes before those ahead that have not claimed while they are of its own
+        # line and due by less than the margin (their clocks may be that far behind this one's): they take
+        # the next grants when they come. One later than that is away and keeps its place (those behind
+        # wait for it), and other lines are never passed: their turns are the round-robin promise itself.
+        lines = {name for name, _ in islice(service_order(working, settings.limit), position + 1)}
+        due = (
+            position < settings.limit  # on a slot of its own, free by its turn
+            and turn <= now_ms
+            and now_ms - starts[0] < settings.skew_margin_ms
+            and lines == {line}
+        )
+    if due:
+        at = turn if now_ms - settings.record_slack <= turn <= now_ms else now_ms
+        granted = _granted(working, line, ticket, send, at, settings, position, turn)
+        taken = free_slots(working, settings)[position][1]
+        return Answer(True, at, 0, granted, True, slot=taken)
+    eta = max(now_ms, turn)
     if position > 0 and eta - now_ms < settings.grant_gap:
-        # a run ahead is due now but has not claimed yet: look again shortly (a gap while it is just due,
-        # a margin once it is late), not in a busy loop
-        turn = head_turn_ms(working, settings, head[0])
-        poll = settings.grant_gap if now_ms - turn < settings.skew_margin_ms else settings.skew_margin_ms
-        eta = max(eta, min(turn + settings.abandon_after_ms + 1, now_ms + poll))
+        # a run ahead it may not pass is due and has not claimed: look again shortly (a gap while it is just
+        # due, a margin once it is away), never in a busy loop, until it claims or is skipped as abandoned
+        poll = settings.grant_gap if now_ms - starts[0] < settings.skew_margin_ms else settings.skew_margin_ms
+        eta = max(eta, min(starts[0] + settings.abandon_after_ms + 1, now_ms + poll))
     return Answer(False, eta, position, working, changed=working != state)
-
-
-def _recorded_at(state: LimiterState, line: str, now_ms: int, settings: LimiterSettings) -> int:
-    """When a grant at ``now_ms`` is recorded: at its planned time (its turn, a gap after the grant before
-    it) if the claim came at most ``record_slack`` after it, else at ``now_ms``. A write's round trip or a
-    thread waking a few ms late then moves no later send: every slot keeps its spacing from the plan, so a
-    backlog's schedule (and the ETA every waiting run was told) holds instead of drifting by each claim's
-    delay. Never after ``now_ms``, and never more than the slack before it: the send leaves within the
-    tolerance of its recorded time, which the margin covers."""
-    (planned,) = planned_starts(state, settings, 1)
-    return planned if now_ms - settings.record_slack <= planned <= now_ms else now_ms
 
 
 def restamp(state: LimiterState, slot: int, send: str, now_ms: int) -> LimiterState | None:
