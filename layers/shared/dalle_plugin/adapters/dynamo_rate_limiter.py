@@ -248,6 +248,7 @@ class DynamoRateLimiter:
         soonest = replace(
             self._state,
             lines=tuple((name, replace(ln, since_ms=ln.since_ms - lead)) for name, ln in self._state.lines),
+            last_turn_ms=self._state.last_turn_ms - lead,  # a head that sent early was due at its since
         )
         starts, _ = placement(soonest, line, last, 1, 0, self._settings)
         return starts[0] < now_ms
