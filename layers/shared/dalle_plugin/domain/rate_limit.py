@@ -268,7 +268,7 @@ class Slot:
 
 @dataclass(frozen=True)
 class LimiterState:
-    grants: int = 0  # sends granted so far: grant n uses slot n % limit
+    grants: int = 0  # sends granted so far (a grant's number: organisations take turns by it)
     issued: int = 0  # tickets issued so far by every line: a line made anew starts here, so no ticket recurs
     changes: int = 0  # joins, leaves and skips so far (what a claim made from an older view cannot predict)
     slots: tuple[Slot | None, ...] = ()  # ``limit`` of them (fewer before the first sends)
