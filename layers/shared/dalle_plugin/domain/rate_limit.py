@@ -579,7 +579,6 @@ def claim(
         and now_ms - head_turn_ms(working, settings, head[0]) > settings.abandon_after_ms
     ):
         working = leave(working, head[0], head[1], 1, now_ms)  # its step is gone: skip it, it may rejoin
-        head = next(service_order(working, settings.limit))
     position = _position(working, line, ticket, settings.limit)
     starts = planned_starts(working, settings, position + 1)
     turn = starts[position]
