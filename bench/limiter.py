@@ -488,15 +488,9 @@ def _play_in_process(
     dials: Dials,
     results: Any,
 ) -> None:
-    import boto3
+    from local_stack.dynamodb_local import local_client
 
-    client = boto3.client(
-        "dynamodb",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="local",
-        aws_secret_access_key="local",
-    )
+    client = local_client(endpoint)
     start = now_ms() + 3000  # every thread waiting by then
     jobs = backlog_jobs(runs, start) if kind == "backlog" else editor_jobs(dials, start)
     # a limiter that keeps every slot busy ends within len(jobs)/limit windows: it gives up at 3x that
@@ -519,9 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         args.runs, args.window = 20, 3.0
     dials = Dials(args.limit, args.window, scale=args.window / 60)
     # (the deadline: a limiter that keeps every slot busy ends the backlog within runs/limit windows; 3x that)
-    import boto3
-
-    from local_stack.dynamodb_local import DynamoDBLocal
+    from local_stack.dynamodb_local import DynamoDBLocal, local_client
 
     print(
         f"limiter: {args.runs}-run backlog, a 40-task batch with editor runs behind it, and a backlog past "
@@ -530,13 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     with DynamoDBLocal() as dynamodb:
-        client = boto3.client(
-            "dynamodb",
-            endpoint_url=dynamodb.endpoint_url,
-            region_name="us-east-1",
-            aws_access_key_id="local",
-            aws_secret_access_key="local",
-        )
+        client = local_client(dynamodb.endpoint_url)
         client.create_table(
             TableName=TABLE,
             KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}],

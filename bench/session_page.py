@@ -27,7 +27,7 @@ from dalle_plugin.domain.run import (
 )
 from dalle_plugin.domain.sessions import session_page
 
-from local_stack.dynamodb_local import DynamoDBLocal
+from local_stack.dynamodb_local import DynamoDBLocal, local_client
 from local_stack.template import create_table_from_template
 
 SESSION = "bench-big-session"
@@ -117,15 +117,7 @@ class CallCounter:
 
 
 def measure(endpoint: str, runs: int, prompt_chars: int, repeats: int) -> dict[str, Any]:
-    import boto3
-
-    client = boto3.client(
-        "dynamodb",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="local",
-        aws_secret_access_key="local",
-    )
+    client = local_client(endpoint)
     table = create_table_from_template(client, "SessionsTable", "bench-sessions")
     store = DynamoRunStore(client, table)
     started = time.perf_counter()

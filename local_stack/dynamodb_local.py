@@ -9,7 +9,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 from local_stack.ports import free_port
 
@@ -97,3 +97,16 @@ class DynamoDBLocal:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def local_client(endpoint_url: str) -> Any:
+    """A DynamoDB client for the DynamoDB Local at ``endpoint_url`` (it takes any credentials)."""
+    import boto3
+
+    return boto3.client(
+        "dynamodb",
+        endpoint_url=endpoint_url,
+        region_name="us-east-1",
+        aws_access_key_id="local",
+        aws_secret_access_key="local",
+    )

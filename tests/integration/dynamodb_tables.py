@@ -7,21 +7,11 @@ import contextlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import boto3
 from dalle_plugin.domain.run import ModelInfo, RunRecord, TimelineEntry
 
 from local_stack.dynamodb_local import DynamoDBLocal
+from local_stack.dynamodb_local import local_client as make_client
 from local_stack.template import create_table_from_template
-
-
-def make_client(endpoint: str):
-    return boto3.client(
-        "dynamodb",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="local",
-        aws_secret_access_key="local",
-    )
 
 
 @contextmanager

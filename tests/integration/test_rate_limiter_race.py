@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any
 
-import boto3
 import pytest
 from dalle_plugin.adapters.dynamo_rate_limiter import DynamoRateLimiter
 from dalle_plugin.domain.rate_limit import LimiterSettings
@@ -25,6 +24,7 @@ from dalle_plugin.ports import RateClaim
 
 from bench.baselines.fixed_window import FixedWindowRateLimiter
 from local_stack.dynamodb_local import DynamoDBLocal
+from local_stack.dynamodb_local import local_client as make_client
 
 pytestmark = pytest.mark.stack
 
@@ -33,16 +33,6 @@ SETTINGS = LimiterSettings(limit=5, window_s=60, skew_margin_ms=250, wake_lead_m
 PROCESSES = 8
 THREADS = 5
 NOW = 1_760_000_000_000
-
-
-def make_client(endpoint: str) -> Any:
-    return boto3.client(
-        "dynamodb",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="local",
-        aws_secret_access_key="local",
-    )
 
 
 @pytest.fixture(scope="module")
