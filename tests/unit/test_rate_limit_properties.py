@@ -24,6 +24,7 @@ from dalle_plugin.domain.rate_limit import (
     line_of,
     planned_starts,
     restamp,
+    runs_ahead,
     service_order,
     state_at_turn,
     wake_at_ms,
@@ -209,12 +210,8 @@ def _note_passed(
     out: Outcome,
 ) -> None:
     """Every run ahead of ``ticket`` in the order when it is granted: passed, and how long it was due."""
-    ahead = []
-    for entry in service_order(state, settings.limit):
-        if entry == (line, ticket):
-            break
-        ahead.append(entry)
-    else:
+    ahead = runs_ahead(state, line, ticket, settings.limit)
+    if ahead is None:
         return  # a ticket given back by this claim (its grant never sent): it goes first by that
     starts = planned_starts(state, settings, len(ahead))
     granted = next(i for i, t in tickets.items() if t == ticket and runs[i].line == line)

@@ -484,11 +484,12 @@ def _granted(
     now_ms: int,
     settings: LimiterSettings,
     position: int,
+    slot: int,
     turn_ms: int,
 ) -> LimiterState:
-    """``ticket``, at ``position`` in the order, granted its send at ``now_ms`` in the slot of its plan."""
+    """``ticket``, at ``position`` in the order, granted its send at ``now_ms`` in slot ``slot`` (its plan's)."""
     slots = list(state.slots) + [None] * (settings.limit - len(state.slots))
-    slots[free_slots(state, settings)[position][1]] = Slot(now_ms, send, line, state.grants)
+    slots[slot] = Slot(now_ms, send, line, state.grants)
     current = state.line(line) or Line()
     head = next(current.tickets(), None)
     if ticket in current.returned:  # a returned ticket: the tickets above it keep their places
@@ -516,17 +517,13 @@ def state_at_turn(
     grants in order (the order is a pure function of the state), each recorded at its planned start. The
     item checks only the slot a claim reuses, against its actual time, so a plan that did not hold costs
     the claim its write, never the limit. None if the ticket does not wait in the view."""
-    ahead = []
-    for entry in service_order(view, settings.limit):
-        if entry == (line, ticket):
-            break
-        ahead.append(entry)
-    else:
+    ahead = runs_ahead(view, line, ticket, settings.limit)
+    if ahead is None:
         return None
     starts = planned_starts(view, settings, len(ahead))
     state = view
     for (name, served), at in zip(ahead, starts, strict=True):
-        state = _granted(state, name, served, "", at, settings, 0, at)
+        state = _granted(state, name, served, "", at, settings, 0, free_slots(state, settings)[0][1], at)
     return state
 
 
@@ -545,11 +542,14 @@ def _returned(state: LimiterState, line: str, ticket: int, now_ms: int) -> Limit
     return replace(state, lines=_with_line(state, line, back), changes=state.changes + 1)
 
 
-def _position(state: LimiterState, line: str, ticket: int, limit: int) -> int:
-    for position, entry in enumerate(service_order(state, limit)):
+def runs_ahead(state: LimiterState, line: str, ticket: int, limit: int) -> list[tuple[str, int]] | None:
+    """The (line, ticket) entries served before ``ticket`` of ``line``, in order; None if it does not wait."""
+    ahead: list[tuple[str, int]] = []
+    for entry in service_order(state, limit):
         if entry == (line, ticket):
-            return position
-    raise ValueError(f"ticket {ticket} is not waiting in line {line}")
+            return ahead
+        ahead.append(entry)
+    return None
 
 
 def claim(
@@ -579,28 +579,30 @@ def claim(
         and now_ms - head_turn_ms(working, settings, head[0]) > settings.abandon_after_ms
     ):
         working = leave(working, head[0], head[1], 1, now_ms)  # its step is gone: skip it, it may rejoin
-    position = _position(working, line, ticket, settings.limit)
+    ahead = runs_ahead(working, line, ticket, settings.limit)
+    if ahead is None:
+        raise ValueError(f"ticket {ticket} is not waiting in line {line}")
+    position, frees = len(ahead), free_slots(working, settings)
     starts = planned_starts(working, settings, position + 1)
     turn = starts[position]
     if position == 0:
         # the head sends as soon as the window lets it: the gap and a line's since are plans, not rules
-        due = free_slots(working, settings)[0][0] <= now_ms
+        due = frees[0][0] <= now_ms
     else:
         # a run whose turn has come goes before those ahead that have not claimed while they are of its own
         # line and due by less than the margin (their clocks may be that far behind this one's): they take
         # the next grants when they come. One later than that is away and keeps its place (those behind
         # wait for it), and other lines are never passed: their turns are the round-robin promise itself.
-        lines = {name for name, _ in islice(service_order(working, settings.limit), position + 1)}
         due = (
             position < settings.limit  # on a slot of its own, free by its turn
             and turn <= now_ms
             and now_ms - starts[0] < settings.skew_margin_ms
-            and lines == {line}
+            and all(name == line for name, _ in ahead)
         )
     if due:
         at = turn if now_ms - settings.record_slack <= turn <= now_ms else now_ms
-        granted = _granted(working, line, ticket, send, at, settings, position, turn)
-        taken = free_slots(working, settings)[position][1]
+        taken = frees[position][1]
+        granted = _granted(working, line, ticket, send, at, settings, position, taken, turn)
         return Answer(True, at, 0, granted, True, slot=taken)
     eta = max(now_ms, turn)
     if position > 0 and eta - now_ms < settings.grant_gap:
