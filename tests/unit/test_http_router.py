@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from dalle_plugin.http_router import (
@@ -187,3 +191,22 @@ def test_an_answer_is_a_rest_proxy_response_with_compact_json():
         "body": '{"a":[1,null]}',
         "isBase64Encoded": False,
     }
+
+
+def test_serving_the_api_loads_neither_powertools_event_handler_nor_the_openapi_document():
+    """What the API's first request imports (a fresh interpreter): the document's machinery and the answers'
+    models are for ``make openapi`` only, and Powertools' event handler is not needed at all."""
+    probe = (
+        "import sys, dalle_plugin.rest_api; "
+        "print(sorted(m for m in sys.modules if m.startswith(('aws_lambda_powertools.event_handler', "
+        "'dalle_plugin.openapi', 'dalle_plugin.domain.api_answers', 'asyncio'))))"
+    )
+    root = Path(__file__).resolve().parents[2]
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe],
+        env={**os.environ, "PYTHONPATH": str(root / "layers" / "shared")},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert loaded.strip() == "[]"
