@@ -9,9 +9,13 @@ import json
 from types import SimpleNamespace
 
 import pytest
-from dalle_plugin import rest_api, wiring
+from dalle_plugin import wiring
 from dalle_plugin.domain.errors import PromptNotFound
 from dalle_plugin.domain.sessions import MAX_PAGE_SIZE
+
+from local_stack.template import load_template
+
+GLOBAL_ENV = load_template()["Globals"]["Function"]["Environment"]["Variables"]
 
 SECRET = "a-plugin-secret-of-forty-characters-0123"
 PAYLOAD = {
@@ -28,6 +32,12 @@ MUST_BE_JSON = "The request body must be JSON (Content-Type: application/json), 
 @pytest.fixture
 def api(monkeypatch):
     """rest_api with its domain calls faked; ``told`` collects what the hub was told of refusals."""
+    # Powertools builds the Logger and Metrics from these when rest_api first imports observability: what the
+    # template gives Lambda, as every later test of this process (and its handlers on the stack) expects.
+    for name in ("POWERTOOLS_SERVICE_NAME", "POWERTOOLS_METRICS_NAMESPACE"):
+        monkeypatch.setenv(name, GLOBAL_ENV[name])
+    from dalle_plugin import rest_api
+
     told: list[str] = []
     settings = SimpleNamespace(max_body_bytes=1_000_000, tasks_per_execution=100, image_prices={})
     monkeypatch.setattr(wiring, "plugin_secret", lambda: SECRET)
@@ -83,6 +93,8 @@ def call(
         "body": body,
         "isBase64Encoded": False,
     } | extra
+    from dalle_plugin import rest_api  # imported by the ``api`` fixture, with the template's environment
+
     answer = rest_api.handle(event, SimpleNamespace())
     return answer["statusCode"], json.loads(answer["body"])
 
