@@ -220,10 +220,11 @@ HEADLINES = {
         "at most 1.5",
         (
             "baseline: an eager module. What a cold start pays in all (init imports only Powertools' Logger; the "
-            "routes load on the first request). Cut by shipping the layer's bytecode, by building "
-            "Powertools' OpenAPI models only for `make openapi`, and by AWS clients from botocore alone; left: "
-            "pydantic (its import alone about 0.43 of the floor), Powertools' event handler (its package imports "
-            "every resolver), the domain's models"
+            "routes load on the first request). Cut by shipping the layer's bytecode, by AWS clients from "
+            "botocore alone, and by a router of the plugin's own instead of Powertools' event handler (its "
+            "package imported every resolver and its OpenAPI validation); left: pydantic (its import alone about "
+            "0.43 of the floor), the run record's models and the request validation only the API does (run "
+            "payload, Config JSON, model catalog)"
         ),
     ),
     "cold_start_import_over_floor_extract": (

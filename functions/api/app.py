@@ -1,8 +1,8 @@
 """API function: the hub's REST connector endpoint (routes in dalle_plugin.rest_api).
 
-Init imports only the logging (Powertools' Logger). The routes, Powertools' event handler with its OpenAPI
-and pydantic models, the domain and the AWS adapters load on the first request (docs/performance.md, "Cold
-starts", says what that request pays)."""
+Init imports only the logging (Powertools' Logger). The routes with their pydantic models, the plugin's
+router, the domain and the AWS adapters load on the first request (docs/performance.md, "Cold starts", says
+what that request pays)."""
 
 from typing import Any
 
