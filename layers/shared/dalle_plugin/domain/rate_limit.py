@@ -98,9 +98,12 @@ What the clocks' offsets cost besides: sends due together are planned a gap (250
 claimer's clock, so at +-500 ms about one neighbour in four wakes before the run ahead of it. It then goes
 first on its own slot (``Whose turn``), and neither moves; but its first write, predicting the run ahead
 had sent, loses and brings the item back, and so does the run ahead's. The bench's backlog at the real
-window (``docs/performance.md``), alone on a quiet machine: 1.027 of the ideal makespan (best 1.0265), an
-ETA error p95 of 0.84 s, no stall, 1.7 writes per grant; run alongside the scaled scenarios on the one
-DynamoDB Local: 1.031, 1.3 s, one stall, 2.1. Clocks in step (a few ms on Lambda) make it one write.
+window (``docs/performance.md``), run alongside the scaled scenarios on the one DynamoDB Local: 1.0305 of
+the ideal makespan (best 1.0265), an ETA error p95 of 1.32 s, one stall, 2.18 writes per grant (alone on a
+quiet machine, with other draws: 1.027, 0.84 s, none, 1.7). The same backlog beside it with the ``aws``
+profile's clocks (+-20 ms, as NTP keeps Lambdas), everything else hostile: 1.0277, 0.03 s, no stall, 1.27
+writes per grant, the joins included. A told time and its send are read on two environments' clocks, so
+their offsets are most of the ETA error at +-500 ms.
 
 **Never stalled, never demoted.** A waiting run sleeps (a Wait state) until ``wake_lead_ms`` before its
 turn; Wait states wake late, never early, so the lead must be at least the lateness the deployment
