@@ -38,7 +38,9 @@ FINISHED = {"SUCCEEDED", "FAILED", "CANCELLED"}
 
 @pytest.fixture(scope="module")
 def big_stack():
-    with start_stack("dalle-bigbatch") as running:
+    # BIG_BATCH=hostile runs it on the hostile profile (a cold start on every invoke: several times longer)
+    profile = "hostile" if os.environ.get("BIG_BATCH") == "hostile" else None
+    with start_stack("dalle-bigbatch", profile) as running:
         yield running
 
 
