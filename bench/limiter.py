@@ -64,6 +64,19 @@ HOSTILE_OFFSET_MS = 500
 #: the claim-to-arrival part of the margin is real time here, not scaled: what the machine measured (about
 #: 150 ms at most on DynamoDB Local under load), with room
 CLAIM_TO_ARRIVAL_ALLOWANCE_MS = 500
+#: the figures of a backlog, for the table, the summary and the console
+BACKLOG_FIGURES = (
+    "max_arrivals_in_any_window",
+    "stalls",
+    "makespan_over_ideal",
+    "makespan_over_ideal_at_60s",
+    "eta_error_p95_s",
+    "fifo_violations",
+    "dynamodb_writes_per_grant",
+    "state_bytes_max",
+)
+#: the figures of the real-window backlogs (the queue alone: no baseline, makespan measured directly)
+REAL_WINDOW_FIGURES = ("max_arrivals_in_any_window", "stalls", "eta_error_p95_s", "dynamodb_writes_per_grant")
 
 
 def max_starts_in_any_window(starts: list[float], window_s: float) -> int:
@@ -551,11 +564,14 @@ def main(argv: list[str] | None = None) -> int:
         # the real-window backlog again with the clocks of the aws profile (NTP-synced Lambdas: +-20 ms), the
         # rest hostile: what the hostile clocks alone cost in writes and ETA error
         in_step = replace(real, clock_offset_ms=AWS.clock_offset_ms)
-        alongside = [
-            ("backlog60/queue", "queue", "backlog", args.runs, 1e9, real),
-            ("backlog60_clocks_in_step/queue", "queue", "backlog", args.runs, 1e9, in_step),
-        ]
-        alongside = [] if args.quick else alongside
+        alongside = (
+            []
+            if args.quick
+            else [
+                ("backlog60/queue", "queue", "backlog", args.runs, 1e9, real),
+                ("backlog60_clocks_in_step/queue", "queue", "backlog", args.runs, 1e9, in_step),
+            ]
+        )
         # one process per scenario and variant, as Lambdas each have their own: no interpreter lock shared
         context = multiprocessing.get_context("fork")
         queue = context.Queue()
@@ -612,18 +628,8 @@ def main(argv: list[str] | None = None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "limiter.json").write_text(json.dumps(report, indent=2) + "\n")
     write_summary(results, args, dials)
-    rows = [
-        "max_arrivals_in_any_window",
-        "stalls",
-        "makespan_over_ideal",
-        "makespan_over_ideal_at_60s",
-        "eta_error_p95_s",
-        "fifo_violations",
-        "dynamodb_writes_per_grant",
-        "state_bytes_max",
-    ]
     print(f"{'backlog figure':<30}" + "".join(f"{v:>14}" for v in VARIANTS))
-    for row in rows:
+    for row in BACKLOG_FIGURES:
         print(f"{row:<30}" + "".join(f"{results[f'backlog/{v}'][row]!s:>14}" for v in VARIANTS))
     print(
         f"{'editor_max_wait_s':<30}"
@@ -639,16 +645,7 @@ def main(argv: list[str] | None = None) -> int:
 def table_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """docs/performance.md's rows: the queue, the reservation baseline, the fixed window in the note."""
     rows = []
-    for key in (
-        "max_arrivals_in_any_window",
-        "stalls",
-        "makespan_over_ideal",
-        "makespan_over_ideal_at_60s",
-        "eta_error_p95_s",
-        "fifo_violations",
-        "dynamodb_writes_per_grant",
-        "state_bytes_max",
-    ):
+    for key in BACKLOG_FIGURES:
         values = [results[f"backlog/{v}"][key] for v in VARIANTS]
         rows.append(
             {
@@ -683,12 +680,7 @@ def table_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 "baseline": None,
                 "note": note,
             }
-            for key in (
-                "max_arrivals_in_any_window",
-                "stalls",
-                "eta_error_p95_s",
-                "dynamodb_writes_per_grant",
-            )
+            for key in REAL_WINDOW_FIGURES
             if real
         )
     rows.append(
@@ -768,16 +760,6 @@ def write_summary(results: dict[str, dict[str, Any]], args: argparse.Namespace, 
     """The issue's keys, merged into bench/results/summary.json (other benchmarks write theirs too)."""
     path = RESULTS / "summary.json"
     summary = json.loads(path.read_text()) if path.exists() else {}
-    keys = [
-        "max_arrivals_in_any_window",
-        "stalls",
-        "makespan_over_ideal",
-        "makespan_over_ideal_at_60s",
-        "eta_error_p95_s",
-        "fifo_violations",
-        "dynamodb_writes_per_grant",
-        "state_bytes_max",
-    ]
     for variant, suffix in (
         ("queue", ""),
         ("reservation", "_baseline_reservation"),
@@ -785,12 +767,12 @@ def write_summary(results: dict[str, dict[str, Any]], args: argparse.Namespace, 
     ):
         summary[f"limiter_limit{suffix}"] = args.limit
         summary[f"limiter_window_s{suffix}"] = args.window
-        for key in keys:
+        for key in BACKLOG_FIGURES:
             summary[f"limiter_{key}{suffix}"] = results[f"backlog/{variant}"][key]
         summary[f"limiter_editor_max_wait_s{suffix}"] = results[f"editor/{variant}"]["editor_max_wait_s"]
     summary["limiter_refused_over_cap"] = results["cap/queue"]["refused"]
     real = results.get("backlog60/queue")
-    for key in ("max_arrivals_in_any_window", "stalls", "eta_error_p95_s", "dynamodb_writes_per_grant"):
+    for key in REAL_WINDOW_FIGURES:
         if real:
             summary[f"limiter_at_60s_{key}"] = real[key]
     in_step = results.get("backlog60_clocks_in_step/queue")
