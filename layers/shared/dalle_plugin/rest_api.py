@@ -327,13 +327,7 @@ def handle(event: dict, context: LambdaContext) -> dict:
     inside its Lambda context and metrics (observability.lambda_handler)."""
     clear_run()
     refused = _refused_before_routing(event)
-    if refused is not None:
-        return {
-            "statusCode": refused.status,
-            "headers": {"Content-Type": "application/json"},
-            "body": proxy_answer(refused)["body"],
-        }
-    return proxy_answer(_route(event, context))
+    return proxy_answer(refused if refused is not None else _route(event, context))
 
 
 def openapi_document() -> dict[str, Any]:
