@@ -1,7 +1,8 @@
 """A 90-task batch through the batch starter on a stack of its own, with chunks of 10 tasks
 (``TASKS_PER_EXECUTION``): the POST hands the batch on (duplicate and concurrent POSTs start the starter
-once), the session shows it being stored, and then every chunk is one execution, every task one paid OpenAI
-request and one attachment, every run SUCCEEDED (docs/batches.md)."""
+once), the session shows it being stored, and then every chunk is one execution, at most
+``OwnKeyExecutionsInFlight`` of them running at once, every task one paid OpenAI request and one attachment,
+every run SUCCEEDED (docs/batches.md)."""
 
 from __future__ import annotations
 
@@ -20,13 +21,18 @@ pytestmark = [pytest.mark.stack, pytest.mark.own_stack, pytest.mark.slow]
 
 PROJECT = "proj-batch-starter"
 CHUNK = 10
-TASKS = 90  # 9 chunks: two calls of the starter's step (8 chunks, then 1)
+TASKS = 90  # 9 chunks
+IN_FLIGHT = 3  # run executions of the session at once: the 9 chunks start in at least three rounds
 FINISHED = {"SUCCEEDED", "FAILED", "CANCELLED"}
 
 
 @pytest.fixture(scope="module")
 def starter_stack():
-    with start_stack("dalle-batchstarter", environment={"TASKS_PER_EXECUTION": str(CHUNK)}) as running:
+    with start_stack(
+        "dalle-batchstarter",
+        environment={"TASKS_PER_EXECUTION": str(CHUNK)},
+        parameters={"OwnKeyExecutionsInFlight": str(IN_FLIGHT)},
+    ) as running:
         running.hub.add_project(PROJECT, {})
         yield running
 
@@ -70,10 +76,24 @@ def _failures(stack, session: str) -> list[dict]:
     ]
 
 
-def _executions(stack, arn: str, session: str) -> list[str]:
+def _executions(stack, arn: str, session: str) -> list[dict]:
     prefix = re.sub(r"[^A-Za-z0-9_-]", "-", session[:40]) + "_"
     pages = stack.client("stepfunctions").get_paginator("list_executions").paginate(stateMachineArn=arn)
-    return [e["name"] for page in pages for e in page["executions"] if e["name"].startswith(prefix)]
+    return [e for page in pages for e in page["executions"] if e["name"].startswith(prefix)]
+
+
+def _most_at_once(executions: list[dict]) -> int:
+    """The most executions running at one moment, from their start and stop dates (a stop at the moment of
+    another's start is not an overlap: the starter saw the first one end before starting the next)."""
+    edges = sorted(
+        [(e["startDate"], 1) for e in executions] + [(e["stopDate"], -1) for e in executions],
+        key=lambda edge: (edge[0], edge[1]),
+    )
+    running = most = 0
+    for _, step in edges:
+        running += step
+        most = max(most, running)
+    return most
 
 
 @pytest.mark.timeout(3000)
@@ -127,7 +147,14 @@ def test_a_multi_chunk_batch_runs_through_the_starter_once_per_chunk_and_once_pe
 
     starters = _executions(stack, stack.start_batch_state_machine_arn, session)
     assert len(starters) == 1, starters  # the attempt the three POSTs shared
-    assert len(_executions(stack, stack.state_machine_arn, session)) == TASKS // CHUNK
+    runs = _executions(stack, stack.state_machine_arn, session)
+    assert len(runs) == TASKS // CHUNK and {e["status"] for e in runs} == {"SUCCEEDED"}
+    assert _most_at_once(runs) == IN_FLIGHT  # the cap, reached and never passed
+    history = stack.client("stepfunctions").get_execution_history(
+        executionArn=starters[0]["executionArn"], maxResults=1000
+    )["events"]
+    waits = [e for e in history if e.get("stateEnteredEventDetails", {}).get("name") == "Wait For Room"]
+    assert len(waits) >= 3, len(waits)  # the starter waited for room between its rounds
     paid = Counter(
         int(re.search(rf"{marker} (\d+)", r.prompt).group(1))
         for r in stack.openai.requests

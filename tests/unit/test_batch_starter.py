@@ -7,11 +7,18 @@ from __future__ import annotations
 import json
 
 from dalle_plugin.domain.cancel import cancel_session
+from dalle_plugin.domain.errors import BatchHeldTooLong
 from dalle_plugin.domain.run import RunStatus
 from dalle_plugin.domain.sessions import session_page
 from dalle_plugin.domain.step_io.api import RunTally
 from dalle_plugin.domain.step_io.failure import StepError
-from dalle_plugin.domain.steps.batch_start import BatchStep, record_batch_failure, starter_name, store_batch
+from dalle_plugin.domain.steps.batch_start import (
+    BatchStep,
+    InFlightCap,
+    record_batch_failure,
+    starter_name,
+    store_batch,
+)
 from dalle_plugin.domain.steps.start import start_session
 from dalle_plugin.ports import BatchState
 
@@ -279,3 +286,72 @@ def test_a_starter_that_fails_ends_its_attempt_with_a_sentence_tells_the_hub_and
     assert len(deps.starter.executions) == 20 and all(
         deps.starter.executions[n] == i for n, i in before.items()
     )
+
+
+def _held_starter(tasks: list[str], payload=_payload):
+    deps = _starter_deps()
+    start_session(payload("s1", tasks), deps, TODAY, tasks_per_execution=5)
+    (step_input,) = deps.batch_starter.executions.values()
+    return deps, BatchStep.model_validate(step_input)
+
+
+def test_an_own_key_batch_keeps_at_most_the_cap_of_its_executions_running_and_starts_the_next_as_one_ends():
+    deps, step = _held_starter([f"t{i:03d}" for i in range(30)])  # 6 chunks
+    cap = InFlightCap(executions=2)
+    most_running, waits = 0, []
+    while not step.done:
+        step, _ = store_batch(step, deps, 5, lambda: 1000.0, cap)
+        running = deps.starter.running("s1_")
+        most_running = max(most_running, running)
+        if step.hold_seconds:
+            waits.append(step.hold_seconds)
+        if running == 2 and step.holds == 3:  # held three times in a row: the oldest execution ends
+            deps.starter.ended.add(next(n for n in deps.starter.executions if n not in deps.starter.ended))
+    assert most_running == 2 and len(deps.starter.executions) == 6
+    # started 2, then held 5, 10, 20 s until one ended; each start is followed by a short wait to count again
+    assert waits[:4] == [5, 5, 10, 20] and max(waits) == 20
+    assert sorted(t["taskId"] for i in deps.starter.executions.values() for t in i["tasks"]) == [
+        f"t{i:03d}" for i in range(30)
+    ]
+
+
+def test_a_long_hold_waits_at_most_five_minutes_between_looks_and_gives_up_with_a_sentence():
+    deps, step = _held_starter([f"t{i:03d}" for i in range(20)])
+    cap = InFlightCap(executions=1, give_up_after_s=3600)
+    step, _ = store_batch(step, deps, 5, lambda: 1000.0, cap)
+    holds: list[int] = []
+
+    def held_until_it_gives_up() -> BatchHeldTooLong | None:
+        nonlocal step
+        for _ in range(100):  # the state machine: wait as told, call again
+            deps.clock.ms += step.hold_seconds * 1000
+            try:
+                step, _ = store_batch(step, deps, 5, lambda: 1000.0, cap)
+            except BatchHeldTooLong as exc:
+                return exc
+            holds.append(step.hold_seconds)
+        return None
+
+    held = held_until_it_gives_up()
+    assert held is not None and 3600 < (deps.clock.ms - step.began_at_ms) / 1000 < 3600 + 300
+    assert holds[:8] == [5, 10, 20, 40, 80, 160, 300, 300] and max(holds) == 300
+    assert len(holds) < 20  # an hour held is a few looks, each 9 history events
+    caught = step.model_copy(
+        update={"error": StepError(error="BatchHeldTooLong", cause=json.dumps({"errorMessage": str(held)}))}
+    )
+    record_batch_failure(caught, deps)
+    (state,) = deps.batch_progress.of_session("s1")
+    assert state.ended_why.startswith("The batch stopped being stored after 5 of its 20 tasks (its runs in ")
+    assert "did not make room for the rest within 60 minutes" in state.ended_why
+
+
+def test_a_shared_key_batch_is_not_held_its_queue_paces_it_and_refuses_in_time():
+    def shared_key(session, tasks):
+        payload = _payload(session, tasks)
+        config = json.loads(payload.config_json)
+        del config["openai_api_key"]
+        return payload.model_copy(update={"config_json": json.dumps(config)})
+
+    deps, step = _held_starter([f"t{i:03d}" for i in range(30)], shared_key)
+    step, _ = store_batch(step, deps, 5, lambda: 1000.0, InFlightCap(executions=1))
+    assert step.done and step.hold_seconds == 0 and len(deps.starter.executions) == 6

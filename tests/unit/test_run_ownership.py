@@ -39,6 +39,7 @@ class Starter:
 
     def __init__(self, fail_first: int = 0) -> None:
         self.executions: dict[str, dict] = {}
+        self.ended: set[str] = set()  # executions that are no longer running
         self.calls = 0
         self.fail_first = fail_first
 
@@ -54,6 +55,9 @@ class Starter:
 
     def arn_of(self, name: str) -> str:
         return f"{MACHINE}:{name}"
+
+    def running(self, name_prefix: str) -> int:
+        return sum(n.startswith(name_prefix) and n not in self.ended for n in self.executions)
 
 
 def _payload(session: str, tasks: list[str], workflow: bool = True) -> object:

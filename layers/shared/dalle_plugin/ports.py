@@ -124,6 +124,10 @@ class WorkflowStarter(Protocol):
     def arn_of(self, name: str) -> str:
         """The id of the execution named ``name`` (started or not)."""
 
+    def running(self, name_prefix: str) -> int:
+        """How many executions whose names begin with ``name_prefix`` are running. Step Functions lists
+        them eventually consistently: one started a moment ago may not be counted yet."""
+
 
 class RateClaim(NamedTuple):
     """A run claiming its send on the shared key now.

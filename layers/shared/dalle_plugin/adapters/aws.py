@@ -113,6 +113,13 @@ class StepFunctionsStarter:
     def arn_of(self, name: str) -> str:
         return self._arn.replace(":stateMachine:", ":execution:") + ":" + name
 
+    def running(self, name_prefix: str) -> int:
+        # ListExecutions has no name filter: its pages of up to 1,000 running executions are read whole
+        pages = self._client.get_paginator("list_executions").paginate(
+            stateMachineArn=self._arn, statusFilter="RUNNING"
+        )
+        return sum(e["name"].startswith(name_prefix) for page in pages for e in page["executions"])
+
     def stop(self, execution_arn: str, cause: str) -> None:
         try:
             self._client.stop_execution(executionArn=execution_arn, error="RunCancelled", cause=cause)

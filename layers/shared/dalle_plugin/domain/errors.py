@@ -209,6 +209,13 @@ class QueueTooLong(PluginError):
     reason = "shared_key_queue_full"
 
 
+class BatchHeldTooLong(PluginError):
+    """The batch starter waited for its batch's runs in flight to make room so long that it would outlive
+    its own execution: it stops storing, and the attempt ends with how far it got."""
+
+    reason = "batch_held_too_long"
+
+
 class OpenAIRateLimitPersisted(PluginError):
     """OpenAI kept answering 429 rate_limit_exceeded, request after request, past the run's budget."""
 

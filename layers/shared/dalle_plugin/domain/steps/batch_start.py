@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pydantic import BaseModel, ConfigDict, Field
 
 from dalle_plugin.domain.cancel import cancel_runs
-from dalle_plugin.domain.errors import PluginError
+from dalle_plugin.domain.errors import BatchHeldTooLong, PluginError
 from dalle_plugin.domain.payload import BatchTask
 from dalle_plugin.domain.run import RunRecord, RunStatus
 from dalle_plugin.domain.step_io.failure import StepError
@@ -24,6 +24,7 @@ from dalle_plugin.domain.steps.start import (
     AcceptedRequest,
     _chunks,
     _name,
+    session_prefix,
     store_and_start,
 )
 from dalle_plugin.ports import BatchProgress
@@ -34,6 +35,23 @@ DIRECT_CHUNKS = 1
 #: seconds the starter's step keeps in hand when it begins another group of chunks: a group of
 #: ``PARALLEL_CALLS`` chunks takes well under this even on DynamoDB Local (about 1 s a chunk there)
 GROUP_RESERVE_S = 30.0
+
+#: a starter held by the cap on executions in flight looks again after this many seconds, doubling up to
+#: ``HOLD_MAX_S``: soon when executions are short, and few history events when they are long (a look is 9
+#: events: 48 hours held are under 6,000 of the 25,000; docs/batches.md)
+HOLD_FIRST_S = 5
+HOLD_MAX_S = 300
+
+
+@dataclass(frozen=True)
+class InFlightCap:
+    """How many run executions of its session an own-key batch keeps running at once (0: no cap), and how
+    long its starter may wait for room: a little less than its own execution's ``TimeoutSeconds``, so that
+    a starter held that long ends its attempt with a sentence instead of timing out without one."""
+
+    executions: int = 0
+    give_up_after_s: float = float("inf")
+
 
 #: what makes one request's digest: the same tasks and options make the same digest, whatever the time
 _VOLATILE = {"sealed_secrets", "created_at_ms", "accepted_at_ms", "updated_at_ms", "expires_at", "timeline"}
@@ -54,6 +72,11 @@ class BatchStep(BaseModel):
     attempt: int = Field(ge=1)
     next_chunk: int = Field(default=0, alias="nextChunk", ge=0)
     done: bool = False
+    #: when the first call began (the clock of ``give_up_after_s``)
+    began_at_ms: int | None = Field(default=None, alias="beganAtMs")
+    #: seconds the state machine waits before the next call (0: at once), and how many waits in a row
+    hold_seconds: int = Field(default=0, alias="holdSeconds", ge=0)
+    holds: int = Field(default=0, ge=0)
     error: StepError | None = Field(default=None, description="Set by the Catch: the starter failed.")
 
 
@@ -142,35 +165,73 @@ def hand_off(request: AcceptedRequest, deps: StepDeps) -> HandOff:
 
 
 def store_batch(
-    step: BatchStep, deps: StepDeps, tasks_per_execution: int, seconds_left: Callable[[], float]
+    step: BatchStep,
+    deps: StepDeps,
+    tasks_per_execution: int,
+    seconds_left: Callable[[], float],
+    cap: InFlightCap = InFlightCap(),
 ) -> tuple[BatchStep, int]:
     """Store and start the request's chunks from ``next_chunk``, ``PARALLEL_CALLS`` at a time, while time
-    is left; returns how far it got and how many tasks it started (for ``RunsAccepted``). Each group is
-    safe to repeat (a retried step, a later attempt): stored runs are found, named executions exist."""
+    is left and (for an own-key batch) while the cap on executions in flight leaves room; returns how far it
+    got and how many tasks it started (for ``RunsAccepted``). Each group is safe to repeat (a retried step,
+    a later attempt): stored runs are found, named executions exist."""
     progress = required(deps.batch_progress, "StepDeps.batch_progress")
     if _ended(step, progress):  # cancelled (or failed) before this call: store nothing more
-        return step.model_copy(update={"done": True}), 0
+        return step.model_copy(update={"done": True, "hold_seconds": 0}), 0
     body = required(deps.batch_requests, "StepDeps.batch_requests").get(step.request)
     if body is None:  # expired with the bucket's lifecycle: nothing left to store
-        return step.model_copy(update={"done": True}), 0
+        return step.model_copy(update={"done": True, "hold_seconds": 0}), 0
     request = _decode(body, deps)
     chunks = _chunks(request.tasks, tasks_per_execution)
+    began = step.began_at_ms if step.began_at_ms is not None else deps.clock.now_ms()
+    room = _room(request, step, deps, cap)
+    if room == 0:
+        if (deps.clock.now_ms() - began) / 1000 > cap.give_up_after_s:
+            raise BatchHeldTooLong(
+                f"its runs in flight did not make room for the rest within {_hours(cap.give_up_after_s)}"
+            )
+        hold = min(HOLD_MAX_S, HOLD_FIRST_S * 2**step.holds)
+        return step.model_copy(
+            update={"began_at_ms": began, "hold_seconds": hold, "holds": step.holds + 1}
+        ), 0
+    last = len(chunks) if room is None else min(len(chunks), step.next_chunk + room)
     index, started = step.next_chunk, 0
-    while index < len(chunks) and (index == step.next_chunk or seconds_left() > GROUP_RESERVE_S):
-        group = [task for chunk in chunks[index : index + PARALLEL_CALLS] for task in chunk]
+    while index < last and (index == step.next_chunk or seconds_left() > GROUP_RESERVE_S):
+        end = min(index + PARALLEL_CALLS, last)
+        group = [task for chunk in chunks[index:end] for task in chunk]
         outcome = store_and_start(
             AcceptedRequest(prototype=request.prototype, tasks=group, api_key=request.api_key),
             deps,
             tasks_per_execution,
         )
         started += len(outcome.started)
-        index = min(index + PARALLEL_CALLS, len(chunks))
+        index = end
         if not progress.stored(step.session, step.digest, step.attempt, sum(map(len, chunks[:index]))):
             # A cancel came while this group was stored: it may have listed the session before these runs
             # existed, so they are cancelled here (those it did see are told they were already).
             cancel_runs(outcome.runs, deps)
-            return step.model_copy(update={"next_chunk": index, "done": True}), started
-    return step.model_copy(update={"next_chunk": index, "done": index >= len(chunks)}), started
+            return step.model_copy(update={"next_chunk": index, "done": True, "hold_seconds": 0}), started
+    done = index >= len(chunks)
+    # Capped, the next count comes after a short wait: the listing may not show what was just started yet.
+    hold = HOLD_FIRST_S if room is not None and not done else 0
+    after = {"next_chunk": index, "done": done, "began_at_ms": began, "hold_seconds": hold, "holds": 0}
+    return step.model_copy(update=after), started
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.0f} hours" if seconds >= 7200 else f"{seconds / 60:.0f} minutes"
+
+
+def _room(request: AcceptedRequest, step: BatchStep, deps: StepDeps, cap: InFlightCap) -> int | None:
+    """How many more chunks may start now; None when uncapped. Shared-key batches are not capped: the
+    shared key's queue paces their sends, and refuses at once the runs it would hold past its cap, which
+    only works if they reach it (a held chunk would wait unrefused). Own-key runs all call OpenAI at once
+    and hold Generate's environments, so an own-key batch of thousands would otherwise ask for far more
+    invocations than its functions can run (docs/batches.md)."""
+    if cap.executions <= 0 or request.prototype.uses_default_key:
+        return None
+    running = required(deps.starter, "StepDeps.starter").running(session_prefix(step.session))
+    return max(0, cap.executions - running)
 
 
 def _ended(step: BatchStep, progress: BatchProgress) -> bool:

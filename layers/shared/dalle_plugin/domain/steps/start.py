@@ -102,10 +102,15 @@ TASKS_PER_EXECUTION = 100
 PARALLEL_CALLS = 8
 
 
+def session_prefix(session: str) -> str:
+    """What the name of every execution of ``session`` begins with (sessions sharing their first 40
+    characters share it)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "-", session[:40]) + "_"
+
+
 def _name(kind: str, session: str, identity: list[str]) -> str:
     digest = hashlib.sha256("\x00".join([kind, session, *sorted(identity)]).encode()).hexdigest()[:24]
-    readable = re.sub(r"[^A-Za-z0-9_-]", "-", session[:40])
-    return f"{readable}_{kind[0]}{len(identity)}_{digest}"
+    return f"{session_prefix(session)}{kind[0]}{len(identity)}_{digest}"
 
 
 def execution_name(session: str, runs: list[RunRecord]) -> str:
