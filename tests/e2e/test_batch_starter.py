@@ -15,6 +15,7 @@ from collections import Counter
 
 import pytest
 import requests
+from dalle_plugin.domain.steps.start import session_prefix
 
 from tests.conftest import PLUGIN_SECRET, start_stack, wait_for
 
@@ -78,9 +79,8 @@ def _failures(stack, session: str) -> list[dict]:
 
 
 def _executions(stack, arn: str, session: str) -> list[dict]:
-    prefix = re.sub(r"[^A-Za-z0-9_-]", "-", session[:40]) + "_"
     pages = stack.client("stepfunctions").get_paginator("list_executions").paginate(stateMachineArn=arn)
-    return [e for page in pages for e in page["executions"] if e["name"].startswith(prefix)]
+    return [e for page in pages for e in page["executions"] if e["name"].startswith(session_prefix(session))]
 
 
 def most_at_once(executions: list[dict]) -> int:

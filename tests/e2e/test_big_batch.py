@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from local_stack.template import load_template
 from tests.conftest import PLUGIN_SECRET, start_stack, wait_for
 from tests.e2e.test_batch_starter import most_at_once
 from tests.env_hooks import SPENDING, SPENDING_ACTIVE
@@ -35,8 +36,8 @@ TASKS = 2_000
 # The runs as the hub would see them: Query pages of keys and status only (the session's GET answers
 # whole runs, which is not what this test is about).
 FINISHED = {"SUCCEEDED", "FAILED", "CANCELLED"}
-#: the template's default OwnKeyExecutionsInFlight: the batch's 20 executions run 4 at a time
-IN_FLIGHT = 4
+#: the template's default OwnKeyExecutionsInFlight: the batch's 20 executions run that many at a time
+IN_FLIGHT = int(load_template()["Parameters"]["OwnKeyExecutionsInFlight"]["Default"])
 
 
 @pytest.fixture(scope="module")
