@@ -22,7 +22,7 @@ from dalle_plugin.domain.steps.batch_start import (
 from dalle_plugin.domain.steps.start import start_session
 from dalle_plugin.ports import BatchState
 
-from tests.faults.test_step_idempotency import Hub
+from tests.faults.test_step_idempotency import Hub, Vault
 from tests.unit.test_batches import CountingRuns
 from tests.unit.test_run_ownership import TODAY, Starter, _deps, _payload
 
@@ -31,13 +31,26 @@ class Requests:
     def __init__(self) -> None:
         self.objects: dict[str, bytes] = {}
         self.puts = 0
+        self.gets = 0
 
     def put(self, key: str, body: bytes) -> None:
         self.puts += 1
         self.objects[key] = body
 
     def get(self, key: str) -> bytes | None:
+        self.gets += 1
         return self.objects.get(key)
+
+
+class CountingVault(Vault):
+    """The vault, counting how often sealed secrets are opened (a KMS Decrypt each in the stack)."""
+
+    def __init__(self) -> None:
+        self.opens = 0
+
+    def open(self, sealed: bytes, context: dict[str, str]) -> dict[str, str]:
+        self.opens += 1
+        return super().open(sealed, context)
 
 
 class Progress:
@@ -77,6 +90,7 @@ def _starter_deps():
     deps = _deps()
     deps.runs = CountingRuns(deps.runs)
     deps.batch_requests, deps.batch_progress, deps.batch_starter = Requests(), Progress(), Starter()
+    deps.vault = CountingVault()
     return deps
 
 
@@ -345,13 +359,61 @@ def test_a_long_hold_waits_at_most_five_minutes_between_looks_and_gives_up_with_
     assert "did not make room for the rest within 60 minutes" in state.ended_why
 
 
-def test_a_shared_key_batch_is_not_held_its_queue_paces_it_and_refuses_in_time():
-    def shared_key(session, tasks):
-        payload = _payload(session, tasks)
-        config = json.loads(payload.config_json)
-        del config["openai_api_key"]
-        return payload.model_copy(update={"config_json": json.dumps(config)})
+def _shared_key(session, tasks):
+    payload = _payload(session, tasks)
+    config = json.loads(payload.config_json)
+    del config["openai_api_key"]
+    return payload.model_copy(update={"config_json": json.dumps(config)})
 
-    deps, step = _held_starter([f"t{i:03d}" for i in range(30)], shared_key)
+
+def test_a_shared_key_batch_is_not_held_its_queue_paces_it_and_refuses_in_time():
+    deps, step = _held_starter([f"t{i:03d}" for i in range(30)], _shared_key)
     step, _ = store_batch(step, deps, 5, lambda: 1000.0, InFlightCap(executions=1))
     assert step.done and step.hold_seconds == 0 and len(deps.starter.executions) == 6
+
+
+def _reads(deps) -> tuple[int, int]:
+    return deps.batch_requests.gets, deps.vault.opens
+
+
+def test_a_held_look_reads_no_request_and_opens_no_secrets_it_only_counts_room():
+    deps, step = _held_starter([f"t{i:03d}" for i in range(20)])
+    assert step.own_key is True  # recorded at hand-off, from the request's own key
+    cap = InFlightCap(executions=1)
+    step, _ = store_batch(step, deps, 5, lambda: 1000.0, cap)  # starts one chunk: reads the request once
+    assert _reads(deps) == (1, 1) and len(deps.starter.executions) == 1
+    for _ in range(5):
+        step, started = store_batch(step, deps, 5, lambda: 1000.0, cap)
+        assert started == 0 and step.hold_seconds > 0
+    assert _reads(deps) == (1, 1)  # five held looks: no S3 read, no vault open
+    deps.starter.ended.update(deps.starter.executions)  # room again: the look that starts reads it
+    step, started = store_batch(step, deps, 5, lambda: 1000.0, cap)
+    assert started == 5 and _reads(deps) == (2, 2)
+
+
+def test_a_step_handed_off_before_own_key_was_recorded_reads_the_request_once_to_learn_it():
+    deps, step = _held_starter([f"t{i:03d}" for i in range(20)])
+    legacy = BatchStep.model_validate(step.model_dump(by_alias=True, exclude={"own_key"}))
+    assert legacy.own_key is None
+    cap = InFlightCap(executions=1)
+    deps.starter.start("s1_editor", {})  # one of the session's executions already runs: no room
+    step, started = store_batch(legacy, deps, 5, lambda: 1000.0, cap)
+    assert started == 0 and step.hold_seconds == 5 and _reads(deps) == (1, 1)
+    # its answer carries what it learnt: the next looks are as cheap as a new step's
+    assert step.model_dump(by_alias=True)["ownKey"] is True
+    step, _ = store_batch(step, deps, 5, lambda: 1000.0, cap)
+    assert _reads(deps) == (1, 1)
+    deps.starter.ended.add("s1_editor")
+    while not step.done:
+        step, _ = store_batch(step, deps, 5, lambda: 1000.0, cap)
+        deps.starter.ended.update(deps.starter.executions)
+    assert len(deps.starter.executions) == 5  # the editor's and the batch's 4 chunks
+
+
+def test_a_shared_key_step_handed_off_before_own_key_was_recorded_is_still_not_held():
+    deps, step = _held_starter([f"t{i:03d}" for i in range(30)], _shared_key)
+    assert step.own_key is False
+    legacy = BatchStep.model_validate(step.model_dump(by_alias=True, exclude={"own_key"}))
+    step, _ = store_batch(legacy, deps, 5, lambda: 1000.0, InFlightCap(executions=1))
+    assert step.done and step.hold_seconds == 0 and len(deps.starter.executions) == 6
+    assert _reads(deps) == (1, 1)

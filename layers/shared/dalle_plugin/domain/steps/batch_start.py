@@ -77,6 +77,10 @@ class BatchStep(BaseModel):
     #: seconds the state machine waits before the next call (0: at once), and how many waits in a row
     hold_seconds: int = Field(default=0, alias="holdSeconds", ge=0)
     holds: int = Field(default=0, ge=0)
+    #: whether the request calls OpenAI with its own key (the cap on executions in flight applies), set at
+    #: hand-off so a held look counts room without reading and opening the request; None: a step written
+    #: before this field, whose first call reads the request to learn it
+    own_key: bool | None = Field(default=None, alias="ownKey")
     error: StepError | None = Field(default=None, description="Set by the Catch: the starter failed.")
 
 
@@ -147,16 +151,17 @@ def hand_off(request: AcceptedRequest, deps: StepDeps) -> HandOff:
     it with the same tasks and options (its own sealed secrets, as good)."""
     session = request.prototype.session
     digest = request_digest(request)
+    own_key = not request.prototype.uses_default_key
     key = f"batches/{hashlib.sha256(session.encode()).hexdigest()[:32]}/{digest}.json"
     settled = _settled(request, digest, deps)
     if settled is not None:
-        step = BatchStep(session=session, request=key, digest=digest, attempt=1, done=True)
+        step = BatchStep(session=session, request=key, digest=digest, attempt=1, done=True, own_key=own_key)
         return HandOff(step=step, accepted=len(request.tasks), duplicate=True, statuses=settled)
     required(deps.batch_requests, "StepDeps.batch_requests").put(key, _encode(request))
     progress = required(deps.batch_progress, "StepDeps.batch_progress")
     expires_at = required(request.prototype.expires_at, "the request's expiry")
     state, before = progress.begin(session, digest, len(request.tasks), expires_at)
-    step = BatchStep(session=session, request=key, digest=digest, attempt=state.attempt)
+    step = BatchStep(session=session, request=key, digest=digest, attempt=state.attempt, own_key=own_key)
     required(deps.batch_starter, "StepDeps.batch_starter").start(
         starter_name(session, digest, state.attempt), step.model_dump(by_alias=True, exclude_none=True)
     )
@@ -174,17 +179,21 @@ def store_batch(
     """Store and start the request's chunks from ``next_chunk``, ``PARALLEL_CALLS`` at a time, while time
     is left and (for an own-key batch) while the cap on executions in flight leaves room; returns how far it
     got and how many tasks it started (for ``RunsAccepted``). Each group is safe to repeat (a retried step,
-    a later attempt): stored runs are found, named executions exist."""
+    a later attempt): stored runs are found, named executions exist.
+
+    A look that finds no room costs the progress Query and the count only: the request (an S3 read and a
+    KMS open) is read when chunks will start, or first for a step without ``own_key`` (an older hand-off)."""
     progress = required(deps.batch_progress, "StepDeps.batch_progress")
     if _ended(step, progress):  # cancelled (or failed) before this call: store nothing more
         return step.model_copy(update={"done": True, "hold_seconds": 0}), 0
-    body = required(deps.batch_requests, "StepDeps.batch_requests").get(step.request)
-    if body is None:  # expired with the bucket's lifecycle: nothing left to store
-        return step.model_copy(update={"done": True, "hold_seconds": 0}), 0
-    request = _decode(body, deps)
-    chunks = _chunks(request.tasks, tasks_per_execution)
     began = step.began_at_ms if step.began_at_ms is not None else deps.clock.now_ms()
-    room = _room(request, step, deps, cap)
+    request: AcceptedRequest | None = None
+    if step.own_key is None:
+        request = _read(step, deps)
+        if request is None:
+            return step.model_copy(update={"done": True, "hold_seconds": 0}), 0
+        step = step.model_copy(update={"own_key": not request.prototype.uses_default_key})
+    room = _room(step, deps, cap)
     if room == 0:
         if (deps.clock.now_ms() - began) / 1000 > cap.give_up_after_s:
             raise BatchHeldTooLong(
@@ -194,6 +203,11 @@ def store_batch(
         return step.model_copy(
             update={"began_at_ms": began, "hold_seconds": hold, "holds": step.holds + 1}
         ), 0
+    if request is None:
+        request = _read(step, deps)
+        if request is None:
+            return step.model_copy(update={"done": True, "hold_seconds": 0}), 0
+    chunks = _chunks(request.tasks, tasks_per_execution)
     last = len(chunks) if room is None else min(len(chunks), step.next_chunk + room)
     index, started = step.next_chunk, 0
     while index < last and (index == step.next_chunk or seconds_left() > GROUP_RESERVE_S):
@@ -222,13 +236,21 @@ def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.0f} hours" if seconds >= 7200 else f"{seconds / 60:.0f} minutes"
 
 
-def _room(request: AcceptedRequest, step: BatchStep, deps: StepDeps, cap: InFlightCap) -> int | None:
+def _read(step: BatchStep, deps: StepDeps) -> AcceptedRequest | None:
+    """The accepted request, its hub key opened (an S3 GetObject and a KMS Decrypt); None when it expired
+    with the bucket's lifecycle (7 days; a starter runs at most ``ExecutionTimeoutSeconds``, 48 h by
+    default), so there is nothing left to store."""
+    body = required(deps.batch_requests, "StepDeps.batch_requests").get(step.request)
+    return None if body is None else _decode(body, deps)
+
+
+def _room(step: BatchStep, deps: StepDeps, cap: InFlightCap) -> int | None:
     """How many more chunks may start now; None when uncapped. Shared-key batches are not capped: the
     shared key's queue paces their sends, and refuses at once the runs it would hold past its cap, which
     only works if they reach it (a held chunk would wait unrefused). Own-key runs all call OpenAI at once
     and hold Generate's environments, so an own-key batch of thousands would otherwise ask for far more
     invocations than its functions can run (docs/batches.md)."""
-    if cap.executions <= 0 or request.prototype.uses_default_key:
+    if cap.executions <= 0 or not step.own_key:
         return None
     running = required(deps.starter, "StepDeps.starter").running(session_prefix(step.session))
     return max(0, cap.executions - running)
