@@ -193,6 +193,7 @@ def main_serve(port: int = 3000) -> int:
     with LocalStack(options) as stack:
         stack.hub.load_samples()
         sam_local.seed_event_session(stack)
+        sam_local.seed_event_batch()
         env_file = sam_local.write_env_file(stack).relative_to(PROJECT_ROOT)
         sample = load_sample_runs(stack.hub.base_url)[0].payload
         keys = ("projectId", "taskId", "assetId", "categorySchema", "configJSON", "apiKey")
@@ -209,8 +210,9 @@ Try:
     -d '{_compact(example)}'
   curl -s {stack.api_url}/sessions/my-session-1 -H 'Secret: {stack.plugin_secret}'
 
-sam local invoke (where Docker runs; session sess-event-0001 is seeded for the events/ files):
+sam local invoke (where Docker runs; sessions sess-event-0001 and sess-event-batch are seeded for the events/ files):
   sam build && sam local invoke ExtractFunction -e events/extract.json --env-vars {env_file} --docker-network host
+  sam local invoke StartBatchFunction -e events/start_batch.json --env-vars {env_file} --docker-network host
 
 Ctrl-C stops everything.""",
             flush=True,

@@ -15,12 +15,14 @@ from dalle_plugin import wiring
 from dalle_plugin.adapters.dynamo_rate_limiter import QUEUE_KEY
 from dalle_plugin.domain.payload import parse_payload
 from dalle_plugin.domain.rate_limit import line_of
-from dalle_plugin.domain.steps.start import start_session
+from dalle_plugin.domain.run import RunStatus
+from dalle_plugin.domain.steps.batch_start import starter_name
+from dalle_plugin.domain.steps.start import creation_owner, session_prefix, start_session
 from dalle_plugin.settings import RateLimitSettings, load_settings
 
 from local_stack import sam_local
 from local_stack.lambda_environment import LambdaContext
-from tests.conftest import PLUGIN_SECRET, load_event
+from tests.conftest import PLUGIN_SECRET, load_event, wait_for
 
 pytestmark = pytest.mark.stack
 
@@ -101,6 +103,49 @@ def test_step_handlers_with_their_events(stack, openai_emulator):
     assert [step["step"] for step in timeline][:2] == ["queued", "extract"]
     # Attach's first write recorded the lines handed on (Generate's success makes no write of its own)
     assert in_event["message"] in [step.get("detail") for step in timeline]
+
+
+def test_batch_starter_handler_with_its_event(stack):
+    # the batch `make serve` hands to the starter for `sam local invoke`, the same way: the event is the step
+    # hand_off gave the starter (its request kept, its progress begun), and no starter ran it
+    batch_starter = RecordingStarter()
+    handed = sam_local.seed_event_batch(batch_starter)
+    event = load_event("start_batch.json")
+    assert handed.step.model_dump(by_alias=True, exclude_none=True) == event
+    assert batch_starter.started == [
+        (starter_name(event["session"], event["digest"], event["attempt"]), event)
+    ]
+
+    # The step stores the runs and starts their execution, as the starter's first call would: one chunk.
+    answer = _invoke(stack, "StartBatchFunction", event)
+    assert answer | {"beganAtMs": 0} == event | {"nextChunk": 1, "done": True, "beganAtMs": 0}
+    session, task_ids = event["session"], [task["taskId"] for task in sam_local.BATCH_TASKS]
+    owner = creation_owner(session, task_ids)
+    deps = wiring.start_batch_deps()
+    stored = {t: (r.owner, r.chunk) if (r := deps.runs.get(session, t)) else None for t in task_ids}
+    assert stored == dict.fromkeys(task_ids, (owner, task_ids))  # one chunk, its runs owned by its execution
+    progress = [(b.digest, b.attempt, b.accepted, b.stored) for b in deps.batch_progress.of_session(session)]
+    assert progress == [(event["digest"], 1, len(task_ids), len(task_ids))]  # the batch shows as stored
+    sfn = stack.client("stepfunctions")
+    executions = [
+        e
+        for page in sfn.get_paginator("list_executions").paginate(stateMachineArn=stack.state_machine_arn)
+        for e in page["executions"]
+        if e["name"].startswith(session_prefix(session))
+    ]
+    assert [e["name"] for e in executions] == [owner]
+    arn = executions[0]["executionArn"]
+    assert json.loads(sfn.describe_execution(executionArn=arn)["input"]) == {
+        "session": session,
+        "tasks": [{"taskId": task_id} for task_id in task_ids],
+    }
+    # and the execution runs them the usual way (waited for, so that none of it runs into the next test)
+    ended = wait_for(
+        lambda: (status := sfn.describe_execution(executionArn=arn)["status"]) != "RUNNING" and status,
+        "the batch's execution ends",
+    )
+    assert ended == "SUCCEEDED"
+    assert {deps.runs.get(session, t).status for t in task_ids} == {RunStatus.SUCCEEDED}
 
 
 def test_record_failure_handler_with_its_event(stack):

@@ -9,6 +9,7 @@ from dalle_plugin.domain.run import RunRef
 from dalle_plugin.domain.step_io.attach import AttachInput
 from dalle_plugin.domain.step_io.failure import FailureInput
 from dalle_plugin.domain.step_io.generate import GenerateInput
+from dalle_plugin.domain.steps.batch_start import BatchStep
 
 from tests.conftest import load_event
 
@@ -26,6 +27,13 @@ def test_step_events_carry_what_the_step_before_hands_on():
     attach = AttachInput.model_validate(load_event("attach.json"))
     assert attach.generation is not None and attach.generation.generated is not None
     assert attach.generation.image_key == attach.generation.generated.images[0].key
+
+
+def test_batch_starter_event_is_a_first_call_of_the_starter():
+    # what hand_off starts the starter execution with: so `sam local invoke` stores the runs and starts them
+    step = BatchStep.model_validate(load_event("start_batch.json"))
+    assert step.attempt == 1 and step.next_chunk == 0 and not step.done and step.error is None
+    assert step.request.endswith(f"/{step.digest}.json") and step.own_key is False
 
 
 def test_record_failure_event_carries_a_step_functions_error():
