@@ -49,26 +49,63 @@ FUNCTIONS = {  # short name -> template logical id, in the order a run meets the
 #: what each handler imports on its first event instead of at init: timed after its import, so that a figure
 #: of the import never hides what the first invocation then pays
 FIRST_EVENT_MODULES = {
-    "api": ("dalle_plugin.rest_api",),
-    "extract": ("dalle_plugin.wiring", "dalle_plugin.domain.steps.extract"),
+    "api": (
+        "dalle_plugin.rest_api",
+        "dalle_plugin.adapters.dynamo_rate_limiter",  # the shared key's queue, which an accepted run joins
+        "dalle_plugin.adapters.hub_http",
+        "dalle_plugin.adapters.url_guard",
+        "aws_lambda_powertools.utilities.parameters",  # the plugin Secret, read on every request
+        "dalle_plugin.domain.steps.batch_start",
+    ),
+    "extract": (
+        "dalle_plugin.wiring",
+        "dalle_plugin.domain.steps.extract",
+        "dalle_plugin.adapters.hub_http",
+        "dalle_plugin.adapters.url_guard",
+    ),
     "generate": (
         "dalle_plugin.wiring",
         "dalle_plugin.domain.steps.generate",
         "dalle_plugin.adapters.openai_images",
+        "dalle_plugin.adapters.dynamo_rate_limiter",
+        "dalle_plugin.adapters.dynamo_key_pacer",
+        "dalle_plugin.adapters.hub_http",
+        "dalle_plugin.adapters.url_guard",
+        "aws_lambda_powertools.utilities.parameters",  # the shared OpenAI key
+        "openai.resources.images",
     ),
-    "attach": ("dalle_plugin.wiring", "dalle_plugin.domain.steps.attach"),
-    "record_failure": ("dalle_plugin.wiring", "dalle_plugin.domain.steps.failure"),
+    "attach": (
+        "dalle_plugin.wiring",
+        "dalle_plugin.domain.steps.attach",
+        "dalle_plugin.adapters.hub_http",
+        "dalle_plugin.adapters.url_guard",
+    ),
+    "record_failure": (
+        "dalle_plugin.wiring",
+        "dalle_plugin.domain.steps.failure",
+        "dalle_plugin.adapters.dynamo_rate_limiter",
+        "dalle_plugin.adapters.hub_http",
+        "dalle_plugin.adapters.url_guard",
+    ),
 }
 #: the models a function's first event builds that are built on first use (pydantic's defer_build), not at
 #: import: the import figure builds them too, so that deferring a model never flatters it
 FIRST_EVENT_MODELS = {
-    "api": ("dalle_plugin.settings:CommonSettings", "dalle_plugin.settings.api:ApiSettings"),
+    "api": (
+        "dalle_plugin.settings:CommonSettings",
+        "dalle_plugin.settings.api:ApiSettings",
+        "dalle_plugin.domain.rate_limit:LimiterSettings",
+    ),
     "extract": ("dalle_plugin.settings:ExtractSettings", "dalle_plugin.domain.step_io.extract:ExtractResult"),
     "generate": (
         "dalle_plugin.settings:CommonSettings",
         "dalle_plugin.settings.generate:GenerateSettings",
         "dalle_plugin.domain.step_io.generate:GenerateInput",
         "dalle_plugin.domain.step_io.generate:GenerateOutcome",
+        "dalle_plugin.domain.step_io.generate:GeneratedImages",
+        "dalle_plugin.domain.rate_limit:LimiterSettings",
+        "openai.types.images_response:ImagesResponse",
+        "openai.types.images_response:Usage",
     ),
     "attach": (
         "dalle_plugin.settings:AttachSettings",
@@ -76,8 +113,9 @@ FIRST_EVENT_MODELS = {
         "dalle_plugin.domain.step_io.attach:AttachResult",
     ),
     "record_failure": (
-        "dalle_plugin.settings:AttachSettings",
+        "dalle_plugin.settings:RateLimitSettings",
         "dalle_plugin.domain.step_io.failure:FailureInput",
+        "dalle_plugin.domain.rate_limit:LimiterSettings",
     ),
 }
 #: the modes that import the handler and what its first event imports: from the layer as built, and from
