@@ -52,10 +52,6 @@ FIRST_EVENT_MODULES = {
     "api": (
         "dalle_plugin.rest_api",
         "dalle_plugin.adapters.dynamo_rate_limiter",  # the shared key's queue, which an accepted run joins
-        "dalle_plugin.adapters.hub_http",
-        "dalle_plugin.adapters.url_guard",
-        "aws_lambda_powertools.utilities.parameters",  # the plugin Secret, read on every request
-        "dalle_plugin.domain.steps.batch_start",
     ),
     "extract": (
         "dalle_plugin.wiring",
@@ -71,8 +67,13 @@ FIRST_EVENT_MODULES = {
         "dalle_plugin.adapters.dynamo_key_pacer",
         "dalle_plugin.adapters.hub_http",
         "dalle_plugin.adapters.url_guard",
-        "aws_lambda_powertools.utilities.parameters",  # the shared OpenAI key
         "openai.resources.images",
+        # what openai's HTTP client loads when it first sends
+        "httpcore2",
+        "h11",
+        "anyio.to_thread",
+        "anyio.streams",
+        "truststore",
     ),
     "attach": (
         "dalle_plugin.wiring",

@@ -55,12 +55,13 @@ def aws_client(service: str) -> Any:
 
 
 def _hub_factory(settings: CommonSettings) -> Callable[[HubCaller, str], HubClient]:
-    from dalle_plugin.adapters.hub_http import AngoHubClient
-    from dalle_plugin.adapters.url_guard import UrlGuard
-
-    guard = UrlGuard(allowed_private_hosts=settings.allowed_private_hosts)
-
     def hub_for(run: HubCaller, api_key: str) -> HubClient:
+        # loaded by the first hub call, not with the ports: the API accepts a run without calling the hub
+        from dalle_plugin.adapters.hub_http import AngoHubClient
+        from dalle_plugin.adapters.url_guard import UrlGuard
+
+        # a guard holds its settings only: one per client
+        guard = UrlGuard(allowed_private_hosts=settings.allowed_private_hosts)
         return AngoHubClient(
             settings.hub_api_url,
             api_key,
