@@ -54,7 +54,6 @@ import random
 import re
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -72,6 +71,7 @@ from dalle_plugin.domain.rate_limit import (
     line_of,
     placement,
     planned_starts,
+    replace,
     restamp,
     state_at_turn,
 )
