@@ -97,7 +97,10 @@ FIRST_EVENT_MODELS = {
         "dalle_plugin.settings.api:ApiSettings",
         "dalle_plugin.domain.rate_limit:LimiterSettings",
     ),
-    "extract": ("dalle_plugin.settings:ExtractSettings", "dalle_plugin.domain.step_io.extract:ExtractResult"),
+    "extract": (
+        "dalle_plugin.settings.extract:ExtractSettings",
+        "dalle_plugin.domain.step_io.extract:ExtractResult",
+    ),
     "generate": (
         "dalle_plugin.settings:CommonSettings",
         "dalle_plugin.settings.generate:GenerateSettings",
@@ -109,12 +112,12 @@ FIRST_EVENT_MODELS = {
         "openai.types.images_response:Usage",
     ),
     "attach": (
-        "dalle_plugin.settings:AttachSettings",
+        "dalle_plugin.settings.attach:AttachSettings",
         "dalle_plugin.domain.step_io.attach:AttachInput",
         "dalle_plugin.domain.step_io.attach:AttachResult",
     ),
     "record_failure": (
-        "dalle_plugin.settings:RateLimitSettings",
+        "dalle_plugin.settings.rate_limit:RateLimitSettings",
         "dalle_plugin.domain.step_io.failure:FailureInput",
         "dalle_plugin.domain.rate_limit:LimiterSettings",
     ),

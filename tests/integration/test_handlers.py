@@ -16,7 +16,8 @@ from dalle_plugin.adapters.dynamo_rate_limiter import QUEUE_KEY
 from dalle_plugin.domain.payload import parse_payload
 from dalle_plugin.domain.rate_limit import line_of
 from dalle_plugin.domain.steps.start import start_session
-from dalle_plugin.settings import RateLimitSettings, load_settings
+from dalle_plugin.settings import load_settings
+from dalle_plugin.settings.rate_limit import RateLimitSettings
 
 from local_stack import sam_local
 from local_stack.lambda_environment import LambdaContext

@@ -30,16 +30,11 @@ from dalle_plugin.domain.auth import MIN_SECRET_CHARS
 from dalle_plugin.domain.errors import PluginSecretTooShort
 from dalle_plugin.domain.steps.machinery import StepDeps
 from dalle_plugin.ports import HubCaller, HubClient, SessionPages, SystemClock
-from dalle_plugin.settings import (
-    AttachSettings,
-    CommonSettings,
-    ExtractSettings,
-    RateLimitSettings,
-    load_settings,
-)
+from dalle_plugin.settings import CommonSettings, load_settings
 
 if TYPE_CHECKING:
     from dalle_plugin.settings.generate import GenerateSettings
+    from dalle_plugin.settings.rate_limit import RateLimitSettings
 
 # Standard retry mode with a few attempts: AWS throttling is retried in place, anything longer is the
 # state machine's job.
@@ -153,7 +148,7 @@ def api_deps() -> StepDeps:
 @cache
 def start_batch_deps() -> StepDeps:
     """The starter's ports, with the shared key's queue: the runs it stores join it, as the API's do."""
-    from dalle_plugin.settings.api import StartBatchSettings
+    from dalle_plugin.settings.start_batch import StartBatchSettings
 
     settings = load_settings(StartBatchSettings)
     return StepDeps(
@@ -199,7 +194,7 @@ def plugin_secret() -> str:
 
 def authorizer_secret() -> str:
     """The Secret the authorizer compares with, as stored now (re-read within ``SECRET_MAX_AGE_S``)."""
-    from dalle_plugin.settings.api import AuthorizerSettings
+    from dalle_plugin.settings.authorizer import AuthorizerSettings
 
     return secrets_reader().read(load_settings(AuthorizerSettings).plugin_secret_arn)
 
@@ -214,6 +209,8 @@ def session_pages() -> SessionPages:
 
 @cache
 def extract_deps() -> StepDeps:
+    from dalle_plugin.settings.extract import ExtractSettings
+
     return StepDeps(**_common(load_settings(ExtractSettings)))
 
 
@@ -281,6 +278,8 @@ def generate_deps() -> StepDeps:
 
 @cache
 def attach_deps() -> StepDeps:
+    from dalle_plugin.settings.attach import AttachSettings
+
     return StepDeps(**_common(load_settings(AttachSettings)))
 
 
@@ -288,5 +287,7 @@ def attach_deps() -> StepDeps:
 def record_failure_deps() -> StepDeps:
     """Attach's ports and the shared key's queue: a failed run leaves its line, or the runs behind it wait
     until it is skipped as abandoned (``abandon_after_ms``, a minute by default)."""
+    from dalle_plugin.settings.rate_limit import RateLimitSettings
+
     settings = load_settings(RateLimitSettings)
     return StepDeps(**_common(settings), **_shared_key_queue(settings))
