@@ -29,10 +29,11 @@ from dalle_plugin.adapters.dynamo_runs import DynamoRunStore
 from dalle_plugin.domain.auth import MIN_SECRET_CHARS
 from dalle_plugin.domain.errors import PluginSecretTooShort
 from dalle_plugin.domain.steps.machinery import StepDeps
-from dalle_plugin.ports import HubCaller, HubClient, SessionPages, SystemClock
+from dalle_plugin.port_records import SystemClock
 from dalle_plugin.settings import CommonSettings, load_settings
 
 if TYPE_CHECKING:
+    from dalle_plugin.ports import HubCaller, HubClient, SessionPages
     from dalle_plugin.settings.generate import GenerateSettings
     from dalle_plugin.settings.rate_limit import RateLimitSettings
 

@@ -11,7 +11,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from dalle_plugin.domain.errors import StorageUnavailable
-from dalle_plugin.ports import StoredObject
+from dalle_plugin.port_records import StoredObject
 
 
 class _BucketObjects:

@@ -75,7 +75,7 @@ from dalle_plugin.domain.rate_limit import (
     restamp,
     state_at_turn,
 )
-from dalle_plugin.ports import RateClaim, RateDecision, RateJoin
+from dalle_plugin.port_records import RateClaim, RateDecision, RateJoin
 
 CONDITION_FAILED = "ConditionalCheckFailedException"
 #: the queue item's key (the earlier one-attribute layout was kept under ``global``)

@@ -34,7 +34,7 @@ import urllib3
 
 from dalle_plugin.domain.errors import AssetUnreadable, HubDeliveryUnknown, HubRequestRejected, HubUnavailable
 from dalle_plugin.domain.hub_answer import answer_to_write_format
-from dalle_plugin.ports import HubAsset, HubTaskRef
+from dalle_plugin.port_records import HubAsset, HubTaskRef
 
 logger = logging.getLogger(__name__)
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from dalle_plugin.domain.errors import OrgQuotaReached, SpendingLimitReached
 from dalle_plugin.domain.run import HeldAllowance, RunRecord
-from dalle_plugin.ports import AllowanceLedger
+
+if TYPE_CHECKING:
+    from dalle_plugin.ports import AllowanceLedger
 
 MICROS_PER_USD = 1_000_000
 DAY_MS = 86_400_000

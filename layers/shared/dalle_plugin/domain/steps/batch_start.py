@@ -9,6 +9,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,7 +28,9 @@ from dalle_plugin.domain.steps.start import (
     session_prefix,
     store_and_start,
 )
-from dalle_plugin.ports import BatchProgress
+
+if TYPE_CHECKING:
+    from dalle_plugin.ports import BatchProgress
 
 #: seconds the starter's step keeps in hand when it begins another group of chunks: a group of
 #: ``PARALLEL_CALLS`` chunks takes well under this even on DynamoDB Local (about 1 s a chunk there)

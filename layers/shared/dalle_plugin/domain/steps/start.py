@@ -17,7 +17,7 @@ from dalle_plugin.domain.errors import InvalidRequest, PluginError, PromptNotFou
 from dalle_plugin.domain.payload import MAX_BATCH_TASKS, BatchTask, HubPayload
 from dalle_plugin.domain.run import ModelInfo, RunRecord, RunRef, RunStatus, TimelineEntry
 from dalle_plugin.domain.steps.machinery import ANGO_KEY, OPENAI_KEY, StepDeps, image_fingerprint, required
-from dalle_plugin.ports import RateJoin
+from dalle_plugin.port_records import RateJoin
 
 
 @dataclass
