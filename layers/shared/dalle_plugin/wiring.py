@@ -26,7 +26,6 @@ from dalle_plugin.adapters.dynamo_allowances import DynamoAllowanceLedger
 from dalle_plugin.adapters.dynamo_batches import DynamoBatchProgress
 from dalle_plugin.adapters.dynamo_reusable_images import DynamoReusableImages
 from dalle_plugin.adapters.dynamo_runs import DynamoRunStore
-from dalle_plugin.domain.auth import MIN_SECRET_CHARS
 from dalle_plugin.domain.errors import PluginSecretTooShort
 from dalle_plugin.domain.steps.machinery import StepDeps
 from dalle_plugin.port_records import SystemClock
@@ -166,10 +165,6 @@ def cancel_deps() -> StepDeps:
     return api_deps()
 
 
-#: the shortest plugin Secret the API accepts: an empty or short one would let anyone in
-MIN_PLUGIN_SECRET_CHARS = MIN_SECRET_CHARS
-
-
 @cache
 def secrets_reader() -> CachedSecrets:
     """Secrets as stored now: each re-read once older than ``secret_max_age_s`` (a setting, so a test can
@@ -181,13 +176,16 @@ def secrets_reader() -> CachedSecrets:
 
 def plugin_secret() -> str:
     """The plugin Secret as stored now (re-read within ``secret_max_age_s`` of a rotation); one shorter than
-    ``MIN_PLUGIN_SECRET_CHARS`` is refused, so no request is ever compared with it."""
+    ``MIN_SECRET_CHARS`` (an empty or short one would let anyone in) is refused, so no request is ever
+    compared with it."""
+    # the API's own import: the steps never load who may call the API
+    from dalle_plugin.domain.auth import MIN_SECRET_CHARS
     from dalle_plugin.settings.api import ApiSettings
 
     secret = secrets_reader().read(load_settings(ApiSettings).plugin_secret_arn)
-    if len(secret) < MIN_PLUGIN_SECRET_CHARS:
+    if len(secret) < MIN_SECRET_CHARS:
         raise PluginSecretTooShort(
-            f"The plugin Secret is shorter than {MIN_PLUGIN_SECRET_CHARS} characters, so the plugin refuses "
+            f"The plugin Secret is shorter than {MIN_SECRET_CHARS} characters, so the plugin refuses "
             "every request. Store a longer Secret in Secrets Manager and in the hub's plugin settings."
         )
     return secret
