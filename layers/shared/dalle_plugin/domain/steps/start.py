@@ -8,9 +8,8 @@ import hashlib
 import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
 
 from dalle_plugin.domain.config import parse_config_json, validate_run_options
 from dalle_plugin.domain.errors import InvalidRequest, PluginError, PromptNotFound
@@ -20,14 +19,13 @@ from dalle_plugin.domain.steps.machinery import ANGO_KEY, OPENAI_KEY, StepDeps, 
 from dalle_plugin.port_records import RateJoin
 
 
-@dataclass
-class SessionStart:
+class SessionStart(NamedTuple):  # records are NamedTuples: a dataclass compiles its methods at import
     session: str
     runs: list[RunRecord]
     started: list[str]  # task ids this request started (empty for a duplicate of a running request)
     execution_arn: str | None = None
     #: task ids handed to the batch starter, to be stored and started after the answer
-    storing: list[str] = field(default_factory=list)
+    storing: tuple[str, ...] | list[str] = ()
     duplicate: bool = False  # handed to a starter that was already at work on the same request
     #: a large batch sent again after it was stored, with nothing to run again: its tasks' statuses
     settled: dict[str, str] | None = None
@@ -200,8 +198,7 @@ def _claim(owner: str, chunk: list[str]) -> Callable[[RunRecord], None]:
     return claim
 
 
-@dataclass
-class AcceptedRequest:
+class AcceptedRequest(NamedTuple):
     """A request validated, its tasks listed and its secrets sealed: what storing its runs needs, whether the
     API stores them itself or hands them to the batch starter (``batch_start``)."""
 
