@@ -52,6 +52,7 @@ FIRST_EVENT_MODULES = {
     "api": (
         "dalle_plugin.rest_api",
         "dalle_plugin.adapters.dynamo_rate_limiter",  # the shared key's queue, which an accepted run joins
+        "dalle_plugin.domain.auth",  # the Secret's shortest length, checked on every request
     ),
     "extract": (
         "dalle_plugin.wiring",
