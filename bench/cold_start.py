@@ -49,35 +49,78 @@ FUNCTIONS = {  # short name -> template logical id, in the order a run meets the
 #: what each handler imports on its first event instead of at init: timed after its import, so that a figure
 #: of the import never hides what the first invocation then pays
 FIRST_EVENT_MODULES = {
-    "api": ("dalle_plugin.rest_api",),
-    "extract": ("dalle_plugin.wiring", "dalle_plugin.domain.steps.extract"),
+    "api": (
+        "dalle_plugin.rest_api",
+        "dalle_plugin.adapters.dynamo_rate_limiter",  # the shared key's queue, which an accepted run joins
+        "dalle_plugin.domain.auth",  # the Secret's shortest length, checked on every request
+    ),
+    "extract": (
+        "dalle_plugin.wiring",
+        "dalle_plugin.domain.steps.extract",
+        "dalle_plugin.adapters.hub_http",
+        "dalle_plugin.adapters.url_guard",
+    ),
     "generate": (
         "dalle_plugin.wiring",
         "dalle_plugin.domain.steps.generate",
         "dalle_plugin.adapters.openai_images",
+        "dalle_plugin.adapters.dynamo_rate_limiter",
+        "dalle_plugin.adapters.dynamo_key_pacer",
+        "dalle_plugin.adapters.hub_http",
+        "dalle_plugin.adapters.url_guard",
+        "openai.resources.images",
+        # what openai's HTTP client loads when it first sends
+        "httpcore2",
+        "h11",
+        "anyio.to_thread",
+        "anyio.streams",
+        "truststore",
     ),
-    "attach": ("dalle_plugin.wiring", "dalle_plugin.domain.steps.attach"),
-    "record_failure": ("dalle_plugin.wiring", "dalle_plugin.domain.steps.failure"),
+    "attach": (
+        "dalle_plugin.wiring",
+        "dalle_plugin.domain.steps.attach",
+        "dalle_plugin.adapters.hub_http",
+        "dalle_plugin.adapters.url_guard",
+    ),
+    "record_failure": (
+        "dalle_plugin.wiring",
+        "dalle_plugin.domain.steps.failure",
+        "dalle_plugin.adapters.dynamo_rate_limiter",
+        "dalle_plugin.adapters.hub_http",
+        "dalle_plugin.adapters.url_guard",
+    ),
 }
 #: the models a function's first event builds that are built on first use (pydantic's defer_build), not at
 #: import: the import figure builds them too, so that deferring a model never flatters it
 FIRST_EVENT_MODELS = {
-    "api": ("dalle_plugin.settings:CommonSettings", "dalle_plugin.settings.api:ApiSettings"),
-    "extract": ("dalle_plugin.settings:ExtractSettings", "dalle_plugin.domain.step_io.extract:ExtractResult"),
+    "api": (
+        "dalle_plugin.settings:CommonSettings",
+        "dalle_plugin.settings.api:ApiSettings",
+        "dalle_plugin.domain.rate_limit:LimiterSettings",
+    ),
+    "extract": (
+        "dalle_plugin.settings.extract:ExtractSettings",
+        "dalle_plugin.domain.step_io.extract:ExtractResult",
+    ),
     "generate": (
         "dalle_plugin.settings:CommonSettings",
         "dalle_plugin.settings.generate:GenerateSettings",
         "dalle_plugin.domain.step_io.generate:GenerateInput",
         "dalle_plugin.domain.step_io.generate:GenerateOutcome",
+        "dalle_plugin.domain.step_io.generate:GeneratedImages",
+        "dalle_plugin.domain.rate_limit:LimiterSettings",
+        "openai.types.images_response:ImagesResponse",
+        "openai.types.images_response:Usage",
     ),
     "attach": (
-        "dalle_plugin.settings:AttachSettings",
+        "dalle_plugin.settings.attach:AttachSettings",
         "dalle_plugin.domain.step_io.attach:AttachInput",
         "dalle_plugin.domain.step_io.attach:AttachResult",
     ),
     "record_failure": (
-        "dalle_plugin.settings:AttachSettings",
+        "dalle_plugin.settings.rate_limit:RateLimitSettings",
         "dalle_plugin.domain.step_io.failure:FailureInput",
+        "dalle_plugin.domain.rate_limit:LimiterSettings",
     ),
 }
 #: the modes that import the handler and what its first event imports: from the layer as built, and from
@@ -509,7 +552,10 @@ def main(argv: list[str] | None = None) -> int:
         "processes run side by side): "
         + ", ".join(f"{f} {ratio:.2f}x" for f, ratio in over_floor.items())
         + ". Each handler imports only Powertools' Logger at init and loads the domain, pydantic, botocore and "
-        "(api) its routes on its first event; init's import alone over the floor: "
+        "(api) its routes on its first event; FIRST_EVENT_MODULES and FIRST_EVENT_MODELS name what a real first "
+        "event (each function's events/ file served as in the first table) loads and builds, compared module "
+        "by module and model by model (only the standard library's idna codec, which a connection loads, is "
+        "left out). Init's import alone over the floor: "
         + ", ".join(f"{f} {ratio:.2f}x" for f, ratio in init_over_floor.items())
         + ". The X-Ray SDK is gone from the layer (tracing is Lambda's own active tracing), and with it the "
         f"layer's own botocore; aws_xray_sdk's import now costs {xray:.0f} ms. The AWS clients come from "
@@ -526,20 +572,26 @@ def main(argv: list[str] | None = None) -> int:
     findings.append(
         "What a cold start still pays above its floor, beside the handler's own modules: pydantic itself "
         "(loaded by the step contracts and the run record; counted in instructions under callgrind, its import "
-        "alone is about 0.43 of the floor, and botocore with the Logger about 0.92, which leaves a step "
-        "function about 0.15 of its floor for the plugin's own modules and models within 1.5x: they take about "
-        "0.13, 0.2 before the changes below), the run record's models and the settings each function loads (built on the first event; models "
+        "with a first model is about 0.45 of the floor, and botocore with the Logger about 0.88, which leaves a "
+        "step function about 0.17 of its floor for the plugin's own modules and models within 1.5x: they take "
+        "about 0.15, of which the run record's models about 0.06), the run record's models and the settings "
+        "each function loads (built on the first event; models "
         "only another function uses are built on first use, pydantic's defer_build, and counted here when this "
         "function's first event builds them; the run record builds every model it nests, so deferring those "
         "saves nothing). Creating a pydantic class costs about half a percent of the floor even with its build "
-        "deferred, so each function creates only its own settings (dalle_plugin.settings, .settings.api, "
-        ".settings.generate) and step contracts (domain/step_io/, one module per function); the values that "
-        "cross a port are NamedTuples (a frozen dataclass compiles six generated methods at import), and the "
+        "deferred, so each function creates only its own settings (one module each under dalle_plugin.settings) "
+        "and step contracts (domain/step_io/, one module per function); the ports' Protocol classes are for the "
+        "type checker only (imported under TYPE_CHECKING), and the values that cross a port (port_records.py), "
+        "the limiter's state and the other records a cold start creates are NamedTuples (a frozen dataclass "
+        "compiles six generated methods at import, about 0.6% of a floor), and the "
         "run's list fields default to [] (a builtin default_factory makes pydantic parse its signature, "
         "compiling the tokenizer's regex). The API serves its routes through a router of its own "
         "(dalle_plugin.http_router) instead of Powertools' event handler, whose package imported every resolver "
         "(AppSync's with asyncio among them) and its OpenAPI validation: under callgrind the API's import and "
-        "first event's imports went from 2.38 to 1.68 times the floor's instructions. What the API pays beyond "
+        "first event's imports went from 2.38 to 1.68 times the floor's instructions. Its first request read "
+        "the plugin Secret through Powertools Parameters, which imports boto3 (CachedSecrets now calls "
+        "Secrets Manager itself), and loaded the batch starter's module and the hub client, which a run's POST "
+        "does not use (loaded by a large batch and the first hub call). What the API pays beyond "
         "a step function is the request validation only it does (the run payload, the Config JSON with the "
         "model catalog: domain/payload.py, config.py, models_catalog.py) and the routes' own domain (starting "
         "a session, paging and cancelling one); the answers' models and the OpenAPI document load only for "

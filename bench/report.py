@@ -222,9 +222,11 @@ HEADLINES = {
             "baseline: an eager module. What a cold start pays in all (init imports only Powertools' Logger; the "
             "routes load on the first request). Cut by shipping the layer's bytecode, by AWS clients from "
             "botocore alone, and by a router of the plugin's own instead of Powertools' event handler (its "
-            "package imported every resolver and its OpenAPI validation); left: pydantic (its import alone about "
-            "0.43 of the floor), the run record's models and the request validation only the API does (run "
-            "payload, Config JSON, model catalog)"
+            "package imported every resolver and its OpenAPI validation), by reading the Secret without "
+            "Powertools Parameters (which imported boto3) and loading the batch starter and the hub client only "
+            "when a request needs them; left: pydantic (its import alone about 0.45 of the floor), the run "
+            "record's models and the request validation only the API does (run payload, Config JSON, model "
+            "catalog)"
         ),
     ),
     "cold_start_import_over_floor_extract": (
@@ -233,8 +235,9 @@ HEADLINES = {
         (
             "baseline: an eager module. What a cold start pays in all. Cut by shipping the layer's bytecode, "
             "building other functions' models (Generate's and Attach's inputs among them) on first use only, "
-            "Generate's port values kept out of ports.py, and AWS clients from botocore alone (no boto3); left: "
-            "pydantic (its import alone about 0.43 of the floor) and the run record's models"
+            "Generate's port values kept out of ports.py, no port's Protocol class or other function's settings "
+            "class created, records as NamedTuples, and AWS clients from botocore alone (no boto3); left: "
+            "pydantic (its import alone about 0.45 of the floor) and the run record's models"
         ),
     ),
     "cold_start_import_over_floor_generate": (
@@ -251,8 +254,9 @@ HEADLINES = {
         (
             "baseline: an eager module. What a cold start pays in all. Cut by shipping the layer's bytecode, "
             "building other functions' models (Generate's and Attach's inputs among them) on first use only, "
-            "Generate's port values kept out of ports.py, and AWS clients from botocore alone (no boto3); left: "
-            "pydantic (its import alone about 0.43 of the floor) and the run record's models"
+            "Generate's port values kept out of ports.py, no port's Protocol class or other function's settings "
+            "class created, records as NamedTuples, and AWS clients from botocore alone (no boto3); left: "
+            "pydantic (its import alone about 0.45 of the floor) and the run record's models"
         ),
     ),
     "package_mb_total": (

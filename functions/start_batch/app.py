@@ -6,7 +6,7 @@ from dalle_plugin import wiring
 from dalle_plugin.domain.steps.batch_start import BatchStep, InFlightCap, record_batch_failure, store_batch
 from dalle_plugin.observability import bind_run, lambda_handler, record_run_accepted
 from dalle_plugin.settings import load_settings
-from dalle_plugin.settings.api import StartBatchSettings
+from dalle_plugin.settings.start_batch import StartBatchSettings
 
 #: a held starter gives up this long before its execution's TimeoutSeconds: a wait of at most 5 minutes,
 #: a call of at most 2 (its Timeout) and that call's retries (about 2) end inside it

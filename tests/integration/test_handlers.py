@@ -18,7 +18,8 @@ from dalle_plugin.domain.rate_limit import line_of
 from dalle_plugin.domain.run import RunStatus
 from dalle_plugin.domain.steps.batch_start import starter_name
 from dalle_plugin.domain.steps.start import creation_owner, session_prefix, start_session
-from dalle_plugin.settings import RateLimitSettings, load_settings
+from dalle_plugin.settings import load_settings
+from dalle_plugin.settings.rate_limit import RateLimitSettings
 
 from local_stack import sam_local
 from local_stack.lambda_environment import LambdaContext

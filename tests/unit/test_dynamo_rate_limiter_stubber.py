@@ -4,7 +4,6 @@ used: one conditional UpdateItem per decision, never a read; a claim from an old
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from typing import Any
 
 import boto3
@@ -20,6 +19,7 @@ from dalle_plugin.domain.rate_limit import (
     leave,
     line_of,
     planned_starts,
+    replace,
     state_at_turn,
 )
 from dalle_plugin.ports import RateClaim

@@ -330,7 +330,7 @@ def test_a_timed_out_step_ends_the_run_with_a_sentence_a_person_can_act_on():
 
 
 def test_secrets_are_read_again_after_their_cache_lifetime():
-    """Powertools Parameters keeps a secret for its max age, then reads it again: a rotation is seen."""
+    """A secret is kept for its max age, then read again: a rotation is seen."""
     from dalle_plugin.adapters.aws import CachedSecrets
 
     from tests.conftest import wait_for

@@ -12,8 +12,7 @@ import functools
 import io
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import IO, TYPE_CHECKING, Any, TypeVar, cast
+from typing import IO, TYPE_CHECKING, Any, NamedTuple, TypeVar, cast
 
 from aws_lambda_powertools import Logger, Metrics
 from aws_lambda_powertools.metrics import MetricUnit, single_metric
@@ -181,8 +180,7 @@ def record_run_failed(reason: str) -> None:
         metric.add_dimension(name="Reason", value=reason or "unknown")
 
 
-@dataclass(frozen=True)
-class GenerationFacts:
+class GenerationFacts(NamedTuple):
     """What one newly generated image cost in time and money."""
 
     latency_ms: int

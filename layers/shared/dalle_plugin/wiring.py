@@ -26,20 +26,15 @@ from dalle_plugin.adapters.dynamo_allowances import DynamoAllowanceLedger
 from dalle_plugin.adapters.dynamo_batches import DynamoBatchProgress
 from dalle_plugin.adapters.dynamo_reusable_images import DynamoReusableImages
 from dalle_plugin.adapters.dynamo_runs import DynamoRunStore
-from dalle_plugin.domain.auth import MIN_SECRET_CHARS
 from dalle_plugin.domain.errors import PluginSecretTooShort
 from dalle_plugin.domain.steps.machinery import StepDeps
-from dalle_plugin.ports import HubCaller, HubClient, SessionPages, SystemClock
-from dalle_plugin.settings import (
-    AttachSettings,
-    CommonSettings,
-    ExtractSettings,
-    RateLimitSettings,
-    load_settings,
-)
+from dalle_plugin.port_records import SystemClock
+from dalle_plugin.settings import CommonSettings, load_settings
 
 if TYPE_CHECKING:
+    from dalle_plugin.ports import HubCaller, HubClient, SessionPages
     from dalle_plugin.settings.generate import GenerateSettings
+    from dalle_plugin.settings.rate_limit import RateLimitSettings
 
 # Standard retry mode with a few attempts: AWS throttling is retried in place, anything longer is the
 # state machine's job.
@@ -55,12 +50,13 @@ def aws_client(service: str) -> Any:
 
 
 def _hub_factory(settings: CommonSettings) -> Callable[[HubCaller, str], HubClient]:
-    from dalle_plugin.adapters.hub_http import AngoHubClient
-    from dalle_plugin.adapters.url_guard import UrlGuard
-
-    guard = UrlGuard(allowed_private_hosts=settings.allowed_private_hosts)
-
     def hub_for(run: HubCaller, api_key: str) -> HubClient:
+        # loaded by the first hub call, not with the ports: the API accepts a run without calling the hub
+        from dalle_plugin.adapters.hub_http import AngoHubClient
+        from dalle_plugin.adapters.url_guard import UrlGuard
+
+        # a guard holds its settings only: one per client
+        guard = UrlGuard(allowed_private_hosts=settings.allowed_private_hosts)
         return AngoHubClient(
             settings.hub_api_url,
             api_key,
@@ -152,7 +148,7 @@ def api_deps() -> StepDeps:
 @cache
 def start_batch_deps() -> StepDeps:
     """The starter's ports, with the shared key's queue: the runs it stores join it, as the API's do."""
-    from dalle_plugin.settings.api import StartBatchSettings
+    from dalle_plugin.settings.start_batch import StartBatchSettings
 
     settings = load_settings(StartBatchSettings)
     return StepDeps(
@@ -169,10 +165,6 @@ def cancel_deps() -> StepDeps:
     return api_deps()
 
 
-#: the shortest plugin Secret the API accepts: an empty or short one would let anyone in
-MIN_PLUGIN_SECRET_CHARS = MIN_SECRET_CHARS
-
-
 @cache
 def secrets_reader() -> CachedSecrets:
     """Secrets as stored now: each re-read once older than ``secret_max_age_s`` (a setting, so a test can
@@ -184,13 +176,16 @@ def secrets_reader() -> CachedSecrets:
 
 def plugin_secret() -> str:
     """The plugin Secret as stored now (re-read within ``secret_max_age_s`` of a rotation); one shorter than
-    ``MIN_PLUGIN_SECRET_CHARS`` is refused, so no request is ever compared with it."""
+    ``MIN_SECRET_CHARS`` (an empty or short one would let anyone in) is refused, so no request is ever
+    compared with it."""
+    # the API's own import: the steps never load who may call the API
+    from dalle_plugin.domain.auth import MIN_SECRET_CHARS
     from dalle_plugin.settings.api import ApiSettings
 
     secret = secrets_reader().read(load_settings(ApiSettings).plugin_secret_arn)
-    if len(secret) < MIN_PLUGIN_SECRET_CHARS:
+    if len(secret) < MIN_SECRET_CHARS:
         raise PluginSecretTooShort(
-            f"The plugin Secret is shorter than {MIN_PLUGIN_SECRET_CHARS} characters, so the plugin refuses "
+            f"The plugin Secret is shorter than {MIN_SECRET_CHARS} characters, so the plugin refuses "
             "every request. Store a longer Secret in Secrets Manager and in the hub's plugin settings."
         )
     return secret
@@ -198,7 +193,7 @@ def plugin_secret() -> str:
 
 def authorizer_secret() -> str:
     """The Secret the authorizer compares with, as stored now (re-read within ``SECRET_MAX_AGE_S``)."""
-    from dalle_plugin.settings.api import AuthorizerSettings
+    from dalle_plugin.settings.authorizer import AuthorizerSettings
 
     return secrets_reader().read(load_settings(AuthorizerSettings).plugin_secret_arn)
 
@@ -213,6 +208,8 @@ def session_pages() -> SessionPages:
 
 @cache
 def extract_deps() -> StepDeps:
+    from dalle_plugin.settings.extract import ExtractSettings
+
     return StepDeps(**_common(load_settings(ExtractSettings)))
 
 
@@ -280,6 +277,8 @@ def generate_deps() -> StepDeps:
 
 @cache
 def attach_deps() -> StepDeps:
+    from dalle_plugin.settings.attach import AttachSettings
+
     return StepDeps(**_common(load_settings(AttachSettings)))
 
 
@@ -287,5 +286,7 @@ def attach_deps() -> StepDeps:
 def record_failure_deps() -> StepDeps:
     """Attach's ports and the shared key's queue: a failed run leaves its line, or the runs behind it wait
     until it is skipped as abandoned (``abandon_after_ms``, a minute by default)."""
+    from dalle_plugin.settings.rate_limit import RateLimitSettings
+
     settings = load_settings(RateLimitSettings)
     return StepDeps(**_common(settings), **_shared_key_queue(settings))

@@ -5,12 +5,13 @@ variables (``AWS_ENDPOINT_URL_*``), so the local stack needs no code path of its
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from botocore.exceptions import ClientError
 
 from dalle_plugin.domain.errors import StorageUnavailable
-from dalle_plugin.ports import StoredObject
+from dalle_plugin.port_records import StoredObject
 
 
 class _BucketObjects:
@@ -78,20 +79,34 @@ class KmsSecretVault:
 SECRET_MAX_AGE_S = 120
 
 
+class GetParameterError(Exception):
+    """A secret could not be read. Named, with the reader's message, as Powertools Parameters named it when
+    it read the secrets: the error a step fails with (and the Catch path describes) stays the same."""
+
+
 class CachedSecrets:
-    """Secrets through Powertools Parameters (``SecretsProvider``), each kept ``max_age_s`` and then read
-    again, so a rotation reaches warm Lambdas. The client is injected (its endpoint is boto3's own, as for
-    every adapter); Parameters never logs a value, and neither does this."""
+    """Secrets from Secrets Manager, each kept ``max_age_s`` and then read again, so a rotation reaches warm
+    Lambdas. The client is injected (its endpoint is botocore's own, as for every adapter); no value is ever
+    logged. Not Powertools Parameters: its package imports boto3 (and s3transfer, multiprocessing) on the
+    first request of every function that reads a secret, for one call and a cache."""
 
     def __init__(self, client: Any, max_age_s: int = SECRET_MAX_AGE_S):
-        from aws_lambda_powertools.utilities.parameters import SecretsProvider
-
-        self._provider = SecretsProvider(boto3_client=client)
+        self._client = client
         self._max_age_s = max_age_s
+        self._cache: dict[str, tuple[float, str]] = {}  # secret id -> (read again after, value)
 
     def read(self, secret_id: str) -> str:
-        value = self._provider.get(secret_id, max_age=self._max_age_s)
-        return value.decode() if isinstance(value, bytes) else str(value)
+        cached = self._cache.get(secret_id)
+        if cached is not None and time.monotonic() < cached[0]:
+            return cached[1]
+        try:
+            answer = self._client.get_secret_value(SecretId=secret_id)
+        except Exception as exc:
+            raise GetParameterError(str(exc)) from exc
+        secret = answer["SecretString"] if "SecretString" in answer else answer["SecretBinary"]
+        value = secret.decode() if isinstance(secret, bytes) else str(secret)
+        self._cache[secret_id] = (time.monotonic() + self._max_age_s, value)
+        return value
 
 
 class StepFunctionsStarter:

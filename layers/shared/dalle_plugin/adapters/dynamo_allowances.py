@@ -16,7 +16,7 @@ from typing import Any
 from botocore.exceptions import ClientError
 
 from dalle_plugin.domain.errors import StorageUnavailable
-from dalle_plugin.ports import AllowanceAnswer
+from dalle_plugin.port_records import AllowanceAnswer
 
 SORT_KEY = "ALLOWANCE"
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from dalle_plugin.ports import BatchState
+from dalle_plugin.port_records import BatchState
 
 #: attribute names ("stored" is one of DynamoDB's reserved words)
 _NAMES = {"#attempt": "attempt", "#accepted": "accepted", "#stored": "stored"}

@@ -54,7 +54,6 @@ import random
 import re
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -72,10 +71,11 @@ from dalle_plugin.domain.rate_limit import (
     line_of,
     placement,
     planned_starts,
+    replace,
     restamp,
     state_at_turn,
 )
-from dalle_plugin.ports import RateClaim, RateDecision, RateJoin
+from dalle_plugin.port_records import RateClaim, RateDecision, RateJoin
 
 CONDITION_FAILED = "ConditionalCheckFailedException"
 #: the queue item's key (the earlier one-attribute layout was kept under ``global``)

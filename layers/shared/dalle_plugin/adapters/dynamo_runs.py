@@ -26,7 +26,7 @@ from pydantic import BaseModel
 from dalle_plugin.adapters.dynamo_reusable_images import offer_marker_key, offered_image_key
 from dalle_plugin.domain.errors import StorageUnavailable
 from dalle_plugin.domain.run import RunRecord
-from dalle_plugin.ports import StepOpening
+from dalle_plugin.port_records import StepOpening
 
 if TYPE_CHECKING:  # the session view is the API's alone: its model loads only there
     from dalle_plugin.domain.step_io.api import RunTally

@@ -27,15 +27,14 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote, urlencode, urljoin, urlsplit
 
 import urllib3
 
 from dalle_plugin.domain.errors import AssetUnreadable, HubDeliveryUnknown, HubRequestRejected, HubUnavailable
 from dalle_plugin.domain.hub_answer import answer_to_write_format
-from dalle_plugin.ports import HubAsset, HubTaskRef
+from dalle_plugin.port_records import HubAsset, HubTaskRef
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +65,7 @@ def allow_any_url(url: str) -> None:
     Deployed code uses ``adapters.url_guard.UrlGuard`` (wired in ``wiring``)."""
 
 
-@dataclass(frozen=True)
-class _Answer:
+class _Answer(NamedTuple):
     status: int
     body: bytes
     content_type: str

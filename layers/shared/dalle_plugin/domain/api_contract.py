@@ -10,15 +10,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from dalle_plugin.domain.sessions import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 
 MAX_SESSION_CHARS = 256  # what a payload may name; a longer id cannot exist (nor be a DynamoDB key)
+#: the session routes' models are built on their first request: the API's first is mostly a run's POST
+FIRST_USE = ConfigDict(defer_build=True)
 
 
 class SessionPath(BaseModel):
     """The path of the session routes: an id longer than any session's is refused as no such session."""
 
+    model_config = FIRST_USE
     session: str = Field(min_length=1, max_length=MAX_SESSION_CHARS, description="The hub's session id.")
 
 
 class SessionQuery(BaseModel):
+    model_config = FIRST_USE
     page: str | None = Field(
         default=None, max_length=1024, description="The `next` of the answer before (opaque)."
     )
@@ -30,5 +34,5 @@ class SessionQuery(BaseModel):
 class CancelRequest(BaseModel):
     """The optional body of a cancel: one task of the session, or (absent) every task."""
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, defer_build=True)
     task_id: str | None = Field(default=None, alias="taskId", min_length=1, max_length=256)

@@ -8,7 +8,7 @@ here and rendered here, never with ``str.format`` (which would also accept ``{pr
 from __future__ import annotations
 
 import string
-from dataclasses import dataclass
+from typing import NamedTuple
 
 PLACEHOLDER = "prompt"
 #: a template is a short frame around the prompt, not a document
@@ -19,8 +19,7 @@ class TemplateProblem(ValueError):
     """Why a text is not a usable template, in words for the user."""
 
 
-@dataclass(frozen=True)
-class PromptTemplate:
+class PromptTemplate(NamedTuple):
     #: the literal texts between placeholders (one more than the placeholders), braces unescaped
     pieces: tuple[str, ...]
 

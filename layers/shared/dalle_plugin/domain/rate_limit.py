@@ -131,10 +131,19 @@ the others would have had.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
 from itertools import islice
+from typing import Any, NamedTuple, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+_Record = TypeVar("_Record", bound=tuple)
+
+
+def replace(record: _Record, **changes: Any) -> _Record:
+    """``record`` with ``changes``: the state's records are NamedTuples, not frozen dataclasses (each of those
+    compiles six methods at import, and the API, Generate and Record Failure import this on a cold start)."""
+    return cast("_Record", record._replace(**changes))  # type: ignore[attr-defined]
+
 
 EDITOR, WORKFLOW = "e", "w"
 
@@ -216,8 +225,7 @@ def line_of(org: str, interactive: bool) -> str:
     return f"{EDITOR if interactive else WORKFLOW}:{org}"
 
 
-@dataclass(frozen=True)
-class Line:
+class Line(NamedTuple):
     issued: int = 0  # the next ticket
     served: int = 0  # every ticket below was sent or skipped; kept at a ticket still waiting
     skipped: tuple[tuple[int, int], ...] = ()  # [lo, hi) ranges above ``served``, sorted and apart
@@ -261,16 +269,14 @@ def _normal(line: Line) -> Line:
     return replace(line, served=served, skipped=tuple(r for r in ranges if r[0] < line.issued))
 
 
-@dataclass(frozen=True)
-class Slot:
+class Slot(NamedTuple):
     at_ms: int  # the granted send's clock reading
     send: str  # the send ticket (a claim asked again with it answers "granted")
     line: str
     grant: int = -1  # its grant number (organisations take turns by it)
 
 
-@dataclass(frozen=True)
-class LimiterState:
+class LimiterState(NamedTuple):
     grants: int = 0  # sends granted so far (a grant's number: organisations take turns by it)
     issued: int = 0  # tickets issued so far by every line: a line made anew starts here, so no ticket recurs
     changes: int = 0  # joins, leaves and skips so far (what a claim made from an older view cannot predict)
@@ -387,8 +393,7 @@ def head_turn_ms(state: LimiterState, settings: LimiterSettings, head_line: str)
     )
 
 
-@dataclass(frozen=True)
-class Joined:
+class Joined(NamedTuple):
     state: LimiterState
     first_ticket: int
     admitted: int  # the first ``admitted`` runs got tickets first_ticket, first_ticket + 1, ...
@@ -468,8 +473,7 @@ def leave(state: LimiterState, line: str, first: int, count: int = 1, now_ms: in
     return replace(state, lines=_with_line(state, line, shrunk), changes=state.changes + 1)
 
 
-@dataclass(frozen=True)
-class Answer:
+class Answer(NamedTuple):
     granted: bool
     start_at_ms: int  # now when granted; its turn otherwise
     position: int  # runs that will send before it

@@ -4,15 +4,13 @@ hub's Plugin Sessions dialog, where the user looks, not only in the HTTP answer 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from dalle_plugin.domain.errors import PluginError
 from dalle_plugin.domain.steps.machinery import StepDeps
 
 
-@dataclass(frozen=True)
-class _Caller:
+class _Caller(NamedTuple):
     """Whom the hub is told for (a ``HubCaller``), read from a request that never became a run."""
 
     plugin_id: str | None

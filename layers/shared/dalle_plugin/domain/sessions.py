@@ -10,13 +10,15 @@ from __future__ import annotations
 import base64
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dalle_plugin.domain.errors import InvalidRequest
 from dalle_plugin.domain.pricing import DEFAULT_PRICES, estimate_cost_usd
 from dalle_plugin.domain.run import ImageInfo, RunRecord, RunStatus
 from dalle_plugin.domain.step_io.api import RunTally
-from dalle_plugin.ports import BatchProgress, ImageStore, SessionPages
+
+if TYPE_CHECKING:
+    from dalle_plugin.ports import BatchProgress, ImageStore, SessionPages
 
 
 def run_view(

@@ -10,20 +10,20 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from dalle_plugin.domain.errors import OrgQuotaReached, SpendingLimitReached
 from dalle_plugin.domain.run import HeldAllowance, RunRecord
-from dalle_plugin.ports import AllowanceLedger
+
+if TYPE_CHECKING:
+    from dalle_plugin.ports import AllowanceLedger
 
 MICROS_PER_USD = 1_000_000
 DAY_MS = 86_400_000
 QuotaMode = Literal["wait", "fail"]
 
 
-@dataclass(frozen=True)
-class OrgQuota:
+class OrgQuota(NamedTuple):
     """The deployment's daily image quota per organisation on the shared key (``OrgDailyImageQuota``)."""
 
     images_per_day: int
@@ -59,8 +59,7 @@ def request_cost_micros(run: RunRecord) -> int:
     return math.ceil((run.cost_per_image_usd or 0.0) * run.images_per_task * MICROS_PER_USD)
 
 
-@dataclass(frozen=True)
-class QuotaWait:
+class QuotaWait(NamedTuple):
     """The organisation's quota is used up for today and runs wait: until ``until_ms``."""
 
     until_ms: int

@@ -2,8 +2,9 @@
 
 Domain code never reads ``os.environ``; handlers build these through ``load_settings`` and hand values on.
 A missing or malformed variable fails the cold start with a message naming it. Here: what every function
-shares and the steps' own; the API's (``settings.api``) and Generate's (``settings.generate``) live apart,
-so that no function creates another's classes at its cold start.
+shares; each function's own class lives in a module of its own (``settings.extract``, ``.attach``,
+``.rate_limit``, ``.api``, ``.start_batch``, ``.authorizer``, ``.generate``), so that no function creates
+another's classes at its cold start (each costs about half a percent of a floor to create, built or not).
 """
 
 # No ``from __future__ import annotations`` here: pydantic reads the settings' annotations as objects
@@ -52,24 +53,6 @@ class CommonSettings(BaseModel):
             if entry and (not host or not port.isdigit()):
                 raise ValueError(f"each entry must be an exact host:port pair, got {entry!r}")
         return frozenset(str(entry) for entry in entries if entry)
-
-
-class RateLimitSettings(CommonSettings):
-    """The global limit on the shared key: Generate books slots, the API gives cancelled ones back."""
-
-    rate_limit_table: str = Field(alias="RATE_LIMIT_TABLE", min_length=3)
-    rate_limit: int = Field(default=5, alias="RATE_LIMIT", ge=1)
-    rate_window_s: float = Field(default=60.0, alias="RATE_WINDOW_SECONDS", gt=0)
-    rate_skew_margin_ms: int = Field(default=1500, alias="RATE_SKEW_MARGIN_MS", ge=1)
-    rate_queue_max_wait_s: float = Field(default=1800, alias="RATE_QUEUE_MAX_WAIT_SECONDS", gt=0)
-
-
-class ExtractSettings(CommonSettings):
-    max_asset_bytes: int = Field(default=1_000_000, alias="MAX_ASSET_BYTES", gt=0)
-
-
-class AttachSettings(CommonSettings):
-    pass
 
 
 SettingsT = TypeVar("SettingsT", bound=CommonSettings)

@@ -1,6 +1,5 @@
-"""The API's settings (and its authorizer's and batch starter's): loaded only by those functions, so that a
-step function's cold start never creates their classes (each pydantic class costs about half a percent of
-a function's floor to create, built or not)."""
+"""The API's settings: loaded only by the API, so that no other function's cold start creates the class
+(each pydantic class costs about half a percent of a function's floor to create, built or not)."""
 
 # No ``from __future__ import annotations``: see dalle_plugin.settings.
 
@@ -9,7 +8,7 @@ import json
 from pydantic import Field, field_validator
 
 from dalle_plugin.domain.pricing import DEFAULT_PRICES
-from dalle_plugin.settings import CommonSettings, RateLimitSettings
+from dalle_plugin.settings.rate_limit import RateLimitSettings
 
 DEFAULT_SUCCESSORS = {"dall-e-2": "gpt-image-2", "dall-e-3": "gpt-image-2", "gpt-image-1": "gpt-image-2"}
 
@@ -35,19 +34,3 @@ class ApiSettings(RateLimitSettings):
     @classmethod
     def _parse_json(cls, value: object) -> object:
         return json.loads(value) if isinstance(value, str) else value
-
-
-class StartBatchSettings(RateLimitSettings):
-    """The batch starter's step: stores a large batch's runs and starts their executions."""
-
-    state_machine_arn: str = Field(alias="STATE_MACHINE_ARN", min_length=1)
-    # the API's chunk size: both must form the same chunks (docs/batches.md)
-    tasks_per_execution: int = Field(default=100, alias="TASKS_PER_EXECUTION", ge=1, le=100)
-    # run executions of a session an own-key batch keeps running at once; 0: no cap (docs/batches.md)
-    executions_in_flight: int = Field(default=0, alias="OWN_KEY_EXECUTIONS_IN_FLIGHT", ge=0)
-    # the starter's own TimeoutSeconds (the template gives it the run executions' ExecutionTimeoutSeconds)
-    execution_timeout_s: int = Field(default=172_800, alias="EXECUTION_TIMEOUT_SECONDS", ge=3600)
-
-
-class AuthorizerSettings(CommonSettings):
-    plugin_secret_arn: str = Field(alias="PLUGIN_SECRET_ARN", min_length=1)

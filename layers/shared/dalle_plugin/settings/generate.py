@@ -1,4 +1,4 @@
-"""Generate's settings: loaded only by Generate (see dalle_plugin.settings.api for why apart)."""
+"""Generate's settings: loaded only by Generate (see dalle_plugin.settings for why apart)."""
 
 # No ``from __future__ import annotations``: see dalle_plugin.settings.
 
@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from dalle_plugin.settings import RateLimitSettings
+from dalle_plugin.settings.rate_limit import RateLimitSettings
 
 
 class GenerateSettings(RateLimitSettings):

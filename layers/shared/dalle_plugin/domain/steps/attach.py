@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import replace
+from typing import Any, NamedTuple
 
 from dalle_plugin.domain.errors import HubDeliveryUnknown, HubOutcomeUnknown, PluginError, StorageUnavailable
 from dalle_plugin.domain.hub_answer import answer_to_write_format
@@ -87,10 +87,9 @@ def _confirm_attached(indexes: list[int]) -> Callable[[RunRecord], None]:
     return note
 
 
-@dataclass(frozen=True)
-class _Opening:
-    entries: list[TimelineEntry] = field(default_factory=list)
-    sets: dict[str, Any] = field(default_factory=dict)
+class _Opening(NamedTuple):
+    entries: tuple[TimelineEntry, ...] = ()
+    sets: dict[str, Any] | None = None
     absent: tuple[str, ...] = ()
 
 
@@ -101,7 +100,7 @@ def _opening_with(generated: GeneratedImages | None) -> _Opening:
         return _Opening()
     images = generated.images
     return _Opening(
-        entries=[generated.entry()],
+        entries=(generated.entry(),),
         sets={"image": images[0], "more_images": list(images[1:]), "held": []},
         absent=("image",),
     )

@@ -9,6 +9,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,11 +28,10 @@ from dalle_plugin.domain.steps.start import (
     session_prefix,
     store_and_start,
 )
-from dalle_plugin.ports import BatchProgress
 
-#: chunks the API stores and starts itself (the editor's single run, a small batch): about a second on
-#: DynamoDB Local; a larger request goes to the batch starter, so the POST's time does not grow with it
-DIRECT_CHUNKS = 1
+if TYPE_CHECKING:
+    from dalle_plugin.ports import BatchProgress
+
 #: seconds the starter's step keeps in hand when it begins another group of chunks: a group of
 #: ``PARALLEL_CALLS`` chunks takes well under this even on DynamoDB Local (about 1 s a chunk there)
 GROUP_RESERVE_S = 30.0
@@ -56,10 +56,6 @@ class InFlightCap:
 #: what makes one request's digest: the same tasks and options make the same digest, whatever the time
 _VOLATILE = {"sealed_secrets", "created_at_ms", "accepted_at_ms", "updated_at_ms", "expires_at", "timeline"}
 _PER_TASK = {"task_id", "asset_id", "data_url", "execution_name", "owner", "chunk"}
-
-
-def goes_to_starter(request: AcceptedRequest, tasks_per_execution: int) -> bool:
-    return len(request.tasks) > DIRECT_CHUNKS * tasks_per_execution
 
 
 class BatchStep(BaseModel):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from dalle_plugin.domain.errors import PluginError
 from dalle_plugin.domain.prompt import as_prompt_source, build_prompt
 from dalle_plugin.domain.prompt_template import parse_template
@@ -21,7 +23,9 @@ from dalle_plugin.domain.steps.machinery import (
     required,
 )
 from dalle_plugin.domain.text_decoding import decode_text
-from dalle_plugin.ports import HubClient
+
+if TYPE_CHECKING:
+    from dalle_plugin.ports import HubClient
 
 
 def _as_sentence(note: str) -> str:

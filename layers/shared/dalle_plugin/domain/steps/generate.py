@@ -7,6 +7,7 @@ import datetime as dt
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from dalle_plugin.domain.errors import (
     NotRunOwner,
@@ -57,7 +58,10 @@ from dalle_plugin.domain.steps.machinery import (
 )
 from dalle_plugin.domain.steps.own_key import claim_own_key_send, learn_key_limits
 from dalle_plugin.image_generation import GeneratedImage, ImageRequest
-from dalle_plugin.ports import HubClient, RateClaim, RateDecision
+from dalle_plugin.port_records import RateClaim, RateDecision
+
+if TYPE_CHECKING:
+    from dalle_plugin.ports import HubClient
 
 #: 429 rate_limit_exceeded answers a run takes in a row (waiting the time OpenAI asks each time) before it
 #: gives up: a key whose limit stays used up must end the run, not loop it for days

@@ -16,24 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from dalle_plugin.domain.errors import NotRunOwner, PluginError, RunCancelled
 from dalle_plugin.domain.pricing import DEFAULT_PRICES
 from dalle_plugin.domain.run import ExtractedPrompt, ImageInfo, RunRecord, RunRef, RunStatus, TimelineEntry
-from dalle_plugin.ports import (
-    AllowanceLedger,
-    BatchProgress,
-    BatchRequests,
-    Clock,
-    HubCaller,
-    HubClient,
-    ImageGenerator,
-    ImageStore,
-    KeyPacer,
-    RateLimiter,
-    ReusableImages,
-    RunStore,
-    SecretVault,
-    SessionPages,
-    StepOpening,
-    WorkflowStarter,
-)
+from dalle_plugin.port_records import StepOpening
 
 if (
     TYPE_CHECKING
@@ -42,6 +25,23 @@ if (
     from dalle_plugin.domain.rate_limit import LimiterSettings
     from dalle_plugin.domain.spending import OrgQuota
     from dalle_plugin.domain.step_io.generate import GeneratedImages
+    from dalle_plugin.ports import (
+        AllowanceLedger,
+        BatchProgress,
+        BatchRequests,
+        Clock,
+        HubCaller,
+        HubClient,
+        ImageGenerator,
+        ImageStore,
+        KeyPacer,
+        RateLimiter,
+        ReusableImages,
+        RunStore,
+        SecretVault,
+        SessionPages,
+        WorkflowStarter,
+    )
 
 ANGO_KEY = "ango"
 OPENAI_KEY = "openai"

@@ -8,27 +8,24 @@ import hashlib
 import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
 
 from dalle_plugin.domain.config import parse_config_json, validate_run_options
 from dalle_plugin.domain.errors import InvalidRequest, PluginError, PromptNotFound
 from dalle_plugin.domain.payload import MAX_BATCH_TASKS, BatchTask, HubPayload
 from dalle_plugin.domain.run import ModelInfo, RunRecord, RunRef, RunStatus, TimelineEntry
-from dalle_plugin.domain.steps.extract import read_prompt
 from dalle_plugin.domain.steps.machinery import ANGO_KEY, OPENAI_KEY, StepDeps, image_fingerprint, required
-from dalle_plugin.ports import RateJoin
+from dalle_plugin.port_records import RateJoin
 
 
-@dataclass
-class SessionStart:
+class SessionStart(NamedTuple):  # records are NamedTuples: a dataclass compiles its methods at import
     session: str
     runs: list[RunRecord]
     started: list[str]  # task ids this request started (empty for a duplicate of a running request)
     execution_arn: str | None = None
     #: task ids handed to the batch starter, to be stored and started after the answer
-    storing: list[str] = field(default_factory=list)
+    storing: tuple[str, ...] | list[str] = ()
     duplicate: bool = False  # handed to a starter that was already at work on the same request
     #: a large batch sent again after it was stored, with nothing to run again: its tasks' statuses
     settled: dict[str, str] | None = None
@@ -97,6 +94,10 @@ def _requeue(run: RunRecord, sealed: bytes, now: int, why: str) -> None:
 #: tasks one execution runs: its history (about 40 events a task) and input stay far inside Step Functions'
 #: 25,000 events and 256 KiB (100 task ids of at most 256 characters are 30 KB); docs/batches.md
 TASKS_PER_EXECUTION = 100
+#: chunks the API stores and starts itself (the editor's single run, a small batch): about a second on
+#: DynamoDB Local; a larger request goes to the batch starter (``batch_start``), so the POST's time does
+#: not grow with it
+DIRECT_CHUNKS = 1
 #: AWS calls a request has in flight at once: a 10,000-task batch is 100 writes and 100 starts, so about
 #: 13 round trips each way instead of 200
 PARALLEL_CALLS = 8
@@ -172,6 +173,10 @@ def _prompt_changed(run: RunRecord, api_key: str, deps: StepDeps) -> bool:
     A hub that cannot be read in the API's budget leaves the run as it is: the person can run it again."""
     if run.image is None or run.image.fingerprint is None:
         return False
+    # Extract's reading of the prompt, loaded only here: a request that re-runs no delivered task never
+    # reads a prompt
+    from dalle_plugin.domain.steps.extract import read_prompt
+
     try:
         prompt = read_prompt(run, deps.hub_for(run, api_key))
     except PluginError:
@@ -193,8 +198,7 @@ def _claim(owner: str, chunk: list[str]) -> Callable[[RunRecord], None]:
     return claim
 
 
-@dataclass
-class AcceptedRequest:
+class AcceptedRequest(NamedTuple):
     """A request validated, its tasks listed and its secrets sealed: what storing its runs needs, whether the
     API stores them itself or hands them to the batch starter (``batch_start``)."""
 
@@ -228,6 +232,10 @@ def accept_request(payload: HubPayload, deps: StepDeps, today: dt.date | None = 
     return AcceptedRequest(prototype=prototype, tasks=tasks, api_key=payload.api_key.get_secret_value())
 
 
+def goes_to_starter(request: AcceptedRequest, tasks_per_execution: int) -> bool:
+    return len(request.tasks) > DIRECT_CHUNKS * tasks_per_execution
+
+
 def start_session(
     payload: HubPayload,
     deps: StepDeps,
@@ -238,10 +246,11 @@ def start_session(
     execution started (``store_and_start``): here, for a request of at most ``DIRECT_CHUNKS`` chunks; a
     larger one is handed to the batch starter (when the deployment has one), so the POST's time and AWS
     calls do not grow with the batch."""
-    from dalle_plugin.domain.steps.batch_start import goes_to_starter, hand_off
-
     request = accept_request(payload, deps, today)
     if deps.batch_starter is not None and goes_to_starter(request, tasks_per_execution):
+        # loaded for a large batch only: a run or a small batch never needs the starter's module
+        from dalle_plugin.domain.steps.batch_start import hand_off
+
         handed = hand_off(request, deps)
         return SessionStart(
             session=handed.step.session,

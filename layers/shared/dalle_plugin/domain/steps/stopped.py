@@ -15,7 +15,7 @@ import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -26,7 +26,9 @@ from dalle_plugin.domain.spending import release
 from dalle_plugin.domain.step_io.failure import FailureInput, StepError
 from dalle_plugin.domain.steps.failure import record_failure
 from dalle_plugin.domain.steps.machinery import StepDeps, check_owner
-from dalle_plugin.ports import RunStore
+
+if TYPE_CHECKING:
+    from dalle_plugin.ports import RunStore
 
 #: the execution statuses whose runs may be stranded (SUCCEEDED and RUNNING never are)
 STRANDING_STATUSES = ("TIMED_OUT", "ABORTED", "FAILED")
