@@ -52,7 +52,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +113,10 @@ class Job:
     claim_to_arrival_ms: float | None = None
     lost_grants: int = 0  # grants given up because the send was held up until its slot was reused
     restamps: int = 0  # sends held up past the tolerance after their grant, recorded again before leaving
+    ticket: int = -1
+    offset_ms: float = 0.0  # the clock offset of the invoke that sent
+    #: every claim: (true ms asked, true ms answered, its clock's offset, calls, granted, told true ms, position)
+    claims: list[tuple[int, int, float, int, bool, int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -230,7 +234,20 @@ class Variant:
             clock, offset, _readings = self._clock(rng)  # every Generate invoke a new container
             limiter = DynamoRateLimiter(self.client, TABLE, settings, key=self.key, clock=clock)
             ask = RateClaim(job.org, job.interactive, ticket, f"{job.name}#{attempt}", view)
+            asked = now_ms()
             decision = limiter.claim(ask)
+            job.ticket, job.offset_ms = ticket, offset
+            job.claims.append(
+                (
+                    asked,
+                    now_ms(),
+                    round(offset),
+                    limiter.calls,
+                    decision.granted,
+                    round(decision.start_at_ms - offset),
+                    decision.position,
+                )
+            )
             if decision.granted:
                 stamped = limiter.confirm_send(ask, decision)  # right before the request leaves, as Generate
                 job.calls += limiter.calls
@@ -526,6 +543,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=5)
     parser.add_argument("--window", type=float, default=6.0, help="scaled window, seconds (real: 60)")
     parser.add_argument("--quick", action="store_true", help="a smaller backlog on a shorter window")
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="LABEL",
+        help="run only this scenario (e.g. backlog60/queue; repeat for more) and print its figures; "
+        "bench/results is left alone",
+    )
+    parser.add_argument(
+        "--runs-out", type=Path, help="with --only: write every run's claims, wakes and sends here (JSON)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.runs, args.window = 20, 3.0
@@ -572,6 +599,14 @@ def main(argv: list[str] | None = None) -> int:
                 ("backlog60_clocks_in_step/queue", "queue", "backlog", args.runs, 1e9, in_step),
             ]
         )
+        # each scenario's seed by its place in the full list, so --only draws what the full run draws
+        seed_index = {plan[0]: i for i, plan in enumerate(plans + alongside)}
+        if args.only:
+            known = set(seed_index)
+            if unknown := set(args.only) - known:
+                parser.error(f"no scenario {sorted(unknown)}; known: {sorted(known)}")
+            plans = [plan for plan in plans if plan[0] in args.only]
+            alongside = [plan for plan in alongside if plan[0] in args.only]
         # one process per scenario and variant, as Lambdas each have their own: no interpreter lock shared
         context = multiprocessing.get_context("fork")
         queue = context.Queue()
@@ -583,12 +618,12 @@ def main(argv: list[str] | None = None) -> int:
                 args=(dynamodb.endpoint_url, i, label, variant, kind, runs, cap, its_dials, queue),
             )
 
-        long_ones = [process(len(plans) + i, plan) for i, plan in enumerate(alongside)]
+        long_ones = [process(seed_index[plan[0]], plan) for plan in alongside]
         for worker in long_ones:
             worker.start()
         outputs = {}
-        for i, plan in enumerate(plans):
-            worker = process(i, plan)
+        for plan in plans:
+            worker = process(seed_index[plan[0]], plan)
             worker.start()
             outputs.update([queue.get(timeout=3600)])
             worker.join(timeout=30)
@@ -596,6 +631,8 @@ def main(argv: list[str] | None = None) -> int:
             outputs.update([queue.get(timeout=3600)])
         for worker in long_ones:
             worker.join(timeout=30)
+    if args.only:
+        return _report_only(outputs, args.runs_out)
     for label, (jobs, result) in outputs.items():
         results[label] = result
         if label.startswith("editor/"):
@@ -639,6 +676,24 @@ def main(argv: list[str] | None = None) -> int:
         f"refused past the cap: {results['cap/queue']['refused']} of 40; claim to arrival (queue): "
         f"{results['backlog/queue']['claim_to_arrival_ms']}"
     )
+    return 0
+
+
+def _report_only(outputs: dict[str, tuple[list[Job], dict[str, Any]]], runs_out: Path | None) -> int:
+    """The figures of the scenarios run with ``--only``, and every run's record if asked for."""
+    for label, (_, result) in sorted(outputs.items()):
+        print(label, json.dumps(result), flush=True)
+    if runs_out:
+        runs_out.write_text(
+            json.dumps(
+                {
+                    label: {"figures": result, "jobs": [asdict(j) for j in jobs]}
+                    for label, (jobs, result) in outputs.items()
+                },
+                indent=1,
+            )
+            + "\n"
+        )
     return 0
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import boto3
 import pytest
 from botocore.stub import Stubber
-from dalle_plugin.adapters.dynamo_rate_limiter import DynamoRateLimiter, encode_state
+from dalle_plugin.adapters.dynamo_rate_limiter import DynamoRateLimiter, decode_state, encode_state
 from dalle_plugin.domain.errors import StorageUnavailable
 from dalle_plugin.domain.rate_limit import (
     LimiterSettings,
@@ -310,3 +310,31 @@ def test_a_write_emptying_two_lines_sets_the_ticket_mark_once(limiter):
     request = limiter.write_request(state, granted, a)
     assert request["UpdateExpression"].count("#n = :n") == 1
     assert request["ExpressionAttributeValues"][":n"] == {"N": "2"}
+
+
+def test_a_send_before_its_turn_keeps_that_turn_in_its_slot_on_the_item_and_in_the_view(client):
+    # the window is checked against the send's clock reading (``t``); the turn the runs behind were told
+    # rides in the slot's owner (``o``) and comes back from the item and from a view
+    settings = SETTINGS.model_copy(update={"join_to_claim_ms": 3000})
+    limiter = DynamoRateLimiter(client, TABLE, settings)
+    before = join(LimiterState(), LINE, 3, NOW, settings).state
+    early = claim(before, LINE, 0, "run-0#1", NOW + 1000, settings)
+    request = limiter.write_request(before, early.state, LINE)
+    values = request["ExpressionAttributeValues"]
+    assert values[":t"] == {"N": str(NOW + 1000)}
+    assert values[":cutoff"] == {"N": str(NOW + 1000 - settings.spacing_ms)}
+    assert json.loads(values[":o"]["S"]) == ["run-0#1", LINE, 0, NOW + 3000]
+    item = {
+        "pk": {"S": "queue"},
+        "g": {"N": "1"},
+        "c": {"N": "1"},
+        "t0": values[":t"],
+        "o0": values[":o"],
+        f"i:{LINE}": {"N": "3"},
+        f"s:{LINE}": {"N": "1"},
+        f"l:{LINE}": {"S": json.dumps([0, 0, [], []])},
+    }
+    slot = limiter.from_item(item).slots[0]
+    assert (slot.at_ms, slot.turn_ms) == (NOW + 1000, NOW + 3000)
+    view = decode_state(encode_state(early.state))
+    assert view.slots == early.state.slots

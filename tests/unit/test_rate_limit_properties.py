@@ -437,6 +437,24 @@ def test_the_eta_of_a_backlog_is_exact_when_everyone_is_on_time():
     assert out.arrivals[29][0] == 4 + 5 * settings.spacing_ms
 
 
+def test_a_head_that_sends_before_its_turn_leaves_the_turns_told_to_the_runs_behind_it():
+    # a batch's first run out of Extract sooner than the join planned: it sends at once, and the runs behind
+    # it keep the turns the join told them (the next send of its slot included), so a run waking on its old
+    # view finds the plan it slept on and the runs behind it do not take it for away
+    settings = LimiterSettings(limit=5, window_s=60, skew_margin_ms=1500)
+    line = line_of("org-a", False)
+    joined = join(LimiterState(), line, 10, 0, settings)
+    first = claim(joined.state, line, 0, "r0#1", 1000, settings)
+    assert first.granted and first.start_at_ms == 1000  # the window is kept by when it sent
+    assert planned_starts(first.state, settings, 9) == list(joined.starts_at_ms[1:])
+    assert joined.starts_at_ms[5] == settings.join_to_claim_ms + settings.spacing_ms
+    # with no run of its line behind it nothing was told from its turn: its slot is planned by the window
+    alone = join(LimiterState(), line, 1, 0, settings)
+    sent = claim(alone.state, line, 0, "a0#1", 1000, settings)
+    later = join(sent.state, line, 5, 2000, settings)
+    assert later.starts_at_ms[-1] == 1000 + settings.spacing_ms
+
+
 def test_a_batch_past_the_cap_is_admitted_up_to_the_cap_and_the_rest_told_their_wait():
     settings = LimiterSettings(limit=1, window_s=60, skew_margin_ms=1000, max_queue_wait_s=150)
     joined = join(LimiterState(), line_of("org", False), 5, 0, settings)
@@ -452,12 +470,15 @@ def test_a_cancelled_run_leaves_a_range_and_the_runs_behind_move_up():
     settings = LimiterSettings(limit=1, window_s=60, skew_margin_ms=1000)
     line = line_of("org", False)
     state = join(LimiterState(), line, 3, 0, settings).state
+    # r0 sends at once, before the turn the join planned for it (join_to_claim_ms later): the slot's next
+    # send is planned from that turn, as r1 and r2 were told at the join
+    turn = settings.join_to_claim_ms
     state = claim(state, line, 0, "r0#1", 0, settings).state
     behind = claim(state, line, 2, "r2#1", 10, settings)
-    assert behind.position == 1 and behind.start_at_ms == 2 * 61_000
+    assert behind.position == 1 and behind.start_at_ms == turn + 2 * 61_000
     state = leave(state, line, 1, 1, 11)
     moved = claim(state, line, 2, "r2#1", 12, settings)
-    assert moved.position == 0 and moved.start_at_ms == 61_000
+    assert moved.position == 0 and moved.start_at_ms == turn + 61_000
     assert list(service_order(moved.state, 1)) == [(line, 2)]
 
 

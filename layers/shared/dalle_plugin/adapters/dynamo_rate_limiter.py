@@ -6,7 +6,8 @@ S`` (compact JSON of the rest: since, last grant, skipped ranges, returned ticke
 grants, ``c`` the changes a claim made from an older view cannot predict (a line made, a leave, a skip, a
 return), ``n`` the ticket a line made anew starts at, ``p`` when the last grant to the head of the order
 was due, and slot ``k`` holds the last send granted in it (``t``: its clock reading, ``o``: its send
-ticket, line and grant number). The item stays small whatever the history (``domain.rate_limit``): a line
+ticket, line and grant number, and for a head that sent before its turn with runs of its line behind it,
+that turn). The item stays small whatever the history (``domain.rate_limit``): a line
 no one waits in is removed.
 
 **A join is one write that nothing refuses.** A batch joining a line with runs waiting adds to that line's
@@ -85,9 +86,10 @@ QUEUE_KEY = "queue"
 MAX_RESTAMPS = 3
 
 
-def _slot_owner(send: str, line: str, grant: int) -> str:
-    """A slot's ``o``: the send ticket, line and grant number of the grant it holds."""
-    return json.dumps([send, line, grant], separators=(",", ":"))
+def _slot_owner(send: str, line: str, grant: int, turn: int | None = None) -> str:
+    """A slot's ``o``: the send ticket, line and grant number of the grant it holds, and the turn of a send
+    that came before it."""
+    return json.dumps([send, line, grant, *([turn] if turn is not None else [])], separators=(",", ":"))
 
 
 def _slot_owned_by(send: str, line: str) -> str:
@@ -124,7 +126,10 @@ def encode_lines(state: LimiterState) -> str:
 def encode_state(state: LimiterState, seen_ms: int = 0) -> str:
     """The whole state as a compact string (what a run keeps as its view), with when it was seen: the time
     plans made from it start (a join's view: when its runs can first claim)."""
-    slots = [[s.at_ms, s.send, s.line, s.grant] if s else None for s in state.slots]
+    slots = [
+        [s.at_ms, s.send, s.line, s.grant, *([s.turn_ms] if s.turn_ms is not None else [])] if s else None
+        for s in state.slots
+    ]
     return json.dumps(
         {
             "g": state.grants,
@@ -141,6 +146,12 @@ def encode_state(state: LimiterState, seen_ms: int = 0) -> str:
 
 def view_seen_ms(text: str) -> int:
     return int(json.loads(text).get("at", 0)) if text else 0
+
+
+def _slot(raw: list) -> Slot:
+    """A slot from ``[time, send, line, grant]`` and, for a send that came before its turn, that turn."""
+    at, send, line, grant, *turn = raw
+    return Slot(int(at), send, line, int(grant), int(turn[0]) if turn else None)
 
 
 def _line(raw: list) -> tuple[str, Line]:
@@ -167,7 +178,7 @@ def decode_state(text: str) -> LimiterState:
         grants=int(raw["g"]),
         issued=int(raw.get("n", 0)),
         changes=int(raw["c"]),
-        slots=tuple(Slot(int(s[0]), s[1], s[2], int(s[3])) if s else None for s in raw["s"]),
+        slots=tuple(_slot(s) if s else None for s in raw["s"]),
         lines=_lines(raw["q"]),
         last_turn_ms=int(raw.get("p", 0)),
     )
@@ -536,7 +547,7 @@ class DynamoRateLimiter:
                 raise ValueError("a grant's state has no slot for it")  # a bug in claim(), never the wire
             names["#t"], names["#o"] = f"t{k}", f"o{k}"
             values[":t"] = {"N": str(slot.at_ms)}
-            values[":o"] = {"S": _slot_owner(slot.send, slot.line, slot.grant)}
+            values[":o"] = {"S": _slot_owner(slot.send, slot.line, slot.grant, slot.turn_ms)}
             values[":cutoff"] = {"N": str(slot.at_ms - self._settings.spacing_ms)}
             names["#p"] = "p"
             values[":p"] = {"N": str(after.last_turn_ms)}
@@ -563,8 +574,7 @@ class DynamoRateLimiter:
         slots: list[Slot | None] = []
         for k in range(limit):
             if f"t{k}" in item:
-                send, line, grant = json.loads(item[f"o{k}"]["S"])
-                slots.append(Slot(int(item[f"t{k}"]["N"]), send, line, int(grant)))
+                slots.append(_slot([item[f"t{k}"]["N"], *json.loads(item[f"o{k}"]["S"])]))
             else:
                 slots.append(None)
         lines = []

@@ -46,7 +46,9 @@ slots close together move no later send. A grant claimed at most ``record_slack`
 after its turn is recorded *at* it, otherwise at the claimer's clock reading before its write; a head that
 sends before its turn (its slot was free) is recorded at its clock, and the state keeps the turn it was
 planned for, from which the turns after it follow (a run told its turn is never found due earlier, passed
-while it sleeps). So a write's round trip or a thread waking a few ms late moves no later send: the
+while it sleeps). While runs of its line wait behind it, its slot keeps that turn as well (``Slot.turn_ms``):
+the slot's next send of that line is planned from the turn, as the runs behind were told, while a run of
+another line takes the slot by the window (``window + margin`` after the send's clock reading). So a write's round trip or a thread waking a few ms late moves no later send: the
 schedule, and the plan every waiting run was told, hold; views seen at different times plan the same
 times, which is what lets a run claim from an old view in one write.
 The last thing before the request leaves, the sender looks at the clock again, and if more than
@@ -97,13 +99,24 @@ ideal (each slot is reused one ``window + margin`` later), plus the first sends'
 What the clocks' offsets cost besides: sends due together are planned a gap (250 ms) apart, each in its
 claimer's clock, so at +-500 ms about one neighbour in four wakes before the run ahead of it. It then goes
 first on its own slot (``Whose turn``), and neither moves; but its first write, predicting the run ahead
-had sent, loses and brings the item back, and so does the run ahead's. The bench's backlog at the real
-window (``docs/performance.md``), run alongside the scaled scenarios on the one DynamoDB Local: 1.0305 of
-the ideal makespan (best 1.0265), an ETA error p95 of 1.32 s, one stall, 2.18 writes per grant (alone on a
-quiet machine, with other draws: 1.027, 0.84 s, none, 1.7). The same backlog beside it with the ``aws``
-profile's clocks (+-20 ms, as NTP keeps Lambdas), everything else hostile: 1.0277, 0.03 s, no stall, 1.27
-writes per grant, the joins included. A told time and its send are read on two environments' clocks, so
-their offsets are most of the ETA error at +-500 ms.
+had sent, loses and brings the item back, and so does the run ahead's: two writes more per such pair, which
+only writes that do not depend on whether the neighbour has claimed would save. ``python -m bench.limiter
+--only backlog60/queue`` (60-run backlog, 60 s window, the full run's draws, two busy processes beside it):
+1.7 to 1.9 writes per grant, where the same backlog with the ``aws`` profile's clocks (+-20 ms) takes 1.27
+(the joins, and the last run of each batch, whose claim from an old view empties its line in the view).
+
+Which part of the ETA error is whose: a told time is the teller's clock reading of the plan and the send
+happens when the sender's clock reads it; teller and sender are different environments, so the error is
+their offset difference plus what the queue moved. With +-500 ms offsets drawn uniformly the first part
+alone has a p95 of about 0.78 s (measured 0.79 s); the queue's own part (the send against the plan, both in
+the plan's clock) had a p95 of 1.1 s, because a batch's first run out of Extract up to 2 s before its planned
+turn freed its slot from that earlier time in the state while every run told before its grant planned from
+the turn, so runs behind the slot's next run took it for away and waited a margin, and that lateness was
+recorded and carried on slot by slot. With the slot keeping the turn (``The plan``) it is 55 ms: makespan
+1.0307 -> 1.029, ETA error p95 1.39 -> 0.79 s, writes per grant 2.15 -> 1.88 on the same draws and load,
+clocks in step unchanged (1.0275, 0.04 s, 1.27). What the early first run still costs: its slot idles from
+its send's window to its turn, so the backlog's first arrival comes that much earlier than the plan (the
+makespan's excess over 1.0265) and, when that is more than the margin, the bench counts a stall (one).
 
 **Never stalled, never demoted.** A waiting run sleeps (a Wait state) until ``wake_lead_ms`` before its
 turn; Wait states wake late, never early, so the lead must be at least the lateness the deployment
@@ -270,10 +283,17 @@ def _normal(line: Line) -> Line:
 
 
 class Slot(NamedTuple):
-    at_ms: int  # the granted send's clock reading
+    at_ms: int  # the granted send's clock reading (what the window is checked against)
     send: str  # the send ticket (a claim asked again with it answers "granted")
     line: str
     grant: int = -1  # its grant number (organisations take turns by it)
+    turn_ms: int | None = None  # a head that sent before its turn (its slot free early): that turn
+
+    @property
+    def planned_ms(self) -> int:
+        """The time the slot's next send is planned from: the turn every view planned this send at, when it
+        came earlier (see ``free_slots``)."""
+        return self.at_ms if self.turn_ms is None else max(self.at_ms, self.turn_ms)
 
 
 class LimiterState(NamedTuple):
@@ -348,9 +368,25 @@ def free_slots(state: LimiterState, settings: LimiterSettings) -> list[tuple[int
     free for it, so neither moves."""
     slots = list(state.slots) + [None] * (settings.limit - len(state.slots))
     return sorted(
-        (slot.at_ms + settings.spacing_ms if slot is not None else 0, index)
+        (slot.planned_ms + settings.spacing_ms if slot is not None else 0, index)
         for index, slot in enumerate(slots)
     )
+
+
+def frees_for_ms(state: LimiterState, settings: LimiterSettings, index: int, line: str) -> int:
+    """When slot ``index`` is planned to take a send of ``line``: from the turn of a send of that line that came
+    before it (the runs of its line were told their turns from it), otherwise by the window."""
+    slot = state.slots[index] if index < len(state.slots) else None
+    if slot is None:
+        return 0
+    return (slot.planned_ms if slot.line == line else slot.at_ms) + settings.spacing_ms
+
+
+def window_frees_ms(state: LimiterState, settings: LimiterSettings, index: int) -> int:
+    """When slot ``index`` takes a new send by the window: ``window + margin`` after its send's clock
+    reading, which for a send that came before its turn is before its plan frees it."""
+    slot = state.slots[index] if index < len(state.slots) else None
+    return slot.at_ms + settings.spacing_ms if slot is not None else 0
 
 
 def planned_starts(state: LimiterState, settings: LimiterSettings, upto: int) -> list[int]:
@@ -369,7 +405,11 @@ def planned_starts(state: LimiterState, settings: LimiterSettings, upto: int) ->
     frees = free_slots(state, settings)
     heads: set[str] = set()
     for k, (name, _) in enumerate(islice(service_order(state, settings.limit), upto)):
-        free = starts[k - settings.limit] + settings.spacing_ms if k >= settings.limit else frees[k][0]
+        free = (
+            starts[k - settings.limit] + settings.spacing_ms
+            if k >= settings.limit
+            else frees_for_ms(state, settings, frees[k][1], name)
+        )
         previous = starts[-1] if starts else (state.last_turn_ms if state.grants else None)
         if previous is None:
             behind = 0
@@ -389,7 +429,9 @@ def head_turn_ms(state: LimiterState, settings: LimiterSettings, head_line: str)
     and its line had it at the head."""
     line = state.line(head_line)
     return max(
-        free_slots(state, settings)[0][0], state.last_turn_ms, line.since_ms if line is not None else 0
+        frees_for_ms(state, settings, free_slots(state, settings)[0][1], head_line),
+        state.last_turn_ms,
+        line.since_ms if line is not None else 0,
     )
 
 
@@ -495,8 +537,6 @@ def _granted(
     turn_ms: int,
 ) -> LimiterState:
     """``ticket``, at ``position`` in the order, granted its send at ``now_ms`` in slot ``slot`` (its plan's)."""
-    slots = list(state.slots) + [None] * (settings.limit - len(state.slots))
-    slots[slot] = Slot(now_ms, send, line, state.grants)
     current = state.line(line) or Line()
     head = next(current.tickets(), None)
     if ticket in current.returned:  # a returned ticket: the tickets above it keep their places
@@ -508,6 +548,13 @@ def _granted(
     advanced = replace(advanced, last_grant=state.grants)
     if ticket == head:
         advanced = replace(advanced, since_ms=0)  # the next head became the head by a grant
+    slots = list(state.slots) + [None] * (settings.limit - len(state.slots))
+    # a send that comes before its turn (a head whose slot was free early) while runs of its line wait behind
+    # it keeps that turn: they were told their turns from it, so the slot's next send of the line is planned
+    # from it as before (a later plan from the earlier send would find them due before their told turns and
+    # have the runs behind them wait as if they were away). The window lets the slot go from ``now_ms`` on.
+    kept = turn_ms if turn_ms > now_ms and advanced.waiting else None
+    slots[slot] = Slot(now_ms, send, line, state.grants, kept)
     return replace(
         state,
         grants=state.grants + 1,
@@ -594,7 +641,7 @@ def claim(
     turn = starts[position]
     if position == 0:
         # the head sends as soon as the window lets it: the gap and a line's since are plans, not rules
-        due = frees[0][0] <= now_ms
+        due = window_frees_ms(working, settings, frees[0][1]) <= now_ms
     else:
         # a run whose turn has come goes before those ahead that have not claimed while they are of its own
         # line and due by less than the margin (their clocks may be that far behind this one's): they take
