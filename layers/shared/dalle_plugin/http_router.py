@@ -10,8 +10,6 @@ them) and its OpenAPI machinery, most of what kept the API's cold start above 1.
 A refused request raises one of the named errors below; the routes' module turns them into its answers.
 """
 
-from __future__ import annotations
-
 import base64
 import json
 import re
@@ -42,7 +40,7 @@ class Request(NamedTuple):
 
     event: Mapping[str, Any]
     context: Any
-    route: Route
+    route: "Route"
     path: Any
     query: Any
     body: Any

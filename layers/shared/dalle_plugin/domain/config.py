@@ -12,8 +12,6 @@ Every problem is an ``InvalidConfig`` naming the field, what was given and what 
 OpenAI key never appears in a message: at most as ``sk-...abcd``.
 """
 
-from __future__ import annotations
-
 import json
 import math
 import re
@@ -305,7 +303,7 @@ class PluginConfig(BaseModel):
         return float(value)
 
     @model_validator(mode="after")
-    def _check_format_combinations(self) -> PluginConfig:
+    def _check_format_combinations(self) -> "PluginConfig":
         output_format = self.output_format or "png"
         if self.output_compression is not None and output_format not in COMPRESSIBLE_FORMATS:
             raise InvalidConfig(

@@ -11,9 +11,6 @@ validated by ``config.PluginConfig``), and building six pydantic schemas for the
 start of the API (about 2% of its floor under callgrind).
 """
 
-from __future__ import annotations
-
-import difflib
 import math
 import re
 from collections.abc import Mapping
@@ -289,6 +286,8 @@ def live_models(today: date) -> list[str]:
 
 def suggest(word: str, choices: list[str] | tuple[str, ...]) -> str | None:
     """The closest of ``choices`` to a mistyped ``word``, if any is close enough to be a likely typo."""
+    import difflib  # a refusal's hint only: a valid Config JSON never loads it
+
     matches = difflib.get_close_matches(word.strip().lower(), list(choices), n=1, cutoff=0.6)
     return matches[0] if matches else None
 

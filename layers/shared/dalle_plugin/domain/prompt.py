@@ -25,8 +25,6 @@ Choices, and why:
 * A prompt longer than the model's limit is cut at a word boundary and the run goes on, with a note.
 """
 
-from __future__ import annotations
-
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
