@@ -94,7 +94,6 @@ FIRST_EVENT_MODULES = {
 #: import: the import figure builds them too, so that deferring a model never flatters it
 FIRST_EVENT_MODELS = {
     "api": (
-        "dalle_plugin.settings:CommonSettings",
         "dalle_plugin.settings.api:ApiSettings",
         "dalle_plugin.domain.rate_limit:LimiterSettings",
     ),
@@ -103,7 +102,6 @@ FIRST_EVENT_MODELS = {
         "dalle_plugin.domain.step_io.extract:ExtractResult",
     ),
     "generate": (
-        "dalle_plugin.settings:CommonSettings",
         "dalle_plugin.settings.generate:GenerateSettings",
         "dalle_plugin.domain.step_io.generate:GenerateInput",
         "dalle_plugin.domain.step_io.generate:GenerateOutcome",
