@@ -4,14 +4,16 @@ Init imports only the logging (Powertools' Logger). The routes with their pydant
 router, the domain and the AWS adapters load on the first request (docs/performance.md, "Cold starts", says
 what that request pays)."""
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aws_lambda_powertools.utilities.typing import LambdaContext
 from dalle_plugin.observability import lambda_handler
+
+if TYPE_CHECKING:  # a type only: the module is not loaded at a cold start
+    from aws_lambda_powertools.utilities.typing import LambdaContext
 
 
 @lambda_handler
-def handler(event: dict, context: LambdaContext) -> dict:
+def handler(event: dict, context: "LambdaContext") -> dict:
     from dalle_plugin.rest_api import handle
 
     return handle(event, context)

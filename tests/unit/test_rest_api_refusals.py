@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 from dalle_plugin import wiring
+from dalle_plugin.domain.api_contract import MAX_PAGE_SIZE
 from dalle_plugin.domain.errors import PromptNotFound
-from dalle_plugin.domain.sessions import MAX_PAGE_SIZE
 
 from local_stack.template import load_template
 
@@ -37,6 +37,7 @@ def api(monkeypatch):
     for name in ("POWERTOOLS_SERVICE_NAME", "POWERTOOLS_METRICS_NAMESPACE"):
         monkeypatch.setenv(name, GLOBAL_ENV[name])
     from dalle_plugin import rest_api
+    from dalle_plugin.domain import cancel, refusal, sessions
 
     told: list[str] = []
     settings = SimpleNamespace(max_body_bytes=1_000_000, tasks_per_execution=100, image_prices={})
@@ -46,7 +47,8 @@ def api(monkeypatch):
     monkeypatch.setattr(wiring, "session_pages", lambda: None)
     monkeypatch.setattr(wiring, "within_time", lambda deps, context, at_most_s=None: deps)
     monkeypatch.setattr(rest_api, "load_settings", lambda cls: settings)
-    monkeypatch.setattr(rest_api, "tell_hub_refused", lambda raw, message, deps: told.append(message))
+    # the routes load these from their modules when called (a run's POST never loads the other routes')
+    monkeypatch.setattr(refusal, "tell_hub_refused", lambda raw, message, deps: told.append(message))
     monkeypatch.setattr(rest_api, "record_run_accepted", lambda count: None)
     monkeypatch.setattr(rest_api, "record_runs_cancelled", lambda count: None)
 
@@ -58,14 +60,14 @@ def api(monkeypatch):
 
     monkeypatch.setattr(rest_api, "start_session", start)
     monkeypatch.setattr(
-        rest_api,
+        sessions,
         "session_page",
         lambda session, pages, limit, token, **_: (
             None if session == "gone" else {"session": session, "limit": limit}
         ),
     )
     monkeypatch.setattr(
-        rest_api,
+        cancel,
         "cancel_session",
         lambda session, task_id, deps: (
             [] if session == "gone" else [SimpleNamespace(task_id="t", cancelled=True)]

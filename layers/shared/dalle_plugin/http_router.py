@@ -10,8 +10,6 @@ them) and its OpenAPI machinery, most of what kept the API's cold start above 1.
 A refused request raises one of the named errors below; the routes' module turns them into its answers.
 """
 
-from __future__ import annotations
-
 import base64
 import json
 import re
@@ -42,7 +40,7 @@ class Request(NamedTuple):
 
     event: Mapping[str, Any]
     context: Any
-    route: Route
+    route: "Route"
     path: Any
     query: Any
     body: Any
@@ -125,15 +123,23 @@ def proxy_answer(answer: Answer) -> dict[str, Any]:
 class Router:
     def __init__(self, routes: Sequence[Route]):
         self.routes = tuple(routes)
-        # trailing slashes are the same route, as API Gateway's stand-ins and Powertools treated them
-        self._patterns = [(route, re.compile(f"^{_pattern(route.path)}/*$")) for route in self.routes]
+        # each route's pattern is compiled when a request of its method first meets it: a cold start's
+        # first request does not compile the other methods' patterns
+        self._patterns: dict[str, re.Pattern[str]] = {}
+
+    def _compiled(self, route: Route) -> re.Pattern[str]:
+        pattern = self._patterns.get(route.path)
+        if pattern is None:
+            # trailing slashes are the same route, as API Gateway's stand-ins and Powertools treated them
+            pattern = self._patterns[route.path] = re.compile(f"^{_pattern(route.path)}/*$")
+        return pattern
 
     def match(self, event: Mapping[str, Any]) -> tuple[Route, dict[str, str]]:
         """The event's route and its path parameters (raw, as matched)."""
         method = str(event.get("httpMethod") or "").upper()
         path = str(event.get("path") or "")
-        for route, pattern in self._patterns:
-            found = pattern.match(path) if route.method == method else None
+        for route in self.routes:
+            found = self._compiled(route).match(path) if route.method == method else None
             if found:
                 return route, found.groupdict()
         raise NoRoute(f"{method} {path}")

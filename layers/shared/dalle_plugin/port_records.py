@@ -4,8 +4,6 @@ these at its cold start), and the system clock. Apart from the ports' ``Protocol
 type checker needs.
 """
 
-from __future__ import annotations
-
 import time
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -99,10 +97,10 @@ class StepOpening(NamedTuple):
     appends ``entries`` to the timeline and stamps ``updated_at_ms``."""
 
     caller: str | None
-    refused: tuple[RunStatus, ...]
+    refused: "tuple[RunStatus, ...]"
     updated_at_ms: int
-    status: RunStatus | None = None
-    entries: tuple[TimelineEntry, ...] = ()
+    status: "RunStatus | None" = None
+    entries: "tuple[TimelineEntry, ...]" = ()
     sets: Mapping[str, Any] = MappingProxyType({})
     absent: tuple[str, ...] = ()
     equal: Mapping[str, Any] = MappingProxyType({})

@@ -14,17 +14,12 @@ import hmac
 import json
 from collections.abc import Mapping
 from http import HTTPStatus
-from typing import Any
-
-from aws_lambda_powertools.utilities.typing import LambdaContext
+from typing import TYPE_CHECKING, Any
 
 from dalle_plugin import wiring
 from dalle_plugin.domain.api_contract import CancelRequest, SessionPath, SessionQuery
-from dalle_plugin.domain.cancel import cancel_session
 from dalle_plugin.domain.errors import InvalidRequest, PluginSecretTooShort, PromptNotFound, Unauthorized
 from dalle_plugin.domain.payload import HubPayload, field_refusal
-from dalle_plugin.domain.refusal import tell_hub_refused
-from dalle_plugin.domain.sessions import session_page
 from dalle_plugin.domain.steps.start import start_session
 from dalle_plugin.http_router import (
     Answer,
@@ -49,6 +44,9 @@ from dalle_plugin.observability import (
 )
 from dalle_plugin.settings import load_settings
 from dalle_plugin.settings.api import ApiSettings
+
+if TYPE_CHECKING:
+    from aws_lambda_powertools.utilities.typing import LambdaContext
 
 SECRET_HEADER = "Secret"  # noqa: S105 - the header's name, not a secret
 RUN_PAYLOAD_PATH = "/plugin"
@@ -111,6 +109,10 @@ def run_plugin(request: Request) -> Answer:
 
 
 def get_session(request: Request) -> Answer:
+    # the routes other than a run's POST load their domain when first asked: the hub's first request to a
+    # new environment is mostly a POST, which should not pay for reading or cancelling sessions
+    from dalle_plugin.domain.sessions import session_page
+
     session, query = request.path.session, request.query
     bind_run(session)
     deps = wiring.api_deps()
@@ -129,6 +131,8 @@ def get_session(request: Request) -> Answer:
 
 
 def cancel(request: Request) -> Answer:
+    from dalle_plugin.domain.cancel import cancel_session
+
     session = request.path.session
     task_id = request.body.task_id if request.body else None
     bind_run(session, task_id)
@@ -276,6 +280,8 @@ def _refusal(exc: NotJson | UnreadableBody | InvalidPart, route: Route) -> Inval
 
 def _tell_hub(event: Mapping[str, Any], context: LambdaContext, message: str) -> None:
     """The hub hears of a refused run payload too (best effort)."""
+    from dalle_plugin.domain.refusal import tell_hub_refused  # only a refused payload needs it
+
     deps = wiring.within_time(wiring.api_deps(), context, wiring.API_HUB_BUDGET_S)
     tell_hub_refused(raw_body(event), message, deps)
 

@@ -166,12 +166,12 @@ def cancel_deps() -> StepDeps:
 
 
 @cache
-def secrets_reader() -> CachedSecrets:
-    """Secrets as stored now: each re-read once older than ``secret_max_age_s`` (a setting, so a test can
-    see a rotation reach warm environments quickly)."""
-    return CachedSecrets(
-        aws_client("secretsmanager"), max_age_s=load_settings(CommonSettings).secret_max_age_s
-    )
+def secrets_reader(max_age_s: int) -> CachedSecrets:
+    """Secrets as stored now: each re-read once older than ``max_age_s`` (the calling function's
+    ``secret_max_age_s``, a setting, so a test can see a rotation reach warm environments quickly). The
+    caller passes its own settings' value: loading ``CommonSettings`` for it would build and validate a
+    second settings model on the first request."""
+    return CachedSecrets(aws_client("secretsmanager"), max_age_s=max_age_s)
 
 
 def plugin_secret() -> str:
@@ -182,7 +182,8 @@ def plugin_secret() -> str:
     from dalle_plugin.domain.auth import MIN_SECRET_CHARS
     from dalle_plugin.settings.api import ApiSettings
 
-    secret = secrets_reader().read(load_settings(ApiSettings).plugin_secret_arn)
+    settings = load_settings(ApiSettings)
+    secret = secrets_reader(settings.secret_max_age_s).read(settings.plugin_secret_arn)
     if len(secret) < MIN_SECRET_CHARS:
         raise PluginSecretTooShort(
             f"The plugin Secret is shorter than {MIN_SECRET_CHARS} characters, so the plugin refuses "
@@ -195,7 +196,8 @@ def authorizer_secret() -> str:
     """The Secret the authorizer compares with, as stored now (re-read within ``SECRET_MAX_AGE_S``)."""
     from dalle_plugin.settings.authorizer import AuthorizerSettings
 
-    return secrets_reader().read(load_settings(AuthorizerSettings).plugin_secret_arn)
+    settings = load_settings(AuthorizerSettings)
+    return secrets_reader(settings.secret_max_age_s).read(settings.plugin_secret_arn)
 
 
 @cache
@@ -256,7 +258,7 @@ def generate_deps() -> StepDeps:
     from dalle_plugin.settings.generate import GenerateSettings
 
     settings = load_settings(GenerateSettings)
-    secrets = secrets_reader()
+    secrets = secrets_reader(settings.secret_max_age_s)
 
     quota = (
         OrgQuota(settings.org_daily_image_quota, settings.org_quota_reached)

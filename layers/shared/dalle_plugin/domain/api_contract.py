@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from dalle_plugin.domain.sessions import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
-
 MAX_SESSION_CHARS = 256  # what a payload may name; a longer id cannot exist (nor be a DynamoDB key)
+#: tasks per page when the caller names no limit, and the most it may name: one page is also one DynamoDB
+#: Query, which stops at 1 MB read, so a page stays far inside Lambda's 6 MB answer whatever the prompts
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
 #: the session routes' models are built on their first request: the API's first is mostly a run's POST
 FIRST_USE = ConfigDict(defer_build=True)
 

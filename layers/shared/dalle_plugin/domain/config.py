@@ -12,16 +12,14 @@ Every problem is an ``InvalidConfig`` naming the field, what was given and what 
 OpenAI key never appears in a message: at most as ``sk-...abcd``.
 """
 
-from __future__ import annotations
-
 import json
 import math
 import re
 from collections.abc import Mapping
 from datetime import date
-from typing import Any, get_args
+from typing import Any, NamedTuple, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, SecretStr, field_validator, model_validator
 
 from dalle_plugin.domain.errors import InvalidConfig, MalformedConfig
 from dalle_plugin.domain.models_catalog import (
@@ -305,7 +303,7 @@ class PluginConfig(BaseModel):
         return float(value)
 
     @model_validator(mode="after")
-    def _check_format_combinations(self) -> PluginConfig:
+    def _check_format_combinations(self) -> "PluginConfig":
         output_format = self.output_format or "png"
         if self.output_compression is not None and output_format not in COMPRESSIBLE_FORMATS:
             raise InvalidConfig(
@@ -434,10 +432,9 @@ def _unknown_key(key: str) -> MalformedConfig:
     return MalformedConfig(message, field=shown, allowed=", ".join(ALLOWED_KEYS))
 
 
-class RunOptions(BaseModel):
-    """What a run will ask OpenAI for, after the Config JSON met the deployment's model list."""
-
-    model_config = ConfigDict(frozen=True)
+class RunOptions(NamedTuple):
+    """What a run will ask OpenAI for, after the Config JSON met the deployment's model list: derived from
+    the validated ``PluginConfig`` and the catalogue, so a NamedTuple like the catalogue's values."""
 
     model: ResolvedModel
     image: ImageOptions
@@ -449,7 +446,7 @@ class RunOptions(BaseModel):
     max_cost_usd: float | None = None
     #: estimated price of one image as asked (None: the price table does not know the model)
     cost_per_image_usd: float | None = None
-    notes: tuple[str, ...] = Field(default=())
+    notes: tuple[str, ...] = ()
 
 
 def validate_run_options(

@@ -4,19 +4,19 @@ Pure data and rules: no I/O, no clock. "Today" is always a parameter so a retire
 both sides, and legacy names (the hub's saved presets still say ``dall-e-2``) are turned into the live model
 the deployment names as their successor. Every size, quality and prompt-length check is made against the
 model that actually runs, never the one the user typed.
+
+The catalogue and what the checks return are NamedTuples, not pydantic models: they are the plugin's own
+static table and the values derived from it, never input to validate (the Config JSON that names them is
+validated by ``config.PluginConfig``), and building six pydantic schemas for them was paid by every cold
+start of the API (about 2% of its floor under callgrind).
 """
 
-from __future__ import annotations
-
-import difflib
 import math
 import re
 from collections.abc import Mapping
 from datetime import date
 from enum import StrEnum
-from typing import Annotated, Literal
-
-from pydantic import BaseModel, ConfigDict, Field
+from typing import NamedTuple
 
 from dalle_plugin.domain.errors import InvalidConfig
 
@@ -58,12 +58,9 @@ def _closeness(candidate: tuple[int, int], wanted: tuple[int, int]) -> tuple[flo
     return round(aspect_gap, 9), round(area_gap, 9)
 
 
-class FixedSizes(BaseModel):
+class FixedSizes(NamedTuple):
     """A model that accepts only a short list of sizes (DALL-E, gpt-image-1)."""
 
-    model_config = ConfigDict(frozen=True)
-
-    kind: Literal["fixed"] = "fixed"
     sizes: tuple[str, ...]
     allows_auto: bool = False
 
@@ -88,7 +85,7 @@ class FixedSizes(BaseModel):
         return min(sized, key=lambda pair: _closeness(pair[0], wanted))[1]
 
 
-class FlexibleSizes(BaseModel):
+class FlexibleSizes(NamedTuple):
     """gpt-image-2 and later: any ``WxH`` within these limits, or ``auto``.
 
     OpenAI's limits: both edges multiples of 16, long edge at most 3840, long:short at most 3:1, and a total
@@ -98,9 +95,6 @@ class FlexibleSizes(BaseModel):
     2880x2880 square, so that every size accepted here is accepted upstream.
     """
 
-    model_config = ConfigDict(frozen=True)
-
-    kind: Literal["flexible"] = "flexible"
     multiple_of: int = 16
     max_long_edge: int = 3840
     max_short_edge: int = 2160
@@ -167,7 +161,7 @@ class FlexibleSizes(BaseModel):
         return min(sized, key=lambda pair: _closeness(pair[0], wanted))[1]
 
 
-SizeRule = Annotated[FixedSizes | FlexibleSizes, Field(discriminator="kind")]
+SizeRule = FixedSizes | FlexibleSizes
 
 
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
@@ -180,9 +174,7 @@ FORMATS_WITH_ALPHA = ("png", "webp")
 COMPRESSIBLE_FORMATS = ("jpeg", "webp")
 
 
-class ModelSpec(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
+class ModelSpec(NamedTuple):
     name: str
     family: ModelFamily
     max_prompt_chars: int
@@ -294,14 +286,14 @@ def live_models(today: date) -> list[str]:
 
 def suggest(word: str, choices: list[str] | tuple[str, ...]) -> str | None:
     """The closest of ``choices`` to a mistyped ``word``, if any is close enough to be a likely typo."""
+    import difflib  # a refusal's hint only: a valid Config JSON never loads it
+
     matches = difflib.get_close_matches(word.strip().lower(), list(choices), n=1, cutoff=0.6)
     return matches[0] if matches else None
 
 
-class ResolvedModel(BaseModel):
+class ResolvedModel(NamedTuple):
     """The model the user asked for and the one that will run."""
-
-    model_config = ConfigDict(frozen=True)
 
     requested: str
     actual: str
@@ -347,10 +339,8 @@ def resolve_model(requested: str, successors: Mapping[str, str], today: date) ->
     return ResolvedModel(requested=name, actual=current.name, spec=current, substituted=True, note=note)
 
 
-class ImageOptions(BaseModel):
+class ImageOptions(NamedTuple):
     """Size and quality as they will be sent for the model that runs; ``notes`` say what was changed."""
-
-    model_config = ConfigDict(frozen=True)
 
     size: str
     quality: str
@@ -412,10 +402,8 @@ def _check_quality(spec: ModelSpec, quality: str | None, notes: list[str]) -> st
     raise InvalidConfig("quality", quality, allowed, f"{spec.name} does not offer it. {hint}")
 
 
-class OutputOptions(BaseModel):
+class OutputOptions(NamedTuple):
     """How many images one request asks for, and how they are encoded, for the model that runs."""
-
-    model_config = ConfigDict(frozen=True)
 
     images_per_request: int = 1
     output_format: str = "png"

@@ -1,7 +1,5 @@
 """The run payload exactly as Ango Hub's REST connector sends it to ``POST /plugin``."""
 
-from __future__ import annotations
-
 import json
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any

@@ -25,8 +25,6 @@ Choices, and why:
 * A prompt longer than the model's limit is cut at a word boundary and the run goes on, with a note.
 """
 
-from __future__ import annotations
-
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -466,7 +464,7 @@ def _merge_touching(spans: list[_Span], doc: _Utf16Text, notes: list[str]) -> li
 # ---- text-annotation -----------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(repr=False, eq=False)  # only __init__ compiled at import: nothing compares or prints one
 class _ClassificationSearch:
     """What the walk over the classifications found, and what it saw on the way (for the error message)."""
 

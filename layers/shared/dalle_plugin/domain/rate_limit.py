@@ -141,8 +141,6 @@ given a ticket: ``join`` admits the batch's runs up to the last one within the c
 the others would have had.
 """
 
-from __future__ import annotations
-
 from collections.abc import Iterator
 from itertools import islice
 from typing import Any, NamedTuple, TypeVar, cast
@@ -200,7 +198,7 @@ class LimiterSettings(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _awake_runs_wait_in_place(self) -> LimiterSettings:
+    def _awake_runs_wait_in_place(self) -> "LimiterSettings":
         # a run woken ``wake_lead_ms`` early must wait the rest in the step, not sleep again (a busy loop)
         if self.short_wait_ms < self.wake_lead_ms:
             raise ValueError("short_wait_ms must be at least wake_lead_ms")

@@ -12,6 +12,7 @@ import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from dalle_plugin.domain.api_contract import DEFAULT_PAGE_SIZE
 from dalle_plugin.domain.errors import InvalidRequest
 from dalle_plugin.domain.pricing import DEFAULT_PRICES, estimate_cost_usd
 from dalle_plugin.domain.run import ImageInfo, RunRecord, RunStatus
@@ -130,12 +131,6 @@ def session_view(
         "runs": [run_view(run, images, prices) for run in ordered],
         "next": None,
     }
-
-
-#: tasks per page when the caller names no limit, and the most it may name: one page is also one DynamoDB
-#: Query, which stops at 1 MB read, so a page stays far inside Lambda's 6 MB answer whatever the prompts
-DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 1000
 
 
 def page_token(after_task_id: str) -> str:

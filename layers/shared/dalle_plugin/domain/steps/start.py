@@ -1,13 +1,10 @@
 """The API's step: validate a hub request, create (or requeue) its runs, and start the execution that owns
 them, exactly once however often the request arrives."""
 
-from __future__ import annotations
-
 import datetime as dt
 import hashlib
 import re
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 from typing import Any, NamedTuple
 
@@ -134,6 +131,8 @@ def _in_parallel(call: Callable[[Any], Any], items: list) -> list:
     """``call`` over ``items``, a few at a time, results in order (the first error is raised)."""
     if len(items) <= 1:
         return [call(item) for item in items]
+    from concurrent.futures import ThreadPoolExecutor  # a batch's: one run's request never starts a thread
+
     with ThreadPoolExecutor(max_workers=min(PARALLEL_CALLS, len(items))) as pool:
         return list(pool.map(call, items))
 
