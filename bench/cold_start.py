@@ -126,8 +126,11 @@ FIRST_EVENT_MODELS = {
 #: the layer without its bytecode (what compiling it at each cold start costs)
 OURS = ("ours", "source")
 #: rounds of "the function's import beside its floor" per trial: each a pair of fresh processes, in
-#: alternating order, whose ratio is one sample (a pair shares the machine's load of its moment)
-IMPORT_ROUNDS = 4
+#: alternating order, whose ratio is one sample (a pair shares the machine's load of its moment). One pair's
+#: ratio strays by a fifth from the next on 2 shared cores: with 4 rounds (12 pairs) the API's median moved
+#: between 1.51 and 1.68 over three runs of the same code, more than a change to its imports moves it; 12
+#: rounds (36 pairs) bring that spread down by about the square root of three
+IMPORT_ROUNDS = 12
 #: the functions that never generate an image must never load the openai package
 WITHOUT_OPENAI = ("api", "extract", "attach", "record_failure")
 SECRET = "bench-cold-start-secret-long-enough-for-the-authorizer"
