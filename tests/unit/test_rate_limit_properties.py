@@ -442,9 +442,10 @@ def test_the_eta_of_a_backlog_is_exact_when_everyone_is_on_time():
 
 
 def test_a_head_that_sends_before_its_turn_leaves_the_turns_told_to_the_runs_behind_it():
-    # a batch's first run out of Extract sooner than the join planned: it sends at once, and the runs behind
-    # it keep the turns the join told them (the next send of its slot included), so a run waking on its old
-    # view finds the plan it slept on and the runs behind it do not take it for away
+    # a batch's first run out of Extract sooner than the join planned: it sends early (here as soon as it
+    # asks; a step waits at most the hold, below), and the runs behind it keep the turns the join told them
+    # (the next send of its slot included), so a run waking on its old view finds the plan it slept on and
+    # the runs behind it do not take it for away
     settings = LimiterSettings(limit=5, window_s=60, skew_margin_ms=1500)
     line = line_of("org-a", False)
     joined = join(LimiterState(), line, 10, 0, settings)

@@ -148,8 +148,8 @@ was granted answers "granted" and records nothing (a re-delivered claim never se
 **Sends due at one moment** (a backlog's first ``limit``, or slots freed together) are planned
 ``grant_gap_ms`` apart (a sixth of the margin unless set): each run sleeps to its own planned time and,
 clocks in step, finds the one before it written, so its one conditional write grants, instead of all of
-them writing at once and all but one losing. The gap is never imposed on the head (a run that finds its
-slot free sends at once) and it does not add up: each slot is still reused ``window + margin`` after its
+them writing at once and all but one losing. The gap holds the head for at most ``head_hold`` (a run that
+finds its slot free waits no longer, ``The early head``) and it does not add up: each slot is still reused ``window + margin`` after its
 last send, so a backlog pays it at most ``limit - 1`` times in all (1 s of a 60 s window's 12-minute
 backlog).
 
