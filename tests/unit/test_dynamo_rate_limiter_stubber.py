@@ -338,3 +338,24 @@ def test_a_send_before_its_turn_keeps_that_turn_in_its_slot_on_the_item_and_in_t
     assert (slot.at_ms, slot.turn_ms) == (NOW + 1000, NOW + 3000)
     view = decode_state(encode_state(early.state))
     assert view.slots == early.state.slots
+
+
+def test_an_early_head_waits_in_place_the_hold_then_claims_in_one_write(client, stubber, clock):
+    # a batch's first run reaches its claim 2 s before the turn its join planned: it waits in the step for
+    # ``head_hold`` (not to its turn: its slot is free), then one write grants it
+    settings = LimiterSettings(limit=2, window_s=60, skew_margin_ms=1500, join_to_claim_ms=3000)
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        slept.append(seconds)
+        clock.now += round(seconds * 1000)
+
+    limiter = DynamoRateLimiter(client, TABLE, settings, clock=clock, sleep=sleep)
+    view = join(LimiterState(), LINE, 3, NOW, settings).state
+    clock.now = NOW + 1000
+    sent_at = clock.now + settings.head_hold
+    granted = claim(view, LINE, 0, "r0#1", sent_at, settings).state
+    stubber.add_response("update_item", {}, limiter.write_request(view, granted, LINE))
+    decision = limiter.claim(RateClaim("org-1", False, 0, "r0#1", encode_state(view, NOW)))
+    assert decision.granted and decision.start_at_ms == sent_at and decision.calls == 1
+    assert slept == [settings.head_hold / 1000]

@@ -109,6 +109,7 @@ def simulate(settings: LimiterSettings, runs: list[SimRun], delay_ms: int = 0) -
     wakes = dict.fromkeys(range(len(runs)), 0)
     grants = dict.fromkeys(range(len(runs)), 0)
     pending: dict[int, tuple[str, int, int]] = {}  # run -> its granted send, slot and recorded time
+    asked: dict[int, int] = {}  # run -> when its step began to claim (its clock): it waits in place since
     done: set[int] = set()
     out = Outcome(
         {i: [] for i in range(len(runs))}, {i: [] for i in range(len(runs))}, set(), set(), set(), [], 0, 0
@@ -157,7 +158,8 @@ def simulate(settings: LimiterSettings, runs: list[SimRun], delay_ms: int = 0) -
         if index in out.order and index not in out.returned_at:
             out.returned_at[index] = len(out.order)  # its retry after a grant that never sent
         before = state
-        answer = claim(state, run.line, tickets[index], send, local, settings)
+        asked.setdefault(index, local)
+        answer = claim(state, run.line, tickets[index], send, local, settings, asked[index])
         state = answer.state
         lines = dict(state.lines)
         out.max_lines = max(out.max_lines, len(lines))
@@ -171,6 +173,7 @@ def simulate(settings: LimiterSettings, runs: list[SimRun], delay_ms: int = 0) -
         if answer.granted and answer.changed:
             _note_passed(before, settings, run.line, tickets[index], local, tickets, runs, out)
         if answer.granted:
+            asked.pop(index)  # a claim again (a retry, a slot lost while held up) is a step of its own
             if not run.interactive and any(name.startswith("e:") for name in lines):
                 out.granted_while_editor_waited += 1
             if run.duplicate:
@@ -194,6 +197,7 @@ def simulate(settings: LimiterSettings, runs: list[SimRun], delay_ms: int = 0) -
             late = run.lateness_ms[wakes[index] % len(run.lateness_ms)] if run.lateness_ms else 0
             wakes[index] += 1
             wake = wake_at_ms(wake, settings) + late
+            asked.pop(index)  # woken from the Wait state: a new step
         heapq.heappush(events, (max(now + 1, wake), 2, index, "claim"))
     out.steps = steps
     return out
@@ -438,9 +442,10 @@ def test_the_eta_of_a_backlog_is_exact_when_everyone_is_on_time():
 
 
 def test_a_head_that_sends_before_its_turn_leaves_the_turns_told_to_the_runs_behind_it():
-    # a batch's first run out of Extract sooner than the join planned: it sends at once, and the runs behind
-    # it keep the turns the join told them (the next send of its slot included), so a run waking on its old
-    # view finds the plan it slept on and the runs behind it do not take it for away
+    # a batch's first run out of Extract sooner than the join planned: it sends early (here as soon as it
+    # asks; a step waits at most the hold, below), and the runs behind it keep the turns the join told them
+    # (the next send of its slot included), so a run waking on its old view finds the plan it slept on and
+    # the runs behind it do not take it for away
     settings = LimiterSettings(limit=5, window_s=60, skew_margin_ms=1500)
     line = line_of("org-a", False)
     joined = join(LimiterState(), line, 10, 0, settings)
@@ -453,6 +458,37 @@ def test_a_head_that_sends_before_its_turn_leaves_the_turns_told_to_the_runs_beh
     sent = claim(alone.state, line, 0, "a0#1", 1000, settings)
     later = join(sent.state, line, 5, 2000, settings)
     assert later.starts_at_ms[-1] == 1000 + settings.spacing_ms
+
+
+def test_an_early_head_waits_in_place_for_its_turn_at_most_the_hold():
+    # a batch's first run out of Extract before the join planned: sending at once would idle its slot's next
+    # send of the line from the send's window to the turn it was told, so it waits as much of its earliness
+    # as a run may wait while a slot is free (under the margin), and its slot keeps the turn
+    settings = LimiterSettings(limit=5, window_s=60, skew_margin_ms=1500)
+    line = line_of("org-a", False)
+    joined = join(LimiterState(), line, 10, 0, settings)
+    turn = joined.starts_at_ms[0]
+    assert turn == settings.join_to_claim_ms and settings.head_hold == 1250
+    # early by less than the hold: it waits for its turn and is recorded at it
+    near = claim(joined.state, line, 0, "r0#1", turn - 1000, settings, turn - 1000)
+    assert not near.granted and near.position == 0 and near.start_at_ms == turn and not near.changed
+    on_time = claim(joined.state, line, 0, "r0#1", turn, settings, turn - 1000)
+    assert on_time.granted and on_time.start_at_ms == turn
+    assert planned_starts(on_time.state, settings, 9) == list(joined.starts_at_ms[1:])
+    # early by more: it waits the hold, then sends; the runs behind keep the turns they were told
+    asked = turn - 2000
+    held = claim(joined.state, line, 0, "r0#1", asked, settings, asked)
+    assert not held.granted and held.start_at_ms == asked + settings.head_hold
+    sent = claim(joined.state, line, 0, "r0#1", asked + settings.head_hold, settings, asked)
+    assert sent.granted and sent.start_at_ms == asked + settings.head_hold
+    assert planned_starts(sent.state, settings, 9) == list(joined.starts_at_ms[1:])
+    # the hold never lets a head send before the window allows
+    full = LimiterSettings(limit=1, window_s=60, skew_margin_ms=1500, join_to_claim_ms=0)
+    one = join(LimiterState(), line, 2, 0, full)
+    first = claim(one.state, line, 0, "r0#1", 0, full, 0)
+    assert first.granted
+    waits = claim(first.state, line, 1, "r1#1", 10_000, full, 10_000)
+    assert not waits.granted and waits.start_at_ms == full.spacing_ms
 
 
 def test_a_batch_past_the_cap_is_admitted_up_to_the_cap_and_the_rest_told_their_wait():

@@ -32,7 +32,8 @@ is recorded at it, so in a backlog the plan holds and the claim's one write gran
 
 A turn at most ``short_wait_ms`` away is waited for here, then claimed the same way: as if the runs ahead
 in the state in hand had sent meanwhile, by one write that grants or brings the item back (it never
-writes once to learn the state and again to claim).
+writes once to learn the state and again to claim). So is the turn of a head whose slot is free before it,
+for at most ``head_hold`` from the call's start (``domain.rate_limit``: an early head idles its slot later).
 
 A grant records a clock reading at most ``record_slack`` before its write. Right before the request leaves,
 the sender asks ``confirm_send``: if more than ``send_tolerance_ms`` passed since that reading (a slow
@@ -302,6 +303,7 @@ class DynamoRateLimiter:
         ticket, calls, waited_ms, contended = ask.ticket, 0, 0, 0
         confirmed = False  # whether the state in hand was seen by a write of this call
         stale = False  # whether this call slept in place since it last saw the state
+        asked = self._clock()  # a head early for its turn waits for it at most ``head_hold`` from here
         view = decode_state(ask.view) if ask.view else self._state
         predicted = state_at_turn(view, line, ticket, self._settings)
         if predicted is not None and predicted.grants > view.grants:
@@ -313,7 +315,7 @@ class DynamoRateLimiter:
             if 0 < early_ms <= self._settings.short_wait_ms:
                 self._sleep(early_ms / 1000)
                 waited_ms += early_ms
-            hoped = claim(predicted, line, ticket, ask.send, self._clock(), self._settings)
+            hoped = claim(predicted, line, ticket, ask.send, self._clock(), self._settings, asked)
             if hoped.granted and early_ms <= self._settings.short_wait_ms:
                 calls += 1
                 if self._write(predicted, hoped.state, line):
@@ -325,7 +327,7 @@ class DynamoRateLimiter:
         attempts = 0
         while True:
             now = self._clock()
-            answer = claim(self._state, line, ticket, ask.send, now, self._settings)
+            answer = claim(self._state, line, ticket, ask.send, now, self._settings, asked)
             attempts += 1
             if attempts > self._max_attempts and not answer.granted:
                 if contended * 2 >= self._max_attempts:
@@ -361,7 +363,7 @@ class DynamoRateLimiter:
                 # which is one write that either grants or brings the item back (never a read)
                 calls += 1
                 confirmed, stale = True, False
-                if self._claim_after_those_ahead(line, ticket, ask.send, now):
+                if self._claim_after_those_ahead(line, ticket, ask.send, now, asked):
                     self._state = LimiterState()  # the slots of the grants before it are not known here
                     return RateDecision(True, now, 0, ticket, ask.view, calls, self._granted_slot)
                 continue
@@ -398,11 +400,11 @@ class DynamoRateLimiter:
             self._state = restamp(self._state, granted.slot, ask.send, now) or self._state
         return None
 
-    def _claim_after_those_ahead(self, line: str, ticket: int, send: str, now_ms: int) -> bool:
+    def _claim_after_those_ahead(self, line: str, ticket: int, send: str, now_ms: int, asked_ms: int) -> bool:
         """The grant written on the state at ``ticket``'s turn if the runs ahead in the state in hand have
         sent; on losing, the item is in hand. A write either way (the item itself checks the window)."""
         predicted = state_at_turn(self._state, line, ticket, self._settings)
-        hoped = claim(predicted, line, ticket, send, now_ms, self._settings) if predicted else None
+        hoped = claim(predicted, line, ticket, send, now_ms, self._settings, asked_ms) if predicted else None
         if predicted is None or hoped is None or not hoped.granted:
             self._learn()
             return False

@@ -26,7 +26,8 @@ to free) lies ``window + margin`` or more behind the time it records; the send i
 conditional write, which checks that slot itself. Nothing is booked ahead: a run that wakes late loses
 nothing, it claims when it is there.
 
-**Whose turn.** The head of the order claims as soon as the window lets it. A run behind it claims at its
+**Whose turn.** The head of the order claims once the window lets it and its turn has come, or once it
+has waited ``head_hold`` in its step (``The early head``, below), whichever is first. A run behind it claims at its
 planned turn, before runs ahead of it that have not claimed yet, if they are of its own line and due by
 less than the margin: sends due together are planned a gap apart, each in its claimer's clock, and with
 clocks further apart than that (``hostile``: +-500 ms) runs wake out of order; the one ahead, when it
@@ -114,9 +115,25 @@ turn freed its slot from that earlier time in the state while every run told bef
 the turn, so runs behind the slot's next run took it for away and waited a margin, and that lateness was
 recorded and carried on slot by slot. With the slot keeping the turn (``The plan``) it is 55 ms: makespan
 1.0307 -> 1.029, ETA error p95 1.39 -> 0.79 s, writes per grant 2.15 -> 1.88 on the same draws and load,
-clocks in step unchanged (1.0275, 0.04 s, 1.27). What the early first run still costs: its slot idles from
-its send's window to its turn, so the backlog's first arrival comes that much earlier than the plan (the
-makespan's excess over 1.0265) and, when that is more than the margin, the bench counts a stall (one).
+clocks in step unchanged (1.0275, 0.04 s, 1.27).
+
+**The early head.** What a head that sends before its turn still costs: its slot idles from its send's
+window to its turn, and the backlog's first arrival comes that much before the plan. A batch's line is
+planned from ``join_to_claim_ms`` (3 s) after the join, the slow end of Extract and a cold start, so its
+first run comes early by up to that less the fastest (the bench draws 1 to 3 s: up to 2 s early). Sent at
+once, its slot idled that long plus the clocks' difference between the teller and the slot's next sender
+(up to 1 s at +-500 ms), and past the margin a run waited on a free slot: on the full run's draws the first
+run came out of Extract 1.10 s after the join, sent 1.80 s before its turn, and its slot idled 2.04 s
+(``backlog60/queue``: one stall, makespan 1.029). So a head early for its turn waits for it in its step,
+but at most ``head_hold`` (the margin less the tolerance: 1250 ms) from when the step began to claim,
+which keeps its own wait on a free slot under the margin. Its slot then idles its earliness less the hold
+plus the clocks' difference: on the same draws 0.56 s early, 1.24 s idle; at most 2 s - 1.25 s + 1 s =
+1.75 s, past the margin only when the first run comes out of Extract within about 0.25 s of the fastest
+and the clocks lie far apart the wrong way (drawn as the bench draws them: about one backlog in 800,
+against one in four before). ``python -m bench.limiter --only backlog60/queue`` (two processes, a quiet
+machine): stalls 1 -> 0, makespan 1.029 -> 1.0278, ETA error p95 0.80 -> 0.78 s, writes per grant 1.93 ->
+1.87; clocks in step: makespan 1.0276 -> 1.0264 (its first run sends at its turn), ETA 0.05 -> 0.04 s.
+The runs behind the head are unchanged: they claim at their turns, from the plan they were told.
 
 **Never stalled, never demoted.** A waiting run sleeps (a Wait state) until ``wake_lead_ms`` before its
 turn; Wait states wake late, never early, so the lead must be at least the lateness the deployment
@@ -131,8 +148,8 @@ was granted answers "granted" and records nothing (a re-delivered claim never se
 **Sends due at one moment** (a backlog's first ``limit``, or slots freed together) are planned
 ``grant_gap_ms`` apart (a sixth of the margin unless set): each run sleeps to its own planned time and,
 clocks in step, finds the one before it written, so its one conditional write grants, instead of all of
-them writing at once and all but one losing. The gap is never imposed on the head (a run that finds its
-slot free sends at once) and it does not add up: each slot is still reused ``window + margin`` after its
+them writing at once and all but one losing. The gap holds the head for at most ``head_hold`` (a run that
+finds its slot free waits no longer, ``The early head``) and it does not add up: each slot is still reused ``window + margin`` after its
 last send, so a backlog pays it at most ``limit - 1`` times in all (1 s of a 60 s window's 12-minute
 backlog).
 
@@ -224,6 +241,14 @@ class LimiterSettings(BaseModel):
     def record_slack(self) -> int:
         """How late a claim may come after its turn and still be recorded at it (half the tolerance)."""
         return self.send_tolerance // 2
+
+    @property
+    def head_hold(self) -> int:
+        """How long a head whose slot is free before its planned turn waits in place for that turn, at most,
+        from when it asked: less than the margin (a run waiting longer while a slot is free is stalled) by
+        the tolerance its claim's own write and way out may take (1250 ms of a 1500 ms margin); never longer
+        than a step waits in place (a hold across Wait states would start again at every wake-up)."""
+        return min(self.skew_margin_ms - self.send_tolerance, self.short_wait_ms)
 
     @property
     def spacing_ms(self) -> int:
@@ -611,8 +636,11 @@ def claim(
     send: str,
     now_ms: int,
     settings: LimiterSettings,
+    asked_ms: int | None = None,
 ) -> Answer:
-    """Grant ticket ``ticket`` of ``line`` its send ``send`` at ``now_ms``, or say when its turn comes."""
+    """Grant ticket ``ticket`` of ``line`` its send ``send`` at ``now_ms``, or say when its turn comes.
+    ``asked_ms``: when this step began to claim (it has waited in place since); a head early for its turn
+    waits for it at most ``head_hold`` from then. Without it, a head sends as soon as the window lets it."""
     if not send:
         raise ValueError("a claim needs a send ticket")
     for index, slot in enumerate(state.slots):
@@ -637,9 +665,15 @@ def claim(
     position, frees = len(ahead), free_slots(working, settings)
     starts = planned_starts(working, settings, position + 1)
     turn = starts[position]
+    release = turn
     if position == 0:
-        # the head sends as soon as the window lets it: the gap and a line's since are plans, not rules
-        due = window_frees_ms(working, settings, frees[0][1]) <= now_ms
+        # the head sends once the window lets it and its turn has come, or once it has waited ``head_hold``
+        # in place: the gap and a line's since are plans, and a slot free longer than the margin while the
+        # head waits is a stall. Sending before its turn idles its slot's next send of the line from the
+        # send's window to the turn (``The plan``), so it waits as much of its earliness as it may.
+        window = window_frees_ms(working, settings, frees[0][1])
+        release = window if asked_ms is None else max(window, min(turn, asked_ms + settings.head_hold))
+        due = release <= now_ms
     else:
         # a run whose turn has come goes before those ahead that have not claimed while they are of its own
         # line and due by less than the margin (their clocks may be that far behind this one's): they take
@@ -656,7 +690,7 @@ def claim(
         taken = frees[position][1]
         granted = _granted(working, line, ticket, send, at, settings, position, taken, turn)
         return Answer(True, at, 0, granted, True, slot=taken)
-    eta = max(now_ms, turn)
+    eta = max(now_ms, turn if asked_ms is None else release)
     if position > 0 and eta - now_ms < settings.grant_gap:
         # a run ahead it may not pass is due and has not claimed: look again shortly (a gap while it is just
         # due, a margin once it is away), never in a busy loop, until it claims or is skipped as abandoned
