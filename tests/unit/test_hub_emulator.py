@@ -504,8 +504,22 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def _signal_state(pid: int) -> str:
+    """The process's state and signal masks as /proc shows them (blocked, ignored, caught, pending)."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except FileNotFoundError:
+        return "gone"
+    return "; ".join(line for line in lines if line.startswith(("State", "Sig", "ShdPnd")))
+
+
+# Ctrl-C as a shell's foreground job meets it: the test's own worker may ignore or block SIGINT, and a child
+# inherits both across exec (Python then never installs its KeyboardInterrupt handler), which is the
+# worker's doing, not the stack's.
 _PARENT = """
-import sys
+import signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 from local_stack.hub_emulator import HubEmulatorProcess
 with HubEmulatorProcess() as hub:
     print(hub.pid, flush=True)
@@ -529,7 +543,10 @@ def test_the_emulator_process_does_not_outlive_its_parent(how):
             os.killpg(parent.pid, signal.SIGINT)  # what a terminal does: the whole foreground group
         else:
             parent.kill()
-        parent.wait(timeout=60)
+        try:
+            parent.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the parent did not end on {how}: {_signal_state(parent.pid)}")
         deadline = time.monotonic() + 60
         while _alive(child) and time.monotonic() < deadline:
             time.sleep(0.05)
