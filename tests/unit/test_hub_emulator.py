@@ -513,12 +513,14 @@ def _signal_state(pid: int) -> str:
     return "; ".join(line for line in lines if line.startswith(("State", "Sig", "ShdPnd")))
 
 
-# Waits as `make serve` does, in a sleep, not in a read of stdin: a signal that lands after Python last looked
-# for one and before a blocking call begins is handled only when that call returns, and the test sends Ctrl-C
-# the moment the pid is printed, right where the read would begin (it then sat out the 60 s wait in two CI
-# runs). A short sleep bounds that to its length; a person's Ctrl-C never lands in those microseconds.
+# A foreground job in a terminal, as Ctrl-C meets it: SIGINT handled (a run started in the background, as
+# `cmd &` starts CI, ignores it, and a child inherits that across exec: the parent then never saw its Ctrl-C),
+# and the wait in a short sleep, as `make serve` waits, not in a read of stdin (a signal that lands after
+# Python last looked and before a blocking read begins is handled only when the read returns, and the test
+# sends Ctrl-C the moment the pid is printed, right there: one try in 600 hung so on this machine).
 _PARENT = """
-import time
+import signal, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from local_stack.hub_emulator import HubEmulatorProcess
 with HubEmulatorProcess() as hub:
     print(hub.pid, flush=True)
