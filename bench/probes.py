@@ -37,8 +37,14 @@ PROBE_ROOT = CACHE_DIR / "probe"
 #: run record carries the view it claims from, so a limit of 1,000 made each record about 5 KB larger than a
 #: deployment's (8 to 9 write units per run-record write instead of 3 to 4).
 SHARED_KEY_AT_BENCH_WINDOW = {"RateWindowSeconds": "6", "RateSkewMarginMs": "600"}
-#: runs of that queue started this far apart never wait for it (5 sends per 6.6 s)
-UNQUEUED_RUN_INTERVAL_S = 1.4
+#: the deployed limit those parameters keep (the template's default ``RateLimit``)
+SHARED_KEY_LIMIT = 5
+#: runs of that queue started this far apart never wait for it: each of its slots takes a send once per window
+#: plus margin, and 0.1 s more covers a run's own spread between acceptance and claim
+UNQUEUED_RUN_INTERVAL_S = (
+    float(SHARED_KEY_AT_BENCH_WINDOW["RateWindowSeconds"])
+    + int(SHARED_KEY_AT_BENCH_WINDOW["RateSkewMarginMs"]) / 1000
+) / SHARED_KEY_LIMIT + 0.1
 
 
 class RunPacer:
