@@ -18,7 +18,7 @@ from dataclasses import asdict
 from typing import Any
 
 import pytest
-from dalle_plugin.adapters.dynamo_rate_limiter import DynamoRateLimiter
+from dalle_plugin.adapters.dynamo_rate_limiter import DynamoRateLimiter, decode_state
 from dalle_plugin.domain.rate_limit import LimiterSettings
 from dalle_plugin.ports import RateClaim
 
@@ -153,6 +153,63 @@ def test_a_redelivered_claim_is_granted_again_and_records_nothing(endpoint):
     assert state.grants == 1 and [s.send for s in state.slots if s] == ["run-x#1"]
 
 
+def test_a_batchs_last_run_claims_from_its_batchs_view_in_one_write_though_more_runs_joined_since(endpoint):
+    """The last ticket in a view empties its line there, but tickets added since queue behind it: its grant
+    keeps the line, whatever its next ticket is, instead of a removal that loses to the added tickets."""
+    client = make_client(endpoint)
+    first = DynamoRateLimiter(client, TABLE, SETTINGS, key="last-of-batch", clock=lambda: NOW)
+    joined = first.join("org", False, 2)
+    later = DynamoRateLimiter(client, TABLE, SETTINGS, key="last-of-batch", clock=lambda: NOW)
+    assert later.join("org", False, 3).first_ticket == joined.first_ticket + 2
+    for index, ticket in enumerate((joined.first_ticket, joined.first_ticket + 1)):
+        at = joined.starts_at_ms[index]
+        limiter = DynamoRateLimiter(client, TABLE, SETTINGS, key="last-of-batch", clock=lambda at=at: at)
+        decision = limiter.claim(RateClaim("org", False, ticket, f"run-{ticket}#1", joined.view))
+        assert decision.granted and decision.calls == 1
+    line = stored_state(endpoint, "last-of-batch").line("w:org")
+    assert line is not None and list(line.tickets()) == [2, 3, 4]
+
+
+def test_a_line_its_last_grant_emptied_is_made_anew_above_its_tickets_and_removed_by_the_next_write(endpoint):
+    client, key = make_client(endpoint), "emptied-line"
+    joined = DynamoRateLimiter(client, TABLE, SETTINGS, key=key, clock=lambda: NOW).join("org", False, 2)
+    for index, ticket in enumerate((joined.first_ticket, joined.first_ticket + 1)):
+        at = joined.starts_at_ms[index]
+        limiter = DynamoRateLimiter(client, TABLE, SETTINGS, key=key, clock=lambda at=at: at)
+        assert limiter.claim(RateClaim("org", False, ticket, f"run-{ticket}#1", joined.view)).granted
+    kept = stored_state(endpoint, key).line("w:org")
+    assert kept is not None and not kept.waiting  # kept by the grant that emptied it
+    # a warm API whose last look had runs waiting in it would add tickets to it: refused (a line made anew
+    # is counted in ``c``, an addition is not), so it makes the line, one write later
+    warm = DynamoRateLimiter(client, TABLE, SETTINGS, key=key, clock=lambda: NOW)  # its runs not due yet
+    warm._state = decode_state(joined.view)
+    remade = warm.join("org", False, 1)
+    assert remade.calls == 2 and remade.first_ticket == 2
+    assert stored_state(endpoint, key).changes == 2
+    limiter = DynamoRateLimiter(client, TABLE, SETTINGS, key=key, clock=lambda: remade.starts_at_ms[0])
+    assert limiter.claim(RateClaim("org", False, 2, "run-2#1", remade.view)).granted
+    # a cold API (nothing in hand) makes it anew in one write, its tickets above the served ones
+    again = DynamoRateLimiter(client, TABLE, SETTINGS, key=key, clock=lambda: NOW + 9000).join(
+        "org", False, 1
+    )
+    assert again.calls == 1 and again.first_ticket == 3 and again.positions == (0,)
+    assert stored_state(endpoint, key).changes == 3
+    # the next grant's write drops a line kept emptied: the state holds the lines with runs waiting
+    solo = DynamoRateLimiter(client, TABLE, SETTINGS, key="emptied-then-other", clock=lambda: NOW)
+    first = solo.join("org", False, 1)
+    solo = DynamoRateLimiter(
+        client, TABLE, SETTINGS, key="emptied-then-other", clock=lambda: first.starts_at_ms[0]
+    )
+    assert solo.claim(RateClaim("org", False, first.first_ticket, "solo#1", first.view)).granted
+    assert "w:org" in dict(stored_state(endpoint, "emptied-then-other").lines)
+    behind = solo.join("other-org", False, 1)
+    late = DynamoRateLimiter(
+        client, TABLE, SETTINGS, key="emptied-then-other", clock=lambda: behind.starts_at_ms[0]
+    )
+    assert late.claim(RateClaim("other-org", False, behind.first_ticket, "b#1", behind.view)).granted
+    assert [name for name, _ in stored_state(endpoint, "emptied-then-other").lines] == ["w:other-org"]
+
+
 def test_a_run_behind_one_due_that_never_claims_is_told_to_wait_not_that_the_queue_is_busy(endpoint):
     """Polling in place behind a run that is due and silent (it failed and its Record Failure has not left
     the line yet) uses up the call's attempts without any write lost: that is waiting, so the step is told
@@ -189,7 +246,7 @@ def test_a_run_whose_turn_came_goes_before_one_due_less_than_a_margin_ago(endpoi
     first = limiter.claim(RateClaim("org", False, joined.first_ticket, "run-a#1", joined.view))
     assert first.granted
     state = stored_state(endpoint, "early")
-    assert state.grants == 2 and not state.lines
+    assert state.grants == 2 and not any(line.waiting for _, line in state.lines)
 
 
 #: one send per window, so a send's slot is the one the next grant checks

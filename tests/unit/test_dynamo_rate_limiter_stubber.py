@@ -97,14 +97,19 @@ def lost(stubber: Stubber, expected: dict[str, Any], current: dict[str, Any] | N
     )
 
 
+#: a line kept by the grant that emptied it: every ticket served, none skipped or returned
+EMPTIED = "(#i = #s AND contains(#l, :nothing_left))"
+
+
 def make_request(count: int, since_ms: int) -> dict[str, Any]:
-    """The write making a line no one waits in: its tickets from ``n``, ``c`` counted."""
+    """The write making a line no one waits in (absent, or kept emptied): its tickets from ``n``, ``c``
+    counted."""
     return {
         "TableName": TABLE,
         "Key": {"pk": {"S": "queue"}},
         "UpdateExpression": "SET #s = if_not_exists(#n, :zero), #i = if_not_exists(#n, :zero) + :count, "
         "#n = if_not_exists(#n, :zero) + :count, #l = :rest, #g = if_not_exists(#g, :zero) ADD #c :one",
-        "ConditionExpression": "attribute_not_exists(#i)",
+        "ConditionExpression": f"attribute_not_exists(#i) OR {EMPTIED}",
         "ExpressionAttributeNames": {
             "#i": f"i:{LINE}",
             "#s": f"s:{LINE}",
@@ -115,6 +120,7 @@ def make_request(count: int, since_ms: int) -> dict[str, Any]:
         },
         "ExpressionAttributeValues": {
             ":count": {"N": str(count)},
+            ":nothing_left": {"S": ",[],[]]"},
             ":zero": {"N": "0"},
             ":one": {"N": "1"},
             ":rest": {"S": f"[{since_ms},-1,[],[]]"},
@@ -146,9 +152,9 @@ def test_a_batch_joining_a_line_with_runs_waiting_adds_its_tickets_alone_and_old
             "TableName": TABLE,
             "Key": {"pk": {"S": "queue"}},
             "UpdateExpression": "ADD #i :count",
-            "ConditionExpression": "attribute_exists(#i)",
-            "ExpressionAttributeNames": {"#i": f"i:{LINE}"},
-            "ExpressionAttributeValues": {":count": {"N": "3"}},
+            "ConditionExpression": f"attribute_exists(#i) AND NOT {EMPTIED}",
+            "ExpressionAttributeNames": {"#i": f"i:{LINE}", "#s": f"s:{LINE}", "#l": f"l:{LINE}"},
+            "ExpressionAttributeValues": {":count": {"N": "3"}, ":nothing_left": {"S": ",[],[]]"}},
             "ReturnValues": "ALL_NEW",
         },
     )
@@ -199,12 +205,13 @@ def test_a_claim_from_an_old_view_is_one_write_conditioned_on_the_grants_before_
     actual = claim(actual, LINE, 1, "r1#1", NOW, SETTINGS).state
     granted = claim(actual, LINE, 2, "r2#1", clock.now, SETTINGS).state
     request = limiter.write_request(actual, granted, LINE)
-    # its line empties with it: removed, if no tickets were added to it since
+    # its line empties with it in the view, but tickets may have been added to it since: the line is kept,
+    # its tickets all served, whatever its next ticket is; ``n`` goes above them
     assert request["ConditionExpression"] == (
-        "#g = :g0 AND #c = :c0 AND #s0 = :s00 AND #l0 = :l00 AND #i0 = :i0 "
-        "AND (attribute_not_exists(#t) OR #t <= :cutoff)"
+        "#g = :g0 AND #c = :c0 AND #s0 = :s00 AND #l0 = :l00 AND (attribute_not_exists(#t) OR #t <= :cutoff)"
     )
-    assert request["UpdateExpression"].endswith("REMOVE #i0, #s0, #l0")
+    assert "REMOVE" not in request["UpdateExpression"]
+    assert request["ExpressionAttributeValues"][":n"] == {"N": "3"}
     assert request["ExpressionAttributeValues"][":g0"] == {"N": "2"}
     assert request["ExpressionAttributeValues"][":cutoff"] == {"N": str(NOW)}
     stubber.add_response("update_item", {}, request)
@@ -301,12 +308,13 @@ def test_any_other_dynamodb_error_is_storage_unavailable(limiter, stubber):
 
 
 def test_a_write_emptying_two_lines_sets_the_ticket_mark_once(limiter):
-    """A grant that also skips an abandoned head may remove two lines: ``n`` goes above both."""
+    """A grant that also skips an abandoned head may empty two lines (one removed, its own kept emptied):
+    ``n`` goes above both."""
     a, b = LINE, line_of("org-0", False)  # b's head goes first, and never claims
     state = join(join(LimiterState(), b, 1, NOW, SETTINGS).state, a, 1, NOW, SETTINGS).state
     later = NOW + SETTINGS.abandon_after_ms + SETTINGS.join_to_claim_ms + 1
     granted = claim(state, a, dict(state.lines)[a].served, "a#1", later, SETTINGS).state  # b's head skipped
-    assert granted.lines == ()
+    assert not any(line.waiting for _, line in granted.lines)
     request = limiter.write_request(state, granted, a)
     assert request["UpdateExpression"].count("#n = :n") == 1
     assert request["ExpressionAttributeValues"][":n"] == {"N": "2"}

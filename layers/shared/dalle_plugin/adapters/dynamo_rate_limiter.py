@@ -8,10 +8,13 @@ return), ``n`` the ticket a line made anew starts at, ``p`` when the last grant 
 was due, and slot ``k`` holds the last send granted in it (``t``: its clock reading, ``o``: its send
 ticket, line and grant number, and for a head that sent before its turn with runs of its line behind it,
 that turn). The item stays small whatever the history (``domain.rate_limit``): a line
-no one waits in is removed.
+no one waits in is removed, by the next write after the grant that emptied it (that grant keeps it, its
+``i`` equal to its ``s``, and ``n`` at least its ``i``).
 
 **A join is one write that nothing refuses.** A batch joining a line with runs waiting adds to that line's
-``i`` alone (``ADD``); one joining a line no one waits in makes it (its tickets from ``n``, ``c`` counted).
+``i`` alone (``ADD``); one joining a line no one waits in, absent or kept emptied, makes it (its tickets
+from ``n``, ``c`` counted). An addition is refused on a line kept emptied: made anew, a line is counted in
+``c``, which every claim's write checks, so no run plans past its runs without knowing them.
 Either way the write answers with the item as it is after, from which the batch's places and start times
 follow. A run's claim does not depend on its own line's ``i``: tickets added to its line queue behind it.
 So a batch accepted while a backlog is served costs the runs already waiting nothing.
@@ -80,6 +83,8 @@ from dalle_plugin.domain.rate_limit import (
 from dalle_plugin.port_records import RateClaim, RateDecision, RateJoin
 
 CONDITION_FAILED = "ConditionalCheckFailedException"
+#: what only the ``l:`` attribute of a line with no ticket skipped or returned contains (``_rest``)
+NOTHING_LEFT = ",[],[]]"
 #: the queue item's key (the earlier one-attribute layout was kept under ``global``)
 QUEUE_KEY = "queue"
 #: times a send late for its recorded time is stamped again before it gives its grant up (each stamp is a
@@ -270,7 +275,9 @@ class DynamoRateLimiter:
         runs waiting (``make`` False), or making the line from ``n`` (True). False when the line turned out
         to be the other kind."""
         names = {"#i": f"i:{line}", "#s": f"s:{line}", "#l": f"l:{line}", "#n": "n", "#g": "g", "#c": "c"}
-        values: dict[str, Any] = {":count": {"N": str(count)}}
+        # a line kept by the grant that emptied it: every ticket served, none skipped or returned
+        emptied = "(#i = #s AND contains(#l, :nothing_left))"
+        values: dict[str, Any] = {":count": {"N": str(count)}, ":nothing_left": {"S": NOTHING_LEFT}}
         if make:
             names_used = names
             values[":zero"] = {"N": "0"}
@@ -281,10 +288,10 @@ class DynamoRateLimiter:
                 "#n = if_not_exists(#n, :zero) + :count, #l = :rest, #g = if_not_exists(#g, :zero) "
                 "ADD #c :one"
             )
-            condition = "attribute_not_exists(#i)"
+            condition = f"attribute_not_exists(#i) OR {emptied}"
         else:
-            names_used = {"#i": names["#i"]}
-            update, condition = "ADD #i :count", "attribute_exists(#i)"
+            names_used = {key: names[key] for key in ("#i", "#s", "#l")}
+            update, condition = "ADD #i :count", f"attribute_exists(#i) AND NOT {emptied}"
         went, answer = self._update(
             {
                 "UpdateExpression": update,
@@ -525,7 +532,9 @@ class DynamoRateLimiter:
             if now is None and was is not None:
                 removes += [i, served, rest]
                 dropped.append(was.issued)  # a line made anew by this name starts above its tickets
-            elif now is not None and (was is None or now != was):
+            elif now is not None and not now.waiting and (was is None or was.waiting):
+                dropped.append(now.issued)  # kept by the grant that emptied it: made anew above it too
+            if now is not None and (was is None or now != was):
                 if was is not None and now.issued != was.issued:
                     raise ValueError("only a join adds tickets")  # a bug in the domain, never the wire
                 sets += [f"{served} = :s{k}", f"{rest} = :l{k}"]
