@@ -53,7 +53,6 @@ FIRST_EVENT_MODULES = {
     "api": (
         "dalle_plugin.rest_api",
         "dalle_plugin.adapters.dynamo_rate_limiter",  # the shared key's queue, which an accepted run joins
-        "dalle_plugin.domain.auth",  # the Secret's shortest length, checked on every request
     ),
     "extract": (
         "dalle_plugin.wiring",
@@ -101,6 +100,7 @@ FIRST_EVENT_MODELS = {
     "extract": (
         "dalle_plugin.settings.extract:ExtractSettings",
         "dalle_plugin.domain.step_io.extract:ExtractResult",
+        "dalle_plugin.domain.prompt:Prompt",
     ),
     "generate": (
         "dalle_plugin.settings.generate:GenerateSettings",
