@@ -227,9 +227,12 @@ HEADLINES = {
             "when a request needs them; then by loading only the POST route's domain on a POST, the model "
             "catalogue and run options as NamedTuples instead of pydantic models (a static table, never input), "
             "no CommonSettings built for the Secrets reader and annotations evaluated as objects instead of "
-            "compiled strings (callgrind 1.67 -> 1.60 of the floor); left: pydantic (its import alone about "
-            "0.45 of the floor), the run record's models and the request validation only the API does (run "
-            "payload, Config JSON), and the shared key's queue settings"
+            "compiled strings (callgrind 1.67 -> 1.60 of the floor); then by validators in annotations or one "
+            "model validator instead of field_validator methods, aliases without to_camel's regexes, no class "
+            "a POST never uses (ExtractedPrompt, the authorizer's and the session routes' models) and "
+            "PYTHONTZPATH (callgrind 1.561 -> 1.533 as the bench runs); left: pydantic (its import alone "
+            "about 0.45 of the floor), the run record's models and the request validation only the API does "
+            "(run payload, Config JSON), and the shared key's queue settings"
         ),
     ),
     "cold_start_import_over_floor_extract": (

@@ -26,7 +26,7 @@ from typing import Any, Self
 import boto3
 import requests
 from botocore.exceptions import ClientError
-from dalle_plugin.domain.auth import MIN_SECRET_CHARS
+from dalle_plugin.domain.errors import MIN_SECRET_CHARS
 
 from local_stack.api_gateway import ApiGatewayServer
 from local_stack.console import console_routes

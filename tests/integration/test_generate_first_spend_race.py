@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 from dalle_plugin.adapters.dynamo_reusable_images import DynamoReusableImages
 from dalle_plugin.adapters.dynamo_runs import DynamoRunStore
-from dalle_plugin.domain.run import ExtractedPrompt, PromptInfo, RunRecord, RunStatus
+from dalle_plugin.domain.run import PromptInfo, RunRecord, RunStatus
+from dalle_plugin.domain.step_io.extracted import ExtractedPrompt
 from dalle_plugin.domain.step_io.generate import GenerateInput
 from dalle_plugin.domain.steps.generate import generate_image
 from dalle_plugin.domain.steps.machinery import StepDeps, generating_line, image_fingerprint

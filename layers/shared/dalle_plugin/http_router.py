@@ -52,6 +52,15 @@ class Answer(NamedTuple):
     body: Any
 
 
+#: a route's model, or a function that returns it: a model only other routes use is then created when a
+#: request of theirs first comes (a pydantic class costs a cold start to create, built or not)
+ModelRef = type[BaseModel] | Callable[[], type[BaseModel]] | None
+
+
+def model_of(ref: ModelRef) -> type[BaseModel] | None:
+    return ref if ref is None or isinstance(ref, type) else ref()
+
+
 class Route(NamedTuple):
     method: str
     path: str  # an OpenAPI path template: /sessions/{session}
@@ -60,9 +69,9 @@ class Route(NamedTuple):
     summary: str
     responses: Mapping[int, Doc]
     description: str | None = None
-    path_model: type[BaseModel] | None = None
-    query_model: type[BaseModel] | None = None
-    body_model: type[BaseModel] | None = None
+    path_model: ModelRef = None
+    query_model: ModelRef = None
+    body_model: ModelRef = None
     body_required: bool = False
     body_description: str | None = None
 
@@ -149,12 +158,13 @@ class Router:
         """The request's parts, validated. A body that cannot be read is refused before the path and query
         are looked at (as Powertools' validation did); then the path, the query and the body, in that order."""
         parsed = _json_body(event) if route.body_model else None
+        query_model = model_of(route.query_model)
         return Request(
             event=event,
             context=context,
             route=route,
-            path=_validated("path", route.path_model, params),
-            query=_validated("query", route.query_model, _query(event, route.query_model)),
+            path=_validated("path", model_of(route.path_model), params),
+            query=_validated("query", query_model, _query(event, query_model)),
             body=_body(route, parsed),
             json=parsed,
         )
@@ -214,4 +224,4 @@ def _body(route: Route, parsed: Any) -> Any:
         if route.body_required:
             raise InvalidPart("body", {"type": "missing", "loc": (), "msg": "Field required"})
         return None
-    return _validated("body", route.body_model, parsed)
+    return _validated("body", model_of(route.body_model), parsed)

@@ -11,7 +11,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic.json_schema import GenerateJsonSchema, JsonSchemaValue, models_json_schema
 
-from dalle_plugin.http_router import JSON_TYPE, Route
+from dalle_plugin.http_router import JSON_TYPE, Route, model_of
 
 REF = "#/components/schemas/{model}"
 
@@ -34,7 +34,7 @@ def document(
     """The document of ``routes``; an answer's model is looked up by name in ``answers``. Every route
     requires every security scheme."""
     routes = list(routes)
-    bodies = {route.body_model for route in routes if route.body_model}
+    bodies = {model for route in routes if (model := model_of(route.body_model))}
     answered = {
         getattr(answers, doc.model) for route in routes for doc in route.responses.values() if doc.model
     }
@@ -73,11 +73,13 @@ def _operation(route: Route, schemas: Mapping[Any, Any], answers: ModuleType) ->
     if route.description:
         operation["description"] = route.description
     operation["operationId"] = route.operation_id
-    parameters = _parameters(route.path_model, "path") + _parameters(route.query_model, "query")
+    parameters = _parameters(model_of(route.path_model), "path") + _parameters(
+        model_of(route.query_model), "query"
+    )
     if parameters:
         operation["parameters"] = parameters
     if route.body_model:
-        schema = dict(schemas[route.body_model])
+        schema = dict(schemas[model_of(route.body_model)])
         if not route.body_required:  # an absent body is JSON null to the route
             schema = {"anyOf": [schema, {"type": "null"}]}
         body: dict[str, Any] = {"content": {JSON_TYPE: {"schema": schema}}}

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from dalle_plugin import wiring
-from dalle_plugin.domain.api_contract import CancelRequest, SessionPath, SessionQuery
 from dalle_plugin.domain.errors import InvalidRequest, PluginSecretTooShort, PromptNotFound, Unauthorized
 from dalle_plugin.domain.payload import HubPayload, field_refusal
 from dalle_plugin.domain.steps.start import start_session
@@ -47,6 +46,7 @@ from dalle_plugin.settings.api import ApiSettings
 
 if TYPE_CHECKING:
     from aws_lambda_powertools.utilities.typing import LambdaContext
+    from pydantic import BaseModel
 
 SECRET_HEADER = "Secret"  # noqa: S105 - the header's name, not a secret
 RUN_PAYLOAD_PATH = "/plugin"
@@ -146,6 +146,18 @@ def cancel(request: Request) -> Answer:
     return Answer(status.value, {"session": session, "tasks": [vars(o) for o in outcomes]})
 
 
+def _contract(name: str) -> Callable[[], type[BaseModel]]:
+    """A model of domain.api_contract, created when a request of its routes first comes: the API's first
+    request is mostly a run's POST, which needs none of them."""
+
+    def model() -> type[BaseModel]:
+        from dalle_plugin.domain import api_contract
+
+        return cast("type[BaseModel]", getattr(api_contract, name))
+
+    return model
+
+
 #: what API Gateway answers for every route before the function runs
 GATEWAY_REFUSALS = {
     401: Doc(
@@ -173,8 +185,8 @@ ROUTES = (
             "their records are large: one page is one DynamoDB read of at most 1 MB, so any page stays far "
             "below Lambda's 6 MB answer), and `next` is null after the last."
         ),
-        path_model=SessionPath,
-        query_model=SessionQuery,
+        path_model=_contract("SessionPath"),
+        query_model=_contract("SessionQuery"),
         responses={
             200: Doc("The session (a page of it).", "SessionPage"),
             400: Doc("`page` or `limit` is not valid."),
@@ -188,8 +200,8 @@ ROUTES = (
         cancel,
         operation_id="cancelSession",
         summary="Cancel a session's runs (or one task's) that have not started generating their image.",
-        path_model=SessionPath,
-        body_model=CancelRequest,
+        path_model=_contract("SessionPath"),
+        body_model=_contract("CancelRequest"),
         responses={
             200: Doc("At least one run was cancelled.", "CancelOutcome"),
             400: Doc("The body is not a JSON object with an optional taskId."),

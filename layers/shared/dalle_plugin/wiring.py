@@ -26,7 +26,7 @@ from dalle_plugin.adapters.dynamo_allowances import DynamoAllowanceLedger
 from dalle_plugin.adapters.dynamo_batches import DynamoBatchProgress
 from dalle_plugin.adapters.dynamo_reusable_images import DynamoReusableImages
 from dalle_plugin.adapters.dynamo_runs import DynamoRunStore
-from dalle_plugin.domain.errors import PluginSecretTooShort
+from dalle_plugin.domain.errors import MIN_SECRET_CHARS, PluginSecretTooShort
 from dalle_plugin.domain.steps.machinery import StepDeps
 from dalle_plugin.port_records import SystemClock
 from dalle_plugin.settings import CommonSettings, load_settings
@@ -178,8 +178,6 @@ def plugin_secret() -> str:
     """The plugin Secret as stored now (re-read within ``secret_max_age_s`` of a rotation); one shorter than
     ``MIN_SECRET_CHARS`` (an empty or short one would let anyone in) is refused, so no request is ever
     compared with it."""
-    # the API's own import: the steps never load who may call the API
-    from dalle_plugin.domain.auth import MIN_SECRET_CHARS
     from dalle_plugin.settings.api import ApiSettings
 
     settings = load_settings(ApiSettings)

@@ -8,11 +8,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from dalle_plugin.domain.errors import PluginSecretTooShort
+from dalle_plugin.domain.errors import MIN_SECRET_CHARS, PluginSecretTooShort
 
 SECRET_HEADER = "Secret"  # noqa: S105 - the header's name, not a secret
-#: a Secret shorter than this is guessable; the plugin refuses every caller until it is replaced
-MIN_SECRET_CHARS = 32
 
 
 class AuthorizerRequest(BaseModel):

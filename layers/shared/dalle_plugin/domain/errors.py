@@ -55,8 +55,14 @@ class Unauthorized(PluginError):
 # ---- terminal failures of a run: never retried -----------------------------------------------------
 
 
+#: a Secret shorter than this is guessable; the plugin refuses every caller until it is replaced. Here, not
+#: in domain.auth: the API checks it on every request, and importing auth would create the authorizer's model
+MIN_SECRET_CHARS = 32
+
+
 class PluginSecretTooShort(PluginError):
-    """The deployment's plugin Secret is too short to keep anyone out: every request is refused."""
+    """The deployment's plugin Secret is too short (``MIN_SECRET_CHARS``) to keep anyone out: every request
+    is refused."""
 
     reason = "plugin_secret_too_short"
 

@@ -78,6 +78,8 @@ def ticket_tag(ticket: str) -> str:
 
 @dataclass(frozen=True)
 class KeyPace:
+    """An own key's pacing state (a docstring spares the dataclass computing its signature as one)."""
+
     limit: int | None = None  # requests per window, as OpenAI last said; None: not learned yet
     sends: tuple[tuple[int, str], ...] = ()  # (claimed at ms, ticket tag), oldest first
     blocked_until_ms: int = 0  # no send before this (a 429's retry time)
@@ -86,6 +88,8 @@ class KeyPace:
 
 @dataclass(frozen=True)
 class PaceAnswer:
+    """The pacer's answer to a claim, with the state to write."""
+
     granted: bool
     start_at_ms: int  # now when granted; otherwise when a send may be possible again
     state: KeyPace

@@ -5,6 +5,7 @@ from collections.abc import Mapping, Sequence
 from typing import Annotated, Any
 
 from pydantic import (
+    AfterValidator,
     AliasChoices,
     BaseModel,
     ConfigDict,
@@ -12,7 +13,6 @@ from pydantic import (
     SecretStr,
     StringConstraints,
     ValidationError,
-    field_validator,
 )
 
 from dalle_plugin.domain.errors import InvalidRequest
@@ -40,6 +40,27 @@ class BatchTask(BaseModel):
 MAX_BATCH_TASKS = 10_000
 
 
+# The two checks below are validators in the fields' annotations, not ``field_validator`` methods: each of
+# those costs the API's cold start about three times as much to create (pydantic inspects the method).
+def _key_not_blank(value: SecretStr) -> SecretStr:
+    if not value.get_secret_value().strip():
+        raise ValueError("must not be empty")
+    if len(value.get_secret_value()) > 512:
+        raise ValueError("is longer than 512 characters")
+    key = value.get_secret_value()
+    # It travels as an HTTP header: a control character would make the HTTP library raise an error that
+    # quotes the header's value, so such a key is refused here, never echoed.
+    if not key.isascii() or not key.isprintable() or any(ch.isspace() for ch in key):
+        raise ValueError("must be printable ASCII without spaces (an Ango API key)")
+    return value
+
+
+def _config_size(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > 16_384:
+        raise ValueError("is longer than 16384 characters")
+    return value
+
+
 class HubPayload(BaseModel):
     """Keys as the hub sends them; ``classMapping`` and ``sessionId`` are accepted as aliases because no
     real hub has confirmed the spelling (see docs)."""
@@ -54,40 +75,21 @@ class HubPayload(BaseModel):
         default=None, alias="taskIds", max_length=MAX_BATCH_TASKS
     )
     session: str = Field(validation_alias=AliasChoices("session", "sessionId"), min_length=1, max_length=256)
-    api_key: SecretStr = Field(alias="apiKey")
+    api_key: Annotated[SecretStr, AfterValidator(_key_not_blank)] = Field(alias="apiKey")
     asset_id: str | None = Field(default=None, alias="assetId", max_length=256)
     data_url: str | None = Field(default=None, alias="dataURL", max_length=4096)
     category_schema: list[CategoryMapping] | None = Field(
         default=None, validation_alias=AliasChoices("categorySchema", "classMapping"), max_length=500
     )
-    config_json: str | dict[str, Any] | None = Field(default=None, alias="configJSON")
+    config_json: Annotated[str | dict[str, Any] | None, AfterValidator(_config_size)] = Field(
+        default=None, alias="configJSON"
+    )
     org_id: str | None = Field(default=None, alias="orgId", max_length=256)
     run_by: str | None = Field(default=None, alias="runBy", max_length=256)
     plugin_id: str | None = Field(default=None, alias="pluginId", max_length=256)
     workflow: bool | str | int | None = None
     overwrite: bool | None = None
     batches: list[str] | None = Field(default=None, max_length=1000)
-
-    @field_validator("api_key")
-    @classmethod
-    def _key_not_blank(cls, value: SecretStr) -> SecretStr:
-        if not value.get_secret_value().strip():
-            raise ValueError("must not be empty")
-        if len(value.get_secret_value()) > 512:
-            raise ValueError("is longer than 512 characters")
-        key = value.get_secret_value()
-        # It travels as an HTTP header: a control character would make the HTTP library raise an error that
-        # quotes the header's value, so such a key is refused here, never echoed.
-        if not key.isascii() or not key.isprintable() or any(ch.isspace() for ch in key):
-            raise ValueError("must be printable ASCII without spaces (an Ango API key)")
-        return value
-
-    @field_validator("config_json")
-    @classmethod
-    def _config_size(cls, value: Any) -> Any:
-        if isinstance(value, str) and len(value) > 16_384:
-            raise ValueError("is longer than 16384 characters")
-        return value
 
     def batch_tasks(self, listed: Sequence[BatchTask] = ()) -> list[BatchTask]:
         """Every task the request names, then those ``listed`` for its ``batches``, once each, in order."""

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple, get_args
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from dalle_plugin.domain.errors import AssetUnreadable, PromptNotFound
 
@@ -44,6 +44,9 @@ _MAP_IN_SETTINGS = "in the plugin settings (Class Mapping)"
 
 
 class Prompt(BaseModel):
+    # built when Extract first builds a prompt: the API imports this module for the payload's class ids only
+    model_config = ConfigDict(defer_build=True)
+
     text: str
     source: PromptSource
     #: length in characters of the whole prompt before any shortening

@@ -2,7 +2,8 @@
 
 # No ``from __future__ import annotations``: see dalle_plugin.domain.run.
 
-from dalle_plugin.domain.run import ONE_FUNCTION_ONLY, CamelModel, ExtractedPrompt
+from dalle_plugin.domain.run import ONE_FUNCTION_ONLY, CamelModel
+from dalle_plugin.domain.step_io.extracted import ExtractedPrompt
 
 
 class ExtractResult(CamelModel):

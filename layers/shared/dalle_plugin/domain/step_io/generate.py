@@ -9,12 +9,12 @@ from pydantic import Field
 from dalle_plugin.domain.run import (
     ONE_FUNCTION_ONLY,
     CamelModel,
-    ExtractedPrompt,
     ImageInfo,
     RunRef,
     RunStatus,
     TimelineEntry,
 )
+from dalle_plugin.domain.step_io.extracted import ExtractedPrompt
 
 
 class GenerateInput(RunRef):

@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING
 from dalle_plugin.domain.errors import PluginError
 from dalle_plugin.domain.prompt import as_prompt_source, build_prompt
 from dalle_plugin.domain.prompt_template import parse_template
-from dalle_plugin.domain.run import ExtractedPrompt, PromptInfo, RunRecord, RunRef, RunStatus
+from dalle_plugin.domain.run import PromptInfo, RunRecord, RunRef, RunStatus
 from dalle_plugin.domain.step_io.extract import ExtractResult
+from dalle_plugin.domain.step_io.extracted import ExtractedPrompt
 from dalle_plugin.domain.steps.machinery import (
     StepDeps,
     generating_line,

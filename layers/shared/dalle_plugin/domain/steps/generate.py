@@ -20,7 +20,6 @@ from dalle_plugin.domain.errors import (
 from dalle_plugin.domain.key_pacing import Observation
 from dalle_plugin.domain.rate_limit import LimiterSettings, wake_at_ms
 from dalle_plugin.domain.run import (
-    ExtractedPrompt,
     HeldAllowance,
     ImageInfo,
     RateWait,
@@ -30,6 +29,7 @@ from dalle_plugin.domain.run import (
     TimelineEntry,
 )
 from dalle_plugin.domain.spending import QuotaWait, release, take_allowances
+from dalle_plugin.domain.step_io.extracted import ExtractedPrompt
 from dalle_plugin.domain.step_io.generate import GeneratedImages, GenerateInput, GenerateOutcome
 from dalle_plugin.domain.steps.machinery import (
     ANGO_KEY,

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from dalle_plugin.domain.errors import NotRunOwner, PluginError, RunCancelled
 from dalle_plugin.domain.pricing import DEFAULT_PRICES
-from dalle_plugin.domain.run import ExtractedPrompt, ImageInfo, RunRecord, RunRef, RunStatus, TimelineEntry
+from dalle_plugin.domain.run import ImageInfo, RunRecord, RunRef, RunStatus, TimelineEntry
 from dalle_plugin.port_records import StepOpening
 
 if (
@@ -24,6 +24,7 @@ if (
     from dalle_plugin.domain.key_pacing import KeyPaceSettings
     from dalle_plugin.domain.rate_limit import LimiterSettings
     from dalle_plugin.domain.spending import OrgQuota
+    from dalle_plugin.domain.step_io.extracted import ExtractedPrompt
     from dalle_plugin.domain.step_io.generate import GeneratedImages
     from dalle_plugin.ports import (
         AllowanceLedger,
@@ -53,6 +54,10 @@ FILE_TYPES = {"png": ("png", "image/png"), "jpeg": ("jpg", "image/jpeg"), "webp"
 # at every cold start (the three of a 23-field dataclass took about 0.8 ms, half of it __repr__ and __eq__).
 @dataclass(repr=False, eq=False)
 class StepDeps:
+    """The ports and deployment values a step works with (wiring builds them)."""
+
+    # The docstring matters at a cold start too: a dataclass without one gets its signature as its doc,
+    # which inspect computes and formats for all 23 fields.
     runs: RunStore
     clock: Clock
     vault: SecretVault
