@@ -107,11 +107,12 @@ first on its own slot (``Whose turn``), and neither moves; but its first write, 
 had sent, loses and brings the item back, and so does the run ahead's: two writes more per such pair, which
 only writes that do not depend on whether the neighbour has claimed would save. ``python -m bench.limiter
 --only backlog60/queue`` (60-run backlog, 60 s window, the full run's draws, two busy processes beside it):
-1.7 to 1.9 writes per grant, where the same backlog with the ``aws`` profile's clocks (+-20 ms) takes 1.27
-(a batch's join, and a second when a cold API guesses the line is empty; and the last run of each batch,
-whose claim from its batch's view removed its line and lost to the batches that joined since: with the
-line kept, ``backlog/queue`` went from 1.267 to 1.183 writes per grant, the 6 joins and 5 wrong guesses of
-its 6 batches of 10 runs).
+1.7 to 1.9 writes per grant, where the same backlog with the ``aws`` profile's clocks (+-20 ms) takes 1.18:
+its 6 batches of 10 runs join in 6 writes, 5 more when a cold API guesses the line is empty. It took 1.27
+while the last run of each batch, claiming from its batch's view, removed its line and lost to the batches
+that joined since (``Tickets``: the line is kept now). The scaled window's grant gap is 100 ms, so on a
+machine that starves threads longer than that, runs wake out of order as with far clocks: the 6 s backlog
+measured 1.18 beside two busy processes, and 2.07 and 2.2 beside heavier load.
 
 Which part of the ETA error is whose: a told time is the teller's clock reading of the plan and the send
 happens when the sender's clock reads it; teller and sender are different environments, so the error is
