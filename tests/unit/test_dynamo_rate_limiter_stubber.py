@@ -256,6 +256,37 @@ def test_a_run_whose_turn_comes_before_the_one_ahead_claimed_takes_the_next_gran
     assert decision.granted and decision.calls == 2
 
 
+def test_a_run_that_waited_in_place_claims_as_if_the_runs_ahead_sent_and_is_told_its_recorded_time(
+    client, stubber, clock
+):
+    """Ticket 3's view predates an editor run that joined and sent: its first write loses, the item says
+    its turn is 250 ms on, and it waits in place. Then the runs ahead of it, due before it, have most likely
+    sent: it claims as if they had (not ahead of them, as the item in hand would have it), and the decision
+    carries the time recorded, its turn, not the clock reading after a sleep that overshot."""
+    five = LimiterSettings(limit=5, window_s=60, skew_margin_ms=1500, join_to_claim_ms=0)
+
+    def sleep(seconds: float) -> None:
+        clock.now += round(seconds * 1000) + 50
+
+    limiter = DynamoRateLimiter(client, TABLE, five, clock=clock, sleep=sleep)
+    view = join(LimiterState(), LINE, 4, NOW, five).state
+    editor = line_of("org-2", True)
+    actual = join(view, editor, 1, NOW, five).state
+    actual = claim(actual, editor, view.issued, "e#1", NOW, five).state
+    clock.now = planned_starts(view, five, 4)[3]
+    predicted = state_at_turn(view, LINE, 3, five)
+    hoped = claim(predicted, LINE, 3, "r3#1", clock.now, five).state
+    lost(stubber, limiter.write_request(predicted, hoped, LINE), item(actual))
+    turn = planned_starts(actual, five, 4)[3]
+    assert turn - clock.now == five.grant_gap
+    predicted = state_at_turn(actual, LINE, 3, five)
+    granted = claim(predicted, LINE, 3, "r3#1", turn + 50, five, clock.now)
+    assert granted.granted and granted.start_at_ms == turn
+    stubber.add_response("update_item", {}, limiter.write_request(predicted, granted.state, LINE))
+    decision = limiter.claim(RateClaim("org-1", False, 3, "r3#1", encode_state(view, NOW)))
+    assert decision.granted and decision.calls == 2 and decision.start_at_ms == turn
+
+
 def test_a_claim_predicting_grants_in_order_is_refused_after_runs_went_ahead(limiter):
     """Ticket 2's old view predicts tickets 0 and 1 sent in order; tickets 1 and 3 went ahead instead and
     ticket 0 still waits: as many grants, other tickets served. The write is conditioned on its line's

@@ -65,6 +65,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from dalle_plugin.domain.errors import RateLimiterBusy, StorageUnavailable
 from dalle_plugin.domain.rate_limit import (
+    Answer,
     LimiterSettings,
     LimiterState,
     Line,
@@ -78,6 +79,7 @@ from dalle_plugin.domain.rate_limit import (
     planned_starts,
     replace,
     restamp,
+    runs_ahead,
     state_at_turn,
 )
 from dalle_plugin.port_records import RateClaim, RateDecision, RateJoin
@@ -218,7 +220,6 @@ class DynamoRateLimiter:
         self._backoff_base_ms = backoff_base_ms
         self._backoff_cap_ms = backoff_cap_ms
         self._state = LimiterState()
-        self._granted_slot = -1  # the slot of the last grant written from a predicted state
         #: DynamoDB calls made by this instance (the benchmark's writes-per-grant figure)
         self.calls = 0
         #: of them, sends stamped again because they were held up past the tolerance before leaving
@@ -351,6 +352,18 @@ class DynamoRateLimiter:
                 calls += joined.calls
                 ticket = joined.first_ticket
                 continue
+            going_ahead = answer.granted and bool(runs_ahead(self._state, line, ticket, self._settings.limit))
+            if stale and (going_ahead or not (answer.granted or answer.changed)):
+                # slept in place since the state was seen, so the runs ahead, due before it, have most likely
+                # sent: claim as if they had, which is one write that either grants or brings the item back
+                # (never a read). Going ahead of them on the state in hand would bet on the reverse.
+                calls += 1
+                confirmed, stale = True, False
+                granted = self._claim_after_those_ahead(line, ticket, ask.send, now, asked)
+                if granted is not None:
+                    self._state = LimiterState()  # the slots of the grants before it are not known here
+                    return RateDecision(True, granted.start_at_ms, 0, ticket, ask.view, calls, granted.slot)
+                continue
             if answer.changed:
                 calls += 1
                 stale = False
@@ -365,15 +378,6 @@ class DynamoRateLimiter:
                 granted_view = encode_state(answer.state, self._clock())
                 return RateDecision(True, answer.start_at_ms, 0, ticket, granted_view, calls, answer.slot)
             wait_ms = answer.start_at_ms - now
-            if stale:
-                # slept in place since the state was seen: claim as if the runs ahead had sent meanwhile,
-                # which is one write that either grants or brings the item back (never a read)
-                calls += 1
-                confirmed, stale = True, False
-                if self._claim_after_those_ahead(line, ticket, ask.send, now, asked):
-                    self._state = LimiterState()  # the slots of the grants before it are not known here
-                    return RateDecision(True, now, 0, ticket, ask.view, calls, self._granted_slot)
-                continue
             if (
                 not answer.gone
                 and wait_ms <= self._settings.short_wait_ms
@@ -407,16 +411,18 @@ class DynamoRateLimiter:
             self._state = restamp(self._state, granted.slot, ask.send, now) or self._state
         return None
 
-    def _claim_after_those_ahead(self, line: str, ticket: int, send: str, now_ms: int, asked_ms: int) -> bool:
+    def _claim_after_those_ahead(
+        self, line: str, ticket: int, send: str, now_ms: int, asked_ms: int
+    ) -> Answer | None:
         """The grant written on the state at ``ticket``'s turn if the runs ahead in the state in hand have
-        sent; on losing, the item is in hand. A write either way (the item itself checks the window)."""
+        sent (its answer: the recorded time may be the turn, not ``now_ms``); on losing, None and the item in
+        hand. A write either way (the item itself checks the window)."""
         predicted = state_at_turn(self._state, line, ticket, self._settings)
         hoped = claim(predicted, line, ticket, send, now_ms, self._settings, asked_ms) if predicted else None
         if predicted is None or hoped is None or not hoped.granted:
             self._learn()
-            return False
-        self._granted_slot = hoped.slot
-        return self._write(predicted, hoped.state, line)
+            return None
+        return hoped if self._write(predicted, hoped.state, line) else None
 
     def _restamp(self, ask: RateClaim, slot: int, now_ms: int) -> bool:
         """The send in slot ``slot`` recorded at ``now_ms``, if the slot still holds it."""
