@@ -35,7 +35,8 @@ is recorded at it, so in a backlog the plan holds and the claim's one write gran
 
 A turn at most ``short_wait_ms`` away is waited for here, then claimed the same way: as if the runs ahead
 in the state in hand had sent meanwhile, by one write that grants or brings the item back (it never
-writes once to learn the state and again to claim). So is the turn of a head whose slot is free before it,
+writes once to learn the state and again to claim), even where that state would let it go ahead of them:
+they were due first, so by now they have most likely sent. So is the turn of a head whose slot is free before it,
 for at most ``head_hold`` from the call's start (``domain.rate_limit``: an early head idles its slot later).
 
 A grant records a clock reading at most ``record_slack`` before its write. Right before the request leaves,
