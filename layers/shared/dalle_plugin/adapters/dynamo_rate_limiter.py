@@ -36,8 +36,9 @@ is recorded at it, so in a backlog the plan holds and the claim's one write gran
 A turn at most ``short_wait_ms`` away is waited for here, then claimed the same way: as if the runs ahead
 in the state in hand had sent meanwhile, by one write that grants or brings the item back (it never
 writes once to learn the state and again to claim), even where that state would let it go ahead of them:
-they were due first, so by now they have most likely sent. So is the turn of a head whose slot is free before it,
-for at most ``head_hold`` from the call's start (``domain.rate_limit``: an early head idles its slot later).
+they were due first, so by now they have most likely sent. So is the turn of a head whose slot is free
+before it, for at most ``head_hold`` from the call's start (``domain.rate_limit``: an early head idles its
+slot later).
 
 A grant records a clock reading at most ``record_slack`` before its write. Right before the request leaves,
 the sender asks ``confirm_send``: if more than ``send_tolerance_ms`` passed since that reading (a slow
@@ -353,8 +354,11 @@ class DynamoRateLimiter:
                 calls += joined.calls
                 ticket = joined.first_ticket
                 continue
-            going_ahead = answer.granted and bool(runs_ahead(self._state, line, ticket, self._settings.limit))
-            if stale and (going_ahead or not (answer.granted or answer.changed)):
+            if stale and (
+                runs_ahead(self._state, line, ticket, self._settings.limit)
+                if answer.granted
+                else not answer.changed
+            ):
                 # slept in place since the state was seen, so the runs ahead, due before it, have most likely
                 # sent: claim as if they had, which is one write that either grants or brings the item back
                 # (never a read). Going ahead of them on the state in hand would bet on the reverse.

@@ -43,11 +43,11 @@ MAX_BATCH_TASKS = 10_000
 # The two checks below are validators in the fields' annotations, not ``field_validator`` methods: each of
 # those costs the API's cold start about three times as much to create (pydantic inspects the method).
 def _key_not_blank(value: SecretStr) -> SecretStr:
-    if not value.get_secret_value().strip():
-        raise ValueError("must not be empty")
-    if len(value.get_secret_value()) > 512:
-        raise ValueError("is longer than 512 characters")
     key = value.get_secret_value()
+    if not key.strip():
+        raise ValueError("must not be empty")
+    if len(key) > 512:
+        raise ValueError("is longer than 512 characters")
     # It travels as an HTTP header: a control character would make the HTTP library raise an error that
     # quotes the header's value, so such a key is refused here, never echoed.
     if not key.isascii() or not key.isprintable() or any(ch.isspace() for ch in key):
